@@ -1,0 +1,49 @@
+//! The `sluice` command line (clap derive), one module per subcommand.
+
+mod run;
+mod status;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use lb_common::DEFAULT_PIN_DIR;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "Sluice: an XDP layer-4 load balancer whose connection limits are never silent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the XDP balancer, pin its maps, attach it to an interface, and run until
+    /// SIGINT/SIGTERM (then detach and remove the pins).
+    Run(run::Args),
+    /// Print the datapath's packet counters by outcome.
+    Status(status::Args),
+}
+
+/// Where the maps are pinned; every command that touches the datapath takes it.
+#[derive(clap::Args, Clone)]
+pub struct PinDir {
+    /// Directory on a bpf filesystem for the pinned maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR, env = "SLUICE_PIN_DIR")]
+    pub pin_dir: PathBuf,
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Command::Run(a) => run::run(&a),
+        Command::Status(a) => status::run(&a),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("sluice: error: {e}");
+            1
+        }
+    }
+}

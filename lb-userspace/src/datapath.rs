@@ -1,0 +1,165 @@
+//! Loading the XDP object, attaching it, and pinning its maps under the bpf filesystem.
+
+use std::{
+    fs,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    programs::{ProgramError, Xdp, XdpMode},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use lb_common::PROG_BALANCER;
+
+use crate::error::{is_permission, Error};
+
+/// The XDP object built by `build.rs` (aya-build) from `lb-ebpf`.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// `statfs` magic number of the bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Parses the object and loads the balancer program into the kernel, without attaching it.
+/// Used by `sluice run` and by the BPF_PROG_TEST_RUN tests.
+pub fn load_balancer() -> Result<Ebpf, Error> {
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| match e {
+        EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
+        e => Error::other("loading the XDP object", e),
+    })?;
+    let prog: &mut Xdp = program(&mut ebpf, PROG_BALANCER)?;
+    prog.load().map_err(|e| load_error(PROG_BALANCER, e))?;
+    Ok(ebpf)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, Error> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::other(format!("program {name}"), anyhow::anyhow!("missing from the object")))?
+        .try_into()
+        .map_err(|e: ProgramError| Error::other(format!("program {name}"), e))
+}
+
+fn load_error(name: &str, e: ProgramError) -> Error {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            if matches!(io_error.raw_os_error(), Some(libc::EPERM)) && verifier_log.to_string().trim().is_empty() {
+                Error::Permission { action: "loading the XDP program" }
+            } else {
+                Error::Verifier { program: name.into(), io_error, verifier_log: verifier_log.to_string() }
+            }
+        }
+        e if is_permission(&e) => Error::Permission { action: "loading the XDP program" },
+        e => Error::other(format!("loading program {name}"), e),
+    }
+}
+
+/// How to attach: let the kernel choose (native on drivers that support it, e.g. veth),
+/// or force generic (skb) or native (driver) mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+impl From<AttachMode> for XdpMode {
+    fn from(m: AttachMode) -> Self {
+        match m {
+            AttachMode::Auto => Self::Default,
+            AttachMode::Native => Self::Driver,
+            AttachMode::Generic => Self::Skb,
+        }
+    }
+}
+
+/// A loaded, attached and pinned balancer. Dropping it detaches the program (aya drops the
+/// link); [`Datapath::shutdown`] also removes the pins.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pinned: Vec<PathBuf>,
+}
+
+impl Datapath {
+    pub fn start(iface: &str, pin_dir: &Path, mode: AttachMode) -> Result<Self, Error> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(Error::NoSuchInterface { iface: iface.into() });
+        }
+        prepare_pin_dir(pin_dir)?;
+        let ebpf = load_balancer()?;
+        let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), pinned: Vec::new() };
+        // Pin before attaching so that every packet the program counts is visible to readers.
+        dp.pin_maps()?;
+        let attached = program(&mut dp.ebpf, PROG_BALANCER)?.attach(iface, mode.into());
+        match attached {
+            Ok(_) => Ok(dp),
+            Err(e) => {
+                dp.unpin();
+                if is_permission(&e) {
+                    Err(Error::Permission { action: "attaching XDP" })
+                } else {
+                    Err(Error::Attach { iface: iface.into(), source: e })
+                }
+            }
+        }
+    }
+
+    fn pin_maps(&mut self) -> Result<(), Error> {
+        let names: Vec<String> = self.ebpf.maps().map(|(n, _)| n.to_owned()).collect();
+        for name in names {
+            // Internal maps of globals (.rodata/.bss) are not part of the interface.
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = self.pin_dir.join(&name);
+            let map = self.ebpf.map(&name).expect("listed above");
+            if let Err(e) = map.pin(&path) {
+                self.unpin();
+                return Err(Error::other(format!("pinning map {name} at {}", path.display()), e));
+            }
+            self.pinned.push(path);
+        }
+        Ok(())
+    }
+
+    fn unpin(&mut self) {
+        for p in self.pinned.drain(..) {
+            let _ = fs::remove_file(&p);
+        }
+        // Only removes the directory if nothing else lives there.
+        let _ = fs::remove_dir(&self.pin_dir);
+    }
+
+    /// Detaches the program and removes the pins.
+    pub fn shutdown(mut self) {
+        self.unpin();
+        drop(self.ebpf);
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    match nix::sys::statfs::statfs(parent) {
+        Ok(st) if st.filesystem_type().0 as i64 == BPF_FS_MAGIC => {}
+        Ok(_) => return Err(Error::NotBpffs { dir: parent.to_owned() }),
+        Err(e) => return Err(Error::other(format!("checking {}", parent.display()), e)),
+    }
+    if dir.exists() && fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        return Err(Error::AlreadyPinned { dir: dir.to_owned() });
+    }
+    // 0700: pinned maps are the datapath's state; only root may read or change them.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| if e.kind() == std::io::ErrorKind::PermissionDenied {
+            Error::Permission { action: "creating the pin directory" }
+        } else {
+            Error::other(format!("creating {}", dir.display()), e)
+        })
+}

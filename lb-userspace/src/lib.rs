@@ -1,0 +1,9 @@
+//! Sluice's userspace: loading and pinning the XDP datapath, reading its counters, and the
+//! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
+
+pub mod cli;
+pub mod datapath;
+pub mod error;
+pub mod stats;
+
+pub use error::Error;

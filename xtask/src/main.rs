@@ -1,0 +1,137 @@
+//! `cargo xtask`: toolchain bootstrap and orchestration for Sluice.
+
+mod setup;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Sluice's build, test and setup tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (Debian packages, bpf-linker, toolchain link, bpffs).
+    Setup,
+    /// Set up, then build the eBPF object and the `sluice` binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, build, and run every test (privileged tests included; needs root).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--` they reach the test binaries).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Cmd::Test { args } => {
+            setup::run()?;
+            test(&args)
+        }
+    }
+}
+
+/// The environment every cargo invocation that builds the eBPF object needs.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    // aya-build runs `rustup run debian-bpf cargo build -Z build-std=core` for bpfel;
+    // RUSTC_BOOTSTRAP=1 lets Debian's stable compiler accept -Z (aya-ebpf-cty needs it too).
+    cmd.env("RUSTC_BOOTSTRAP", "1");
+    let path = std::env::var("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var("CARGO_HOME")
+        .map_or_else(|_| format!("{}/.cargo/bin", std::env::var("HOME").unwrap_or_else(|_| "/root".into())), |h| format!("{h}/bin"));
+    if !path.split(':').any(|p| p == cargo_bin) {
+        cmd.env("PATH", format!("{cargo_bin}:{path}"));
+    }
+    cmd
+}
+
+fn build(release: bool) -> Result<()> {
+    let started = Instant::now();
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "lb-userspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    println!("build: done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let started = Instant::now();
+    build(false)?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-tests"]);
+    cmd.args(extra);
+    // The tests find the sluice binary here.
+    cmd.env("SLUICE_BIN", env_target_dir().join("debug/sluice"));
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 12 passed; 0 failed; 1 ignored; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split([';', '.']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    let secs = started.elapsed().as_secs_f64();
+    // Nothing is ignored in CI: an ignored privileged test would be a silent skip.
+    println!("sluice tests: {passed} passed, {failed} failed, {ignored} ignored in {secs:.0}s");
+    if !status.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if ignored > 0 {
+        bail!("{ignored} tests were ignored; every test must run here");
+    }
+    Ok(())
+}
+
+fn env_target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        std::path::PathBuf::from,
+    )
+}
