@@ -1,6 +1,6 @@
 //! Reading the datapath's counters from the pinned maps (summed over CPUs).
 
-use std::path::Path;
+use std::{borrow::Borrow, path::Path};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use lb_common::{maps, Counter, Stat};
@@ -48,7 +48,7 @@ pub fn open(pin_dir: &Path) -> Result<PerCpuArray<MapData, Counter>, Error> {
 }
 
 /// Reads and sums every outcome over all CPUs.
-pub fn read(map: &PerCpuArray<MapData, Counter>) -> Result<Snapshot, Error> {
+pub fn read<T: Borrow<MapData>>(map: &PerCpuArray<T, Counter>) -> Result<Snapshot, Error> {
     let mut outcomes = Vec::with_capacity(Stat::ALL.len());
     for stat in Stat::ALL {
         let per_cpu = map

@@ -1,0 +1,100 @@
+//! Running the real XDP program in the real kernel with `BPF_PROG_TEST_RUN`: one frame in,
+//! the verdict and the output frame out; plus timing for benchmarks.
+//!
+//! Timing: `repeat > 1` makes the kernel feed the program its own rewritten output from the
+//! second run on, which is wrong for a program that rewrites or encapsulates. So
+//! [`XdpRunner::time_single_shot`] runs `repeat = 1` in a loop and takes the median of the
+//! kernel-measured durations, and [`XdpRunner::time_prog_stats`] reads the kernel's own
+//! per-program run_time_ns / run_cnt (BPF_ENABLE_STATS) around the same loop.
+
+use std::time::Duration;
+
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::{TestRun as _, TestRunOptions, Xdp},
+    sys::Stats,
+    Ebpf,
+};
+use lb_common::{maps, Counter, PROG_BALANCER};
+use lb_userspace::stats::{self, Snapshot};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// Room for the program to grow a frame (encapsulation) in the output buffer.
+const HEADROOM_OUT: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub verdict: u32,
+    pub data: Vec<u8>,
+    pub duration: Duration,
+}
+
+/// The balancer loaded into the kernel (not attached anywhere), ready for test runs.
+pub struct XdpRunner {
+    pub ebpf: Ebpf,
+    prog_name: &'static str,
+}
+
+impl XdpRunner {
+    /// Loads the balancer exactly as `sluice run` does. Panics with the reason if it cannot
+    /// (not root, verifier rejection): a datapath test must never silently skip.
+    pub fn balancer() -> Self {
+        crate::require_root();
+        let ebpf = lb_userspace::datapath::load_balancer().unwrap_or_else(|e| panic!("loading the balancer: {e}"));
+        Self { ebpf, prog_name: PROG_BALANCER }
+    }
+
+    fn prog(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(self.prog_name)
+            .expect("program in object")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    /// Runs the program once on `frame`.
+    pub fn run(&mut self, frame: &[u8]) -> RunResult {
+        let mut out = vec![0u8; frame.len() + HEADROOM_OUT];
+        let res = self
+            .prog()
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..TestRunOptions::new() })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on a {}-byte frame: {e}", frame.len()));
+        out.truncate(res.data_size_out as usize);
+        RunResult { verdict: res.return_value, data: out, duration: res.duration }
+    }
+
+    /// The STATS map of this loaded instance.
+    pub fn stats_map(&self) -> PerCpuArray<&MapData, Counter> {
+        PerCpuArray::try_from(self.ebpf.map(maps::STATS).expect("STATS map")).expect("per-CPU array")
+    }
+
+    pub fn stats(&self) -> Snapshot {
+        stats::read(&self.stats_map()).expect("reading STATS")
+    }
+
+    /// Median of `n` kernel-measured single-shot (`repeat = 1`) runs.
+    pub fn time_single_shot(&mut self, frame: &[u8], n: usize) -> Duration {
+        let mut d: Vec<Duration> = (0..n).map(|_| self.run(frame).duration).collect();
+        d.sort();
+        d[d.len() / 2]
+    }
+
+    /// Average run time per packet from the kernel's program statistics over `n` runs.
+    pub fn time_prog_stats(&mut self, frame: &[u8], n: usize) -> Duration {
+        // Stats are collected while this fd is open.
+        let _stats = aya::sys::enable_stats(Stats::RunTime).expect("BPF_ENABLE_STATS");
+        let before = self.prog().info().expect("prog info");
+        for _ in 0..n {
+            self.run(frame);
+        }
+        let after = self.prog().info().expect("prog info");
+        let runs = after.run_count() - before.run_count();
+        assert!(runs >= n as u64, "prog stats counted {runs} runs of {n}");
+        (after.run_time() - before.run_time()) / runs as u32
+    }
+}
