@@ -146,7 +146,10 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     match nix::sys::statfs::statfs(parent) {
         Ok(st) if st.filesystem_type().0 as i64 == BPF_FS_MAGIC => {}
-        Ok(_) => return Err(Error::NotBpffs { dir: parent.to_owned() }),
+        Ok(_) | Err(nix::Error::ENOENT) => return Err(Error::NotBpffs { dir: parent.to_owned() }),
+        Err(nix::Error::EACCES | nix::Error::EPERM) => {
+            return Err(Error::Permission { action: "checking the pin directory" })
+        }
         Err(e) => return Err(Error::other(format!("checking {}", parent.display()), e)),
     }
     if dir.exists() && fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {

@@ -34,8 +34,13 @@ impl Snapshot {
 /// Opens the pinned STATS map in `pin_dir`.
 pub fn open(pin_dir: &Path) -> Result<PerCpuArray<MapData, Counter>, Error> {
     let path = pin_dir.join(maps::STATS);
-    if !path.exists() {
-        return Err(Error::NotRunning { path });
+    match path.try_exists() {
+        Ok(true) => {}
+        Ok(false) => return Err(Error::NotRunning { path }),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::Permission { action: "reading the pinned counters" })
+        }
+        Err(e) => return Err(Error::other(format!("checking {}", path.display()), e)),
     }
     let data = MapData::from_pin(&path).map_err(|e| {
         if is_permission(&e) {

@@ -204,3 +204,31 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// Sends `frame` as-is out of `dev` through an AF_PACKET socket. Call it inside
+/// [`Netns::run`] so `dev` is looked up in that namespace. Lets a test put malformed frames
+/// on a real link, which no ordinary socket would send.
+pub fn send_raw(dev: &str, frame: &[u8]) {
+    let ifindex = nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("no interface {dev}: {e}"));
+    // SAFETY: plain libc socket calls on a fresh fd with a zeroed, fully initialised sockaddr_ll.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_halen = 6;
+        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            std::ptr::addr_of!(sll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(n, frame.len() as isize, "sending a raw frame on {dev}: {err}");
+    }
+}
