@@ -14,14 +14,48 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 
 /// Map names as they appear in the object, in `bpftool map list` and as pin file names.
+/// Each map's kind, key → value, writer and reader are documented where it is defined
+/// (`lb-ebpf/src/maps.rs`).
 pub mod maps {
-    /// Per-CPU array: [`crate::Stat`] index → [`crate::Counter`]. Written by the datapath,
-    /// read (summed over CPUs) by `sluice status` and the daemon.
     pub const STATS: &str = "STATS";
+    pub const SERVICES: &str = "SERVICES";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const CONNS: &str = "CONNS";
+    pub const RINGS: &str = "RINGS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const SVC_STATS: &str = "SVC_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// Every map the balancer pins.
+    pub const ALL: [&str; 10] =
+        [STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET];
 }
 
 /// Name of the balancer XDP program in the object.
 pub const PROG_BALANCER: &str = "sluice_balancer";
+/// Name of the backend-side decapsulation XDP program in the object.
+pub const PROG_DECAP: &str = "sluice_decap";
+/// Name of the load-time configuration global (a [`Config`]).
+pub const GLOBAL_CONFIG: &str = "CONFIG";
+
+/// Services (VIP, port, proto) the datapath can hold; also the size of `SVC_STATS`.
+pub const MAX_SERVICES: u32 = 1024;
+/// Backends across all services. Id 0 means "none", so ids run 1..MAX_BACKENDS.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Default Maglev ring size (prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Default capacity of `RINGS` in slots (16 services at the default ring size, twice over so a
+/// new ring can be written beside the live one); set at load time.
+pub const DEFAULT_RING_SLOTS: u32 = 2 * 16 * DEFAULT_RING_SIZE;
+/// Default flow table capacity; set at load time.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// Distinct extra backends a `spill` service may try after its first choice.
+pub const MAX_SPILL: u32 = 3;
+/// Ring positions probed while looking for distinct spill candidates (bounds the loop).
+pub const MAX_PROBES: u32 = 12;
+/// Refusal events sent to userspace per second per CPU, unless configured.
+pub const DEFAULT_EVENTS_PER_SEC: u32 = 100;
 
 /// A packet and byte count. Value of [`maps::STATS`] (one per CPU).
 #[repr(C)]
@@ -32,111 +66,421 @@ pub struct Counter {
 }
 const _: () = assert!(size_of::<Counter>() == 16);
 
-/// What happened to a packet. Every packet the balancer sees is counted under exactly one of
-/// these, so their sum is the number of packets seen. The index into [`maps::STATS`].
-///
-/// Malformed/truncated frames get their own outcome per header so an operator can tell a
-/// broken sender from a broken parser; they are passed to the kernel (which drops them with
-/// its own accounting), never `XDP_ABORTED`.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stat {
-    /// Not IPv4/IPv6 (ARP, LLDP, …): passed.
-    NonIp = 0,
-    /// IPv4/IPv6 carrying neither TCP nor UDP (ICMP, …): passed.
-    OtherL4 = 1,
-    /// Well-formed TCP over IPv4: passed.
-    Tcp4 = 2,
-    /// Well-formed UDP over IPv4: passed.
-    Udp4 = 3,
-    /// Well-formed TCP over IPv6: passed.
-    Tcp6 = 4,
-    /// Well-formed UDP over IPv6: passed.
-    Udp6 = 5,
-    /// IPv4 fragment (MF set or offset ≠ 0) or IPv6 fragment header: passed.
-    Fragment = 6,
-    /// Shorter than an Ethernet header.
-    TruncatedEth = 7,
-    /// 802.1Q tag cut short.
-    TruncatedVlan = 8,
-    /// Shorter than the IPv4 header its IHL announces.
-    TruncatedIpv4 = 9,
-    /// IPv4 header with IHL < 5, version ≠ 4 or a total length shorter than its header.
-    BadIpv4 = 10,
-    /// Shorter than an IPv6 header or one of its extension headers.
-    TruncatedIpv6 = 11,
-    /// IPv6 with more extension headers than the datapath walks ([`MAX_IPV6_EXT_HEADERS`]).
-    Ipv6ExtLimit = 12,
-    /// TCP header cut short (20 bytes or its data offset).
-    TruncatedTcp = 13,
-    /// TCP data offset < 5.
-    BadTcp = 14,
-    /// UDP header cut short.
-    TruncatedUdp = 15,
-}
+macro_rules! stats {
+    ($($(#[$doc:meta])* $variant:ident = $idx:literal, $name:literal, $malformed:literal;)+) => {
+        /// What happened to a packet. Every packet a program sees is counted under exactly one
+        /// of these, so their sum is the number of packets seen. The index into [`maps::STATS`].
+        ///
+        /// Malformed/truncated frames get their own outcome per header so an operator can tell
+        /// a broken sender from a broken parser; they are passed to the kernel (which drops
+        /// them with its own accounting), never `XDP_ABORTED`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Stat { $($(#[$doc])* $variant = $idx,)+ }
 
-impl Stat {
-    /// Number of variants: the capacity of [`maps::STATS`].
-    pub const COUNT: u32 = 16;
+        impl Stat {
+            pub const ALL: &[Self] = &[$(Self::$variant,)+];
+            /// Number of variants: the capacity of [`maps::STATS`].
+            pub const COUNT: u32 = Self::ALL.len() as u32;
 
-    pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::NonIp,
-        Self::OtherL4,
-        Self::Tcp4,
-        Self::Udp4,
-        Self::Tcp6,
-        Self::Udp6,
-        Self::Fragment,
-        Self::TruncatedEth,
-        Self::TruncatedVlan,
-        Self::TruncatedIpv4,
-        Self::BadIpv4,
-        Self::TruncatedIpv6,
-        Self::Ipv6ExtLimit,
-        Self::TruncatedTcp,
-        Self::BadTcp,
-        Self::TruncatedUdp,
-    ];
+            /// Stable snake_case name, used in `sluice status`, metrics labels and docs.
+            pub const fn name(self) -> &'static str {
+                match self { $(Self::$variant => $name,)+ }
+            }
 
-    /// Stable snake_case name, used in `sluice status`, metrics labels and docs.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::NonIp => "non_ip",
-            Self::OtherL4 => "other_l4",
-            Self::Tcp4 => "tcp4",
-            Self::Udp4 => "udp4",
-            Self::Tcp6 => "tcp6",
-            Self::Udp6 => "udp6",
-            Self::Fragment => "fragment",
-            Self::TruncatedEth => "truncated_eth",
-            Self::TruncatedVlan => "truncated_vlan",
-            Self::TruncatedIpv4 => "truncated_ipv4",
-            Self::BadIpv4 => "bad_ipv4",
-            Self::TruncatedIpv6 => "truncated_ipv6",
-            Self::Ipv6ExtLimit => "ipv6_ext_limit",
-            Self::TruncatedTcp => "truncated_tcp",
-            Self::BadTcp => "bad_tcp",
-            Self::TruncatedUdp => "truncated_udp",
+            /// Whether this outcome means the frame was malformed or truncated.
+            pub const fn is_malformed(self) -> bool {
+                match self { $(Self::$variant => $malformed,)+ }
+            }
         }
-    }
-
-    /// Whether this outcome means the frame was malformed or truncated.
-    pub const fn is_malformed(self) -> bool {
-        (self as u32) >= (Self::TruncatedEth as u32) && !matches!(self, Self::Ipv6ExtLimit)
-    }
+    };
 }
 
-// Keep COUNT and ALL honest: the last variant's index + 1.
-const _: () = assert!(Stat::TruncatedUdp as u32 + 1 == Stat::COUNT);
+stats! {
+    /// Not IPv4/IPv6 (ARP, LLDP, …): passed.
+    NonIp = 0, "non_ip", false;
+    /// IPv4/IPv6 carrying neither TCP nor UDP, not for a VIP (ICMP, …): passed.
+    OtherL4 = 1, "other_l4", false;
+    /// TCP over IPv4, not for a service: passed.
+    Tcp4 = 2, "tcp4", false;
+    /// UDP over IPv4, not for a service: passed.
+    Udp4 = 3, "udp4", false;
+    /// TCP over IPv6, not for a service: passed.
+    Tcp6 = 4, "tcp6", false;
+    /// UDP over IPv6, not for a service: passed.
+    Udp6 = 5, "udp6", false;
+    /// A fragment not for a VIP (IPv4 MF/offset, IPv6 fragment header): passed.
+    Fragment = 6, "fragment", false;
+    /// Shorter than an Ethernet header.
+    TruncatedEth = 7, "truncated_eth", true;
+    /// 802.1Q tag cut short.
+    TruncatedVlan = 8, "truncated_vlan", true;
+    /// Shorter than the IPv4 header its IHL announces, or than its total length.
+    TruncatedIpv4 = 9, "truncated_ipv4", true;
+    /// IPv4 header with IHL < 5, version ≠ 4 or a total length shorter than its header.
+    BadIpv4 = 10, "bad_ipv4", true;
+    /// Shorter than an IPv6 header, its payload length, or one of its extension headers.
+    TruncatedIpv6 = 11, "truncated_ipv6", true;
+    /// IPv6 with more extension headers than the datapath walks ([`MAX_IPV6_EXT_HEADERS`]).
+    Ipv6ExtLimit = 12, "ipv6_ext_limit", false;
+    /// TCP header cut short (20 bytes or its data offset).
+    TruncatedTcp = 13, "truncated_tcp", true;
+    /// TCP data offset < 5.
+    BadTcp = 14, "bad_tcp", true;
+    /// UDP header cut short.
+    TruncatedUdp = 15, "truncated_udp", true;
+    /// Sent to a backend (existing, new or adopted flow): `XDP_TX`.
+    Forwarded = 16, "forwarded", false;
+    /// A new flow refused and answered with a TCP RST: `XDP_TX`.
+    RefusedRst = 17, "refused_rst", false;
+    /// A new flow refused and dropped (policy `reject = "drop"`, or UDP).
+    RefusedDrop = 18, "refused_drop", false;
+    /// A fragment for a VIP, dropped by the fragment policy.
+    FragmentDropped = 19, "fragment_dropped", false;
+    /// An ICMP/ICMPv6 echo request to a VIP, answered: `XDP_TX`.
+    IcmpEchoReplied = 20, "icmp_echo_replied", false;
+    /// Other ICMP to a VIP (or echo with answering off): passed.
+    IcmpPassed = 21, "icmp_passed", false;
+    /// ICMP "fragmentation needed" / "packet too big" about a VIP flow, sent to its backend.
+    IcmpErrorForwarded = 22, "icmp_error_forwarded", false;
+    /// No next hop for an encapsulated packet (no gateway MAC, FIB lookup failed): dropped.
+    NoRoute = 23, "no_route", false;
+    /// Decap program: an IPIP/IP6IP6/4in6/6in4 packet, outer header stripped: passed.
+    Decapsulated = 24, "decapsulated", false;
+    /// Decap program: not encapsulated: passed untouched.
+    DecapPassthrough = 25, "decap_passthrough", false;
+    /// A TCP RST for a service without a flow: forwarded by ring, no flow created.
+    ForwardedNoFlow = 26, "forwarded_no_flow", false;
+}
+
+// STATS is indexed by discriminant: ALL must list the variants in index order (tested).
 
 /// IPv6 extension headers (hop-by-hop, routing, destination options) walked before giving up;
 /// bounded so the verifier can prove the loop ends.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 4;
 
+macro_rules! reasons {
+    ($($(#[$doc:meta])* $variant:ident = $idx:literal, $field:ident, $name:literal;)+) => {
+        /// Why a new flow was refused. Counted per service and per backend
+        /// ([`Refusals`]), and carried in refusal events.
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum Reason { $($(#[$doc])* $variant = $idx,)+ }
+
+        /// Refusal counters by reason, one named field each so `bpftool` shows the reason.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct Refusals { $(pub $field: u64,)+ }
+
+        impl Reason {
+            pub const ALL: &[Self] = &[$(Self::$variant,)+];
+            pub const fn name(self) -> &'static str {
+                match self { $(Self::$variant => $name,)+ }
+            }
+            pub const fn from_u8(v: u8) -> Option<Self> {
+                match v { $($idx => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl Refusals {
+            #[inline(always)]
+            pub fn slot(&mut self, r: Reason) -> &mut u64 {
+                match r { $(Reason::$variant => &mut self.$field,)+ }
+            }
+            pub const fn get(&self, r: Reason) -> u64 {
+                match r { $(Reason::$variant => self.$field,)+ }
+            }
+            pub fn total(&self) -> u64 {
+                0 $(+ self.$field)+
+            }
+        }
+    };
+}
+
+reasons! {
+    /// The chosen backend is at its `max_conns`.
+    BackendLimit = 0, backend_limit, "backend_limit";
+    /// `spill` is on and every candidate tried was refused.
+    ServiceSaturated = 1, service_saturated, "service_saturated";
+    /// The chosen backend is down (failed health checks).
+    BackendDown = 2, backend_down, "backend_down";
+    /// The chosen backend is draining: no new flows.
+    BackendDraining = 3, backend_draining, "backend_draining";
+    /// The service has no backend in its ring.
+    NoBackend = 4, no_backend, "no_backend";
+    /// The flow table is full (it never evicts a live flow).
+    FlowTableFull = 5, flow_table_full, "flow_table_full";
+    /// A fragment for the VIP, dropped by policy.
+    Fragment = 6, fragment, "fragment";
+    /// A malformed TCP/UDP header for the VIP.
+    Malformed = 7, malformed, "malformed";
+}
+const _: () = assert!(size_of::<Refusals>() == 8 * 8);
+
+/// Key of [`maps::SERVICES`]: (VIP, port, protocol). IPv4 VIPs use the first 4 bytes of
+/// `addr` (the rest zero). A key with `port_be = [0, 0]` and `proto = 0` is the VIP's own
+/// entry: it marks the address as a VIP (fragments, ICMP) and points at its first service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port_be: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+pub const MODE_L2DSR: u8 = 0;
+pub const MODE_IPIP: u8 = 1;
+pub const REJECT_DROP: u8 = 0;
+pub const REJECT_RST: u8 = 1;
+
+/// Value of [`maps::SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index into `SVC_STATS`; also names the service in events.
+    pub id: u32,
+    /// First slot of this service's ring in `RINGS`. Switching it (one map update) swaps a
+    /// fully written new ring in atomically.
+    pub ring_base: u32,
+    /// Ring size (prime); 0 = no ring (every new flow refused with `no_backend`).
+    pub ring_size: u32,
+    /// [`MODE_L2DSR`] or [`MODE_IPIP`].
+    pub mode: u8,
+    /// [`REJECT_RST`] or [`REJECT_DROP`] (UDP is always dropped).
+    pub reject: u8,
+    /// Distinct extra candidates to try when the first is refused (0 = no spill, max
+    /// [`MAX_SPILL`]).
+    pub spill: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<Service>() == 16);
+
+pub const BACKEND_ACTIVE: u8 = 1;
+pub const BACKEND_DRAINING: u8 = 2;
+pub const BACKEND_DOWN: u8 = 3;
+
+/// Value of [`maps::BACKENDS`] (array indexed by backend id; id 0 unused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+    /// Next-hop MAC for `l2dsr`.
+    pub mac: [u8; 6],
+    /// 4 or 6; 0 = slot unused.
+    pub family: u8,
+    /// [`BACKEND_ACTIVE`], [`BACKEND_DRAINING`] or [`BACKEND_DOWN`].
+    pub state: u8,
+    /// Open connections allowed (`max_conns`).
+    pub max_conns: u32,
+    /// The service this backend belongs to.
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<Backend>() == 32);
+
+/// Value of [`maps::CONNS`] (a shared array, not per-CPU): open connections of a backend,
+/// changed only with atomic add/sub so CPUs never overshoot a limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Conns {
+    pub open: u64,
+}
+const _: () = assert!(size_of::<Conns>() == 8);
+
+/// Key of [`maps::FLOWS`]: the 5-tuple as the client sent it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: [u8; 2],
+    pub dport_be: [u8; 2],
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+pub const FLOW_SYN_SEEN: u8 = 1;
+pub const FLOW_ESTABLISHED: u8 = 2;
+pub const FLOW_CLOSING: u8 = 3;
+pub const FLOW_UDP: u8 = 4;
+
+/// Value of [`maps::FLOWS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub backend_id: u32,
+    pub service_id: u32,
+    /// 1 while the flow holds a slot in `CONNS`. Released by an atomic exchange to 0, so the
+    /// slot is given back exactly once whoever (FIN, RST, GC) gets there first. 64-bit because
+    /// BPF's generic CPU has 64-bit atomics only.
+    pub counted: u64,
+    /// [`FLOW_SYN_SEEN`], [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`] or [`FLOW_UDP`].
+    pub state: u8,
+    /// 1 if the flow was adopted (seen mid-stream without an entry).
+    pub adopted: u8,
+    pub _pad: [u8; 6],
+    /// `bpf_ktime_get_ns` of the last packet (for GC).
+    pub last_seen_ns: u64,
+    pub created_ns: u64,
+}
+const _: () = assert!(size_of::<Flow>() == 40);
+
+/// Value of `SVC_STATS` and `BACKEND_STATS` (per-CPU arrays indexed by service / backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// Packets and bytes forwarded.
+    pub packets: u64,
+    pub bytes: u64,
+    /// New flows admitted.
+    pub new_flows: u64,
+    /// Flows adopted mid-stream.
+    pub adopted: u64,
+    pub refused: Refusals,
+}
+const _: () = assert!(size_of::<TrafficStats>() == 32 + 64);
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A sampled refusal, sent to userspace through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RefusalEvent {
+    pub ts_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport_be: [u8; 2],
+    pub dport_be: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+    /// A [`Reason`].
+    pub reason: u8,
+    pub _pad: u8,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<RefusalEvent>() == 56);
+
+/// Per-CPU token bucket that rate-limits refusal events (value of `EVENT_BUCKET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBucket {
+    pub tokens: u64,
+    pub last_ns: u64,
+    /// Events not sent because the bucket was empty.
+    pub suppressed: u64,
+}
+const _: () = assert!(size_of::<EventBucket>() == 24);
+
+pub const ICMP_ECHO_PASS: u8 = 0;
+pub const ICMP_ECHO_REPLY: u8 = 1;
+pub const FRAGMENTS_DROP: u8 = 0;
+pub const FRAGMENTS_PASS: u8 = 1;
+
+/// Load-time configuration, a read-only global in the object (`CONFIG`), set with
+/// `EbpfLoader::override_global` so the verifier prunes paths a deployment does not use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`ICMP_ECHO_REPLY`] or [`ICMP_ECHO_PASS`] for echo requests to a VIP.
+    pub icmp_echo: u8,
+    /// [`FRAGMENTS_DROP`] or [`FRAGMENTS_PASS`] for fragments to a VIP.
+    pub fragments: u8,
+    /// 1 if `gateway_mac` is the next hop for encapsulated packets; else `bpf_fib_lookup`.
+    pub has_gateway: u8,
+    pub _pad0: u8,
+    /// Refusal events per second per CPU (token bucket; burst = one second's worth).
+    pub events_per_sec: u32,
+    pub gateway_mac: [u8; 6],
+    pub _pad1: [u8; 2],
+    /// Outer source of IPIP packets; the low 16 bits are XORed with the flow hash so each
+    /// flow has a stable source (and backends' RSS spreads flows), per Katran.
+    pub encap_src4: [u8; 4],
+    pub encap_src6: [u8; 16],
+}
+const _: () = assert!(size_of::<Config>() == 36);
+
+impl Config {
+    pub const DEFAULT: Self = Self {
+        icmp_echo: ICMP_ECHO_REPLY,
+        fragments: FRAGMENTS_DROP,
+        has_gateway: 0,
+        _pad0: 0,
+        events_per_sec: DEFAULT_EVENTS_PER_SEC,
+        gateway_mac: [0; 6],
+        _pad1: [0; 2],
+        encap_src4: [172, 16, 0, 0],
+        encap_src6: [0xfd, 0, 0x51, 0x1c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    };
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The flow hash, the same function in the datapath and in userspace (`explain`, tests):
+/// murmur3's finalizer over the 5-tuple's 32-bit words. Cheap in BPF (no loop, no table) and
+/// well mixed, so `hash % ring_size` spreads flows evenly.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    #[inline(always)]
+    fn word(b: &[u8; 16], i: usize) -> u32 {
+        u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+    }
+    #[inline(always)]
+    fn mix(h: u32, k: u32) -> u32 {
+        let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+    let mut h: u32 = 0x5175_1ce0; // seed
+    h = mix(h, word(&key.src, 0));
+    h = mix(h, word(&key.src, 4));
+    h = mix(h, word(&key.src, 8));
+    h = mix(h, word(&key.src, 12));
+    h = mix(h, word(&key.dst, 0));
+    h = mix(h, word(&key.dst, 4));
+    h = mix(h, word(&key.dst, 8));
+    h = mix(h, word(&key.dst, 12));
+    h = mix(h, u32::from_ne_bytes([key.sport_be[0], key.sport_be[1], key.dport_be[0], key.dport_be[1]]));
+    h = mix(h, u32::from(key.proto));
+    // fmix32
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The ring slot of the `i`-th candidate in a flow's probe sequence: the first is
+/// `hash % size`; later ones step by an odd stride derived from the hash, so spill candidates
+/// differ per flow (a saturated backend's overflow spreads over the others).
+#[inline(always)]
+pub fn probe_slot(hash: u32, i: u32, ring_size: u32) -> u32 {
+    let stride = (hash >> 16) | 1;
+    ((u64::from(hash) + u64::from(i) * u64::from(stride)) % u64::from(ring_size)) as u32
+}
+
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data, repr(C), no padding (size asserted above), any bit pattern valid.
+    // SAFETY: all of these are plain-old-data: repr(C), explicit padding (sizes asserted
+    // above), and any bit pattern is a valid value.
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Conns {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::TrafficStats {}
+    unsafe impl aya::Pod for super::RefusalEvent {}
+    unsafe impl aya::Pod for super::EventBucket {}
+    unsafe impl aya::Pod for super::Config {}
 }
 
 #[cfg(test)]
@@ -155,6 +499,51 @@ mod tests {
         for a in Stat::ALL {
             for b in Stat::ALL {
                 assert!(a == b || a.name() != b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn reasons_round_trip_and_index_their_fields() {
+        let mut r = Refusals::default();
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+            assert_eq!(Reason::from_u8(*reason as u8), Some(*reason));
+            *r.slot(*reason) += i as u64 + 1;
+        }
+        for (i, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(r.get(*reason), i as u64 + 1, "{}", reason.name());
+        }
+        assert_eq!(Reason::from_u8(Reason::ALL.len() as u8), None);
+    }
+
+    #[test]
+    fn flow_hash_depends_on_every_field() {
+        let base = FlowKey { src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], sport_be: [0x9c, 0x40], dport_be: [0, 80], proto: 6, _pad: [0; 3] };
+        let h = flow_hash(&base);
+        let mut k = base;
+        k.src[3] = 2;
+        assert_ne!(flow_hash(&k), h);
+        let mut k = base;
+        k.dst[15] = 1;
+        assert_ne!(flow_hash(&k), h);
+        let mut k = base;
+        k.sport_be[1] ^= 1;
+        assert_ne!(flow_hash(&k), h);
+        let mut k = base;
+        k.dport_be[1] ^= 1;
+        assert_ne!(flow_hash(&k), h);
+        let mut k = base;
+        k.proto = 17;
+        assert_ne!(flow_hash(&k), h);
+    }
+
+    #[test]
+    fn probe_sequence_starts_at_hash_mod_size_and_stays_in_range() {
+        for hash in [0u32, 1, 0xdead_beef, u32::MAX] {
+            assert_eq!(probe_slot(hash, 0, 65537), hash % 65537);
+            for i in 0..MAX_PROBES {
+                assert!(probe_slot(hash, i, 13) < 13);
             }
         }
     }

@@ -1,36 +1,258 @@
-//! Sluice's XDP programs. The entry point is thin: it runs the balancer and returns whatever
-//! verdict it reached (`Ok` and `Err` are both verdicts: `Err` is an early exit, never "abort").
+//! Sluice's XDP programs: `sluice_balancer` and `sluice_decap`. The entry points are thin: each
+//! runs its pipeline and counts the one outcome it reached. `Ok` and `Err` are both verdicts
+//! (`Err` is an early exit), and no path returns `XDP_ABORTED`.
+//!
+//! The balancer reads top to bottom: parse → service → flow → admission → act.
+//! - `parse`: headers and the one bounds check;
+//! - `flow`: flow table, TCP states, releasing a slot exactly once;
+//! - `admission`: ring choice, backend state, exact limits, spill;
+//! - `forward` (l2dsr, ipip), `rst` (refusal reply), `icmp`: acting on the packet;
+//! - `maps`, `events`: counters and rate-limited refusal events.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic intrinsics: see atomic.rs")]
 
+mod admission;
+mod atomic;
+mod csum;
+mod decap;
+mod events;
+mod flow;
+mod forward;
+mod icmp;
 mod maps;
 mod parse;
+mod rst;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::Stat;
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    macros::xdp,
+    programs::XdpContext,
+    Global,
+};
+use lb_common::{
+    flow_hash, Config, Flow, FlowKey, Reason, Service, ServiceKey, Stat, FLOW_CLOSING, FLOW_ESTABLISHED,
+    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, REJECT_RST,
+};
+
+use crate::{
+    flow::{Hit, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::{FLOWS, SERVICES},
+    parse::{Fail, Packet, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
+};
+
+/// Load-time configuration (`lb_common::Config`), set by the loader with `override_global`.
+#[unsafe(no_mangle)]
+pub static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
+
+/// The outcome to count and the XDP action to return.
+pub type Verdict = Result<(Stat, u32), (Stat, u32)>;
+
+/// A verdict as one scalar, for functions that are BPF subprograms: those may only return a
+/// scalar in r0 (an aggregate would come back as a pointer into their own stack frame).
+#[inline(always)]
+pub fn pack((stat, action): (Stat, u32)) -> u64 {
+    (u64::from(stat as u32) << 32) | u64::from(action)
+}
+
+#[inline(always)]
+pub fn unpack(v: u64) -> (Stat, u32) {
+    // SAFETY: only `pack` produces these values, from a valid Stat.
+    (unsafe { core::mem::transmute::<u32, Stat>((v >> 32) as u32) }, v as u32)
+}
+
+const EEXIST: i32 = 17;
 
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (stat, verdict) = match balance(&ctx) {
+    let (stat, verdict) = match balance(&ctx, len) {
         Ok(v) | Err(v) => v,
     };
     maps::count(stat, len);
     verdict
 }
 
-/// Parse, then decide. Every path ends in exactly one `(Stat, verdict)` pair, so every packet
-/// is counted exactly once by the caller.
-#[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<(Stat, u32), (Stat, u32)> {
-    let pkt = parse::parse(ctx).map_err(|s| (s, xdp_action::XDP_PASS))?;
-    let stat = match (pkt.is_v6, pkt.proto) {
-        (false, parse::PROTO_TCP) => Stat::Tcp4,
-        (false, _) => Stat::Udp4,
-        (true, parse::PROTO_TCP) => Stat::Tcp6,
-        (true, _) => Stat::Udp6,
+#[xdp]
+pub fn sluice_decap(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let (stat, verdict) = match decap::decap(&ctx) {
+        Ok(v) | Err(v) => v,
     };
-    Ok((stat, xdp_action::XDP_PASS))
+    maps::count(stat, len);
+    verdict
+}
+
+/// The VIP's own entry (port 0, proto 0), if `addr` is a VIP.
+#[inline(always)]
+pub fn vip_service(addr: &[u8; 16]) -> Option<Service> {
+    let key = ServiceKey { addr: *addr, port_be: [0; 2], proto: 0, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
+    let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else { return Err((Stat::NonIp, xdp_action::XDP_PASS)) };
+    // SAFETY: this CPU's scratch slot; nothing else uses it while the program runs, and
+    // the fields are borrowed disjointly below.
+    let s = unsafe { &mut *scratch };
+    parse::parse(ctx, &mut s.pkt).map_err(|f| unpack(parse_failure(&f)))?;
+    let pkt = &s.pkt;
+    match (pkt.proto, pkt.is_v6) {
+        (PROTO_TCP | PROTO_UDP, _) => {}
+        (PROTO_ICMP, false) | (PROTO_ICMPV6, true) => {
+            let (stat, value) = unpack(icmp::handle(ctx, pkt, &mut s.key));
+            if stat != Stat::IcmpErrorForwarded {
+                return Ok((stat, value));
+            }
+            let (backend_id, mode) = (value & 0x7FFF_FFFF, (value >> 31) as u8);
+            let action = forward::forward(ctx, pkt, mode, backend_id, flow_hash(&s.key));
+            return sent(action, Stat::IcmpErrorForwarded);
+        }
+        _ => return Ok((Stat::OtherL4, xdp_action::XDP_PASS)),
+    }
+    s.skey = ServiceKey { addr: pkt.dst, port_be: pkt.dport_be, proto: pkt.proto, _pad: 0 };
+    // SAFETY: the value is copied out at once.
+    let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
+        return Ok((not_service(pkt), xdp_action::XDP_PASS));
+    };
+    s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad: [0; 3] };
+    let key = &s.key;
+    let hash = flow_hash(key);
+    // SAFETY: a helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
+        maps::traffic(svc.id, backend_id, bytes, false, false);
+        return forwarded(ctx, pkt, &svc, backend_id, hash);
+    }
+    let is_tcp = pkt.proto == PROTO_TCP;
+    if is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return adopt(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes);
+    }
+    match admission::admit(&svc, hash) {
+        Ok(backend_id) => {
+            let state = if is_tcp { FLOW_SYN_SEEN } else { FLOW_UDP };
+            s.flow = Flow { backend_id, service_id: svc.id, counted: 1, state, adopted: 0, _pad: [0; 6], last_seen_ns: now, created_ns: now };
+            match FLOWS.insert(key, &s.flow, u64::from(BPF_NOEXIST)) {
+                Ok(()) => {
+                    maps::traffic(svc.id, backend_id, bytes, true, false);
+                    forwarded(ctx, pkt, &svc, backend_id, hash)
+                }
+                Err(e) => {
+                    flow::conns_sub(backend_id);
+                    if e == -EEXIST {
+                        // Another CPU inserted this flow first (a retransmitted SYN): follow it.
+                        if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
+                            maps::traffic(svc.id, backend_id, bytes, false, false);
+                            return forwarded(ctx, pkt, &svc, backend_id, hash);
+                        }
+                    }
+                    refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
+                }
+            }
+        }
+        Err((reason, backend_id)) => refuse(ctx, pkt, &svc, reason, backend_id),
+    }
+}
+
+#[inline(always)]
+fn forwarded(ctx: &XdpContext, pkt: &Packet, svc: &Service, backend_id: u32, hash: u32) -> Verdict {
+    sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::Forwarded)
+}
+
+/// The outcome of a forwarding attempt: `stat` if it was sent, `no_route` if not.
+#[inline(always)]
+fn sent(action: u32, stat: Stat) -> Verdict {
+    if action == xdp_action::XDP_TX {
+        Ok((stat, action))
+    } else {
+        Err((Stat::NoRoute, action))
+    }
+}
+
+/// A mid-stream TCP packet without a flow (e.g. the table was lost): re-selected by the ring
+/// and adopted without looking at limits. An established connection is never broken to
+/// enforce a limit; it still counts as open on its backend.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into balance; the arguments are its locals")]
+fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mut Flow, hash: u32, now: u64, bytes: u64) -> Verdict {
+    let backend_id = admission::ring_pick(svc, hash, 0);
+    if backend_id == 0 {
+        maps::refusal(svc.id, 0, Reason::NoBackend);
+        return Err((Stat::RefusedDrop, xdp_action::XDP_DROP));
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        maps::traffic(svc.id, backend_id, bytes, false, false);
+        return sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::ForwardedNoFlow);
+    }
+    let closing = pkt.tcp_flags & TCP_FIN != 0;
+    *flow = Flow {
+        backend_id,
+        service_id: svc.id,
+        counted: u64::from(!closing),
+        state: if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED },
+        adopted: 1,
+        _pad: [0; 6],
+        last_seen_ns: now,
+        created_ns: now,
+    };
+    if !closing {
+        flow::conns_add(backend_id);
+    }
+    if FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)).is_err() && !closing {
+        // Lost a race to another CPU, or the table is full: forward anyway, hold no slot.
+        flow::conns_sub(backend_id);
+    }
+    maps::traffic(svc.id, backend_id, bytes, false, true);
+    forwarded(ctx, pkt, svc, backend_id, hash)
+}
+
+/// Counts the refusal, samples an event, and answers with a RST or drops, per the service.
+#[inline(always)]
+fn refuse(ctx: &XdpContext, pkt: &Packet, svc: &Service, reason: Reason, backend_id: u32) -> Verdict {
+    maps::refusal(svc.id, backend_id, reason);
+    events::refusal(pkt, reason, svc.id, backend_id, CONFIG.load().events_per_sec);
+    if pkt.proto == PROTO_TCP && svc.reject == REJECT_RST {
+        return match rst::reply(ctx, pkt) {
+            xdp_action::XDP_TX => Ok((Stat::RefusedRst, xdp_action::XDP_TX)),
+            action => Err((Stat::RefusedDrop, action)),
+        };
+    }
+    Err((Stat::RefusedDrop, xdp_action::XDP_DROP))
+}
+
+#[inline(always)]
+fn not_service(pkt: &Packet) -> Stat {
+    match (pkt.is_v6, pkt.proto) {
+        (false, PROTO_TCP) => Stat::Tcp4,
+        (false, _) => Stat::Udp4,
+        (true, PROTO_TCP) => Stat::Tcp6,
+        (true, _) => Stat::Udp6,
+    }
+}
+
+/// Frames that did not parse: fragments and malformed TCP/UDP sent to a VIP are charged to
+/// its service (fragments dropped by default); everything else is passed.
+#[inline(never)]
+fn parse_failure(f: &Fail) -> u64 {
+    let pass = pack((f.stat, xdp_action::XDP_PASS));
+    if !f.has_dst {
+        return pass;
+    }
+    let Some(svc) = vip_service(&f.dst) else { return pass };
+    if f.stat == Stat::Fragment {
+        if CONFIG.load().fragments == FRAGMENTS_DROP {
+            maps::refusal(svc.id, 0, Reason::Fragment);
+            return pack((Stat::FragmentDropped, xdp_action::XDP_DROP));
+        }
+        return pass;
+    }
+    maps::refusal(svc.id, 0, Reason::Malformed);
+    pass
 }
 
 #[cfg(not(test))]

@@ -1,13 +1,82 @@
-//! The balancer's maps. Each is BTF-described (`#[btf_map]`) so `bpftool map dump` prints
-//! field names. Names are the constants in `lb_common::maps`.
+//! The datapath's maps and the counting helpers over them. Every map is BTF-described
+//! (`#[btf_map]`) so `bpftool map dump` prints field names. Names are `lb_common::maps`.
+//! Capacities here are defaults; the loader sets `FLOWS` and `RINGS` at load time.
 
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use lb_common::{Counter, Stat};
+use aya_ebpf::{
+    bindings::bpf_fib_lookup as FibParams,
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, Conns, Counter, EventBucket, Flow, FlowKey, Reason, RefusalEvent, Service, ServiceKey, Stat,
+    TrafficStats, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+};
 
-/// Packets and bytes by outcome, per CPU (no atomics on the hot path).
+use crate::parse::Packet;
+
+/// Packets and bytes by outcome (`Stat`), per CPU: no atomics on the hot path.
 /// Writer: datapath. Reader: `sluice status`, the daemon (sums over CPUs).
 #[btf_map]
-static STATS: PerCpuArray<Counter, { Stat::COUNT as usize }> = PerCpuArray::new();
+pub static STATS: PerCpuArray<Counter, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+/// (VIP, port, proto) → service; (VIP, 0, 0) marks a VIP for fragments and ICMP.
+/// Writer: daemon. Reader: datapath.
+#[btf_map]
+pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize * 2 }> = HashMap::new();
+
+/// Backend id → address, MAC, state, limit. Id 0 is "none" and never used.
+/// Writer: daemon. Reader: datapath.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Backend id → open connections. Shared by all CPUs (not per-CPU) and changed only by
+/// atomic add/sub, which is what makes limits exact. Writer: datapath, GC. Reader: all.
+#[btf_map]
+pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Maglev rings, back to back: slot `service.ring_base + i` → backend id.
+/// Writer: daemon (a new ring is written beside the live one, then the service switches).
+/// Reader: datapath.
+#[btf_map]
+pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }> = Array::new();
+
+/// 5-tuple → flow. A plain hash, not an LRU: when full, new flows are refused with
+/// `flow_table_full` rather than live flows evicted. Writer: datapath, GC. Reader: all.
+#[btf_map]
+pub static FLOWS: HashMap<FlowKey, Flow, { DEFAULT_FLOW_CAPACITY as usize }> = HashMap::new();
+
+/// Service id → traffic and refusals, per CPU. Writer: datapath. Reader: daemon.
+#[btf_map]
+pub static SVC_STATS: PerCpuArray<TrafficStats, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+/// Backend id → traffic and refusals, per CPU (id 0 collects refusals with no backend).
+/// Writer: datapath. Reader: daemon.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// Sampled refusal events (rate-limited by `EVENT_BUCKET`). Writer: datapath. Reader: daemon.
+#[btf_map]
+pub static EVENTS: RingBuf<RefusalEvent, { 256 * 1024 }> = RingBuf::new();
+
+/// Per-CPU token bucket for `EVENTS`, so a flood of refusals cannot flood userspace.
+#[btf_map]
+pub static EVENT_BUCKET: PerCpuArray<EventBucket, 1> = PerCpuArray::new();
+
+/// The balancer's large temporaries. BPF's 512-byte stack is shared by the whole call chain
+/// (entry + subprograms), so these live in per-CPU map memory instead of the entry frame.
+/// Internal: not pinned, not read by userspace.
+pub struct Scratch {
+    pub pkt: Packet,
+    pub key: FlowKey,
+    pub flow: Flow,
+    pub skey: ServiceKey,
+    pub fib: FibParams,
+    /// Headers being assembled (encapsulation).
+    pub buf: [u8; 64],
+}
+
+#[btf_map]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 #[inline(always)]
 pub fn count(stat: Stat, bytes: u64) {
@@ -17,5 +86,42 @@ pub fn count(stat: Stat, bytes: u64) {
             (*c).packets += 1;
             (*c).bytes += bytes;
         }
+    }
+}
+
+/// Adds to a service's and a backend's per-CPU traffic counters.
+#[inline(always)]
+pub fn traffic(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool, adopted: bool) {
+    // Two separate lookups and null checks: LLVM would merge a loop's checks into a pointer
+    // OR, which the verifier rejects.
+    if let Some(s) = SVC_STATS.get_ptr_mut(service_id) {
+        add_traffic(s, bytes, new_flow, adopted);
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        add_traffic(s, bytes, new_flow, adopted);
+    }
+}
+
+#[inline(always)]
+fn add_traffic(s: *mut TrafficStats, bytes: u64, new_flow: bool, adopted: bool) {
+    // SAFETY: a per-CPU slot; only this CPU writes it while the program runs.
+    unsafe {
+        (*s).packets += 1;
+        (*s).bytes += bytes;
+        (*s).new_flows += u64::from(new_flow);
+        (*s).adopted += u64::from(adopted);
+    }
+}
+
+/// Counts a refusal for the service and the backend (0 = none).
+#[inline(always)]
+pub fn refusal(service_id: u32, backend_id: u32, reason: Reason) {
+    if let Some(s) = SVC_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *(*s).refused.slot(reason) += 1 };
+    }
+    if let Some(s) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *(*s).refused.slot(reason) += 1 };
     }
 }

@@ -87,7 +87,9 @@ impl Datapath {
             return Err(Error::NoSuchInterface { iface: iface.into() });
         }
         prepare_pin_dir(pin_dir)?;
-        let ebpf = load_balancer()?;
+        let ebpf = load_balancer().inspect_err(|_| {
+            let _ = fs::remove_dir(pin_dir);
+        })?;
         let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), pinned: Vec::new() };
         // Pin before attaching so that every packet the program counts is visible to readers.
         dp.pin_maps()?;
@@ -106,14 +108,13 @@ impl Datapath {
     }
 
     fn pin_maps(&mut self) -> Result<(), Error> {
-        let names: Vec<String> = self.ebpf.maps().map(|(n, _)| n.to_owned()).collect();
-        for name in names {
-            // Internal maps of globals (.rodata/.bss) are not part of the interface.
-            if name.starts_with('.') {
-                continue;
-            }
-            let path = self.pin_dir.join(&name);
-            let map = self.ebpf.map(&name).expect("listed above");
+        // The interface maps only: not the globals' (.rodata…) or the datapath's scratch space.
+        for name in lb_common::maps::ALL {
+            let path = self.pin_dir.join(name);
+            let Some(map) = self.ebpf.map(name) else {
+                self.unpin();
+                return Err(Error::other(format!("map {name}"), anyhow::anyhow!("missing from the object")));
+            };
             if let Err(e) = map.pin(&path) {
                 self.unpin();
                 return Err(Error::other(format!("pinning map {name} at {}", path.display()), e));

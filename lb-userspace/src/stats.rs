@@ -55,7 +55,7 @@ pub fn open(pin_dir: &Path) -> Result<PerCpuArray<MapData, Counter>, Error> {
 /// Reads and sums every outcome over all CPUs.
 pub fn read<T: Borrow<MapData>>(map: &PerCpuArray<T, Counter>) -> Result<Snapshot, Error> {
     let mut outcomes = Vec::with_capacity(Stat::ALL.len());
-    for stat in Stat::ALL {
+    for &stat in Stat::ALL {
         let per_cpu = map
             .get(&(stat as u32), 0)
             .map_err(|e| Error::other(format!("reading counter {}", stat.name()), e))?;

@@ -10,7 +10,7 @@
 use std::{
     fs::File,
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
@@ -92,10 +92,18 @@ impl Netns {
         self.command(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
     }
 
-    /// Spawns a process in this namespace; it is killed when the guard drops.
+    /// Spawns a process in this namespace; it is killed when the guard drops. Its output
+    /// goes to files (a pipe nobody reads could fill and block it).
     pub fn spawn(&self, cmd: &mut Command) -> ChildGuard {
-        let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning in netns");
-        ChildGuard { child: Some(child) }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let base = std::env::temp_dir().join(format!("sluice-test-{}-{n}", std::process::id()));
+        let (out, err) = (base.with_extension("out"), base.with_extension("err"));
+        let child = cmd
+            .stdout(File::create(&out).expect("stdout file"))
+            .stderr(File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("spawning in netns");
+        ChildGuard { child: Some(child), out, err }
     }
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
@@ -160,9 +168,12 @@ fn sweep_stale() {
     }
 }
 
-/// A child process killed (SIGKILL) and reaped on drop unless it was already waited for.
+/// A child process killed (SIGKILL) and reaped on drop unless it was already waited for;
+/// its output files are removed then too.
 pub struct ChildGuard {
     child: Option<Child>,
+    out: PathBuf,
+    err: PathBuf,
 }
 
 impl ChildGuard {
@@ -183,16 +194,23 @@ impl ChildGuard {
             assert!(Instant::now() < deadline, "process {} did not exit within {timeout:?} after {sig:?}", self.id());
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.child.take().expect("child").wait_with_output().expect("output")
+        let status = self.child.take().expect("child").wait().expect("wait");
+        self.output(status)
+    }
+
+    fn output(&self, status: std::process::ExitStatus) -> Output {
+        Output {
+            status,
+            stdout: std::fs::read(&self.out).unwrap_or_default(),
+            stderr: std::fs::read(&self.err).unwrap_or_default(),
+        }
     }
 
     /// Whether the process has exited (and then its output, for diagnostics).
     pub fn exited(&mut self) -> Option<Output> {
-        let child = self.child.as_mut()?;
-        if child.try_wait().ok()?.is_some() {
-            return self.child.take().and_then(|c| c.wait_with_output().ok());
-        }
-        None
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(self.output(status))
     }
 }
 
@@ -202,6 +220,8 @@ impl Drop for ChildGuard {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_file(&self.out);
+        let _ = std::fs::remove_file(&self.err);
     }
 }
 

@@ -130,7 +130,7 @@ fn every_frame_is_passed_unchanged_and_counted_once_under_its_outcome() {
         if res.data != frame {
             failures.push(format!("{desc}: frame modified"));
         }
-        for stat in Stat::ALL {
+        for &stat in Stat::ALL {
             let dp = after.get(stat).packets - before.get(stat).packets;
             let db = after.get(stat).bytes - before.get(stat).bytes;
             let (wp, wb) = if stat == want { (1, frame.len() as u64) } else { (0, 0) };
@@ -143,11 +143,12 @@ fn every_frame_is_passed_unchanged_and_counted_once_under_its_outcome() {
 }
 
 #[test]
-fn the_table_covers_every_outcome_that_a_test_run_can_reach() {
+fn the_table_covers_every_parser_outcome_that_a_test_run_can_reach() {
     // TruncatedEth needs a frame shorter than 14 bytes, which BPF_PROG_TEST_RUN refuses to
-    // build; it is reachable only on a real link.
+    // build; it is reachable only on a real link. Outcomes from Forwarded on are decisions
+    // about service traffic, covered by the datapath tests.
     let covered: Vec<Stat> = rows().into_iter().map(|r| r.2).collect();
-    for s in Stat::ALL {
+    for &s in Stat::ALL.iter().take_while(|s| **s != Stat::Forwarded) {
         assert!(s == Stat::TruncatedEth || covered.contains(&s), "no row for {}", s.name());
     }
 }

@@ -1,0 +1,142 @@
+//! ICMP for VIPs: echo requests answered (or passed) by policy; "fragmentation needed" /
+//! "packet too big" about a VIP flow sent to that flow's backend, found by the inner header
+//! (the backend sent the too-big packet from the VIP, so the error comes back to us).
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{FlowKey, ServiceKey, Stat, ICMP_ECHO_REPLY};
+
+use crate::{
+    csum,
+    maps::{FLOWS, SERVICES},
+    parse::{ptr_at, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    pack, vip_service, Verdict, CONFIG,
+};
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY_TYPE: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
+
+/// What to do with an ICMP packet to a VIP, packed (see `pack`; this is a BPF subprogram and
+/// returns a scalar). [`Stat::IcmpErrorForwarded`] is a request, not a result: the caller
+/// forwards it (calling `forward` from here would stack three frames, over BPF's 512 bytes)
+/// to the backend id in the low 31 bits, in mode bit 31, with the flow's key left in `key`.
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> u64 {
+    match handle_inner(ctx, pkt, key) {
+        Ok(v) | Err(v) => pack(v),
+    }
+}
+
+#[inline(always)]
+fn handle_inner(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
+    let pass = Ok((Stat::IcmpPassed, xdp_action::XDP_PASS));
+    if vip_service(&pkt.dst).is_none() {
+        return Ok((Stat::OtherL4, xdp_action::XDP_PASS));
+    }
+    let hdr: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off).map_err(|()| (Stat::IcmpPassed, xdp_action::XDP_PASS))?;
+    // SAFETY: ptr_at checked the bounds.
+    let [typ, code, c0, c1] = unsafe { *hdr };
+    let v4 = pkt.proto == PROTO_ICMP;
+    let echo = if v4 { typ == ICMP_ECHO_REQUEST } else { typ == ICMP6_ECHO_REQUEST };
+    if echo {
+        if CONFIG.load().icmp_echo != ICMP_ECHO_REPLY {
+            return pass;
+        }
+        if echo_reply(ctx, pkt, u16::from_be_bytes([typ, code]), u16::from_be_bytes([c0, c1])) {
+            return Ok((Stat::IcmpEchoReplied, xdp_action::XDP_TX));
+        }
+        return pass;
+    }
+    let too_big = if v4 { typ == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED } else { typ == ICMP6_PACKET_TOO_BIG };
+    if too_big {
+        return to_flow_backend(ctx, pkt, key).or(pass);
+    }
+    pass
+}
+
+/// Turns the request into its reply in place: swap MACs and addresses, change the type, and
+/// update the checksum incrementally (swapping addresses leaves every sum unchanged).
+/// Not inlined (a sibling of the forwarding path, so its frame does not add to that chain).
+#[inline(never)]
+fn echo_reply(ctx: &XdpContext, pkt: &Packet, type_code: u16, check: u16) -> bool {
+    echo_reply_in_place(ctx, pkt, type_code, check).is_ok()
+}
+
+#[inline(always)]
+fn echo_reply_in_place(ctx: &XdpContext, pkt: &Packet, type_code: u16, check: u16) -> Result<(), ()> {
+    let code = type_code.to_be_bytes()[1];
+    let reply_type = if pkt.proto == PROTO_ICMP { ICMP_ECHO_REPLY_TYPE } else { ICMP6_ECHO_REPLY };
+    let new_check = csum::replace16(check, type_code, u16::from_be_bytes([reply_type, code]));
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    let hdr: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off)?;
+    // SAFETY: ptr_at checked the bounds of each write below.
+    unsafe {
+        let m = *eth;
+        let mut s = [0u8; 12];
+        s[..6].copy_from_slice(&m[6..]);
+        s[6..].copy_from_slice(&m[..6]);
+        *eth = s;
+        let c = new_check.to_be_bytes();
+        *hdr = [reply_type, code, c[0], c[1]];
+    }
+    if pkt.is_v6 {
+        let a: *mut [u8; 32] = ptr_at(ctx, pkt.l3_off + 8)?;
+        let mut addrs = [0u8; 32];
+        addrs[..16].copy_from_slice(&pkt.dst);
+        addrs[16..].copy_from_slice(&pkt.src);
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { *a = addrs };
+    } else {
+        let a: *mut [u8; 8] = ptr_at(ctx, pkt.l3_off + 12)?;
+        let mut addrs = [0u8; 8];
+        addrs[..4].copy_from_slice(&pkt.dst[..4]);
+        addrs[4..].copy_from_slice(&pkt.src[..4]);
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { *a = addrs };
+    }
+    Ok(())
+}
+
+/// The embedded packet went VIP:vport → client:cport; its flow is client:cport → VIP:vport.
+#[inline(always)]
+fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
+    let none = (Stat::IcmpPassed, xdp_action::XDP_PASS);
+    let inner = pkt.l4_off + 8;
+    *key = FlowKey::default();
+    let inner_l4;
+    if pkt.is_v6 {
+        let ip: *const [u8; 40] = ptr_at(ctx, inner).map_err(|()| none)?;
+        // SAFETY: ptr_at checked the bounds.
+        let ip = unsafe { &*ip };
+        key.proto = ip[6];
+        key.dst.copy_from_slice(&ip[8..24]);
+        key.src.copy_from_slice(&ip[24..40]);
+        inner_l4 = inner + 40;
+    } else {
+        let ip: *const [u8; 20] = ptr_at(ctx, inner).map_err(|()| none)?;
+        // SAFETY: ptr_at checked the bounds.
+        let ip = unsafe { &*ip };
+        key.proto = ip[9];
+        key.dst[..4].copy_from_slice(&ip[12..16]);
+        key.src[..4].copy_from_slice(&ip[16..20]);
+        inner_l4 = inner + ((ip[0] & 0x0F) as usize) * 4;
+    }
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return Err(none);
+    }
+    let ports: *const [u8; 4] = ptr_at(ctx, inner_l4).map_err(|()| none)?;
+    // SAFETY: ptr_at checked the bounds.
+    let ports = unsafe { *ports };
+    key.dport_be = [ports[0], ports[1]];
+    key.sport_be = [ports[2], ports[3]];
+    // SAFETY: read once.
+    let Some(backend_id) = (unsafe { FLOWS.get(&*key) }).map(|f| f.backend_id) else { return Err(none) };
+    let skey = ServiceKey { addr: key.dst, port_be: key.dport_be, proto: key.proto, _pad: 0 };
+    // SAFETY: read once.
+    let Some(mode) = (unsafe { SERVICES.get(&skey) }).map(|s| s.mode) else { return Err(none) };
+    Ok((Stat::IcmpErrorForwarded, (backend_id & 0x7FFF_FFFF) | (u32::from(mode) << 31)))
+}
