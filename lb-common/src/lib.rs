@@ -193,6 +193,10 @@ macro_rules! reasons {
             pub fn total(&self) -> u64 {
                 0 $(+ self.$field)+
             }
+            /// Adds `o` field by field (summing per-CPU values).
+            pub fn add(&mut self, o: &Self) {
+                $(self.$field += o.$field;)+
+            }
         }
     };
 }
@@ -342,6 +346,17 @@ pub struct TrafficStats {
     pub refused: Refusals,
 }
 const _: () = assert!(size_of::<TrafficStats>() == 32 + 64);
+
+impl TrafficStats {
+    /// Adds `o` field by field (summing per-CPU values).
+    pub fn add(&mut self, o: &Self) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+        self.adopted += o.adopted;
+        self.refused.add(&o.refused);
+    }
+}
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;

@@ -1,26 +1,52 @@
-//! Atomic read-modify-write on map values. `bpfel-unknown-none` declares no atomic support to
-//! Rust, so `core::sync::atomic`'s RMW methods do not exist there; the compiler intrinsics do,
-//! and LLVM lowers them to BPF atomic instructions (`BPF_ATOMIC | BPF_FETCH`, cpu v3).
-
-use core::intrinsics::{atomic_xadd, atomic_xchg, atomic_xsub, AtomicOrdering};
+//! Atomic read-modify-write on map values, as BPF instructions written out in assembly.
+//!
+//! `bpfel-unknown-none` declares no atomics to Rust, and rustc marks every function
+//! `target-cpu=generic` (BPF v1), where LLVM lowers a fetch-add to the old `XADD`, which does
+//! not return the previous value, silently. Exact limits need that value, so the fetching
+//! forms (BPF v3, kernel ≥ 5.12) are spelled out here.
 
 /// `*p += v`, returning the previous value, atomically across CPUs.
 #[inline(always)]
 pub unsafe fn fetch_add(p: *mut u64, v: u64) -> u64 {
+    let mut v = v;
     // SAFETY: the caller passes a valid, aligned pointer into a map value.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) }
+    unsafe {
+        core::arch::asm!(
+            "{v} = atomic_fetch_add((u64 *)({p} + 0), {v})",
+            p = in(reg) p,
+            v = inout(reg) v,
+            options(nostack),
+        );
+    }
+    v
 }
 
-/// `*p -= v`, returning the previous value, atomically across CPUs.
+/// `*p -= v` atomically across CPUs (the previous value is not needed).
 #[inline(always)]
-pub unsafe fn fetch_sub(p: *mut u64, v: u64) -> u64 {
+pub unsafe fn sub(p: *mut u64, v: u64) {
     // SAFETY: as in fetch_add.
-    unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) }
+    unsafe {
+        core::arch::asm!(
+            "lock *(u64 *)({p} + 0) += {v}",
+            p = in(reg) p,
+            v = in(reg) v.wrapping_neg(),
+            options(nostack),
+        );
+    }
 }
 
 /// `*p = v`, returning the previous value, atomically across CPUs.
 #[inline(always)]
 pub unsafe fn swap(p: *mut u64, v: u64) -> u64 {
+    let mut v = v;
     // SAFETY: as in fetch_add.
-    unsafe { atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(p, v) }
+    unsafe {
+        core::arch::asm!(
+            "{v} = xchg_64({p} + 0, {v})",
+            p = in(reg) p,
+            v = inout(reg) v,
+            options(nostack),
+        );
+    }
+    v
 }

@@ -36,7 +36,7 @@ pub fn conns_add(backend_id: u32) -> u64 {
 pub fn conns_sub(backend_id: u32) {
     if let Some(c) = CONNS.get_ptr_mut(backend_id) {
         // SAFETY: as in conns_add.
-        unsafe { atomic::fetch_sub(&raw mut (*c).open, 1) };
+        unsafe { atomic::sub(&raw mut (*c).open, 1) };
     }
 }
 

@@ -10,8 +10,7 @@
 //! - `maps`, `events`: counters and rate-limited refusal events.
 #![no_std]
 #![no_main]
-#![feature(core_intrinsics)]
-#![expect(internal_features, reason = "atomic intrinsics: see atomic.rs")]
+#![feature(asm_experimental_arch)]
 
 mod admission;
 mod atomic;

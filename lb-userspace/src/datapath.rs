@@ -10,7 +10,9 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode},
     Ebpf, EbpfError, EbpfLoader,
 };
-use lb_common::PROG_BALANCER;
+use lb_common::{
+    maps, Config, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, GLOBAL_CONFIG, PROG_BALANCER, PROG_DECAP,
+};
 
 use crate::error::{is_permission, Error};
 
@@ -20,15 +22,51 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// `statfs` magic number of the bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// Choices made when the object is loaded: the datapath's configuration global (the
+/// verifier prunes what it turns off) and the capacities of the sized maps.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub config: Config,
+    /// Capacity of `FLOWS` (the flow table never evicts; a full table refuses new flows).
+    pub flow_capacity: u32,
+    /// Capacity of `RINGS` in slots (all services' rings, twice over for swaps).
+    pub ring_slots: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { config: Config::DEFAULT, flow_capacity: DEFAULT_FLOW_CAPACITY, ring_slots: DEFAULT_RING_SLOTS }
+    }
+}
+
 /// Parses the object and loads the balancer program into the kernel, without attaching it.
 /// Used by `sluice run` and by the BPF_PROG_TEST_RUN tests.
 pub fn load_balancer() -> Result<Ebpf, Error> {
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| match e {
-        EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
-        e => Error::other("loading the XDP object", e),
-    })?;
-    let prog: &mut Xdp = program(&mut ebpf, PROG_BALANCER)?;
-    prog.load().map_err(|e| load_error(PROG_BALANCER, e))?;
+    load_balancer_with(&LoadOptions::default())
+}
+
+/// [`load_balancer`] with explicit options.
+pub fn load_balancer_with(opts: &LoadOptions) -> Result<Ebpf, Error> {
+    load_program(opts, PROG_BALANCER)
+}
+
+/// Loads the backend-side decapsulator (`sluice_decap`) from the same object.
+pub fn load_decap() -> Result<Ebpf, Error> {
+    load_program(&LoadOptions { flow_capacity: 1, ring_slots: 1, ..LoadOptions::default() }, PROG_DECAP)
+}
+
+fn load_program(opts: &LoadOptions, name: &str) -> Result<Ebpf, Error> {
+    let mut ebpf = EbpfLoader::new()
+        .override_global(GLOBAL_CONFIG, &opts.config, true)
+        .map_max_entries(maps::FLOWS, opts.flow_capacity)
+        .map_max_entries(maps::RINGS, opts.ring_slots)
+        .load(OBJECT)
+        .map_err(|e| match e {
+            EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
+            e => Error::other("loading the XDP object", e),
+        })?;
+    let prog: &mut Xdp = program(&mut ebpf, name)?;
+    prog.load().map_err(|e| load_error(name, e))?;
     Ok(ebpf)
 }
 
@@ -109,7 +147,7 @@ impl Datapath {
 
     fn pin_maps(&mut self) -> Result<(), Error> {
         // The interface maps only: not the globals' (.rodata…) or the datapath's scratch space.
-        for name in lb_common::maps::ALL {
+        for name in maps::ALL {
             let path = self.pin_dir.join(name);
             let Some(map) = self.ebpf.map(name) else {
                 self.unpin();

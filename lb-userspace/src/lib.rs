@@ -4,6 +4,8 @@
 pub mod cli;
 pub mod datapath;
 pub mod error;
+pub mod maglev;
 pub mod stats;
+pub mod tables;
 
 pub use error::Error;

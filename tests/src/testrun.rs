@@ -15,8 +15,12 @@ use aya::{
     sys::Stats,
     Ebpf,
 };
-use lb_common::{maps, Counter, PROG_BALANCER};
-use lb_userspace::stats::{self, Snapshot};
+use lb_common::{maps, Counter, PROG_BALANCER, PROG_DECAP};
+use lb_userspace::{
+    datapath::LoadOptions,
+    stats::{self, Snapshot},
+    tables::Tables,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -44,12 +48,29 @@ impl XdpRunner {
     /// Loads the balancer exactly as `sluice run` does. Panics with the reason if it cannot
     /// (not root, verifier rejection): a datapath test must never silently skip.
     pub fn balancer() -> Self {
+        Self::balancer_with(&LoadOptions::default())
+    }
+
+    /// The balancer loaded with explicit options (configuration global, map capacities).
+    pub fn balancer_with(opts: &LoadOptions) -> Self {
         crate::require_root();
-        let ebpf = lb_userspace::datapath::load_balancer().unwrap_or_else(|e| panic!("loading the balancer: {e}"));
+        let ebpf = lb_userspace::datapath::load_balancer_with(opts).unwrap_or_else(|e| panic!("loading the balancer: {e}"));
         Self { ebpf, prog_name: PROG_BALANCER }
     }
 
-    fn prog(&mut self) -> &mut Xdp {
+    /// The backend-side decapsulator.
+    pub fn decap() -> Self {
+        crate::require_root();
+        let ebpf = lb_userspace::datapath::load_decap().unwrap_or_else(|e| panic!("loading the decapsulator: {e}"));
+        Self { ebpf, prog_name: PROG_DECAP }
+    }
+
+    /// The program's tables (services, backends, rings, counters, flows).
+    pub fn tables(&mut self) -> Tables<'_> {
+        Tables::new(&mut self.ebpf)
+    }
+
+    pub fn prog(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(self.prog_name)
             .expect("program in object")

@@ -1,0 +1,111 @@
+//! Reading and writing the datapath's tables (services, backends, rings, connection counters,
+//! flows, per-service/backend statistics) in a loaded object. Every write is one map update,
+//! and callers order them so the datapath never sees a ring pointing at a backend that is not
+//! written yet: backends first, then the ring, then the service that points at it.
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    Ebpf, Pod,
+};
+use lb_common::{maps, Backend, Conns, Flow, FlowKey, Service, ServiceKey, TrafficStats};
+
+use crate::Error;
+
+fn err(what: &str, e: impl Into<anyhow::Error>) -> Error {
+    Error::other(what.to_owned(), e)
+}
+
+/// The tables of one loaded balancer.
+pub struct Tables<'a> {
+    ebpf: &'a mut Ebpf,
+}
+
+impl<'a> Tables<'a> {
+    pub fn new(ebpf: &'a mut Ebpf) -> Self {
+        Self { ebpf }
+    }
+
+    fn array<V: Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, V>, Error> {
+        Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
+            .map_err(|e| err(name, e))
+    }
+
+    fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>, Error> {
+        HashMap::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
+            .map_err(|e| err(name, e))
+    }
+
+    fn per_cpu_sum(&self, name: &str, index: u32) -> Result<TrafficStats, Error> {
+        let map: PerCpuArray<&MapData, TrafficStats> =
+            PerCpuArray::try_from(self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
+                .map_err(|e| err(name, e))?;
+        let values = map.get(&index, 0).map_err(|e| err(name, e))?;
+        let mut sum = TrafficStats::default();
+        for v in values.iter() {
+            sum.add(v);
+        }
+        Ok(sum)
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
+        self.array::<Backend>(maps::BACKENDS)?.set(id, *backend, 0).map_err(|e| err("BACKENDS", e))
+    }
+
+    pub fn backend(&mut self, id: u32) -> Result<Backend, Error> {
+        self.array::<Backend>(maps::BACKENDS)?.get(&id, 0).map_err(|e| err("BACKENDS", e))
+    }
+
+    pub fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), Error> {
+        self.hash::<ServiceKey, Service>(maps::SERVICES)?.insert(*key, *service, 0).map_err(|e| err("SERVICES", e))
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), Error> {
+        self.hash::<ServiceKey, Service>(maps::SERVICES)?.remove(key).map_err(|e| err("SERVICES", e))
+    }
+
+    /// Writes `ring` into `RINGS` from slot `base`.
+    pub fn write_ring(&mut self, base: u32, ring: &[u32]) -> Result<(), Error> {
+        let mut rings = self.array::<u32>(maps::RINGS)?;
+        for (i, id) in ring.iter().enumerate() {
+            rings.set(base + i as u32, *id, 0).map_err(|e| err("RINGS", e))?;
+        }
+        Ok(())
+    }
+
+    pub fn conns(&mut self, id: u32) -> Result<u64, Error> {
+        Ok(self.array::<Conns>(maps::CONNS)?.get(&id, 0).map_err(|e| err("CONNS", e))?.open)
+    }
+
+    /// Overwrites a backend's open-connection counter (reconciliation, tests). Not atomic with
+    /// the datapath's add/sub: only for a backend no packet is admitting to, or to correct
+    /// drift measured against the flow table.
+    pub fn set_conns(&mut self, id: u32, open: u64) -> Result<(), Error> {
+        self.array::<Conns>(maps::CONNS)?.set(id, Conns { open }, 0).map_err(|e| err("CONNS", e))
+    }
+
+    pub fn flow(&mut self, key: &FlowKey) -> Result<Option<Flow>, Error> {
+        let flows = self.hash::<FlowKey, Flow>(maps::FLOWS)?;
+        match flows.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(err("FLOWS", e)),
+        }
+    }
+
+    pub fn flows(&mut self) -> Result<Vec<(FlowKey, Flow)>, Error> {
+        let flows = self.hash::<FlowKey, Flow>(maps::FLOWS)?;
+        flows.iter().map(|r| r.map_err(|e| err("FLOWS", e))).collect()
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), Error> {
+        self.hash::<FlowKey, Flow>(maps::FLOWS)?.remove(key).map_err(|e| err("FLOWS", e))
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<TrafficStats, Error> {
+        self.per_cpu_sum(maps::SVC_STATS, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, Error> {
+        self.per_cpu_sum(maps::BACKEND_STATS, id)
+    }
+}
