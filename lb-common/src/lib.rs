@@ -224,7 +224,9 @@ const _: () = assert!(size_of::<Refusals>() == 8 * 8);
 /// Key of [`maps::SERVICES`]: (VIP, port, protocol). IPv4 VIPs use the first 4 bytes of
 /// `addr` (the rest zero). A key with `port_be = [0, 0]` and `proto = 0` is the VIP's own
 /// entry: it marks the address as a VIP (fragments, ICMP) and points at its first service.
-#[repr(C)]
+// Aligned so that copies of the address fields compile to word moves in BPF, not byte loops
+// (or calls to a byte-wise memcpy).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
     pub addr: [u8; 16],
@@ -266,7 +268,7 @@ pub const BACKEND_DRAINING: u8 = 2;
 pub const BACKEND_DOWN: u8 = 3;
 
 /// Value of [`maps::BACKENDS`] (array indexed by backend id; id 0 unused).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// IPv4 in the first 4 bytes, or IPv6.
@@ -294,7 +296,7 @@ pub struct Conns {
 const _: () = assert!(size_of::<Conns>() == 8);
 
 /// Key of [`maps::FLOWS`]: the 5-tuple as the client sent it.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src: [u8; 16],
@@ -326,7 +328,7 @@ pub struct Flow {
     /// 1 if the flow was adopted (seen mid-stream without an entry).
     pub adopted: u8,
     pub _pad: [u8; 6],
-    /// `bpf_ktime_get_ns` of the last packet (for GC).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, for GC.
     pub last_seen_ns: u64,
     pub created_ns: u64,
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{Backend, FAMILY_V6, MODE_IPIP};
 
 use crate::{
-    csum,
+    csum, mem,
     maps::{BACKENDS, SCRATCH},
     parse::{ptr_at, Packet, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, PROTO_IPIP, PROTO_IPV6},
     CONFIG,
@@ -40,12 +40,16 @@ fn send(ctx: &XdpContext, pkt: &Packet, mode: u8, backend_id: u32, hash: u32) ->
         encap(ctx, pkt, b, hash)?;
     } else {
         let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
-        // SAFETY: ptr_at checked the bounds. New source: the MAC the frame was sent to (ours).
+        let e = eth.cast::<u8>();
+        let mac = b.mac.as_ptr();
+        // SAFETY: ptr_at checked 12 bytes; `mac` is 6 bytes of the backend's map value.
+        // New source: the MAC the frame was sent to (ours); new destination: the backend's.
         unsafe {
-            let mut macs = *eth;
-            macs.copy_within(0..6, 6);
-            macs[..6].copy_from_slice(&b.mac);
-            *eth = macs;
+            let (hi, lo) = (mem::ld32(e), mem::ld16(e.add(4)));
+            mem::st32(e.add(6), hi);
+            mem::st16(e.add(10), lo);
+            mem::st32(e, mem::ld32(mac));
+            mem::st16(e.add(4), mem::ld16(mac.add(4)));
         }
     }
     Ok(())
@@ -98,7 +102,7 @@ fn next_hop(ctx: &XdpContext, b: &Backend, outer: &[u8], inner_len: usize) -> Re
 fn encap(ctx: &XdpContext, pkt: &Packet, b: &Backend, hash: u32) -> Result<(), ()> {
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch slot; only `buf` is used here (and `fib` by next_hop).
-    let buf: &mut [u8; 64] = unsafe { &mut (*scratch).buf };
+    let buf: &mut [u8; 64] = unsafe { &mut (*scratch).buf.0 };
     let outer_v6 = b.family == FAMILY_V6;
     let outer_len: usize = if outer_v6 { 40 } else { 20 };
     let inner_len = pkt.ip_len;
@@ -126,8 +130,9 @@ fn encap(ctx: &XdpContext, pkt: &Packet, b: &Backend, hash: u32) -> Result<(), (
     let inner_proto = if pkt.is_v6 { PROTO_IPV6 } else { PROTO_IPIP };
     let ip = &mut buf[18..58];
     if outer_v6 {
+        // SAFETY: 40 bytes of the 64-byte scratch buffer.
+        unsafe { mem::zero::<40>(ip.as_mut_ptr()) };
         ip[0] = 0x60;
-        ip[1..4].fill(0);
         ip[4..6].copy_from_slice(&(inner_len as u16).to_be_bytes());
         ip[6] = inner_proto;
         ip[7] = 64;
@@ -136,7 +141,8 @@ fn encap(ctx: &XdpContext, pkt: &Packet, b: &Backend, hash: u32) -> Result<(), (
         ip[23] ^= h[3];
         ip[24..40].copy_from_slice(&b.addr);
     } else {
-        ip[..20].fill(0);
+        // SAFETY: 20 bytes of the 64-byte scratch buffer.
+        unsafe { mem::zero::<20>(ip.as_mut_ptr()) };
         ip[0] = 0x45;
         ip[2..4].copy_from_slice(&((inner_len + 20) as u16).to_be_bytes());
         ip[8] = 64;
@@ -170,13 +176,14 @@ fn encap(ctx: &XdpContext, pkt: &Packet, b: &Backend, hash: u32) -> Result<(), (
     }
 }
 
-/// Copies `src` (exactly N bytes) into the packet at `off`.
+/// Copies N bytes from `src` (scratch map memory) into the packet at `off`, word by word.
 #[inline(always)]
 pub fn copy_out<const N: usize>(ctx: &XdpContext, off: usize, src: &[u8]) -> Result<(), ()> {
+    if src.len() < N {
+        return Err(());
+    }
     let p: *mut [u8; N] = ptr_at(ctx, off)?;
-    let mut a = [0u8; N];
-    a.copy_from_slice(src);
-    // SAFETY: ptr_at checked the bounds.
-    unsafe { *p = a };
+    // SAFETY: ptr_at checked N bytes of packet; `src` has at least N bytes.
+    unsafe { mem::copy::<N>(p.cast(), src.as_ptr()) };
     Ok(())
 }

@@ -17,16 +17,18 @@ mod atomic;
 mod csum;
 mod decap;
 mod events;
+mod floor;
 mod flow;
 mod forward;
 mod icmp;
 mod maps;
+mod mem;
 mod parse;
 mod rst;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
     Global,
@@ -121,8 +123,10 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad: [0; 3] };
     let key = &s.key;
     let hash = flow_hash(key);
+    // Coarse (jiffies) time: flows only need it for idle timeouts, and the precise clock
+    // costs tens of ns per packet under virtualisation.
     // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
 
     if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
         maps::traffic(svc.id, backend_id, bytes, false, false);
@@ -135,7 +139,15 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     match admission::admit(&svc, hash) {
         Ok(backend_id) => {
             let state = if is_tcp { FLOW_SYN_SEEN } else { FLOW_UDP };
-            s.flow = Flow { backend_id, service_id: svc.id, counted: 1, state, adopted: 0, _pad: [0; 6], last_seen_ns: now, created_ns: now };
+            // Field by field: a struct literal with a padding array compiles to a memset call.
+            let f = &mut s.flow;
+            f.backend_id = backend_id;
+            f.service_id = svc.id;
+            f.counted = 1;
+            f.state = state;
+            f.adopted = 0;
+            f.last_seen_ns = now;
+            f.created_ns = now;
             match FLOWS.insert(key, &s.flow, u64::from(BPF_NOEXIST)) {
                 Ok(()) => {
                     maps::traffic(svc.id, backend_id, bytes, true, false);
@@ -189,16 +201,14 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
         return sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::ForwardedNoFlow);
     }
     let closing = pkt.tcp_flags & TCP_FIN != 0;
-    *flow = Flow {
-        backend_id,
-        service_id: svc.id,
-        counted: u64::from(!closing),
-        state: if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED },
-        adopted: 1,
-        _pad: [0; 6],
-        last_seen_ns: now,
-        created_ns: now,
-    };
+    // Field by field: a struct literal with a padding array compiles to a memset call.
+    flow.backend_id = backend_id;
+    flow.service_id = svc.id;
+    flow.counted = u64::from(!closing);
+    flow.state = if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED };
+    flow.adopted = 1;
+    flow.last_seen_ns = now;
+    flow.created_ns = now;
     if !closing {
         flow::conns_add(backend_id);
     }

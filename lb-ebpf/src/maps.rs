@@ -71,9 +71,13 @@ pub struct Scratch {
     pub flow: Flow,
     pub skey: ServiceKey,
     pub fib: FibParams,
-    /// Headers being assembled (encapsulation).
-    pub buf: [u8; 64],
+    /// Headers being assembled (encapsulation, RST).
+    pub buf: Buf,
 }
+
+/// An 8-aligned byte buffer, so clearing and copying it are word operations.
+#[repr(C, align(8))]
+pub struct Buf(pub [u8; 64]);
 
 #[btf_map]
 pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();

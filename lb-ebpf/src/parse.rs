@@ -6,6 +6,8 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Stat, MAX_IPV6_EXT_HEADERS};
+
+use crate::mem::{ld128, ld_v4_mapped, set_addr};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
 pub const PROTO_ICMP: u8 = 1;
@@ -30,21 +32,22 @@ const IPV4_MF_OFFSET_MASK: u16 = 0x3FFF;
 /// What the balancer needs to know about a packet. Addresses are in network byte order; an
 /// IPv4 address occupies the first 4 bytes of the 16. Ports are zero for other protocols.
 #[derive(Clone, Copy)]
+#[repr(C, align(8))] // addresses first and aligned: copies are word moves, not byte loops
 pub struct Packet {
-    pub is_v6: bool,
-    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub l3_off: usize,
     pub l4_off: usize,
     /// Length of the IP packet (header included), as its header says; Ethernet padding excluded.
     pub ip_len: usize,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport_be: [u8; 2],
-    pub dport_be: [u8; 2],
-    /// TCP flags byte (CWR..FIN); 0 otherwise.
-    pub tcp_flags: u8,
     /// TCP header length (data offset × 4); 0 otherwise.
     pub tcp_hdr_len: usize,
+    pub sport_be: [u8; 2],
+    pub dport_be: [u8; 2],
+    pub is_v6: bool,
+    pub proto: u8,
+    /// TCP flags byte (CWR..FIN); 0 otherwise.
+    pub tcp_flags: u8,
 }
 
 /// Why parsing stopped, and the destination address when the IP header was readable (so a
@@ -125,10 +128,12 @@ fn parse_ipv4(ctx: &XdpContext, l3_off: usize, out: &mut Packet) -> Result<(), F
     if ctx.data() + l3_off + tot_len > ctx.data_end() {
         return Err(Stat::TruncatedIpv4.into());
     }
-    out.src = [0; 16];
-    out.dst = [0; 16];
-    out.src[..4].copy_from_slice(&ip.src_addr);
-    out.dst[..4].copy_from_slice(&ip.dst_addr);
+    let base = core::ptr::from_ref(ip).cast::<u8>();
+    // SAFETY: ptr_at checked the 20-byte header; the addresses are at 12 and 16.
+    unsafe {
+        set_addr(&mut out.src, ld_v4_mapped(base.add(12)));
+        set_addr(&mut out.dst, ld_v4_mapped(base.add(16)));
+    }
     if u16::from_be_bytes(ip.frags) & IPV4_MF_OFFSET_MASK != 0 {
         return Err(Fail::at(Stat::Fragment, out.dst));
     }
@@ -171,8 +176,12 @@ fn parse_ipv6(ctx: &XdpContext, l3_off: usize, out: &mut Packet) -> Result<(), F
     out.is_v6 = true;
     out.proto = next;
     out.ip_len = Ipv6Hdr::LEN + payload_len;
-    out.src = ip.src_addr;
-    out.dst = ip.dst_addr;
+    let base = core::ptr::from_ref(ip).cast::<u8>();
+    // SAFETY: ptr_at checked the 40-byte header; the addresses are at 8 and 24.
+    unsafe {
+        set_addr(&mut out.src, ld128(base.add(8)));
+        set_addr(&mut out.dst, ld128(base.add(24)));
+    }
     parse_l4(ctx, l3_off, off, out)
 }
 

@@ -49,8 +49,9 @@ fn build(ctx: &XdpContext, pkt: &Packet) -> Result<(), ()> {
     // buf[0..40] the IP header (20 used for IPv4), buf[40..60] the TCP header.
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     // SAFETY: this CPU's scratch slot; only `buf` is used here.
-    let buf: &mut [u8; 64] = unsafe { &mut (*scratch).buf };
-    buf.fill(0);
+    let buf: &mut [u8; 64] = unsafe { &mut (*scratch).buf.0 };
+    // SAFETY: the whole 64-byte buffer.
+    unsafe { crate::mem::zero::<64>(buf.as_mut_ptr()) };
     {
         let tcp = &mut buf[40..60];
         tcp[0..2].copy_from_slice(&pkt.dport_be);

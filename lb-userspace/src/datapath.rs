@@ -55,7 +55,8 @@ pub fn load_decap() -> Result<Ebpf, Error> {
     load_program(&LoadOptions { flow_capacity: 1, ring_slots: 1, ..LoadOptions::default() }, PROG_DECAP)
 }
 
-fn load_program(opts: &LoadOptions, name: &str) -> Result<Ebpf, Error> {
+/// Loads the program `name` from the object (the benchmarks load the floor programs).
+pub fn load_program(opts: &LoadOptions, name: &str) -> Result<Ebpf, Error> {
     let mut ebpf = EbpfLoader::new()
         .override_global(GLOBAL_CONFIG, &opts.config, true)
         .map_max_entries(maps::FLOWS, opts.flow_capacity)

@@ -58,6 +58,13 @@ impl XdpRunner {
         Self { ebpf, prog_name: PROG_BALANCER }
     }
 
+    /// Any program of the object by name (benchmark floors).
+    pub fn program(opts: &LoadOptions, name: &'static str) -> Self {
+        crate::require_root();
+        let ebpf = lb_userspace::datapath::load_program(opts, name).unwrap_or_else(|e| panic!("loading {name}: {e}"));
+        Self { ebpf, prog_name: name }
+    }
+
     /// The backend-side decapsulator.
     pub fn decap() -> Self {
         crate::require_root();

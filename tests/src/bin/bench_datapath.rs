@@ -1,0 +1,165 @@
+//! `cargo xtask bench datapath`: per-packet cost of Sluice's XDP program against two floor
+//! programs measured in the same run, with BPF_PROG_TEST_RUN. Each case is timed two ways:
+//! the median kernel-measured duration of single-shot runs (`repeat = 1`), and the kernel's
+//! own per-program statistics (run_time_ns / run_cnt). The median of several rounds is
+//! reported, as ns and as a ratio to the XDP_PASS floor. Writes a section of BENCHMARKS.md.
+
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
+
+use lb_common::{Backend, Config, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, MODE_IPIP, MODE_L2DSR, REJECT_RST};
+use lb_userspace::{
+    datapath::LoadOptions,
+    maglev::{self, RingBackend},
+};
+use sluice_tests::{
+    packet::{tcp, Pkt, PROTO_TCP},
+    testrun::XdpRunner,
+};
+
+const ROUNDS: usize = 9;
+const PER_ROUND: usize = 10_000;
+
+struct Case<'a> {
+    name: &'a str,
+    target: Option<f64>,
+    single: Duration,
+    stats: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT },
+        flow_capacity: 1 << 20,
+        ring_slots: 4 * 65537,
+    }
+}
+
+fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
+    let mut t = x.tables();
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[10, 0, 1, id as u8]);
+    t.set_backend(id, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, id as u8], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns, service_id: id })
+        .expect("backend");
+    let ring = maglev::build(&[RingBackend { id, key: format!("10.0.1.{id}"), weight: 1 }], 65537);
+    let base = (id - 1) * 65537;
+    t.write_ring(base, &ring).expect("ring");
+    let mut vip = [0u8; 16];
+    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
+    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, _pad: 0 };
+    t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
+}
+
+/// One round of `frames` through `x`: (median single-shot, prog-stats average).
+fn round(x: &mut XdpRunner, frames: &dyn Fn(usize) -> Vec<u8>, round: usize) -> (Duration, Duration) {
+    let batch: Vec<Vec<u8>> = (0..PER_ROUND).map(|i| frames(round * PER_ROUND + i)).collect();
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let before = x.prog().info().expect("info");
+    let d: Vec<Duration> = batch.iter().map(|f| x.run(f).duration).collect();
+    let after = x.prog().info().expect("info");
+    let runs = after.run_count() - before.run_count();
+    (median(d), (after.run_time() - before.run_time()) / runs as u32)
+}
+
+fn main() {
+    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let syn = |port: u16| Pkt::tcp4(&format!("10.9.0.1:{port}"), "10.0.0.100:80").build();
+    let mut cases = Vec::new();
+
+    let mut floor = XdpRunner::program(&opts(), "floor_pass");
+    let mut swap = XdpRunner::program(&opts(), "floor_macswap");
+    let mut x = XdpRunner::balancer_with(&opts());
+    install(&mut x, 80, MODE_L2DSR, u32::MAX, 1);
+    install(&mut x, 8080, MODE_IPIP, u32::MAX, 2);
+    install(&mut x, 9090, MODE_L2DSR, 0, 3);
+    x.run(&syn(2000));
+    let est = Pkt::tcp4("10.9.0.1:2000", "10.0.0.100:80").flags(tcp::ACK).payload(&[0; 64]).build();
+    x.run(&est);
+    let est_ipip = Pkt::tcp4("10.9.0.1:2001", "10.0.0.100:8080").flags(tcp::ACK).payload(&[0; 64]).build();
+    x.run(&Pkt::tcp4("10.9.0.1:2001", "10.0.0.100:8080").build());
+    x.run(&est_ipip);
+    let non_service = Pkt::tcp4("10.9.0.1:1000", "10.0.0.99:80").build();
+    let new_syn = |i: usize| {
+        let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
+        Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").build()
+    };
+    let refused = |i: usize| Pkt::tcp4(&format!("10.8.0.1:{}", 1024 + i % 60000), "10.0.0.100:9090").build();
+
+    // Rounds interleave every case, so a noisy neighbour or frequency change hits the floors
+    // and the cases alike; ratios are taken within a round, then the median over rounds.
+    let names: [(&str, Option<f64>); 7] = [
+        ("floor: XDP_PASS", None),
+        ("floor: MAC swap + XDP_TX", None),
+        ("sluice: non-service traffic", Some(1.9)),
+        ("sluice: established flow, l2dsr", None),
+        ("sluice: established flow, ipip", Some(3.0)),
+        ("sluice: new SYN with admission, ipip", Some(6.5)),
+        ("sluice: refused SYN (RST)", None),
+    ];
+    let mut samples: Vec<Vec<(Duration, Duration)>> = vec![Vec::new(); names.len()];
+    for r in 0..ROUNDS {
+        samples[0].push(round(&mut floor, &|_| syn(1000), r));
+        samples[1].push(round(&mut swap, &|_| syn(1000), r));
+        samples[2].push(round(&mut x, &|_| non_service.clone(), r));
+        samples[3].push(round(&mut x, &|_| est.clone(), r));
+        samples[4].push(round(&mut x, &|_| est_ipip.clone(), r));
+        samples[5].push(round(&mut x, &new_syn, r));
+        samples[6].push(round(&mut x, &refused, r));
+    }
+    let ratios: Vec<(f64, f64)> = (0..names.len())
+        .map(|c| {
+            let mut rs: Vec<f64> = (0..ROUNDS).map(|r| samples[c][r].0.as_nanos() as f64 / samples[0][r].0.as_nanos() as f64).collect();
+            let mut rp: Vec<f64> = (0..ROUNDS).map(|r| samples[c][r].1.as_nanos() as f64 / samples[0][r].1.as_nanos() as f64).collect();
+            rs.sort_by(f64::total_cmp);
+            rp.sort_by(f64::total_cmp);
+            (rs[ROUNDS / 2], rp[ROUNDS / 2])
+        })
+        .collect();
+    for (c, (name, target)) in names.iter().enumerate() {
+        cases.push(Case {
+            name,
+            target: *target,
+            single: median(samples[c].iter().map(|s| s.0).collect()),
+            stats: median(samples[c].iter().map(|s| s.1).collect()),
+        });
+    }
+    let mut table = String::new();
+    table.push_str("| case | single-shot ns | ×floor | prog-stats ns | ×floor | target (prog-stats) |\n|---|---:|---:|---:|---:|---|\n");
+    for (c, (rs, rp)) in cases.iter().zip(ratios) {
+        let target = c.target.map_or_else(String::new, |t| format!("≤ {t:.1}× — {}", if rp <= t { "met" } else { "missed" }));
+        writeln!(table, "| {} | {} | {rs:.2} | {} | {rp:.2} | {target} |", c.name, c.single.as_nanos(), c.stats.as_nanos()).expect("write");
+    }
+    println!("{table}");
+
+    let machine = machine();
+    let section = format!(
+        "<!-- bench-datapath:begin -->\n## Datapath (`cargo xtask bench datapath`)\n\n{machine}\n\
+         {ROUNDS} rounds × {PER_ROUND} packets per case, the cases interleaved within each round; ns are\n\
+         medians over rounds, ratios are taken within a round (case ÷ XDP_PASS floor) and then the median.\n\
+         *single-shot*: median of the kernel-measured duration of `BPF_PROG_TEST_RUN` with `repeat = 1`\n\
+         (includes the test-run harness's own per-call overhead). *prog-stats*: the kernel's per-program\n\
+         `run_time_ns / run_cnt` (BPF_ENABLE_STATS) over the same runs: the program alone.\n\n{table}\n\
+         <!-- bench-datapath:end -->\n"
+    );
+    let existing = std::fs::read_to_string(&out_path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
+    let updated = match (existing.find("<!-- bench-datapath:begin -->"), existing.find("<!-- bench-datapath:end -->")) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &existing[..a], existing[b + "<!-- bench-datapath:end -->\n".len()..].trim_start_matches('\n')),
+        _ => format!("{}\n{section}", existing.trim_end()),
+    };
+    std::fs::write(&out_path, updated).expect("write BENCHMARKS.md");
+    println!("wrote {}", out_path.display());
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("Machine: {cpu}, {cpus} CPUs, kernel {}.", kernel.trim())
+}
