@@ -304,7 +304,10 @@ pub struct FlowKey {
     pub sport_be: [u8; 2],
     pub dport_be: [u8; 2],
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Scalars, not `[u8; 3]`: BPF code zeroes an array padding with a call to a byte-wise
+    // memset on every packet; scalar fields are plain stores.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
@@ -536,7 +539,7 @@ mod tests {
 
     #[test]
     fn flow_hash_depends_on_every_field() {
-        let base = FlowKey { src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], sport_be: [0x9c, 0x40], dport_be: [0, 80], proto: 6, _pad: [0; 3] };
+        let base = FlowKey { src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], sport_be: [0x9c, 0x40], dport_be: [0, 80], proto: 6, _pad0: 0, _pad1: 0 };
         let h = flow_hash(&base);
         let mut k = base;
         k.src[3] = 2;

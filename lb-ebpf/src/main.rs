@@ -120,7 +120,7 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
     };
-    s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad: [0; 3] };
+    s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad0: 0, _pad1: 0 };
     let key = &s.key;
     let hash = flow_hash(key);
     // Coarse (jiffies) time: flows only need it for idle timeouts, and the precise clock

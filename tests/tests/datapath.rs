@@ -214,7 +214,7 @@ fn fkey(src: &str, dst: &str, proto: u8) -> FlowKey {
         sport_be: s.port().to_be_bytes(),
         dport_be: d.port().to_be_bytes(),
         proto,
-        _pad: [0; 3],
+        _pad0: 0, _pad1: 0,
     }
 }
 
