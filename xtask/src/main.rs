@@ -27,12 +27,23 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
+    /// Run a benchmark and record it in BENCHMARKS.md (needs root).
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
     /// Set up, build, and run every test (privileged tests included; needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` they reach the test binaries).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// Per-packet cost of the XDP program against XDP_PASS and MAC-swap floors.
+    Datapath,
 }
 
 fn main() {
@@ -52,6 +63,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Cmd::Bench { which: Bench::Datapath } => {
+            setup::run()?;
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let status = cargo()
+                .current_dir(&root)
+                .args(["run", "--release", "--package", "sluice-tests", "--bin", "bench-datapath", "--"])
+                .arg(root.join("BENCHMARKS.md"))
+                .status()
+                .context("running the datapath benchmark")?;
+            if !status.success() {
+                bail!("the datapath benchmark failed");
+            }
+            Ok(())
         }
     }
 }

@@ -143,7 +143,7 @@ fn main() {
          *single-shot*: median of the kernel-measured duration of `BPF_PROG_TEST_RUN` with `repeat = 1`\n\
          (includes the test-run harness's own per-call overhead). *prog-stats*: the kernel's per-program\n\
          `run_time_ns / run_cnt` (BPF_ENABLE_STATS) over the same runs: the program alone.\n\n{table}\n\
-         <!-- bench-datapath:end -->\n"
+         <!-- bench-datapath:end -->\n\n"
     );
     let existing = std::fs::read_to_string(&out_path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
     let updated = match (existing.find("<!-- bench-datapath:begin -->"), existing.find("<!-- bench-datapath:end -->")) {
