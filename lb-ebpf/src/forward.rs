@@ -81,7 +81,8 @@ fn next_hop(ctx: &XdpContext, b: &Backend, outer: &[u8], inner_len: usize) -> Re
         }
     } else {
         p.family = AF_INET;
-        p.__bindgen_anon_1.tot_len = ((inner_len + 20) as u16).to_be();
+        // Host byte order (the kernel compares it with the MTU).
+        p.__bindgen_anon_1.tot_len = (inner_len + 20) as u16;
         p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
         p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([b.addr[0], b.addr[1], b.addr[2], b.addr[3]]);
     }
