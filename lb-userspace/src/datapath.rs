@@ -185,14 +185,14 @@ impl Datapath {
 fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     match nix::sys::statfs::statfs(parent) {
-        Ok(st) if st.filesystem_type().0 as i64 == BPF_FS_MAGIC => {}
+        Ok(st) if st.filesystem_type().0 == BPF_FS_MAGIC => {}
         Ok(_) | Err(nix::Error::ENOENT) => return Err(Error::NotBpffs { dir: parent.to_owned() }),
         Err(nix::Error::EACCES | nix::Error::EPERM) => {
             return Err(Error::Permission { action: "checking the pin directory" })
         }
         Err(e) => return Err(Error::other(format!("checking {}", parent.display()), e)),
     }
-    if dir.exists() && fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false) {
+    if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(Error::AlreadyPinned { dir: dir.to_owned() });
     }
     // 0700: pinned maps are the datapath's state; only root may read or change them.

@@ -308,7 +308,7 @@ pub fn l3_bytes(l3: &L3) -> Vec<u8> {
 }
 
 fn pad_to(mut v: Vec<u8>, multiple: usize) -> Vec<u8> {
-    while v.len() % multiple != 0 {
+    while !v.len().is_multiple_of(multiple) {
         v.push(0);
     }
     v
