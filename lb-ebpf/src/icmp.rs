@@ -71,18 +71,11 @@ fn echo_reply_in_place(ctx: &XdpContext, pkt: &Packet, type_code: u16, check: u1
     let code = type_code.to_be_bytes()[1];
     let reply_type = if pkt.proto == PROTO_ICMP { ICMP_ECHO_REPLY_TYPE } else { ICMP6_ECHO_REPLY };
     let new_check = csum::replace16(check, type_code, u16::from_be_bytes([reply_type, code]));
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
+    crate::mem::swap_macs(ctx)?;
     let hdr: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off)?;
-    // SAFETY: ptr_at checked the bounds of each write below.
-    unsafe {
-        let m = *eth;
-        let mut s = [0u8; 12];
-        s[..6].copy_from_slice(&m[6..]);
-        s[6..].copy_from_slice(&m[..6]);
-        *eth = s;
-        let c = new_check.to_be_bytes();
-        *hdr = [reply_type, code, c[0], c[1]];
-    }
+    let c = new_check.to_be_bytes();
+    // SAFETY: ptr_at checked the bounds.
+    unsafe { *hdr = [reply_type, code, c[0], c[1]] };
     if pkt.is_v6 {
         let a: *mut [u8; 32] = ptr_at(ctx, pkt.l3_off + 8)?;
         let mut addrs = [0u8; 32];

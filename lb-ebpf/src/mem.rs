@@ -113,3 +113,20 @@ pub unsafe fn zero<const N: usize>(dst: *mut u8) {
         }
     }
 }
+
+/// Swaps the frame's destination and source MAC addresses (send it back where it came from).
+#[inline(always)]
+pub fn swap_macs(ctx: &aya_ebpf::programs::XdpContext) -> Result<(), ()> {
+    let eth: *mut [u8; 12] = crate::parse::ptr_at(ctx, 0)?;
+    let e = eth.cast::<u8>();
+    // SAFETY: ptr_at checked the 12 bytes.
+    unsafe {
+        let (d_hi, d_lo) = (ld32(e), ld16(e.add(4)));
+        let (s_hi, s_lo) = (ld32(e.add(6)), ld16(e.add(10)));
+        st32(e, s_hi);
+        st16(e.add(4), s_lo);
+        st32(e.add(6), d_hi);
+        st16(e.add(10), d_lo);
+    }
+    Ok(())
+}

@@ -34,16 +34,8 @@ fn build(ctx: &XdpContext, pkt: &Packet) -> Result<(), ()> {
         .wrapping_add(u32::from(pkt.tcp_flags & TCP_SYN != 0))
         .wrapping_add(u32::from(pkt.tcp_flags & TCP_FIN != 0));
 
-    // Back to the sender: swap the MACs.
-    let eth: *mut [u8; 12] = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the bounds.
-    unsafe {
-        let m = *eth;
-        let mut s = [0u8; 12];
-        s[..6].copy_from_slice(&m[6..]);
-        s[6..].copy_from_slice(&m[..6]);
-        *eth = s;
-    }
+    // Back to the sender.
+    crate::mem::swap_macs(ctx)?;
 
     // Assemble IP + TCP in per-CPU scratch memory (keeps this subprogram's frame small):
     // buf[0..40] the IP header (20 used for IPv4), buf[40..60] the TCP header.
