@@ -2,6 +2,7 @@
 //! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
 
 pub mod cli;
+pub mod config;
 pub mod datapath;
 pub mod error;
 pub mod maglev;

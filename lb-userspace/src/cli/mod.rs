@@ -1,5 +1,6 @@
 //! The `sluice` command line (clap derive), one module per subcommand.
 
+mod config;
 mod run;
 mod status;
 
@@ -22,6 +23,9 @@ pub enum Command {
     Run(run::Args),
     /// Print the datapath's packet counters by outcome.
     Status(status::Args),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(config::Command),
 }
 
 /// Where the maps are pinned; every command that touches the datapath takes it.
@@ -38,6 +42,7 @@ pub fn main() -> i32 {
     let result = match cli.cmd {
         Command::Run(a) => run::run(&a),
         Command::Status(a) => status::run(&a),
+        Command::Config(c) => return config::run(&c),
     };
     match result {
         Ok(()) => 0,

@@ -1,0 +1,674 @@
+//! The daemon's configuration file (TOML): parsing and semantic validation.
+//!
+//! Every problem is a [`Finding`] that names the file, the key path (`service[0].backend[1].
+//! max_conns`) and the reason. Loading refuses a file with any error and applies nothing of it;
+//! `sluice config check` prints errors and warnings and exits by severity.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{DEFAULT_EVENTS_PER_SEC, DEFAULT_FLOW_CAPACITY, DEFAULT_PIN_DIR, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_SERVICES, MAX_SPILL};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::maglev::is_prime;
+
+/// The largest Maglev ring a service may ask for.
+pub const MAX_RING_SIZE: u32 = 1_000_003;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub daemon: Daemon,
+    #[serde(default)]
+    pub flows: Flows,
+    #[serde(default)]
+    pub datapath: Datapath,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceCfg>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Daemon {
+    /// The interface XDP attaches to.
+    pub interface: String,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/sluice/sluice.sock")
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9477))
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flows {
+    /// Flow table entries (the table never evicts: when full, new flows are refused).
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+fn default_capacity() -> u32 {
+    DEFAULT_FLOW_CAPACITY
+}
+
+impl Default for Flows {
+    fn default() -> Self {
+        Self { capacity: DEFAULT_FLOW_CAPACITY, timeouts: Timeouts::default() }
+    }
+}
+
+/// Idle timeouts by flow state, after which GC expires a flow and releases its slot.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "default_syn", deserialize_with = "duration")]
+    pub syn: Duration,
+    #[serde(default = "default_established", deserialize_with = "duration")]
+    pub established: Duration,
+    #[serde(default = "default_closing", deserialize_with = "duration")]
+    pub closing: Duration,
+    #[serde(default = "default_udp", deserialize_with = "duration")]
+    pub udp: Duration,
+}
+
+fn default_syn() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_established() -> Duration {
+    Duration::from_secs(7200)
+}
+fn default_closing() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_udp() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { syn: default_syn(), established: default_established(), closing: default_closing(), udp: default_udp() }
+    }
+}
+
+/// Load-time datapath choices (the `CONFIG` global of the XDP object).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Datapath {
+    #[serde(default)]
+    pub icmp_echo: IcmpEcho,
+    #[serde(default)]
+    pub fragments: Fragments,
+    #[serde(default = "default_events")]
+    pub events_per_sec: u32,
+    /// Next hop for `ipip` packets; without it, the kernel's FIB decides.
+    #[serde(default)]
+    pub gateway_mac: Option<String>,
+    #[serde(default = "default_encap4")]
+    pub encap_source_v4: Ipv4Addr,
+    #[serde(default = "default_encap6")]
+    pub encap_source_v6: Ipv6Addr,
+}
+
+fn default_events() -> u32 {
+    DEFAULT_EVENTS_PER_SEC
+}
+fn default_encap4() -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 0, 0)
+}
+fn default_encap6() -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x511c, 0, 0, 0, 0, 0, 0)
+}
+
+impl Default for Datapath {
+    fn default() -> Self {
+        Self {
+            icmp_echo: IcmpEcho::default(),
+            fragments: Fragments::default(),
+            events_per_sec: DEFAULT_EVENTS_PER_SEC,
+            gateway_mac: None,
+            encap_source_v4: default_encap4(),
+            encap_source_v6: default_encap6(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IcmpEcho {
+    #[default]
+    Reply,
+    Pass,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fragments {
+    #[default]
+    Drop,
+    Pass,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCfg {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub overflow: Overflow,
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendCfg>,
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    L2dsr,
+    Ipip,
+}
+
+/// What happens when the chosen backend cannot take a new flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overflow {
+    /// Try other backends first: `true` (up to the datapath's maximum), `false`, or a number.
+    #[serde(default)]
+    pub spill: Spill,
+    #[serde(default)]
+    pub reject: Reject,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Spill {
+    Enabled(bool),
+    Candidates(u8),
+}
+
+impl Default for Spill {
+    fn default() -> Self {
+        Self::Enabled(false)
+    }
+}
+
+impl Spill {
+    /// Extra candidates the datapath tries.
+    pub fn candidates(self) -> u8 {
+        match self {
+            Self::Enabled(false) => 0,
+            Self::Enabled(true) => MAX_SPILL as u8,
+            Self::Candidates(n) => n,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reject {
+    #[default]
+    Rst,
+    Drop,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendCfg {
+    pub address: IpAddr,
+    /// Open connections allowed; reaching it refuses new connections (and alerts).
+    pub max_conns: u32,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Start draining (no new flows) instead of active.
+    #[serde(default)]
+    pub drain: bool,
+    /// Next-hop MAC for `l2dsr`; without it, the kernel's neighbour table is asked.
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub health: Option<Health>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    pub kind: HealthKind,
+    #[serde(default = "default_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Port to check; the service port by default.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// HTTP only: the path to GET and the status expected.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default = "default_expect")]
+    pub expect_status: u16,
+    /// Consecutive successes to become healthy, failures to become unhealthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_expect() -> u16 {
+    200
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    Tcp,
+    Http,
+}
+
+/// Durations are written as strings: "500ms", "10s", "2h".
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("\"{s}\" is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")))
+}
+
+/// Parses a MAC address written "02:00:00:00:00:01".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Key path, e.g. `service[0].backend[1].max_conns` (empty for the whole file).
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        if self.key.is_empty() {
+            write!(f, "{sev}: {}", self.message)
+        } else {
+            write!(f, "{sev}: {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a config file was refused: its path and every finding (errors first).
+#[derive(Debug)]
+pub struct Rejected {
+    pub file: PathBuf,
+    pub findings: Vec<Finding>,
+}
+
+impl fmt::Display for Rejected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} was refused and nothing of it applied:", self.file.display())?;
+        for x in self.findings.iter().filter(|x| x.severity == Severity::Error) {
+            write!(f, "\n  {}: {}", self.file.display(), x)?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses `text` (from `file`, for messages) and validates it. `Ok` carries the config and its
+/// warnings; `Err` every finding when there is at least one error.
+pub fn parse(file: &Path, text: &str) -> Result<(Config, Vec<Finding>), Rejected> {
+    let reject = |findings| Rejected { file: file.to_owned(), findings };
+    let de = toml::de::Deserializer::parse(text)
+        .map_err(|e| reject(vec![Finding { severity: Severity::Error, key: String::new(), message: one_line(&e.to_string()) }]))?;
+    let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        reject(vec![Finding { severity: Severity::Error, key, message: one_line(&e.into_inner().to_string()) }])
+    })?;
+    let mut findings = validate(&cfg);
+    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    if findings.iter().any(|f| f.severity == Severity::Error) {
+        return Err(reject(findings));
+    }
+    Ok((cfg, findings))
+}
+
+/// Reads and parses a config file.
+pub fn load(file: &Path) -> Result<(Config, Vec<Finding>), Rejected> {
+    let text = std::fs::read_to_string(file).map_err(|e| Rejected {
+        file: file.to_owned(),
+        findings: vec![Finding { severity: Severity::Error, key: String::new(), message: format!("cannot read it: {e}") }],
+    })?;
+    parse(file, &text)
+}
+
+/// toml's messages span several lines (a source excerpt); keep them readable on one.
+fn one_line(s: &str) -> String {
+    // Drop the source excerpt ("14 | port = …", "|", "^^^"); keep position and reason.
+    let excerpt = |l: &str| l.starts_with('|') || l.split_once(" |").is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()));
+    let lines: Vec<&str> = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !excerpt(l) && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect();
+    lines.join("; ")
+}
+
+/// Semantic checks that types alone cannot express.
+#[expect(clippy::too_many_lines, reason = "one list of checks")]
+pub fn validate(cfg: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut err = |key: String, message: String| out.push(Finding { severity: Severity::Error, key, message });
+    let mut warnings = Vec::new();
+    let mut warn = |key: String, message: String| warnings.push(Finding { severity: Severity::Warning, key, message });
+
+    if cfg.daemon.interface.trim().is_empty() {
+        err("daemon.interface".into(), "must name the interface to attach to".into());
+    }
+    if !cfg.daemon.metrics_listen.ip().is_loopback() {
+        warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));
+    }
+    if cfg.flows.capacity == 0 {
+        err("flows.capacity".into(), "must be at least 1".into());
+    }
+    let t = &cfg.flows.timeouts;
+    for (name, d) in [("syn", t.syn), ("established", t.established), ("closing", t.closing), ("udp", t.udp)] {
+        if d.is_zero() {
+            err(format!("flows.timeouts.{name}"), "must be longer than 0s".into());
+        }
+    }
+    if t.syn > t.established {
+        warn("flows.timeouts.syn".into(), format!("{:?} is longer than the established timeout {:?}: half-open flows outlive idle connections", t.syn, t.established));
+    }
+    if let Some(mac) = &cfg.datapath.gateway_mac {
+        if parse_mac(mac).is_none() {
+            err("datapath.gateway_mac".into(), format!("\"{mac}\" is not a MAC address (write 02:00:00:00:00:01)"));
+        }
+    }
+    if cfg.services.len() > MAX_SERVICES as usize {
+        err("service".into(), format!("{} services; the datapath holds at most {MAX_SERVICES}", cfg.services.len()));
+    }
+    let total_backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+    if total_backends >= MAX_BACKENDS as usize {
+        err("service".into(), format!("{total_backends} backends in all; the datapath holds at most {}", MAX_BACKENDS - 1));
+    }
+
+    let mut names = HashSet::new();
+    let mut endpoints = HashSet::new();
+    let mut sum_limits: u64 = 0;
+    for (i, s) in cfg.services.iter().enumerate() {
+        let k = format!("service[{i}]");
+        if s.name.trim().is_empty() {
+            err(format!("{k}.name"), "must not be empty".into());
+        } else if !names.insert(s.name.as_str()) {
+            err(format!("{k}.name"), format!("\"{}\" is used by another service", s.name));
+        }
+        if s.port == 0 {
+            err(format!("{k}.port"), "must be 1..65535".into());
+        }
+        if !endpoints.insert((s.vip, s.port, s.proto)) {
+            err(format!("{k}.vip"), format!("{}:{} {:?} is already another service's", s.vip, s.port, s.proto).to_lowercase());
+        }
+        if s.vip.is_unspecified() || s.vip.is_multicast() {
+            err(format!("{k}.vip"), format!("{} cannot be a VIP", s.vip));
+        }
+        if !is_prime(s.ring_size) || s.ring_size < 13 || s.ring_size > MAX_RING_SIZE {
+            err(format!("{k}.ring_size"), format!("{} must be a prime between 13 and {MAX_RING_SIZE} (e.g. 65537)", s.ring_size));
+        } else if (s.ring_size as usize) < 100 * s.backends.len().max(1) {
+            warn(format!("{k}.ring_size"), format!("{} slots for {} backends balances unevenly; use at least 100 per backend", s.ring_size, s.backends.len()));
+        }
+        if let Spill::Candidates(n) = s.overflow.spill {
+            if u32::from(n) > MAX_SPILL {
+                err(format!("{k}.overflow.spill"), format!("{n} candidates; the datapath tries at most {MAX_SPILL}"));
+            }
+        }
+        if s.proto == Proto::Udp && s.overflow.reject == Reject::Rst {
+            warn(format!("{k}.overflow.reject"), "\"rst\" applies to TCP only; refused UDP datagrams are dropped".into());
+        }
+        if s.backends.is_empty() {
+            warn(format!("{k}.backend"), "no backends: every new connection is refused (no_backend)".into());
+        }
+        let mut addrs = HashSet::new();
+        for (j, b) in s.backends.iter().enumerate() {
+            let bk = format!("{k}.backend[{j}]");
+            if !addrs.insert(b.address) {
+                err(format!("{bk}.address"), format!("{} is already a backend of this service", b.address));
+            }
+            if s.mode == Mode::L2dsr && b.address.is_ipv4() != s.vip.is_ipv4() {
+                err(format!("{bk}.address"), format!("{} and the VIP {} are of different address families; l2dsr cannot cross them (use mode = \"ipip\")", b.address, s.vip));
+            }
+            if b.max_conns == 0 {
+                err(format!("{bk}.max_conns"), "is 0, which refuses every connection; drain the backend instead (drain = true)".into());
+            }
+            sum_limits += u64::from(b.max_conns);
+            if b.weight == 0 {
+                warn(format!("{bk}.weight"), "is 0: the backend is in no ring and gets no new flows".into());
+            }
+            if let Some(mac) = &b.mac {
+                if parse_mac(mac).is_none() {
+                    err(format!("{bk}.mac"), format!("\"{mac}\" is not a MAC address (write 02:00:00:00:00:01)"));
+                }
+            }
+            if let Some(h) = &b.health {
+                if h.interval.is_zero() {
+                    err(format!("{bk}.health.interval"), "must be longer than 0s".into());
+                }
+                if h.timeout.is_zero() || h.timeout > h.interval {
+                    err(format!("{bk}.health.timeout"), format!("{:?} must be above 0 and at most the interval {:?}", h.timeout, h.interval));
+                }
+                if h.rise == 0 || h.fall == 0 {
+                    err(format!("{bk}.health"), "rise and fall must be at least 1".into());
+                }
+                match (h.kind, &h.path) {
+                    (HealthKind::Http, Some(p)) if !p.starts_with('/') => err(format!("{bk}.health.path"), format!("\"{p}\" must start with /")),
+                    (HealthKind::Tcp, Some(_)) => err(format!("{bk}.health.path"), "applies to kind = \"http\" only".into()),
+                    _ => {}
+                }
+                if !(100..=599).contains(&h.expect_status) {
+                    err(format!("{bk}.health.expect_status"), format!("{} is not an HTTP status", h.expect_status));
+                }
+            }
+        }
+    }
+    if sum_limits > u64::from(cfg.flows.capacity) {
+        warn(
+            "flows.capacity".into(),
+            format!("{} is below the sum of all max_conns ({sum_limits}): the flow table can fill before any limit is reached, refusing with flow_table_full", cfg.flows.capacity),
+        );
+    }
+    out.extend(warnings);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+interface = "eth0"
+control_socket = "/run/sluice/sluice.sock"
+metrics_listen = "127.0.0.1:9477"
+
+[flows]
+capacity = 1048576
+timeouts = { syn = "10s", established = "2h", closing = "30s", udp = "1m" }
+
+[[service]]
+name = "web"
+vip = "10.0.0.100"
+port = 80
+proto = "tcp"
+mode = "l2dsr"
+overflow = { spill = true, reject = "rst" }
+
+[[service.backend]]
+address = "10.0.0.11"
+max_conns = 100
+weight = 1
+health = { kind = "tcp", interval = "1s" }
+
+[[service.backend]]
+address = "10.0.0.12"
+max_conns = 100
+health = { kind = "http", path = "/healthz", interval = "2s", timeout = "1s" }
+"#;
+
+    fn check(text: &str) -> Result<(Config, Vec<Finding>), Rejected> {
+        parse(Path::new("sluice.toml"), text)
+    }
+
+    #[test]
+    fn the_issue_example_parses() {
+        let (cfg, warnings) = check(GOOD).expect("valid");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(cfg.services[0].backends.len(), 2);
+        assert_eq!(cfg.services[0].overflow.spill.candidates(), MAX_SPILL as u8);
+        assert_eq!(cfg.flows.timeouts.udp, Duration::from_secs(60));
+        assert_eq!(cfg.services[0].ring_size, 65537);
+    }
+
+    /// Each bad file: a replacement applied to GOOD, the key the error names, a word of the reason.
+    #[test]
+    fn bad_files_name_the_key_and_the_reason() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("max_conns = 100\nweight = 1", "max_conns = 0\nweight = 1", "service[0].backend[0].max_conns", "refuses every connection"),
+            ("port = 80", "port = \"eighty\"", "service[0].port", "invalid type"),
+            ("port = 80", "port = 70000", "service[0].port", "invalid value"),
+            ("proto = \"tcp\"", "proto = \"sctp\"", "service[0].proto", "unknown variant"),
+            ("mode = \"l2dsr\"", "mode = \"nat\"", "service[0].mode", "unknown variant"),
+            ("vip = \"10.0.0.100\"", "vip = \"10.0.0.300\"", "service[0].vip", "invalid"),
+            ("address = \"10.0.0.12\"", "address = \"10.0.0.11\"", "service[0].backend[1].address", "already a backend"),
+            ("address = \"10.0.0.12\"", "address = \"2001:db8::12\"", "service[0].backend[1].address", "address families"),
+            ("interval = \"1s\" }", "interval = \"soon\" }", "service[0].backend[0].health.interval", "not a duration"),
+            ("timeout = \"1s\" }", "timeout = \"3s\" }", "service[0].backend[1].health.timeout", "at most the interval"),
+            ("path = \"/healthz\"", "path = \"healthz\"", "service[0].backend[1].health.path", "must start with /"),
+            ("capacity = 1048576", "capacity = 0", "flows.capacity", "at least 1"),
+            ("mode = \"l2dsr\"", "mode = \"l2dsr\"\nring_size = 65536", "service[0].ring_size", "prime"),
+            ("overflow = { spill = true", "overflow = { spill = 9", "service[0].overflow.spill", "at most"),
+            ("max_conns = 100\nweight = 1", "max_conns = 100\nweigth = 1", "service[0].backend[0]", "unknown field"),
+            ("interface = \"eth0\"", "interface = \"\"", "daemon.interface", "must name"),
+        ];
+        for (from, to, key, reason) in cases {
+            assert!(GOOD.contains(from), "bad case: {from}");
+            let text = GOOD.replacen(from, to, 1);
+            let rejected = check(&text).err().unwrap_or_else(|| panic!("accepted with {to}"));
+            let f = &rejected.findings[0];
+            assert_eq!(f.severity, Severity::Error);
+            assert!(f.key.starts_with(key), "{to}: key {:?}, want {key}", f.key);
+            assert!(f.message.contains(reason), "{to}: message {:?}, want {reason:?}", f.message);
+            let shown = rejected.to_string();
+            assert!(shown.contains("sluice.toml") && shown.contains(key), "{shown}");
+        }
+    }
+
+    #[test]
+    fn duplicate_services_and_names_are_errors() {
+        let dup = format!("{GOOD}\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nproto = \"tcp\"\n[[service.backend]]\naddress = \"10.0.0.13\"\nmax_conns = 5\n");
+        let r = check(&dup).expect_err("duplicates");
+        let keys: Vec<&str> = r.findings.iter().map(|f| f.key.as_str()).collect();
+        assert!(keys.contains(&"service[1].name") && keys.contains(&"service[1].vip"), "{keys:?}");
+    }
+
+    #[test]
+    fn warnings_do_not_refuse() {
+        let text = GOOD.replacen("capacity = 1048576", "capacity = 150", 1).replacen("127.0.0.1:9477", "0.0.0.0:9477", 1);
+        let (_, warnings) = check(&text).expect("warnings only");
+        let keys: Vec<&str> = warnings.iter().map(|f| f.key.as_str()).collect();
+        assert_eq!(keys, ["daemon.metrics_listen", "flows.capacity"]);
+        assert!(warnings[1].message.contains("200"), "sum of limits named: {}", warnings[1].message);
+    }
+
+    #[test]
+    fn syntax_errors_are_one_readable_line() {
+        let r = check("[daemon\ninterface = 1").expect_err("syntax");
+        assert_eq!(r.findings.len(), 1);
+        assert!(!r.findings[0].message.contains('\n'));
+        assert!(r.findings[0].message.contains("line 1"), "{}", r.findings[0].message);
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("02:00:00:00:00:0a"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("zz:00:00:00:00:00"), None);
+    }
+}

@@ -1,0 +1,39 @@
+//! `sluice config check`: findings name the file, the key and the reason; the exit status
+//! says the severity (0 clean, 1 warnings, 2 errors). Needs no privileges.
+
+use std::{path::Path, process::Command};
+
+use sluice_tests::sluice_bin;
+
+fn check(text: &str) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!("sluice-config-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join(format!("c{}.toml", text.len()));
+    std::fs::write(&file, text).expect("write");
+    let out = Command::new(sluice_bin()).args(["config", "check"]).arg(&file).output().expect("sluice");
+    let _ = std::fs::remove_file(&file);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_shipped_example_is_clean() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/sluice.example.toml");
+    let out = Command::new(sluice_bin()).args(["config", "check"]).arg(&example).output().expect("sluice");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn exit_status_by_severity() {
+    let base = "[daemon]\ninterface = \"eth0\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nproto = \"tcp\"\n[[service.backend]]\naddress = \"10.0.0.11\"\nmax_conns = 10\n";
+    let (code, out) = check(base);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = check(&base.replace("interface = \"eth0\"", "interface = \"eth0\"\nmetrics_listen = \"0.0.0.0:9477\""));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("warning: daemon.metrics_listen"), "{out}");
+    let (code, out) = check(&base.replace("max_conns = 10", "max_conns = 0"));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(".toml: error: service[0].backend[0].max_conns: is 0"), "{out}");
+    let (code, out) = check("[daemon\n");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("line 1"), "{out}");
+}
