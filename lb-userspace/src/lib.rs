@@ -6,6 +6,7 @@ pub mod config;
 pub mod datapath;
 pub mod error;
 pub mod maglev;
+pub mod reconcile;
 pub mod stats;
 pub mod tables;
 

@@ -1,0 +1,361 @@
+//! Config → datapath tables. The daemon keeps an [`Applied`] record of what it wrote and, for
+//! a new config, computes the changes and writes them in an order that never shows the
+//! datapath a half-applied state:
+//!
+//! 1. backends (new ids, limits, states, MACs) — nothing points at a new id yet;
+//! 2. each changed ring into the *inactive* half of its service's region;
+//! 3. the service entry, switching `ring_base` to the new half in one map update;
+//! 4. removed services' entries.
+//!
+//! Removing a backend drains it: it leaves the ring and stays in `BACKENDS` as draining, so its
+//! open flows continue; its id is reused only once it has no open connection.
+//! Everything that can be checked is checked before the first write, so a refused config
+//! changes nothing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    Backend, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
+    MODE_IPIP, MODE_L2DSR, REJECT_DROP, REJECT_RST,
+};
+use serde::Serialize;
+
+use crate::{
+    config::{parse_mac, Config, Mode, Proto, Reject, ServiceCfg},
+    maglev::{self, RingBackend},
+    tables::Tables,
+    Error,
+};
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 16-byte map address for `ip` and its family.
+pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(v) => {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&v.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v) => (v.octets(), FAMILY_V6),
+    }
+}
+
+pub fn service_key(vip: IpAddr, port: u16, proto: Proto) -> ServiceKey {
+    let proto = match proto {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+    };
+    ServiceKey { addr: addr16(vip).0, port_be: port.to_be_bytes(), proto, _pad: 0 }
+}
+
+/// A backend as the daemon applied it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AppliedBackend {
+    pub id: u32,
+    pub address: IpAddr,
+    pub max_conns: u32,
+    pub weight: u32,
+    /// `active`, `draining` or `down` as written to the datapath.
+    pub state: u8,
+    pub mac: [u8; 6],
+    /// Removed from the config, draining until its connections are gone.
+    pub removed: bool,
+}
+
+/// A service as the daemon applied it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AppliedService {
+    pub id: u32,
+    pub name: String,
+    #[serde(skip)]
+    pub cfg: ServiceCfg,
+    /// First slot of this service's two ring halves in `RINGS`.
+    pub region: u32,
+    /// Which half is live (0 or 1).
+    pub half: u32,
+    pub ring: Vec<u32>,
+    pub backends: BTreeMap<IpAddr, AppliedBackend>,
+}
+
+impl AppliedService {
+    pub fn ring_base(&self) -> u32 {
+        self.region + self.half * self.cfg.ring_size
+    }
+}
+
+/// What the daemon has written into the datapath.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub services: BTreeMap<String, AppliedService>,
+    /// Ring regions: start → size, and the capacity of `RINGS`.
+    regions: BTreeMap<u32, u32>,
+    ring_slots: u32,
+}
+
+/// One line of what an apply changed, for the journal and `config apply`'s diff.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub what: String,
+}
+
+fn change(what: impl Into<String>) -> Change {
+    Change { what: what.into() }
+}
+
+/// Resolves a backend's next-hop MAC for `l2dsr` when the config does not give one.
+pub trait MacResolver {
+    fn mac(&self, ip: IpAddr) -> Option<[u8; 6]>;
+}
+
+impl<F: Fn(IpAddr) -> Option<[u8; 6]>> MacResolver for F {
+    fn mac(&self, ip: IpAddr) -> Option<[u8; 6]> {
+        self(ip)
+    }
+}
+
+impl Applied {
+    pub fn new(ring_slots: u32) -> Self {
+        Self { ring_slots, ..Self::default() }
+    }
+
+    /// A free region of `len` slots (first fit), if `RINGS` has room.
+    fn find_region(regions: &BTreeMap<u32, u32>, len: u32, capacity: u32) -> Option<u32> {
+        let mut start = 0u32;
+        for (&s, &l) in regions {
+            if s >= start && s - start >= len {
+                return Some(start);
+            }
+            start = start.max(s + l);
+        }
+        (capacity.checked_sub(start)? >= len).then_some(start)
+    }
+
+    /// Applies `cfg`. `conns(id)` reports a backend's open connections (to know when a removed
+    /// backend's id can be reused). Returns what changed.
+    pub fn apply(
+        &mut self,
+        t: &mut Tables<'_>,
+        cfg: &Config,
+        macs: &dyn MacResolver,
+        mut conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
+    ) -> Result<Vec<Change>, Error> {
+        // ---- plan: ids, regions, MACs; no writes ----
+        let mut next = self.services.clone();
+        let mut regions = self.regions.clone();
+        let mut changes = Vec::new();
+        let wanted: BTreeSet<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+
+        // Services gone from the config, or whose endpoint changed (re-added below).
+        let mut removed_services = Vec::new();
+        for (name, s) in &self.services {
+            let keep = cfg.services.iter().find(|c| &c.name == name).is_some_and(|c| {
+                service_key(c.vip, c.port, c.proto) == service_key(s.cfg.vip, s.cfg.port, s.cfg.proto) && c.ring_size == s.cfg.ring_size
+            });
+            if !keep {
+                removed_services.push(s.clone());
+                regions.remove(&s.region);
+                next.remove(name);
+                if !wanted.contains(name.as_str()) {
+                    changes.push(change(format!("remove service \"{name}\"")));
+                }
+            }
+        }
+
+        let mut used_ids: BTreeSet<u32> = next.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+        // Backends of removed services stay reserved until their connections are gone.
+        for s in &removed_services {
+            for b in s.backends.values() {
+                if conns(t, b.id) > 0 {
+                    used_ids.insert(b.id);
+                }
+            }
+        }
+        let mut used_svc_ids: BTreeSet<u32> = next.values().map(|s| s.id).collect();
+        let alloc_backend = |used: &mut BTreeSet<u32>| -> Result<u32, Error> {
+            let id = (1..MAX_BACKENDS).find(|i| !used.contains(i)).ok_or_else(|| {
+                Error::other("applying the config", anyhow::anyhow!("no free backend id (the datapath holds {} backends)", MAX_BACKENDS - 1))
+            })?;
+            used.insert(id);
+            Ok(id)
+        };
+
+        for c in &cfg.services {
+            let fresh = !next.contains_key(&c.name);
+            if fresh {
+                let id = (0..MAX_SERVICES).find(|i| !used_svc_ids.contains(i)).ok_or_else(|| {
+                    Error::other("applying the config", anyhow::anyhow!("no free service id (at most {MAX_SERVICES})"))
+                })?;
+                used_svc_ids.insert(id);
+                let len = 2 * c.ring_size;
+                let region = Self::find_region(&regions, len, self.ring_slots).ok_or_else(|| {
+                    Error::other(
+                        format!("service \"{}\"", c.name),
+                        anyhow::anyhow!(
+                            "the ring table (RINGS, {} slots, sized when the datapath was loaded) has no room for {len} more; restart the daemon to resize it",
+                            self.ring_slots
+                        ),
+                    )
+                })?;
+                regions.insert(region, len);
+                let replaced = self.services.contains_key(&c.name);
+                changes.push(change(if replaced {
+                    format!("replace service \"{}\" ({}:{} {:?})", c.name, c.vip, c.port, c.proto)
+                } else {
+                    format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
+                }));
+                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Vec::new(), backends: BTreeMap::new() });
+            }
+            let s = next.get_mut(&c.name).expect("inserted");
+            if !fresh && s.cfg.mode != c.mode {
+                changes.push(change(format!("service \"{}\": mode {:?} -> {:?}", c.name, s.cfg.mode, c.mode)));
+            }
+            s.cfg = c.clone();
+            let listed: BTreeSet<IpAddr> = c.backends.iter().map(|b| b.address).collect();
+            for b in s.backends.values_mut() {
+                if !listed.contains(&b.address) && !b.removed {
+                    b.removed = true;
+                    b.state = BACKEND_DRAINING;
+                    changes.push(change(format!("service \"{}\": drain and remove backend {}", c.name, b.address)));
+                }
+            }
+            for bc in &c.backends {
+                let mac = match (&bc.mac, c.mode) {
+                    (Some(m), _) => parse_mac(m).unwrap_or_default(),
+                    (None, Mode::L2dsr) => macs.mac(bc.address).ok_or_else(|| {
+                        Error::other(
+                            format!("service \"{}\" backend {}", c.name, bc.address),
+                            anyhow::anyhow!("no MAC address for it in the neighbour table; is it on the same L2 segment as the load balancer? (or set mac = \"…\")"),
+                        )
+                    })?,
+                    (None, Mode::Ipip) => [0; 6],
+                };
+                let state = if bc.drain { BACKEND_DRAINING } else { BACKEND_ACTIVE };
+                match s.backends.get_mut(&bc.address) {
+                    Some(b) => {
+                        let was = b.clone();
+                        b.max_conns = bc.max_conns;
+                        b.weight = bc.weight;
+                        b.mac = mac;
+                        b.removed = false;
+                        // A backend marked down by health checks stays down until they say otherwise.
+                        if b.state != BACKEND_DOWN {
+                            b.state = state;
+                        }
+                        if was.max_conns != b.max_conns {
+                            changes.push(change(format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns)));
+                        }
+                        if was.weight != b.weight {
+                            changes.push(change(format!("service \"{}\" backend {}: weight {} -> {}", c.name, bc.address, was.weight, b.weight)));
+                        }
+                        if was.state != b.state {
+                            changes.push(change(format!("service \"{}\" backend {}: {} -> {}", c.name, bc.address, state_name(was.state), state_name(b.state))));
+                        }
+                    }
+                    None => {
+                        let id = alloc_backend(&mut used_ids)?;
+                        s.backends.insert(
+                            bc.address,
+                            AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, weight: bc.weight, state, mac, removed: false },
+                        );
+                        changes.push(change(format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight)));
+                    }
+                }
+            }
+            // Removed backends whose connections are gone leave for good.
+            let gone: Vec<IpAddr> = s.backends.values().filter(|b| b.removed && conns(t, b.id) == 0).map(|b| b.address).collect();
+            for a in gone {
+                s.backends.remove(&a);
+            }
+        }
+
+        // ---- write: backends, rings, services, removals ----
+        for s in next.values() {
+            for b in s.backends.values() {
+                let (addr, family) = addr16(b.address);
+                t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: b.state, max_conns: b.max_conns, service_id: s.id })?;
+            }
+        }
+        for s in next.values_mut() {
+            let members: Vec<RingBackend> = s
+                .backends
+                .values()
+                .filter(|b| b.state == BACKEND_ACTIVE && !b.removed)
+                .map(|b| RingBackend { id: b.id, key: b.address.to_string(), weight: b.weight })
+                .collect();
+            let ring = maglev::build(&members, s.cfg.ring_size);
+            let service_changed = self.services.get(&s.name).is_none_or(|old| old.id != s.id || old.cfg != s.cfg);
+            if ring != s.ring || service_changed {
+                if ring != s.ring {
+                    s.half ^= 1;
+                    t.write_ring(s.ring_base(), &ring)?;
+                    s.ring = ring;
+                }
+                let svc = Service {
+                    id: s.id,
+                    ring_base: s.ring_base(),
+                    ring_size: if s.ring.iter().any(|id| *id != 0) { s.cfg.ring_size } else { 0 },
+                    mode: match s.cfg.mode {
+                        Mode::L2dsr => MODE_L2DSR,
+                        Mode::Ipip => MODE_IPIP,
+                    },
+                    reject: match s.cfg.overflow.reject {
+                        Reject::Rst => REJECT_RST,
+                        Reject::Drop => REJECT_DROP,
+                    },
+                    spill: s.cfg.overflow.spill.candidates(),
+                    _pad: 0,
+                };
+                t.set_service(&service_key(s.cfg.vip, s.cfg.port, s.cfg.proto), &svc)?;
+            }
+        }
+        for s in &removed_services {
+            let key = service_key(s.cfg.vip, s.cfg.port, s.cfg.proto);
+            if !next.values().any(|n| service_key(n.cfg.vip, n.cfg.port, n.cfg.proto) == key) {
+                t.remove_service(&key)?;
+            }
+            // Its backends drain: flows continue, no new ones (nothing points at them now).
+            for b in s.backends.values() {
+                if !used_ids_in(&next).contains(&b.id) {
+                    let (addr, family) = addr16(b.address);
+                    t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.max_conns, service_id: s.id })?;
+                }
+            }
+        }
+        // VIP entries (port 0, proto 0): one per VIP, pointing at its first service.
+        let mut vips: BTreeMap<IpAddr, &AppliedService> = BTreeMap::new();
+        for s in next.values() {
+            vips.entry(s.cfg.vip).or_insert(s);
+        }
+        for (vip, s) in &vips {
+            let key = ServiceKey { addr: addr16(*vip).0, port_be: [0; 2], proto: 0, _pad: 0 };
+            let svc = Service { id: s.id, ring_base: s.ring_base(), ring_size: 0, mode: 0, reject: 0, spill: 0, _pad: 0 };
+            t.set_service(&key, &svc)?;
+        }
+        for s in self.services.values() {
+            if !vips.contains_key(&s.cfg.vip) {
+                let _ = t.remove_service(&ServiceKey { addr: addr16(s.cfg.vip).0, port_be: [0; 2], proto: 0, _pad: 0 });
+            }
+        }
+        self.services = next;
+        self.regions = regions;
+        Ok(changes)
+    }
+}
+
+fn used_ids_in(services: &BTreeMap<String, AppliedService>) -> BTreeSet<u32> {
+    services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect()
+}
+
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        BACKEND_ACTIVE => "active",
+        BACKEND_DRAINING => "draining",
+        BACKEND_DOWN => "down",
+        _ => "unused",
+    }
+}
