@@ -3,7 +3,7 @@
 //! Capacities here are defaults; the loader sets `FLOWS` and `RINGS` at load time.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup as FibParams,
+    bindings::{bpf_fib_lookup as FibParams, BPF_F_MMAPABLE},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
@@ -30,9 +30,11 @@ pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize * 2 }>
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Backend id → open connections. Shared by all CPUs (not per-CPU) and changed only by
-/// atomic add/sub, which is what makes limits exact. Writer: datapath, GC. Reader: all.
+/// atomic add/sub, which is what makes limits exact. Memory-mappable, so the daemon's GC and
+/// reconciliation change it with the same atomic instructions from userspace.
+/// Writer: datapath, GC. Reader: all.
 #[btf_map]
-pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }> = Array::new();
+pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Maglev rings, back to back: slot `service.ring_base + i` → backend id.
 /// Writer: daemon (a new ring is written beside the live one, then the service switches).

@@ -3,11 +3,14 @@
 
 pub mod cli;
 pub mod config;
+pub mod conns;
 pub mod datapath;
 pub mod error;
+pub mod gc;
 pub mod maglev;
 pub mod reconcile;
 pub mod stats;
+pub mod sys;
 pub mod tables;
 
 pub use error::Error;

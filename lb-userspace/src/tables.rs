@@ -3,13 +3,23 @@
 //! and callers order them so the datapath never sees a ring pointing at a backend that is not
 //! written yet: backends first, then the ring, then the service that points at it.
 
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     Ebpf, Pod,
 };
 use lb_common::{maps, Backend, Conns, Flow, FlowKey, Service, ServiceKey, TrafficStats};
 
-use crate::Error;
+use crate::{conns::ConnCounters, Error};
+
+/// The `MapData` behind the kinds of map Sluice uses.
+pub fn map_data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::Array(m) | Map::HashMap(m) | Map::PerCpuArray(m) | Map::RingBuf(m) => Some(m),
+        _ => None,
+    }
+}
 
 fn err(what: &str, e: impl Into<anyhow::Error>) -> Error {
     Error::other(what.to_owned(), e)
@@ -45,6 +55,18 @@ impl<'a> Tables<'a> {
             sum.add(v);
         }
         Ok(sum)
+    }
+
+    /// The raw fd of map `name`, for the batched syscalls in `sys`.
+    pub fn fd(&self, name: &str) -> Result<RawFd, Error> {
+        let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
+        Ok(map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))?.fd().as_fd().as_raw_fd())
+    }
+
+    /// The memory-mapped connection counters.
+    pub fn conn_counters(&self) -> Result<ConnCounters, Error> {
+        let map = self.ebpf.map(maps::CONNS).ok_or_else(|| err("CONNS", anyhow::anyhow!("no such map")))?;
+        ConnCounters::map(map_data(map).ok_or_else(|| err("CONNS", anyhow::anyhow!("unexpected map kind")))?)
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {

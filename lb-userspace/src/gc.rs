@@ -1,0 +1,128 @@
+//! Flow garbage collection and counter reconciliation.
+//!
+//! GC scans `FLOWS` in batches and removes flows idle longer than their state's timeout.
+//! Each is removed with lookup-and-delete, and its slot is given back only if the value as
+//! removed still held one (`counted`), through the memory-mapped counters' atomics.
+//!
+//! Reconciliation recounts the flows that hold a slot, per backend, and compares with `CONNS`.
+//! A difference seen once may be a flow admitted between the scan and the read; a difference
+//! seen twice in a row is drift, and is corrected by an atomic add of the difference (which
+//! keeps whatever the datapath did meanwhile).
+
+use std::{collections::BTreeMap, io, os::fd::RawFd, time::Duration};
+
+use lb_common::{Flow, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_UDP};
+use serde::Serialize;
+
+use crate::{config::Timeouts, conns::ConnCounters, sys};
+
+const BATCH: usize = 4096;
+
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock the datapath stamps flows with
+/// (`bpf_ktime_get_coarse_ns`).
+pub fn now_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn timeout(t: &Timeouts, state: u8) -> Duration {
+    match state {
+        FLOW_SYN_SEEN => t.syn,
+        FLOW_ESTABLISHED => t.established,
+        FLOW_CLOSING => t.closing,
+        FLOW_UDP => t.udp,
+        _ => t.syn,
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sweep {
+    pub scanned: u64,
+    pub expired: u64,
+    pub released: u64,
+}
+
+/// Removes idle flows and releases their slots.
+pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64) -> io::Result<Sweep> {
+    let mut report = Sweep::default();
+    let mut expired: Vec<(FlowKey, Duration)> = Vec::new();
+    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, values| {
+        report.scanned += keys.len() as u64;
+        for (k, v) in keys.iter().zip(values) {
+            let limit = timeout(t, v.state);
+            if now_ns.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
+                expired.push((*k, limit));
+            }
+        }
+    })?;
+    for (k, _) in expired {
+        if let Some(v) = sys::lookup_and_delete::<FlowKey, Flow>(flows_fd, &k)? {
+            report.expired += 1;
+            if v.counted == 1 {
+                conns.release(v.backend_id, 1);
+                report.released += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Counted flows per backend, from one scan of the flow table.
+pub fn count_flows(flows_fd: RawFd) -> io::Result<BTreeMap<u32, u64>> {
+    let mut counts = BTreeMap::new();
+    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |_, values| {
+        for v in values.iter().filter(|v| v.counted == 1) {
+            *counts.entry(v.backend_id).or_insert(0) += 1;
+        }
+    })?;
+    Ok(counts)
+}
+
+/// A counter that disagreed with the flow table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    pub backend_id: u32,
+    /// What `CONNS` said.
+    pub counter: u64,
+    /// What the flow table says.
+    pub flows: u64,
+    /// Whether it was corrected (seen twice in a row).
+    pub corrected: bool,
+}
+
+/// Remembers the last pass's differences, so only persistent drift is corrected.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    last: BTreeMap<u32, i64>,
+    /// Total corrections applied, per backend (for the drift metric).
+    pub corrections: BTreeMap<u32, u64>,
+}
+
+impl Reconciler {
+    /// One pass over `backends` (ids in use).
+    pub fn pass(&mut self, flows_fd: RawFd, conns: &ConnCounters, backends: impl IntoIterator<Item = u32>) -> io::Result<Vec<Drift>> {
+        let counts = count_flows(flows_fd)?;
+        let mut out = Vec::new();
+        let mut now = BTreeMap::new();
+        for id in backends {
+            let counter = conns.get(id);
+            let flows = counts.get(&id).copied().unwrap_or(0);
+            let diff = counter as i64 - flows as i64;
+            if diff == 0 {
+                continue;
+            }
+            let corrected = self.last.get(&id) == Some(&diff);
+            if corrected {
+                conns.correct(id, -diff);
+                *self.corrections.entry(id).or_insert(0) += diff.unsigned_abs();
+            } else {
+                now.insert(id, diff);
+            }
+            out.push(Drift { backend_id: id, counter, flows, corrected });
+        }
+        self.last = now;
+        Ok(out)
+    }
+}
