@@ -122,17 +122,26 @@ pub struct Datapath {
 
 impl Datapath {
     pub fn start(iface: &str, pin_dir: &Path, mode: AttachMode) -> Result<Self, Error> {
+        Self::start_with(iface, pin_dir, mode, &LoadOptions::default())
+    }
+
+    pub fn start_with(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<Self, Error> {
+        Self::start_program(iface, pin_dir, mode, opts, PROG_BALANCER)
+    }
+
+    /// Loads program `name` (the balancer or the decapsulator), pins, attaches.
+    pub fn start_program(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions, name: &str) -> Result<Self, Error> {
         if nix::net::if_::if_nametoindex(iface).is_err() {
             return Err(Error::NoSuchInterface { iface: iface.into() });
         }
         prepare_pin_dir(pin_dir)?;
-        let ebpf = load_balancer().inspect_err(|_| {
+        let ebpf = load_program(opts, name).inspect_err(|_| {
             let _ = fs::remove_dir(pin_dir);
         })?;
         let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), pinned: Vec::new() };
         // Pin before attaching so that every packet the program counts is visible to readers.
         dp.pin_maps()?;
-        let attached = program(&mut dp.ebpf, PROG_BALANCER)?.attach(iface, mode.into());
+        let attached = program(&mut dp.ebpf, name)?.attach(iface, mode.into());
         match attached {
             Ok(_) => Ok(dp),
             Err(e) => {
@@ -179,6 +188,10 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    pub fn tables(&mut self) -> crate::tables::Tables<'_> {
+        crate::tables::Tables::new(&mut self.ebpf)
     }
 }
 

@@ -46,6 +46,9 @@ pub enum Error {
     #[error("attaching XDP to {iface} failed: {source}")]
     Attach { iface: String, #[source] source: aya::programs::ProgramError },
 
+    #[error("{0}")]
+    Config(crate::config::Rejected),
+
     #[error("{context}: {source}")]
     Other { context: String, #[source] source: anyhow::Error },
 }

@@ -3,11 +3,13 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod conns;
 pub mod datapath;
 pub mod error;
 pub mod gc;
 pub mod maglev;
+pub mod neigh;
 pub mod reconcile;
 pub mod stats;
 pub mod sys;

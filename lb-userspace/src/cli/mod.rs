@@ -1,6 +1,7 @@
 //! The `sluice` command line (clap derive), one module per subcommand.
 
 mod config;
+mod decap;
 mod run;
 mod status;
 
@@ -23,6 +24,8 @@ pub enum Command {
     Run(run::Args),
     /// Print the datapath's packet counters by outcome.
     Status(status::Args),
+    /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
+    Decap(decap::Args),
     /// Work with config files.
     #[command(subcommand)]
     Config(config::Command),
@@ -36,6 +39,13 @@ pub struct PinDir {
     pub pin_dir: PathBuf,
 }
 
+pub(crate) fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
@@ -43,6 +53,7 @@ pub fn main() -> i32 {
         Command::Run(a) => run::run(&a),
         Command::Status(a) => status::run(&a),
         Command::Config(c) => return config::run(&c),
+        Command::Decap(a) => decap::run(&a),
     };
     match result {
         Ok(()) => 0,

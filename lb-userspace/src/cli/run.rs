@@ -1,37 +1,57 @@
-//! `sluice run`: load, pin, attach, wait for a signal, detach.
+//! `sluice run`: the daemon (`--config FILE`), or the bare datapath on one interface
+//! (`--iface IFACE`, no services: counting only).
+
+use std::path::PathBuf;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
 
 use super::PinDir;
 use crate::{
+    daemon,
     datapath::{AttachMode, Datapath},
     Error,
 };
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["config", "iface"])))]
 pub struct Args {
-    /// Interface to attach the XDP balancer to.
+    /// Run the daemon with this config file (interface, services, backends, limits…).
+    #[arg(long, conflicts_with_all = ["iface", "xdp_mode"])]
+    pub config: Option<PathBuf>,
+    /// Attach the bare datapath to this interface, with no services (counting only).
     #[arg(long)]
-    pub iface: String,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    pub xdp_mode: AttachMode,
+    pub iface: Option<String>,
+    /// XDP attach mode (with --iface; the config file has `daemon.xdp_mode`).
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<AttachMode>,
     #[command(flatten)]
     pub pin: PinDir,
 }
 
 pub fn run(args: &Args) -> Result<(), Error> {
-    init_tracing();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    super::init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Error::other("starting the runtime", e))?;
     rt.block_on(async {
+        if let Some(cfg) = &args.config {
+            let state = daemon::start(cfg).await?;
+            tracing::info!(config = %cfg.display(), "sluice daemon running");
+            daemon::run(state.clone(), CancellationToken::new(), true).await?;
+            tracing::info!("stopping: detaching and removing pins");
+            let st = std::sync::Arc::try_unwrap(state).map_err(|_| Error::other("shutdown", anyhow::anyhow!("state still shared")))?;
+            st.into_inner().expect("state lock").dp.shutdown();
+            return Ok(());
+        }
+        let iface = args.iface.as_deref().expect("clap requires --config or --iface");
         // Install the handlers before attaching so a signal during startup is not lost.
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
-        let dp = Datapath::start(&args.iface, &args.pin.pin_dir, args.xdp_mode)?;
-        tracing::info!(iface = %args.iface, pin_dir = %dp.pin_dir().display(), "sluice attached");
+        let dp = Datapath::start(iface, &args.pin.pin_dir, args.xdp_mode.unwrap_or_default())?;
+        tracing::info!(iface, pin_dir = %dp.pin_dir().display(), "sluice attached");
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -41,13 +61,4 @@ pub fn run(args: &Args) -> Result<(), Error> {
         tracing::info!("detached, pins removed");
         Ok(())
     })
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
 }

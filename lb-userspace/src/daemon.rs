@@ -1,0 +1,179 @@
+//! The daemon (`sluice run --config FILE`): loads and attaches the datapath, applies the
+//! config, reloads it on SIGHUP, and runs GC and counter reconciliation every second.
+//! It takes its shutdown signal as an argument, so tests can run it in-process.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lb_common::{maps, Config as DpConfig, DEFAULT_RING_SLOTS, FRAGMENTS_DROP, FRAGMENTS_PASS, ICMP_ECHO_PASS, ICMP_ECHO_REPLY};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{self, parse_mac, Config, Fragments, IcmpEcho, Mode, XdpMode},
+    conns::ConnCounters,
+    datapath::{AttachMode, Datapath, LoadOptions},
+    gc::{self, Drift, Reconciler, Sweep},
+    neigh,
+    reconcile::{Applied, Change},
+    Error,
+};
+
+/// How often the reconciliation pass runs, in GC ticks (one per second).
+const RECONCILE_EVERY: u64 = 10;
+
+/// The datapath's load-time options from a config.
+pub fn load_options(cfg: &Config) -> LoadOptions {
+    let d = &cfg.datapath;
+    let gateway = d.gateway_mac.as_deref().and_then(parse_mac);
+    let ring_slots: u32 = cfg.services.iter().map(|s| 4 * s.ring_size).sum::<u32>().max(DEFAULT_RING_SLOTS);
+    LoadOptions {
+        config: DpConfig {
+            icmp_echo: match d.icmp_echo {
+                IcmpEcho::Reply => ICMP_ECHO_REPLY,
+                IcmpEcho::Pass => ICMP_ECHO_PASS,
+            },
+            fragments: match d.fragments {
+                Fragments::Drop => FRAGMENTS_DROP,
+                Fragments::Pass => FRAGMENTS_PASS,
+            },
+            has_gateway: u8::from(gateway.is_some()),
+            _pad0: 0,
+            events_per_sec: d.events_per_sec,
+            gateway_mac: gateway.unwrap_or_default(),
+            _pad1: [0; 2],
+            encap_src4: d.encap_source_v4.octets(),
+            encap_src6: d.encap_source_v6.octets(),
+        },
+        flow_capacity: cfg.flows.capacity,
+        ring_slots,
+    }
+}
+
+/// Everything the daemon owns, shared by its loops and the control API.
+pub struct State {
+    pub cfg_path: PathBuf,
+    pub cfg: Config,
+    pub dp: Datapath,
+    pub conns: ConnCounters,
+    pub applied: Applied,
+    pub reconciler: Reconciler,
+    pub last_sweep: Sweep,
+    pub last_drift: Vec<Drift>,
+}
+
+impl State {
+    /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need.
+    pub async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
+        let need: Vec<IpAddr> = cfg
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::L2dsr)
+            .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
+            .collect();
+        let macs = if need.is_empty() { Default::default() } else { neigh::resolve(&need, Duration::from_secs(3)).await? };
+        let mut st = state.lock().expect("state lock");
+        let st = &mut *st;
+        let resolver = |ip: IpAddr| macs.get(&ip).copied();
+        let changes = st.applied.apply(&mut st.dp.tables(), &cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
+        st.cfg = cfg;
+        Ok(changes)
+    }
+
+    fn tick(&mut self, n: u64) -> Result<(), Error> {
+        let fd = self.dp.tables().fd(maps::FLOWS)?;
+        self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns()).map_err(|e| Error::other("flow GC", e))?;
+        if self.last_sweep.expired > 0 {
+            tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, "flow GC");
+        }
+        if n % RECONCILE_EVERY == 0 {
+            let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+            self.last_drift = self.reconciler.pass(fd, &self.conns, ids).map_err(|e| Error::other("reconciliation", e))?;
+            for d in self.last_drift.iter().filter(|d| d.corrected) {
+                tracing::warn!(backend_id = d.backend_id, counter = d.counter, flows = d.flows, "open-connection counter drifted from the flow table; corrected");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn attach_mode(m: XdpMode) -> AttachMode {
+    match m {
+        XdpMode::Auto => AttachMode::Auto,
+        XdpMode::Native => AttachMode::Native,
+        XdpMode::Generic => AttachMode::Generic,
+    }
+}
+
+/// Starts the daemon from `cfg_path`: returns the shared state once the datapath is attached
+/// and the config applied.
+pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
+    let (cfg, warnings) = config::load(cfg_path).map_err(Error::Config)?;
+    for w in &warnings {
+        tracing::warn!("{}: {w}", cfg_path.display());
+    }
+    let opts = load_options(&cfg);
+    let mut dp = Datapath::start_with(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
+    let conns = dp.tables().conn_counters()?;
+    let state = Arc::new(Mutex::new(State {
+        cfg_path: cfg_path.to_owned(),
+        cfg: cfg.clone(),
+        dp,
+        conns,
+        applied: Applied::new(opts.ring_slots),
+        reconciler: Reconciler::default(),
+        last_sweep: Sweep::default(),
+        last_drift: Vec::new(),
+    }));
+    let changes = State::apply(&state, cfg).await?;
+    for c in &changes {
+        tracing::info!("{}", c.what);
+    }
+    Ok(state)
+}
+
+/// Reloads the config file; a refused file changes nothing.
+pub async fn reload(state: &Arc<Mutex<State>>) -> Result<Vec<Change>, Error> {
+    let path = state.lock().expect("state lock").cfg_path.clone();
+    let (cfg, warnings) = config::load(&path).map_err(Error::Config)?;
+    for w in &warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    State::apply(state, cfg).await
+}
+
+/// Runs until `shutdown` is cancelled (or SIGINT/SIGTERM when `signals`).
+pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals: bool) -> Result<(), Error> {
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::other("SIGHUP handler", e))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = term.recv(), if signals => break,
+            _ = int.recv(), if signals => break,
+            _ = hup.recv() => match reload(&state).await {
+                Ok(changes) => {
+                    tracing::info!(changes = changes.len(), "config reloaded");
+                    for c in &changes {
+                        tracing::info!("{}", c.what);
+                    }
+                }
+                Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
+            },
+            _ = tick.tick() => {
+                n += 1;
+                if let Err(e) = state.lock().expect("state lock").tick(n) {
+                    tracing::error!("{e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
