@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod conns;
 pub mod datapath;
 pub mod error;
+pub mod explain;
 pub mod gc;
 pub mod maglev;
 pub mod neigh;

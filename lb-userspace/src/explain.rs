@@ -1,0 +1,114 @@
+//! `explain`: which backend a flow goes to (or would go to), and whether it would be admitted
+//! or refused and why — computed with the datapath's own hash, rings, probe sequence, backend
+//! states and counters.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_common::{flow_hash, probe_slot, FlowKey, BACKEND_ACTIVE, BACKEND_DRAINING};
+use serde::Serialize;
+
+use crate::{
+    config::Proto,
+    maglev,
+    reconcile::{addr16, service_key, state_name, Applied, PROTO_TCP, PROTO_UDP},
+    tables::Tables,
+    Error,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Candidate {
+    pub backend: IpAddr,
+    pub backend_id: u32,
+    pub state: &'static str,
+    pub open: u64,
+    pub max_conns: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "verdict")]
+pub enum Verdict {
+    /// Not addressed to a service: passed to the kernel.
+    NotService,
+    /// A flow exists: its packets go to this backend, whatever the limits.
+    ExistingFlow { backend: IpAddr, state: u8 },
+    /// A new flow would be admitted to this backend.
+    Admitted { backend: IpAddr, spilled: bool },
+    /// A new flow would be refused.
+    Refused { reason: &'static str, backend: Option<IpAddr> },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    pub service: Option<String>,
+    pub hash: u32,
+    pub ring_slot: Option<u32>,
+    /// The probe sequence's distinct backends, in order, with their state and load.
+    pub candidates: Vec<Candidate>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// One sentence for an operator.
+    pub summary: String,
+}
+
+pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: Proto) -> FlowKey {
+    FlowKey {
+        src: addr16(src.ip()).0,
+        dst: addr16(dst.ip()).0,
+        sport_be: src.port().to_be_bytes(),
+        dport_be: dst.port().to_be_bytes(),
+        proto: match proto {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        },
+        ..FlowKey::default()
+    }
+}
+
+/// Explains the flow `src → dst` over `proto`.
+pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: SocketAddr, proto: Proto) -> Result<Explanation, Error> {
+    let key = flow_key(src, dst, proto);
+    let hash = flow_hash(&key);
+    let skey = service_key(dst.ip(), dst.port(), proto);
+    let Some(svc) = applied.services.values().find(|s| service_key(s.cfg.vip, s.cfg.port, s.cfg.proto) == skey) else {
+        return Ok(Explanation {
+            service: None,
+            hash,
+            ring_slot: None,
+            candidates: Vec::new(),
+            summary: format!("{dst} {proto:?} is not a service of this load balancer: passed to the kernel").to_lowercase(),
+            verdict: Verdict::NotService,
+        });
+    };
+    let by_id = |id: u32| svc.backends.values().find(|b| b.id == id);
+    let mut candidates = Vec::new();
+    for id in maglev::candidates(&svc.ring, &key, svc.cfg.overflow.spill.candidates()) {
+        let Some(b) = by_id(id) else { continue };
+        let datapath = t.backend(id)?;
+        candidates.push(Candidate { backend: b.address, backend_id: id, state: state_name(datapath.state), open: t.conns(id)?, max_conns: datapath.max_conns });
+    }
+    let ring_slot = (!svc.ring.is_empty()).then(|| probe_slot(hash, 0, svc.ring.len() as u32));
+    let name = svc.name.clone();
+    let (verdict, summary) = if let Some(flow) = t.flow(&key)? {
+        let addr = svc.backends.values().find(|b| b.id == flow.backend_id).map_or_else(|| IpAddr::from([0, 0, 0, 0]), |b| b.address);
+        (Verdict::ExistingFlow { backend: addr, state: flow.state }, format!("an existing flow of service \"{name}\": its packets go to backend {addr}, limits do not apply to it"))
+    } else if candidates.is_empty() {
+        (Verdict::Refused { reason: "no_backend", backend: None }, format!("service \"{name}\" has no backend in its ring: a new connection would be refused (no_backend)"))
+    } else if let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.state == "active" && c.open < u64::from(c.max_conns)) {
+        let spilled = i > 0;
+        let how = if spilled { format!(" (spilled: {} cannot take it)", candidates[0].backend) } else { String::new() };
+        (Verdict::Admitted { backend: c.backend, spilled }, format!("a new connection would be admitted to backend {}{how}: {} of max_conns = {} open", c.backend, c.open, c.max_conns))
+    } else {
+        let first = &candidates[0];
+        let (reason, why) = if svc.cfg.overflow.spill.candidates() > 0 {
+            ("service_saturated", format!("every candidate ({}) is full, draining or down", candidates.iter().map(|c| c.backend.to_string()).collect::<Vec<_>>().join(", ")))
+        } else if first.state == state_name(BACKEND_DRAINING) {
+            ("backend_draining", format!("backend {} is draining", first.backend))
+        } else if first.state != state_name(BACKEND_ACTIVE) {
+            ("backend_down", format!("backend {} is down", first.backend))
+        } else {
+            ("backend_limit", format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns))
+        };
+        (Verdict::Refused { reason, backend: Some(first.backend) }, format!("a new connection would be REFUSED by the load balancer ({reason}): {why}"))
+    };
+    Ok(Explanation { service: Some(name), hash, ring_slot, candidates, verdict, summary })
+}
