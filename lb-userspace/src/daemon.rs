@@ -84,6 +84,21 @@ impl State {
         Ok(changes)
     }
 
+    /// What applying `cfg` would change (no writes).
+    pub async fn plan(state: &Arc<Mutex<Self>>, cfg: &Config) -> Result<Vec<Change>, Error> {
+        let need: Vec<IpAddr> = cfg
+            .services
+            .iter()
+            .filter(|s| s.mode == Mode::L2dsr)
+            .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
+            .collect();
+        let macs = if need.is_empty() { Default::default() } else { neigh::resolve(&need, Duration::from_secs(3)).await? };
+        let mut st = state.lock().expect("state lock");
+        let st = &mut *st;
+        let resolver = |ip: IpAddr| macs.get(&ip).copied();
+        st.applied.plan(&mut st.dp.tables(), cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))
+    }
+
     fn tick(&mut self, n: u64) -> Result<(), Error> {
         let fd = self.dp.tables().fd(maps::FLOWS)?;
         self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns()).map_err(|e| Error::other("flow GC", e))?;
@@ -151,6 +166,9 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::other("SIGHUP handler", e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
+    let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
+    let api_stop = shutdown.child_token();
+    let api = tokio::spawn(crate::api::serve_logged(socket, state.clone(), api_stop.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
     loop {
@@ -175,5 +193,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
             }
         }
     }
+    api_stop.cancel();
+    let _ = api.await;
     Ok(())
 }

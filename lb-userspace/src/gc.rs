@@ -69,6 +69,13 @@ pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64) -
     Ok(report)
 }
 
+/// Flows in the table.
+pub fn count_all(flows_fd: RawFd) -> io::Result<u64> {
+    let mut n = 0;
+    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, _| n += keys.len() as u64)?;
+    Ok(n)
+}
+
 /// Counted flows per backend, from one scan of the flow table.
 pub fn count_flows(flows_fd: RawFd) -> io::Result<BTreeMap<u32, u64>> {
     let mut counts = BTreeMap::new();

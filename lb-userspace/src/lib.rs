@@ -1,7 +1,9 @@
 //! Sluice's userspace: loading and pinning the XDP datapath, reading its counters, and the
 //! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod conns;

@@ -142,7 +142,30 @@ impl Applied {
         t: &mut Tables<'_>,
         cfg: &Config,
         macs: &dyn MacResolver,
+        conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
+    ) -> Result<Vec<Change>, Error> {
+        self.apply_or_plan(t, cfg, macs, conns, false)
+    }
+
+    /// What applying `cfg` would change, without writing anything.
+    pub fn plan(
+        &self,
+        t: &mut Tables<'_>,
+        cfg: &Config,
+        macs: &dyn MacResolver,
+        conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
+    ) -> Result<Vec<Change>, Error> {
+        let mut copy = Self { services: self.services.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
+        copy.apply_or_plan(t, cfg, macs, conns, true)
+    }
+
+    fn apply_or_plan(
+        &mut self,
+        t: &mut Tables<'_>,
+        cfg: &Config,
+        macs: &dyn MacResolver,
         mut conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
+        plan_only: bool,
     ) -> Result<Vec<Change>, Error> {
         // ---- plan: ids, regions, MACs; no writes ----
         let mut next = self.services.clone();
@@ -271,6 +294,10 @@ impl Applied {
             for a in gone {
                 s.backends.remove(&a);
             }
+        }
+
+        if plan_only {
+            return Ok(changes);
         }
 
         // ---- write: backends, rings, services, removals ----

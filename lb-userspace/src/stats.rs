@@ -9,16 +9,16 @@ use serde::Serialize;
 use crate::error::{is_permission, Error};
 
 /// One outcome's totals.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct OutcomeCount {
-    pub outcome: &'static str,
+    pub outcome: String,
     pub malformed: bool,
     pub packets: u64,
     pub bytes: u64,
 }
 
 /// Counters by outcome, in [`Stat`] order, plus totals.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub outcomes: Vec<OutcomeCount>,
     pub total_packets: u64,
@@ -60,7 +60,7 @@ pub fn read<T: Borrow<MapData>>(map: &PerCpuArray<T, Counter>) -> Result<Snapsho
             .get(&(stat as u32), 0)
             .map_err(|e| Error::other(format!("reading counter {}", stat.name()), e))?;
         let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
-        outcomes.push(OutcomeCount { outcome: stat.name(), malformed: stat.is_malformed(), packets, bytes });
+        outcomes.push(OutcomeCount { outcome: stat.name().to_owned(), malformed: stat.is_malformed(), packets, bytes });
     }
     let total_packets = outcomes.iter().map(|o| o.packets).sum();
     let total_bytes = outcomes.iter().map(|o| o.bytes).sum();

@@ -123,6 +123,12 @@ impl<'a> Tables<'a> {
         self.hash::<FlowKey, Flow>(maps::FLOWS)?.remove(key).map_err(|e| err("FLOWS", e))
     }
 
+    /// The per-CPU outcome counters.
+    pub fn stats_map(&self) -> Result<PerCpuArray<&MapData, lb_common::Counter>, Error> {
+        PerCpuArray::try_from(self.ebpf.map(maps::STATS).ok_or_else(|| err("STATS", anyhow::anyhow!("no such map")))?)
+            .map_err(|e| err("STATS", e))
+    }
+
     pub fn service_stats(&self, id: u32) -> Result<TrafficStats, Error> {
         self.per_cpu_sum(maps::SVC_STATS, id)
     }

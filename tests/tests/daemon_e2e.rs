@@ -68,11 +68,22 @@ fn backend(switch: &Netns, n: u8) -> Backend {
     Backend { ns, stop, thread: Some(thread) }
 }
 
+fn socket() -> String {
+    format!("/run/sluice-test-{}.sock", std::process::id())
+}
+
+/// `sluice --socket S args…` → (exit code, stdout, stderr).
+fn ctl(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(sluice_bin()).arg("--socket").arg(socket()).args(args).output().expect("sluice");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 fn config(path: &std::path::Path, pins: &std::path::Path, backends: &[(u8, u32)]) {
     let mut t = format!(
-        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{}\"\ncontrol_socket = \"/run/sluice-test.sock\"\n\
+        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
          [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nproto = \"tcp\"\nring_size = 1009\n",
-        pins.display()
+        pins.display(),
+        socket()
     );
     for (n, max) in backends {
         t.push_str(&format!("[[service.backend]]\naddress = \"10.70.0.{}\"\nmax_conns = {max}\n", 10 + n));
@@ -164,6 +175,36 @@ fn daemon_balances_limits_and_drains_on_reload() {
     }
     drop(others);
 
+    // The control API (root only) shows backend-3 at its limit and explains the refusal.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(socket()).expect("control socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket is root-only");
+    let (code, out, err) = ctl(&["service", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let be3 = v[0]["backends"].as_array().expect("backends").iter().find(|b| b["address"] == "10.70.0.13").expect("backend-3").clone();
+    assert_eq!((be3["open"].as_u64(), be3["max_conns"].as_u64()), (Some(2), Some(2)), "{be3}");
+    let refused_port = (40000..41000)
+        .find(|p| {
+            let (_, out, _) = ctl(&["explain", &format!("10.70.0.2:{p}"), &format!("{VIP}:80"), "--json"]);
+            out.contains("\"reason\": \"backend_limit\"")
+        })
+        .expect("some flow aims at the full backend-3");
+    let (_, out, _) = ctl(&["explain", &format!("10.70.0.2:{refused_port}"), &format!("{VIP}:80")]);
+    assert!(out.contains("REFUSED") && out.contains("max_conns = 2"), "{out}");
+    // Raise the limit through the API: that same flow is admitted now.
+    let (code, out, err) = ctl(&["backend", "set-limit", "web", "10.70.0.13", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_conns 2 -> 3"), "{out}");
+    let (_, out, _) = ctl(&["explain", &format!("10.70.0.2:{refused_port}"), &format!("{VIP}:80"), "--json"]);
+    assert!(out.contains("\"verdict\": \"admitted\""), "{out}");
+    // A request that fails changes nothing.
+    let (code, _, err) = ctl(&["backend", "set-limit", "web", "10.70.0.13", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("max_conns") && err.contains("nothing changed"), "{err}");
+    let (_, out, _) = ctl(&["config", "apply", "--dry-run", cfg.to_str().expect("utf-8")]);
+    assert!(out.contains("would apply: service \"web\" backend 10.70.0.13: max_conns 3 -> 2"), "the file still says 2: {out}");
+
     // Reload without backend-1: it drains. An open connection to it still works.
     let mut on1 = loop {
         // Flows that hash to the full backend-3 are refused meanwhile.
@@ -191,6 +232,7 @@ fn daemon_balances_limits_and_drains_on_reload() {
 
     let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!std::path::Path::new(&socket()).exists(), "control socket removed on exit");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("drain and remove backend 10.70.0.11"), "{log}");
     assert!(!lb.link_show("lb0").contains("xdp"));

@@ -16,6 +16,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a config file to the running daemon: show the diff, validate, apply atomically.
+    Apply {
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Serialize)]
@@ -25,8 +32,11 @@ struct Report<'a> {
     findings: &'a [Finding],
 }
 
-pub fn run(cmd: &Command) -> i32 {
-    let Command::Check { file, json } = cmd;
+pub fn run(cmd: &Command, socket: &std::path::Path) -> i32 {
+    let (file, json) = match cmd {
+        Command::Check { file, json } => (file, json),
+        Command::Apply { file, dry_run } => return apply(socket, file, *dry_run),
+    };
     let findings = match config::load(file) {
         Ok((_, warnings)) => warnings,
         Err(rejected) => rejected.findings,
@@ -49,5 +59,21 @@ pub fn run(cmd: &Command) -> i32 {
         2
     } else {
         i32::from(!findings.is_empty())
+    }
+}
+
+fn apply(socket: &std::path::Path, file: &std::path::Path, dry_run: bool) -> i32 {
+    // The daemon reads the file itself: send an absolute path.
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    let body = serde_json::json!({ "path": path, "dry_run": dry_run });
+    match crate::client::block_on(crate::client::ok(socket, hyper::Method::POST, "/v1/config/apply", Some(&body))) {
+        Ok(v) => {
+            super::ctl::print_changes(&v);
+            0
+        }
+        Err(e) => {
+            eprintln!("sluice: error: {e}");
+            2
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The `sluice` command line (clap derive), one module per subcommand.
 
 mod config;
+mod ctl;
 mod decap;
 mod run;
 mod status;
@@ -13,6 +14,9 @@ use lb_common::DEFAULT_PIN_DIR;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: an XDP layer-4 load balancer whose connection limits are never silent")]
 pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = "/run/sluice/sluice.sock", env = "SLUICE_SOCKET")]
+    pub socket: PathBuf,
     #[command(subcommand)]
     pub cmd: Command,
 }
@@ -22,8 +26,16 @@ pub enum Command {
     /// Load the XDP balancer, pin its maps, attach it to an interface, and run until
     /// SIGINT/SIGTERM (then detach and remove the pins).
     Run(run::Args),
-    /// Print the datapath's packet counters by outcome.
+    /// The daemon's services and backends (if it runs) and the datapath's counters.
     Status(status::Args),
+    /// Services of the running daemon.
+    #[command(subcommand)]
+    Service(ctl::ServiceCmd),
+    /// Change a backend of the running daemon.
+    #[command(subcommand)]
+    Backend(ctl::BackendCmd),
+    /// Which backend a flow goes to, and whether it would be admitted or refused and why.
+    Explain(ctl::ExplainArgs),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
     Decap(decap::Args),
     /// Work with config files.
@@ -51,8 +63,11 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Command::Run(a) => run::run(&a),
-        Command::Status(a) => status::run(&a),
-        Command::Config(c) => return config::run(&c),
+        Command::Status(a) => status::run(&a, &cli.socket),
+        Command::Service(c) => ctl::service(&cli.socket, &c),
+        Command::Backend(c) => ctl::backend(&cli.socket, &c),
+        Command::Explain(a) => ctl::explain(&cli.socket, &a),
+        Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
     };
     match result {

@@ -12,11 +12,31 @@ pub struct Args {
     pub pin: PinDir,
 }
 
-pub fn run(args: &Args) -> Result<(), Error> {
+/// With a daemon: its services and backends, then the datapath's counters; without one, the
+/// pinned counters alone.
+pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
+    if socket.exists() {
+        let v = crate::client::block_on(crate::client::ok(socket, hyper::Method::GET, "/v1/status", None))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            return Ok(());
+        }
+        println!("sluice on {} (config {}), {} flows of {}", v["interface"].as_str().unwrap_or(""), v["config"].as_str().unwrap_or(""), v["flows"], v["flow_capacity"]);
+        super::ctl::print_services(&v["services"]);
+        for d in v["last_drift"].as_array().into_iter().flatten() {
+            println!("drift: backend id {} counter {} vs {} flows{}", d["backend_id"], d["counter"], d["flows"], if d["corrected"].as_bool() == Some(true) { " (corrected)" } else { "" });
+        }
+        println!();
+        return print_outcomes(&serde_json::from_value(v["outcomes"].clone()).map_err(|e| Error::other("status", e))?, false);
+    }
     let map = stats::open(&args.pin.pin_dir)?;
     let snap = stats::read(&map)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&snap).expect("serializable"));
+    print_outcomes(&snap, args.json)
+}
+
+fn print_outcomes(snap: &stats::Snapshot, json: bool) -> Result<(), Error> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(snap).expect("serializable"));
         return Ok(());
     }
     println!("{:<16} {:>14} {:>16}", "OUTCOME", "PACKETS", "BYTES");

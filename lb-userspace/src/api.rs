@@ -1,0 +1,272 @@
+//! The control API: JSON over HTTP on a Unix socket (mode 0600, so root only). The CLI is a
+//! client of it. Every change goes through the same path as a config file — the daemon's
+//! current config is edited, validated, then applied — so a request that fails changes nothing.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    extract::{Path as UrlPath, Query, State as AxState},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+
+use crate::{
+    config::{self, BackendCfg, Config, Finding, Proto, Severity},
+    daemon::State,
+    explain::{self, Explanation},
+    gc::{Drift, Sweep},
+    reconcile::{state_name, Change},
+    stats, Error,
+};
+
+pub type Shared = Arc<Mutex<State>>;
+
+/// An error response: status and a message that says what to do.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+#[derive(Serialize, Debug)]
+pub struct BackendReport {
+    pub address: IpAddr,
+    pub id: u32,
+    pub state: String,
+    pub open: u64,
+    pub max_conns: u32,
+    pub weight: u32,
+    pub removed: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ServiceReport {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+    pub mode: String,
+    pub backends: Vec<BackendReport>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct StatusReport {
+    pub interface: String,
+    pub config: PathBuf,
+    pub services: Vec<ServiceReport>,
+    pub flows: u64,
+    pub flow_capacity: u32,
+    pub last_sweep: Sweep,
+    pub last_drift: Vec<Drift>,
+    pub outcomes: stats::Snapshot,
+}
+
+fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
+    let mut out = Vec::new();
+    let applied: Vec<_> = st.applied.services.values().cloned().collect();
+    for s in applied {
+        let mut backends = Vec::new();
+        for b in s.backends.values() {
+            backends.push(BackendReport {
+                address: b.address,
+                id: b.id,
+                state: state_name(b.state).into(),
+                open: st.conns.get(b.id),
+                max_conns: b.max_conns,
+                weight: b.weight,
+                removed: b.removed,
+            });
+        }
+        out.push(ServiceReport { name: s.name.clone(), vip: s.cfg.vip, port: s.cfg.port, proto: s.cfg.proto, mode: format!("{:?}", s.cfg.mode).to_lowercase(), backends });
+    }
+    Ok(out)
+}
+
+async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, ApiError> {
+    let mut st = st.lock().expect("state lock");
+    let services = services(&mut st)?;
+    let t = st.dp.tables();
+    let outcomes = stats::read(&t.stats_map()?)?;
+    let flows = crate::gc::count_all(t.fd(lb_common::maps::FLOWS)?).map_err(|e| Error::other("counting flows", e))?;
+    drop(t);
+    Ok(Json(StatusReport {
+        interface: st.cfg.daemon.interface.clone(),
+        config: st.cfg_path.clone(),
+        services,
+        flows,
+        flow_capacity: st.cfg.flows.capacity,
+        last_sweep: st.last_sweep,
+        last_drift: st.last_drift.clone(),
+        outcomes,
+    }))
+}
+
+async fn get_services(AxState(st): AxState<Shared>) -> Result<Json<Vec<ServiceReport>>, ApiError> {
+    let mut st = st.lock().expect("state lock");
+    Ok(Json(services(&mut st)?))
+}
+
+#[derive(Deserialize, Serialize, Debug, Default)]
+pub struct ApplyRequest {
+    /// A config file to read (on the daemon's host).
+    pub path: Option<PathBuf>,
+    /// Or the config itself.
+    pub toml: Option<String>,
+    /// Only show what would change.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ApplyResponse {
+    pub applied: bool,
+    pub changes: Vec<Change>,
+    pub warnings: Vec<Finding>,
+}
+
+async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRequest>) -> Result<Json<ApplyResponse>, ApiError> {
+    let (file, text) = match (&req.path, &req.toml) {
+        (Some(p), None) => (p.clone(), std::fs::read_to_string(p).map_err(|e| bad(format!("{}: cannot read it: {e}", p.display())))?),
+        (None, Some(t)) => (PathBuf::from("<request>"), t.clone()),
+        _ => return Err(bad("give either \"path\" or \"toml\"")),
+    };
+    let (cfg, warnings) = config::parse(&file, &text).map_err(|r| ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))?;
+    {
+        let st = st.lock().expect("state lock");
+        if cfg.daemon != st.cfg.daemon || cfg.flows.capacity != st.cfg.flows.capacity || cfg.datapath != st.cfg.datapath {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{}: [daemon], [datapath] and flows.capacity take effect on restart only; change them in the file the daemon starts with and restart it", file.display()),
+            ));
+        }
+    }
+    if req.dry_run {
+        let changes = State::plan(&st, &cfg).await?;
+        return Ok(Json(ApplyResponse { applied: false, changes, warnings }));
+    }
+    let changes = State::apply(&st, cfg).await?;
+    if let Some(p) = &req.path {
+        st.lock().expect("state lock").cfg_path.clone_from(p);
+    }
+    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+}
+
+#[derive(Deserialize, Serialize, Debug, Default)]
+pub struct BackendRequest {
+    pub max_conns: Option<u32>,
+    pub weight: Option<u32>,
+}
+
+/// `POST /v1/services/{service}/backends/{address}/{action}`: add, remove, drain, undrain,
+/// set-limit. Edits the running config and applies it like a file.
+async fn post_backend(
+    AxState(st): AxState<Shared>,
+    UrlPath((service, address, action)): UrlPath<(String, IpAddr, String)>,
+    body: Option<Json<BackendRequest>>,
+) -> Result<Json<ApplyResponse>, ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let mut cfg: Config = st.lock().expect("state lock").cfg.clone();
+    let svc = cfg.services.iter_mut().find(|s| s.name == service).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named \"{service}\"")))?;
+    let idx = svc.backends.iter().position(|b| b.address == address);
+    let missing = || ApiError(StatusCode::NOT_FOUND, format!("service \"{service}\" has no backend {address}"));
+    match action.as_str() {
+        "add" => {
+            if idx.is_some() {
+                return Err(bad(format!("service \"{service}\" already has backend {address}")));
+            }
+            let max_conns = body.max_conns.ok_or_else(|| bad("adding a backend needs \"max_conns\""))?;
+            svc.backends.push(BackendCfg { address, max_conns, weight: body.weight.unwrap_or(1), drain: false, mac: None, health: None });
+        }
+        "remove" => {
+            svc.backends.remove(idx.ok_or_else(missing)?);
+        }
+        "drain" => svc.backends[idx.ok_or_else(missing)?].drain = true,
+        "undrain" => svc.backends[idx.ok_or_else(missing)?].drain = false,
+        "set-limit" => {
+            let b = &mut svc.backends[idx.ok_or_else(missing)?];
+            b.max_conns = body.max_conns.ok_or_else(|| bad("set-limit needs \"max_conns\""))?;
+            if let Some(w) = body.weight {
+                b.weight = w;
+            }
+        }
+        other => return Err(bad(format!("unknown action \"{other}\" (add, remove, drain, undrain, set-limit)"))),
+    }
+    let findings = config::validate(&cfg);
+    if let Some(e) = findings.iter().find(|f| f.severity == Severity::Error) {
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("refused, nothing changed: {e}")));
+    }
+    let warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
+    let changes = State::apply(&st, cfg).await?;
+    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+pub struct ExplainQuery {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    #[serde(default = "tcp")]
+    pub proto: Proto,
+}
+
+fn tcp() -> Proto {
+    Proto::Tcp
+}
+
+async fn get_explain(AxState(st): AxState<Shared>, Query(q): Query<ExplainQuery>) -> Result<Json<Explanation>, ApiError> {
+    let mut st = st.lock().expect("state lock");
+    let st = &mut *st;
+    Ok(Json(explain::explain(&st.applied, &mut st.dp.tables(), q.src, q.dst, q.proto)?))
+}
+
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/status", get(get_status))
+        .route("/v1/services", get(get_services))
+        .route("/v1/config/apply", post(post_config_apply))
+        .route("/v1/services/{service}/backends/{address}/{action}", post(post_backend))
+        .route("/v1/explain", get(get_explain))
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// Binds the control socket (root only) and serves until `shutdown`.
+pub async fn serve(path: &Path, state: Shared, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::other(format!("creating {}", dir.display()), e))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| Error::other(format!("binding the control socket {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::other("chmod control socket", e))?;
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    let _ = std::fs::remove_file(path);
+    result.map_err(|e| Error::other("control API", e))
+}
+
+/// [`serve`], logging a failure (the daemon keeps running without its API).
+pub async fn serve_logged(path: PathBuf, state: Shared, shutdown: tokio_util::sync::CancellationToken) {
+    tracing::info!(socket = %path.display(), "control API listening");
+    if let Err(e) = serve(&path, state, shutdown).await {
+        tracing::error!("{e}");
+    }
+}

@@ -1,0 +1,147 @@
+//! CLI commands that talk to the daemon: `service list`, `backend …`, `explain`.
+
+use std::{net::SocketAddr, path::Path};
+
+use hyper::Method;
+use serde_json::{json, Value};
+
+use crate::{client, Error};
+
+#[derive(clap::Subcommand)]
+pub enum ServiceCmd {
+    /// Services and their backends: state, open connections / max_conns, weight.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum BackendCmd {
+    /// Add a backend to a service.
+    Add {
+        service: String,
+        address: std::net::IpAddr,
+        #[arg(long)]
+        max_conns: u32,
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// Remove a backend (it drains first: open connections continue).
+    Remove { service: String, address: std::net::IpAddr },
+    /// Stop sending new connections to a backend; open ones continue.
+    Drain { service: String, address: std::net::IpAddr },
+    /// Send new connections to a drained backend again.
+    Undrain { service: String, address: std::net::IpAddr },
+    /// Change a backend's max_conns (never breaks an open connection).
+    SetLimit { service: String, address: std::net::IpAddr, max_conns: u32 },
+}
+
+pub fn print_services(v: &Value) {
+    println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
+    for s in v.as_array().into_iter().flatten() {
+        let vip = format!("{}:{} {}", s["vip"].as_str().unwrap_or(""), s["port"], s["proto"].as_str().unwrap_or(""));
+        for b in s["backends"].as_array().into_iter().flatten() {
+            let open = b["open"].as_u64().unwrap_or(0);
+            let max = b["max_conns"].as_u64().unwrap_or(0);
+            let full = if max > 0 && open >= max { "  AT LIMIT" } else { "" };
+            let state = if b["removed"].as_bool() == Some(true) { "removing".to_owned() } else { b["state"].as_str().unwrap_or("").to_owned() };
+            println!(
+                "{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}",
+                s["name"].as_str().unwrap_or(""),
+                vip,
+                s["mode"].as_str().unwrap_or(""),
+                b["address"].as_str().unwrap_or(""),
+                state,
+                open,
+                max,
+                b["weight"]
+            );
+        }
+    }
+}
+
+pub fn service(socket: &Path, cmd: &ServiceCmd) -> Result<(), Error> {
+    let ServiceCmd::List { json } = cmd;
+    let v = client::block_on(client::ok(socket, Method::GET, "/v1/services", None))?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        print_services(&v);
+    }
+    Ok(())
+}
+
+pub fn print_changes(v: &Value) {
+    let changes = v["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() {
+        println!("no changes");
+    }
+    let verb = if v["applied"].as_bool() == Some(true) { "applied" } else { "would apply" };
+    for c in changes {
+        println!("{verb}: {}", c["what"].as_str().unwrap_or(""));
+    }
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        println!("warning: {}: {}", w["key"].as_str().unwrap_or(""), w["message"].as_str().unwrap_or(""));
+    }
+}
+
+pub fn backend(socket: &Path, cmd: &BackendCmd) -> Result<(), Error> {
+    let (service, address, action, body) = match cmd {
+        BackendCmd::Add { service, address, max_conns, weight } => (service, address, "add", json!({ "max_conns": max_conns, "weight": weight })),
+        BackendCmd::Remove { service, address } => (service, address, "remove", Value::Null),
+        BackendCmd::Drain { service, address } => (service, address, "drain", Value::Null),
+        BackendCmd::Undrain { service, address } => (service, address, "undrain", Value::Null),
+        BackendCmd::SetLimit { service, address, max_conns } => (service, address, "set-limit", json!({ "max_conns": max_conns })),
+    };
+    let path = format!("/v1/services/{service}/backends/{address}/{action}");
+    let body = if body.is_null() { json!({}) } else { body };
+    let v = client::block_on(client::ok(socket, Method::POST, &path, Some(&body)))?;
+    print_changes(&v);
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    /// Client address, with or without a port (IPv6 as [addr]:port).
+    pub src: String,
+    /// Service address and port.
+    pub dst: SocketAddr,
+    /// tcp or udp.
+    #[arg(default_value = "tcp")]
+    pub proto: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<(), Error> {
+    let src: SocketAddr = a
+        .src
+        .parse()
+        .or_else(|_| a.src.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 40000)))
+        .map_err(|_| Error::other("explain", anyhow::anyhow!("\"{}\" is not an address (write 10.0.0.1, 10.0.0.1:40000 or [2001:db8::1]:40000)", a.src)))?;
+    if !matches!(a.proto.as_str(), "tcp" | "udp") {
+        return Err(Error::other("explain", anyhow::anyhow!("protocol must be tcp or udp, not \"{}\"", a.proto)));
+    }
+    let path = format!("/v1/explain?src={src}&dst={}&proto={}", a.dst, a.proto).replace('[', "%5B").replace(']', "%5D");
+    let v = client::block_on(client::ok(socket, Method::GET, &path, None))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!("{}", v["summary"].as_str().unwrap_or(""));
+    if let Some(svc) = v["service"].as_str() {
+        println!("service \"{svc}\", flow hash {:#010x}, ring slot {}", v["hash"].as_u64().unwrap_or(0), v["ring_slot"]);
+        for (i, c) in v["candidates"].as_array().into_iter().flatten().enumerate() {
+            println!(
+                "  candidate {}: {} ({}, {} open, max_conns = {})",
+                i + 1,
+                c["backend"].as_str().unwrap_or(""),
+                c["state"].as_str().unwrap_or(""),
+                c["open"],
+                c["max_conns"]
+            );
+        }
+    }
+    Ok(())
+}
