@@ -10,7 +10,10 @@ use std::{
 };
 
 use lb_common::{maps, Config as DpConfig, DEFAULT_RING_SLOTS, FRAGMENTS_DROP, FRAGMENTS_PASS, ICMP_ECHO_PASS, ICMP_ECHO_REPLY};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -18,7 +21,7 @@ use crate::{
     conns::ConnCounters,
     datapath::{AttachMode, Datapath, LoadOptions},
     gc::{self, Drift, Reconciler, Sweep},
-    neigh,
+    health, neigh,
     reconcile::{Applied, Change},
     Error,
 };
@@ -64,6 +67,9 @@ pub struct State {
     pub reconciler: Reconciler,
     pub last_sweep: Sweep,
     pub last_drift: Vec<Drift>,
+    pub checks: health::Checks,
+    health_tx: mpsc::UnboundedSender<health::Transition>,
+    health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
 }
 
 impl State {
@@ -80,6 +86,7 @@ impl State {
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let changes = st.applied.apply(&mut st.dp.tables(), &cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
+        st.checks.sync(&cfg, &st.health_tx);
         st.cfg = cfg;
         Ok(changes)
     }
@@ -134,6 +141,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
     let opts = load_options(&cfg);
     let mut dp = Datapath::start_with(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
     let conns = dp.tables().conn_counters()?;
+    let (health_tx, health_rx) = mpsc::unbounded_channel();
     let state = Arc::new(Mutex::new(State {
         cfg_path: cfg_path.to_owned(),
         cfg: cfg.clone(),
@@ -143,6 +151,9 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         reconciler: Reconciler::default(),
         last_sweep: Sweep::default(),
         last_drift: Vec::new(),
+        checks: health::Checks::default(),
+        health_tx,
+        health_rx: Some(health_rx),
     }));
     let changes = State::apply(&state, cfg).await?;
     for c in &changes {
@@ -169,6 +180,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
     let api_stop = shutdown.child_token();
     let api = tokio::spawn(crate::api::serve_logged(socket, state.clone(), api_stop.clone()));
+    let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
     loop {
@@ -185,6 +197,19 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 }
                 Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
             },
+            Some(t) = health_rx.recv() => {
+                let cfg = {
+                    let mut st = state.lock().expect("state lock");
+                    let key = (t.service.clone(), t.address);
+                    if t.healthy { st.applied.down.remove(&key); } else { st.applied.down.insert(key); }
+                    st.cfg.clone()
+                };
+                let word = if t.healthy { "healthy again: back in the ring" } else { "unhealthy: out of the ring (open connections continue)" };
+                tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
+                if let Err(e) = State::apply(&state, cfg).await {
+                    tracing::error!("applying a health change: {e}");
+                }
+            }
             _ = tick.tick() => {
                 n += 1;
                 if let Err(e) = state.lock().expect("state lock").tick(n) {

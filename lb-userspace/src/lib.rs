@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod error;
 pub mod explain;
 pub mod gc;
+pub mod health;
 pub mod maglev;
 pub mod neigh;
 pub mod reconcile;

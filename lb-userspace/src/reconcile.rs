@@ -92,6 +92,9 @@ impl AppliedService {
 #[derive(Debug, Default)]
 pub struct Applied {
     pub services: BTreeMap<String, AppliedService>,
+    /// Backends that failed their health checks: (service, address). They leave the ring as
+    /// `down`; their open flows continue.
+    pub down: BTreeSet<(String, IpAddr)>,
     /// Ring regions: start → size, and the capacity of `RINGS`.
     regions: BTreeMap<u32, u32>,
     ring_slots: u32,
@@ -155,7 +158,7 @@ impl Applied {
         macs: &dyn MacResolver,
         conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
     ) -> Result<Vec<Change>, Error> {
-        let mut copy = Self { services: self.services.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
+        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
         copy.apply_or_plan(t, cfg, macs, conns, true)
     }
 
@@ -257,7 +260,13 @@ impl Applied {
                     })?,
                     (None, Mode::Ipip) => [0; 6],
                 };
-                let state = if bc.drain { BACKEND_DRAINING } else { BACKEND_ACTIVE };
+                let state = if bc.drain {
+                    BACKEND_DRAINING
+                } else if self.down.contains(&(c.name.clone(), bc.address)) {
+                    BACKEND_DOWN
+                } else {
+                    BACKEND_ACTIVE
+                };
                 match s.backends.get_mut(&bc.address) {
                     Some(b) => {
                         let was = b.clone();
@@ -265,10 +274,7 @@ impl Applied {
                         b.weight = bc.weight;
                         b.mac = mac;
                         b.removed = false;
-                        // A backend marked down by health checks stays down until they say otherwise.
-                        if b.state != BACKEND_DOWN {
-                            b.state = state;
-                        }
+                        b.state = state;
                         if was.max_conns != b.max_conns {
                             changes.push(change(format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns)));
                         }

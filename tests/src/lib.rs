@@ -5,6 +5,7 @@
 //!
 //! Privileged tests never skip: without root they panic saying why (CI runs as root).
 
+pub mod l2lab;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

@@ -1,0 +1,132 @@
+//! Health checks: one task per backend that has a `health` table, TCP connect or HTTP GET with
+//! an expected status, with rise/fall thresholds. Transitions are sent to the daemon, which
+//! takes an unhealthy backend out of its service's ring (state `down`: its open flows keep
+//! going) and puts it back when it is healthy again.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+use crate::config::{Config, Health, HealthKind};
+
+/// A backend changed health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub service: String,
+    pub address: IpAddr,
+    pub healthy: bool,
+    /// What the last check saw, for the log and the journal.
+    pub detail: String,
+}
+
+/// One check. `Ok` with a description, or `Err` with what failed.
+pub async fn check(target: SocketAddr, h: &Health) -> Result<String, String> {
+    let connect = tokio::time::timeout(h.timeout, TcpStream::connect(target)).await;
+    let mut stream = match connect {
+        Err(_) => return Err(format!("TCP connect to {target} timed out after {:?}", h.timeout)),
+        Ok(Err(e)) => return Err(format!("TCP connect to {target}: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    if h.kind == HealthKind::Tcp {
+        return Ok(format!("TCP connect to {target} succeeded"));
+    }
+    let path = h.path.as_deref().unwrap_or("/");
+    let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: sluice-health\r\nConnection: close\r\n\r\n", target.ip());
+    let exchange = async {
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = vec![0u8; 512];
+        let n = stream.read(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let head = match tokio::time::timeout(h.timeout, exchange).await {
+        Err(_) => return Err(format!("HTTP GET {path} on {target} timed out after {:?}", h.timeout)),
+        Ok(Err(e)) => return Err(format!("HTTP GET {path} on {target}: {e}")),
+        Ok(Ok(s)) => s,
+    };
+    let status: Option<u16> = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+    match status {
+        Some(s) if s == h.expect_status => Ok(format!("HTTP GET {path} on {target}: {s}")),
+        Some(s) => Err(format!("HTTP GET {path} on {target}: status {s}, expected {}", h.expect_status)),
+        None => Err(format!("HTTP GET {path} on {target}: no HTTP status line in the answer")),
+    }
+}
+
+/// The checks that run, by (service, backend), with the settings they run with.
+#[derive(Default)]
+pub struct Checks {
+    tasks: BTreeMap<(String, IpAddr), (Health, SocketAddr, JoinHandle<()>)>,
+}
+
+impl Checks {
+    /// Starts, restarts or stops checks so they match `cfg`. A backend starts healthy (it is in
+    /// the ring until `fall` checks fail in a row).
+    pub fn sync(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Transition>) {
+        let mut wanted = BTreeMap::new();
+        for s in &cfg.services {
+            for b in &s.backends {
+                if let Some(h) = &b.health {
+                    let target = SocketAddr::new(b.address, h.port.unwrap_or(s.port));
+                    wanted.insert((s.name.clone(), b.address), (h.clone(), target));
+                }
+            }
+        }
+        self.tasks.retain(|k, (h, t, task)| {
+            let keep = wanted.get(k).is_some_and(|(wh, wt)| wh == h && wt == t);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (k, (h, target)) in wanted {
+            if self.tasks.contains_key(&k) {
+                continue;
+            }
+            let task = tokio::spawn(run(k.0.clone(), k.1, target, h.clone(), tx.clone()));
+            self.tasks.insert(k, (h, target, task));
+        }
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for (_, _, t) in self.tasks.values() {
+            t.abort();
+        }
+    }
+}
+
+async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, tx: mpsc::UnboundedSender<Transition>) {
+    let mut healthy = true;
+    let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    let mut tick = tokio::time::interval(h.interval.max(Duration::from_millis(10)));
+    loop {
+        tick.tick().await;
+        match check(target, &h).await {
+            Ok(detail) => {
+                fail_run = 0;
+                ok_run += 1;
+                if !healthy && ok_run >= h.rise {
+                    healthy = true;
+                    let _ = tx.send(Transition { service: service.clone(), address, healthy, detail });
+                }
+            }
+            Err(detail) => {
+                ok_run = 0;
+                fail_run += 1;
+                if healthy && fail_run >= h.fall {
+                    healthy = false;
+                    let _ = tx.send(Transition { service: service.clone(), address, healthy, detail });
+                }
+            }
+        }
+    }
+}
