@@ -10,6 +10,9 @@
 /// maps of another schema.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// The pinned XDP link's file name in the pin directory (the daemon's attachment survives it).
+pub const PIN_LINK: &str = "link";
+
 /// Directory under the bpf filesystem where `sluice run` pins its maps by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 
@@ -27,9 +30,10 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    pub const SCHEMA: &str = "SCHEMA";
     /// Every map the balancer pins.
-    pub const ALL: [&str; 10] =
-        [STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET];
+    pub const ALL: [&str; 11] =
+        [STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA];
 }
 
 /// Name of the balancer XDP program in the object.
@@ -259,7 +263,9 @@ pub struct Service {
     /// Distinct extra candidates to try when the first is refused (0 = no spill, max
     /// [`MAX_SPILL`]).
     pub spill: u8,
-    pub _pad: u8,
+    /// Which half of its ring region `ring_base` points into (0 or 1); not used by the
+    /// datapath, lets a restarted daemon find the region again.
+    pub half: u8,
 }
 const _: () = assert!(size_of::<Service>() == 16);
 

@@ -60,6 +60,12 @@ pub static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
 #[btf_map]
 pub static EVENTS: RingBuf<RefusalEvent, { 256 * 1024 }> = RingBuf::new();
 
+/// The layout version of the pinned maps (`lb_common::SCHEMA_VERSION` at index 0), written by
+/// the daemon that created them; a daemon of another schema refuses to adopt them.
+/// Writer: daemon. Reader: daemon. Not used per packet.
+#[btf_map]
+pub static SCHEMA: Array<u32, 1> = Array::new();
+
 /// Per-CPU token bucket for `EVENTS`, so a flood of refusals cannot flood userspace.
 #[btf_map]
 pub static EVENT_BUCKET: PerCpuArray<EventBucket, 1> = PerCpuArray::new();

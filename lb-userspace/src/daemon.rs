@@ -86,7 +86,7 @@ impl State {
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let changes = st.applied.apply(&mut st.dp.tables(), &cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
-        st.checks.sync(&cfg, &st.health_tx);
+        st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         st.cfg = cfg;
         Ok(changes)
     }
@@ -139,15 +139,24 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         tracing::warn!("{}: {w}", cfg_path.display());
     }
     let opts = load_options(&cfg);
-    let mut dp = Datapath::start_with(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
+    let (mut dp, adopted) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
     let conns = dp.tables().conn_counters()?;
+    let applied = if adopted {
+        // The adopted ring table keeps the size it was created with.
+        let slots = dp.tables().max_entries(maps::RINGS)?;
+        let a = Applied::recover(&mut dp.tables(), &cfg, slots)?;
+        tracing::info!(services = a.services.len(), "adopted the running datapath: flows and counters kept");
+        a
+    } else {
+        Applied::new(opts.ring_slots)
+    };
     let (health_tx, health_rx) = mpsc::unbounded_channel();
     let state = Arc::new(Mutex::new(State {
         cfg_path: cfg_path.to_owned(),
         cfg: cfg.clone(),
         dp,
         conns,
-        applied: Applied::new(opts.ring_slots),
+        applied,
         reconciler: Reconciler::default(),
         last_sweep: Sweep::default(),
         last_drift: Vec::new(),

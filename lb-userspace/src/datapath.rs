@@ -7,7 +7,12 @@ use std::{
 };
 
 use aya::{
-    programs::{ProgramError, Xdp, XdpMode},
+    maps::Array,
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, Xdp, XdpMode,
+    },
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
@@ -180,6 +185,61 @@ impl Datapath {
         let _ = fs::remove_dir(&self.pin_dir);
     }
 
+    /// The daemon's start: adopt the datapath a previous daemon left attached and pinned (same
+    /// maps, so no flow and no counter is lost; the program is replaced atomically in the
+    /// pinned XDP link), or load, pin and attach a fresh one. Returns whether it adopted.
+    pub fn start_persistent(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<(Self, bool), Error> {
+        if nix::net::if_::if_nametoindex(iface).is_err() {
+            return Err(Error::NoSuchInterface { iface: iface.into() });
+        }
+        let link_path = pin_dir.join(lb_common::PIN_LINK);
+        let adopt = link_path.exists();
+        if adopt {
+            check_pinned(pin_dir, opts)?;
+        } else {
+            prepare_pin_dir(pin_dir)?;
+        }
+        let mut loader = EbpfLoader::new();
+        loader.override_global(GLOBAL_CONFIG, &opts.config, true).map_max_entries(maps::FLOWS, opts.flow_capacity).map_max_entries(maps::RINGS, opts.ring_slots);
+        let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| match e {
+            EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
+            e => Error::other("loading the XDP object", e),
+        })?;
+        let prog = program(&mut ebpf, PROG_BALANCER)?;
+        prog.load().map_err(|e| load_error(PROG_BALANCER, e))?;
+        if adopt {
+            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| Error::other(format!("opening the pinned link {}", link_path.display()), e))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::other("the pinned link is not an XDP link", e))?;
+            prog.attach_to_link(link).map_err(|e| Error::other("replacing the program in the pinned XDP link", e))?;
+        } else {
+            let schema: Array<&mut aya::maps::MapData, u32> =
+                Array::try_from(ebpf.map_mut(maps::SCHEMA).expect("SCHEMA in the object")).map_err(|e| Error::other("SCHEMA", e))?;
+            let mut schema = schema;
+            schema.set(0, lb_common::SCHEMA_VERSION, 0).map_err(|e| Error::other("writing SCHEMA", e))?;
+            let prog = program(&mut ebpf, PROG_BALANCER)?;
+            let id = prog.attach(iface, mode.into()).map_err(|e| {
+                if is_permission(&e) { Error::Permission { action: "attaching XDP" } } else { Error::Attach { iface: iface.into(), source: e } }
+            })?;
+            let link = prog.take_link(id).map_err(|e| Error::other("taking the XDP link", e))?;
+            let fd_link = FdLink::try_from(link).map_err(|e| {
+                Error::other("pinning the attachment", anyhow::anyhow!("{e}: the kernel attached XDP without a BPF link, which cannot outlive the daemon"))
+            })?;
+            fd_link.pin(&link_path).map_err(|e| Error::other(format!("pinning the XDP link at {}", link_path.display()), e))?;
+        }
+        let pinned = paths.into_iter().map(|(_, p)| p).chain([link_path]).collect();
+        Ok((Self { ebpf, pin_dir: pin_dir.to_owned(), pinned }, adopt))
+    }
+
+    /// Leaves the datapath attached and pinned for the next daemon to adopt.
+    pub fn leave_running(mut self) {
+        self.pinned.clear();
+        drop(self);
+    }
+
     /// Detaches the program and removes the pins.
     pub fn shutdown(mut self) {
         self.unpin();
@@ -193,6 +253,43 @@ impl Datapath {
     pub fn tables(&mut self) -> crate::tables::Tables<'_> {
         crate::tables::Tables::new(&mut self.ebpf)
     }
+}
+
+/// Refuses pins of another schema, or sized differently from what `opts` asks.
+fn check_pinned(pin_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
+    let open = |name: &str| {
+        aya::maps::MapData::from_pin(pin_dir.join(name)).map_err(|e| Error::other(format!("opening the pinned {name} in {}", pin_dir.display()), e))
+    };
+    let schema = Array::<_, u32>::try_from(aya::maps::Map::Array(open(maps::SCHEMA)?)).map_err(|e| Error::other("SCHEMA", e))?;
+    let found = schema.get(&0, 0).map_err(|e| Error::other("reading SCHEMA", e))?;
+    if found != lb_common::SCHEMA_VERSION {
+        return Err(Error::Schema { dir: pin_dir.to_owned(), found, want: lb_common::SCHEMA_VERSION });
+    }
+    let flows = open(maps::FLOWS)?.info().map_err(|e| Error::other("FLOWS", e))?.max_entries();
+    if flows != opts.flow_capacity {
+        return Err(Error::other(
+            "adopting the running datapath",
+            anyhow::anyhow!(
+                "its flow table holds {flows} entries but flows.capacity is {}; a capacity change needs a fresh datapath: `sluice detach` (drops every flow) then start again",
+                opts.flow_capacity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Detaches a datapath left running by a daemon and removes its pins (`sluice detach`).
+pub fn detach(pin_dir: &Path) -> Result<(), Error> {
+    let link = pin_dir.join(lb_common::PIN_LINK);
+    if !link.exists() && !pin_dir.join(maps::STATS).exists() {
+        return Err(Error::NotRunning { path: link });
+    }
+    let _ = fs::remove_file(&link);
+    for m in maps::ALL {
+        let _ = fs::remove_file(pin_dir.join(m));
+    }
+    let _ = fs::remove_dir(pin_dir);
+    Ok(())
 }
 
 fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {

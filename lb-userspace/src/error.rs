@@ -49,6 +49,13 @@ pub enum Error {
     #[error("{0}")]
     Config(crate::config::Rejected),
 
+    #[error(
+        "the datapath pinned in {dir} has schema version {found}, this sluice speaks {want}: it \
+         cannot adopt it without breaking its flows. Run the matching sluice, or remove it with \
+         `sluice detach` (dropping every flow) and start again."
+    )]
+    Schema { dir: PathBuf, found: u32, want: u32 },
+
     #[error("{context}: {source}")]
     Other { context: String, #[source] source: anyhow::Error },
 }

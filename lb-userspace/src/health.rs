@@ -68,8 +68,9 @@ pub struct Checks {
 
 impl Checks {
     /// Starts, restarts or stops checks so they match `cfg`. A backend starts healthy (it is in
-    /// the ring until `fall` checks fail in a row).
-    pub fn sync(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Transition>) {
+    /// the ring until `fall` checks fail in a row) unless it is in `down` (from before a
+    /// restart), then it needs `rise` good checks.
+    pub fn sync(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Transition>, down: &std::collections::BTreeSet<(String, IpAddr)>) {
         let mut wanted = BTreeMap::new();
         for s in &cfg.services {
             for b in &s.backends {
@@ -90,7 +91,7 @@ impl Checks {
             if self.tasks.contains_key(&k) {
                 continue;
             }
-            let task = tokio::spawn(run(k.0.clone(), k.1, target, h.clone(), tx.clone()));
+            let task = tokio::spawn(run(k.0.clone(), k.1, target, h.clone(), !down.contains(&k), tx.clone()));
             self.tasks.insert(k, (h, target, task));
         }
     }
@@ -104,8 +105,7 @@ impl Drop for Checks {
     }
 }
 
-async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, tx: mpsc::UnboundedSender<Transition>) {
-    let mut healthy = true;
+async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, mut healthy: bool, tx: mpsc::UnboundedSender<Transition>) {
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
     let mut tick = tokio::time::interval(h.interval.max(Duration::from_millis(10)));
     loop {

@@ -150,6 +150,45 @@ impl Applied {
         self.apply_or_plan(t, cfg, macs, conns, false)
     }
 
+    /// Rebuilds the record of what a previous daemon wrote, from the pinned maps, naming
+    /// services after `cfg` (a service the config no longer has is kept under a placeholder
+    /// name, so the next apply removes it). Backends marked down stay down until their health
+    /// checks pass.
+    pub fn recover(t: &mut Tables<'_>, cfg: &Config, ring_slots: u32) -> Result<Self, Error> {
+        let mut me = Self::new(ring_slots);
+        let backends = t.backends_all()?;
+        for (key, svc) in t.services_all()? {
+            if key.proto == 0 {
+                continue; // a VIP entry
+            }
+            let found = cfg.services.iter().find(|c| service_key(c.vip, c.port, c.proto) == key);
+            let Some(c) = found.cloned().or_else(|| orphan(&key)) else { continue };
+            let size = c.ring_size;
+            let region = svc.ring_base.saturating_sub(u32::from(svc.half) * size);
+            let ring = if svc.ring_size == 0 { Vec::new() } else { t.ring(svc.ring_base, size)? };
+            let mut bs = BTreeMap::new();
+            for (id, b) in backends.iter().filter(|(_, b)| b.service_id == svc.id && b.family != 0) {
+                let address = ip_of(b);
+                let listed = c.backends.iter().find(|x| x.address == address);
+                if b.state == BACKEND_DOWN {
+                    me.down.insert((c.name.clone(), address));
+                }
+                bs.insert(address, AppliedBackend {
+                    id: *id,
+                    address,
+                    max_conns: b.max_conns,
+                    weight: listed.map_or(1, |x| x.weight),
+                    state: b.state,
+                    mac: b.mac,
+                    removed: listed.is_none(),
+                });
+            }
+            me.regions.insert(region, 2 * size);
+            me.services.insert(c.name.clone(), AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, backends: bs });
+        }
+        Ok(me)
+    }
+
     /// What applying `cfg` would change, without writing anything.
     pub fn plan(
         &self,
@@ -341,7 +380,7 @@ impl Applied {
                         Reject::Drop => REJECT_DROP,
                     },
                     spill: s.cfg.overflow.spill.candidates(),
-                    _pad: 0,
+                    half: s.half as u8,
                 };
                 t.set_service(&service_key(s.cfg.vip, s.cfg.port, s.cfg.proto), &svc)?;
             }
@@ -366,7 +405,7 @@ impl Applied {
         }
         for (vip, s) in &vips {
             let key = ServiceKey { addr: addr16(*vip).0, port_be: [0; 2], proto: 0, _pad: 0 };
-            let svc = Service { id: s.id, ring_base: s.ring_base(), ring_size: 0, mode: 0, reject: 0, spill: 0, _pad: 0 };
+            let svc = Service { id: s.id, ring_base: s.ring_base(), ring_size: 0, mode: 0, reject: 0, spill: 0, half: 0 };
             t.set_service(&key, &svc)?;
         }
         for s in self.services.values() {
@@ -382,6 +421,39 @@ impl Applied {
 
 fn used_ids_in(services: &BTreeMap<String, AppliedService>) -> BTreeSet<u32> {
     services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect()
+}
+
+fn ip_of(b: &Backend) -> IpAddr {
+    if b.family == FAMILY_V6 {
+        IpAddr::from(b.addr)
+    } else {
+        IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+    }
+}
+
+/// A placeholder for a pinned service the config does not have (so it can be removed).
+fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
+    let vip = if key.addr[4..].iter().all(|b| *b == 0) {
+        IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
+    } else {
+        IpAddr::from(key.addr)
+    };
+    let proto = match key.proto {
+        PROTO_TCP => Proto::Tcp,
+        PROTO_UDP => Proto::Udp,
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(key.port_be);
+    Some(ServiceCfg {
+        name: format!("(removed {vip}:{port})"),
+        vip,
+        port,
+        proto,
+        mode: Mode::L2dsr,
+        overflow: crate::config::Overflow::default(),
+        ring_size: lb_common::DEFAULT_RING_SIZE,
+        backends: Vec::new(),
+    })
 }
 
 pub fn state_name(state: u8) -> &'static str {

@@ -63,6 +63,13 @@ impl<'a> Tables<'a> {
         Ok(map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))?.fd().as_fd().as_raw_fd())
     }
 
+    /// A map's capacity as created (an adopted map keeps its own).
+    pub fn max_entries(&self, name: &str) -> Result<u32, Error> {
+        let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
+        let data = map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))?;
+        Ok(data.info().map_err(|e| err(name, e))?.max_entries())
+    }
+
     /// The memory-mapped connection counters.
     pub fn conn_counters(&self) -> Result<ConnCounters, Error> {
         let map = self.ebpf.map(maps::CONNS).ok_or_else(|| err("CONNS", anyhow::anyhow!("no such map")))?;
@@ -92,6 +99,31 @@ impl<'a> Tables<'a> {
             rings.set(base + i as u32, *id, 0).map_err(|e| err("RINGS", e))?;
         }
         Ok(())
+    }
+
+    /// Every backend slot in use (family set), by id.
+    pub fn backends_all(&mut self) -> Result<Vec<(u32, Backend)>, Error> {
+        let arr = self.array::<Backend>(maps::BACKENDS)?;
+        let mut out = Vec::new();
+        for id in 1..arr.len() {
+            let b = arr.get(&id, 0).map_err(|e| err("BACKENDS", e))?;
+            if b.family != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry of `SERVICES`.
+    pub fn services_all(&mut self) -> Result<Vec<(ServiceKey, Service)>, Error> {
+        let m = self.hash::<ServiceKey, Service>(maps::SERVICES)?;
+        m.iter().map(|r| r.map_err(|e| err("SERVICES", e))).collect()
+    }
+
+    /// `len` slots of `RINGS` from `base`.
+    pub fn ring(&mut self, base: u32, len: u32) -> Result<Vec<u32>, Error> {
+        let arr = self.array::<u32>(maps::RINGS)?;
+        (base..base + len).map(|i| arr.get(&i, 0).map_err(|e| err("RINGS", e))).collect()
     }
 
     pub fn conns(&mut self, id: u32) -> Result<u64, Error> {

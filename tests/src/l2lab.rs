@@ -34,7 +34,8 @@ impl Backend {
         format!("10.70.0.{}", 10 + self.n)
     }
 
-    /// Starts the server on :80 (answers with "backend-N", keeps connections open).
+    /// Starts the server on :80: answers each connection with "backend-N", keeps it open and
+    /// echoes whatever the client sends.
     pub fn start(&mut self) {
         let stop = Arc::new(AtomicBool::new(false));
         let name = format!("backend-{}", self.n);
@@ -42,14 +43,29 @@ impl Backend {
         listener.set_nonblocking(true).expect("nonblocking");
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut held = Vec::new();
+            let mut held: Vec<TcpStream> = Vec::new();
+            let mut buf = [0u8; 512];
             while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut c, _)) => {
-                        let _ = c.write_all(name.as_bytes());
-                        held.push(c);
+                let mut idle = true;
+                if let Ok((mut c, _)) = listener.accept() {
+                    let _ = c.write_all(name.as_bytes());
+                    let _ = c.set_nonblocking(true);
+                    held.push(c);
+                    idle = false;
+                }
+                held.retain_mut(|c| match c.read(&mut buf) {
+                    Ok(0) => false,
+                    Ok(n) => {
+                        idle = false;
+                        let _ = c.set_nonblocking(false);
+                        let ok = c.write_all(&buf[..n]).is_ok();
+                        let _ = c.set_nonblocking(true);
+                        ok
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                });
+                if idle {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             }
         });
@@ -164,6 +180,12 @@ impl Lab {
             let n = s.read(&mut buf)?;
             Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), s))
         })
+    }
+
+    /// `sluice detach` for this lab's pins (the daemon leaves the datapath running on exit).
+    pub fn detach(&self) {
+        let out = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&self.pins.0).output().expect("sluice detach");
+        assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// `sluice --socket S args…` → (exit code, stdout, stderr).

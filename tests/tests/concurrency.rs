@@ -38,7 +38,7 @@ fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
         t.write_ring(0, &ring).expect("ring");
         let mut vip = [0u8; 16];
         vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-        let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, _pad: 0 };
+        let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, half: 0 };
         t.set_service(&ServiceKey { addr: vip, port_be: 80u16.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
     }
     let prog: &Xdp = x.ebpf.program(PROG_BALANCER).expect("program").try_into().expect("xdp");

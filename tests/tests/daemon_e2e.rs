@@ -100,6 +100,8 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("drain and remove backend 10.70.0.11"), "{log}");
-    assert!(!lab.lb.link_show("lb0").contains("xdp"));
     assert!(!lab.socket().exists(), "control socket removed on exit");
+    assert!(lab.lb.link_show("lb0").contains("xdp"), "the datapath keeps running when the daemon stops");
+    lab.detach();
+    assert!(!lab.lb.link_show("lb0").contains("xdp"), "sluice detach removes it");
 }

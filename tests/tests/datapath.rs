@@ -140,7 +140,7 @@ impl Fx {
         let ring = maglev::build(&members, RING);
         let base = s.id * RING;
         t.write_ring(base, &ring).expect("ring");
-        let service = Service { id: s.id, ring_base: base, ring_size: if members.iter().any(|m| m.weight > 0) { RING } else { 0 }, mode: s.mode, reject: s.reject, spill: s.spill, _pad: 0 };
+        let service = Service { id: s.id, ring_base: base, ring_size: if members.iter().any(|m| m.weight > 0) { RING } else { 0 }, mode: s.mode, reject: s.reject, spill: s.spill, half: 0 };
         t.set_service(&skey(s.vip, s.port, s.proto), &service).expect("service");
         t.set_service(&skey(s.vip, 0, 0), &service).expect("vip entry");
         self.rings.push((s.id, ring));

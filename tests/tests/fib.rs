@@ -26,7 +26,7 @@ fn install(x: &mut XdpRunner, id: u32, backend: [u8; 4], port: u16) {
     t.write_ring(base, &maglev::build(&[RingBackend { id, key: format!("{backend:?}"), weight: 1 }], 13)).expect("ring");
     let mut vip = [0u8; 16];
     vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id, ring_base: base, ring_size: 13, mode: MODE_IPIP, reject: REJECT_RST, spill: 0, _pad: 0 };
+    let svc = Service { id, ring_base: base, ring_size: 13, mode: MODE_IPIP, reject: REJECT_RST, spill: 0, half: 0 };
     t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
 }
 

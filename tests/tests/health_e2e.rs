@@ -40,4 +40,5 @@ fn a_failing_backend_leaves_the_ring_and_returns() {
     let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("unhealthy: out of the ring") && log.contains("healthy again"), "{log}");
+    lab.detach();
 }

@@ -29,7 +29,7 @@ fn fixture() -> XdpRunner {
     t.write_ring(0, &maglev::build(&[RingBackend { id: 1, key: "10.0.1.11".into(), weight: 1 }], 13)).expect("ring");
     let mut vip = [0u8; 16];
     vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, _pad: 0 };
+    let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, half: 0 };
     t.set_service(&ServiceKey { addr: vip, port_be: 80u16.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
     t.set_service(&ServiceKey { addr: vip, port_be: [0; 2], proto: 0, _pad: 0 }, &svc).expect("vip");
     x

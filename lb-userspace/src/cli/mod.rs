@@ -36,6 +36,8 @@ pub enum Command {
     Backend(ctl::BackendCmd),
     /// Which backend a flow goes to, and whether it would be admitted or refused and why.
     Explain(ctl::ExplainArgs),
+    /// Detach the datapath a stopped daemon left running, and remove its pins (drops every flow).
+    Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
     Decap(decap::Args),
     /// Work with config files.
@@ -69,6 +71,7 @@ pub fn main() -> i32 {
         Command::Explain(a) => ctl::explain(&cli.socket, &a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
+        Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
     };
     match result {
         Ok(()) => 0,

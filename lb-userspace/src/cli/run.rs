@@ -41,9 +41,9 @@ pub fn run(args: &Args) -> Result<(), Error> {
             let state = daemon::start(cfg).await?;
             tracing::info!(config = %cfg.display(), "sluice daemon running");
             daemon::run(state.clone(), CancellationToken::new(), true).await?;
-            tracing::info!("stopping: detaching and removing pins");
             let st = std::sync::Arc::try_unwrap(state).map_err(|_| Error::other("shutdown", anyhow::anyhow!("state still shared")))?;
-            st.into_inner().expect("state lock").dp.shutdown();
+            st.into_inner().expect("state lock").dp.leave_running();
+            tracing::info!("stopped; the datapath keeps forwarding and the next `sluice run` adopts it (`sluice detach` removes it)");
             return Ok(());
         }
         let iface = args.iface.as_deref().expect("clap requires --config or --iface");

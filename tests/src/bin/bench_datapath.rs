@@ -50,7 +50,7 @@ fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
     t.write_ring(base, &ring).expect("ring");
     let mut vip = [0u8; 16];
     vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, _pad: 0 };
+    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, half: 0 };
     t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
 }
 
