@@ -130,3 +130,52 @@ async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, mu
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+
+    fn http_server(status: &'static str) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 512];
+                let n = c.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let status = if req.starts_with("GET /healthz ") { status } else { "404 Not Found" };
+                let _ = c.write_all(format!("HTTP/1.0 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            }
+        });
+        addr
+    }
+
+    fn health(kind: HealthKind, path: Option<&str>) -> Health {
+        Health { kind, interval: Duration::from_millis(100), timeout: Duration::from_millis(500), port: None, path: path.map(Into::into), expect_status: 200, rise: 1, fall: 1 }
+    }
+
+    #[tokio::test]
+    async fn http_checks_expect_the_status_on_the_path() {
+        let ok = http_server("200 OK");
+        check(ok, &health(HealthKind::Http, Some("/healthz"))).await.expect("200 on /healthz");
+        let e = check(ok, &health(HealthKind::Http, Some("/other"))).await.expect_err("404");
+        assert!(e.contains("status 404, expected 200"), "{e}");
+        let failing = http_server("503 Service Unavailable");
+        let e = check(failing, &health(HealthKind::Http, Some("/healthz"))).await.expect_err("503");
+        assert!(e.contains("503"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_need_a_listener() {
+        let ok = http_server("200 OK");
+        check(ok, &health(HealthKind::Tcp, None)).await.expect("connect");
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let e = check(closed, &health(HealthKind::Tcp, None)).await.expect_err("refused");
+        assert!(e.contains("TCP connect"), "{e}");
+    }
+}
