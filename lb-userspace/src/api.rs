@@ -250,23 +250,23 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Binds the control socket (root only) and serves until `shutdown`.
-pub async fn serve(path: &Path, state: Shared, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+/// Binds the control socket, root only (0600).
+pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| Error::other(format!("creating {}", dir.display()), e))?;
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| Error::other(format!("binding the control socket {}", path.display()), e))?;
+    let listener = UnixListener::bind(path).map_err(|e| Error::other(format!("binding the control socket {} (daemon.control_socket)", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::other("chmod control socket", e))?;
-    let result = axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
-    let _ = std::fs::remove_file(path);
-    result.map_err(|e| Error::other("control API", e))
+    Ok(listener)
 }
 
-/// [`serve`], logging a failure (the daemon keeps running without its API).
-pub async fn serve_logged(path: PathBuf, state: Shared, shutdown: tokio_util::sync::CancellationToken) {
+/// Serves the API on `listener` until `shutdown`, then removes the socket.
+pub async fn serve(listener: UnixListener, path: PathBuf, state: Shared, shutdown: tokio_util::sync::CancellationToken) {
     tracing::info!(socket = %path.display(), "control API listening");
-    if let Err(e) = serve(&path, state, shutdown).await {
-        tracing::error!("{e}");
+    let result = axum::serve(listener, router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    let _ = std::fs::remove_file(&path);
+    if let Err(e) = result {
+        tracing::error!("control API: {e}");
     }
 }

@@ -187,8 +187,9 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
     let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
+    let listener = crate::api::bind(&socket)?;
     let api_stop = shutdown.child_token();
-    let api = tokio::spawn(crate::api::serve_logged(socket, state.clone(), api_stop.clone()));
+    let api = tokio::spawn(crate::api::serve(listener, socket, state.clone(), api_stop.clone()));
     let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;

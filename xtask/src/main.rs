@@ -44,6 +44,8 @@ enum Cmd {
 enum Bench {
     /// Per-packet cost of the XDP program against XDP_PASS and MAC-swap floors.
     Datapath,
+    /// Control plane: applying 100×100, a limit change reaching the datapath, GC of 1M flows, RSS.
+    Control,
 }
 
 fn main() {
@@ -64,17 +66,24 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             test(&args)
         }
-        Cmd::Bench { which: Bench::Datapath } => {
+        Cmd::Bench { which } => {
             setup::run()?;
+            let bin = match which {
+                Bench::Datapath => "bench-datapath",
+                Bench::Control => "bench-control",
+            };
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            // The benchmarks start the sluice binary (the daemon): build it first, in release.
+            build(true)?;
             let status = cargo()
                 .current_dir(&root)
-                .args(["run", "--release", "--package", "sluice-tests", "--bin", "bench-datapath", "--"])
+                .args(["run", "--release", "--package", "sluice-tests", "--bin", bin, "--"])
                 .arg(root.join("BENCHMARKS.md"))
+                .env("SLUICE_BIN", env_target_dir().join("release/sluice"))
                 .status()
-                .context("running the datapath benchmark")?;
+                .with_context(|| format!("running {bin}"))?;
             if !status.success() {
-                bail!("the datapath benchmark failed");
+                bail!("{bin} failed");
             }
             Ok(())
         }

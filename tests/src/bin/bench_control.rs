@@ -1,0 +1,163 @@
+//! `cargo xtask bench control`: the control plane's costs, measured on the real kernel maps.
+//! - applying a config of 100 services × 100 backends from scratch (rings included);
+//! - one limit change: from the apply call until a SYN through the real program sees it;
+//! - a GC sweep over a 1M-entry flow table (scan only, and expiring everything);
+//! - the daemon's resident memory with that config (the real `sluice run` in a namespace).
+//! Writes its section of BENCHMARKS.md.
+
+use std::{fmt::Write as _, path::PathBuf, time::{Duration, Instant}};
+
+use lb_common::{maps, Flow, FlowKey, FLOW_ESTABLISHED};
+use lb_userspace::{
+    config::{self, Timeouts},
+    datapath::LoadOptions,
+    gc,
+    reconcile::Applied,
+};
+use sluice_tests::{
+    netns::{veth, Netns},
+    packet::Pkt,
+    sluice_bin,
+    testrun::XdpRunner,
+    PinDir,
+};
+
+const SERVICES: u32 = 100;
+const BACKENDS: u32 = 100;
+const RING: u32 = 10_007;
+const FLOWS: u32 = 1_000_000;
+
+fn socket_path() -> PathBuf {
+    std::env::temp_dir().join(format!("sluice-bench-{}.sock", std::process::id()))
+}
+
+fn config_text(limit_first: u32, pins: &str) -> String {
+    let mut t = format!(
+        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\n[flows]\ncapacity = {FLOWS}\n",
+        socket_path().display()
+    );
+    for s in 0..SERVICES {
+        write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.{}.{}\"\nport = 80\nproto = \"tcp\"\nring_size = {RING}\n", s / 250, s % 250 + 1).expect("w");
+        for b in 0..BACKENDS {
+            let max = if s == 0 && b == 0 { limit_first } else { 1000 };
+            write!(t, "[[service.backend]]\naddress = \"10.2.{s}.{}\"\nmax_conns = {max}\nmac = \"02:00:00:00:{s:02x}:{b:02x}\"\n", b + 1).expect("w");
+        }
+    }
+    t
+}
+
+fn main() {
+    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let file = std::path::Path::new("bench.toml");
+    let (cfg, _) = config::parse(file, &config_text(1000, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
+    let ring_slots = 4 * SERVICES * RING;
+    let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: FLOWS, ring_slots, ..LoadOptions::default() });
+
+    // 1. Apply 100 × 100 from scratch.
+    let mut applied = Applied::new(ring_slots);
+    let t0 = Instant::now();
+    let changes = applied.apply(&mut x.tables(), &cfg, &|_| None, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    let full_apply = t0.elapsed();
+    assert_eq!(changes.len() as u32, SERVICES * (BACKENDS + 1));
+
+    // 2. One limit change until the datapath enforces it: backend 0 of svc0 holds one
+    //    connection, its max_conns goes 1000 → 1, and the next SYN to it must be refused.
+    let (cfg0, _) = config::parse(file, &config_text(1, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
+    let target = applied.services["svc0"].backends.values().next().expect("backend").clone();
+    let ring = applied.services["svc0"].ring.clone();
+    let mut ports = (1024..u16::MAX).filter(|p| {
+        let key = lb_userspace::explain::flow_key(format!("10.9.0.1:{p}").parse().expect("src"), "10.1.0.1:80".parse().expect("dst"), config::Proto::Tcp);
+        lb_userspace::maglev::first_choice(&ring, &key) == target.id
+    });
+    let (held, port) = (ports.next().expect("a port"), ports.next().expect("another port"));
+    x.run(&Pkt::tcp4(&format!("10.9.0.1:{held}"), "10.1.0.1:80").build());
+    let t0 = Instant::now();
+    applied.apply(&mut x.tables(), &cfg0, &|_| None, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    let out = x.run(&Pkt::tcp4(&format!("10.9.0.1:{port}"), "10.1.0.1:80").build());
+    let one_change = t0.elapsed();
+    assert_eq!(out.data[..6], sluice_tests::packet::CLIENT_MAC, "the SYN right after the change was refused");
+
+    // 3. GC over 1M flows (inserted from userspace: this measures the sweep, not the inserts).
+    let fd = x.tables().fd(maps::FLOWS).expect("fd");
+    let now = gc::now_coarse_ns();
+    {
+        let mut flows: aya::maps::HashMap<_, FlowKey, Flow> =
+            aya::maps::HashMap::try_from(x.ebpf.map_mut(maps::FLOWS).expect("FLOWS")).expect("hash");
+        for i in 0..FLOWS - 1 {
+            let mut k = FlowKey { proto: 6, sport_be: ((i % 60000) as u16).to_be_bytes(), dport_be: 80u16.to_be_bytes(), ..FlowKey::default() };
+            k.src[..4].copy_from_slice(&(0x0a00_0000 + i / 60000).to_be_bytes());
+            k.dst[..4].copy_from_slice(&[10, 1, 0, 1]);
+            let f = Flow { backend_id: target.id, service_id: 0, counted: 0, state: FLOW_ESTABLISHED, last_seen_ns: now, created_ns: now, ..Flow::default() };
+            flows.insert(k, f, 0).expect("insert");
+        }
+    }
+    let conns = x.tables().conn_counters().expect("conns");
+    let t0 = Instant::now();
+    let scan = gc::sweep(fd, &conns, &Timeouts::default(), gc::now_coarse_ns()).expect("sweep");
+    let scan_time = t0.elapsed();
+    assert_eq!(scan.scanned, u64::from(FLOWS));
+    let tiny = Timeouts { syn: Duration::from_nanos(1), established: Duration::from_nanos(1), closing: Duration::from_nanos(1), udp: Duration::from_nanos(1) };
+    std::thread::sleep(Duration::from_millis(20));
+    let t0 = Instant::now();
+    let expire = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns()).expect("sweep");
+    let expire_time = t0.elapsed();
+    assert_eq!(expire.expired, u64::from(FLOWS));
+    drop(conns);
+    drop(x);
+
+    // 4. The real daemon's memory with this config.
+    let rss = daemon_rss();
+
+    let mut table = String::new();
+    table.push_str("| measurement | result |\n|---|---:|\n");
+    writeln!(table, "| apply {SERVICES} services × {BACKENDS} backends from scratch (rings of {RING}) | {:.0} ms |", full_apply.as_secs_f64() * 1e3).expect("w");
+    writeln!(table, "| one `max_conns` change: apply call → a SYN through the program is refused | {:.2} ms |", one_change.as_secs_f64() * 1e3).expect("w");
+    writeln!(table, "| GC sweep of {FLOWS} flows, nothing idle (batched scan) | {:.0} ms |", scan_time.as_secs_f64() * 1e3).expect("w");
+    writeln!(table, "| GC sweep of {FLOWS} flows, all idle (scan + lookup-and-delete each) | {:.0} ms |", expire_time.as_secs_f64() * 1e3).expect("w");
+    writeln!(table, "| daemon resident memory with that config (VmRSS) | {:.1} MiB |", rss as f64 / 1024.0).expect("w");
+    println!("{table}");
+    let section = format!(
+        "<!-- bench-control:begin -->\n## Control plane (`cargo xtask bench control`)\n\n\
+         Applies and GC run against the real kernel maps of a loaded (not attached) program; the\n\
+         memory figure is the real `sluice run --config` in a network namespace. Single runs.\n\n{table}\n<!-- bench-control:end -->\n\n"
+    );
+    let existing = std::fs::read_to_string(&out_path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
+    let updated = match (existing.find("<!-- bench-control:begin -->"), existing.find("<!-- bench-control:end -->")) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &existing[..a], existing[b + "<!-- bench-control:end -->\n".len()..].trim_start_matches('\n')),
+        _ => format!("{}\n\n{section}", existing.trim_end()),
+    };
+    std::fs::write(&out_path, updated).expect("write BENCHMARKS.md");
+    println!("wrote {}", out_path.display());
+}
+
+/// Starts `sluice run --config` with the 100 × 100 config on a veth in a private namespace and
+/// reads its VmRSS (KiB) once it serves.
+fn daemon_rss() -> u64 {
+    let lb = Netns::new("benchlb");
+    let peer = Netns::new("benchpeer");
+    veth(&lb, "lb0", &peer, "p0");
+    let pins = PinDir::new();
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("bench.toml");
+    std::fs::write(&cfg, config_text(1000, pins.0.to_str().expect("utf-8"))).expect("write");
+    let mut d = lb.spawn(lb.command(sluice_bin()).arg("run").arg("--config").arg(&cfg));
+    let sock = socket_path();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !sock.exists() {
+        if let Some(out) = d.exited() {
+            panic!("daemon exited: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.id())).unwrap_or_default();
+    // The spawned process is nsenter, which execs sluice in place: same pid.
+    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let _ = d.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
+    let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&sock);
+    rss
+}
