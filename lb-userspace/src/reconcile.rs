@@ -79,6 +79,9 @@ pub struct AppliedService {
     /// Which half is live (0 or 1).
     pub half: u32,
     pub ring: Vec<u32>,
+    /// The members `ring` was built from; an unchanged list skips the rebuild.
+    #[serde(skip)]
+    pub ring_members: Vec<RingBackend>,
     pub backends: BTreeMap<IpAddr, AppliedBackend>,
 }
 
@@ -184,7 +187,8 @@ impl Applied {
                 });
             }
             me.regions.insert(region, 2 * size);
-            me.services.insert(c.name.clone(), AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, backends: bs });
+            // ring_members stays empty: the first apply after a restart rebuilds and compares.
+            me.services.insert(c.name.clone(), AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, ring_members: Vec::new(), backends: bs });
         }
         Ok(me)
     }
@@ -273,7 +277,7 @@ impl Applied {
                 } else {
                     format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
                 }));
-                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Vec::new(), backends: BTreeMap::new() });
+                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Vec::new(), ring_members: Vec::new(), backends: BTreeMap::new() });
             }
             let s = next.get_mut(&c.name).expect("inserted");
             if !fresh && s.cfg.mode != c.mode {
@@ -347,7 +351,12 @@ impl Applied {
 
         // ---- write: backends, rings, services, removals ----
         for s in next.values() {
+            let before = self.services.get(&s.name).filter(|o| o.id == s.id);
             for b in s.backends.values() {
+                // Unchanged backends are not rewritten (one syscall each adds up at 10,000).
+                if before.and_then(|o| o.backends.get(&b.address)) == Some(b) {
+                    continue;
+                }
                 let (addr, family) = addr16(b.address);
                 t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: b.state, max_conns: b.max_conns, service_id: s.id })?;
             }
@@ -359,7 +368,13 @@ impl Applied {
                 .filter(|b| b.state == BACKEND_ACTIVE && !b.removed)
                 .map(|b| RingBackend { id: b.id, key: b.address.to_string(), weight: b.weight })
                 .collect();
-            let ring = maglev::build(&members, s.cfg.ring_size);
+            // Building a ring costs O(size); skip it when its inputs did not change.
+            let ring = if members == s.ring_members && s.ring.len() == s.cfg.ring_size as usize {
+                s.ring.clone()
+            } else {
+                maglev::build(&members, s.cfg.ring_size)
+            };
+            s.ring_members = members;
             let service_changed = self.services.get(&s.name).is_none_or(|old| old.id != s.id || old.cfg != s.cfg);
             if ring != s.ring || service_changed {
                 if ring != s.ring {
