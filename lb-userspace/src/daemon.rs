@@ -57,6 +57,20 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     }
 }
 
+/// MACs of the `l2dsr` backends whose config gives none, from the neighbour table.
+async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, [u8; 6]>, Error> {
+    let need: Vec<IpAddr> = cfg
+        .services
+        .iter()
+        .filter(|s| s.mode == Mode::L2dsr)
+        .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
+        .collect();
+    if need.is_empty() {
+        return Ok(Default::default());
+    }
+    neigh::resolve(&need, Duration::from_secs(3)).await
+}
+
 /// Everything the daemon owns, shared by its loops and the control API.
 pub struct State {
     pub cfg_path: PathBuf,
@@ -75,13 +89,7 @@ pub struct State {
 impl State {
     /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need.
     pub async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
-        let need: Vec<IpAddr> = cfg
-            .services
-            .iter()
-            .filter(|s| s.mode == Mode::L2dsr)
-            .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
-            .collect();
-        let macs = if need.is_empty() { Default::default() } else { neigh::resolve(&need, Duration::from_secs(3)).await? };
+        let macs = backend_macs(&cfg).await?;
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
@@ -93,13 +101,7 @@ impl State {
 
     /// What applying `cfg` would change (no writes).
     pub async fn plan(state: &Arc<Mutex<Self>>, cfg: &Config) -> Result<Vec<Change>, Error> {
-        let need: Vec<IpAddr> = cfg
-            .services
-            .iter()
-            .filter(|s| s.mode == Mode::L2dsr)
-            .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
-            .collect();
-        let macs = if need.is_empty() { Default::default() } else { neigh::resolve(&need, Duration::from_secs(3)).await? };
+        let macs = backend_macs(cfg).await?;
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();

@@ -64,3 +64,16 @@ impl Drop for PinDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Replaces the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of a markdown
+/// file (BENCHMARKS.md) with `body`, or appends it; text outside the markers is kept.
+pub fn write_section(path: &Path, name: &str, body: &str) {
+    let (begin, end) = (format!("<!-- {name}:begin -->"), format!("<!-- {name}:end -->"));
+    let section = format!("{begin}\n{body}\n{end}\n\n");
+    let existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
+    let updated = match (existing.find(&begin), existing.find(&end)) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &existing[..a], existing[b + end.len()..].trim_start_matches('\n')),
+        _ => format!("{}\n\n{section}", existing.trim_end()),
+    };
+    std::fs::write(path, updated).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}

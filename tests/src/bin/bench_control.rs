@@ -116,17 +116,12 @@ fn main() {
     writeln!(table, "| GC sweep of {FLOWS} flows, all idle (scan + lookup-and-delete each) | {:.0} ms |", expire_time.as_secs_f64() * 1e3).expect("w");
     writeln!(table, "| daemon resident memory with that config (VmRSS) | {:.1} MiB |", rss as f64 / 1024.0).expect("w");
     println!("{table}");
-    let section = format!(
-        "<!-- bench-control:begin -->\n## Control plane (`cargo xtask bench control`)\n\n\
+    let body = format!(
+        "## Control plane (`cargo xtask bench control`)\n\n\
          Applies and GC run against the real kernel maps of a loaded (not attached) program; the\n\
-         memory figure is the real `sluice run --config` in a network namespace. Single runs.\n\n{table}\n<!-- bench-control:end -->\n\n"
+         memory figure is the real `sluice run --config` in a network namespace. Single runs.\n\n{table}"
     );
-    let existing = std::fs::read_to_string(&out_path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
-    let updated = match (existing.find("<!-- bench-control:begin -->"), existing.find("<!-- bench-control:end -->")) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &existing[..a], existing[b + "<!-- bench-control:end -->\n".len()..].trim_start_matches('\n')),
-        _ => format!("{}\n\n{section}", existing.trim_end()),
-    };
-    std::fs::write(&out_path, updated).expect("write BENCHMARKS.md");
+    sluice_tests::write_section(&out_path, "bench-control", &body);
     println!("wrote {}", out_path.display());
 }
 

@@ -136,21 +136,15 @@ fn main() {
     println!("{table}");
 
     let machine = machine();
-    let section = format!(
-        "<!-- bench-datapath:begin -->\n## Datapath (`cargo xtask bench datapath`)\n\n{machine}\n\
+    let body = format!(
+        "## Datapath (`cargo xtask bench datapath`)\n\n{machine}\n\
          {ROUNDS} rounds × {PER_ROUND} packets per case, the cases interleaved within each round; ns are\n\
          medians over rounds, ratios are taken within a round (case ÷ XDP_PASS floor) and then the median.\n\
          *single-shot*: median of the kernel-measured duration of `BPF_PROG_TEST_RUN` with `repeat = 1`\n\
          (includes the test-run harness's own per-call overhead). *prog-stats*: the kernel's per-program\n\
-         `run_time_ns / run_cnt` (BPF_ENABLE_STATS) over the same runs: the program alone.\n\n{table}\n\
-         <!-- bench-datapath:end -->\n\n"
+         `run_time_ns / run_cnt` (BPF_ENABLE_STATS) over the same runs: the program alone.\n\n{table}"
     );
-    let existing = std::fs::read_to_string(&out_path).unwrap_or_else(|_| "# Sluice benchmarks\n\n".into());
-    let updated = match (existing.find("<!-- bench-datapath:begin -->"), existing.find("<!-- bench-datapath:end -->")) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &existing[..a], existing[b + "<!-- bench-datapath:end -->\n".len()..].trim_start_matches('\n')),
-        _ => format!("{}\n{section}", existing.trim_end()),
-    };
-    std::fs::write(&out_path, updated).expect("write BENCHMARKS.md");
+    sluice_tests::write_section(&out_path, "bench-datapath", &body);
     println!("wrote {}", out_path.display());
 }
 
