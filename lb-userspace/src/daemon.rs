@@ -6,7 +6,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_common::{maps, Config as DpConfig, DEFAULT_RING_SLOTS, FRAGMENTS_DROP, FRAGMENTS_PASS, ICMP_ECHO_PASS, ICMP_ECHO_REPLY};
@@ -26,8 +26,10 @@ use crate::{
     Error,
 };
 
-/// How often the reconciliation pass runs, in GC ticks (one per second).
+/// How often the reconciliation pass runs, in ticks (one per second).
 const RECONCILE_EVERY: u64 = 10;
+/// GC waits this many times as long as its last sweep took (at least a second).
+const GC_DUTY_INVERSE: u32 = 20;
 
 /// The datapath's load-time options from a config.
 pub fn load_options(cfg: &Config) -> LoadOptions {
@@ -80,6 +82,7 @@ pub struct State {
     pub applied: Applied,
     pub reconciler: Reconciler,
     pub last_sweep: Sweep,
+    next_gc: Instant,
     pub last_drift: Vec<Drift>,
     pub checks: health::Checks,
     health_tx: mpsc::UnboundedSender<health::Transition>,
@@ -110,9 +113,15 @@ impl State {
 
     fn tick(&mut self, n: u64) -> Result<(), Error> {
         let fd = self.dp.tables().fd(maps::FLOWS)?;
-        self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns()).map_err(|e| Error::other("flow GC", e))?;
-        if self.last_sweep.expired > 0 {
-            tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, "flow GC");
+        let now = Instant::now();
+        if now >= self.next_gc {
+            self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns()).map_err(|e| Error::other("flow GC", e))?;
+            // Keep GC under ~5 % of a core: a sweep that took T waits at least 20 T.
+            let took = now.elapsed();
+            self.next_gc = now + (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
+            if self.last_sweep.expired > 0 {
+                tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
+            }
         }
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
@@ -161,6 +170,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         applied,
         reconciler: Reconciler::default(),
         last_sweep: Sweep::default(),
+        next_gc: Instant::now(),
         last_drift: Vec::new(),
         checks: health::Checks::default(),
         health_tx,
