@@ -202,6 +202,8 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let listener = crate::api::bind(&socket)?;
     let api_stop = shutdown.child_token();
     let api = tokio::spawn(crate::api::serve(listener, socket, state.clone(), api_stop.clone()));
+    let metrics_addr = state.lock().expect("state lock").cfg.daemon.metrics_listen;
+    let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, state.clone(), api_stop.clone()));
     let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut n = 0u64;
@@ -242,5 +244,8 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     }
     api_stop.cancel();
     let _ = api.await;
+    if let Ok(Err(e)) = metrics.await {
+        tracing::error!("{e}");
+    }
     Ok(())
 }

@@ -13,6 +13,7 @@ pub mod explain;
 pub mod gc;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod neigh;
 pub mod reconcile;
 pub mod stats;

@@ -182,6 +182,18 @@ impl Lab {
         })
     }
 
+    /// `GET /metrics` from the daemon (it listens on 127.0.0.1:9477 inside the lb namespace).
+    pub fn metrics(&self) -> String {
+        self.lb.run(|| {
+            let mut s = TcpStream::connect("127.0.0.1:9477").expect("metrics endpoint");
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+            let mut body = String::new();
+            s.read_to_string(&mut body).expect("response");
+            assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{}", body.lines().next().unwrap_or(""));
+            body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+        })
+    }
+
     /// `sluice detach` for this lab's pins (the daemon leaves the datapath running on exit).
     pub fn detach(&self) {
         let out = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&self.pins.0).output().expect("sluice detach");

@@ -7,6 +7,20 @@
 use std::{io::Write as _, os::unix::fs::PermissionsExt as _, time::{Duration, Instant}};
 
 use nix::sys::signal::Signal;
+
+trait WithStdin {
+    /// Runs with `input` on stdin: (success, stdout + stderr).
+    fn output_with_stdin(&mut self, input: &[u8]) -> (bool, String);
+}
+
+impl WithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (bool, String) {
+        let mut child = self.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        let out = child.wait_with_output().expect("wait");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
 use sluice_tests::l2lab::{Lab, VIP};
 
 #[test]
@@ -42,6 +56,29 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
         }
     }
     drop(others);
+
+    // /metrics shows it: 2 of 2 open, saturation 1, the refusals counted with their reason;
+    // and the exposition passes promtool.
+    let m = lab.metrics();
+    for line in [
+        "sluice_backend_open_connections{backend=\"10.70.0.13\",service=\"web\"} 2",
+        "sluice_backend_max_connections{backend=\"10.70.0.13\",service=\"web\"} 2",
+        "sluice_backend_saturation_ratio{backend=\"10.70.0.13\",service=\"web\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line}:\n{m}");
+    }
+    let refused_metric = m
+        .lines()
+        .find(|l| l.starts_with("sluice_refusals_total{backend=\"10.70.0.13\",reason=\"backend_limit\",service=\"web\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(refused_metric, Some(refused), "refusals counted exactly");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(m.as_bytes());
+    assert!(promtool.0, "promtool check metrics: {}", promtool.1);
+    promtool.1.clear();
 
     // The control API (root only) shows backend-3 at its limit and explains the refusal.
     let mode = std::fs::metadata(lab.socket()).expect("control socket").permissions().mode() & 0o777;

@@ -16,6 +16,7 @@ use anyhow::{bail, Context as _, Result};
 /// `-Z build-std=core` on bpfel (rustup's nightly has no rust-src here).
 /// llvm-22-dev, libpolly-22-dev, libzstd-dev: to build bpf-linker against LLVM 22.
 /// bpftool, iproute2, ethtool, util-linux (nsenter): operating and testing the datapath.
+/// prometheus: for `promtool check metrics` in the tests.
 pub const PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -27,6 +28,7 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
     "util-linux",
+    "prometheus",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,109 @@
+//! Prometheus metrics (`GET /metrics` on `daemon.metrics_listen`, loopback by default), in the
+//! classic text exposition format so `promtool check metrics` accepts it. Values are read from
+//! the datapath's maps at scrape time; nothing is cached.
+
+use std::net::SocketAddr;
+
+use lb_common::{maps, Reason, TrafficStats};
+use axum::response::{IntoResponse as _, Response};
+use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::{api::Shared, gc, reconcile::state_name, stats, Error};
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+/// Renders every metric from the current state of the datapath and the daemon.
+pub fn render(state: &Shared) -> Result<String, Error> {
+    let r = Registry::new();
+    let open = int_gauge(&r, "sluice_backend_open_connections", "Open connections the load balancer counts on a backend (shared exact counter).", &["service", "backend"]);
+    let max = int_gauge(&r, "sluice_backend_max_connections", "The backend's connection limit (config key service.backend.max_conns).", &["service", "backend"]);
+    let sat = gauge(&r, "sluice_backend_saturation_ratio", "Open connections divided by max_conns; 1 means new connections to it are refused.", &["service", "backend"]);
+    let up = int_gauge(&r, "sluice_backend_up", "1 if the backend takes new connections (active), 0 if draining or down.", &["service", "backend"]);
+    let bstate = int_gauge(&r, "sluice_backend_state", "1 for the backend's current state (active, draining, down).", &["service", "backend", "state"]);
+    let refusals = counter(&r, "sluice_refusals_total", "New connections refused by the load balancer, by reason.", &["service", "backend", "reason"]);
+    let packets = counter(&r, "sluice_backend_packets_total", "Packets forwarded to the backend.", &["service", "backend"]);
+    let bytes = counter(&r, "sluice_backend_bytes_total", "Bytes forwarded to the backend.", &["service", "backend"]);
+    let new_flows = counter(&r, "sluice_backend_new_flows_total", "New flows admitted to the backend.", &["service", "backend"]);
+    let adopted = counter(&r, "sluice_backend_adopted_flows_total", "Mid-stream flows adopted onto the backend (no flow entry found).", &["service", "backend"]);
+    let drift = counter(&r, "sluice_drift_corrected_connections_total", "Connections by which the shared counter disagreed with the flow table and was corrected.", &["service", "backend"]);
+    let flows = int_gauge(&r, "sluice_flow_table_entries", "Flows in the flow table.", &[]);
+    let capacity = int_gauge(&r, "sluice_flow_table_capacity", "Flows the table holds (config key flows.capacity); a full table refuses new flows.", &[]);
+    let dp_packets = counter(&r, "sluice_datapath_packets_total", "Packets seen by the XDP program, by outcome.", &["outcome"]);
+    let dp_bytes = counter(&r, "sluice_datapath_bytes_total", "Bytes seen by the XDP program, by outcome.", &["outcome"]);
+
+    let mut st = state.lock().expect("state lock");
+    let st = &mut *st;
+    let t = st.dp.tables();
+    let snapshot = stats::read(&t.stats_map()?)?;
+    for o in &snapshot.outcomes {
+        dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
+        dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
+    }
+    flows.with_label_values::<&str>(&[]).set(gc::count_all(t.fd(maps::FLOWS)?).map_err(|e| Error::other("counting flows", e))? as i64);
+    capacity.with_label_values::<&str>(&[]).set(i64::from(t.max_entries(maps::FLOWS)?));
+    for s in st.applied.services.values() {
+        for b in s.backends.values() {
+            let addr = b.address.to_string();
+            let l = [s.name.as_str(), addr.as_str()];
+            let n = st.conns.get(b.id);
+            open.with_label_values(&l).set(n as i64);
+            max.with_label_values(&l).set(i64::from(b.max_conns));
+            sat.with_label_values(&l).set(if b.max_conns == 0 { 1.0 } else { n as f64 / f64::from(b.max_conns) });
+            up.with_label_values(&l).set(i64::from(state_name(b.state) == "active"));
+            for name in ["active", "draining", "down"] {
+                bstate.with_label_values(&[s.name.as_str(), addr.as_str(), name]).set(i64::from(state_name(b.state) == name));
+            }
+            let ts: TrafficStats = t.backend_stats(b.id)?;
+            packets.with_label_values(&l).inc_by(ts.packets);
+            bytes.with_label_values(&l).inc_by(ts.bytes);
+            new_flows.with_label_values(&l).inc_by(ts.new_flows);
+            adopted.with_label_values(&l).inc_by(ts.adopted);
+            for reason in Reason::ALL {
+                refusals.with_label_values(&[s.name.as_str(), addr.as_str(), reason.name()]).inc_by(ts.refused.get(*reason));
+            }
+            drift.with_label_values(&l).inc_by(st.reconciler.corrections.get(&b.id).copied().unwrap_or(0));
+        }
+        // Refusals with no backend to charge them to (no_backend, fragment, malformed) are
+        // counted on the service: take what its backends did not account for.
+        let svc = t.service_stats(s.id)?;
+        for reason in Reason::ALL {
+            let on_backends: u64 = s.backends.values().map(|b| t.backend_stats(b.id).map(|x| x.refused.get(*reason)).unwrap_or(0)).sum();
+            let rest = svc.refused.get(*reason).saturating_sub(on_backends);
+            refusals.with_label_values(&[s.name.as_str(), "", reason.name()]).inc_by(rest);
+        }
+    }
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| Error::other("encoding metrics", e))?;
+    Ok(String::from_utf8(out).expect("text format is UTF-8"))
+}
+
+/// Serves `/metrics` on `addr` until `shutdown`.
+pub async fn serve(addr: SocketAddr, state: Shared, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(state);
+    tracing::info!(%addr, "metrics on /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await.map_err(|e| Error::other("metrics endpoint", e))
+}
+
+async fn scrape(axum::extract::State(st): axum::extract::State<Shared>) -> Response {
+    match render(&st) {
+        Ok(body) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
