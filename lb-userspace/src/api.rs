@@ -79,6 +79,7 @@ pub struct StatusReport {
     pub flow_capacity: u32,
     pub last_sweep: Sweep,
     pub last_drift: Vec<Drift>,
+    pub alerts_firing: Vec<crate::alerts::Notification>,
     pub outcomes: stats::Snapshot,
 }
 
@@ -118,6 +119,7 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
         flow_capacity: st.cfg.flows.capacity,
         last_sweep: st.last_sweep,
         last_drift: st.last_drift.clone(),
+        alerts_firing: st.firing.clone(),
         outcomes,
     }))
 }

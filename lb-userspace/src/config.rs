@@ -30,6 +30,8 @@ pub struct Config {
     pub datapath: Datapath,
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceCfg>,
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsCfg,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -325,7 +327,7 @@ pub enum HealthKind {
 }
 
 /// Durations are written as strings: "500ms", "10s", "2h".
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("\"{s}\" is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")))
 }
@@ -444,6 +446,13 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {
         warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));
+    }
+    let a = &cfg.alerts;
+    if !(0.0..1.0).contains(&a.near_limit_ratio) || a.near_limit_ratio == 0.0 {
+        err("alerts.near_limit_ratio".into(), format!("{} must be between 0 and 1 (e.g. 0.8)", a.near_limit_ratio));
+    }
+    if !(0.0..=1.0).contains(&a.flow_table_ratio) || a.flow_table_ratio == 0.0 {
+        err("alerts.flow_table_ratio".into(), format!("{} must be between 0 and 1 (e.g. 0.9)", a.flow_table_ratio));
     }
     if cfg.flows.capacity == 0 {
         err("flows.capacity".into(), "must be at least 1".into());

@@ -21,7 +21,7 @@ use crate::{
     conns::ConnCounters,
     datapath::{AttachMode, Datapath, LoadOptions},
     gc::{self, Drift, Reconciler, Sweep},
-    health, neigh,
+    alerts, health, neigh,
     reconcile::{Applied, Change},
     Error,
 };
@@ -85,6 +85,9 @@ pub struct State {
     next_gc: Instant,
     pub last_drift: Vec<Drift>,
     pub checks: health::Checks,
+    pub alerts: alerts::Engine,
+    /// Alerts firing now, as last notified.
+    pub firing: Vec<alerts::Notification>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
 }
@@ -98,6 +101,10 @@ impl State {
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let changes = st.applied.apply(&mut st.dp.tables(), &cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
+        if cfg.alerts != st.cfg.alerts {
+            st.alerts = alerts::Engine::new(cfg.alerts.clone());
+            st.firing.clear();
+        }
         st.cfg = cfg;
         Ok(changes)
     }
@@ -109,6 +116,45 @@ impl State {
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         st.applied.plan(&mut st.dp.tables(), cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))
+    }
+
+    /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
+    fn evaluate_alerts(&mut self) -> Result<(), Error> {
+        let mut backends = Vec::new();
+        let mut drift = std::collections::BTreeMap::new();
+        let t = self.dp.tables();
+        for s in self.applied.services.values() {
+            for b in s.backends.values().filter(|b| !b.removed) {
+                let stats = t.backend_stats(b.id)?;
+                let refused = lb_common::Reason::ALL.iter().map(|r| (r.name(), stats.refused.get(*r))).collect();
+                backends.push(alerts::BackendSample {
+                    service: s.name.clone(),
+                    backend: b.address.to_string(),
+                    open: self.conns.get(b.id),
+                    max_conns: b.max_conns,
+                    active: b.state == lb_common::BACKEND_ACTIVE,
+                    refused,
+                });
+                if let Some(c) = self.reconciler.corrections.get(&b.id) {
+                    drift.insert(b.address.to_string(), *c);
+                }
+            }
+        }
+        let capacity = u64::from(t.max_entries(maps::FLOWS)?);
+        let sample = alerts::Sample { backends, flows: self.last_sweep.scanned, flow_capacity: capacity, drift, config_file: self.cfg_path.display().to_string() };
+        for n in self.alerts.evaluate(Instant::now(), &sample) {
+            match n.status {
+                alerts::Status::Firing => {
+                    tracing::warn!(alert = n.alertname, severity = n.severity, "FIRING: {} — {}", n.summary, n.description);
+                    self.firing.push(n);
+                }
+                alerts::Status::Resolved => {
+                    tracing::info!(alert = n.alertname, "{}", n.summary);
+                    self.firing.retain(|f| !(f.alertname == n.alertname && f.labels == n.labels));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn tick(&mut self, n: u64) -> Result<(), Error> {
@@ -123,6 +169,7 @@ impl State {
                 tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
             }
         }
+        self.evaluate_alerts()?;
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
             self.last_drift = self.reconciler.pass(fd, &self.conns, ids).map_err(|e| Error::other("reconciliation", e))?;
@@ -173,6 +220,8 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         next_gc: Instant::now(),
         last_drift: Vec::new(),
         checks: health::Checks::default(),
+        alerts: alerts::Engine::new(cfg.alerts.clone()),
+        firing: Vec::new(),
         health_tx,
         health_rx: Some(health_rx),
     }));

@@ -1,6 +1,7 @@
 //! Sluice's userspace: loading and pinning the XDP datapath, reading its counters, and the
 //! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
 
+pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -47,8 +47,13 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let dp_packets = counter(&r, "sluice_datapath_packets_total", "Packets seen by the XDP program, by outcome.", &["outcome"]);
     let dp_bytes = counter(&r, "sluice_datapath_bytes_total", "Bytes seen by the XDP program, by outcome.", &["outcome"]);
 
+    let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now.", &["alertname", "service", "backend", "severity"]);
     let mut st = state.lock().expect("state lock");
     let st = &mut *st;
+    for n in &st.firing {
+        let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
+        firing.with_label_values(&[n.alertname.to_owned(), get("service"), get("backend"), n.severity.to_owned()]).set(1);
+    }
     let t = st.dp.tables();
     let snapshot = stats::read(&t.stats_map()?)?;
     for o in &snapshot.outcomes {

@@ -80,6 +80,13 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(promtool.0, "promtool check metrics: {}", promtool.1);
     promtool.1.clear();
 
+    // The alert fires within seconds, saying it is the load balancer and naming the setting.
+    sluice_tests::l2lab::wait_for("the at-limit alert", || lab.ctl(&["status", "--json"]).1.contains("SluiceBackendAtLimit"));
+    let (_, out, _) = lab.ctl(&["status"]);
+    let alert = out.lines().skip_while(|l| !l.contains("ALERT SluiceBackendAtLimit")).take(2).collect::<Vec<_>>().join("\n");
+    assert!(alert.contains("Sluice load balancer") && alert.contains("10.70.0.13") && alert.contains("max_conns` in") && alert.contains("2 of 2 open"), "{out}");
+    assert!(lab.metrics().contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\",backend=\"10.70.0.13\""), "alert in /metrics");
+
     // The control API (root only) shows backend-3 at its limit and explains the refusal.
     let mode = std::fs::metadata(lab.socket()).expect("control socket").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the control socket is root-only");

@@ -23,6 +23,10 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
         }
         println!("sluice on {} (config {}), {} flows of {}", v["interface"].as_str().unwrap_or(""), v["config"].as_str().unwrap_or(""), v["flows"], v["flow_capacity"]);
         super::ctl::print_services(&v["services"]);
+        for a in v["alerts_firing"].as_array().into_iter().flatten() {
+            println!("ALERT {} [{}]: {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or(""));
+            println!("      {}", a["description"].as_str().unwrap_or(""));
+        }
         for d in v["last_drift"].as_array().into_iter().flatten() {
             println!("drift: backend id {} counter {} vs {} flows{}", d["backend_id"], d["counter"], d["flows"], if d["corrected"].as_bool() == Some(true) { " (corrected)" } else { "" });
         }

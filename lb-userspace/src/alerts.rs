@@ -1,0 +1,364 @@
+//! The alert engine: rules evaluated every interval over a sample of the counters, with
+//! hysteresis (fire after a condition held for `fire_after`, resolve after it stayed false for
+//! `resolve_after`). Every message says that the component is the Sluice load balancer, names
+//! the service, the backend and the config key behind the limit, gives the numbers, and one
+//! line on what to do — the corrective action of the 2023-05-05 incident.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// `[alerts]` in the config file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsCfg {
+    /// Name of this load balancer in messages (default: the host name).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "d_fire", deserialize_with = "crate::config::duration")]
+    pub fire_after: Duration,
+    #[serde(default = "d_resolve", deserialize_with = "crate::config::duration")]
+    pub resolve_after: Duration,
+    /// A backend is "near its limit" at this share of max_conns.
+    #[serde(default = "d_near")]
+    pub near_limit_ratio: f64,
+    /// The flow table is "near full" at this share of its capacity.
+    #[serde(default = "d_table")]
+    pub flow_table_ratio: f64,
+    /// Warn when the open-connection trend reaches max_conns within this horizon.
+    #[serde(default = "d_horizon", deserialize_with = "crate::config::duration")]
+    pub forecast_horizon: Duration,
+}
+
+fn d_fire() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_resolve() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_near() -> f64 {
+    0.8
+}
+fn d_table() -> f64 {
+    0.9
+}
+fn d_horizon() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for AlertsCfg {
+    fn default() -> Self {
+        Self { name: None, fire_after: d_fire(), resolve_after: d_resolve(), near_limit_ratio: d_near(), flow_table_ratio: d_table(), forecast_horizon: d_horizon() }
+    }
+}
+
+/// One backend at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendSample {
+    pub service: String,
+    pub backend: String,
+    pub open: u64,
+    pub max_conns: u32,
+    pub active: bool,
+    /// Refusals charged to this backend so far, by reason name.
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+/// What the engine looks at each interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sample {
+    pub backends: Vec<BackendSample>,
+    pub flows: u64,
+    pub flow_capacity: u64,
+    /// Connections corrected by reconciliation so far, by backend address.
+    pub drift: BTreeMap<String, u64>,
+    /// The config file, named in messages.
+    pub config_file: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Firing,
+    Resolved,
+}
+
+/// A notification for the sinks (log, webhook, command).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Notification {
+    pub status: Status,
+    pub alertname: &'static str,
+    pub severity: &'static str,
+    pub labels: BTreeMap<String, String>,
+    pub summary: String,
+    pub description: String,
+}
+
+#[derive(Clone, Debug, Default)]
+struct RuleState {
+    true_since: Option<Instant>,
+    false_since: Option<Instant>,
+    firing: bool,
+    last: Option<(String, String)>,
+}
+
+/// The engine: evaluation state between samples.
+pub struct Engine {
+    cfg: AlertsCfg,
+    name: String,
+    rules: BTreeMap<(String, Vec<(String, String)>), RuleState>,
+    prev: Option<(Instant, Sample)>,
+}
+
+impl Engine {
+    pub fn new(cfg: AlertsCfg) -> Self {
+        let name = cfg.name.clone().unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "sluice".into()));
+        Self { cfg, name, rules: BTreeMap::new(), prev: None }
+    }
+
+    /// Evaluates `s` taken at `now`; returns what started firing or resolved.
+    #[expect(clippy::too_many_lines, reason = "one rule after another")]
+    pub fn evaluate(&mut self, now: Instant, s: &Sample) -> Vec<Notification> {
+        let lb = self.name.clone();
+        let file = s.config_file.clone();
+        let mut conds: Vec<(&'static str, &'static str, Vec<(String, String)>, bool, String, String)> = Vec::new();
+        let dt = self.prev.as_ref().map(|(t, _)| now.duration_since(*t));
+        let prev_b = |svc: &str, be: &str| self.prev.as_ref().and_then(|(_, p)| p.backends.iter().find(|b| b.service == svc && b.backend == be).cloned());
+        let key_of = |svc: &str, be: &str| format!("`service \"{svc}\" backend {be} max_conns` in {file}");
+        for b in &s.backends {
+            let labels = vec![("service".to_owned(), b.service.clone()), ("backend".to_owned(), b.backend.clone())];
+            let max = u64::from(b.max_conns);
+            let ratio = if max == 0 { 1.0 } else { b.open as f64 / max as f64 };
+            let key = key_of(&b.service, &b.backend);
+            conds.push((
+                "SluiceBackendAtLimit",
+                "critical",
+                labels.clone(),
+                b.open >= max,
+                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at its connection limit ({} of {max} open)", b.backend, b.service, b.open),
+                format!(
+                    "The load balancer (not the backend, not the database) refuses new connections to {} because {} = {max} and {} are open. Next: raise the limit (`sluice backend set-limit {} {} N`, then in {file}) or add backends.",
+                    b.backend, key, b.open, b.service, b.backend
+                ),
+            ));
+            conds.push((
+                "SluiceBackendNearLimit",
+                "warning",
+                labels.clone(),
+                ratio >= self.cfg.near_limit_ratio && b.open < max,
+                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({} of {max})", b.backend, b.service, ratio * 100.0, b.open),
+                format!("At {max} open connections the load balancer will refuse new ones ({key}). Next: check whether the limit fits today's traffic."),
+            ));
+            let prev = prev_b(&b.service, &b.backend);
+            for (reason, total) in &b.refused {
+                let before = prev.as_ref().and_then(|p| p.refused.get(reason).copied()).unwrap_or(*total);
+                let new = total.saturating_sub(before);
+                let mut l = labels.clone();
+                l.push(("reason".to_owned(), (*reason).to_owned()));
+                conds.push((
+                    "SluiceRefusingConnections",
+                    "critical",
+                    l,
+                    new > 0,
+                    format!("Sluice load balancer {lb} is refusing connections to service \"{}\" backend {} ({reason}): {new} in the last {:.0?}", b.service, b.backend, dt.unwrap_or_default()),
+                    format!(
+                        "Clients get a connection reset from the load balancer. Reason {reason}; the backend has {} of max_conns = {max} open ({key}). Next: `sluice explain` a client address, then raise the limit or add capacity.",
+                        b.open
+                    ),
+                ));
+            }
+            // Time to saturation: a linear trend of open connections.
+            if let (Some(p), Some(dt)) = (prev, dt) {
+                let growth = b.open as f64 - p.open as f64;
+                if growth > 0.0 && b.open < max && !dt.is_zero() {
+                    let secs = (max - b.open) as f64 / (growth / dt.as_secs_f64());
+                    conds.push((
+                        "SluiceBackendSaturationForecast",
+                        "warning",
+                        labels.clone(),
+                        secs <= self.cfg.forecast_horizon.as_secs_f64(),
+                        format!("Sluice load balancer {lb}: backend {} of service \"{}\" reaches its limit in about {secs:.0} s at the current rate", b.backend, b.service),
+                        format!("{} of {max} open and rising {:.1}/s; at the limit the load balancer refuses new connections ({key}). Next: raise the limit or add backends before then.", b.open, growth / dt.as_secs_f64()),
+                    ));
+                } else {
+                    conds.push(("SluiceBackendSaturationForecast", "warning", labels.clone(), false, String::new(), String::new()));
+                }
+            }
+        }
+        let mut services: BTreeMap<&str, Vec<&BackendSample>> = BTreeMap::new();
+        for b in &s.backends {
+            services.entry(b.service.as_str()).or_default().push(b);
+        }
+        for (svc, bs) in services {
+            let labels = vec![("service".to_owned(), svc.to_owned())];
+            let active: Vec<&&BackendSample> = bs.iter().filter(|b| b.active).collect();
+            let saturated = !active.is_empty() && active.iter().all(|b| b.open >= u64::from(b.max_conns));
+            conds.push((
+                "SluiceServiceSaturated",
+                "critical",
+                labels.clone(),
+                saturated,
+                format!("Sluice load balancer {lb}: every backend of service \"{svc}\" is at its connection limit"),
+                format!(
+                    "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
+                    active.len(),
+                    active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+            conds.push((
+                "SluiceNoHealthyBackend",
+                "critical",
+                labels.clone(),
+                active.is_empty(),
+                format!("Sluice load balancer {lb}: service \"{svc}\" has no healthy active backend"),
+                format!("All {} backends are down or draining; new connections are refused (backend_down / no_backend). Next: check the backends' health and `sluice service list`.", bs.len()),
+            ));
+        }
+        let table_ratio = if s.flow_capacity == 0 { 0.0 } else { s.flows as f64 / s.flow_capacity as f64 };
+        conds.push((
+            "SluiceFlowTableNearFull",
+            "critical",
+            Vec::new(),
+            table_ratio >= self.cfg.flow_table_ratio,
+            format!("Sluice load balancer {lb}: flow table {:.0}% full ({} of {})", table_ratio * 100.0, s.flows, s.flow_capacity),
+            format!("When it is full, new connections are refused (flow_table_full) — limits set by flows.capacity in {file}. Next: raise flows.capacity (needs `sluice detach` and a restart) or shorten flows.timeouts."),
+        ));
+        for (be, total) in &s.drift {
+            let before = self.prev.as_ref().and_then(|(_, p)| p.drift.get(be).copied()).unwrap_or(*total);
+            conds.push((
+                "SluiceCounterDrift",
+                "warning",
+                vec![("backend".to_owned(), be.clone())],
+                *total > before,
+                format!("Sluice load balancer {lb}: the open-connection counter of backend {be} drifted and was corrected"),
+                format!("{} connections corrected so far. Limits stay enforced on the corrected count. Next: report it if it recurs.", total),
+            ));
+        }
+
+        let mut out = Vec::new();
+        for (name, severity, labels, cond, summary, description) in conds {
+            let st = self.rules.entry((name.to_owned(), labels.clone())).or_default();
+            if cond {
+                st.false_since = None;
+                let since = *st.true_since.get_or_insert(now);
+                st.last = Some((summary.clone(), description.clone()));
+                if !st.firing && now.duration_since(since) >= self.cfg.fire_after {
+                    st.firing = true;
+                    out.push(notify(Status::Firing, name, severity, &labels, &lb, summary, description));
+                }
+            } else {
+                st.true_since = None;
+                let since = *st.false_since.get_or_insert(now);
+                if st.firing && now.duration_since(since) >= self.cfg.resolve_after {
+                    st.firing = false;
+                    let (summary, description) = st.last.clone().unwrap_or_default();
+                    out.push(notify(Status::Resolved, name, severity, &labels, &lb, format!("RESOLVED: {summary}"), description));
+                }
+            }
+        }
+        self.prev = Some((now, s.clone()));
+        out
+    }
+
+    /// Alerts firing now: (name, labels).
+    pub fn firing(&self) -> Vec<(String, Vec<(String, String)>)> {
+        self.rules.iter().filter(|(_, s)| s.firing).map(|(k, _)| k.clone()).collect()
+    }
+}
+
+fn notify(status: Status, name: &'static str, severity: &'static str, labels: &[(String, String)], lb: &str, summary: String, description: String) -> Notification {
+    let mut l: BTreeMap<String, String> = labels.iter().cloned().collect();
+    l.insert("alertname".into(), name.into());
+    l.insert("severity".into(), severity.into());
+    l.insert("instance".into(), lb.into());
+    l.insert("component".into(), "sluice-load-balancer".into());
+    Notification { status, alertname: name, severity, labels: l, summary, description }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(open: u64, refused: u64) -> Sample {
+        Sample {
+            backends: vec![BackendSample {
+                service: "web".into(),
+                backend: "10.0.0.11".into(),
+                open,
+                max_conns: 100,
+                active: true,
+                refused: [("backend_limit", refused)].into_iter().collect(),
+            }],
+            flows: open,
+            flow_capacity: 1000,
+            drift: BTreeMap::new(),
+            config_file: "/etc/sluice/sluice.toml".into(),
+        }
+    }
+
+    fn engine() -> Engine {
+        Engine::new(AlertsCfg { name: Some("lb-1".into()), fire_after: Duration::from_secs(2), resolve_after: Duration::from_secs(5), ..AlertsCfg::default() })
+    }
+
+    #[test]
+    fn at_limit_fires_after_the_hysteresis_and_names_the_setting() {
+        let mut e = engine();
+        let t0 = Instant::now();
+        assert!(e.evaluate(t0, &sample(100, 0)).is_empty(), "not before fire_after");
+        assert!(e.evaluate(t0 + Duration::from_secs(1), &sample(100, 3)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        let n = e.evaluate(t0 + Duration::from_secs(2), &sample(100, 7));
+        let at = n.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("fires at 2 s");
+        assert_eq!(at.status, Status::Firing);
+        assert!(at.summary.contains("Sluice load balancer lb-1") && at.summary.contains("100 of 100"), "{}", at.summary);
+        assert!(at.description.contains("service \"web\" backend 10.0.0.11 max_conns") && at.description.contains("/etc/sluice/sluice.toml"), "{}", at.description);
+        assert!(at.description.contains("not the backend, not the database"), "{}", at.description);
+        assert_eq!(at.labels["service"], "web");
+        assert_eq!(at.labels["component"], "sluice-load-balancer");
+        // Refusals: counted since the last sample, with the reason.
+        let mut e2 = engine();
+        e2.evaluate(t0, &sample(100, 0));
+        e2.evaluate(t0 + Duration::from_secs(1), &sample(100, 3));
+        let n = e2.evaluate(t0 + Duration::from_secs(3), &sample(100, 8));
+        let r = n.iter().find(|n| n.alertname == "SluiceRefusingConnections").expect("refusals fire");
+        assert!(r.summary.contains("5 in the last") && r.labels["reason"] == "backend_limit", "{}", r.summary);
+    }
+
+    #[test]
+    fn resolves_only_after_staying_false_and_flapping_does_not_resolve() {
+        let mut e = engine();
+        let t0 = Instant::now();
+        e.evaluate(t0, &sample(100, 0));
+        assert!(e.evaluate(t0 + Duration::from_secs(2), &sample(100, 0)).iter().any(|n| n.alertname == "SluiceBackendAtLimit"));
+        // Dips below the limit briefly, back at it: no resolve, no second firing.
+        let n = e.evaluate(t0 + Duration::from_secs(3), &sample(50, 0));
+        assert!(n.iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        let n = e.evaluate(t0 + Duration::from_secs(4), &sample(100, 0));
+        assert!(n.iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        e.evaluate(t0 + Duration::from_secs(5), &sample(10, 0));
+        assert!(e.evaluate(t0 + Duration::from_secs(9), &sample(10, 0)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        let n = e.evaluate(t0 + Duration::from_secs(10), &sample(10, 0));
+        let r = n.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("resolves after 5 s below");
+        assert_eq!(r.status, Status::Resolved);
+        assert!(r.summary.starts_with("RESOLVED: "));
+    }
+
+    #[test]
+    fn near_limit_saturation_forecast_and_service_saturated() {
+        let mut e = engine();
+        let t0 = Instant::now();
+        let mut n = e.evaluate(t0, &sample(40, 0));
+        n.extend(e.evaluate(t0 + Duration::from_secs(1), &sample(60, 0)));
+        n.extend(e.evaluate(t0 + Duration::from_secs(3), &sample(85, 0)));
+        n.extend(e.evaluate(t0 + Duration::from_secs(5), &sample(90, 0)));
+        let names: Vec<&str> = n.iter().map(|n| n.alertname).collect();
+        assert!(names.contains(&"SluiceBackendNearLimit"), "{names:?}");
+        assert!(names.contains(&"SluiceBackendSaturationForecast"), "{names:?}");
+        let mut e = engine();
+        e.evaluate(t0, &sample(100, 0));
+        let n = e.evaluate(t0 + Duration::from_secs(2), &sample(100, 0));
+        assert!(n.iter().any(|n| n.alertname == "SluiceServiceSaturated"));
+    }
+}
