@@ -31,6 +31,12 @@ pub struct AlertsCfg {
     /// Warn when the open-connection trend reaches max_conns within this horizon.
     #[serde(default = "d_horizon", deserialize_with = "crate::config::duration")]
     pub forecast_horizon: Duration,
+    /// POST each firing/resolved alert (Alertmanager API v2 JSON).
+    #[serde(default)]
+    pub webhook: Option<crate::sinks::WebhookCfg>,
+    /// Run this command for each firing/resolved alert (SLUICE_ALERT* in its environment).
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 fn d_fire() -> Duration {
@@ -51,7 +57,16 @@ fn d_horizon() -> Duration {
 
 impl Default for AlertsCfg {
     fn default() -> Self {
-        Self { name: None, fire_after: d_fire(), resolve_after: d_resolve(), near_limit_ratio: d_near(), flow_table_ratio: d_table(), forecast_horizon: d_horizon() }
+        Self {
+            name: None,
+            fire_after: d_fire(),
+            resolve_after: d_resolve(),
+            near_limit_ratio: d_near(),
+            flow_table_ratio: d_table(),
+            forecast_horizon: d_horizon(),
+            webhook: None,
+            command: None,
+        }
     }
 }
 

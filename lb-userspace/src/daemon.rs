@@ -86,6 +86,7 @@ pub struct State {
     pub last_drift: Vec<Drift>,
     pub checks: health::Checks,
     pub alerts: alerts::Engine,
+    pub sinks: crate::sinks::Sinks,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
@@ -103,6 +104,7 @@ impl State {
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
+            st.sinks = crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone());
             st.firing.clear();
         }
         st.cfg = cfg;
@@ -146,10 +148,12 @@ impl State {
             match n.status {
                 alerts::Status::Firing => {
                     tracing::warn!(alert = n.alertname, severity = n.severity, "FIRING: {} — {}", n.summary, n.description);
+                    self.sinks.send(&n);
                     self.firing.push(n);
                 }
                 alerts::Status::Resolved => {
                     tracing::info!(alert = n.alertname, "{}", n.summary);
+                    self.sinks.send(&n);
                     self.firing.retain(|f| !(f.alertname == n.alertname && f.labels == n.labels));
                 }
             }
@@ -221,6 +225,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         last_drift: Vec::new(),
         checks: health::Checks::default(),
         alerts: alerts::Engine::new(cfg.alerts.clone()),
+        sinks: crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone()),
         firing: Vec::new(),
         health_tx,
         health_rx: Some(health_rx),

@@ -17,6 +17,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod neigh;
 pub mod reconcile;
+pub mod sinks;
 pub mod stats;
 pub mod sys;
 pub mod tables;

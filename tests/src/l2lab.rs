@@ -147,6 +147,11 @@ impl Lab {
     /// Writes the config: one service "web" on VIP:80 with `backends` (TOML for each
     /// `[[service.backend]]` table body, e.g. `max_conns = 10`).
     pub fn write_config(&self, backends: &[(u8, &str)]) {
+        self.write_config_with(backends, "");
+    }
+
+    /// [`Lab::write_config`] with extra top-level TOML (e.g. an `[alerts]` table) at the end.
+    pub fn write_config_with(&self, backends: &[(u8, &str)], extra: &str) {
         let mut t = format!(
             "[daemon]\ninterface = \"lb0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
              [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nproto = \"tcp\"\nring_size = 1009\n",
@@ -156,6 +161,7 @@ impl Lab {
         for (n, body) in backends {
             t.push_str(&format!("[[service.backend]]\naddress = \"10.70.0.{}\"\n{body}\n", 10 + n));
         }
+        t.push_str(extra);
         std::fs::write(&self.config, t).expect("write config");
     }
 

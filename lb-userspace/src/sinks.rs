@@ -1,0 +1,208 @@
+//! Alert delivery beyond the log: a webhook (HTTP POST of Alertmanager API v2 JSON, with a
+//! timeout and retries) and a command to exec. Both run on their own task behind a bounded
+//! queue, so a dead receiver never blocks the daemon; what cannot be queued is dropped and
+//! counted.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime},
+};
+
+use http_body_util::Full;
+use hyper::{body::Bytes, Request};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::{net::TcpStream, sync::mpsc};
+
+use crate::alerts::{Notification, Status};
+
+/// `[alerts.webhook]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookCfg {
+    /// `http://host:port/path` (plain HTTP; e.g. Alertmanager's `/api/v2/alerts`).
+    pub url: String,
+    #[serde(default = "d_timeout", deserialize_with = "crate::config::duration")]
+    pub timeout: Duration,
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+}
+
+fn d_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_retries() -> u32 {
+    3
+}
+
+/// Alertmanager API v2 postable alert.
+pub fn alertmanager_json(n: &Notification) -> Value {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut a = json!({
+        "labels": n.labels,
+        "annotations": { "summary": n.summary, "description": n.description },
+        "status": match n.status { Status::Firing => "firing", Status::Resolved => "resolved" },
+    });
+    if n.status == Status::Resolved {
+        a["endsAt"] = Value::String(now);
+    } else {
+        a["startsAt"] = Value::String(now);
+    }
+    a
+}
+
+/// Splits `http://host:port/path` into (authority, path).
+fn parse_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (auth, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let auth = if auth.contains(':') { auth.to_owned() } else { format!("{auth}:80") };
+    Some((auth, path))
+}
+
+async fn post_once(auth: &str, path: &str, body: &[u8]) -> Result<u16, String> {
+    let stream = TcpStream::connect(auth).await.map_err(|e| format!("connect {auth}: {e}"))?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::post(path)
+        .header("host", auth)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::copy_from_slice(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
+}
+
+/// Delivers to a webhook: POST with a timeout, retried with backoff on failure or a non-2xx.
+pub async fn post(cfg: &WebhookCfg, body: &[u8]) -> Result<(), String> {
+    let (auth, path) = parse_url(&cfg.url).ok_or_else(|| format!("{}: only http://host[:port]/path URLs are supported", cfg.url))?;
+    let mut last = String::new();
+    for attempt in 0..=cfg.retries {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+        }
+        match tokio::time::timeout(cfg.timeout, post_once(&auth, &path, body)).await {
+            Ok(Ok(s)) if (200..300).contains(&s) => return Ok(()),
+            Ok(Ok(s)) => last = format!("HTTP {s}"),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = format!("timed out after {:?}", cfg.timeout),
+        }
+    }
+    Err(format!("{}: {last} (after {} attempts)", cfg.url, cfg.retries + 1))
+}
+
+/// The sinks' queue. `send` never waits.
+#[derive(Clone)]
+pub struct Sinks {
+    tx: Option<mpsc::Sender<Notification>>,
+    pub dropped: Arc<AtomicU64>,
+}
+
+impl Sinks {
+    pub fn start(webhook: Option<WebhookCfg>, command: Option<Vec<String>>) -> Self {
+        let dropped = Arc::new(AtomicU64::new(0));
+        if webhook.is_none() && command.is_none() {
+            return Self { tx: None, dropped };
+        }
+        let (tx, mut rx) = mpsc::channel::<Notification>(256);
+        tokio::spawn(async move {
+            while let Some(n) = rx.recv().await {
+                if let Some(w) = &webhook {
+                    let body = serde_json::to_vec(&vec![alertmanager_json(&n)]).expect("json");
+                    if let Err(e) = post(w, &body).await {
+                        tracing::error!(alert = n.alertname, "webhook delivery failed: {e}");
+                    }
+                }
+                if let Some(argv) = command.as_ref().filter(|a| !a.is_empty()) {
+                    let status = match n.status {
+                        Status::Firing => "firing",
+                        Status::Resolved => "resolved",
+                    };
+                    let run = tokio::process::Command::new(&argv[0])
+                        .args(&argv[1..])
+                        .env("SLUICE_ALERT", n.alertname)
+                        .env("SLUICE_ALERT_STATUS", status)
+                        .env("SLUICE_ALERT_SUMMARY", &n.summary)
+                        .env("SLUICE_ALERT_DESCRIPTION", &n.description)
+                        .kill_on_drop(true)
+                        .status();
+                    match tokio::time::timeout(Duration::from_secs(10), run).await {
+                        Ok(Ok(s)) if s.success() => {}
+                        Ok(Ok(s)) => tracing::error!(alert = n.alertname, "alert command {argv:?} exited with {s}"),
+                        Ok(Err(e)) => tracing::error!(alert = n.alertname, "alert command {argv:?}: {e}"),
+                        Err(_) => tracing::error!(alert = n.alertname, "alert command {argv:?} timed out"),
+                    }
+                }
+            }
+        });
+        Self { tx: Some(tx), dropped }
+    }
+
+    pub fn send(&self, n: &Notification) {
+        if let Some(tx) = &self.tx {
+            if tx.try_send(n.clone()).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn n(status: Status) -> Notification {
+        let labels: BTreeMap<String, String> = [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
+        Notification { status, alertname: "SluiceBackendAtLimit", severity: "critical", labels, summary: "s".into(), description: "d".into() }
+    }
+
+    #[test]
+    fn alertmanager_shape() {
+        let f = alertmanager_json(&n(Status::Firing));
+        assert_eq!(f["labels"]["alertname"], "SluiceBackendAtLimit");
+        assert!(f["startsAt"].is_string() && f.get("endsAt").is_none());
+        let r = alertmanager_json(&n(Status::Resolved));
+        assert!(r["endsAt"].is_string());
+        assert_eq!(parse_url("http://127.0.0.1:9093/api/v2/alerts"), Some(("127.0.0.1:9093".into(), "/api/v2/alerts".into())));
+        assert_eq!(parse_url("https://x/"), None);
+    }
+
+    #[tokio::test]
+    async fn webhook_retries_then_delivers_and_gives_up_on_a_dead_receiver() {
+        // A receiver that fails the first request with 500, then accepts.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let got = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let (mut c, _) = l.accept().await.expect("accept");
+                let mut buf = vec![0u8; 8192];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                g.lock().await.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let status = if i == 0 { "500 Internal Server Error" } else { "200 OK" };
+                let _ = c.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let cfg = WebhookCfg { url: format!("http://{addr}/api/v2/alerts"), timeout: Duration::from_secs(1), retries: 2 };
+        let body = serde_json::to_vec(&vec![alertmanager_json(&n(Status::Firing))]).expect("json");
+        post(&cfg, &body).await.expect("delivered on the retry");
+        let got = got.lock().await;
+        assert_eq!(got.len(), 2);
+        assert!(got[1].starts_with("POST /api/v2/alerts") && got[1].contains("SluiceBackendAtLimit"), "{}", got[1]);
+
+        // Nobody listening: fails after its retries, within the timeouts.
+        let dead = WebhookCfg { url: "http://127.0.0.1:9/x".into(), timeout: Duration::from_millis(200), retries: 1 };
+        let started = std::time::Instant::now();
+        let e = post(&dead, &body).await.expect_err("dead receiver");
+        assert!(e.contains("after 2 attempts"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+}
