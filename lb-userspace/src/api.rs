@@ -241,8 +241,31 @@ async fn get_explain(AxState(st): AxState<Shared>, Query(q): Query<ExplainQuery>
     Ok(Json(explain::explain(&st.applied, &mut st.dp.tables(), q.src, q.dst, q.proto)?))
 }
 
+#[derive(Deserialize, Serialize, Debug)]
+pub struct EventsQuery {
+    #[serde(default)]
+    pub after: u64,
+    #[serde(default = "d_limit")]
+    pub limit: usize,
+}
+
+fn d_limit() -> usize {
+    1000
+}
+
+async fn get_events(AxState(st): AxState<Shared>, Query(q): Query<EventsQuery>) -> Json<Vec<crate::events::Event>> {
+    let mut st = st.lock().expect("state lock");
+    let st = &mut *st;
+    // Drain now so a caller sees what happened up to this request.
+    if let Some(ev) = st.events.as_mut() {
+        ev.drain(&st.applied);
+    }
+    Json(st.events.as_ref().map(|e| e.after(q.after, q.limit)).unwrap_or_default())
+}
+
 pub fn router(state: Shared) -> Router {
     Router::new()
+        .route("/v1/events", get(get_events))
         .route("/v1/status", get(get_status))
         .route("/v1/services", get(get_services))
         .route("/v1/config/apply", post(post_config_apply))

@@ -87,6 +87,7 @@ pub struct State {
     pub checks: health::Checks,
     pub alerts: alerts::Engine,
     pub sinks: crate::sinks::Sinks,
+    pub events: Option<crate::events::Events>,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
@@ -173,6 +174,9 @@ impl State {
                 tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
             }
         }
+        if let Some(ev) = self.events.as_mut() {
+            ev.drain(&self.applied);
+        }
         self.evaluate_alerts()?;
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
@@ -203,6 +207,10 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
     let opts = load_options(&cfg);
     let (mut dp, adopted) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
     let conns = dp.tables().conn_counters()?;
+    let events = match dp.take_map(maps::EVENTS) {
+        Some(m) => Some(crate::events::Events::new(aya::maps::RingBuf::try_from(m).map_err(|e| Error::other("EVENTS", e))?)),
+        None => None,
+    };
     let applied = if adopted {
         // The adopted ring table keeps the size it was created with.
         let slots = dp.tables().max_entries(maps::RINGS)?;
@@ -226,6 +234,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         checks: health::Checks::default(),
         alerts: alerts::Engine::new(cfg.alerts.clone()),
         sinks: crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone()),
+        events,
         firing: Vec::new(),
         health_tx,
         health_rx: Some(health_rx),

@@ -250,6 +250,11 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// Takes a map out of the loaded object (the daemon owns the event ring buffer this way).
+    pub fn take_map(&mut self, name: &str) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(name)
+    }
+
     pub fn tables(&mut self) -> crate::tables::Tables<'_> {
         crate::tables::Tables::new(&mut self.ebpf)
     }

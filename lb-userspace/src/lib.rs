@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod conns;
 pub mod datapath;
 pub mod error;
+pub mod events;
 pub mod explain;
 pub mod gc;
 pub mod health;

@@ -95,6 +95,16 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(promtool.0, "promtool check metrics: {}", promtool.1);
     promtool.1.clear();
 
+    // The refusals are in the event stream, with the client, the backend and the reason.
+    let (code, out, err) = lab.ctl(&["events", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let evs: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("event json")).collect();
+    assert_eq!(evs.len() as u64, refused, "one event per refusal (below the rate limit): {out}");
+    assert!(evs.iter().all(|e| e["reason"] == "backend_limit" && e["backend"] == "10.70.0.13" && e["service"] == "web"), "{out}");
+    assert!(evs.iter().all(|e| e["client"].as_str().is_some_and(|c| c.starts_with("10.70.0.2:")) && e["vip"] == format!("{VIP}:80")), "{out}");
+    let (_, text, _) = lab.ctl(&["events"]);
+    assert!(text.contains("REFUSED backend_limit"), "{text}");
+
     // The alert fires within seconds, saying it is the load balancer and naming the setting.
     sluice_tests::l2lab::wait_for("the at-limit alert", || lab.ctl(&["status", "--json"]).1.contains("SluiceBackendAtLimit"));
     let (_, out, _) = lab.ctl(&["status"]);

@@ -145,3 +145,43 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Keep printing new events as they come (until interrupted).
+    #[arg(long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sluice events`: sampled refusal events (time, 5-tuple, service, backend, reason).
+pub fn events(socket: &Path, a: &EventsArgs) -> Result<(), Error> {
+    client::block_on(async {
+        let mut after = 0u64;
+        loop {
+            let v = client::ok(socket, Method::GET, &format!("/v1/events?after={after}&limit=1000"), None).await?;
+            for e in v.as_array().into_iter().flatten() {
+                after = after.max(e["seq"].as_u64().unwrap_or(after));
+                if a.json {
+                    println!("{e}");
+                } else {
+                    println!(
+                        "{} {} {} -> {} service \"{}\" backend {} REFUSED {}",
+                        e["time"].as_str().unwrap_or(""),
+                        e["proto"].as_str().unwrap_or(""),
+                        e["client"].as_str().unwrap_or(""),
+                        e["vip"].as_str().unwrap_or(""),
+                        e["service"].as_str().unwrap_or(""),
+                        e["backend"].as_str().unwrap_or("-"),
+                        e["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            if !a.follow {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    })
+}

@@ -36,6 +36,8 @@ pub enum Command {
     Backend(ctl::BackendCmd),
     /// Which backend a flow goes to, and whether it would be admitted or refused and why.
     Explain(ctl::ExplainArgs),
+    /// Sampled refusal events: time, 5-tuple, service, backend, reason.
+    Events(ctl::EventsArgs),
     /// Detach the datapath a stopped daemon left running, and remove its pins (drops every flow).
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
@@ -69,6 +71,7 @@ pub fn main() -> i32 {
         Command::Service(c) => ctl::service(&cli.socket, &c),
         Command::Backend(c) => ctl::backend(&cli.socket, &c),
         Command::Explain(a) => ctl::explain(&cli.socket, &a),
+        Command::Events(a) => ctl::events(&cli.socket, &a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
         Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
