@@ -37,3 +37,12 @@ fn exit_status_by_severity() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("line 1"), "{out}");
 }
+
+#[test]
+fn the_shipped_prometheus_rules_are_valid() {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml");
+    let out = Command::new("promtool").args(["check", "rules"]).arg(&rules).output().expect("promtool (cargo xtask setup installs it)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("8 rules found"), "one rule per built-in alert: {text}");
+}
