@@ -80,6 +80,7 @@ pub struct StatusReport {
     pub last_sweep: Sweep,
     pub last_drift: Vec<Drift>,
     pub alerts_firing: Vec<crate::alerts::Notification>,
+    pub break_glass: Vec<(String, IpAddr, crate::daemon::Override)>,
     pub outcomes: stats::Snapshot,
 }
 
@@ -120,6 +121,7 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
         last_sweep: st.last_sweep,
         last_drift: st.last_drift.clone(),
         alerts_firing: st.firing.clone(),
+        break_glass: st.overrides.iter().map(|((s, b), o)| (s.clone(), *b, o.clone())).collect(),
         outcomes,
     }))
 }
@@ -242,6 +244,36 @@ async fn get_explain(AxState(st): AxState<Shared>, Query(q): Query<ExplainQuery>
 }
 
 #[derive(Deserialize, Serialize, Debug)]
+pub struct RaiseRequest {
+    pub service: String,
+    pub backend: IpAddr,
+    pub max_conns: u32,
+    /// How long, e.g. "30m".
+    pub ttl: String,
+}
+
+/// `POST /v1/limits/raise`: a temporary max_conns that reverts by itself (break-glass).
+async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>) -> Result<Json<ApplyResponse>, ApiError> {
+    let ttl = humantime::parse_duration(&req.ttl).map_err(|e| bad(format!("ttl \"{}\": {e} (write e.g. \"30m\")", req.ttl)))?;
+    if req.max_conns == 0 || ttl.is_zero() {
+        return Err(bad("max_conns and ttl must be above 0"));
+    }
+    let cfg = {
+        let mut s = st.lock().expect("state lock");
+        let known = s.cfg.services.iter().any(|x| x.name == req.service && x.backends.iter().any(|b| b.address == req.backend));
+        if !known {
+            return Err(ApiError(StatusCode::NOT_FOUND, format!("service \"{}\" has no backend {} in the config", req.service, req.backend)));
+        }
+        let until_wall = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + ttl).to_string();
+        tracing::warn!(service = %req.service, backend = %req.backend, "break-glass: max_conns = {} until {until_wall}", req.max_conns);
+        s.overrides.insert((req.service.clone(), req.backend), crate::daemon::Override { max_conns: req.max_conns, until: std::time::Instant::now() + ttl, until_wall });
+        s.cfg.clone()
+    };
+    let changes = State::apply(&st, cfg).await?;
+    Ok(Json(ApplyResponse { applied: true, changes, warnings: Vec::new() }))
+}
+
+#[derive(Deserialize, Serialize, Debug)]
 pub struct EventsQuery {
     #[serde(default)]
     pub after: u64,
@@ -266,6 +298,7 @@ async fn get_events(AxState(st): AxState<Shared>, Query(q): Query<EventsQuery>) 
 pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/v1/events", get(get_events))
+        .route("/v1/limits/raise", post(post_raise))
         .route("/v1/status", get(get_status))
         .route("/v1/services", get(get_services))
         .route("/v1/config/apply", post(post_config_apply))

@@ -59,6 +59,29 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
     }
 }
 
+/// A temporary `max_conns` for one backend.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Override {
+    pub max_conns: u32,
+    #[serde(skip)]
+    pub until: Instant,
+    /// When it reverts, RFC 3339.
+    pub until_wall: String,
+}
+
+/// The config with break-glass limits laid over it.
+fn effective(cfg: &Config, overrides: &std::collections::BTreeMap<(String, IpAddr), Override>) -> Config {
+    let mut c = cfg.clone();
+    for s in &mut c.services {
+        for b in &mut s.backends {
+            if let Some(o) = overrides.get(&(s.name.clone(), b.address)) {
+                b.max_conns = o.max_conns;
+            }
+        }
+    }
+    c
+}
+
 /// MACs of the `l2dsr` backends whose config gives none, from the neighbour table.
 async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, [u8; 6]>, Error> {
     let need: Vec<IpAddr> = cfg
@@ -88,6 +111,8 @@ pub struct State {
     pub alerts: alerts::Engine,
     pub sinks: crate::sinks::Sinks,
     pub events: Option<crate::events::Events>,
+    /// Break-glass limits (`sluice limit raise --ttl`): laid over the config until they expire.
+    pub overrides: std::collections::BTreeMap<(String, IpAddr), Override>,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
@@ -101,7 +126,8 @@ impl State {
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
-        let changes = st.applied.apply(&mut st.dp.tables(), &cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
+        let eff = effective(&cfg, &st.overrides);
+        let changes = st.applied.apply(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
@@ -118,7 +144,8 @@ impl State {
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
-        st.applied.plan(&mut st.dp.tables(), cfg, &resolver, |t, id| t.conns(id).unwrap_or(0))
+        let eff = effective(cfg, &st.overrides);
+        st.applied.plan(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))
     }
 
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
@@ -160,6 +187,20 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Drops expired break-glass limits; true if the config must be applied again.
+    fn expire_overrides(&mut self) -> bool {
+        let now = Instant::now();
+        let before = self.overrides.len();
+        self.overrides.retain(|(svc, be), o| {
+            let keep = o.until > now;
+            if !keep {
+                tracing::warn!(service = %svc, backend = %be, "break-glass limit max_conns = {} expired; back to the config's value", o.max_conns);
+            }
+            keep
+        });
+        self.overrides.len() != before
     }
 
     fn tick(&mut self, n: u64) -> Result<(), Error> {
@@ -235,6 +276,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         alerts: alerts::Engine::new(cfg.alerts.clone()),
         sinks: crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone()),
         events,
+        overrides: std::collections::BTreeMap::new(),
         firing: Vec::new(),
         health_tx,
         health_rx: Some(health_rx),
@@ -299,8 +341,17 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
             }
             _ = tick.tick() => {
                 n += 1;
-                if let Err(e) = state.lock().expect("state lock").tick(n) {
-                    tracing::error!("{e}");
+                let reapply = {
+                    let mut st = state.lock().expect("state lock");
+                    if let Err(e) = st.tick(n) {
+                        tracing::error!("{e}");
+                    }
+                    st.expire_overrides().then(|| st.cfg.clone())
+                };
+                if let Some(cfg) = reapply {
+                    if let Err(e) = State::apply(&state, cfg).await {
+                        tracing::error!("reverting a break-glass limit: {e}");
+                    }
                 }
             }
         }

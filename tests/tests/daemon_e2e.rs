@@ -137,6 +137,18 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(out.contains("max_conns 2 -> 3"), "{out}");
     let (_, out, _) = lab.ctl(&["explain", &format!("10.70.0.2:{refused_port}"), &format!("{VIP}:80"), "--json"]);
     assert!(out.contains("\"verdict\": \"admitted\""), "{out}");
+    // Break-glass: raised now, reverts by itself when the TTL runs out.
+    let (code, out, err) = lab.ctl(&["limit", "raise", "web", "10.70.0.13", "9", "--ttl", "2s"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("max_conns 3 -> 9"), "{out}");
+    let max_of_3 = || {
+        let (_, out, _) = lab.ctl(&["service", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v[0]["backends"].as_array().into_iter().flatten().find(|b| b["address"] == "10.70.0.13").and_then(|b| b["max_conns"].as_u64())
+    };
+    assert_eq!(max_of_3(), Some(9));
+    sluice_tests::l2lab::wait_for("the break-glass limit to revert", || max_of_3() == Some(3));
+
     // A request that fails changes nothing.
     let (code, _, err) = lab.ctl(&["backend", "set-limit", "web", "10.70.0.13", "0"]);
     assert_ne!(code, 0);

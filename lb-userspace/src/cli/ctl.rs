@@ -185,3 +185,25 @@ pub fn events(socket: &Path, a: &EventsArgs) -> Result<(), Error> {
         }
     })
 }
+
+#[derive(clap::Subcommand)]
+pub enum LimitCmd {
+    /// Raise a backend's max_conns now, for a while (break-glass); it reverts by itself.
+    Raise {
+        service: String,
+        backend: std::net::IpAddr,
+        max_conns: u32,
+        /// How long, e.g. 30m.
+        #[arg(long)]
+        ttl: String,
+    },
+}
+
+pub fn limit(socket: &Path, cmd: &LimitCmd) -> Result<(), Error> {
+    let LimitCmd::Raise { service, backend, max_conns, ttl } = cmd;
+    let body = json!({ "service": service, "backend": backend, "max_conns": max_conns, "ttl": ttl });
+    let v = client::block_on(client::ok(socket, Method::POST, "/v1/limits/raise", Some(&body)))?;
+    print_changes(&v);
+    println!("reverts by itself after {ttl}");
+    Ok(())
+}

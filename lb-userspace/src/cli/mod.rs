@@ -38,6 +38,9 @@ pub enum Command {
     Explain(ctl::ExplainArgs),
     /// Sampled refusal events: time, 5-tuple, service, backend, reason.
     Events(ctl::EventsArgs),
+    /// Break-glass limits.
+    #[command(subcommand)]
+    Limit(ctl::LimitCmd),
     /// Detach the datapath a stopped daemon left running, and remove its pins (drops every flow).
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
@@ -72,6 +75,7 @@ pub fn main() -> i32 {
         Command::Backend(c) => ctl::backend(&cli.socket, &c),
         Command::Explain(a) => ctl::explain(&cli.socket, &a),
         Command::Events(a) => ctl::events(&cli.socket, &a),
+        Command::Limit(c) => ctl::limit(&cli.socket, &c),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
         Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
