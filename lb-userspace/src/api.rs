@@ -266,6 +266,7 @@ async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>)
         }
         let until_wall = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + ttl).to_string();
         tracing::warn!(service = %req.service, backend = %req.backend, "break-glass: max_conns = {} until {until_wall}", req.max_conns);
+        s.journal.record("limit", format!("break-glass: service \"{}\" backend {} max_conns = {} until {until_wall}", req.service, req.backend, req.max_conns), vec![]);
         s.overrides.insert((req.service.clone(), req.backend), crate::daemon::Override { max_conns: req.max_conns, until: std::time::Instant::now() + ttl, until_wall });
         s.cfg.clone()
     };

@@ -47,6 +47,18 @@ pub struct Daemon {
     pub pin_dir: PathBuf,
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// The event journal (JSON lines) that `sluice timeline` renders.
+    #[serde(default = "default_journal")]
+    pub journal: PathBuf,
+    #[serde(default = "default_journal_max")]
+    pub journal_max_bytes: u64,
+}
+
+fn default_journal() -> PathBuf {
+    PathBuf::from("/var/lib/sluice/journal.jsonl")
+}
+fn default_journal_max() -> u64 {
+    10 << 20
 }
 
 fn default_control_socket() -> PathBuf {

@@ -113,6 +113,7 @@ pub struct State {
     pub events: Option<crate::events::Events>,
     /// Break-glass limits (`sluice limit raise --ttl`): laid over the config until they expire.
     pub overrides: std::collections::BTreeMap<(String, IpAddr), Override>,
+    pub journal: crate::journal::Journal,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
@@ -128,6 +129,9 @@ impl State {
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let eff = effective(&cfg, &st.overrides);
         let changes = st.applied.apply(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
+        if !changes.is_empty() {
+            st.journal.record("config", format!("configuration applied: {} change(s)", changes.len()), changes.iter().map(|c| c.what.clone()).collect());
+        }
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
@@ -176,11 +180,13 @@ impl State {
             match n.status {
                 alerts::Status::Firing => {
                     tracing::warn!(alert = n.alertname, severity = n.severity, "FIRING: {} — {}", n.summary, n.description);
+                    self.journal.record("alert", format!("alert {} FIRING: {}", n.alertname, n.summary), vec![n.description.clone()]);
                     self.sinks.send(&n);
                     self.firing.push(n);
                 }
                 alerts::Status::Resolved => {
                     tracing::info!(alert = n.alertname, "{}", n.summary);
+                    self.journal.record("alert", format!("alert {} resolved", n.alertname), vec![n.summary.clone()]);
                     self.sinks.send(&n);
                     self.firing.retain(|f| !(f.alertname == n.alertname && f.labels == n.labels));
                 }
@@ -197,6 +203,7 @@ impl State {
             let keep = o.until > now;
             if !keep {
                 tracing::warn!(service = %svc, backend = %be, "break-glass limit max_conns = {} expired; back to the config's value", o.max_conns);
+                self.journal.record("limit", format!("break-glass limit expired: service \"{svc}\" backend {be} back to its configured max_conns"), vec![]);
             }
             keep
         });
@@ -277,10 +284,16 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         sinks: crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone()),
         events,
         overrides: std::collections::BTreeMap::new(),
+        journal: crate::journal::Journal::new(cfg.daemon.journal.clone(), cfg.daemon.journal_max_bytes),
         firing: Vec::new(),
         health_tx,
         health_rx: Some(health_rx),
     }));
+    {
+        let st = state.lock().expect("state lock");
+        let how = if adopted { "adopted the running datapath (flows and counters kept)" } else { "loaded a fresh datapath" };
+        st.journal.record("daemon", format!("Sluice daemon started on {}: {how}", cfg.daemon.interface), vec![format!("config {}", cfg_path.display())]);
+    }
     let changes = State::apply(&state, cfg).await?;
     for c in &changes {
         tracing::info!("{}", c.what);
@@ -335,6 +348,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 };
                 let word = if t.healthy { "healthy again: back in the ring" } else { "unhealthy: out of the ring (open connections continue)" };
                 tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
+                state.lock().expect("state lock").journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
                 if let Err(e) = State::apply(&state, cfg).await {
                     tracing::error!("applying a health change: {e}");
                 }
@@ -358,6 +372,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     }
     api_stop.cancel();
     let _ = api.await;
+    state.lock().expect("state lock").journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
     if let Ok(Err(e)) = metrics.await {
         tracing::error!("{e}");
     }

@@ -14,6 +14,7 @@ pub mod events;
 pub mod explain;
 pub mod gc;
 pub mod health;
+pub mod journal;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

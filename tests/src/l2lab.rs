@@ -144,6 +144,10 @@ impl Lab {
         self.dir.join("sluice.sock")
     }
 
+    pub fn journal(&self) -> PathBuf {
+        self.dir.join("journal.jsonl")
+    }
+
     /// Writes the config: one service "web" on VIP:80 with `backends` (TOML for each
     /// `[[service.backend]]` table body, e.g. `max_conns = 10`).
     pub fn write_config(&self, backends: &[(u8, &str)]) {
@@ -153,10 +157,11 @@ impl Lab {
     /// [`Lab::write_config`] with extra top-level TOML (e.g. an `[alerts]` table) at the end.
     pub fn write_config_with(&self, backends: &[(u8, &str)], extra: &str) {
         let mut t = format!(
-            "[daemon]\ninterface = \"lb0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
+            "[daemon]\ninterface = \"lb0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n\
              [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nproto = \"tcp\"\nring_size = 1009\n",
             self.pins.0.display(),
-            self.socket().display()
+            self.socket().display(),
+            self.journal().display()
         );
         for (n, body) in backends {
             t.push_str(&format!("[[service.backend]]\naddress = \"10.70.0.{}\"\n{body}\n", 10 + n));

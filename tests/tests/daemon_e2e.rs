@@ -189,6 +189,24 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(log.contains("drain and remove backend 10.70.0.11"), "{log}");
     assert!(!lab.socket().exists(), "control socket removed on exit");
+    // The timeline reads like a postmortem's, from the journal alone (no daemon needed).
+    let out = std::process::Command::new(sluice_tests::sluice_bin())
+        .args(["timeline", "--since", "1h", "--format", "markdown", "--journal"])
+        .arg(lab.journal())
+        .output()
+        .expect("timeline");
+    let md = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "## Timeline",
+        "Sluice daemon started on lb0",
+        "alert SluiceBackendAtLimit FIRING: Sluice load balancer lb-test",
+        "break-glass: service \"web\" backend 10.70.0.13 max_conns = 9",
+        "drain and remove backend 10.70.0.11",
+        "alert SluiceBackendAtLimit resolved",
+        "Sluice daemon stopped",
+    ] {
+        assert!(md.contains(want), "timeline lacks {want:?}:\n{md}");
+    }
     assert!(lab.lb.link_show("lb0").contains("xdp"), "the datapath keeps running when the daemon stops");
     lab.detach();
     assert!(!lab.lb.link_show("lb0").contains("xdp"), "sluice detach removes it");

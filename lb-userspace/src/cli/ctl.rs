@@ -207,3 +207,34 @@ pub fn limit(socket: &Path, cmd: &LimitCmd) -> Result<(), Error> {
     println!("reverts by itself after {ttl}");
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct TimelineArgs {
+    /// How far back, e.g. 3h, 30m.
+    #[arg(long, default_value = "3h")]
+    pub since: String,
+    #[arg(long, value_parser = ["text", "markdown", "json"], default_value = "text")]
+    pub format: String,
+    /// The journal file (daemon.journal in the config).
+    #[arg(long, default_value = "/var/lib/sluice/journal.jsonl")]
+    pub journal: std::path::PathBuf,
+}
+
+/// `sluice timeline`: the journal, rendered. Reads the file; needs no daemon.
+pub fn timeline(a: &TimelineArgs) -> Result<(), Error> {
+    let since = humantime::parse_duration(&a.since).map_err(|e| Error::other("--since", anyhow::anyhow!("\"{}\": {e} (write e.g. 3h)", a.since)))?;
+    let entries = crate::journal::read(&a.journal, since).map_err(|e| Error::other(format!("reading {}", a.journal.display()), e))?;
+    match a.format.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&entries).expect("json")),
+        "markdown" => print!("{}", crate::journal::markdown(&entries)),
+        _ => {
+            for e in &entries {
+                println!("{} [{}] {}", e.time, e.kind, e.summary);
+                for d in &e.details {
+                    println!("    {d}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

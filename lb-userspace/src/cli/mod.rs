@@ -38,6 +38,8 @@ pub enum Command {
     Explain(ctl::ExplainArgs),
     /// Sampled refusal events: time, 5-tuple, service, backend, reason.
     Events(ctl::EventsArgs),
+    /// What happened to the load balancer: config changes, backend states, alerts, restarts.
+    Timeline(ctl::TimelineArgs),
     /// Break-glass limits.
     #[command(subcommand)]
     Limit(ctl::LimitCmd),
@@ -76,6 +78,7 @@ pub fn main() -> i32 {
         Command::Explain(a) => ctl::explain(&cli.socket, &a),
         Command::Events(a) => ctl::events(&cli.socket, &a),
         Command::Limit(c) => ctl::limit(&cli.socket, &c),
+        Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
         Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),

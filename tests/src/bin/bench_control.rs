@@ -33,8 +33,9 @@ fn socket_path() -> PathBuf {
 
 fn config_text(limit_first: u32, pins: &str) -> String {
     let mut t = format!(
-        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\n[flows]\ncapacity = {FLOWS}\n",
-        socket_path().display()
+        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n[flows]\ncapacity = {FLOWS}\n",
+        socket_path().display(),
+        socket_path().with_extension("journal").display()
     );
     for s in 0..SERVICES {
         write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.{}.{}\"\nport = 80\nproto = \"tcp\"\nring_size = {RING}\n", s / 250, s % 250 + 1).expect("w");

@@ -1,0 +1,116 @@
+//! The event journal: what happened to the load balancer, appended as JSON lines to a file
+//! (daemon start/stop/adopt, config changes with their diff, backend state changes, alerts
+//! firing and resolved, break-glass limits). Size-capped: past the cap the file is rotated to
+//! `FILE.1` (one generation kept). `sluice timeline` renders it as text, JSON, or the markdown
+//! "Timeline" section of a postmortem.
+
+use std::{
+    fs::{self, OpenOptions},
+    io::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// `daemon`, `config`, `backend`, `alert`, `limit`.
+    pub kind: String,
+    pub summary: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+pub struct Journal {
+    path: PathBuf,
+    max_bytes: u64,
+}
+
+impl Journal {
+    pub fn new(path: PathBuf, max_bytes: u64) -> Self {
+        Self { path, max_bytes }
+    }
+
+    /// Appends an entry; a journal that cannot be written is logged, never fatal.
+    pub fn record(&self, kind: &str, summary: impl Into<String>, details: Vec<String>) {
+        let e = Entry { time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(), kind: kind.into(), summary: summary.into(), details };
+        if let Err(err) = self.append(&e) {
+            tracing::error!(journal = %self.path.display(), "cannot write the journal: {err}");
+        }
+    }
+
+    fn append(&self, e: &Entry) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        if fs::metadata(&self.path).is_ok_and(|m| m.len() > self.max_bytes) {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            fs::rename(&self.path, old)?;
+        }
+        let mut f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut line = serde_json::to_string(e).expect("json");
+        line.push('\n');
+        f.write_all(line.as_bytes())
+    }
+}
+
+/// Reads entries newer than `since` (from the rotated file too).
+pub fn read(path: &Path, since: Duration) -> std::io::Result<Vec<Entry>> {
+    let cutoff = SystemTime::now().checked_sub(since).unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut rotated = path.to_path_buf().into_os_string();
+    rotated.push(".1");
+    let mut out = Vec::new();
+    for p in [PathBuf::from(rotated), path.to_path_buf()] {
+        let Ok(text) = fs::read_to_string(&p) else { continue };
+        for line in text.lines() {
+            let Ok(e) = serde_json::from_str::<Entry>(line) else { continue };
+            if humantime::parse_rfc3339(&e.time).is_ok_and(|t| t >= cutoff) {
+                out.push(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The postmortem's "Timeline" section.
+pub fn markdown(entries: &[Entry]) -> String {
+    let mut s = String::from("## Timeline\n\n");
+    for e in entries {
+        // "2026-11-24T09:00:03Z" → "2026-11-24 09:00:03 UTC"
+        let t = e.time.replace('T', " ").trim_end_matches('Z').to_owned();
+        s.push_str(&format!("- **{t} UTC** — {}\n", e.summary));
+        for d in &e.details {
+            s.push_str(&format!("  - {d}\n"));
+        }
+    }
+    if entries.is_empty() {
+        s.push_str("_Nothing recorded in this period._\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_rotate_read_and_render() {
+        let dir = std::env::temp_dir().join(format!("sluice-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let j = Journal::new(dir.join("journal.jsonl"), 150);
+        j.record("daemon", "Sluice daemon started", vec![]);
+        j.record("alert", "FIRING SluiceBackendAtLimit: backend 10.0.0.11 at 100 of 100", vec!["raise max_conns".into()]);
+        j.record("config", "config applied", vec!["service \"web\" backend 10.0.0.11: max_conns 100 -> 200".into()]);
+        assert!(dir.join("journal.jsonl.1").exists(), "rotated past the cap");
+        let all = read(&dir.join("journal.jsonl"), Duration::from_secs(3600)).expect("read");
+        assert_eq!(all.len(), 3, "both generations read, in order");
+        assert_eq!(all[0].summary, "Sluice daemon started");
+        let md = markdown(&all);
+        assert!(md.starts_with("## Timeline") && md.contains("UTC** — FIRING SluiceBackendAtLimit") && md.contains("  - service \"web\""), "{md}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
