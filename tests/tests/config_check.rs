@@ -46,3 +46,21 @@ fn the_shipped_prometheus_rules_are_valid() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("8 rules found"), "one rule per built-in alert: {text}");
 }
+
+#[test]
+fn the_grafana_dashboard_only_uses_metrics_sluice_exports() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/sluice.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("valid JSON");
+    let metrics_rs = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../lb-userspace/src/metrics.rs")).expect("metrics.rs");
+    let mut used = 0;
+    for p in v["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("sluice_")) {
+                assert!(metrics_rs.contains(&format!("\"{word}\"")), "panel \"{}\" uses {word}, which Sluice does not export", p["title"]);
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= 10, "{used}");
+}
