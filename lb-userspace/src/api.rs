@@ -58,6 +58,9 @@ pub struct BackendReport {
     pub max_conns: u32,
     pub weight: u32,
     pub removed: bool,
+    /// Totals since the datapath was loaded (rates are the reader's job).
+    pub new_flows: u64,
+    pub refused: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize, Debug)]
@@ -90,7 +93,10 @@ fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
     for s in applied {
         let mut backends = Vec::new();
         for b in s.backends.values() {
+            let ts = st.dp.tables().backend_stats(b.id)?;
             backends.push(BackendReport {
+                new_flows: ts.new_flows,
+                refused: lb_common::Reason::ALL.iter().map(|r| (r.name(), ts.refused.get(*r))).filter(|(_, n)| *n > 0).collect(),
                 address: b.address,
                 id: b.id,
                 state: state_name(b.state).into(),

@@ -123,6 +123,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("json");
     let be3 = v[0]["backends"].as_array().expect("backends").iter().find(|b| b["address"] == "10.70.0.13").expect("backend-3").clone();
     assert_eq!((be3["open"].as_u64(), be3["max_conns"].as_u64()), (Some(2), Some(2)), "{be3}");
+    assert_eq!(be3["refused"]["backend_limit"].as_u64(), Some(refused), "what `sluice top` shows per backend: {be3}");
     let refused_port = (40000..41000)
         .find(|p| {
             let (_, out, _) = lab.ctl(&["explain", &format!("10.70.0.2:{p}"), &format!("{VIP}:80"), "--json"]);

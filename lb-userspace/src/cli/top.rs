@@ -1,0 +1,166 @@
+//! `sluice top`: a live view of services and backends — open / max_conns with a saturation
+//! bar, new flows/s, refusals/s by reason, state — and the alerts firing. Polls the daemon's
+//! status every second; `q` or Esc quits.
+
+use std::{collections::BTreeMap, path::Path, time::Duration};
+
+use crossterm::{
+    event::{self, Event, KeyCode},
+    execute,
+    terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen},
+};
+use hyper::Method;
+use ratatui::{
+    backend::{Backend, CrosstermBackend},
+    layout::{Constraint, Layout},
+    style::{Color, Modifier, Style},
+    text::Line,
+    widgets::{Block, Borders, Paragraph, Row, Table},
+    Terminal,
+};
+use serde_json::Value;
+
+use crate::{client, Error};
+
+/// Per-backend rates between two status samples.
+#[derive(Default)]
+pub struct Rates {
+    prev: BTreeMap<String, (u64, BTreeMap<String, u64>)>,
+}
+
+fn bar(ratio: f64, width: usize) -> String {
+    let filled = ((ratio.clamp(0.0, 1.0)) * width as f64).round() as usize;
+    format!("{}{}", "█".repeat(filled), "·".repeat(width - filled))
+}
+
+/// Draws one frame from a `/v1/status` document (`secs` since the previous one).
+pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rates, secs: f64) -> std::io::Result<()> {
+    let mut rows = Vec::new();
+    let mut next = BTreeMap::new();
+    for s in status["services"].as_array().into_iter().flatten() {
+        for b in s["backends"].as_array().into_iter().flatten() {
+            let key = format!("{}/{}", s["name"].as_str().unwrap_or(""), b["address"].as_str().unwrap_or(""));
+            let open = b["open"].as_u64().unwrap_or(0);
+            let max = b["max_conns"].as_u64().unwrap_or(0);
+            let ratio = if max == 0 { 1.0 } else { open as f64 / max as f64 };
+            let new_flows = b["new_flows"].as_u64().unwrap_or(0);
+            let refused: BTreeMap<String, u64> = b["refused"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect()).unwrap_or_default();
+            let (flows_s, refused_s) = match rates.prev.get(&key) {
+                Some((pf, pr)) if secs > 0.0 => {
+                    let fs = new_flows.saturating_sub(*pf) as f64 / secs;
+                    let rs: Vec<String> = refused
+                        .iter()
+                        .filter_map(|(r, n)| {
+                            let d = n.saturating_sub(pr.get(r).copied().unwrap_or(*n));
+                            (d > 0).then(|| format!("{r} {:.1}/s", d as f64 / secs))
+                        })
+                        .collect();
+                    (format!("{fs:.1}"), rs.join(", "))
+                }
+                _ => ("-".into(), String::new()),
+            };
+            next.insert(key, (new_flows, refused));
+            let style = if ratio >= 1.0 {
+                Style::default().fg(Color::Red).add_modifier(Modifier::BOLD)
+            } else if ratio >= 0.8 {
+                Style::default().fg(Color::Yellow)
+            } else {
+                Style::default()
+            };
+            rows.push(
+                Row::new(vec![
+                    s["name"].as_str().unwrap_or("").to_owned(),
+                    b["address"].as_str().unwrap_or("").to_owned(),
+                    b["state"].as_str().unwrap_or("").to_owned(),
+                    format!("{open}/{max}"),
+                    format!("{} {:>3.0}%", bar(ratio, 20), ratio * 100.0),
+                    flows_s,
+                    refused_s,
+                ])
+                .style(style),
+            );
+        }
+    }
+    rates.prev = next;
+    let alerts: Vec<Line> = status["alerts_firing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| Line::styled(format!("{} [{}] {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or("")), Style::default().fg(Color::Red)))
+        .collect();
+    let title = format!(
+        " sluice top — {} — {} flows of {} — q quits ",
+        status["interface"].as_str().unwrap_or(""),
+        status["flows"],
+        status["flow_capacity"]
+    );
+    term.draw(|f| {
+        let [top, bottom] = Layout::vertical([Constraint::Min(5), Constraint::Length(8)]).areas(f.area());
+        let header = Row::new(["SERVICE", "BACKEND", "STATE", "OPEN/MAX", "SATURATION", "NEW/S", "REFUSED/S"]).style(Style::default().add_modifier(Modifier::BOLD));
+        let widths = [Constraint::Length(12), Constraint::Length(18), Constraint::Length(9), Constraint::Length(11), Constraint::Length(26), Constraint::Length(7), Constraint::Min(10)];
+        f.render_widget(Table::new(rows, widths).header(header).block(Block::default().borders(Borders::ALL).title(title)), top);
+        let body = if alerts.is_empty() { vec![Line::raw("no alerts firing")] } else { alerts };
+        f.render_widget(Paragraph::new(body).block(Block::default().borders(Borders::ALL).title(" alerts firing ")), bottom);
+    })?;
+    Ok(())
+}
+
+pub fn run(socket: &Path) -> Result<(), Error> {
+    client::block_on(async {
+        // Fail before touching the terminal if the daemon is not there.
+        let mut status = client::ok(socket, Method::GET, "/v1/status", None).await?;
+        enable_raw_mode().map_err(|e| Error::other("terminal", e))?;
+        let mut out = std::io::stdout();
+        execute!(out, EnterAlternateScreen).map_err(|e| Error::other("terminal", e))?;
+        let mut term = Terminal::new(CrosstermBackend::new(out)).map_err(|e| Error::other("terminal", e))?;
+        let mut rates = Rates::default();
+        let result = loop {
+            if let Err(e) = draw(&mut term, &status, &mut rates, 1.0) {
+                break Err(Error::other("drawing", e));
+            }
+            if event::poll(Duration::from_secs(1)).unwrap_or(false) {
+                if let Ok(Event::Key(k)) = event::read() {
+                    if matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) {
+                        break Ok(());
+                    }
+                }
+            }
+            match client::ok(socket, Method::GET, "/v1/status", None).await {
+                Ok(s) => status = s,
+                Err(e) => break Err(e),
+            }
+        };
+        let _ = disable_raw_mode();
+        let _ = execute!(term.backend_mut(), LeaveAlternateScreen);
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::backend::TestBackend;
+
+    use super::*;
+
+    #[test]
+    fn renders_saturation_rates_and_alerts() {
+        let status = |flows: u64, refused: u64| {
+            serde_json::json!({
+                "interface": "eth0", "flows": 12, "flow_capacity": 1000,
+                "services": [{ "name": "web", "backends": [
+                    { "address": "10.0.0.11", "state": "active", "open": 5, "max_conns": 5, "new_flows": flows, "refused": { "backend_limit": refused } },
+                    { "address": "10.0.0.12", "state": "draining", "open": 1, "max_conns": 10, "new_flows": 0, "refused": {} }
+                ]}],
+                "alerts_firing": [{ "alertname": "SluiceBackendAtLimit", "severity": "critical", "summary": "Sluice load balancer lb-1: backend 10.0.0.11 of service \"web\" is at its connection limit (5 of 5 open)" }]
+            })
+        };
+        let mut term = Terminal::new(TestBackend::new(140, 20)).expect("terminal");
+        let mut rates = Rates::default();
+        draw(&mut term, &status(10, 0), &mut rates, 1.0).expect("draw");
+        draw(&mut term, &status(14, 6), &mut rates, 2.0).expect("draw");
+        let text: String = term.backend().buffer().content().iter().map(ratatui::buffer::Cell::symbol).collect();
+        assert!(text.contains("10.0.0.11") && text.contains("5/5") && text.contains("100%"), "{text}");
+        assert!(text.contains("2.0") && text.contains("backend_limit 3.0/s"), "rates over 2 s: {text}");
+        assert!(text.contains("draining") && text.contains("SluiceBackendAtLimit"), "{text}");
+    }
+}
