@@ -94,56 +94,65 @@ pub async fn post(cfg: &WebhookCfg, body: &[u8]) -> Result<(), String> {
     Err(format!("{}: {last} (after {} attempts)", cfg.url, cfg.retries + 1))
 }
 
-/// The sinks' queue. `send` never waits.
+/// The sinks: each has its own queue and task, so a dead webhook delays neither the daemon nor
+/// the command sink. `send` never waits.
 #[derive(Clone)]
 pub struct Sinks {
-    tx: Option<mpsc::Sender<Notification>>,
+    queues: Vec<mpsc::Sender<Notification>>,
     pub dropped: Arc<AtomicU64>,
+}
+
+async fn deliver_webhook(w: WebhookCfg, mut rx: mpsc::Receiver<Notification>) {
+    while let Some(n) = rx.recv().await {
+        let body = serde_json::to_vec(&vec![alertmanager_json(&n)]).expect("json");
+        if let Err(e) = post(&w, &body).await {
+            tracing::error!(alert = n.alertname, "webhook delivery failed: {e}");
+        }
+    }
+}
+
+async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>) {
+    while let Some(n) = rx.recv().await {
+        let status = match n.status {
+            Status::Firing => "firing",
+            Status::Resolved => "resolved",
+        };
+        let run = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("SLUICE_ALERT", n.alertname)
+            .env("SLUICE_ALERT_STATUS", status)
+            .env("SLUICE_ALERT_SUMMARY", &n.summary)
+            .env("SLUICE_ALERT_DESCRIPTION", &n.description)
+            .kill_on_drop(true)
+            .status();
+        match tokio::time::timeout(Duration::from_secs(10), run).await {
+            Ok(Ok(s)) if s.success() => {}
+            Ok(Ok(s)) => tracing::error!(alert = n.alertname, "alert command {argv:?} exited with {s}"),
+            Ok(Err(e)) => tracing::error!(alert = n.alertname, "alert command {argv:?}: {e}"),
+            Err(_) => tracing::error!(alert = n.alertname, "alert command {argv:?} timed out"),
+        }
+    }
 }
 
 impl Sinks {
     pub fn start(webhook: Option<WebhookCfg>, command: Option<Vec<String>>) -> Self {
-        let dropped = Arc::new(AtomicU64::new(0));
-        if webhook.is_none() && command.is_none() {
-            return Self { tx: None, dropped };
+        let mut queues = Vec::new();
+        if let Some(w) = webhook {
+            let (tx, rx) = mpsc::channel(256);
+            tokio::spawn(deliver_webhook(w, rx));
+            queues.push(tx);
         }
-        let (tx, mut rx) = mpsc::channel::<Notification>(256);
-        tokio::spawn(async move {
-            while let Some(n) = rx.recv().await {
-                if let Some(w) = &webhook {
-                    let body = serde_json::to_vec(&vec![alertmanager_json(&n)]).expect("json");
-                    if let Err(e) = post(w, &body).await {
-                        tracing::error!(alert = n.alertname, "webhook delivery failed: {e}");
-                    }
-                }
-                if let Some(argv) = command.as_ref().filter(|a| !a.is_empty()) {
-                    let status = match n.status {
-                        Status::Firing => "firing",
-                        Status::Resolved => "resolved",
-                    };
-                    let run = tokio::process::Command::new(&argv[0])
-                        .args(&argv[1..])
-                        .env("SLUICE_ALERT", n.alertname)
-                        .env("SLUICE_ALERT_STATUS", status)
-                        .env("SLUICE_ALERT_SUMMARY", &n.summary)
-                        .env("SLUICE_ALERT_DESCRIPTION", &n.description)
-                        .kill_on_drop(true)
-                        .status();
-                    match tokio::time::timeout(Duration::from_secs(10), run).await {
-                        Ok(Ok(s)) if s.success() => {}
-                        Ok(Ok(s)) => tracing::error!(alert = n.alertname, "alert command {argv:?} exited with {s}"),
-                        Ok(Err(e)) => tracing::error!(alert = n.alertname, "alert command {argv:?}: {e}"),
-                        Err(_) => tracing::error!(alert = n.alertname, "alert command {argv:?} timed out"),
-                    }
-                }
-            }
-        });
-        Self { tx: Some(tx), dropped }
+        if let Some(argv) = command.filter(|a| !a.is_empty()) {
+            let (tx, rx) = mpsc::channel(256);
+            tokio::spawn(deliver_command(argv, rx));
+            queues.push(tx);
+        }
+        Self { queues, dropped: Arc::new(AtomicU64::new(0)) }
     }
 
     pub fn send(&self, n: &Notification) {
-        if let Some(tx) = &self.tx {
-            if tx.try_send(n.clone()).is_err() {
+        for q in &self.queues {
+            if q.try_send(n.clone()).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -161,6 +170,22 @@ mod tests {
     fn n(status: Status) -> Notification {
         let labels: BTreeMap<String, String> = [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
         Notification { status, alertname: "SluiceBackendAtLimit", severity: "critical", labels, summary: "s".into(), description: "d".into() }
+    }
+
+    #[tokio::test]
+    async fn a_dead_webhook_does_not_delay_the_command_sink() {
+        let file = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let dead = WebhookCfg { url: "http://127.0.0.1:9/alerts".into(), timeout: Duration::from_secs(2), retries: 3 };
+        let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_ALERT $SLUICE_ALERT_STATUS\" >> {}", file.display())];
+        let sinks = Sinks::start(Some(dead), Some(cmd));
+        let started = std::time::Instant::now();
+        sinks.send(&n(Status::Firing));
+        while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("SluiceBackendAtLimit firing")) {
+            assert!(started.elapsed() < Duration::from_secs(2), "the command sink waited for the dead webhook");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]
