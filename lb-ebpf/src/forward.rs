@@ -59,6 +59,8 @@ fn send(ctx: &XdpContext, pkt: &Packet, mode: u8, backend_id: u32, hash: u32) ->
 /// Returns (destination MAC, source MAC or None to keep the frame's own destination MAC).
 #[inline(always)]
 fn next_hop(ctx: &XdpContext, b: &Backend, outer: &[u8], inner_len: usize) -> Result<([u8; 6], Option<[u8; 6]>), ()> {
+    // Its own read of CONFIG: passing encap's copy in would keep both in this subprogram's
+    // frame and push the call chain over BPF's 512-byte stack.
     let cfg = CONFIG.load();
     if cfg.has_gateway != 0 {
         return Ok((cfg.gateway_mac, None));

@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, Config, Flow, FlowKey, Reason, Service, ServiceKey, Stat, FLOW_CLOSING, FLOW_ESTABLISHED,
-    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, REJECT_RST,
+    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, MODE_IPIP, REJECT_RST,
 };
 
 use crate::{
@@ -122,7 +122,6 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     };
     s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad0: 0, _pad1: 0 };
     let key = &s.key;
-    let hash = flow_hash(key);
     // Coarse (jiffies) time: flows only need it for idle timeouts, and the precise clock
     // costs tens of ns per packet under virtualisation.
     // SAFETY: a helper without preconditions.
@@ -130,8 +129,11 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
 
     if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
         maps::traffic(svc.id, backend_id, bytes, false, false);
+        // An established flow needs the hash only for the ipip outer source.
+        let hash = if svc.mode == MODE_IPIP { flow_hash(key) } else { 0 };
         return forwarded(ctx, pkt, &svc, backend_id, hash);
     }
+    let hash = flow_hash(key);
     let is_tcp = pkt.proto == PROTO_TCP;
     if is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return adopt(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes);

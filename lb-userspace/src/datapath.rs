@@ -126,12 +126,9 @@ pub struct Datapath {
 }
 
 impl Datapath {
+    /// The bare balancer (`sluice run --iface`): default options, pins removed on shutdown.
     pub fn start(iface: &str, pin_dir: &Path, mode: AttachMode) -> Result<Self, Error> {
-        Self::start_with(iface, pin_dir, mode, &LoadOptions::default())
-    }
-
-    pub fn start_with(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<Self, Error> {
-        Self::start_program(iface, pin_dir, mode, opts, PROG_BALANCER)
+        Self::start_program(iface, pin_dir, mode, &LoadOptions::default(), PROG_BALANCER)
     }
 
     /// Loads program `name` (the balancer or the decapsulator), pins, attaches.

@@ -63,6 +63,9 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     flows.with_label_values::<&str>(&[]).set(gc::count_all(t.fd(maps::FLOWS)?).map_err(|e| Error::other("counting flows", e))? as i64);
     capacity.with_label_values::<&str>(&[]).set(i64::from(t.max_entries(maps::FLOWS)?));
     for s in st.applied.services.values() {
+        // Refusals with no backend to charge them to (no_backend, fragment, malformed) are
+        // counted on the service only: report what its backends do not account for.
+        let mut on_backends = lb_common::Refusals::default();
         for b in s.backends.values() {
             let addr = b.address.to_string();
             let l = [s.name.as_str(), addr.as_str()];
@@ -82,14 +85,12 @@ pub fn render(state: &Shared) -> Result<String, Error> {
             for reason in Reason::ALL {
                 refusals.with_label_values(&[s.name.as_str(), addr.as_str(), reason.name()]).inc_by(ts.refused.get(*reason));
             }
+            on_backends.add(&ts.refused);
             drift.with_label_values(&l).inc_by(st.reconciler.corrections.get(&b.id).copied().unwrap_or(0));
         }
-        // Refusals with no backend to charge them to (no_backend, fragment, malformed) are
-        // counted on the service: take what its backends did not account for.
         let svc = t.service_stats(s.id)?;
         for reason in Reason::ALL {
-            let on_backends: u64 = s.backends.values().map(|b| t.backend_stats(b.id).map(|x| x.refused.get(*reason)).unwrap_or(0)).sum();
-            let rest = svc.refused.get(*reason).saturating_sub(on_backends);
+            let rest = svc.refused.get(*reason).saturating_sub(on_backends.get(*reason));
             refusals.with_label_values(&[s.name.as_str(), "", reason.name()]).inc_by(rest);
         }
     }
