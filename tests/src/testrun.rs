@@ -126,3 +126,42 @@ impl XdpRunner {
         (after.run_time() - before.run_time()) / runs as u32
     }
 }
+
+/// One IPv4 TCP service on 10.0.0.100 with one backend, for tests that need a service but not
+/// a whole config: written the way the daemon writes it (backend, ring, service, VIP entry).
+#[derive(Clone, Debug)]
+pub struct OneBackend {
+    /// Service id; also the backend id, and the ring sits at `id * 13`.
+    pub id: u32,
+    pub port: u16,
+    pub backend: [u8; 4],
+    pub mac: [u8; 6],
+    pub max_conns: u32,
+    pub mode: u8,
+}
+
+impl OneBackend {
+    pub fn new(id: u32, port: u16, max_conns: u32) -> Self {
+        Self { id, port, backend: [10, 0, 1, 11], mac: [2, 0xbb, 0, 0, 0, id as u8], max_conns, mode: lb_common::MODE_L2DSR }
+    }
+}
+
+impl XdpRunner {
+    pub fn install_one(&mut self, o: &OneBackend) {
+        use lb_common::{Backend, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, REJECT_RST};
+        use lb_userspace::maglev::{self, RingBackend};
+        let mut t = self.tables();
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&o.backend);
+        let backend = Backend { addr, mac: o.mac, family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: o.max_conns, service_id: o.id };
+        t.set_backend(o.id, &backend).expect("backend");
+        let base = o.id * 13;
+        let key = std::net::Ipv4Addr::from(o.backend).to_string();
+        t.write_ring(base, &maglev::build(&[RingBackend { id: o.id, key, weight: 1 }], 13)).expect("ring");
+        let mut vip = [0u8; 16];
+        vip[..4].copy_from_slice(&[10, 0, 0, 100]);
+        let svc = Service { id: o.id, ring_base: base, ring_size: 13, mode: o.mode, reject: REJECT_RST, spill: 0, half: 0 };
+        t.set_service(&ServiceKey { addr: vip, port_be: o.port.to_be_bytes(), proto: crate::packet::PROTO_TCP, _pad: 0 }, &svc).expect("service");
+        t.set_service(&ServiceKey { addr: vip, port_be: [0; 2], proto: 0, _pad: 0 }, &svc).expect("vip entry");
+    }
+}

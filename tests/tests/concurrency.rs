@@ -5,15 +5,12 @@
 use std::sync::Barrier;
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use lb_common::{Backend, Config, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, MODE_L2DSR, PROG_BALANCER, REJECT_RST};
-use lb_userspace::{
-    datapath::LoadOptions,
-    maglev::{self, RingBackend},
-};
+use lb_common::{Config, PROG_BALANCER};
+use lb_userspace::datapath::LoadOptions;
 use nix::{sched::CpuSet, unistd::Pid};
 use sluice_tests::{
-    packet::{Pkt, PROTO_TCP},
-    testrun::{XdpRunner, XDP_TX},
+    packet::Pkt,
+    testrun::{OneBackend, XdpRunner, XDP_TX},
 };
 
 const LIMIT: u32 = 700;
@@ -29,18 +26,7 @@ fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
         flow_capacity: 2 * u32::from(PER_THREAD) + 16,
         ring_slots: 64,
     });
-    {
-        let mut t = x.tables();
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&[10, 0, 1, 11]);
-        t.set_backend(1, &Backend { addr, mac: BACKEND_MAC, family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: LIMIT, service_id: 1 }).expect("backend");
-        let ring = maglev::build(&[RingBackend { id: 1, key: "10.0.1.11".into(), weight: 1 }], 13);
-        t.write_ring(0, &ring).expect("ring");
-        let mut vip = [0u8; 16];
-        vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-        let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, half: 0 };
-        t.set_service(&ServiceKey { addr: vip, port_be: 80u16.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
-    }
+    x.install_one(&OneBackend::new(1, 80, LIMIT));
     let prog: &Xdp = x.ebpf.program(PROG_BALANCER).expect("program").try_into().expect("xdp");
     let barrier = Barrier::new(2);
     let admitted: Vec<(u32, u32)> = std::thread::scope(|s| {

@@ -4,30 +4,18 @@
 //! neighbours the test sets up.
 
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
-use lb_common::{Backend, Config, Service, ServiceKey, Stat, BACKEND_ACTIVE, FAMILY_V4, MODE_IPIP, PROG_BALANCER, REJECT_RST};
-use lb_userspace::{
-    datapath::LoadOptions,
-    maglev::{self, RingBackend},
-};
+use lb_common::{Config, Stat, MODE_IPIP, PROG_BALANCER};
+use lb_userspace::datapath::LoadOptions;
 use sluice_tests::{
     netns::{veth, Netns},
-    packet::{Pkt, PROTO_TCP},
-    testrun::{XdpRunner, XDP_DROP, XDP_TX},
+    packet::Pkt,
+    testrun::{OneBackend, XdpRunner, XDP_DROP, XDP_TX},
 };
 
 const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x60, 0x02];
 
 fn install(x: &mut XdpRunner, id: u32, backend: [u8; 4], port: u16) {
-    let mut t = x.tables();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&backend);
-    t.set_backend(id, &Backend { addr, mac: [0; 6], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: 100, service_id: id }).expect("backend");
-    let base = id * 13;
-    t.write_ring(base, &maglev::build(&[RingBackend { id, key: format!("{backend:?}"), weight: 1 }], 13)).expect("ring");
-    let mut vip = [0u8; 16];
-    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id, ring_base: base, ring_size: 13, mode: MODE_IPIP, reject: REJECT_RST, spill: 0, half: 0 };
-    t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
+    x.install_one(&OneBackend { backend, mac: [0; 6], mode: MODE_IPIP, ..OneBackend::new(id, port, 100) });
 }
 
 #[test]

@@ -5,29 +5,20 @@
 
 use std::time::Duration;
 
-use lb_common::{maps, Backend, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, MODE_L2DSR, REJECT_RST};
+use lb_common::maps;
 use lb_userspace::{
     config::Timeouts,
     datapath::LoadOptions,
     gc::{self, Reconciler},
-    maglev::{self, RingBackend},
 };
 use sluice_tests::{
-    packet::{tcp, Pkt, PROTO_TCP},
-    testrun::XdpRunner,
+    packet::{tcp, Pkt},
+    testrun::{OneBackend, XdpRunner},
 };
 
 fn fixture() -> XdpRunner {
     let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: 1024, ring_slots: 64, ..LoadOptions::default() });
-    let mut t = x.tables();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&[10, 0, 1, 11]);
-    t.set_backend(1, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, 1], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: 1000, service_id: 1 }).expect("backend");
-    t.write_ring(0, &maglev::build(&[RingBackend { id: 1, key: "10.0.1.11".into(), weight: 1 }], 13)).expect("ring");
-    let mut vip = [0u8; 16];
-    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, half: 0 };
-    t.set_service(&ServiceKey { addr: vip, port_be: 80u16.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
+    x.install_one(&OneBackend::new(1, 80, 1000));
     x
 }
 

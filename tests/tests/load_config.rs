@@ -3,17 +3,11 @@
 //! VIP can be passed instead of dropped.
 
 use aya::maps::RingBuf;
-use lb_common::{
-    Backend, Config, EventBucket, Service, ServiceKey, Stat, BACKEND_ACTIVE, FAMILY_V4, FRAGMENTS_PASS, ICMP_ECHO_PASS,
-    MODE_L2DSR, REJECT_RST,
-};
-use lb_userspace::{
-    datapath::LoadOptions,
-    maglev::{self, RingBackend},
-};
+use lb_common::{Config, EventBucket, Stat, FRAGMENTS_PASS, ICMP_ECHO_PASS};
+use lb_userspace::datapath::LoadOptions;
 use sluice_tests::{
-    packet::{Pkt, PROTO_TCP},
-    testrun::{XdpRunner, XDP_PASS, XDP_TX},
+    packet::Pkt,
+    testrun::{OneBackend, XdpRunner, XDP_PASS, XDP_TX},
 };
 
 const EVENTS_PER_SEC: u32 = 5;
@@ -21,17 +15,8 @@ const EVENTS_PER_SEC: u32 = 5;
 fn fixture() -> XdpRunner {
     let config = Config { icmp_echo: ICMP_ECHO_PASS, fragments: FRAGMENTS_PASS, events_per_sec: EVENTS_PER_SEC, ..Config::DEFAULT };
     let mut x = XdpRunner::balancer_with(&LoadOptions { config, flow_capacity: 1024, ring_slots: 64 });
-    let mut t = x.tables();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&[10, 0, 1, 11]);
     // max_conns 0: every SYN is refused.
-    t.set_backend(1, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, 1], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: 0, service_id: 1 }).expect("backend");
-    t.write_ring(0, &maglev::build(&[RingBackend { id: 1, key: "10.0.1.11".into(), weight: 1 }], 13)).expect("ring");
-    let mut vip = [0u8; 16];
-    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id: 1, ring_base: 0, ring_size: 13, mode: MODE_L2DSR, reject: REJECT_RST, spill: 0, half: 0 };
-    t.set_service(&ServiceKey { addr: vip, port_be: 80u16.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
-    t.set_service(&ServiceKey { addr: vip, port_be: [0; 2], proto: 0, _pad: 0 }, &svc).expect("vip");
+    x.install_one(&OneBackend::new(1, 80, 0));
     x
 }
 
