@@ -18,8 +18,15 @@ pub struct AlertsCfg {
     /// Name of this load balancer in messages (default: the host name).
     #[serde(default)]
     pub name: Option<String>,
+    /// How often the rules are evaluated (refusal events also trigger an evaluation).
+    #[serde(default = "d_interval", deserialize_with = "crate::config::duration")]
+    pub interval: Duration,
     #[serde(default = "d_fire", deserialize_with = "crate::config::duration")]
     pub fire_after: Duration,
+    /// Refusals are not a gauge near a threshold but clients already failing: they fire after
+    /// this (default at once; the daemon evaluates as soon as a refusal event arrives).
+    #[serde(default, deserialize_with = "crate::config::duration")]
+    pub refusals_fire_after: Duration,
     #[serde(default = "d_resolve", deserialize_with = "crate::config::duration")]
     pub resolve_after: Duration,
     /// A backend is "near its limit" at this share of max_conns.
@@ -34,11 +41,17 @@ pub struct AlertsCfg {
     /// POST each firing/resolved alert (Alertmanager API v2 JSON).
     #[serde(default)]
     pub webhook: Option<crate::sinks::WebhookCfg>,
+    /// More receivers, e.g. every member of an Alertmanager HA pair (each gets every alert).
+    #[serde(default)]
+    pub webhooks: Vec<crate::sinks::WebhookCfg>,
     /// Run this command for each firing/resolved alert (SLUICE_ALERT* in its environment).
     #[serde(default)]
     pub command: Option<Vec<String>>,
 }
 
+fn d_interval() -> Duration {
+    Duration::from_secs(1)
+}
 fn d_fire() -> Duration {
     Duration::from_secs(2)
 }
@@ -59,12 +72,15 @@ impl Default for AlertsCfg {
     fn default() -> Self {
         Self {
             name: None,
+            interval: d_interval(),
             fire_after: d_fire(),
+            refusals_fire_after: Duration::ZERO,
             resolve_after: d_resolve(),
             near_limit_ratio: d_near(),
             flow_table_ratio: d_table(),
             forecast_horizon: d_horizon(),
             webhook: None,
+            webhooks: Vec::new(),
             command: None,
         }
     }
@@ -260,7 +276,8 @@ impl Engine {
                 st.false_since = None;
                 let since = *st.true_since.get_or_insert(now);
                 st.last = Some((summary.clone(), description.clone()));
-                if !st.firing && now.duration_since(since) >= self.cfg.fire_after {
+                let after = if name == "SluiceRefusingConnections" { self.cfg.refusals_fire_after } else { self.cfg.fire_after };
+                if !st.firing && now.duration_since(since) >= after {
                     st.firing = true;
                     out.push(notify(Status::Firing, name, severity, &labels, &lb, summary, description));
                 }
@@ -276,6 +293,11 @@ impl Engine {
         }
         self.prev = Some((now, s.clone()));
         out
+    }
+
+    /// The receivers of `webhook` and `webhooks`.
+    pub fn all_webhooks(cfg: &AlertsCfg) -> Vec<crate::sinks::WebhookCfg> {
+        cfg.webhook.iter().chain(&cfg.webhooks).cloned().collect()
     }
 
     /// Alerts firing now: (name, labels).
@@ -333,12 +355,16 @@ mod tests {
         assert_eq!(at.labels["service"], "web");
         assert_eq!(at.labels["component"], "sluice-load-balancer");
         // Refusals: counted since the last sample, with the reason.
+        // Refusals: counted since the last sample, with the reason; they fire at once
+        // (refusals_fire_after = 0: clients are already failing).
         let mut e2 = engine();
         e2.evaluate(t0, &sample(100, 0));
-        e2.evaluate(t0 + Duration::from_secs(1), &sample(100, 3));
-        let n = e2.evaluate(t0 + Duration::from_secs(3), &sample(100, 8));
-        let r = n.iter().find(|n| n.alertname == "SluiceRefusingConnections").expect("refusals fire");
-        assert!(r.summary.contains("5 in the last") && r.labels["reason"] == "backend_limit", "{}", r.summary);
+        let n = e2.evaluate(t0 + Duration::from_millis(300), &sample(100, 3));
+        let r = n.iter().find(|n| n.alertname == "SluiceRefusingConnections").expect("refusals fire at once");
+        assert!(r.summary.contains("3 in the last") && r.labels["reason"] == "backend_limit", "{}", r.summary);
+        assert!(r.description.contains("max_conns = 100"), "{}", r.description);
+        let n = e2.evaluate(t0 + Duration::from_secs(1), &sample(100, 8));
+        assert!(n.iter().all(|n| n.alertname != "SluiceRefusingConnections"), "fires once");
     }
 
     #[test]

@@ -466,6 +466,21 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if !(0.0..=1.0).contains(&a.flow_table_ratio) || a.flow_table_ratio == 0.0 {
         err("alerts.flow_table_ratio".into(), format!("{} must be between 0 and 1 (e.g. 0.9)", a.flow_table_ratio));
     }
+    if a.interval < Duration::from_millis(100) {
+        err("alerts.interval".into(), format!("{:?} is too short; at least 100ms (1s is the default)", a.interval));
+    }
+    for (i, w) in a.webhook.iter().chain(&a.webhooks).enumerate() {
+        let key = if a.webhook.is_some() && i == 0 { "alerts.webhook".to_owned() } else { format!("alerts.webhooks[{}]", i - usize::from(a.webhook.is_some())) };
+        if crate::sinks::parse_url(&w.url).is_none() {
+            err(format!("{key}.url"), format!("{:?}: only http://host[:port]/path URLs are supported", w.url));
+        }
+        if w.timeout.is_zero() {
+            err(format!("{key}.timeout"), "must be longer than 0s".into());
+        }
+    }
+    if a.command.as_ref().is_some_and(Vec::is_empty) {
+        err("alerts.command".into(), "must name a program (an argv list, e.g. [\"/usr/local/bin/page-oncall\"])".into());
+    }
     if cfg.flows.capacity == 0 {
         err("flows.capacity".into(), "must be at least 1".into());
     }
@@ -610,6 +625,9 @@ health = { kind = "tcp", interval = "1s" }
 address = "10.0.0.12"
 max_conns = 100
 health = { kind = "http", path = "/healthz", interval = "2s", timeout = "1s" }
+
+[alerts]
+webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127.0.0.2:9093/api/v2/alerts" }]
 "#;
 
     fn check(text: &str) -> Result<(Config, Vec<Finding>), Rejected> {
@@ -646,6 +664,8 @@ health = { kind = "http", path = "/healthz", interval = "2s", timeout = "1s" }
             ("overflow = { spill = true", "overflow = { spill = 9", "service[0].overflow.spill", "at most"),
             ("max_conns = 100\nweight = 1", "max_conns = 100\nweigth = 1", "service[0].backend[0]", "unknown field"),
             ("interface = \"eth0\"", "interface = \"\"", "daemon.interface", "must name"),
+            ("url = \"http://127.0.0.2:9093", "url = \"https://127.0.0.2:9093", "alerts.webhooks[1].url", "only http://"),
+            ("[alerts]", "[alerts]\ncommand = []", "alerts.command", "must name a program"),
         ];
         for (from, to, key, reason) in cases {
             assert!(GOOD.contains(from), "bad case: {from}");

@@ -28,6 +28,8 @@ use crate::{
 
 /// How often the reconciliation pass runs, in ticks (one per second).
 const RECONCILE_EVERY: u64 = 10;
+/// Refusal events trigger an evaluation at most this often (events are rate-limited already).
+const MIN_EVAL_GAP: Duration = Duration::from_millis(100);
 /// GC waits this many times as long as its last sweep took (at least a second).
 const GC_DUTY_INVERSE: u32 = 20;
 
@@ -116,6 +118,7 @@ pub struct State {
     pub journal: crate::journal::Journal,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
+    last_eval: Instant,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
 }
@@ -135,7 +138,7 @@ impl State {
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
-            st.sinks = crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone());
+            st.sinks = crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone());
             st.firing.clear();
         }
         st.cfg = cfg;
@@ -152,8 +155,19 @@ impl State {
         st.applied.plan(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))
     }
 
+    /// Refusal events arrived: name them and, unless it just happened, evaluate the alerts now
+    /// rather than at the next tick (the first refusal reaches the sinks in milliseconds).
+    fn on_events(&mut self) -> Result<(), Error> {
+        let n = self.events.as_mut().map_or(0, |ev| ev.drain(&self.applied));
+        if n > 0 && self.last_eval.elapsed() >= MIN_EVAL_GAP {
+            self.evaluate_alerts()?;
+        }
+        Ok(())
+    }
+
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
     fn evaluate_alerts(&mut self) -> Result<(), Error> {
+        self.last_eval = Instant::now();
         let mut backends = Vec::new();
         let mut drift = std::collections::BTreeMap::new();
         let t = self.dp.tables();
@@ -225,7 +239,6 @@ impl State {
         if let Some(ev) = self.events.as_mut() {
             ev.drain(&self.applied);
         }
-        self.evaluate_alerts()?;
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
             self.last_drift = self.reconciler.pass(fd, &self.conns, ids).map_err(|e| Error::other("reconciliation", e))?;
@@ -281,11 +294,12 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         last_drift: Vec::new(),
         checks: health::Checks::default(),
         alerts: alerts::Engine::new(cfg.alerts.clone()),
-        sinks: crate::sinks::Sinks::start(cfg.alerts.webhook.clone(), cfg.alerts.command.clone()),
+        sinks: crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone()),
         events,
         overrides: std::collections::BTreeMap::new(),
         journal: crate::journal::Journal::new(cfg.daemon.journal.clone(), cfg.daemon.journal_max_bytes),
         firing: Vec::new(),
+        last_eval: Instant::now(),
         health_tx,
         health_rx: Some(health_rx),
     }));
@@ -324,9 +338,30 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, state.clone(), api_stop.clone()));
     let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut eval_every = state.lock().expect("state lock").cfg.alerts.interval;
+    let mut eval_tick = tokio::time::interval(eval_every);
+    let wakeup = state.lock().expect("state lock").events.as_ref().and_then(|e| e.wakeup_fd().ok());
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged while registered.
+    let wakeup = wakeup.and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok());
     let mut n = 0u64;
     loop {
+        let configured = state.lock().expect("state lock").cfg.alerts.interval;
+        if configured != eval_every {
+            eval_every = configured;
+            eval_tick = tokio::time::interval(eval_every);
+        }
+        let events_ready = async {
+            match &wakeup {
+                Some(w) => w.readable().await.map(|mut g| g.clear_ready()),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            Ok(()) = events_ready => {
+                if let Err(e) = state.lock().expect("state lock").on_events() {
+                    tracing::error!("{e}");
+                }
+            }
             () = shutdown.cancelled() => break,
             _ = term.recv(), if signals => break,
             _ = int.recv(), if signals => break,
@@ -351,6 +386,11 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 state.lock().expect("state lock").journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
                 if let Err(e) = State::apply(&state, cfg).await {
                     tracing::error!("applying a health change: {e}");
+                }
+            }
+            _ = eval_tick.tick() => {
+                if let Err(e) = state.lock().expect("state lock").evaluate_alerts() {
+                    tracing::error!("evaluating alerts: {e}");
                 }
             }
             _ = tick.tick() => {

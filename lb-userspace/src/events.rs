@@ -56,6 +56,12 @@ impl Events {
         Self { ring, window: VecDeque::new(), next_seq: 1 }
     }
 
+    /// A second descriptor of the ring buffer that becomes readable when the datapath queues an
+    /// event: the daemon waits on it to evaluate alerts at once instead of at the next tick.
+    pub fn wakeup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(&self.ring).try_clone_to_owned()
+    }
+
     /// Moves what the datapath queued into the window, naming services and backends.
     pub fn drain(&mut self, applied: &Applied) -> usize {
         let (mono, wall) = (monotonic_ns(), SystemTime::now());

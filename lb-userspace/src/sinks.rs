@@ -56,7 +56,7 @@ pub fn alertmanager_json(n: &Notification) -> Value {
 }
 
 /// Splits `http://host:port/path` into (authority, path).
-fn parse_url(url: &str) -> Option<(String, String)> {
+pub(crate) fn parse_url(url: &str) -> Option<(String, String)> {
     let rest = url.strip_prefix("http://")?;
     let (auth, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
     let auth = if auth.contains(':') { auth.to_owned() } else { format!("{auth}:80") };
@@ -135,9 +135,9 @@ async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>
 }
 
 impl Sinks {
-    pub fn start(webhook: Option<WebhookCfg>, command: Option<Vec<String>>) -> Self {
+    pub fn start(webhooks: Vec<WebhookCfg>, command: Option<Vec<String>>) -> Self {
         let mut queues = Vec::new();
-        if let Some(w) = webhook {
+        for w in webhooks {
             let (tx, rx) = mpsc::channel(256);
             tokio::spawn(deliver_webhook(w, rx));
             queues.push(tx);
@@ -178,7 +178,7 @@ mod tests {
         let _ = std::fs::remove_file(&file);
         let dead = WebhookCfg { url: "http://127.0.0.1:9/alerts".into(), timeout: Duration::from_secs(2), retries: 3 };
         let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_ALERT $SLUICE_ALERT_STATUS\" >> {}", file.display())];
-        let sinks = Sinks::start(Some(dead), Some(cmd));
+        let sinks = Sinks::start(vec![dead], Some(cmd));
         let started = std::time::Instant::now();
         sinks.send(&n(Status::Firing));
         while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("SluiceBackendAtLimit firing")) {

@@ -38,7 +38,7 @@ pub enum Command {
     /// Which backend a flow goes to, and whether it would be admitted or refused and why.
     Explain(ctl::ExplainArgs),
     /// Live view: open/limit with a saturation bar, new flows/s, refusals/s, alerts firing.
-    Top,
+    Top(top::Args),
     /// Sampled refusal events: time, 5-tuple, service, backend, reason.
     Events(ctl::EventsArgs),
     /// What happened to the load balancer: config changes, backend states, alerts, restarts.
@@ -80,7 +80,7 @@ pub fn main() -> i32 {
         Command::Backend(c) => ctl::backend(&cli.socket, &c),
         Command::Explain(a) => ctl::explain(&cli.socket, &a),
         Command::Events(a) => ctl::events(&cli.socket, &a),
-        Command::Top => top::run(&cli.socket),
+        Command::Top(a) => top::run(&cli.socket, &a),
         Command::Limit(c) => ctl::limit(&cli.socket, &c),
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),

@@ -105,7 +105,46 @@ pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rate
     Ok(())
 }
 
-pub fn run(socket: &Path) -> Result<(), Error> {
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one frame as plain text and exit (two samples a second apart, so rates show):
+    /// for scripts, tickets and terminals without a TTY.
+    #[arg(long)]
+    pub once: bool,
+    /// Width of the `--once` frame, in columns.
+    #[arg(long, default_value_t = 120, requires = "once")]
+    pub width: u16,
+}
+
+/// One frame as text lines (trailing blanks trimmed).
+fn render_once(status: &[Value; 2], width: u16) -> std::io::Result<String> {
+    let rows = status[1]["services"].as_array().into_iter().flatten().map(|s| s["backends"].as_array().map_or(0, Vec::len)).sum::<usize>();
+    let alerts = status[1]["alerts_firing"].as_array().map_or(0, Vec::len);
+    let height = u16::try_from(rows + 4 + alerts.max(1) + 2).unwrap_or(u16::MAX).max(13);
+    let mut term = Terminal::new(ratatui::backend::TestBackend::new(width, height))?;
+    let mut rates = Rates::default();
+    draw(&mut term, &status[0], &mut rates, 1.0)?;
+    draw(&mut term, &status[1], &mut rates, 1.0)?;
+    let buf = term.backend().buffer();
+    let mut out = String::new();
+    for y in 0..buf.area.height {
+        let line: String = (0..buf.area.width).map(|x| buf[(x, y)].symbol()).collect();
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+pub fn run(socket: &Path, a: &Args) -> Result<(), Error> {
+    if a.once {
+        return client::block_on(async {
+            let first = client::ok(socket, Method::GET, "/v1/status", None).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let second = client::ok(socket, Method::GET, "/v1/status", None).await?;
+            print!("{}", render_once(&[first, second], a.width).map_err(|e| Error::other("drawing", e))?);
+            Ok(())
+        });
+    }
     client::block_on(async {
         // Fail before touching the terminal if the daemon is not there.
         let mut status = client::ok(socket, Method::GET, "/v1/status", None).await?;
@@ -162,5 +201,8 @@ mod tests {
         assert!(text.contains("10.0.0.11") && text.contains("5/5") && text.contains("100%"), "{text}");
         assert!(text.contains("2.0") && text.contains("backend_limit 3.0/s"), "rates over 2 s: {text}");
         assert!(text.contains("draining") && text.contains("SluiceBackendAtLimit"), "{text}");
+        let once = render_once(&[status(10, 0), status(12, 1)], 140).expect("once");
+        assert!(once.lines().any(|l| l.contains("10.0.0.11") && l.contains("5/5") && l.contains("backend_limit 1.0/s")), "{once}");
+        assert!(once.lines().all(|l| l == l.trim_end()), "trailing blanks trimmed");
     }
 }
