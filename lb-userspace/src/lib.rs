@@ -15,6 +15,7 @@ pub mod explain;
 pub mod gc;
 pub mod health;
 pub mod journal;
+pub mod lab;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

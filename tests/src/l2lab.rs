@@ -87,6 +87,21 @@ impl Drop for Backend {
     }
 }
 
+/// What a [`Lab::webhook_receiver`] received: (arrival, request) in order.
+#[derive(Clone, Default)]
+pub struct Posts(pub Arc<std::sync::Mutex<Vec<(Instant, String)>>>);
+
+impl Posts {
+    /// The first request containing every string of `want`.
+    pub fn first(&self, want: &[&str]) -> Option<(Instant, String)> {
+        self.0.lock().expect("posts").iter().find(|(_, b)| want.iter().all(|w| b.contains(w))).cloned()
+    }
+
+    pub fn any(&self, want: &[&str]) -> bool {
+        self.first(want).is_some()
+    }
+}
+
 pub struct Lab {
     pub switch: Netns,
     pub lb: Netns,
@@ -203,6 +218,36 @@ impl Lab {
             assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{}", body.lines().next().unwrap_or(""));
             body.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
         })
+    }
+
+    /// A webhook receiver (Alertmanager's side) in the load balancer's namespace: records each
+    /// POST with its arrival time and answers 200.
+    pub fn webhook_receiver(&self) -> (u16, Posts) {
+        let l = self.lb.run(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
+        let port = l.local_addr().expect("addr").port();
+        let posts = Posts::default();
+        let p = posts.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { break };
+                let mut body = Vec::new();
+                let mut buf = [0u8; 8192];
+                // Until the body is complete (content-length).
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    body.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&body);
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
+                        if rest.len() >= len.unwrap_or(0) {
+                            break;
+                        }
+                    }
+                }
+                p.0.lock().expect("posts").push((Instant::now(), String::from_utf8_lossy(&body).into_owned()));
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        (port, posts)
     }
 
     /// `sluice detach` for this lab's pins (the daemon leaves the datapath running on exit).

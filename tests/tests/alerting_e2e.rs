@@ -7,9 +7,8 @@
 //! change and then the alert.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{TcpListener, TcpStream},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -17,39 +16,6 @@ use nix::sys::signal::Signal;
 use sluice_tests::l2lab::{wait_for, Lab};
 
 const BACKEND: &str = "10.70.0.11";
-
-/// A webhook receiver in the load balancer's namespace: each POST body with its arrival time.
-fn receiver(lab: &Lab) -> (u16, Arc<Mutex<Vec<(Instant, String)>>>) {
-    let l = lab.lb.run(|| TcpListener::bind("127.0.0.1:0").expect("bind"));
-    let port = l.local_addr().expect("addr").port();
-    let posts = Arc::new(Mutex::new(Vec::new()));
-    let p = posts.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { break };
-            let mut body = Vec::new();
-            let mut buf = [0u8; 8192];
-            // Read until the JSON body is complete (content-length), then answer 200.
-            loop {
-                let Ok(n) = c.read(&mut buf) else { break };
-                if n == 0 {
-                    break;
-                }
-                body.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&body);
-                if let Some((head, rest)) = text.split_once("\r\n\r\n") {
-                    let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
-                    if rest.len() >= len.unwrap_or(0) {
-                        break;
-                    }
-                }
-            }
-            p.lock().expect("posts").push((Instant::now(), String::from_utf8_lossy(&body).into_owned()));
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
-    (port, posts)
-}
 
 /// A receiver that accepts connections and never answers (worse than a refused port).
 fn hanging_receiver(lab: &Lab) -> u16 {
@@ -64,14 +30,10 @@ fn hanging_receiver(lab: &Lab) -> u16 {
     port
 }
 
-fn first_post(posts: &Mutex<Vec<(Instant, String)>>, want: &[&str]) -> Option<(Instant, String)> {
-    posts.lock().expect("posts").iter().find(|(_, b)| want.iter().all(|w| b.contains(w))).cloned()
-}
-
 #[test]
 fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
     let lab = Lab::new(1);
-    let (live, posts) = receiver(&lab);
+    let (live, posts) = lab.webhook_receiver();
     let hanging = hanging_receiver(&lab);
     let cmd_log = lab.dir.join("alert-command.log");
     let alerts = format!(
@@ -116,8 +78,8 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
 
     // The webhook hears it within 2 s of the first refusal, naming the backend and the setting,
     // although the first receiver in the list hangs; so does the command sink.
-    wait_for("a firing alert at the webhook", || first_post(&posts, &["\"status\":\"firing\"", BACKEND, "max_conns"]).is_some());
-    let (at, body) = first_post(&posts, &["\"status\":\"firing\"", BACKEND, "max_conns"]).expect("firing");
+    wait_for("a firing alert at the webhook", || posts.first(&["\"status\":\"firing\"", BACKEND, "max_conns"]).is_some());
+    let (at, body) = posts.first(&["\"status\":\"firing\"", BACKEND, "max_conns"]).expect("firing");
     let latency = at.saturating_duration_since(first_refusal);
     assert!(latency < Duration::from_secs(2), "firing alert {latency:?} after the first refusal:\n{body}");
     assert!(body.contains("Sluice load balancer lb-incident") && body.contains("max_conns = 5"), "{body}");
@@ -129,7 +91,7 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
     assert_eq!(code, 0, "{err}");
     let reasons: Vec<String> = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).expect("event")["reason"].as_str().unwrap_or("").to_owned()).collect();
     assert_eq!(reasons, ["backend_limit"; 3], "{out}");
-    wait_for("the at-limit alert", || first_post(&posts, &["\"status\":\"firing\"", "SluiceBackendAtLimit"]).is_some());
+    wait_for("the at-limit alert", || posts.first(&["\"status\":\"firing\"", "SluiceBackendAtLimit"]).is_some());
     let m = lab.metrics();
     for line in [
         format!("sluice_backend_open_connections{{backend=\"{BACKEND}\",service=\"web\"}} 5"),
@@ -155,7 +117,7 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
     // The clients leave: the alerts resolve and the webhook hears it.
     drop(held);
     wait_for("the resolved alerts", || {
-        first_post(&posts, &["\"status\":\"resolved\"", "SluiceBackendAtLimit"]).is_some() && first_post(&posts, &["\"status\":\"resolved\"", "SluiceRefusingConnections"]).is_some()
+        posts.first(&["\"status\":\"resolved\"", "SluiceBackendAtLimit"]).is_some() && posts.first(&["\"status\":\"resolved\"", "SluiceRefusingConnections"]).is_some()
     });
     wait_for("the command sink's resolved", || std::fs::read_to_string(&cmd_log).is_ok_and(|t| t.contains("SluiceBackendAtLimit resolved")));
 

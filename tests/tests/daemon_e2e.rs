@@ -26,20 +26,7 @@ use sluice_tests::l2lab::{Lab, VIP};
 #[test]
 fn daemon_balances_limits_explains_and_drains_on_reload() {
     let lab = Lab::new(3);
-    // A webhook receiver inside the load balancer's namespace: records each POST body.
-    let hook = lab.lb.run(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"));
-    let hook_port = hook.local_addr().expect("addr").port();
-    let posts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let p = posts.clone();
-    std::thread::spawn(move || {
-        for c in hook.incoming() {
-            let Ok(mut c) = c else { break };
-            let mut buf = vec![0u8; 65536];
-            let n = std::io::Read::read(&mut c, &mut buf).unwrap_or(0);
-            p.lock().expect("posts").push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-        }
-    });
+    let (hook_port, posts) = lab.webhook_receiver();
     let alerts = format!("[alerts]\nname = \"lb-test\"\nfire_after = \"1s\"\nresolve_after = \"1s\"\nwebhook = {{ url = \"http://127.0.0.1:{hook_port}/api/v2/alerts\", timeout = \"1s\", retries = 2 }}\n");
     lab.write_config_with(&[(1, "max_conns = 100"), (2, "max_conns = 100"), (3, "max_conns = 2")], &alerts);
     let mut daemon = lab.start_daemon();
@@ -112,7 +99,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(alert.contains("Sluice load balancer") && alert.contains("10.70.0.13") && alert.contains("max_conns` in") && alert.contains("2 of 2 open"), "{out}");
     assert!(lab.metrics().contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\",backend=\"10.70.0.13\""), "alert in /metrics");
     sluice_tests::l2lab::wait_for("the webhook to receive the firing alert", || {
-        posts.lock().expect("posts").iter().any(|b| b.contains("\"alertname\":\"SluiceBackendAtLimit\"") && b.contains("\"status\":\"firing\"") && b.contains("lb-test"))
+        posts.any(&["\"alertname\":\"SluiceBackendAtLimit\"", "\"status\":\"firing\"", "lb-test"])
     });
 
     // The control API (root only) shows backend-3 at its limit and explains the refusal.
@@ -182,7 +169,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     drop(held3);
     // backend-3 is below its limit again: the alert resolves and the webhook hears it.
     sluice_tests::l2lab::wait_for("the resolved alert", || {
-        posts.lock().expect("posts").iter().any(|b| b.contains("SluiceBackendAtLimit") && b.contains("\"status\":\"resolved\""))
+        posts.any(&["SluiceBackendAtLimit", "\"status\":\"resolved\""])
     });
 
     let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));

@@ -46,6 +46,8 @@ enum Bench {
     Datapath,
     /// Control plane: applying 100×100, a limit change reaching the datapath, GC of 1M flows, RSS.
     Control,
+    /// Alert latency (first refusal → webhook, 20 trials) and daemon CPU with 1,000 backends.
+    Alerts,
 }
 
 fn main() {
@@ -71,6 +73,7 @@ fn run(cli: Cli) -> Result<()> {
             let bin = match which {
                 Bench::Datapath => "bench-datapath",
                 Bench::Control => "bench-control",
+                Bench::Alerts => "bench-alerts",
             };
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             // The benchmarks start the sluice binary (the daemon): build it first, in release.

@@ -3,6 +3,7 @@
 mod config;
 mod ctl;
 mod decap;
+mod lab;
 mod run;
 mod status;
 mod top;
@@ -50,6 +51,9 @@ pub enum Command {
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
     Decap(decap::Args),
+    /// A whole deployment in network namespaces: demos, training, the incident replay.
+    #[command(subcommand)]
+    Lab(lab::LabCmd),
     /// Work with config files.
     #[command(subcommand)]
     Config(config::Command),
@@ -85,6 +89,7 @@ pub fn main() -> i32 {
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
+        Command::Lab(c) => lab::run(&c),
         Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
     };
     match result {

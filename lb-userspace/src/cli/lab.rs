@@ -1,0 +1,196 @@
+//! `sluice lab …`: the whole deployment in network namespaces (see [`crate::lab`]).
+
+use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+
+use clap::Subcommand;
+
+use crate::{
+    config::Mode,
+    lab::{self, incident, load, topo::BackendConf, Lab, Spec},
+    Error,
+};
+
+const DIR: &str = "/run/sluice-lab";
+const PREFIX: &str = "slab";
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build the lab (clients, load balancer, backends on a bridge), start the backends' HTTP
+    /// servers and the Sluice daemon; run until Ctrl-C or `sluice lab down`, then remove it all.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        backends: u8,
+        #[arg(long, default_value_t = 2)]
+        clients: u8,
+        /// Forwarding mode: l2dsr, or ipip (the backends run `sluice decap`).
+        #[arg(long, default_value = "l2dsr", value_parser = parse_mode)]
+        mode: Mode,
+        /// Every backend's max_conns in the generated config.
+        #[arg(long, default_value_t = 100)]
+        max_conns: u32,
+        /// Also serve the IPv6 VIP (service "web6").
+        #[arg(long)]
+        ipv6: bool,
+    },
+    /// Remove every trace of the lab: processes, namespaces, pins, files.
+    Down,
+    /// Generate load from the clients against the VIP; print outcomes and latency percentiles.
+    Load {
+        /// New connections per second (all clients together).
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Connections in flight at most (held ones included).
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Keep each connection open this long after its answer.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        hold: Duration,
+        /// Ask the backends to answer this slowly (ms).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Use the IPv6 VIP (the lab must be up with --ipv6).
+        #[arg(long)]
+        ipv6: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replay the 2023-05-05 incident in its own lab; exit 0 only if everything happened as
+    /// it should. Writes report.md and incident.svg to --report.
+    Incident {
+        #[arg(long, default_value = "sluice-lab-report")]
+        report: PathBuf,
+    },
+    /// (internal) The lab's backend HTTP server.
+    #[command(hide = true)]
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 80)]
+        port: u16,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "l2dsr" => Ok(Mode::L2dsr),
+        "ipip" => Ok(Mode::Ipip),
+        _ => Err(format!("{s:?}: l2dsr or ipip")),
+    }
+}
+
+fn spec(prefix: &str, dir: &str, backends: u8, clients: u8, mode: Mode) -> Result<Spec, Error> {
+    Ok(Spec {
+        prefix: prefix.into(),
+        backends,
+        clients,
+        mode,
+        servers: true,
+        dir: dir.into(),
+        sluice: std::env::current_exe().map_err(|e| Error::other("finding the sluice binary", e))?,
+    })
+}
+
+fn wait_for_signal() -> Result<(), Error> {
+    crate::client::block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+pub fn run(cmd: &LabCmd) -> Result<(), Error> {
+    let lab_err = |e: anyhow::Error| Error::other("sluice lab", e);
+    match cmd {
+        LabCmd::Up { backends, clients, mode, max_conns, ipv6 } => {
+            let lab = Lab::up(spec(PREFIX, DIR, *backends, *clients, *mode)?).map_err(lab_err)?;
+            let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
+            lab.write_config(&lab.config_text(&conf, *ipv6, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
+            lab.start_daemon().map_err(lab_err)?;
+            println!("Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}", lab::VIP4, if *ipv6 { format!(" and [{}]:80", lab::VIP6) } else { String::new() });
+            println!("  config      {}  (edit, then `sluice --socket {} config apply {}`)", lab.config_path().display(), lab.socket().display(), lab.config_path().display());
+            println!("  control     export SLUICE_SOCKET={}   # then: sluice status, sluice top, sluice explain …", lab.socket().display());
+            println!("  load        sluice lab load --rate 100 --concurrency 200 --duration 30s --hold 2s");
+            println!("  a client    nsenter --net=/run/netns/{} curl http://{}/", lab.ns("cl1"), lab::VIP4);
+            println!("  logs        {}/*.log", lab.spec.dir.display());
+            println!("Ctrl-C or `sluice lab down` removes it all.");
+            wait_for_signal()?;
+            println!("tearing the lab down…");
+            for what in lab.down() {
+                println!("  removed {what}");
+            }
+            Ok(())
+        }
+        LabCmd::Down => {
+            let removed = lab::topo_cleanup(PREFIX, std::path::Path::new(DIR));
+            if removed.is_empty() {
+                println!("no lab found: nothing to remove");
+            }
+            for what in removed {
+                println!("removed {what}");
+            }
+            Ok(())
+        }
+        LabCmd::Load { rate, concurrency, duration, hold, delay_ms, timeout, ipv6, json } => {
+            let lab = Lab::attach(std::path::Path::new(DIR)).map_err(lab_err)?;
+            let spec = load::LoadSpec { rate: *rate, concurrency: *concurrency, duration: *duration, hold: *hold, delay_ms: *delay_ms, timeout: *timeout, v6: *ipv6 };
+            let counters = Arc::new(load::Counters::default());
+            let started = Instant::now();
+            let done = std::sync::atomic::AtomicBool::new(false);
+            let report = std::thread::scope(|s| {
+                if !*json {
+                    s.spawn(|| {
+                        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_secs(1));
+                            eprintln!("{}", counters.line(started.elapsed()));
+                        }
+                    });
+                }
+                let r = load::run(&lab, &spec, &counters);
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                r
+            })
+            .map_err(lab_err)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                println!(
+                    "{} connections in {:.1} s: ok {}, refused (RST) {}, timeout {}, error {}\nlatency of ok: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms\nper backend: {:?}",
+                    report.ok + report.refused + report.timeout + report.error,
+                    report.elapsed_s,
+                    report.ok,
+                    report.refused,
+                    report.timeout,
+                    report.error,
+                    report.p50_ms,
+                    report.p90_ms,
+                    report.p99_ms,
+                    report.max_ms,
+                    report.backends
+                );
+                for e in &report.errors {
+                    println!("error: {e}");
+                }
+            }
+            Ok(())
+        }
+        LabCmd::Incident { report } => {
+            let lab = Lab::up(spec("slabi", "/run/sluice-lab-incident", 3, 2, Mode::L2dsr)?).map_err(lab_err)?;
+            let passed = incident::run(&lab, &incident::Options { report_dir: report.clone() });
+            lab.down();
+            if passed.map_err(lab_err)? {
+                println!("incident replay: every expectation held");
+                Ok(())
+            } else {
+                Err(Error::other("incident replay", anyhow::anyhow!("some expectations did not hold (see above)")))
+            }
+        }
+        LabCmd::Serve { name, port } => crate::client::block_on(async { lab::serve::serve(name.clone(), *port).await.map_err(|e| Error::other("lab serve", e)) }),
+    }
+}

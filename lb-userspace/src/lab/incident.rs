@@ -1,0 +1,270 @@
+//! `sluice lab incident`: the 2023-05-05 outage replayed in a few minutes, with Sluice as the
+//! load balancer. Normal traffic; a config change sets `max_conns` far too low; a surge; Sluice
+//! refuses with RST, the alert fires naming the setting, `status` and `explain` point at it;
+//! the fix is applied live; refusals stop; the alert resolves. Each step is printed as it
+//! happens, then the timeline; a report (markdown + SVG plot) is written. Every expectation is
+//! checked: the run fails if any did not happen.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use super::{
+    load::{self, Counters, LoadSpec},
+    plot::{self, Point},
+    topo::BackendConf,
+    Lab,
+};
+
+const GOOD_LIMIT: u32 = 200;
+const BAD_LIMIT: u32 = 10;
+const BACKENDS: u8 = 3;
+
+pub struct Options {
+    pub report_dir: PathBuf,
+}
+
+/// The printed narrative, kept for the report.
+struct Narrator {
+    t0: Instant,
+    text: Mutex<String>,
+}
+
+impl Narrator {
+    fn say(&self, line: impl AsRef<str>) {
+        let l = format!("[{:>6.1}s] {}", self.t0.elapsed().as_secs_f64(), line.as_ref());
+        println!("{l}");
+        let mut t = self.text.lock().expect("text");
+        t.push_str(&l);
+        t.push('\n');
+    }
+    fn block(&self, text: &str) {
+        for l in text.lines() {
+            println!("           {l}");
+        }
+        let mut t = self.text.lock().expect("text");
+        t.push_str("```\n");
+        t.push_str(text.trim_end());
+        t.push_str("\n```\n");
+    }
+}
+
+fn status(lab: &Lab) -> Result<Value> {
+    crate::client::block_on(crate::client::ok(&lab.socket(), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// `sluice --socket S args…` as an operator would type it: (command line, output).
+fn sluice(lab: &Lab, args: &[&str]) -> (String, String, bool) {
+    let out = Command::new(&lab.spec.sluice).arg("--socket").arg(lab.socket()).args(args).output();
+    let line = format!("$ sluice {}", args.join(" "));
+    match out {
+        Ok(o) => (line, format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)), o.status.success()),
+        Err(e) => (line, e.to_string(), false),
+    }
+}
+
+fn sample(lab: &Lab, t: f64) -> Option<(Point, Value)> {
+    let s = status(lab).ok()?;
+    let mut p = Point { t, ..Point::default() };
+    for svc in s["services"].as_array().into_iter().flatten() {
+        for b in svc["backends"].as_array().into_iter().flatten() {
+            let name = b["address"].as_str().unwrap_or("").to_owned();
+            p.backends.insert(name, (b["open"].as_u64().unwrap_or(0), b["max_conns"].as_u64().unwrap_or(0)));
+            p.refused += b["refused"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
+        }
+    }
+    Some((p, s))
+}
+
+struct Check {
+    what: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+/// Runs the scenario in `lab` (built with 3 backends, servers on). Returns whether every
+/// expectation held.
+#[expect(clippy::too_many_lines, reason = "the scenario reads top to bottom")]
+pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
+    std::fs::create_dir_all(&opts.report_dir).with_context(|| format!("creating {}", opts.report_dir.display()))?;
+    let n = Narrator { t0: Instant::now(), text: Mutex::new(String::new()) };
+    let mut checks: Vec<Check> = Vec::new();
+    let alerts = "[alerts]\nname = \"lab-lb\"\ninterval = \"1s\"\nfire_after = \"2s\"\nresolve_after = \"3s\"\n";
+    let conf = |limit: u32| -> Vec<BackendConf> { (1..=BACKENDS).map(|n| BackendConf { n, max_conns: limit, weight: 1 }).collect() };
+    lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), false, alerts))?;
+    n.say(format!("Sluice lab: {BACKENDS} backends, {} clients, service \"web\" {}:80, max_conns = {GOOD_LIMIT} per backend", lab.spec.clients, super::VIP4));
+    lab.start_daemon()?;
+    n.say("the daemon is up (sluice run --config in the load balancer's namespace)");
+
+    // Sample the daemon's view every 250 ms for the plot.
+    let points: Arc<Mutex<Vec<Point>>> = Arc::default();
+    let marks: Arc<Mutex<Vec<(f64, String)>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first_alert: Arc<Mutex<Option<(f64, Value)>>> = Arc::default();
+    let mark = |label: &str| marks.lock().expect("marks").push((n.t0.elapsed().as_secs_f64(), label.to_owned()));
+
+    std::thread::scope(|s| -> Result<()> {
+        let sampler = s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let t = n.t0.elapsed().as_secs_f64();
+                if let Some((p, st)) = sample(lab, t) {
+                    points.lock().expect("points").push(p);
+                    let mut fa = first_alert.lock().expect("alert");
+                    if fa.is_none() {
+                        if let Some(a) = st["alerts_firing"].as_array().and_then(|a| a.first()) {
+                            *fa = Some((t, a.clone()));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        });
+
+        // 1. Normal traffic.
+        n.say("step 1 — normal traffic: 40 connections/s, each held 1 s, for 6 s");
+        let normal = load::run(lab, &LoadSpec { rate: 40.0, concurrency: 100, duration: Duration::from_secs(6), hold: Duration::from_secs(1), delay_ms: 0, timeout: Duration::from_secs(3), v6: false }, &Arc::default())?;
+        n.say(format!("  ok {} refused {} timeout {} error {}; p50 {:.1} ms p99 {:.1} ms; per backend {:?}", normal.ok, normal.refused, normal.timeout, normal.error, normal.p50_ms, normal.p99_ms, normal.backends));
+        checks.push(Check { what: "normal traffic is served by every backend, nothing refused", ok: normal.refused == 0 && normal.timeout == 0 && normal.error == 0 && normal.backends.len() == usize::from(BACKENDS), detail: format!("{normal:?}") });
+
+        // 2. The misconfiguration.
+        lab.write_config(&lab.config_text(&conf(BAD_LIMIT), false, alerts))?;
+        mark("max_conns 200 → 10");
+        let path = lab.config_path().display().to_string();
+        let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
+        n.say(format!("step 2 — a config review \"tightens\" max_conns from {GOOD_LIMIT} to {BAD_LIMIT}, applied live:"));
+        n.block(&format!("{line}\n{out}"));
+        checks.push(Check { what: "the misconfiguration is applied", ok: ok && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")), detail: out.clone() });
+
+        // 3. The surge, with the diagnosis and the fix applied while it runs.
+        n.say("step 3 — a surge: 60 connections/s, each held 3 s, for 14 s (≈ 180 open wanted, 3 × 10 allowed)");
+        let counters = Arc::new(Counters::default());
+        let surge_spec = LoadSpec { rate: 60.0, concurrency: 400, duration: Duration::from_secs(14), hold: Duration::from_secs(3), delay_ms: 0, timeout: Duration::from_secs(3), v6: false };
+        let surge_started = n.t0.elapsed().as_secs_f64();
+        mark("surge");
+        let surge = {
+            let (spec, c) = (surge_spec.clone(), counters.clone());
+            s.spawn(move || load::run(lab, &spec, &c))
+        };
+        // The first refusal as the clients see it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counters.refused.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let first_refusal = n.t0.elapsed().as_secs_f64();
+        n.say(format!("  clients are refused: {}", counters.line(Duration::from_secs_f64(first_refusal - surge_started))));
+        // The alert.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while first_alert.lock().expect("alert").is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let alert = first_alert.lock().expect("alert").clone();
+        if let Some((t, a)) = &alert {
+            mark("alert fires");
+            n.say(format!("  ALERT {} after {:.1} s:", a["alertname"].as_str().unwrap_or(""), t - first_refusal));
+            n.block(&format!("{}\n{}", a["summary"].as_str().unwrap_or(""), a["description"].as_str().unwrap_or("")));
+        }
+        let alert_ok = alert.as_ref().is_some_and(|(t, a)| {
+            let text = a.to_string();
+            *t - first_refusal <= 5.0 && text.contains("Sluice load balancer lab-lb") && text.contains("max_conns")
+        });
+        checks.push(Check { what: "an alert naming the load balancer and max_conns fires within 5 s of the first refusal", ok: alert_ok, detail: format!("{alert:?}") });
+        // The diagnosis.
+        n.say("  the on-call engineer looks at the load balancer first:");
+        let (line, out, _) = sluice(lab, &["status"]);
+        let head: String = out.lines().take_while(|l| !l.trim().is_empty() || out.lines().next() == Some(l)).take(12).collect::<Vec<_>>().join("\n");
+        n.block(&format!("{line}\n{head}"));
+        checks.push(Check { what: "`sluice status` shows backends AT LIMIT", ok: out.contains("AT LIMIT") || out.contains(&format!("{BAD_LIMIT}/{BAD_LIMIT}")), detail: head.clone() });
+        let (_, ev, _) = sluice(lab, &["events", "--json"]);
+        let refused_client = ev.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|e| e["reason"] == "backend_limit").and_then(|e| e["client"].as_str().map(str::to_owned));
+        if let Some(client) = &refused_client {
+            let (line, out, _) = sluice(lab, &["explain", client, &format!("{}:80", super::VIP4)]);
+            n.block(&format!("{line}\n{}", out.trim_end()));
+            checks.push(Check { what: "`sluice explain` of a refused client names max_conns", ok: out.contains("max_conns") && (out.contains("REFUSED") || out.contains("refused")), detail: out });
+        } else {
+            checks.push(Check { what: "`sluice explain` of a refused client names max_conns", ok: false, detail: format!("no backend_limit event: {ev}") });
+        }
+        // The engineer takes a few seconds to read it; the surge goes on meanwhile.
+        while n.t0.elapsed().as_secs_f64() < surge_started + 6.0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The fix.
+        lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), false, alerts))?;
+        let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
+        let fixed_at = n.t0.elapsed().as_secs_f64();
+        mark("fix applied");
+        let refused_at_fix = counters.refused.load(Ordering::Relaxed);
+        n.say(format!("step 4 — the fix, applied live ({:.1} s after the first refusal):", fixed_at - first_refusal));
+        n.block(&format!("{line}\n{out}"));
+        checks.push(Check { what: "the fix is applied", ok: ok && out.contains(&format!("max_conns {BAD_LIMIT} -> {GOOD_LIMIT}")), detail: out });
+        std::thread::sleep(Duration::from_millis(500));
+        let refused_settled = counters.refused.load(Ordering::Relaxed);
+        let report = surge.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        n.say(format!(
+            "  surge over: ok {} refused {} (all before the fix: {}) timeout {} error {}",
+            report.ok,
+            report.refused,
+            refused_at_fix,
+            report.timeout,
+            report.error
+        ));
+        checks.push(Check { what: "clients were refused with a RST at once, not timeouts", ok: report.refused > 0 && report.timeout == 0, detail: format!("{report:?}") });
+        checks.push(Check { what: "refusals stop once the fix is applied", ok: report.refused == refused_settled && report.ok > 0, detail: format!("refused at fix {refused_at_fix}, 0.5 s later {refused_settled}, at the end {}", report.refused) });
+
+        // 5. Resolution.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut resolved = false;
+        while Instant::now() < deadline {
+            if status(lab).is_ok_and(|s| s["alerts_firing"].as_array().is_some_and(Vec::is_empty)) {
+                resolved = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        mark("resolved");
+        n.say(if resolved { "step 5 — every alert resolved".to_owned() } else { "step 5 — alerts still firing after 20 s".to_owned() });
+        checks.push(Check { what: "the alerts resolve", ok: resolved, detail: String::new() });
+        stop.store(true, Ordering::Relaxed);
+        let _ = sampler.join();
+        Ok(())
+    })?;
+
+    lab.stop_daemon();
+    let entries = crate::journal::read(&lab.journal(), Duration::from_secs(3600)).unwrap_or_default();
+    let timeline = crate::journal::markdown(&entries);
+    println!("\n{timeline}");
+    let order = ["max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
+    let positions: Vec<Option<usize>> = order.iter().map(|w| timeline.find(w)).collect();
+    checks.push(Check { what: "the timeline has the change, the alert, the fix and the resolution, in order", ok: positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]), detail: format!("{positions:?}") });
+
+    let svg = opts.report_dir.join("incident.svg");
+    plot::draw(&svg, "Sluice lab incident: open connections vs max_conns", &points.lock().expect("points"), &marks.lock().expect("marks"))?;
+    let passed = checks.iter().all(|c| c.ok);
+    let mut md = String::from("# Sluice lab: the 2023-05-05 incident, replayed\n\n");
+    writeln!(md, "Result: **{}**\n\n![open connections vs max_conns](incident.svg)\n\n## Checks\n", if passed { "every expectation held" } else { "FAILED" })?;
+    for c in &checks {
+        writeln!(md, "- [{}] {}", if c.ok { "x" } else { " " }, c.what)?;
+    }
+    writeln!(md, "\n## What happened\n\n{}\n{timeline}", n.text.lock().expect("text"))?;
+    std::fs::write(opts.report_dir.join("report.md"), md)?;
+    println!("checks:");
+    for c in &checks {
+        println!("  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.what);
+        if !c.ok {
+            println!("       {}", c.detail.replace('\n', "\n       "));
+        }
+    }
+    println!("report: {} (and incident.svg)", opts.report_dir.join("report.md").display());
+    Ok(passed)
+}
+
+/// Where reports go by default: `./sluice-lab-report`.
+pub fn default_report_dir() -> &'static Path {
+    Path::new("sluice-lab-report")
+}

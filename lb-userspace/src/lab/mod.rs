@@ -1,0 +1,60 @@
+//! `sluice lab`: a whole deployment in network namespaces on one host — for demos, training,
+//! end-to-end tests and benchmarks.
+//!
+//! ```text
+//!   client 1..C ─┐                      ┌─ backend 1..N  (VIP on lo; `l2dsr`: replies
+//!   (cl0)        ├── switch (bridge) ───┤   straight to the client; `ipip`: `sluice decap`)
+//!   lb (lb0) ────┘   sw-* ports         └─ …
+//! ```
+//!
+//! Addresses come from the benchmarking range 198.18.0.0/15 and the documentation prefix
+//! 2001:db8::/32; only the lab's own namespaces are touched (every link lives in one of them,
+//! so deleting the namespaces deletes the links). The switch port facing the load balancer runs
+//! `sluice decap` as a pass-through XDP program: on these kernels a frame sent with `XDP_TX`
+//! into a veth is delivered only if the peer has an XDP program.
+
+pub mod incident;
+pub mod load;
+pub mod plot;
+pub mod serve;
+pub mod topo;
+
+pub use topo::{cleanup as topo_cleanup, Lab, Spec};
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The link all namespaces share.
+pub const NET4: &str = "198.18.0.0/24";
+pub const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 100);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 0, 0, 0, 0x100);
+/// The service port of the lab's HTTP backends.
+pub const PORT: u16 = 80;
+/// Most clients and backends a lab can have (addresses are .2–.9 and .11–.60).
+pub const MAX_CLIENTS: u8 = 8;
+pub const MAX_BACKENDS: u8 = 50;
+
+/// Backend `n` (1-based).
+pub fn backend4(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + n)
+}
+pub fn backend6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 0x10 + u16::from(n))
+}
+/// Client `n` (1-based).
+pub fn client4(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 1 + n)
+}
+pub fn client6(n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1 + u16::from(n))
+}
+
+/// The VIP of the family asked for.
+pub fn vip(v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(VIP6)
+    } else {
+        IpAddr::V4(VIP4)
+    }
+}

@@ -1,0 +1,70 @@
+//! The incident report's plot (SVG, plotters): open connections of each backend against its
+//! `max_conns` over time, and refusals per second below, with the scenario's steps marked.
+
+use std::{collections::BTreeMap, path::Path};
+
+use plotters::prelude::*;
+
+/// One status sample.
+#[derive(Clone, Debug, Default)]
+pub struct Point {
+    pub t: f64,
+    /// backend → (open, max_conns)
+    pub backends: BTreeMap<String, (u64, u64)>,
+    /// refusals (all reasons, all backends) so far
+    pub refused: u64,
+}
+
+const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(140, 86, 75), RGBColor(227, 119, 194), RGBColor(23, 190, 207)];
+
+/// Draws `points` with vertical `marks` (time, label) into an SVG file.
+pub fn draw(path: &Path, title: &str, points: &[Point], marks: &[(f64, String)]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1000, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(420);
+    let t_max = points.last().map_or(1.0, |p| p.t).max(1.0);
+    let y_max = points.iter().flat_map(|p| p.backends.values().map(|(o, m)| (*o).max(*m))).max().unwrap_or(1) as f64 * 1.15;
+    let mut chart = ChartBuilder::on(&top)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max.max(1.0))?;
+    chart.configure_mesh().x_desc("seconds").y_desc("open connections").draw()?;
+    let names: Vec<String> = points.iter().flat_map(|p| p.backends.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    for (i, name) in names.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let open: Vec<(f64, f64)> = points.iter().filter_map(|p| p.backends.get(name).map(|(o, _)| (p.t, *o as f64))).collect();
+        chart.draw_series(LineSeries::new(open, color.stroke_width(2)))?.label(format!("{name} open")).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    // max_conns: the same for every backend in the lab's scenario; drawn once per distinct step.
+    let limit: Vec<(f64, f64)> = points.iter().filter_map(|p| p.backends.values().map(|(_, m)| *m).min().map(|m| (p.t, m as f64))).collect();
+    chart.draw_series(LineSeries::new(limit, RED.stroke_width(2)))?.label("max_conns").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    for (t, label) in marks {
+        chart.draw_series(LineSeries::new(vec![(*t, 0.0), (*t, y_max)], BLACK.mix(0.4)))?;
+        chart.draw_series(std::iter::once(Text::new(label.clone(), (*t, y_max * 0.97), ("sans-serif", 12))))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw()?;
+
+    let rates: Vec<(f64, f64)> = points
+        .windows(2)
+        .map(|w| {
+            let dt = (w[1].t - w[0].t).max(1e-3);
+            (w[1].t, w[1].refused.saturating_sub(w[0].refused) as f64 / dt)
+        })
+        .collect();
+    let r_max = rates.iter().map(|r| r.1).fold(1.0, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&bottom)
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0.0..t_max, 0.0..r_max)?;
+    chart.configure_mesh().x_desc("seconds").y_desc("refused / s").draw()?;
+    chart.draw_series(LineSeries::new(rates, RED.stroke_width(2)))?.label("refused connections per second (RST)").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    for (t, _) in marks {
+        chart.draw_series(LineSeries::new(vec![(*t, 0.0), (*t, r_max)], BLACK.mix(0.4)))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw()?;
+    root.present()?;
+    Ok(())
+}
