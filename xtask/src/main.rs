@@ -32,6 +32,9 @@ enum Cmd {
         #[arg(value_enum)]
         which: Bench,
     },
+    /// The first command: set up, build, and replay the 2023-05-05 incident in `sluice lab`
+    /// (network namespaces on this host; needs root). The report goes to target/lab-report.
+    Lab,
     /// Set up, build, and run every test (privileged tests included; needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` they reach the test binaries).
@@ -67,6 +70,21 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Cmd::Lab => {
+            setup::run()?;
+            build(false)?;
+            let report = env_target_dir().join("lab-report");
+            let status = Command::new(env_target_dir().join("debug/sluice"))
+                .args(["lab", "incident", "--report"])
+                .arg(&report)
+                .status()
+                .context("running sluice lab incident")?;
+            if !status.success() {
+                bail!("the incident replay failed (see above)");
+            }
+            println!("next: `cargo xtask test`; or your own lab: `sudo target/debug/sluice lab up`");
+            Ok(())
         }
         Cmd::Bench { which } => {
             setup::run()?;

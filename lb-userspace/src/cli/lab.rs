@@ -111,7 +111,7 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
         LabCmd::Up { backends, clients, mode, max_conns, ipv6 } => {
             let lab = Lab::up(spec(PREFIX, DIR, *backends, *clients, *mode)?).map_err(lab_err)?;
             let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
-            lab.write_config(&lab.config_text(&conf, *ipv6, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
+            lab.write_config(&lab.config_text(&conf, &lab::topo::ServiceOpts { v6: *ipv6, spill: false }, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
             lab.start_daemon().map_err(lab_err)?;
             println!("Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}", lab::VIP4, if *ipv6 { format!(" and [{}]:80", lab::VIP6) } else { String::new() });
             println!("  config      {}  (edit, then `sluice --socket {} config apply {}`)", lab.config_path().display(), lab.socket().display(), lab.config_path().display());

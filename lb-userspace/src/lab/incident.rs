@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::{
     load::{self, Counters, LoadSpec},
     plot::{self, Point},
-    topo::BackendConf,
+    topo::{BackendConf, ServiceOpts},
     Lab,
 };
 
@@ -98,7 +98,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     let mut checks: Vec<Check> = Vec::new();
     let alerts = "[alerts]\nname = \"lab-lb\"\ninterval = \"1s\"\nfire_after = \"2s\"\nresolve_after = \"3s\"\n";
     let conf = |limit: u32| -> Vec<BackendConf> { (1..=BACKENDS).map(|n| BackendConf { n, max_conns: limit, weight: 1 }).collect() };
-    lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), false, alerts))?;
+    lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), &ServiceOpts::default(), alerts))?;
     n.say(format!("Sluice lab: {BACKENDS} backends, {} clients, service \"web\" {}:80, max_conns = {GOOD_LIMIT} per backend", lab.spec.clients, super::VIP4));
     lab.start_daemon()?;
     n.say("the daemon is up (sluice run --config in the load balancer's namespace)");
@@ -134,7 +134,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         checks.push(Check { what: "normal traffic is served by every backend, nothing refused", ok: normal.refused == 0 && normal.timeout == 0 && normal.error == 0 && normal.backends.len() == usize::from(BACKENDS), detail: format!("{normal:?}") });
 
         // 2. The misconfiguration.
-        lab.write_config(&lab.config_text(&conf(BAD_LIMIT), false, alerts))?;
+        lab.write_config(&lab.config_text(&conf(BAD_LIMIT), &ServiceOpts::default(), alerts))?;
         mark("max_conns 200 → 10");
         let path = lab.config_path().display().to_string();
         let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
@@ -195,7 +195,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
             std::thread::sleep(Duration::from_millis(50));
         }
         // The fix.
-        lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), false, alerts))?;
+        lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), &ServiceOpts::default(), alerts))?;
         let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
         let fixed_at = n.t0.elapsed().as_secs_f64();
         mark("fix applied");

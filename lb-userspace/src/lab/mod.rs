@@ -58,3 +58,15 @@ pub fn vip(v6: bool) -> IpAddr {
         IpAddr::V4(VIP4)
     }
 }
+
+/// Lifts the soft open-files limit to the hard one: a lab holds thousands of connections.
+pub fn raise_nofile() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const r);
+        }
+    }
+}

@@ -15,6 +15,7 @@ struct Params {
 
 /// Serves on `[::]:port` (IPv4 and IPv6) until killed.
 pub async fn serve(name: String, port: u16) -> anyhow::Result<()> {
+    super::raise_nofile();
     let listener = tokio::net::TcpListener::bind(("::", port)).await.map_err(|e| anyhow::anyhow!("binding [::]:{port}: {e}"))?;
     let app = Router::new()
         .route(

@@ -1,0 +1,284 @@
+//! End to end through `sluice lab`'s own topology code (`lb_userspace::lab`): namespaces for
+//! clients, the load balancer and backends on a bridge, the built-in HTTP backends, the real
+//! daemon, real TCP. Each test builds its own lab and checks that nothing is left behind.
+//! The tests in this file run one at a time (they share two CPUs with their load).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use lb_userspace::{
+    config::Mode,
+    lab::{
+        self, incident,
+        load::{self, Counters, LoadSpec},
+        topo::{BackendConf, ServiceOpts},
+        Lab, Spec,
+    },
+};
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A lab named like the harness's namespaces (`slc-<pid>-…`, swept if the test is killed).
+fn lab(backends: u8, clients: u8, mode: Mode) -> Lab {
+    sluice_tests::require_root();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = format!("slc-{}-l{n}", std::process::id());
+    let dir = std::env::temp_dir().join(format!("sluice-lab-test-{}-{n}", std::process::id()));
+    Lab::up(Spec { prefix, backends, clients, mode, servers: true, dir, sluice: sluice_tests::sluice_bin() }).expect("lab up")
+}
+
+/// Drops the lab and checks it left no namespace, pin or file.
+fn down_and_check(lab: Lab) {
+    let (prefix, dir) = (format!("{}-", lab.spec.prefix), lab.spec.dir.clone());
+    drop(lab);
+    let netns: Vec<String> = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
+    assert!(netns.is_empty(), "namespaces left: {netns:?}");
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+    assert!(!dir.exists(), "{} left", dir.display());
+}
+
+fn conf(limits: &[(u32, u32)]) -> Vec<BackendConf> {
+    limits.iter().enumerate().map(|(i, (max_conns, weight))| BackendConf { n: i as u8 + 1, max_conns: *max_conns, weight: *weight }).collect()
+}
+
+fn start(lab: &Lab, backends: &[BackendConf], opts: &ServiceOpts) {
+    lab.write_config(&lab.config_text(backends, opts, "")).expect("config");
+    lab.start_daemon().expect("daemon");
+}
+
+fn ctl(lab: &Lab, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(sluice_tests::sluice_bin()).arg("--socket").arg(lab.socket()).args(args).output().expect("sluice");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn status(lab: &Lab) -> Value {
+    let (ok, out) = ctl(lab, &["service", "list", "--json"]);
+    assert!(ok, "{out}");
+    serde_json::from_str(&out).expect("json")
+}
+
+/// One HTTP request on an open connection: the backend's name.
+fn get(s: &mut TcpStream) -> std::io::Result<String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok())).unwrap_or(0);
+            if body.len() >= len {
+                return Ok(body.trim().to_owned());
+            }
+        }
+    }
+}
+
+/// Connects from client `c` to the VIP and asks once; keeps the connection.
+fn connect(lab: &Lab, c: u8, v6: bool) -> std::io::Result<(String, TcpStream)> {
+    lab.run_in(&format!("cl{c}"), || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(lab::vip(v6), lab::PORT), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let name = get(&mut s)?;
+        Ok((name, s))
+    })
+    .expect("client namespace")
+}
+
+fn quick_load(lab: &Lab, n: u32, v6: bool) -> load::Report {
+    let spec = LoadSpec { rate: 100.0, concurrency: 50, duration: Duration::from_secs_f64(f64::from(n) / 100.0), hold: Duration::ZERO, delay_ms: 0, timeout: Duration::from_secs(3), v6 };
+    load::run(lab, &spec, &Arc::new(Counters::default())).expect("load")
+}
+
+#[test]
+fn incident_replay_passes_and_leaves_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 2, Mode::L2dsr);
+    let report = std::env::temp_dir().join(format!("sluice-incident-report-{}", std::process::id()));
+    let passed = incident::run(&lab, &incident::Options { report_dir: report.clone() }).expect("incident");
+    assert!(passed, "the incident replay's expectations");
+    let md = std::fs::read_to_string(report.join("report.md")).expect("report.md");
+    assert!(md.contains("every expectation held") && md.contains("## Timeline") && md.contains("max_conns 200 -> 10"), "{md}");
+    let svg = std::fs::read_to_string(report.join("incident.svg")).expect("incident.svg");
+    assert!(svg.starts_with("<svg") && svg.contains("max_conns") && svg.matches("<polyline").count() >= 4, "a plot with lines");
+    let _ = std::fs::remove_dir_all(&report);
+    down_and_check(lab);
+}
+
+#[test]
+fn weights_are_honoured_across_three_backends() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 2, Mode::L2dsr);
+    start(&lab, &conf(&[(1000, 1), (1000, 2), (1000, 3)]), &ServiceOpts::default());
+    let r = quick_load(&lab, 600, false);
+    assert_eq!((r.ok, r.refused, r.timeout, r.error), (600, 0, 0, 0), "{r:?}");
+    for (n, want) in [(1, 1.0 / 6.0), (2, 2.0 / 6.0), (3, 3.0 / 6.0)] {
+        let share = *r.backends.get(&format!("backend-{n}")).unwrap_or(&0) as f64 / 600.0;
+        assert!((share - want).abs() < 0.08, "backend-{n}: {share:.3} of connections, weight share {want:.3}: {:?}", r.backends);
+    }
+    down_and_check(lab);
+}
+
+#[test]
+fn limits_refuse_exactly_with_an_immediate_rst_and_spill_fills_others_first() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 1, Mode::L2dsr);
+    start(&lab, &conf(&[(5, 1), (5, 1), (5, 1)]), &ServiceOpts::default());
+    // Without spill: hold connections until all 15 slots are taken; every other attempt is
+    // refused at once with a RST.
+    let (mut held, mut refused) = (Vec::new(), 0u64);
+    for _ in 0..200 {
+        if held.len() == 15 {
+            break;
+        }
+        let t0 = Instant::now();
+        match connect(&lab, 1, false) {
+            Ok((_, s)) => held.push(s),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                assert!(t0.elapsed() < Duration::from_secs(1), "refused after {:?}: a timeout, not a RST", t0.elapsed());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(held.len(), 15, "3 backends × max_conns 5");
+    // Every backend is full now: whatever backend the next ones hash to, they are refused.
+    for _ in 0..5 {
+        let e = connect(&lab, 1, false).expect_err("all backends full");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        refused += 1;
+    }
+    let v = status(&lab);
+    let backends = v[0]["backends"].as_array().expect("backends");
+    assert!(backends.iter().all(|b| b["open"] == 5), "{v}");
+    let counted: u64 = backends.iter().map(|b| b["refused"]["backend_limit"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(counted, refused, "every refusal counted, exactly, with reason backend_limit");
+    drop(held);
+    lab.wait("connections to close", Duration::from_secs(15), || status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().all(|b| b["open"] == 0))).expect("closed");
+
+    // With spill: the first 15 are all admitted (a full backend passes them on); the 16th is
+    // refused.
+    lab.write_config(&lab.config_text(&conf(&[(5, 1), (5, 1), (5, 1)]), &ServiceOpts { spill: true, ..ServiceOpts::default() }, "")).expect("config");
+    let (ok, out) = ctl(&lab, &["config", "apply", lab.config_path().to_str().expect("utf-8")]);
+    assert!(ok, "{out}");
+    let held: Vec<TcpStream> = (0..15).map(|i| connect(&lab, 1, false).unwrap_or_else(|e| panic!("connection {i} with spill: {e}")).1).collect();
+    let e = connect(&lab, 1, false).expect_err("the 16th: every backend is full");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    drop(held);
+    down_and_check(lab);
+}
+
+#[test]
+fn draining_keeps_open_connections_and_takes_no_new_ones() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 1, Mode::L2dsr);
+    start(&lab, &conf(&[(100, 1), (100, 1), (100, 1)]), &ServiceOpts::default());
+    let mut on1 = loop {
+        let (name, s) = connect(&lab, 1, false).expect("connect");
+        if name == "backend-1" {
+            break s;
+        }
+    };
+    let (ok, out) = ctl(&lab, &["backend", "drain", "web", &lab::backend4(1).to_string()]);
+    assert!(ok, "{out}");
+    assert_eq!(get(&mut on1).expect("the open connection still works"), "backend-1");
+    let r = quick_load(&lab, 100, false);
+    assert_eq!(r.ok, 100, "{r:?}");
+    assert!(!r.backends.contains_key("backend-1"), "a new connection reached the draining backend: {:?}", r.backends);
+    assert_eq!(get(&mut on1).expect("still open"), "backend-1");
+    down_and_check(lab);
+}
+
+#[test]
+fn a_killed_backend_leaves_the_ring_and_clients_go_elsewhere() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 2, Mode::L2dsr);
+    start(&lab, &conf(&[(100, 1), (100, 1), (100, 1)]), &ServiceOpts::default());
+    let r = quick_load(&lab, 100, false);
+    assert!(r.ok == 100 && r.backends.len() == 3, "{r:?}");
+    assert!(lab.kill_server(2));
+    lab.wait("backend-2 to be marked down", Duration::from_secs(10), || status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().any(|b| b["address"] == lab::backend4(2).to_string() && b["state"] == "down"))).expect("down");
+    let r = quick_load(&lab, 200, false);
+    assert_eq!((r.ok, r.refused, r.timeout, r.error), (200, 0, 0, 0), "clients reconnect to the others: {r:?}");
+    assert!(!r.backends.contains_key("backend-2") && r.backends.len() == 2, "{:?}", r.backends);
+    // It comes back: health checks put it in the ring again.
+    lab.start_server(2).expect("restart backend-2");
+    lab.wait("backend-2 back in the ring", Duration::from_secs(10), || quick_load(&lab, 30, false).backends.contains_key("backend-2")).expect("back");
+    down_and_check(lab);
+}
+
+#[test]
+fn ipip_mode_end_to_end_through_the_decap_program() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 2, Mode::Ipip);
+    start(&lab, &conf(&[(100, 1), (100, 1), (100, 1)]), &ServiceOpts::default());
+    assert!((1..=3).all(|n| lab.link_has_xdp(&format!("be{n}"), "eth0")), "decap on every backend");
+    let r = quick_load(&lab, 150, false);
+    assert_eq!((r.ok, r.refused, r.timeout, r.error), (150, 0, 0, 0), "{r:?}");
+    assert_eq!(r.backends.len(), 3, "{:?}", r.backends);
+    let v = status(&lab);
+    assert_eq!(v[0]["mode"], "ipip", "{v}");
+    down_and_check(lab);
+}
+
+#[test]
+fn ipv6_vip_end_to_end() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 1, Mode::L2dsr);
+    start(&lab, &conf(&[(100, 1), (100, 1), (100, 1)]), &ServiceOpts { v6: true, ..ServiceOpts::default() });
+    let r = quick_load(&lab, 150, true);
+    assert_eq!((r.ok, r.refused, r.timeout, r.error), (150, 0, 0, 0), "{r:?}");
+    assert_eq!(r.backends.len(), 3, "{:?}", r.backends);
+    let v = status(&lab);
+    let web6 = v.as_array().expect("services").iter().find(|s| s["name"] == "web6").expect("web6").clone();
+    let new_flows: u64 = web6["backends"].as_array().expect("backends").iter().map(|b| b["new_flows"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(new_flows, 150, "all through the IPv6 service: {web6}");
+    down_and_check(lab);
+}
+
+#[test]
+fn daemon_restart_under_1000_open_connections_loses_none() {
+    let _g = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab(3, 2, Mode::L2dsr);
+    start(&lab, &conf(&[(1000, 1), (1000, 1), (1000, 1)]), &ServiceOpts::default());
+    let mut conns: Vec<(String, TcpStream)> = Vec::new();
+    for c in 1..=2u8 {
+        let batch = lab
+            .run_in(&format!("cl{c}"), || {
+                (0..500)
+                    .map(|i| {
+                        let mut s = TcpStream::connect_timeout(&SocketAddr::new(lab::vip(false), lab::PORT), Duration::from_secs(3)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                        (get(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}")), s)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .expect("client");
+        conns.extend(batch);
+    }
+    let open = |lab: &Lab| status(lab)[0]["backends"].as_array().map_or(0, |b| b.iter().map(|b| b["open"].as_u64().unwrap_or(0)).sum::<u64>());
+    assert_eq!(open(&lab), 1000);
+    assert!(lab.stop_daemon());
+    lab.start_daemon().expect("the daemon again (adopting the pinned datapath)");
+    for (i, (name, s)) in conns.iter_mut().enumerate() {
+        let again = get(s).unwrap_or_else(|e| panic!("connection {i} broke across the restart: {e}"));
+        assert_eq!(&again, name, "connection {i} moved backend");
+    }
+    assert_eq!(open(&lab), 1000, "counters kept");
+    drop(conns);
+    down_and_check(lab);
+}
