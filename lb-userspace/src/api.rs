@@ -296,8 +296,8 @@ async fn get_events(AxState(st): AxState<Shared>, Query(q): Query<EventsQuery>) 
     let mut st = st.lock().expect("state lock");
     let st = &mut *st;
     // Drain now so a caller sees what happened up to this request.
-    if let Some(ev) = st.events.as_mut() {
-        ev.drain(&st.applied);
+    if let Err(e) = st.drain_events() {
+        tracing::error!("{e}");
     }
     Json(st.events.as_ref().map(|e| e.after(q.after, q.limit)).unwrap_or_default())
 }

@@ -155,14 +155,15 @@ impl State {
         st.applied.plan(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))
     }
 
-    /// Refusal events arrived: name them and, unless it just happened, evaluate the alerts now
-    /// rather than at the next tick (the first refusal reaches the sinks in milliseconds).
-    fn on_events(&mut self) -> Result<(), Error> {
+    /// Moves queued refusal events into the window and, if there were any, evaluates the alerts
+    /// now rather than at the next tick (the first refusal reaches the sinks in milliseconds).
+    /// Every reader drains through here, so whoever sees a refusal first triggers the evaluation.
+    pub fn drain_events(&mut self) -> Result<usize, Error> {
         let n = self.events.as_mut().map_or(0, |ev| ev.drain(&self.applied));
         if n > 0 && self.last_eval.elapsed() >= MIN_EVAL_GAP {
             self.evaluate_alerts()?;
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
@@ -236,9 +237,7 @@ impl State {
                 tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
             }
         }
-        if let Some(ev) = self.events.as_mut() {
-            ev.drain(&self.applied);
-        }
+        self.drain_events()?;
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
             self.last_drift = self.reconciler.pass(fd, &self.conns, ids).map_err(|e| Error::other("reconciliation", e))?;
@@ -358,7 +357,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
         };
         tokio::select! {
             Ok(()) = events_ready => {
-                if let Err(e) = state.lock().expect("state lock").on_events() {
+                if let Err(e) = state.lock().expect("state lock").drain_events() {
                     tracing::error!("{e}");
                 }
             }
