@@ -119,6 +119,8 @@ pub struct State {
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
     last_eval: Instant,
+    /// Refusals arrived within MIN_EVAL_GAP of the last evaluation: evaluate when it has passed.
+    eval_pending: bool,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
 }
@@ -160,8 +162,12 @@ impl State {
     /// Every reader drains through here, so whoever sees a refusal first triggers the evaluation.
     pub fn drain_events(&mut self) -> Result<usize, Error> {
         let n = self.events.as_mut().map_or(0, |ev| ev.drain(&self.applied));
-        if n > 0 && self.last_eval.elapsed() >= MIN_EVAL_GAP {
-            self.evaluate_alerts()?;
+        if n > 0 {
+            if self.last_eval.elapsed() >= MIN_EVAL_GAP {
+                self.evaluate_alerts()?;
+            } else {
+                self.eval_pending = true;
+            }
         }
         Ok(n)
     }
@@ -169,6 +175,7 @@ impl State {
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
     fn evaluate_alerts(&mut self) -> Result<(), Error> {
         self.last_eval = Instant::now();
+        self.eval_pending = false;
         let mut backends = Vec::new();
         let mut drift = std::collections::BTreeMap::new();
         let t = self.dp.tables();
@@ -299,6 +306,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         journal: crate::journal::Journal::new(cfg.daemon.journal.clone(), cfg.daemon.journal_max_bytes),
         firing: Vec::new(),
         last_eval: Instant::now(),
+        eval_pending: false,
         health_tx,
         health_rx: Some(health_rx),
     }));
@@ -349,6 +357,10 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
             eval_every = configured;
             eval_tick = tokio::time::interval(eval_every);
         }
+        let pending_at = {
+            let st = state.lock().expect("state lock");
+            st.eval_pending.then(|| st.last_eval + MIN_EVAL_GAP)
+        };
         let events_ready = async {
             match &wakeup {
                 Some(w) => w.readable().await.map(|mut g| g.clear_ready()),
@@ -385,6 +397,11 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 state.lock().expect("state lock").journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
                 if let Err(e) = State::apply(&state, cfg).await {
                     tracing::error!("applying a health change: {e}");
+                }
+            }
+            () = tokio::time::sleep_until(pending_at.unwrap_or_else(Instant::now).into()), if pending_at.is_some() => {
+                if let Err(e) = state.lock().expect("state lock").evaluate_alerts() {
+                    tracing::error!("evaluating alerts: {e}");
                 }
             }
             _ = eval_tick.tick() => {

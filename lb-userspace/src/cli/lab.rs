@@ -12,6 +12,8 @@ use crate::{
 
 const DIR: &str = "/run/sluice-lab";
 const PREFIX: &str = "slab";
+const INCIDENT_DIR: &str = "/run/sluice-lab-incident";
+const INCIDENT_PREFIX: &str = "slabi";
 
 #[derive(Subcommand)]
 pub enum LabCmd {
@@ -37,7 +39,7 @@ pub enum LabCmd {
     /// Generate load from the clients against the VIP; print outcomes and latency percentiles.
     Load {
         /// New connections per second (all clients together).
-        #[arg(long, default_value_t = 50.0)]
+        #[arg(long, default_value_t = 50.0, value_parser = parse_rate)]
         rate: f64,
         /// Connections in flight at most (held ones included).
         #[arg(long, default_value_t = 100)]
@@ -74,6 +76,37 @@ pub enum LabCmd {
     },
 }
 
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && (0.1..=1_000_000.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: connections per second, from 0.1 to 1000000")),
+    }
+}
+
+/// On Ctrl-C or SIGTERM, remove the lab (`prefix`, `dir`) and exit: the main thread may be
+/// anywhere (building, waiting for the daemon, replaying), and a killed process runs no `Drop`.
+fn cleanup_on_signal(prefix: &'static str, dir: &'static str) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+            let _ = tx.send(());
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        eprintln!("interrupted: removing the lab…");
+        for what in lab::topo_cleanup(prefix, std::path::Path::new(dir)) {
+            eprintln!("  removed {what}");
+        }
+        std::process::exit(130);
+    });
+    // The handlers are installed before the lab is built.
+    let _ = rx.recv_timeout(Duration::from_secs(5));
+}
+
 fn parse_mode(s: &str) -> Result<Mode, String> {
     match s {
         "l2dsr" => Ok(Mode::L2dsr),
@@ -94,21 +127,11 @@ fn spec(prefix: &str, dir: &str, backends: u8, clients: u8, mode: Mode) -> Resul
     })
 }
 
-fn wait_for_signal() -> Result<(), Error> {
-    crate::client::block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        Ok(())
-    })
-}
-
 pub fn run(cmd: &LabCmd) -> Result<(), Error> {
     let lab_err = |e: anyhow::Error| Error::other("sluice lab", e);
     match cmd {
         LabCmd::Up { backends, clients, mode, max_conns, ipv6 } => {
+            cleanup_on_signal(PREFIX, DIR);
             let lab = Lab::up(spec(PREFIX, DIR, *backends, *clients, *mode)?).map_err(lab_err)?;
             let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
             lab.write_config(&lab.config_text(&conf, &lab::topo::ServiceOpts { v6: *ipv6, spill: false }, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
@@ -120,15 +143,15 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             println!("  a client    nsenter --net=/run/netns/{} curl http://{}/", lab.ns("cl1"), lab::VIP4);
             println!("  logs        {}/*.log", lab.spec.dir.display());
             println!("Ctrl-C or `sluice lab down` removes it all.");
-            wait_for_signal()?;
-            println!("tearing the lab down…");
-            for what in lab.down() {
-                println!("  removed {what}");
+            // The signal thread removes the lab and exits the process.
+            let _keep = lab;
+            loop {
+                std::thread::park();
             }
-            Ok(())
         }
         LabCmd::Down => {
-            let removed = lab::topo_cleanup(PREFIX, std::path::Path::new(DIR));
+            let mut removed = lab::topo_cleanup(PREFIX, std::path::Path::new(DIR));
+            removed.extend(lab::topo_cleanup(INCIDENT_PREFIX, std::path::Path::new(INCIDENT_DIR)));
             if removed.is_empty() {
                 println!("no lab found: nothing to remove");
             }
@@ -181,7 +204,8 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             Ok(())
         }
         LabCmd::Incident { report } => {
-            let lab = Lab::up(spec("slabi", "/run/sluice-lab-incident", 3, 2, Mode::L2dsr)?).map_err(lab_err)?;
+            cleanup_on_signal(INCIDENT_PREFIX, INCIDENT_DIR);
+            let lab = Lab::up(spec(INCIDENT_PREFIX, INCIDENT_DIR, 3, 2, Mode::L2dsr)?).map_err(lab_err)?;
             let passed = incident::run(&lab, &incident::Options { report_dir: report.clone() });
             lab.down();
             if passed.map_err(lab_err)? {

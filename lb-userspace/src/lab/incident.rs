@@ -111,6 +111,15 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     let mark = |label: &str| marks.lock().expect("marks").push((n.t0.elapsed().as_secs_f64(), label.to_owned()));
 
     std::thread::scope(|s| -> Result<()> {
+        // Stops the sampler however this scope is left (an early `?` included), or the scope
+        // would wait for it for ever.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
         let sampler = s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
                 let t = n.t0.elapsed().as_secs_f64();
@@ -230,7 +239,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         mark("resolved");
         n.say(if resolved { "step 5 — every alert resolved".to_owned() } else { "step 5 — alerts still firing after 20 s".to_owned() });
         checks.push(Check { what: "the alerts resolve", ok: resolved, detail: String::new() });
-        stop.store(true, Ordering::Relaxed);
+        drop(_stop);
         let _ = sampler.join();
         Ok(())
     })?;

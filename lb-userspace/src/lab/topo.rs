@@ -80,6 +80,18 @@ fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args))
 }
 
+/// The pid of another process that built the lab in `dir` and still runs.
+fn running_supervisor(dir: &Path) -> Option<u32> {
+    let st: StateFile = serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).ok()?).ok()?;
+    (st.supervisor != std::process::id() && Path::new(&format!("/proc/{}", st.supervisor)).exists()).then_some(st.supervisor)
+}
+
+/// Whether `pid` is still a `sluice` process (a pid file may outlive its process, and the pid be
+/// reused by something else).
+fn is_sluice(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("sluice")))
+}
+
 /// Removes what a lab with this prefix left: its processes (from the state file), namespaces
 /// (which takes their links and XDP programs along), pins, and files in `dir`.
 pub fn cleanup(prefix: &str, dir: &Path) -> Vec<String> {
@@ -100,7 +112,7 @@ pub fn cleanup(prefix: &str, dir: &Path) -> Vec<String> {
         }
     }
     for pidfile in std::fs::read_dir(dir).into_iter().flatten().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "pid")) {
-        if let Some(pid) = std::fs::read_to_string(pidfile.path()).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        if let Some(pid) = std::fs::read_to_string(pidfile.path()).ok().and_then(|p| p.trim().parse::<i32>().ok()).filter(|p| is_sluice(*p)) {
             if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
                 removed.push(format!("killed {} (pid {pid})", pidfile.path().file_stem().unwrap_or_default().to_string_lossy()));
             }
@@ -143,6 +155,9 @@ impl Lab {
             }
         }
         super::raise_nofile();
+        if let Some(pid) = running_supervisor(&spec.dir) {
+            bail!("a lab is up already (`sluice lab up`, pid {pid}): remove it first with `sluice lab down`");
+        }
         cleanup(&spec.prefix, &spec.dir);
         std::fs::create_dir_all(&spec.dir).with_context(|| format!("creating {}", spec.dir.display()))?;
         let lab = Self { spec, children: Mutex::new(BTreeMap::new()), owned: true };
@@ -318,6 +333,7 @@ impl Lab {
         let c = ch.get_mut(key)?;
         c.try_wait().ok().flatten()?;
         ch.remove(key);
+        let _ = std::fs::remove_file(self.spec.dir.join(format!("{key}.pid")));
         Some(self.log_tail(key))
     }
 
