@@ -204,7 +204,8 @@ impl Engine {
             // Time to saturation: a linear trend of open connections.
             if let (Some(p), Some(dt)) = (prev, dt) {
                 let growth = b.open as f64 - p.open as f64;
-                if growth > 0.0 && b.open < max && !dt.is_zero() {
+                // Only past half the limit: a ramp from idle is not a saturation risk yet.
+                if growth > 0.0 && b.open < max && ratio >= 0.5 && !dt.is_zero() {
                     let secs = (max - b.open) as f64 / (growth / dt.as_secs_f64());
                     conds.push((
                         "SluiceBackendSaturationForecast",

@@ -127,7 +127,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
                     points.lock().expect("points").push(p);
                     let mut fa = first_alert.lock().expect("alert");
                     if fa.is_none() {
-                        if let Some(a) = st["alerts_firing"].as_array().and_then(|a| a.first()) {
+                        // The alert about refusals (not, say, a saturation forecast from the ramp).
+                        let about_refusals = |a: &&Value| matches!(a["alertname"].as_str(), Some("SluiceRefusingConnections" | "SluiceBackendAtLimit" | "SluiceServiceSaturated"));
+                        if let Some(a) = st["alerts_firing"].as_array().and_then(|a| a.iter().find(about_refusals)) {
                             *fa = Some((t, a.clone()));
                         }
                     }
