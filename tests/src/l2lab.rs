@@ -235,12 +235,8 @@ impl Lab {
                 // Until the body is complete (content-length).
                 while let Ok(n @ 1..) = c.read(&mut buf) {
                     body.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&body);
-                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
-                        let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()));
-                        if rest.len() >= len.unwrap_or(0) {
-                            break;
-                        }
+                    if lb_userspace::lab::load::http_message(&body).is_some() {
+                        break;
                     }
                 }
                 p.0.lock().expect("posts").push((Instant::now(), String::from_utf8_lossy(&body).into_owned()));
@@ -248,6 +244,17 @@ impl Lab {
             }
         });
         (port, posts)
+    }
+
+    /// `sluice timeline --format markdown` of this lab's journal (no daemon needed).
+    pub fn timeline_markdown(&self) -> String {
+        let out = std::process::Command::new(sluice_bin())
+            .args(["timeline", "--since", "1h", "--format", "markdown", "--journal"])
+            .arg(self.journal())
+            .output()
+            .expect("sluice timeline");
+        assert!(out.status.success(), "timeline: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `sluice detach` for this lab's pins (the daemon leaves the datapath running on exit).

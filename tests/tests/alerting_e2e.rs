@@ -124,12 +124,7 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
     let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The timeline: the config change, then the alert firing, then resolved.
-    let out = std::process::Command::new(sluice_tests::sluice_bin())
-        .args(["timeline", "--since", "1h", "--format", "markdown", "--journal"])
-        .arg(lab.journal())
-        .output()
-        .expect("timeline");
-    let md = String::from_utf8_lossy(&out.stdout);
+    let md = lab.timeline_markdown();
     let pos = |want: &str| md.find(want).unwrap_or_else(|| panic!("timeline lacks {want:?}:\n{md}"));
     let change = pos("max_conns 50 -> 5");
     let fired = pos("alert SluiceRefusingConnections FIRING: Sluice load balancer lb-incident");

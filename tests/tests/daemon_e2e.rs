@@ -178,12 +178,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     assert!(log.contains("drain and remove backend 10.70.0.11"), "{log}");
     assert!(!lab.socket().exists(), "control socket removed on exit");
     // The timeline reads like a postmortem's, from the journal alone (no daemon needed).
-    let out = std::process::Command::new(sluice_tests::sluice_bin())
-        .args(["timeline", "--since", "1h", "--format", "markdown", "--journal"])
-        .arg(lab.journal())
-        .output()
-        .expect("timeline");
-    let md = String::from_utf8_lossy(&out.stdout);
+    let md = lab.timeline_markdown();
     for want in [
         "## Timeline",
         "Sluice daemon started on lb0",

@@ -78,12 +78,8 @@ fn get(s: &mut TcpStream) -> std::io::Result<String> {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok())).unwrap_or(0);
-            if body.len() >= len {
-                return Ok(body.trim().to_owned());
-            }
+        if let Some((_, body)) = load::http_message(&buf) {
+            return Ok(body.trim().to_owned());
         }
     }
 }

@@ -108,6 +108,14 @@ enum Outcome {
     Error(String),
 }
 
+/// `(head, body)` once `buf` holds a whole HTTP/1.1 message (head and `content-length` body).
+pub fn http_message(buf: &[u8]) -> Option<(String, String)> {
+    let text = String::from_utf8_lossy(buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok())).unwrap_or(0);
+    (body.len() >= len).then(|| (head.to_owned(), body.to_owned()))
+}
+
 async fn one(addr: SocketAddr, delay_ms: u64) -> Result<(String, TcpStream), Outcome> {
     let mut s = match TcpStream::connect(addr).await {
         Ok(s) => s,
@@ -124,15 +132,11 @@ async fn one(addr: SocketAddr, delay_ms: u64) -> Result<(String, TcpStream), Out
             return Err(Outcome::Error("closed before the answer".into()));
         }
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf);
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok())).unwrap_or(0);
-            if body.len() >= len {
-                if !head.starts_with("HTTP/1.1 200") {
-                    return Err(Outcome::Error(head.lines().next().unwrap_or("").to_owned()));
-                }
-                return Ok((body.trim().to_owned(), s));
+        if let Some((head, body)) = http_message(&buf) {
+            if !head.starts_with("HTTP/1.1 200") {
+                return Err(Outcome::Error(head.lines().next().unwrap_or("").to_owned()));
             }
+            return Ok((body.trim().to_owned(), s));
         }
     }
 }

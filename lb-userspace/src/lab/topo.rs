@@ -288,7 +288,7 @@ impl Lab {
     fn spawn_decap(&self, short: &str, iface: &str) -> Result<()> {
         let pins = PathBuf::from(format!("/sys/fs/bpf/{}-decap-{short}", self.spec.prefix));
         let key = format!("decap-{short}");
-        self.spawn(&key, short, self.command(short, &self.spec.sluice).args(["decap", "--iface", iface, "--pin-dir"]).arg(&pins))?;
+        self.spawn(&key, self.command(short, &self.spec.sluice).args(["decap", "--iface", iface, "--pin-dir"]).arg(&pins))?;
         self.wait(&format!("XDP on {short}/{iface}"), Duration::from_secs(15), || self.link_has_xdp(short, iface))
     }
 
@@ -298,7 +298,7 @@ impl Lab {
     }
 
     /// Starts a process whose output goes to `DIR/KEY.log` and whose pid to `DIR/KEY.pid`.
-    pub fn spawn(&self, key: &str, _short: &str, cmd: &mut Command) -> Result<u32> {
+    pub fn spawn(&self, key: &str, cmd: &mut Command) -> Result<u32> {
         let log = File::create(self.spec.dir.join(format!("{key}.log"))).context("log file")?;
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("starting {key}"))?;
         let pid = child.id();
@@ -349,7 +349,6 @@ impl Lab {
         let short = format!("be{n}");
         self.spawn(
             &format!("serve-be{n}"),
-            &short,
             self.command(&short, &self.spec.sluice).args(["lab", "serve", "--name", &format!("backend-{n}"), "--port", &PORT.to_string()]),
         )?;
         self.wait(&format!("backend-{n}'s server"), Duration::from_secs(10), || {
@@ -415,7 +414,7 @@ impl Lab {
 
     /// Starts `sluice run --config` in the load balancer's namespace; waits until it serves.
     pub fn start_daemon(&self) -> Result<()> {
-        self.spawn("daemon", "lb", self.command("lb", &self.spec.sluice).arg("run").arg("--config").arg(self.config_path()))?;
+        self.spawn("daemon", self.command("lb", &self.spec.sluice).arg("run").arg("--config").arg(self.config_path()))?;
         self.wait("the daemon to attach and serve", Duration::from_secs(30), || {
             if let Some(log) = self.exited("daemon") {
                 return Err(anyhow::anyhow!("sluice run exited:\n{log}"));
