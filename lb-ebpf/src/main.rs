@@ -68,8 +68,14 @@ const EEXIST: i32 = 17;
 
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
+    run_balancer(&ctx)
+}
+
+/// The balancer's whole run on one frame (also inlined into the `bench_vary` benchmark entry).
+#[inline(always)]
+pub fn run_balancer(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (stat, verdict) = match balance(&ctx, len) {
+    let (stat, verdict) = match balance(ctx, len) {
         Ok(v) | Err(v) => v,
     };
     maps::count(stat, len);

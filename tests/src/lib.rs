@@ -1,10 +1,12 @@
 //! The test harness shared by Sluice's datapath and end-to-end tests:
 //! - [`packet`]: a packet builder with correct checksums (checked against etherparse);
 //! - [`testrun`]: BPF_PROG_TEST_RUN of the real XDP program, and timing for benchmarks;
-//! - [`netns`]: network-namespace topologies that tear down on drop, also on panic.
+//! - [`netns`]: network-namespace topologies that tear down on drop, also on panic;
+//! - [`bench`]: what the XDP benchmarks share.
 //!
 //! Privileged tests never skip: without root they panic saying why (CI runs as root).
 
+pub mod bench;
 pub mod l2lab;
 pub mod netns;
 pub mod packet;

@@ -51,6 +51,9 @@ enum Bench {
     Control,
     /// Alert latency (first refusal → webhook, 20 trials) and daemon CPU with 1,000 backends.
     Alerts,
+    /// XDP forwarding rate on one core (live-frames test runs, real XDP_TX) against the
+    /// MAC-swap floor: established and new flows, tables of 10k and 1M flows.
+    Xdp,
 }
 
 fn main() {
@@ -92,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
                 Bench::Datapath => "bench-datapath",
                 Bench::Control => "bench-control",
                 Bench::Alerts => "bench-alerts",
+                Bench::Xdp => "bench-xdp",
             };
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             // The benchmarks start the sluice binary (the daemon): build it first, in release.

@@ -6,13 +6,11 @@
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
-use lb_common::{Backend, Config, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, MODE_IPIP, MODE_L2DSR, REJECT_RST};
-use lb_userspace::{
-    datapath::LoadOptions,
-    maglev::{self, RingBackend},
-};
+use lb_common::{MODE_IPIP, MODE_L2DSR};
+use lb_userspace::datapath::LoadOptions;
 use sluice_tests::{
-    packet::{tcp, Pkt, PROTO_TCP},
+    bench,
+    packet::{tcp, Pkt},
     testrun::XdpRunner,
 };
 
@@ -32,26 +30,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn opts() -> LoadOptions {
-    LoadOptions {
-        config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT },
-        flow_capacity: 1 << 20,
-        ring_slots: 4 * 65537,
-    }
+    bench::opts(1 << 20)
 }
 
 fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
-    let mut t = x.tables();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&[10, 0, 1, id as u8]);
-    t.set_backend(id, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, id as u8], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns, service_id: id })
-        .expect("backend");
-    let ring = maglev::build(&[RingBackend { id, key: format!("10.0.1.{id}"), weight: 1 }], 65537);
-    let base = (id - 1) * 65537;
-    t.write_ring(base, &ring).expect("ring");
-    let mut vip = [0u8; 16];
-    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, half: 0 };
-    t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
+    bench::install(x, port, mode, max_conns, id);
 }
 
 /// One round of `frames` through `x`: (median single-shot, prog-stats average).
@@ -135,7 +118,7 @@ fn main() {
     }
     println!("{table}");
 
-    let machine = machine();
+    let machine = bench::machine();
     let body = format!(
         "## Datapath (`cargo xtask bench datapath`)\n\n{machine}\n\
          {ROUNDS} rounds × {PER_ROUND} packets per case, the cases interleaved within each round; ns are\n\
@@ -146,14 +129,4 @@ fn main() {
     );
     sluice_tests::write_section(&out_path, "bench-datapath", &body);
     println!("wrote {}", out_path.display());
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
-        .unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("Machine: {cpu}, {cpus} CPUs, kernel {}.", kernel.trim())
 }

@@ -1,0 +1,46 @@
+//! What the XDP benchmarks share: load options, one TCP service with one backend written the
+//! way the daemon writes it, and the machine line of the report.
+
+use lb_common::{Backend, Config, Service, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, REJECT_RST};
+use lb_userspace::{
+    datapath::LoadOptions,
+    maglev::{self, RingBackend},
+};
+
+use crate::{packet::PROTO_TCP, testrun::XdpRunner};
+
+/// A gateway MAC (so `ipip` needs no FIB), room for four 65537-slot rings, `flows` flows.
+pub fn opts(flows: u32) -> LoadOptions {
+    LoadOptions {
+        config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT },
+        flow_capacity: flows,
+        ring_slots: 4 * 65537,
+    }
+}
+
+/// Service `id` on 10.0.0.100:`port`/TCP with backend 10.0.1.`id`, a 65537-slot ring.
+pub fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
+    let mut t = x.tables();
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[10, 0, 1, id as u8]);
+    t.set_backend(id, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, id as u8], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns, service_id: id })
+        .expect("backend");
+    let ring = maglev::build(&[RingBackend { id, key: format!("10.0.1.{id}"), weight: 1 }], 65537);
+    let base = (id - 1) * 65537;
+    t.write_ring(base, &ring).expect("ring");
+    let mut vip = [0u8; 16];
+    vip[..4].copy_from_slice(&[10, 0, 0, 100]);
+    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, half: 0 };
+    t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
+}
+
+/// "Machine: <cpu>, N CPUs, kernel <release>."
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("Machine: {cpu}, {cpus} CPUs, kernel {}.", kernel.trim())
+}
