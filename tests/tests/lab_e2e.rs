@@ -96,7 +96,7 @@ fn connect(lab: &Lab, c: u8, v6: bool) -> std::io::Result<(String, TcpStream)> {
 }
 
 fn quick_load(lab: &Lab, n: u32, v6: bool) -> load::Report {
-    let spec = LoadSpec { rate: 100.0, concurrency: 50, duration: Duration::from_secs_f64(f64::from(n) / 100.0), hold: Duration::ZERO, delay_ms: 0, timeout: Duration::from_secs(3), v6 };
+    let spec = LoadSpec { rate: 100.0, concurrency: 50, duration: Duration::from_secs_f64(f64::from(n) / 100.0), hold: Duration::ZERO, delay_ms: 0, timeout: Duration::from_secs(3), v6, targets: Vec::new() };
     load::run(lab, &spec, &Arc::new(Counters::default())).expect("load")
 }
 

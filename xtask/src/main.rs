@@ -35,6 +35,15 @@ enum Cmd {
     /// The first command: set up, build, and replay the 2023-05-05 incident in `sluice lab`
     /// (network namespaces on this host; needs root). The report goes to target/lab-report.
     Lab,
+    /// Fuzz the datapath longer than the test suite does: the same seeded test, more frames.
+    Fuzz {
+        /// Frames to feed the program.
+        #[arg(long, default_value_t = 20_000_000)]
+        frames: u64,
+        /// The generator's seed (a failure prints the one to replay).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Set up, build, and run every test (privileged tests included; needs root).
     Test {
         /// Extra arguments passed to `cargo test` (after `--` they reach the test binaries).
@@ -54,6 +63,9 @@ enum Bench {
     /// XDP forwarding rate on one core (live-frames test runs, real XDP_TX) against the
     /// MAC-swap floor: established and new flows, tables of 10k and 1M flows.
     Xdp,
+    /// Sluice against HAProxy and nginx (installed from Debian) on the lab topology: rates,
+    /// latency, refusals, CPU per connection, memory with 5,000 idle connections.
+    E2e,
 }
 
 fn main() {
@@ -73,6 +85,22 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             setup::run()?;
             test(&args)
+        }
+        Cmd::Fuzz { frames, seed } => {
+            setup::run()?;
+            build(false)?;
+            let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs()));
+            println!("fuzz: {frames} frames, seed {seed} (rerun: cargo xtask fuzz --frames {frames} --seed {seed})");
+            let status = cargo()
+                .args(["test", "--release", "--package", "sluice-tests", "--test", "fuzz", "--", "--nocapture"])
+                .env("SLUICE_FUZZ_FRAMES", frames.to_string())
+                .env("SLUICE_FUZZ_SEED", seed.to_string())
+                .status()
+                .context("running the fuzz test")?;
+            if !status.success() {
+                bail!("the datapath fuzz run failed (seed {seed})");
+            }
+            Ok(())
         }
         Cmd::Lab => {
             setup::run()?;
@@ -96,6 +124,10 @@ fn run(cli: Cli) -> Result<()> {
                 Bench::Control => "bench-control",
                 Bench::Alerts => "bench-alerts",
                 Bench::Xdp => "bench-xdp",
+                Bench::E2e => {
+                    setup::peer_load_balancers()?;
+                    "bench-e2e"
+                }
             };
             let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
             // The benchmarks start the sluice binary (the daemon): build it first, in release.

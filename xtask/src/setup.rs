@@ -116,6 +116,23 @@ pub fn ensure_packages(step_name: &'static str, list: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// HAProxy and nginx for `bench e2e`, installed without starting their system services (the
+/// benchmark runs its own instances inside the lab's namespaces).
+pub fn peer_load_balancers() -> Result<()> {
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    let ours = !Path::new(POLICY).exists();
+    if ours {
+        // invoke-rc.d's convention: exit 101 = "action forbidden", so postinst starts nothing.
+        std::fs::write(POLICY, "#!/bin/sh\nexit 101\n").context("writing policy-rc.d")?;
+        std::fs::set_permissions(POLICY, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let res = ensure_packages("haproxy and nginx", &["haproxy", "nginx", "libnginx-mod-stream"]);
+    if ours {
+        let _ = std::fs::remove_file(POLICY);
+    }
+    res
+}
+
 fn packages() -> Result<()> {
     ensure_packages("debian packages", PACKAGES)
 }

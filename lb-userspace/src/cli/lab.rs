@@ -162,7 +162,7 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
         }
         LabCmd::Load { rate, concurrency, duration, hold, delay_ms, timeout, ipv6, json } => {
             let lab = Lab::attach(std::path::Path::new(DIR)).map_err(lab_err)?;
-            let spec = load::LoadSpec { rate: *rate, concurrency: *concurrency, duration: *duration, hold: *hold, delay_ms: *delay_ms, timeout: *timeout, v6: *ipv6 };
+            let spec = load::LoadSpec { rate: *rate, concurrency: *concurrency, duration: *duration, hold: *hold, delay_ms: *delay_ms, timeout: *timeout, v6: *ipv6, targets: Vec::new() };
             let counters = Arc::new(load::Counters::default());
             let started = Instant::now();
             let done = std::sync::atomic::AtomicBool::new(false);

@@ -140,7 +140,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
 
         // 1. Normal traffic.
         n.say("step 1 — normal traffic: 40 connections/s, each held 1 s, for 6 s");
-        let normal = load::run(lab, &LoadSpec { rate: 40.0, concurrency: 100, duration: Duration::from_secs(6), hold: Duration::from_secs(1), delay_ms: 0, timeout: Duration::from_secs(3), v6: false }, &Arc::default())?;
+        let normal = load::run(lab, &LoadSpec { rate: 40.0, concurrency: 100, duration: Duration::from_secs(6), hold: Duration::from_secs(1), delay_ms: 0, timeout: Duration::from_secs(3), v6: false, targets: Vec::new() }, &Arc::default())?;
         n.say(format!("  ok {} refused {} timeout {} error {}; p50 {:.1} ms p99 {:.1} ms; per backend {:?}", normal.ok, normal.refused, normal.timeout, normal.error, normal.p50_ms, normal.p99_ms, normal.backends));
         checks.push(Check { what: "normal traffic is served by every backend, nothing refused", ok: normal.refused == 0 && normal.timeout == 0 && normal.error == 0 && normal.backends.len() == usize::from(BACKENDS), detail: format!("{normal:?}") });
 
@@ -156,7 +156,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         // 3. The surge, with the diagnosis and the fix applied while it runs.
         n.say("step 3 — a surge: 60 connections/s, each held 3 s, for 14 s (≈ 180 open wanted, 3 × 10 allowed)");
         let counters = Arc::new(Counters::default());
-        let surge_spec = LoadSpec { rate: 60.0, concurrency: 400, duration: Duration::from_secs(14), hold: Duration::from_secs(3), delay_ms: 0, timeout: Duration::from_secs(3), v6: false };
+        let surge_spec = LoadSpec { rate: 60.0, concurrency: 400, duration: Duration::from_secs(14), hold: Duration::from_secs(3), delay_ms: 0, timeout: Duration::from_secs(3), v6: false, targets: Vec::new() };
         let surge_started = n.t0.elapsed().as_secs_f64();
         mark("surge");
         let surge = {

@@ -36,6 +36,8 @@ pub struct LoadSpec {
     /// Connect + answer must complete within this.
     pub timeout: Duration,
     pub v6: bool,
+    /// Connect to these instead of the VIP (round robin): the benchmark's no-balancer baseline.
+    pub targets: Vec<SocketAddr>,
 }
 
 /// Outcome counters, shared while the load runs (read them for live progress).
@@ -49,6 +51,7 @@ pub struct Counters {
     latencies_us: Mutex<Vec<u64>>,
     backends: Mutex<std::collections::BTreeMap<String, u64>>,
     errors: Mutex<Vec<String>>,
+    error_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -66,6 +69,8 @@ pub struct Report {
     pub backends: std::collections::BTreeMap<String, u64>,
     /// The first few error messages.
     pub errors: Vec<String>,
+    /// Errors by what the client saw ("closed before the answer", "read: … reset …", a status).
+    pub error_kinds: std::collections::BTreeMap<String, u64>,
 }
 
 impl Counters {
@@ -85,6 +90,7 @@ impl Counters {
             max_ms: pct(1.0),
             backends: self.backends.lock().expect("backends").clone(),
             errors: self.errors.lock().expect("errors").clone(),
+            error_kinds: self.error_kinds.lock().expect("error kinds").clone(),
         }
     }
 
@@ -146,16 +152,17 @@ async fn one(addr: SocketAddr, delay_ms: u64) -> Result<(String, TcpStream), Out
 pub fn run(lab: &Lab, spec: &LoadSpec, counters: &Arc<Counters>) -> Result<Report> {
     let clients = lab.spec.clients;
     let started = Instant::now();
-    let addr = SocketAddr::new(vip(spec.v6), PORT);
+    let targets = if spec.targets.is_empty() { vec![SocketAddr::new(vip(spec.v6), PORT)] } else { spec.targets.clone() };
     std::thread::scope(|s| {
         let handles: Vec<_> = (1..=clients)
             .map(|c| {
                 let counters = counters.clone();
                 let spec = spec.clone();
+                let targets = targets.clone();
                 s.spawn(move || {
                     lab.run_in(&format!("cl{c}"), move || {
                         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                        rt.block_on(client_loop(addr, spec, f64::from(clients), counters));
+                        rt.block_on(client_loop(&targets, spec, f64::from(clients), counters));
                         anyhow::Ok(())
                     })
                 })
@@ -169,7 +176,7 @@ pub fn run(lab: &Lab, spec: &LoadSpec, counters: &Arc<Counters>) -> Result<Repor
     Ok(counters.report(started.elapsed()))
 }
 
-async fn client_loop(addr: SocketAddr, spec: LoadSpec, share: f64, counters: Arc<Counters>) {
+async fn client_loop(targets: &[SocketAddr], spec: LoadSpec, share: f64, counters: Arc<Counters>) {
     let per_client = (spec.concurrency as f64 / share).ceil().max(1.0) as usize;
     let sem = Arc::new(Semaphore::new(per_client));
     let gap = Duration::from_secs_f64(share / spec.rate.max(0.001));
@@ -185,6 +192,7 @@ async fn client_loop(addr: SocketAddr, spec: LoadSpec, share: f64, counters: Arc
         k += 1;
         let Ok(permit) = sem.clone().acquire_owned().await else { break };
         let c = counters.clone();
+        let addr = targets[k as usize % targets.len()];
         let (delay, hold, timeout) = (spec.delay_ms, spec.hold, spec.timeout);
         tasks.spawn(async move {
             let t0 = Instant::now();
@@ -212,6 +220,7 @@ async fn client_loop(addr: SocketAddr, spec: LoadSpec, share: f64, counters: Arc
                 }
                 Err(Outcome::Error(e)) => {
                     c.error.fetch_add(1, Ordering::Relaxed);
+                    *c.error_kinds.lock().expect("error kinds").entry(e.clone()).or_default() += 1;
                     let mut errs = c.errors.lock().expect("errors");
                     if errs.len() < 5 {
                         errs.push(e);
