@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod l2lab;
+pub mod labs;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

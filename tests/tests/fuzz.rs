@@ -222,3 +222,56 @@ fn fuzzed_frames_never_abort_count_once_and_leave_counters_equal_to_flows() {
     }
     println!("{} flows in the table (capacity {FLOW_CAPACITY}); open per backend {holding:?}", flows.len());
 }
+
+/// The config parser on seeded mutations of a valid config (lines dropped, duplicated or
+/// swapped, values replaced, bytes flipped) and on junk: it never panics, and every rejection
+/// names the file and says why.
+#[test]
+fn config_parser_rejects_mutated_configs_with_a_named_reason() {
+    let seed = env_u64("SLUICE_FUZZ_SEED", 0x5_1u64 << 32 | 0xce);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let lines: Vec<&str> = CONFIG.lines().collect();
+    let values = ["0", "-1", "4294967296", "\"\"", "\"10.0.0.999\"", "true", "[]", "{}", "\"ipip\"", "\"2001:db8::1\"", "1e9", "\"\\u0000\""];
+    let (mut accepted, mut rejected) = (0, 0);
+    for case in 0..5000 {
+        let mut l: Vec<String> = lines.iter().map(|s| (*s).to_owned()).collect();
+        for _ in 0..rng.random_range(1..4) {
+            if l.is_empty() {
+                break;
+            }
+            let i = rng.random_range(0..l.len());
+            match rng.random_range(0..5) {
+                0 => drop(l.remove(i)),
+                1 => l.insert(i, l[i].clone()),
+                2 => {
+                    let j = rng.random_range(0..l.len());
+                    l.swap(i, j);
+                }
+                3 => {
+                    if let Some((k, _)) = l[i].split_once(" = ") {
+                        l[i] = format!("{k} = {}", values[rng.random_range(0..values.len())]);
+                    }
+                }
+                _ => {
+                    let mut b = l[i].clone().into_bytes();
+                    if !b.is_empty() {
+                        let j = rng.random_range(0..b.len());
+                        b[j] = rng.random_range(0x20..0x7f);
+                    }
+                    l[i] = String::from_utf8_lossy(&b).into_owned();
+                }
+            }
+        }
+        let text = if case % 10 == 0 { (0..rng.random_range(0..400)).map(|_| rng.random_range(0x20u8..0x7f) as char).collect() } else { l.join("\n") };
+        match config::parse(Path::new("fuzz.toml"), &text) {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                rejected += 1;
+                let msg = e.to_string();
+                assert!(msg.contains("fuzz.toml") && msg.len() > "fuzz.toml".len() + 10, "seed {seed:#x} case {case}: rejection without a reason: {msg:?}\n{text}");
+            }
+        }
+    }
+    println!("config fuzz, seed {seed:#x}: {accepted} accepted, {rejected} rejected with a named reason");
+    assert!(rejected > 1000 && accepted > 100, "the mutations should produce both: {accepted} accepted, {rejected} rejected");
+}

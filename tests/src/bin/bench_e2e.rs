@@ -115,6 +115,9 @@ fn run(out_path: &Path) -> Result<()> {
     let mut steps = Vec::new();
     let mut memory = Vec::new();
     for mode in [Mode::L2dsr, Mode::Ipip] {
+        if std::env::var("BENCH_E2E_ONLY").is_ok_and(|o| !o.contains("sluice")) && mode == Mode::Ipip {
+            continue;
+        }
         let lab = Lab::up(Spec {
             prefix: PREFIX.into(),
             backends: BACKENDS,
@@ -125,7 +128,9 @@ fn run(out_path: &Path) -> Result<()> {
             sluice: sluice_tests::sluice_bin(),
         })?;
         let lbs: &[Lb] = if mode == Mode::Ipip { &[Lb::SluiceIpip] } else { &[Lb::Direct, Lb::SluiceL2dsr, Lb::Haproxy, Lb::Nginx] };
-        for &lb in lbs {
+        // `BENCH_E2E_ONLY=haproxy,nginx`: a subset, for working on one of them.
+        let only = std::env::var("BENCH_E2E_ONLY").unwrap_or_default();
+        for &lb in lbs.iter().filter(|lb| only.is_empty() || only.split(',').any(|o| lb.name().to_lowercase().starts_with(o))) {
             eprintln!("== {}", lb.name());
             start(&lab, lb, LIMIT)?;
             for &rate in &RATES {
@@ -171,7 +176,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
     let dir = &lab.spec.dir;
     let vip = lab::vip(false).to_string();
     let vip_on_lo = |add: bool| -> Result<()> {
-        let out = std::process::Command::new("ip").args(["-n", &lab.ns("lb"), "addr", if add { "add" } else { "del" }, &format!("{vip}/32"), "dev", "lo"]).output()?;
+        let out = std::process::Command::new("ip").args(["-n", &lab.ns("lb"), "addr", if add { "replace" } else { "del" }, &format!("{vip}/32"), "dev", "lo"]).output()?;
         if add && !out.status.success() {
             bail!("adding the VIP to the load balancer's lo: {}", String::from_utf8_lossy(&out.stderr));
         }
