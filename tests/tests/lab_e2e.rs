@@ -6,10 +6,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
-    sync::{
-        atomic::Ordering,
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -19,7 +16,7 @@ use lb_userspace::{
         self, incident,
         load::{self, Counters, LoadSpec},
         topo::{BackendConf, ServiceOpts},
-        Lab, Spec,
+        Lab,
     },
 };
 use serde_json::Value;
