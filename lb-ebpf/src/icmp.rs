@@ -9,7 +9,7 @@ use crate::{
     csum,
     maps::{FLOWS, SERVICES},
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
-    pack, vip_service, Verdict, CONFIG,
+    pack, vip_service, Verdict,
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -43,7 +43,7 @@ fn handle_inner(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
     let v4 = pkt.proto == PROTO_ICMP;
     let echo = if v4 { typ == ICMP_ECHO_REQUEST } else { typ == ICMP6_ECHO_REQUEST };
     if echo {
-        if CONFIG.load().icmp_echo != ICMP_ECHO_REPLY {
+        if config!(icmp_echo) != ICMP_ECHO_REPLY {
             return pass;
         }
         if echo_reply(ctx, pkt, u16::from_be_bytes([typ, code]), u16::from_be_bytes([c0, c1])) {

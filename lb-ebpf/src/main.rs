@@ -12,6 +12,19 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+/// One scalar field of `CONFIG` as the loader set it. `Global::load` reads the whole struct
+/// with a volatile read, which LLVM's BPF backend splits into 36 byte loads (and spills) on
+/// every use; this reads only the field. Volatile: a plain read of an immutable static would
+/// be folded to the compiled-in default. The verifier still sees a read-only map value at a
+/// constant offset, so it knows the value and prunes the branches a deployment never takes.
+macro_rules! config {
+    ($field:ident) => {{
+        let p = core::ptr::from_ref(&$crate::CONFIG).cast::<lb_common::Config>();
+        // SAFETY: `Global<Config>` holds exactly a `Config` (asserted beside CONFIG).
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*p).$field)) }
+    }};
+}
+
 mod admission;
 mod atomic;
 mod csum;
@@ -47,6 +60,13 @@ use crate::{
 /// Load-time configuration (`lb_common::Config`), set by the loader with `override_global`.
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<Config> = Global::new(Config::DEFAULT);
+// `config!` and `forward` read CONFIG's fields through a `*const Config` at these offsets.
+const _: () = {
+    assert!(size_of::<Global<Config>>() == size_of::<Config>());
+    assert!(core::mem::offset_of!(Config, gateway_mac) == 8);
+    assert!(core::mem::offset_of!(Config, encap_src4) == 16);
+    assert!(core::mem::offset_of!(Config, encap_src6) == 20);
+};
 
 /// The outcome to count and the XDP action to return.
 pub type Verdict = Result<(Stat, u32), (Stat, u32)>;
@@ -232,7 +252,7 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
 #[inline(always)]
 fn refuse(ctx: &XdpContext, pkt: &Packet, svc: &Service, reason: Reason, backend_id: u32) -> Verdict {
     maps::refusal(svc.id, backend_id, reason);
-    events::refusal(pkt, reason, svc.id, backend_id, CONFIG.load().events_per_sec);
+    events::refusal(pkt, reason, svc.id, backend_id, config!(events_per_sec));
     if pkt.proto == PROTO_TCP && svc.reject == REJECT_RST {
         return match rst::reply(ctx, pkt) {
             xdp_action::XDP_TX => Ok((Stat::RefusedRst, xdp_action::XDP_TX)),
@@ -262,7 +282,7 @@ fn parse_failure(f: &Fail) -> u64 {
     }
     let Some(svc) = vip_service(&f.dst) else { return pass };
     if f.stat == Stat::Fragment {
-        if CONFIG.load().fragments == FRAGMENTS_DROP {
+        if config!(fragments) == FRAGMENTS_DROP {
             maps::refusal(svc.id, 0, Reason::Fragment);
             return pack((Stat::FragmentDropped, xdp_action::XDP_DROP));
         }
