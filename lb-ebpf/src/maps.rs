@@ -79,8 +79,12 @@ pub struct Scratch {
     pub flow: Flow,
     pub skey: ServiceKey,
     pub fib: FibParams,
-    /// Headers being assembled (encapsulation, RST).
+    /// Headers being assembled (RST).
     pub buf: Buf,
+    /// This CPU's cached coarse clock (see `crate::coarse_now`): the jiffies value at which
+    /// `clock_ns` was read.
+    pub clock_jiffies: u64,
+    pub clock_ns: u64,
 }
 
 /// An 8-aligned byte buffer, so clearing and copying it are word operations.
