@@ -136,6 +136,12 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
         _ => return Ok((Stat::OtherL4, xdp_action::XDP_PASS)),
     }
     s.skey = ServiceKey { addr: pkt.dst, port_be: pkt.dport_be, proto: pkt.proto, _pad: 0 };
+    // The filter first: one array load settles most non-service traffic.
+    let bit = lb_common::service_filter_bit(&s.skey);
+    let word = maps::SERVICE_FILTER.get(bit / 64).copied().unwrap_or(u64::MAX);
+    if (word >> (bit % 64)) & 1 == 0 {
+        return Ok((not_service(pkt), xdp_action::XDP_PASS));
+    }
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
