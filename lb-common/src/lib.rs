@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's layout or meaning changes; a daemon refuses to adopt pinned
 /// maps of another schema.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The pinned XDP link's file name in the pin directory (the daemon's attachment survives it).
 pub const PIN_LINK: &str = "link";
@@ -31,9 +31,12 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
     pub const SCHEMA: &str = "SCHEMA";
+    pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
     /// Every map the balancer pins.
-    pub const ALL: [&str; 11] =
-        [STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA];
+    pub const ALL: [&str; 12] = [
+        STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA,
+        SERVICE_FILTER,
+    ];
 }
 
 /// Name of the balancer XDP program in the object.
@@ -47,6 +50,9 @@ pub const GLOBAL_CONFIG: &str = "CONFIG";
 pub const MAX_SERVICES: u32 = 1024;
 /// Backends across all services. Id 0 means "none", so ids run 1..MAX_BACKENDS.
 pub const MAX_BACKENDS: u32 = 16384;
+/// 64-bit words of `SERVICE_FILTER`: a bitmap of 65,536 bits indexed by
+/// [`service_filter_bit`].
+pub const SERVICE_FILTER_WORDS: u32 = 1024;
 /// Default Maglev ring size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default capacity of `RINGS` in slots (16 services at the default ring size, twice over so a
@@ -483,6 +489,18 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// The bit of `SERVICE_FILTER` a `SERVICES` key sets. The filter is a one-hash Bloom filter
+/// in front of the `SERVICES` hash map: the daemon sets a key's bit before inserting the key
+/// (and never clears one), so a clear bit proves "not a service" with one array load, without
+/// the hash map's lookup call. Multiplicative hashing of the key's five 32-bit words.
+#[inline(always)]
+pub fn service_filter_bit(key: &ServiceKey) -> u32 {
+    // SAFETY: ServiceKey is repr(C, align(4)), 20 bytes without implicit padding.
+    let w = unsafe { core::ptr::from_ref(key).cast::<[u32; 5]>().read() };
+    let x = w[0] ^ w[1].rotate_left(7) ^ w[2].rotate_left(13) ^ w[3].rotate_left(19) ^ w[4].rotate_left(25);
+    x.wrapping_mul(0x9E37_79B1) >> 16
 }
 
 /// The ring slot of the `i`-th candidate in a flow's probe sequence: the first is

@@ -41,7 +41,7 @@ mod rst;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::xdp,
     programs::XdpContext,
     Global,
@@ -142,16 +142,19 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
         _ => return Ok((Stat::OtherL4, xdp_action::XDP_PASS)),
     }
     s.skey = ServiceKey { addr: pkt.dst, port_be: pkt.dport_be, proto: pkt.proto, _pad: 0 };
+    // The filter first: one array load settles most non-service traffic.
+    let bit = lb_common::service_filter_bit(&s.skey);
+    let word = maps::SERVICE_FILTER.get(bit / 64).copied().unwrap_or(u64::MAX);
+    if (word >> (bit % 64)) & 1 == 0 {
+        return Ok((not_service(pkt), xdp_action::XDP_PASS));
+    }
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
     };
     s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad0: 0, _pad1: 0 };
     let key = &s.key;
-    // Coarse (jiffies) time: flows only need it for idle timeouts, and the precise clock
-    // costs tens of ns per packet under virtualisation.
-    // SAFETY: a helper without preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = coarse_now(&mut s.clock_jiffies, &mut s.clock_ns);
 
     if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
         maps::traffic(svc.id, backend_id, bytes, false, false);
@@ -196,6 +199,22 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
         }
         Err((reason, backend_id)) => refuse(ctx, pkt, &svc, reason, backend_id),
     }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in ns, as `bpf_ktime_get_coarse_ns` returns it, read at most once
+/// per tick per CPU. The coarse clock only moves at a tick, when `jiffies` moves too; the
+/// verifier inlines `bpf_jiffies64` into one load, while the clock helper is a call (tens of ns
+/// here). Flows only need the time for idle timeouts.
+#[inline(always)]
+fn coarse_now(cached_jiffies: &mut u64, cached_ns: &mut u64) -> u64 {
+    // SAFETY: helpers without preconditions.
+    let j = unsafe { bpf_jiffies64() };
+    if j != *cached_jiffies || *cached_ns == 0 {
+        // SAFETY: as above.
+        *cached_ns = unsafe { bpf_ktime_get_coarse_ns() };
+        *cached_jiffies = j;
+    }
+    *cached_ns
 }
 
 #[inline(always)]

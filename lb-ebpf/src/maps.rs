@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Conns, Counter, EventBucket, Flow, FlowKey, Reason, RefusalEvent, Service, ServiceKey, Stat,
-    TrafficStats, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+    TrafficStats, DEFAULT_FLOW_CAPACITY, SERVICE_FILTER_WORDS, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES,
 };
 
 use crate::parse::Packet;
@@ -23,6 +23,13 @@ pub static STATS: PerCpuArray<Counter, { Stat::COUNT as usize }> = PerCpuArray::
 /// Writer: daemon. Reader: datapath.
 #[btf_map]
 pub static SERVICES: HashMap<ServiceKey, Service, { MAX_SERVICES as usize * 2 }> = HashMap::new();
+
+/// Bit [`lb_common::service_filter_bit`] of a `SERVICES` key, set by the daemon before it
+/// inserts the key and never cleared: a clear bit means "not a service" at the cost of one
+/// array load (inlined by the verifier), where a hash-map lookup is a chain of kernel calls.
+/// Writer: daemon. Reader: datapath.
+#[btf_map]
+pub static SERVICE_FILTER: Array<u64, { SERVICE_FILTER_WORDS as usize }> = Array::new();
 
 /// Backend id → address, MAC, state, limit. Id 0 is "none" and never used.
 /// Writer: daemon. Reader: datapath.
@@ -79,8 +86,12 @@ pub struct Scratch {
     pub flow: Flow,
     pub skey: ServiceKey,
     pub fib: FibParams,
-    /// Headers being assembled (encapsulation, RST).
+    /// Headers being assembled (RST).
     pub buf: Buf,
+    /// This CPU's cached coarse clock (see `crate::coarse_now`): the jiffies value at which
+    /// `clock_ns` was read.
+    pub clock_jiffies: u64,
+    pub clock_ns: u64,
 }
 
 /// An 8-aligned byte buffer, so clearing and copying it are word operations.

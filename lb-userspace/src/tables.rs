@@ -85,6 +85,11 @@ impl<'a> Tables<'a> {
     }
 
     pub fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), Error> {
+        // The key's filter bit first (never cleared), so the datapath never skips a service.
+        let bit = lb_common::service_filter_bit(key);
+        let mut filter = self.array::<u64>(maps::SERVICE_FILTER)?;
+        let word = filter.get(&(bit / 64), 0).map_err(|e| err("SERVICE_FILTER", e))?;
+        filter.set(bit / 64, word | 1 << (bit % 64), 0).map_err(|e| err("SERVICE_FILTER", e))?;
         self.hash::<ServiceKey, Service>(maps::SERVICES)?.insert(*key, *service, 0).map_err(|e| err("SERVICES", e))
     }
 
