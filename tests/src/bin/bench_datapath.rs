@@ -7,7 +7,6 @@
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use lb_common::{MODE_IPIP, MODE_L2DSR};
-use lb_userspace::datapath::LoadOptions;
 use sluice_tests::{
     bench,
     packet::{tcp, Pkt},
@@ -29,14 +28,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn opts() -> LoadOptions {
-    bench::opts(1 << 20)
-}
-
-fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
-    bench::install(x, port, mode, max_conns, id);
-}
-
 /// One round of `frames` through `x`: (median single-shot, prog-stats average).
 fn round(x: &mut XdpRunner, frames: &dyn Fn(usize) -> Vec<u8>, round: usize) -> (Duration, Duration) {
     let batch: Vec<Vec<u8>> = (0..PER_ROUND).map(|i| frames(round * PER_ROUND + i)).collect();
@@ -53,12 +44,12 @@ fn main() {
     let syn = |port: u16| Pkt::tcp4(&format!("10.9.0.1:{port}"), "10.0.0.100:80").build();
     let mut cases = Vec::new();
 
-    let mut floor = XdpRunner::program(&opts(), "floor_pass");
-    let mut swap = XdpRunner::program(&opts(), "floor_macswap");
-    let mut x = XdpRunner::balancer_with(&opts());
-    install(&mut x, 80, MODE_L2DSR, u32::MAX, 1);
-    install(&mut x, 8080, MODE_IPIP, u32::MAX, 2);
-    install(&mut x, 9090, MODE_L2DSR, 0, 3);
+    let mut floor = XdpRunner::program(&bench::opts(1 << 20), "floor_pass");
+    let mut swap = XdpRunner::program(&bench::opts(1 << 20), "floor_macswap");
+    let mut x = XdpRunner::balancer_with(&bench::opts(1 << 20));
+    bench::install(&mut x, 80, MODE_L2DSR, u32::MAX, 1);
+    bench::install(&mut x, 8080, MODE_IPIP, u32::MAX, 2);
+    bench::install(&mut x, 9090, MODE_L2DSR, 0, 3);
     x.run(&syn(2000));
     let est = Pkt::tcp4("10.9.0.1:2000", "10.0.0.100:80").flags(tcp::ACK).payload(&[0; 64]).build();
     x.run(&est);

@@ -166,10 +166,6 @@ fn backends(limit: u32) -> Vec<BackendConf> {
     (1..=BACKENDS).map(|n| BackendConf { n, max_conns: limit, weight: 1 }).collect()
 }
 
-fn lb_cmd(lab: &Lab, program: &str) -> std::process::Command {
-    lab.command("lb", program)
-}
-
 /// Starts `lb` with per-backend limit `limit` and waits until a trickle of connections all
 /// succeed through it.
 fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
@@ -204,7 +200,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
             }
             let path = dir.join("haproxy.cfg");
             std::fs::write(&path, cfg)?;
-            lab.spawn("haproxy", lb_cmd(lab, "haproxy").arg("-db").arg("-f").arg(&path))?;
+            lab.spawn("haproxy", lab.command("lb", "haproxy").arg("-db").arg("-f").arg(&path))?;
         }
         Lb::Nginx => {
             vip_on_lo(true)?;
@@ -222,7 +218,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
             );
             let path = dir.join("nginx.conf");
             std::fs::write(&path, cfg)?;
-            lab.spawn("nginx", lb_cmd(lab, "nginx").arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(&path))?;
+            lab.spawn("nginx", lab.command("lb", "nginx").arg("-e").arg(dir.join("nginx-error.log")).arg("-c").arg(&path))?;
         }
     }
     // Health checks (Sluice) or listeners (proxies) take a moment: wait for 20 of 20.
