@@ -6,7 +6,7 @@ use clap::Subcommand;
 
 use crate::{
     config::Mode,
-    lab::{self, incident, load, topo::BackendConf, Lab, Spec},
+    lab::{self, chaos, incident, load, topo::BackendConf, Lab, Spec},
     Error,
 };
 
@@ -14,6 +14,8 @@ const DIR: &str = "/run/sluice-lab";
 const PREFIX: &str = "slab";
 const INCIDENT_DIR: &str = "/run/sluice-lab-incident";
 const INCIDENT_PREFIX: &str = "slabi";
+const CHAOS_DIR: &str = "/run/sluice-lab-chaos";
+const CHAOS_PREFIX: &str = "slabc";
 
 #[derive(Subcommand)]
 pub enum LabCmd {
@@ -65,6 +67,25 @@ pub enum LabCmd {
     Incident {
         #[arg(long, default_value = "sluice-lab-report")]
         report: PathBuf,
+    },
+    /// Inject faults at random into its own lab under continuous load (backend crashes, daemon
+    /// restarts, crashes and upgrades, config reloads, drains); exit 0 only if no connection
+    /// broke except by its backend's crash and counters, flows and clients agree afterwards.
+    Chaos {
+        /// How long faults are injected.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// Seed of the fault schedule (a run is reproducible up to timing).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// New short connections per second.
+        #[arg(long, default_value_t = 100.0, value_parser = parse_rate)]
+        rate: f64,
+        #[arg(long, default_value = "l2dsr", value_parser = parse_mode)]
+        mode: Mode,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// (internal) The lab's backend HTTP server.
     #[command(hide = true)]
@@ -152,6 +173,7 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
         LabCmd::Down => {
             let mut removed = lab::topo_cleanup(PREFIX, std::path::Path::new(DIR));
             removed.extend(lab::topo_cleanup(INCIDENT_PREFIX, std::path::Path::new(INCIDENT_DIR)));
+            removed.extend(lab::topo_cleanup(CHAOS_PREFIX, std::path::Path::new(CHAOS_DIR)));
             if removed.is_empty() {
                 println!("no lab found: nothing to remove");
             }
@@ -213,6 +235,23 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
                 Ok(())
             } else {
                 Err(Error::other("incident replay", anyhow::anyhow!("some expectations did not hold (see above)")))
+            }
+        }
+        LabCmd::Chaos { duration, seed, rate, mode, json } => {
+            cleanup_on_signal(CHAOS_PREFIX, CHAOS_DIR);
+            let lab = Lab::up(spec(CHAOS_PREFIX, CHAOS_DIR, chaos::BACKENDS, 2, *mode)?).map_err(lab_err)?;
+            let report = chaos::run(&lab, &chaos::Options { duration: *duration, seed: *seed, rate: *rate, ..chaos::Options::default() });
+            lab.down();
+            let report = report.map_err(lab_err)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+            } else {
+                println!("{}", report.markdown());
+            }
+            if report.passed() {
+                Ok(())
+            } else {
+                Err(Error::other("chaos run", anyhow::anyhow!("some checks failed (see above)")))
             }
         }
         LabCmd::Serve { name, port } => crate::client::block_on(async { lab::serve::serve(name.clone(), *port).await.map_err(|e| Error::other("lab serve", e)) }),

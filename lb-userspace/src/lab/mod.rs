@@ -13,6 +13,7 @@
 //! `sluice decap` as a pass-through XDP program: on these kernels a frame sent with `XDP_TX`
 //! into a veth is delivered only if the peer has an XDP program.
 
+pub mod chaos;
 pub mod incident;
 pub mod load;
 pub mod plot;

@@ -414,7 +414,12 @@ impl Lab {
 
     /// Starts `sluice run --config` in the load balancer's namespace; waits until it serves.
     pub fn start_daemon(&self) -> Result<()> {
-        self.spawn("daemon", self.command("lb", &self.spec.sluice).arg("run").arg("--config").arg(self.config_path()))?;
+        self.start_daemon_with(&self.spec.sluice)
+    }
+
+    /// `start_daemon` from another binary (an upgrade).
+    pub fn start_daemon_with(&self, sluice: &Path) -> Result<()> {
+        self.spawn("daemon", self.command("lb", sluice).arg("run").arg("--config").arg(self.config_path()))?;
         self.wait("the daemon to attach and serve", Duration::from_secs(30), || {
             if let Some(log) = self.exited("daemon") {
                 return Err(anyhow::anyhow!("sluice run exited:\n{log}"));

@@ -1,0 +1,770 @@
+//! `sluice lab chaos`: faults injected at random (seeded, reproducible) into a lab under
+//! continuous load — backend crashes and restarts, daemon restarts, crashes and upgrades, config
+//! reloads (`config apply` and SIGHUP) that change limits and weights, drains — then the
+//! accounting. Every connection's fate is recorded as its client saw it; a connection that
+//! broke is explained only by a backend crash while it was open, anything else counts against
+//! Sluice. Long-lived connections held through the whole run are the clients' ground truth: after
+//! the flow timeouts and one reconciliation period, each backend's shared counter, the flows
+//! holding its slots and the clients' open connections to it must be the same number; after the
+//! clients close, nothing may be left in the flow table.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::Signal;
+use rand::{rngs::StdRng, seq::SliceRandom as _, Rng as _, SeedableRng as _};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use super::{
+    backend4,
+    load::http_message,
+    topo::{BackendConf, ServiceOpts},
+    vip, Lab, PORT,
+};
+
+pub const BACKENDS: u8 = 3;
+/// Short flow timeouts, so that "no leaked flows after timeouts" is seconds, not hours away.
+const SYN_TIMEOUT: Duration = Duration::from_secs(3);
+const ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(10);
+const CLOSING_TIMEOUT: Duration = Duration::from_secs(3);
+/// The daemon's reconciliation period (`daemon::RECONCILE_EVERY` ticks of one second).
+const RECONCILE_PERIOD: Duration = Duration::from_secs(10);
+/// Held connections ask again this often (which also keeps their flows fresh).
+const PING: Duration = Duration::from_millis(500);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Limits and weights the reloads choose from; survivors and the short connections' share
+/// are of the same order, so some reloads put a backend below what it holds.
+const LIMITS: (u32, u32) = (25, 150);
+const INITIAL_LIMIT: u32 = 120;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long faults are injected (the load runs as long).
+    pub duration: Duration,
+    pub seed: u64,
+    /// New short connections per second over all clients (each holds 0–1.5 s and asks 1–4 times).
+    pub rate: f64,
+    /// Connections each client holds open through the whole run.
+    pub held_per_client: usize,
+    /// Time between two faults (uniform between the bounds).
+    pub gap: (Duration, Duration),
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { duration: Duration::from_mins(1), seed: 1, rate: 100.0, held_per_client: 30, gap: (Duration::from_secs(2), Duration::from_secs(4)) }
+    }
+}
+
+/// The kinds of fault, injected in shuffled rounds so that every kind occurs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// SIGKILL a backend's server (its connections die with it); restarted 2–5 s later.
+    BackendCrash,
+    /// SIGTERM the daemon and start it again (it adopts the pinned datapath).
+    DaemonRestart,
+    /// SIGKILL the daemon and start it again.
+    DaemonCrash,
+    /// Start the daemon from another binary file (the XDP program is replaced in the pinned link).
+    DaemonUpgrade,
+    /// New limits and weights through `sluice config apply`.
+    ConfigApply,
+    /// New limits through the file and SIGHUP.
+    ConfigReload,
+    /// `sluice backend drain`; undrained 2–5 s later.
+    Drain,
+}
+
+const KINDS: [Kind; 7] = [Kind::BackendCrash, Kind::DaemonRestart, Kind::DaemonCrash, Kind::DaemonUpgrade, Kind::ConfigApply, Kind::ConfigReload, Kind::Drain];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Fault {
+    /// Seconds since the load started.
+    pub t: f64,
+    pub kind: Kind,
+    /// Undoing an earlier fault (a crashed server restarted, a drained backend undrained).
+    pub undo: bool,
+    /// The backend it hit, if one.
+    pub backend: Option<u8>,
+    pub detail: String,
+    /// Whether the fault (or its undoing) did what it should; the error if not.
+    pub error: Option<String>,
+}
+
+impl Fault {
+    fn line(&self) -> String {
+        let what = if self.undo { format!("{:?} undone", self.kind) } else { format!("{:?}", self.kind) };
+        format!("{what}: {}{}", self.detail, self.error.as_ref().map(|e| format!(" — FAILED: {e}")).unwrap_or_default())
+    }
+}
+
+/// One backend at the end of the run, after the timeouts and one reconciliation period.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendEnd {
+    pub backend: IpAddr,
+    /// Connections the clients still hold to it.
+    pub clients: u64,
+    /// Its shared open-connection counter (`CONNS`, read from the pinned map).
+    pub counter: u64,
+    /// Flows in the pinned flow table holding one of its slots.
+    pub flows: u64,
+    /// What the daemon's status says is open.
+    pub daemon: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub what: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub mode: String,
+    pub duration_s: f64,
+    pub faults: Vec<Fault>,
+    pub faults_by_kind: BTreeMap<Kind, u64>,
+    /// Connections opened (handshake completed).
+    pub connections: u64,
+    /// Connections that got at least one answer.
+    pub carried: u64,
+    /// Answers received.
+    pub requests: u64,
+    /// Short connections closed by their client with every request answered.
+    pub completed: u64,
+    /// Held connections opened at the start / still open at the end.
+    pub held: u64,
+    pub held_survived: u64,
+    /// Refused at connect (a RST: Sluice's limits, or a crashed backend's kernel).
+    pub refused: u64,
+    /// Refusals Sluice counted with a reason during the run.
+    pub refused_by_sluice: u64,
+    /// No answer to the SYN, or another connect error.
+    pub connect_failed: u64,
+    /// Broken while a backend they could have been on crashed.
+    pub broken_by_backend_crash: u64,
+    /// Broken with no backend crash to explain it: Sluice's fault. Must be 0.
+    pub broken: u64,
+    /// The first few unexplained breaks and failed connects.
+    pub broken_examples: Vec<String>,
+    /// Connections the daemon's reconciliation corrected during the run.
+    pub drift_corrected: u64,
+    pub end: Vec<BackendEnd>,
+    /// Flows / slots left after the clients closed and the timeouts passed. Must be 0.
+    pub leaked_flows: u64,
+    pub leaked_slots: u64,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+
+    /// The report as markdown (also what `sluice lab chaos` prints).
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let _ = writeln!(s, "# Chaos run: seed {}, {} mode, {:.0} s of faults under load\n", self.seed, self.mode, self.duration_s);
+        let _ = writeln!(s, "| figure | value |\n|---|---|");
+        let kinds: Vec<String> = self.faults_by_kind.iter().map(|(k, n)| format!("{n} {}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())).collect();
+        let rows: [(&str, String); 14] = [
+            ("faults injected", format!("{} ({})", self.faults.len(), kinds.join(", "))),
+            ("connections opened", self.connections.to_string()),
+            ("connections carried (answered at least once)", self.carried.to_string()),
+            ("requests answered", self.requests.to_string()),
+            ("short connections completed", self.completed.to_string()),
+            ("held through the whole run", format!("{} of {}", self.held_survived, self.held)),
+            ("refused at connect (RST)", self.refused.to_string()),
+            ("  of which counted by Sluice with a reason", self.refused_by_sluice.to_string()),
+            ("connect failed (no answer to the SYN)", self.connect_failed.to_string()),
+            ("broken by a backend crash", self.broken_by_backend_crash.to_string()),
+            ("**broken otherwise (Sluice)**", format!("**{}**", self.broken)),
+            ("drift corrected by reconciliation during the run", self.drift_corrected.to_string()),
+            ("leaked flows after the timeouts", self.leaked_flows.to_string()),
+            ("leaked connection slots", self.leaked_slots.to_string()),
+        ];
+        for (k, v) in rows {
+            let _ = writeln!(s, "| {k} | {v} |");
+        }
+        let _ = writeln!(s, "\nAfter the load, the timeouts and one reconciliation period:\n\n| backend | clients hold | counter | flows holding a slot | daemon says |\n|---|---|---|---|---|");
+        for b in &self.end {
+            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", b.backend, b.clients, b.counter, b.flows, b.daemon);
+        }
+        let _ = writeln!(s, "\nChecks:\n");
+        for c in &self.checks {
+            let _ = writeln!(s, "- {} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.what, c.detail);
+        }
+        let _ = writeln!(s, "\nFaults:\n");
+        for f in &self.faults {
+            let _ = writeln!(s, "- {:>6.1}s {}", f.t, f.line());
+        }
+        for e in &self.broken_examples {
+            let _ = writeln!(s, "- {e}");
+        }
+        s
+    }
+}
+
+/// What happened to one connection, as its client saw it.
+#[derive(Clone, Debug)]
+enum Fate {
+    Completed,
+    Survived,
+    Refused,
+    ConnectFailed(String),
+    Broken(String),
+}
+
+impl Fate {
+    fn why(&self) -> &str {
+        match self {
+            Self::ConnectFailed(e) | Self::Broken(e) => e,
+            _ => "",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Conn {
+    held: bool,
+    start: f64,
+    end: f64,
+    /// The backend that answered (`backend-N`), once one did.
+    backend: Option<u8>,
+    answers: u32,
+    fate: Fate,
+}
+
+/// What the clients and the fault injector share.
+struct Shared {
+    t0: Instant,
+    /// Held connections that got their first answer (or failed).
+    opened: AtomicUsize,
+    /// Start the short connections; stop them at `load_until_ms` after `t0`.
+    go: AtomicBool,
+    load_until_ms: AtomicU64,
+    /// Clients whose short connections have all finished.
+    short_done: AtomicUsize,
+    /// Close the held connections.
+    close: AtomicBool,
+}
+
+impl Shared {
+    fn now(&self) -> f64 {
+        self.t0.elapsed().as_secs_f64()
+    }
+}
+
+async fn request(s: &mut TcpStream) -> Result<String, String> {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: sluice-lab\r\n\r\n").await.map_err(|e| format!("send: {e}"))?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed by the peer".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((head, body)) = http_message(&buf) {
+            if !head.starts_with("HTTP/1.1 200") {
+                return Err(head.lines().next().unwrap_or("").to_owned());
+            }
+            return Ok(body.trim().to_owned());
+        }
+    }
+}
+
+/// One connection: connect, ask, and ask again every `PING` until `keep` has passed (or, for a
+/// held connection, until the run closes it).
+async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duration) -> Conn {
+    let start = sh.now();
+    let mut c = Conn { held, start, end: start, backend: None, answers: 0, fate: Fate::Completed };
+    let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(Fate::Refused),
+        Ok(Err(e)) => Err(Fate::ConnectFailed(e.to_string())),
+        Err(_) => Err(Fate::ConnectFailed(format!("no answer to the SYN within {CONNECT_TIMEOUT:?}"))),
+    };
+    let mut s = match connected {
+        Ok(s) => s,
+        Err(fate) => {
+            c.fate = fate;
+            c.end = sh.now();
+            sh.opened.fetch_add(usize::from(held), Ordering::Relaxed);
+            return c;
+        }
+    };
+    let until = tokio::time::Instant::now() + keep;
+    let mut first = true;
+    loop {
+        match tokio::time::timeout(REQUEST_TIMEOUT, request(&mut s)).await {
+            Ok(Ok(name)) => {
+                c.answers += 1;
+                c.backend = name.strip_prefix("backend-").and_then(|n| n.parse().ok());
+            }
+            Ok(Err(e)) => c.fate = Fate::Broken(e),
+            Err(_) => c.fate = Fate::Broken(format!("no answer within {REQUEST_TIMEOUT:?}")),
+        }
+        if held && first {
+            sh.opened.fetch_add(1, Ordering::Relaxed);
+            first = false;
+        }
+        if matches!(c.fate, Fate::Broken(_)) {
+            break;
+        }
+        if held && sh.close.load(Ordering::Relaxed) {
+            c.fate = Fate::Survived;
+            break;
+        }
+        if !held && tokio::time::Instant::now() >= until {
+            break;
+        }
+        tokio::time::sleep(PING).await;
+    }
+    c.end = sh.now();
+    c
+}
+
+/// One client namespace: its held connections, then short connections at `rate` until the
+/// load ends; then it waits for the held ones to be closed.
+async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share: f64) -> Vec<Conn> {
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..opts.held_per_client {
+        held.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while !sh.go.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut rng = StdRng::seed_from_u64(opts.seed ^ (u64::from(idx) << 32));
+    let gap = Duration::from_secs_f64(share / opts.rate.max(0.1));
+    let until = Duration::from_millis(sh.load_until_ms.load(Ordering::Relaxed));
+    let mut short = tokio::task::JoinSet::new();
+    let mut out = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    while sh.t0.elapsed() < until {
+        tokio::time::sleep_until(next).await;
+        next += gap;
+        let hold = Duration::from_millis(rng.random_range(0..=1500));
+        short.spawn(connection(addr, sh.clone(), false, hold));
+        while let Some(Ok(c)) = short.try_join_next() {
+            out.push(c);
+        }
+    }
+    while let Some(r) = short.join_next().await {
+        out.extend(r.ok());
+    }
+    sh.short_done.fetch_add(1, Ordering::Relaxed);
+    while let Some(r) = held.join_next().await {
+        out.extend(r.ok());
+    }
+    out
+}
+
+fn status(lab: &Lab) -> Result<Value> {
+    crate::client::block_on(crate::client::ok(&lab.socket(), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The "web" service's backends in the daemon's status.
+fn backends(st: &Value) -> Vec<Value> {
+    st["services"].as_array().into_iter().flatten().filter(|s| s["name"] == "web").flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default()).collect()
+}
+
+fn refused_total(st: &Value) -> u64 {
+    backends(st).iter().map(|b| b["refused"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())).sum()
+}
+
+/// The attached XDP program's id (`prog/xdp id N` in `ip link show`).
+fn xdp_prog_id(lab: &Lab) -> Option<u64> {
+    let out = std::process::Command::new("ip").args(["-n", &lab.ns("lb"), "link", "show", "lb0"]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rest = &text[text.find("prog/xdp id ")? + "prog/xdp id ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The pinned maps, read without the daemon.
+struct Tables {
+    /// Flows in the table.
+    flows: u64,
+    /// Flows holding a slot, per backend id.
+    holding: BTreeMap<u32, u64>,
+    /// `CONNS` per backend id.
+    counters: BTreeMap<u32, u64>,
+}
+
+fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
+    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
+    let flows = open(lb_common::maps::FLOWS)?;
+    let fd = flows.fd().as_fd().as_raw_fd();
+    let total = crate::gc::count_all(fd).context("counting flows")?;
+    let holding = crate::gc::count_flows(fd).context("counting flows per backend")?;
+    let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
+}
+
+/// The fault injector's view of the lab.
+struct Injector<'a> {
+    lab: &'a Lab,
+    rng: StdRng,
+    limits: [u32; BACKENDS as usize],
+    weights: [u32; BACKENDS as usize],
+    /// Servers killed / backends drained, with when to undo it.
+    crashed: Vec<(Instant, u8)>,
+    drained: Vec<(Instant, u8)>,
+    upgraded: PathBuf,
+    /// Counter corrections by the daemons stopped so far.
+    drift_corrected: u64,
+}
+
+impl Injector<'_> {
+    fn config(&self) -> String {
+        let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: self.limits[usize::from(n - 1)], weight: self.weights[usize::from(n - 1)] }).collect();
+        let timeouts = format!(
+            "[flows.timeouts]\nsyn = \"{}\"\nestablished = \"{}\"\nclosing = \"{}\"\nudp = \"10s\"\n",
+            humantime::format_duration(SYN_TIMEOUT),
+            humantime::format_duration(ESTABLISHED_TIMEOUT),
+            humantime::format_duration(CLOSING_TIMEOUT)
+        );
+        self.lab.config_text(&conf, &ServiceOpts::default(), &timeouts)
+    }
+
+    fn sluice(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(&self.lab.spec.sluice).arg("--socket").arg(self.lab.socket()).args(args).output().context("running sluice")?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!("sluice {}: {}", args.join(" "), text.trim());
+        }
+        Ok(text)
+    }
+
+    /// Waits until the daemon's status shows the configured limits and weights.
+    fn wait_applied(&self) -> Result<()> {
+        self.lab.wait("the daemon to show the new limits", Duration::from_secs(5), || {
+            let st = status(self.lab)?;
+            Ok(backends(&st).iter().all(|b| {
+                let n = (1..=BACKENDS).find(|n| b["address"].as_str() == Some(&backend4(*n).to_string()));
+                n.is_some_and(|n| b["max_conns"].as_u64() == Some(u64::from(self.limits[usize::from(n - 1)])) && b["weight"].as_u64() == Some(u64::from(self.weights[usize::from(n - 1)])))
+            }))
+        })
+    }
+
+    /// Starts the daemon (from `bin`) and checks that it adopted the running datapath.
+    fn start_daemon(&self, bin: &Path) -> Result<String> {
+        let before = xdp_prog_id(self.lab);
+        self.lab.start_daemon_with(bin)?;
+        self.lab.wait("the daemon to adopt the datapath", Duration::from_secs(10), || std::fs::read_to_string(self.lab.spec.dir.join("daemon.log")).is_ok_and(|l| l.contains("adopted the running datapath")))?;
+        let after = xdp_prog_id(self.lab);
+        if before.is_none() || before == after {
+            bail!("the XDP program was not replaced (id before {before:?}, after {after:?})");
+        }
+        Ok(format!("adopted; XDP program {} → {}", before.unwrap_or(0), after.unwrap_or(0)))
+    }
+
+    /// Injects one fault: what was done, and to which backend.
+    fn inject(&mut self, kind: Kind) -> Result<(String, Option<u8>)> {
+        let later = Instant::now() + Duration::from_millis(self.rng.random_range(2000..=5000));
+        match kind {
+            Kind::BackendCrash => {
+                let up: Vec<u8> = (1..=BACKENDS).filter(|n| !self.crashed.iter().any(|(_, c)| c == n)).collect();
+                // Keep one server up: with all crashed there is nothing left to break.
+                if up.len() <= 1 {
+                    return Ok(("skipped: every other backend is down".into(), None));
+                }
+                let n = up[self.rng.random_range(0..up.len())];
+                if !self.lab.kill_server(n) {
+                    bail!("backend-{n}'s server was not running");
+                }
+                self.crashed.push((later, n));
+                Ok((format!("SIGKILL backend-{n}'s server"), Some(n)))
+            }
+            Kind::DaemonRestart | Kind::DaemonCrash | Kind::DaemonUpgrade => {
+                let sig = if kind == Kind::DaemonCrash { Signal::SIGKILL } else { Signal::SIGTERM };
+                // Corrections the daemon made so far (they live in its memory).
+                self.drift_corrected += status(self.lab).map_or(0, |st| st["drift_corrected"].as_u64().unwrap_or(0));
+                if !self.lab.stop("daemon", sig) {
+                    bail!("the daemon was not running");
+                }
+                let bin = if kind == Kind::DaemonUpgrade {
+                    // Another binary file: a real upgrade swaps the file, then restarts.
+                    let _ = std::fs::remove_file(&self.upgraded);
+                    std::fs::copy(&self.lab.spec.sluice, &self.upgraded).context("copying the binary")?;
+                    self.upgraded.clone()
+                } else {
+                    self.lab.spec.sluice.clone()
+                };
+                let how = self.start_daemon(&bin)?;
+                Ok((format!("{sig:?}, started {}: {how}", bin.display()), None))
+            }
+            Kind::ConfigApply | Kind::ConfigReload => {
+                for l in &mut self.limits {
+                    *l = self.rng.random_range(LIMITS.0..=LIMITS.1);
+                }
+                if kind == Kind::ConfigApply {
+                    for w in &mut self.weights {
+                        *w = self.rng.random_range(1..=3);
+                    }
+                }
+                self.lab.write_config(&self.config())?;
+                if kind == Kind::ConfigApply {
+                    self.sluice(&["config", "apply", &self.lab.config_path().to_string_lossy()])?;
+                } else {
+                    let pid: i32 = std::fs::read_to_string(self.lab.spec.dir.join("daemon.pid")).context("daemon.pid")?.trim().parse().context("daemon.pid")?;
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).context("SIGHUP")?;
+                }
+                self.wait_applied()?;
+                Ok((format!("max_conns {:?}, weights {:?}", self.limits, self.weights), None))
+            }
+            Kind::Drain => {
+                let live: Vec<u8> = (1..=BACKENDS).filter(|n| !self.drained.iter().any(|(_, d)| d == n)).collect();
+                if live.len() <= 1 {
+                    return Ok(("skipped: every other backend is drained".into(), None));
+                }
+                let n = live[self.rng.random_range(0..live.len())];
+                self.sluice(&["backend", "drain", "web", &backend4(n).to_string()])?;
+                self.drained.push((later, n));
+                Ok((format!("drained backend-{n}"), Some(n)))
+            }
+        }
+    }
+
+    /// Undoes what is due (or everything): restarts crashed servers, undrains.
+    fn restore(&mut self, all: bool, t: f64) -> Vec<Fault> {
+        let now = Instant::now();
+        let mut done = Vec::new();
+        let (due, keep): (Vec<_>, Vec<_>) = self.crashed.drain(..).partition(|(t, _)| all || *t <= now);
+        self.crashed = keep;
+        for (_, n) in due {
+            let err = self.lab.start_server(n).err().map(|e| e.to_string());
+            done.push(Fault { t, kind: Kind::BackendCrash, undo: true, backend: Some(n), detail: format!("restarted backend-{n}'s server"), error: err });
+        }
+        let (due, keep): (Vec<_>, Vec<_>) = self.drained.drain(..).partition(|(t, _)| all || *t <= now);
+        self.drained = keep;
+        for (_, n) in due {
+            // A daemon restart or a reload since the drain may have reset it already.
+            let err = self.sluice(&["backend", "undrain", "web", &backend4(n).to_string()]).err().map(|e| e.to_string()).filter(|e| !e.contains("not drain"));
+            done.push(Fault { t, kind: Kind::Drain, undo: true, backend: Some(n), detail: format!("undrained backend-{n}"), error: err });
+        }
+        done
+    }
+}
+
+/// Runs the chaos in `lab` (built with `BACKENDS` backends, servers on, no daemon yet).
+#[expect(clippy::too_many_lines, reason = "the run reads top to bottom")]
+pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
+    if lab.spec.backends != BACKENDS {
+        bail!("the chaos run needs a lab with {BACKENDS} backends");
+    }
+    let mut inj = Injector {
+        lab,
+        rng: StdRng::seed_from_u64(opts.seed),
+        limits: [INITIAL_LIMIT; BACKENDS as usize],
+        weights: [1; BACKENDS as usize],
+        crashed: Vec::new(),
+        drained: Vec::new(),
+        upgraded: lab.spec.dir.join("sluice-upgraded"),
+        drift_corrected: 0,
+    };
+    lab.write_config(&inj.config())?;
+    lab.start_daemon()?;
+    let refused_before = refused_total(&status(lab)?);
+    let sh = Arc::new(Shared {
+        t0: Instant::now(),
+        opened: AtomicUsize::new(0),
+        go: AtomicBool::new(false),
+        load_until_ms: AtomicU64::new(0),
+        short_done: AtomicUsize::new(0),
+        close: AtomicBool::new(false),
+    });
+    let clients = lab.spec.clients;
+    let addr = SocketAddr::new(vip(false), PORT);
+    let say = |line: String| println!("[{:>6.1}s] {line}", sh.now());
+    let mut faults: Vec<Fault> = Vec::new();
+    let mut end = Vec::new();
+    let (mut leaked_flows, mut leaked_slots) = (0, 0);
+    let mut checks: Vec<Check> = Vec::new();
+
+    let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
+        // However this scope is left, the clients are released (or it would wait for ever).
+        struct Release<'a>(&'a Shared);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.load_until_ms.fetch_max(1, Ordering::Relaxed);
+                self.0.go.store(true, Ordering::Relaxed);
+                self.0.close.store(true, Ordering::Relaxed);
+            }
+        }
+        let release = Release(&sh);
+        let handles: Vec<_> = (1..=clients)
+            .map(|c| {
+                let (sh, opts) = (sh.clone(), opts.clone());
+                s.spawn(move || {
+                    lab.run_in(&format!("cl{c}"), move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                        anyhow::Ok(rt.block_on(client(c, addr, sh, opts, f64::from(clients))))
+                    })
+                })
+            })
+            .collect();
+        let held = opts.held_per_client * usize::from(clients);
+        lab.wait("the held connections to open", Duration::from_secs(30), || sh.opened.load(Ordering::Relaxed) >= held)?;
+        say(format!("{held} held connections open; load at {} new connections/s for {:?}, faults every {:?}–{:?} (seed {})", opts.rate, opts.duration, opts.gap.0, opts.gap.1, opts.seed));
+        let load_until = sh.t0.elapsed() + opts.duration;
+        sh.load_until_ms.store(load_until.as_millis() as u64, Ordering::Relaxed);
+        sh.go.store(true, Ordering::Relaxed);
+
+        // Faults until shortly before the load ends, so the last ones are undone under load.
+        let stop_faults = load_until.saturating_sub(Duration::from_secs(6));
+        let mut round: Vec<Kind> = Vec::new();
+        let mut next = sh.t0.elapsed() + Duration::from_secs(1);
+        while sh.t0.elapsed() < stop_faults {
+            for f in inj.restore(false, sh.now()) {
+                say(f.line());
+                faults.push(f);
+            }
+            if sh.t0.elapsed() >= next {
+                if round.is_empty() {
+                    round = KINDS.to_vec();
+                    round.shuffle(&mut inj.rng);
+                }
+                let kind = round.pop().expect("a kind");
+                let t = sh.now();
+                let f = match inj.inject(kind) {
+                    Ok((detail, backend)) => Fault { t, kind, undo: false, backend, detail, error: None },
+                    Err(e) => Fault { t, kind, undo: false, backend: None, detail: String::new(), error: Some(format!("{e:#}")) },
+                };
+                say(f.line());
+                faults.push(f);
+                next = sh.t0.elapsed() + Duration::from_secs_f64(inj.rng.random_range(opts.gap.0.as_secs_f64()..=opts.gap.1.as_secs_f64()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for f in inj.restore(true, sh.now()) {
+            say(f.line());
+            faults.push(f);
+        }
+        lab.wait("the short connections to finish", opts.duration + Duration::from_secs(30), || sh.short_done.load(Ordering::Relaxed) >= usize::from(clients))?;
+        say("load stopped; the held connections stay open".into());
+
+        // The flows of connections that died with a backend expire; then one reconciliation
+        // period; then counters, flows and the clients' open connections must agree.
+        std::thread::sleep(ESTABLISHED_TIMEOUT.max(SYN_TIMEOUT) + Duration::from_secs(2) + RECONCILE_PERIOD);
+        let st = status(lab)?;
+        let bs = backends(&st);
+        let ids: Vec<u32> = bs.iter().filter_map(|b| b["id"].as_u64()).map(|i| i as u32).collect();
+        let Tables { holding, counters, .. } = tables(&lab.pin_dir(), &ids)?;
+        end = bs
+            .iter()
+            .map(|b| {
+                let id = b["id"].as_u64().unwrap_or(0) as u32;
+                let address: IpAddr = b["address"].as_str().and_then(|a| a.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                BackendEnd { backend: address, clients: 0, counter: counters.get(&id).copied().unwrap_or(0), flows: holding.get(&id).copied().unwrap_or(0), daemon: b["open"].as_u64().unwrap_or(0) }
+            })
+            .collect();
+        drop(release);
+        say("closing the held connections".into());
+        let mut conns = Vec::new();
+        for h in handles {
+            conns.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))??);
+        }
+        // Closed connections release their slots at once; their flows go after the closing
+        // timeout (and SYN_SEEN ones of refused SYNs after the SYN timeout) at the next sweep.
+        let deadline = Instant::now() + CLOSING_TIMEOUT.max(SYN_TIMEOUT) + Duration::from_secs(5);
+        loop {
+            let t = tables(&lab.pin_dir(), &ids)?;
+            (leaked_flows, leaked_slots) = (t.flows, t.counters.values().sum());
+            if (leaked_flows == 0 && leaked_slots == 0) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(conns)
+    })?;
+
+    // The clients' side of the end state: held connections still open, per backend.
+    for b in &mut end {
+        b.clients = conns.iter().filter(|c| matches!(c.fate, Fate::Survived) && c.backend.is_some_and(|n| IpAddr::V4(backend4(n)) == b.backend)).count() as u64;
+    }
+    let st = status(lab)?;
+    let drift_corrected = inj.drift_corrected + st["drift_corrected"].as_u64().unwrap_or(0);
+    let refused_by_sluice = refused_total(&st) - refused_before;
+
+    let kills: Vec<(f64, u8)> = faults.iter().filter(|f| f.kind == Kind::BackendCrash && !f.undo).filter_map(|f| Some((f.t, f.backend?))).collect();
+    // Broken while its backend (any backend, if none answered yet) crashed: the crash's doing.
+    let by_crash = |c: &Conn| kills.iter().any(|(t, n)| c.backend.is_none_or(|b| b == *n) && *t >= c.start - 0.1 && *t <= c.end + 0.1);
+    let count = |f: &dyn Fn(&Conn) -> bool| conns.iter().filter(|c| f(c)).count() as u64;
+    let broken_examples: Vec<String> = conns
+        .iter()
+        .filter(|c| matches!(c.fate, Fate::Broken(_)) && !by_crash(c))
+        .take(10)
+        .map(|c| format!("{} connection opened at {:.1}s to {}, {} answers, broke at {:.1}s: {}", if c.held { "held" } else { "short" }, c.start, c.backend.map_or("?".into(), |n| format!("backend-{n}")), c.answers, c.end, c.fate.why()))
+        .chain(conns.iter().filter(|c| matches!(c.fate, Fate::ConnectFailed(_))).take(5).map(|c| format!("connect at {:.1}s failed: {}", c.start, c.fate.why())))
+        .collect();
+    let mut faults_by_kind = BTreeMap::new();
+    for f in faults.iter().filter(|f| !f.undo && f.error.is_none() && !f.detail.starts_with("skipped")) {
+        *faults_by_kind.entry(f.kind).or_insert(0) += 1;
+    }
+    let mut report = Report {
+        seed: opts.seed,
+        mode: format!("{:?}", lab.spec.mode).to_lowercase(),
+        duration_s: opts.duration.as_secs_f64(),
+        faults_by_kind,
+        connections: count(&|c| !matches!(c.fate, Fate::Refused | Fate::ConnectFailed(_))),
+        carried: count(&|c| c.answers > 0),
+        requests: conns.iter().map(|c| u64::from(c.answers)).sum(),
+        completed: count(&|c| matches!(c.fate, Fate::Completed)),
+        held: count(&|c| c.held),
+        held_survived: count(&|c| matches!(c.fate, Fate::Survived)),
+        refused: count(&|c| matches!(c.fate, Fate::Refused)),
+        refused_by_sluice,
+        connect_failed: count(&|c| matches!(c.fate, Fate::ConnectFailed(_))),
+        broken_by_backend_crash: count(&|c| matches!(c.fate, Fate::Broken(_)) && by_crash(c)),
+        broken: count(&|c| matches!(c.fate, Fate::Broken(_)) && !by_crash(c)),
+        broken_examples,
+        drift_corrected,
+        end,
+        leaked_flows,
+        leaked_slots,
+        checks: Vec::new(),
+        faults,
+    };
+    let mut check = |what: &str, ok: bool, detail: String| checks.push(Check { what: what.into(), ok, detail });
+    let failed: Vec<String> = report.faults.iter().filter_map(|f| f.error.as_ref().map(|e| format!("{:.1}s {:?}: {e}", f.t, f.kind))).collect();
+    check("every fault took effect", failed.is_empty(), if failed.is_empty() { format!("{} faults and undos", report.faults.len()) } else { failed.join("; ") });
+    let missing: Vec<String> = KINDS.iter().filter(|k| !report.faults_by_kind.contains_key(k)).map(|k| format!("{k:?}")).collect();
+    check("every kind of fault occurred", missing.is_empty(), if missing.is_empty() { "all 7 kinds".into() } else { format!("missing: {}", missing.join(", ")) });
+    check("no connection broken except by its backend's crash", report.broken == 0, format!("{} broken otherwise, {} by crashes, of {} connections", report.broken, report.broken_by_backend_crash, report.connections));
+    check(
+        "the SYN of every connection was answered",
+        report.connect_failed == 0,
+        format!("{} connects without an answer or with another error", report.connect_failed),
+    );
+    let agree = report.end.iter().all(|b| b.clients == b.counter && b.counter == b.flows && b.flows == b.daemon);
+    check(
+        "after one reconciliation period, counters = flows = what the clients hold",
+        agree && report.end.iter().map(|b| b.clients).sum::<u64>() == report.held_survived,
+        report.end.iter().map(|b| format!("{}: clients {} counter {} flows {} daemon {}", b.backend, b.clients, b.counter, b.flows, b.daemon)).collect::<Vec<_>>().join("; "),
+    );
+    check("no flow or slot left after the timeouts", report.leaked_flows == 0 && report.leaked_slots == 0, format!("{} flows, {} slots", report.leaked_flows, report.leaked_slots));
+    report.checks = checks;
+    Ok(report)
+}
