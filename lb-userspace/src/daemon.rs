@@ -32,6 +32,7 @@ const RECONCILE_EVERY: u64 = 10;
 const MIN_EVAL_GAP: Duration = Duration::from_millis(100);
 /// GC waits this many times as long as its last sweep took (at least a second).
 const GC_DUTY_INVERSE: u32 = 20;
+const TICK_SLACK: Duration = Duration::from_millis(100);
 
 /// The datapath's load-time options from a config.
 pub fn load_options(cfg: &Config) -> LoadOptions {
@@ -108,6 +109,8 @@ pub struct State {
     pub reconciler: Reconciler,
     pub last_sweep: Sweep,
     next_gc: Instant,
+    /// The time between two GC sweeps (the next sweep's horizon for half-open flows).
+    gc_gap: Duration,
     pub last_drift: Vec<Drift>,
     pub checks: health::Checks,
     pub alerts: alerts::Engine,
@@ -236,10 +239,13 @@ impl State {
         let fd = self.dp.tables().fd(maps::FLOWS)?;
         let now = Instant::now();
         if now >= self.next_gc {
-            self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns()).map_err(|e| Error::other("flow GC", e))?;
+            self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns(), self.gc_gap).map_err(|e| Error::other("flow GC", e))?;
             // Keep GC under ~5 % of a core: a sweep that took T waits at least 20 T.
             let took = now.elapsed();
-            self.next_gc = now + (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
+            self.gc_gap = (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
+            // Ticks come once a second but not to the microsecond: without the slack a
+            // one-second gap would often be missed by a hair and become two.
+            self.next_gc = now + self.gc_gap - TICK_SLACK;
             if self.last_sweep.expired > 0 {
                 tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
             }
@@ -297,6 +303,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         reconciler: Reconciler::default(),
         last_sweep: Sweep::default(),
         next_gc: Instant::now(),
+        gc_gap: Duration::from_secs(1),
         last_drift: Vec::new(),
         checks: health::Checks::default(),
         alerts: alerts::Engine::new(cfg.alerts.clone()),

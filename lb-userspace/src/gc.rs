@@ -44,15 +44,20 @@ pub struct Sweep {
     pub released: u64,
 }
 
-/// Removes idle flows and releases their slots.
-pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64) -> io::Result<Sweep> {
+/// Removes idle flows and releases their slots. `next_sweep` is how long until the next sweep:
+/// a half-open (SYN_SEEN) flow that would pass the SYN timeout before then goes now, so that a
+/// SYN flood's slots come back within the SYN timeout, not a GC period later. (Harmless for a
+/// real client: its ACK finds no flow and is adopted.) Other states expire once past theirs.
+pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64, next_sweep: Duration) -> io::Result<Sweep> {
     let mut report = Sweep::default();
     let mut expired: Vec<(FlowKey, Duration)> = Vec::new();
+    let ahead = next_sweep.as_nanos() as u64;
     sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, values| {
         report.scanned += keys.len() as u64;
         for (k, v) in keys.iter().zip(values) {
             let limit = timeout(t, v.state);
-            if now_ns.saturating_sub(v.last_seen_ns) > limit.as_nanos() as u64 {
+            let idle = now_ns.saturating_sub(v.last_seen_ns) + if v.state == FLOW_SYN_SEEN { ahead } else { 0 };
+            if idle > limit.as_nanos() as u64 {
                 expired.push((*k, limit));
             }
         }

@@ -39,16 +39,16 @@ fn idle_flows_expire_and_release_their_slots_once() {
 
     // Nothing is idle yet with generous timeouts.
     let generous = Timeouts::default();
-    let s = gc::sweep(fd, &conns, &generous, gc::now_coarse_ns()).expect("sweep");
+    let s = gc::sweep(fd, &conns, &generous, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
     assert_eq!((s.scanned, s.expired, s.released), (20, 0, 0));
 
     // With tiny timeouts, after the coarse clock has moved, everything is idle.
     let tiny = Timeouts { syn: Duration::from_nanos(1), established: Duration::from_nanos(1), closing: Duration::from_nanos(1), udp: Duration::from_nanos(1) };
     std::thread::sleep(Duration::from_millis(30));
-    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns()).expect("sweep");
+    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
     assert_eq!((s.scanned, s.expired, s.released), (20, 20, 15), "closing flows hold no slot");
     assert_eq!(conns.get(1), 0);
-    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns()).expect("sweep");
+    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
     assert_eq!((s.scanned, s.expired), (0, 0));
     drop(conns);
     assert!(x.tables().flows().expect("flows").is_empty());

@@ -348,9 +348,9 @@ async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duratio
 /// One client namespace: its held connections, then short connections at `rate` until the
 /// load ends; then it waits for the held ones to be closed.
 async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share: f64) -> Vec<Conn> {
-    let mut held = tokio::task::JoinSet::new();
+    let mut long_lived = tokio::task::JoinSet::new();
     for _ in 0..opts.held_per_client {
-        held.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
+        long_lived.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     while !sh.go.load(Ordering::Relaxed) {
@@ -375,7 +375,7 @@ async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share
         out.extend(r.ok());
     }
     sh.short_done.fetch_add(1, Ordering::Relaxed);
-    while let Some(r) = held.join_next().await {
+    while let Some(r) = long_lived.join_next().await {
         out.extend(r.ok());
     }
     out

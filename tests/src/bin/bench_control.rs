@@ -94,13 +94,13 @@ fn main() {
     }
     let conns = x.tables().conn_counters().expect("conns");
     let t0 = Instant::now();
-    let scan = gc::sweep(fd, &conns, &Timeouts::default(), gc::now_coarse_ns()).expect("sweep");
+    let scan = gc::sweep(fd, &conns, &Timeouts::default(), gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
     let scan_time = t0.elapsed();
     assert_eq!(scan.scanned, u64::from(FLOWS));
     let tiny = Timeouts { syn: Duration::from_nanos(1), established: Duration::from_nanos(1), closing: Duration::from_nanos(1), udp: Duration::from_nanos(1) };
     std::thread::sleep(Duration::from_millis(20));
     let t0 = Instant::now();
-    let expire = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns()).expect("sweep");
+    let expire = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
     let expire_time = t0.elapsed();
     assert_eq!(expire.expired, u64::from(FLOWS));
     drop(conns);
