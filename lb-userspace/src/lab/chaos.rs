@@ -39,7 +39,7 @@ use super::{
 
 pub const BACKENDS: u8 = 3;
 /// Short flow timeouts, so that "no leaked flows after timeouts" is seconds, not hours away.
-const SYN_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const SYN_TIMEOUT: Duration = Duration::from_secs(3);
 const ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(3);
 /// The daemon's reconciliation period (`daemon::RECONCILE_EVERY` ticks of one second).
@@ -275,7 +275,7 @@ impl Shared {
     }
 }
 
-async fn request(s: &mut TcpStream) -> Result<String, String> {
+pub(super) async fn request(s: &mut TcpStream) -> Result<String, String> {
     s.write_all(b"GET / HTTP/1.1\r\nHost: sluice-lab\r\n\r\n").await.map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
@@ -381,16 +381,16 @@ async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share
     out
 }
 
-fn status(lab: &Lab) -> Result<Value> {
+pub(super) fn status(lab: &Lab) -> Result<Value> {
     crate::client::block_on(crate::client::ok(&lab.socket(), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The "web" service's backends in the daemon's status.
-fn backends(st: &Value) -> Vec<Value> {
+pub(super) fn backends(st: &Value) -> Vec<Value> {
     st["services"].as_array().into_iter().flatten().filter(|s| s["name"] == "web").flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default()).collect()
 }
 
-fn refused_total(st: &Value) -> u64 {
+pub(super) fn refused_total(st: &Value) -> u64 {
     backends(st).iter().map(|b| b["refused"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())).sum()
 }
 
@@ -403,16 +403,16 @@ fn xdp_prog_id(lab: &Lab) -> Option<u64> {
 }
 
 /// The pinned maps, read without the daemon.
-struct Tables {
+pub(super) struct Tables {
     /// Flows in the table.
-    flows: u64,
+    pub flows: u64,
     /// Flows holding a slot, per backend id.
-    holding: BTreeMap<u32, u64>,
+    pub holding: BTreeMap<u32, u64>,
     /// `CONNS` per backend id.
-    counters: BTreeMap<u32, u64>,
+    pub counters: BTreeMap<u32, u64>,
 }
 
-fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
+pub(super) fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
     let flows = open(lb_common::maps::FLOWS)?;
     let fd = flows.fd().as_fd().as_raw_fd();
@@ -420,6 +420,16 @@ fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let holding = crate::gc::count_flows(fd).context("counting flows per backend")?;
     let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
+}
+
+/// The config's `[flows.timeouts]` with the short timeouts above.
+pub(super) fn short_timeouts() -> String {
+    format!(
+        "[flows.timeouts]\nsyn = \"{}\"\nestablished = \"{}\"\nclosing = \"{}\"\nudp = \"10s\"\n",
+        humantime::format_duration(SYN_TIMEOUT),
+        humantime::format_duration(ESTABLISHED_TIMEOUT),
+        humantime::format_duration(CLOSING_TIMEOUT)
+    )
 }
 
 /// The fault injector's view of the lab.
@@ -439,13 +449,7 @@ struct Injector<'a> {
 impl Injector<'_> {
     fn config(&self) -> String {
         let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: self.limits[usize::from(n - 1)], weight: self.weights[usize::from(n - 1)] }).collect();
-        let timeouts = format!(
-            "[flows.timeouts]\nsyn = \"{}\"\nestablished = \"{}\"\nclosing = \"{}\"\nudp = \"10s\"\n",
-            humantime::format_duration(SYN_TIMEOUT),
-            humantime::format_duration(ESTABLISHED_TIMEOUT),
-            humantime::format_duration(CLOSING_TIMEOUT)
-        );
-        self.lab.config_text(&conf, &ServiceOpts::default(), &timeouts)
+        self.lab.config_text(&conf, &ServiceOpts::default(), &short_timeouts())
     }
 
     fn sluice(&self, args: &[&str]) -> Result<String> {
