@@ -47,11 +47,13 @@ pub struct Sweep {
 /// Removes idle flows and releases their slots. `next_sweep` is how long until the next sweep:
 /// a half-open (SYN_SEEN) flow that would pass the SYN timeout before then goes now, so that a
 /// SYN flood's slots come back within the SYN timeout, not a GC period later. (Harmless for a
-/// real client: its ACK finds no flow and is adopted.) Other states expire once past theirs.
+/// real client: its ACK finds no flow and is adopted.) The look-ahead is at most half the SYN
+/// timeout: a slow GC (a huge table) must not expire handshakes still in progress, whose ACKs
+/// would then be adopted past the limit. Other states expire once past their timeouts.
 pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64, next_sweep: Duration) -> io::Result<Sweep> {
     let mut report = Sweep::default();
     let mut expired: Vec<(FlowKey, Duration)> = Vec::new();
-    let ahead = next_sweep.as_nanos() as u64;
+    let ahead = next_sweep.min(t.syn / 2).as_nanos() as u64;
     sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, values| {
         report.scanned += keys.len() as u64;
         for (k, v) in keys.iter().zip(values) {

@@ -66,6 +66,8 @@ fn a_spoofed_syn_flood_holds_slots_only_until_the_syn_timeout_and_breaks_no_flow
     let gap = Duration::from_secs(1);
     // The admitted SYNs are the flood's first (the free slots fill at once).
     let at = |before: Duration| flood_started + (timeouts.syn - before).as_nanos() as u64;
+    let s = gc::sweep(fd, &conns, &timeouts, at(timeouts.syn / 2 + Duration::from_secs(1)), Duration::from_mins(1)).expect("sweep");
+    assert_eq!(s.released, 0, "a slow GC looks ahead at most half the SYN timeout");
     let s = gc::sweep(fd, &conns, &timeouts, at(Duration::from_millis(1500)), gap).expect("sweep");
     assert_eq!(s.released, 0, "no half-open flow goes before its SYN timeout is within a sweep");
     let s = gc::sweep(fd, &conns, &timeouts, at(Duration::from_millis(500)), gap).expect("sweep");
