@@ -6,7 +6,10 @@
 
 use lb_userspace::{
     config::Mode,
-    lab::flood::{self, Options, BACKENDS},
+    lab::{
+        chaos::Verdict as _,
+        flood::{self, Options, BACKENDS},
+    },
 };
 use sluice_tests::labs::{down_and_check, lab};
 

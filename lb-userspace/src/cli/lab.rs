@@ -162,6 +162,20 @@ fn spec(prefix: &str, dir: &str, backends: u8, clients: u8, mode: Mode) -> Resul
     })
 }
 
+/// Prints a checked run's report (markdown or JSON); an error unless every check held.
+fn verdict(what: &str, report: &impl chaos::Verdict, json: bool) -> Result<(), Error> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).expect("json"));
+    } else {
+        println!("{}", report.markdown());
+    }
+    if report.passed() {
+        Ok(())
+    } else {
+        Err(Error::other(what, anyhow::anyhow!("some checks failed (see above)")))
+    }
+}
+
 pub fn run(cmd: &LabCmd) -> Result<(), Error> {
     let lab_err = |e: anyhow::Error| Error::other("sluice lab", e);
     match cmd {
@@ -257,34 +271,14 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             let lab = Lab::up(spec(CHAOS_PREFIX, CHAOS_DIR, chaos::BACKENDS, 2, *mode)?).map_err(lab_err)?;
             let report = chaos::run(&lab, &chaos::Options { duration: *duration, seed: *seed, rate: *rate, ..chaos::Options::default() });
             lab.down();
-            let report = report.map_err(lab_err)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
-            } else {
-                println!("{}", report.markdown());
-            }
-            if report.passed() {
-                Ok(())
-            } else {
-                Err(Error::other("chaos run", anyhow::anyhow!("some checks failed (see above)")))
-            }
+            verdict("chaos run", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Flood { pps, duration, json } => {
             cleanup_on_signal(FLOOD_PREFIX, FLOOD_DIR);
             let lab = Lab::up(spec(FLOOD_PREFIX, FLOOD_DIR, flood::BACKENDS, 2, Mode::L2dsr)?).map_err(lab_err)?;
             let report = flood::run(&lab, &flood::Options { pps: *pps, duration: *duration, ..flood::Options::default() });
             lab.down();
-            let report = report.map_err(lab_err)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
-            } else {
-                println!("{}", report.markdown());
-            }
-            if report.passed() {
-                Ok(())
-            } else {
-                Err(Error::other("SYN flood", anyhow::anyhow!("some checks failed (see above)")))
-            }
+            verdict("SYN flood", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Serve { name, port } => crate::client::block_on(async { lab::serve::serve(name.clone(), *port).await.map_err(|e| Error::other("lab serve", e)) }),
     }

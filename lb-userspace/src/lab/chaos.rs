@@ -118,6 +118,7 @@ impl Fault {
 /// One backend at the end of the run, after the timeouts and one reconciliation period.
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendEnd {
+    pub id: u32,
     pub backend: IpAddr,
     /// Connections the clients still hold to it.
     pub clients: u64,
@@ -175,13 +176,62 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
-impl Report {
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+/// Per backend of "web": the pinned counter and flows and the daemon's view; `clients(n)` is
+/// what the clients hold to backend `n`.
+pub(super) fn end_state(lab: &Lab, clients: impl Fn(u8) -> u64) -> Result<Vec<BackendEnd>> {
+    let bs = backends(&status(lab)?);
+    let ids: Vec<u32> = bs.iter().filter_map(|b| b["id"].as_u64()).map(|i| i as u32).collect();
+    let t = tables(&lab.pin_dir(), &ids)?;
+    Ok(bs
+        .iter()
+        .map(|b| {
+            let id = b["id"].as_u64().unwrap_or(0) as u32;
+            let backend: IpAddr = b["address"].as_str().and_then(|a| a.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let n = (1..=super::MAX_BACKENDS).find(|n| IpAddr::V4(backend4(*n)) == backend);
+            let (counter, flows) = (t.counters.get(&id).copied().unwrap_or(0), t.holding.get(&id).copied().unwrap_or(0));
+            BackendEnd { id, backend, clients: n.map_or(0, &clients), counter, flows, daemon: b["open"].as_u64().unwrap_or(0) }
+        })
+        .collect())
+}
+
+/// The check that counters, flows, the daemon and the clients agree on every backend.
+pub(super) fn agreement(what: &str, end: &[BackendEnd]) -> Check {
+    Check {
+        what: what.into(),
+        ok: end.iter().all(|b| b.clients == b.counter && b.counter == b.flows && b.flows == b.daemon),
+        detail: end.iter().map(|b| format!("{}: clients {} counter {} flows {} daemon {}", b.backend, b.clients, b.counter, b.flows, b.daemon)).collect::<Vec<_>>().join("; "),
+    }
+}
+
+/// A report's end-state table and its checks, in markdown.
+pub(super) fn end_and_checks_markdown(s: &mut String, end: &[BackendEnd], checks: &[Check]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "\n| backend | clients hold | counter | flows holding a slot | daemon says |\n|---|---|---|---|---|");
+    for b in end {
+        let _ = writeln!(s, "| {} | {} | {} | {} | {} |", b.backend, b.clients, b.counter, b.flows, b.daemon);
+    }
+    let _ = writeln!(s, "\nChecks:\n");
+    for c in checks {
+        let _ = writeln!(s, "- {} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.what, c.detail);
+    }
+}
+
+/// A lab run's report: a verdict and a printable account.
+pub trait Verdict: Serialize {
+    fn checks(&self) -> &[Check];
+    fn markdown(&self) -> String;
+    fn passed(&self) -> bool {
+        self.checks().iter().all(|c| c.ok)
+    }
+}
+
+impl Verdict for Report {
+    fn checks(&self) -> &[Check] {
+        &self.checks
     }
 
     /// The report as markdown (also what `sluice lab chaos` prints).
-    pub fn markdown(&self) -> String {
+    fn markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "# Chaos run: seed {}, {} mode, {:.0} s of faults under load\n", self.seed, self.mode, self.duration_s);
@@ -206,14 +256,8 @@ impl Report {
         for (k, v) in rows {
             let _ = writeln!(s, "| {k} | {v} |");
         }
-        let _ = writeln!(s, "\nAfter the load, the timeouts and one reconciliation period:\n\n| backend | clients hold | counter | flows holding a slot | daemon says |\n|---|---|---|---|---|");
-        for b in &self.end {
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", b.backend, b.clients, b.counter, b.flows, b.daemon);
-        }
-        let _ = writeln!(s, "\nChecks:\n");
-        for c in &self.checks {
-            let _ = writeln!(s, "- {} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.what, c.detail);
-        }
+        let _ = writeln!(s, "\nAfter the load, the timeouts and one reconciliation period:");
+        end_and_checks_markdown(&mut s, &self.end, &self.checks);
         let _ = writeln!(s, "\nFaults:\n");
         for f in &self.faults {
             let _ = writeln!(s, "- {:>6.1}s {}", f.t, f.line());
@@ -564,8 +608,8 @@ impl Injector<'_> {
         let (due, keep): (Vec<_>, Vec<_>) = self.drained.drain(..).partition(|(t, _)| all || *t <= now);
         self.drained = keep;
         for (_, n) in due {
-            // A daemon restart or a reload since the drain may have reset it already.
-            let err = self.sluice(&["backend", "undrain", "web", &backend4(n).to_string()]).err().map(|e| e.to_string()).filter(|e| !e.contains("not drain"));
+            // Idempotent: a reload since the drain may have reset it already.
+            let err = self.sluice(&["backend", "undrain", "web", &backend4(n).to_string()]).err().map(|e| e.to_string());
             done.push(Fault { t, kind: Kind::Drain, undo: true, backend: Some(n), detail: format!("undrained backend-{n}"), error: err });
         }
         done
@@ -672,18 +716,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         // The flows of connections that died with a backend expire; then one reconciliation
         // period; then counters, flows and the clients' open connections must agree.
         std::thread::sleep(ESTABLISHED_TIMEOUT.max(SYN_TIMEOUT) + Duration::from_secs(2) + RECONCILE_PERIOD);
-        let st = status(lab)?;
-        let bs = backends(&st);
-        let ids: Vec<u32> = bs.iter().filter_map(|b| b["id"].as_u64()).map(|i| i as u32).collect();
-        let Tables { holding, counters, .. } = tables(&lab.pin_dir(), &ids)?;
-        end = bs
-            .iter()
-            .map(|b| {
-                let id = b["id"].as_u64().unwrap_or(0) as u32;
-                let address: IpAddr = b["address"].as_str().and_then(|a| a.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                BackendEnd { backend: address, clients: 0, counter: counters.get(&id).copied().unwrap_or(0), flows: holding.get(&id).copied().unwrap_or(0), daemon: b["open"].as_u64().unwrap_or(0) }
-            })
-            .collect();
+        // The clients' side is filled in once they have handed back their records.
+        end = end_state(lab, |_| 0)?;
+        let ids: Vec<u32> = end.iter().map(|b| b.id).collect();
         drop(release);
         say("closing the held connections".into());
         let mut conns = Vec::new();
@@ -708,6 +743,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     for b in &mut end {
         b.clients = conns.iter().filter(|c| matches!(c.fate, Fate::Survived) && c.backend.is_some_and(|n| IpAddr::V4(backend4(n)) == b.backend)).count() as u64;
     }
+    let agreed = agreement("after one reconciliation period, counters = flows = what the clients hold", &end);
     let st = status(lab)?;
     let drift_corrected = inj.drift_corrected + st["drift_corrected"].as_u64().unwrap_or(0);
     let refused_by_sluice = refused_total(&st) - refused_before;
@@ -762,12 +798,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         report.connect_failed == 0,
         format!("{} connects without an answer or with another error", report.connect_failed),
     );
-    let agree = report.end.iter().all(|b| b.clients == b.counter && b.counter == b.flows && b.flows == b.daemon);
-    check(
-        "after one reconciliation period, counters = flows = what the clients hold",
-        agree && report.end.iter().map(|b| b.clients).sum::<u64>() == report.held_survived,
-        report.end.iter().map(|b| format!("{}: clients {} counter {} flows {} daemon {}", b.backend, b.clients, b.counter, b.flows, b.daemon)).collect::<Vec<_>>().join("; "),
-    );
+    // Every held connection still open must be on a backend of the service.
+    let all_placed = report.end.iter().map(|b| b.clients).sum::<u64>() == report.held_survived;
+    check(&agreed.what, agreed.ok && all_placed, agreed.detail);
     check("no flow or slot left after the timeouts", report.leaked_flows == 0 && report.leaked_slots == 0, format!("{} flows, {} slots", report.leaked_flows, report.leaked_slots));
     report.checks = checks;
     Ok(report)

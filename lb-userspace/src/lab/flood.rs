@@ -6,7 +6,7 @@
 //! the flow table and the clients' open connections must agree.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -21,8 +21,7 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::{
-    backend4,
-    chaos::{self, BackendEnd, Check},
+    chaos::{self, BackendEnd, Check, Verdict},
     topo::{BackendConf, ServiceOpts},
     vip, Lab, VIP4, PORT,
 };
@@ -68,12 +67,12 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
-impl Report {
-    pub fn passed(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+impl Verdict for Report {
+    fn checks(&self) -> &[Check] {
+        &self.checks
     }
 
-    pub fn markdown(&self) -> String {
+    fn markdown(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::new();
         let _ = writeln!(s, "# SYN flood in the lab: {} spoofed SYNs in {:.1} s\n\n| figure | value |\n|---|---|", self.syns_sent, self.flood_s);
@@ -89,14 +88,7 @@ impl Report {
         for (k, v) in rows {
             let _ = writeln!(s, "| {k} | {v} |");
         }
-        let _ = writeln!(s, "\n| backend | clients hold | counter | flows holding a slot | daemon says |\n|---|---|---|---|---|");
-        for b in &self.end {
-            let _ = writeln!(s, "| {} | {} | {} | {} | {} |", b.backend, b.clients, b.counter, b.flows, b.daemon);
-        }
-        let _ = writeln!(s, "\nChecks:\n");
-        for c in &self.checks {
-            let _ = writeln!(s, "- {} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.what, c.detail);
-        }
+        chaos::end_and_checks_markdown(&mut s, &self.end, &self.checks);
         s
     }
 }
@@ -126,7 +118,7 @@ fn send_flood(iface: &str, dst_mac: [u8; 6], opts: &Options) -> Result<u64> {
     // SAFETY: zeroed sockaddr_ll is valid; the fields set below are what bind(2) needs.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_ifindex = index as i32;
+    sll.sll_ifindex = index.cast_signed();
     sll.sll_protocol = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: a valid sockaddr_ll and its size.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sll).cast(), size_of::<libc::sockaddr_ll>() as u32) } != 0 {
@@ -151,13 +143,15 @@ fn send_flood(iface: &str, dst_mac: [u8; 6], opts: &Options) -> Result<u64> {
                 .write(&mut frame, &[])
                 .context("building a SYN")?;
             // SAFETY: a valid buffer and its length.
-            if unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) } < 0 {
+            if unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) } >= 0 {
+                sent += 1;
+            } else {
+                // A full queue drops the frame (as a NIC would); only count what left.
                 let e = std::io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::ENOBUFS) {
                     bail!("sending on {iface}: {e}");
                 }
             }
-            sent += 1;
         }
     }
     Ok(sent)
@@ -228,7 +222,6 @@ async fn legit(addr: SocketAddr, t0: Instant, opened: Arc<AtomicBool>, stop: Arc
 }
 
 /// Runs the flood in `lab` (built with `BACKENDS` backends and 2 clients, no daemon yet).
-#[expect(clippy::too_many_lines, reason = "the run reads top to bottom")]
 pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     if lab.spec.backends != BACKENDS || lab.spec.clients < 2 {
         bail!("the flood needs a lab with {BACKENDS} backends and 2 clients");
@@ -243,13 +236,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let addr = SocketAddr::new(vip(false), PORT);
 
     let (seen, sent, flood_span, before, during) = std::thread::scope(|s| -> Result<_> {
-        struct StopOnDrop<'a>(&'a AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop_guard = StopOnDrop(&stop);
+        let _stop_guard = super::SetOnDrop(&stop);
         let client = {
             let (opened, stop) = (opened.clone(), stop.clone());
             s.spawn(move || {
@@ -275,19 +262,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
 
     // The flood's half-open flows are gone; probes are done: what is left is the held connections.
     std::thread::sleep(syn_timeout + Duration::from_secs(1));
+    let end = chaos::end_state(lab, |n| seen.alive.iter().filter(|(b, _)| *b == n).count() as u64)?;
     let st = chaos::status(lab)?;
-    let bs = chaos::backends(&st);
-    let ids: Vec<u32> = bs.iter().filter_map(|b| b["id"].as_u64()).map(|i| i as u32).collect();
-    let t = chaos::tables(&lab.pin_dir(), &ids)?;
-    let end: Vec<BackendEnd> = bs
-        .iter()
-        .map(|b| {
-            let id = b["id"].as_u64().unwrap_or(0) as u32;
-            let backend: IpAddr = b["address"].as_str().and_then(|a| a.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
-            let clients = seen.alive.iter().filter(|(n, _)| IpAddr::V4(backend4(*n)) == backend).count() as u64;
-            BackendEnd { backend, clients, counter: t.counters.get(&id).copied().unwrap_or(0), flows: t.holding.get(&id).copied().unwrap_or(0), daemon: b["open"].as_u64().unwrap_or(0) }
-        })
-        .collect();
 
     let (flood_start, flood_end) = flood_span;
     let new_flows = |v: &serde_json::Value| chaos::backends(v).iter().filter_map(|b| b["new_flows"].as_u64()).sum::<u64>();
@@ -327,12 +303,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         report.recovered_after_s <= bound,
         format!("after {:.2} s (SYN timeout {:.0} s; allowed {bound:.1} s with the probe interval and timer slack)", report.recovered_after_s, report.syn_timeout_s),
     );
-    let agree = report.end.iter().all(|b| b.clients == b.counter && b.counter == b.flows && b.flows == b.daemon);
-    check(
-        "afterwards counters = flows = what the clients hold",
-        agree,
-        report.end.iter().map(|b| format!("{}: clients {} counter {} flows {} daemon {}", b.backend, b.clients, b.counter, b.flows, b.daemon)).collect::<Vec<_>>().join("; "),
-    );
+    checks.push(chaos::agreement("afterwards counters = flows = what the clients hold", &report.end));
     report.checks = checks;
     drop(seen);
     Ok(report)

@@ -113,13 +113,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     std::thread::scope(|s| -> Result<()> {
         // Stops the sampler however this scope is left (an early `?` included), or the scope
         // would wait for it for ever.
-        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for StopOnDrop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _stop = StopOnDrop(&stop);
+        let _stop = super::SetOnDrop(&stop);
         let sampler = s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
                 let t = n.t0.elapsed().as_secs_f64();

@@ -25,6 +25,16 @@ pub use topo::{cleanup as topo_cleanup, Lab, Spec};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// Sets the flag however a scope is left (an early `?` included), so that the threads watching
+/// it stop and the scope does not wait for them for ever.
+pub(crate) struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The link all namespaces share.
 pub const NET4: &str = "198.18.0.0/24";
 pub const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
