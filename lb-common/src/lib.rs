@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's layout or meaning changes; a daemon refuses to adopt pinned
 /// maps of another schema.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// The pinned XDP link's file name in the pin directory (the daemon's attachment survives it).
 pub const PIN_LINK: &str = "link";
@@ -32,10 +32,11 @@ pub mod maps {
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
     pub const SCHEMA: &str = "SCHEMA";
     pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
+    pub const FLOW_COUNT: &str = "FLOW_COUNT";
     /// Every map the balancer pins.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA,
-        SERVICE_FILTER,
+        SERVICE_FILTER, FLOW_COUNT,
     ];
 }
 
@@ -58,8 +59,14 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Default capacity of `RINGS` in slots (16 services at the default ring size, twice over so a
 /// new ring can be written beside the live one); set at load time.
 pub const DEFAULT_RING_SLOTS: u32 = 2 * 16 * DEFAULT_RING_SIZE;
-/// Default flow table capacity; set at load time.
+/// Default flow table capacity (flows); set at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// Entries per bucket of the flow table: the bucket's tag words fill one cache line.
+pub const FLOW_WAYS: usize = 8;
+/// Low half of a free way's tag word.
+pub const TAG_FREE: u32 = 0;
+/// Low half of a way's tag word while its claimer writes the entry.
+pub const TAG_BUSY: u32 = 1;
 /// Distinct extra backends a `spill` service may try after its first choice.
 pub const MAX_SPILL: u32 = 3;
 /// Ring positions probed while looking for distinct spill candidates (bounds the loop).
@@ -334,9 +341,10 @@ pub const FLOW_UDP: u8 = 4;
 pub struct Flow {
     pub backend_id: u32,
     pub service_id: u32,
-    /// 1 while the flow holds a slot in `CONNS`. Released by an atomic exchange to 0, so the
-    /// slot is given back exactly once whoever (FIN, RST, GC) gets there first. 64-bit because
-    /// BPF's generic CPU has 64-bit atomics only.
+    /// While the flow holds a slot in `CONNS`: its way's generation (the high half of the tag
+    /// word, never 0); else 0. Released by a compare-and-swap from that generation to 0, so the
+    /// slot is given back exactly once whoever (FIN, RST, GC) gets there first, and never by
+    /// someone still holding a pointer to a previous occupant of the way.
     pub counted: u64,
     /// [`FLOW_SYN_SEEN`], [`FLOW_ESTABLISHED`], [`FLOW_CLOSING`] or [`FLOW_UDP`].
     pub state: u8,
@@ -349,6 +357,68 @@ pub struct Flow {
 }
 const _: () = assert!(size_of::<Flow>() == 40);
 
+/// One way of a [`FlowBucket`]: a flow and its key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub key: FlowKey,
+    pub flow: Flow,
+}
+const _: () = assert!(size_of::<FlowEntry>() == 80);
+
+/// Value of [`maps::FLOWS`], an array of buckets: the flow table, open-addressed so that the
+/// datapath's lookups and inserts are inlined loads and compare-and-swaps instead of the
+/// kernel hash map's chain of calls. A flow lives in one of two buckets ([`flow_buckets`]);
+/// `tags[i]` says what way `i` holds: high half the way's generation (bumped at every claim),
+/// low half [`TAG_FREE`], [`TAG_BUSY`] or the flow's [`flow_fingerprint`]. Every change of a
+/// tag word is a compare-and-swap against the whole word, so a stale view never frees or
+/// claims a way that was reused meanwhile.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowBucket {
+    pub tags: [u64; FLOW_WAYS],
+    pub entries: [FlowEntry; FLOW_WAYS],
+}
+const _: () = assert!(size_of::<FlowBucket>() == 704 && 704 % 64 == 0);
+
+/// Value of [`maps::FLOW_COUNT`] (one element, shared by all CPUs): flows in the table, taken
+/// with an atomic add before a way is claimed and rolled back over `capacity`, so the table
+/// holds exactly `capacity` flows at most; `capacity` is written by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCount {
+    pub live: u64,
+    pub capacity: u64,
+}
+const _: () = assert!(size_of::<FlowCount>() == 16);
+
+/// Buckets of a flow table for `capacity` flows: at most 4 of a bucket's 8 ways in use on
+/// average when full, and a flow goes to the emptier of its two buckets, so a bucket pair is
+/// practically never full before the table is.
+pub const fn flow_table_buckets(capacity: u32) -> u32 {
+    let b = capacity.div_ceil(4);
+    if b < 4 { 4 } else { b }
+}
+
+/// A flow's two buckets out of `n` (distinct when `n` > 1): multiply-shift of the hash and of a
+/// remix of it, so `n` need not be a power of two.
+#[inline(always)]
+pub fn flow_buckets(hash: u32, n: u32) -> (u32, u32) {
+    let b1 = ((u64::from(hash) * u64::from(n)) >> 32) as u32;
+    let h2 = (hash ^ (hash >> 16)).wrapping_mul(0x7feb_352d);
+    let h2 = (h2 ^ (h2 >> 15)).wrapping_mul(0x846c_a68b);
+    let mut b2 = ((u64::from(h2 ^ (h2 >> 16)) * u64::from(n)) >> 32) as u32;
+    if b2 == b1 {
+        b2 = if b1 + 1 >= n { 0 } else { b1 + 1 };
+    }
+    (b1, b2)
+}
+
+/// The low half of a live way's tag word: the flow hash, never [`TAG_FREE`] or [`TAG_BUSY`].
+#[inline(always)]
+pub fn flow_fingerprint(hash: u32) -> u32 {
+    hash | 2
+}
 /// Value of `SVC_STATS` and `BACKEND_STATS` (per-CPU arrays indexed by service / backend id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -433,8 +503,12 @@ pub struct Config {
     /// flow has a stable source (and backends' RSS spreads flows), per Katran.
     pub encap_src4: [u8; 4],
     pub encap_src6: [u8; 16],
+    /// Flows the table may hold (`FLOW_COUNT.capacity`), and its buckets
+    /// ([`flow_table_buckets`], the length of `FLOWS`); set by the loader.
+    pub flow_capacity: u32,
+    pub flow_buckets: u32,
 }
-const _: () = assert!(size_of::<Config>() == 36);
+const _: () = assert!(size_of::<Config>() == 44);
 
 impl Config {
     pub const DEFAULT: Self = Self {
@@ -447,6 +521,8 @@ impl Config {
         _pad1: [0; 2],
         encap_src4: [172, 16, 0, 0],
         encap_src6: [0xfd, 0, 0x51, 0x1c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        flow_capacity: DEFAULT_FLOW_CAPACITY,
+        flow_buckets: flow_table_buckets(DEFAULT_FLOW_CAPACITY),
     };
 }
 
@@ -523,6 +599,9 @@ mod user {
     unsafe impl aya::Pod for super::Conns {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::FlowEntry {}
+    unsafe impl aya::Pod for super::FlowBucket {}
+    unsafe impl aya::Pod for super::FlowCount {}
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::RefusalEvent {}
     unsafe impl aya::Pod for super::EventBucket {}
@@ -582,6 +661,25 @@ mod tests {
         let mut k = base;
         k.proto = 17;
         assert_ne!(flow_hash(&k), h);
+    }
+
+    #[test]
+    fn flow_buckets_are_distinct_in_range_and_spread() {
+        for n in [4u32, 5, 257, 262_144] {
+            let mut seen = [0u32; 4];
+            for i in 0..20_000u32 {
+                let h = i.wrapping_mul(0x9E37_79B9) ^ (i >> 3);
+                let (a, b) = flow_buckets(h, n);
+                assert!(a < n && b < n && a != b, "{n} {h}");
+                if n == 4 {
+                    seen[a as usize] += 1;
+                }
+            }
+            if n == 4 {
+                assert!(seen.iter().all(|&c| c > 4000), "{seen:?}");
+            }
+        }
+        assert!(flow_fingerprint(0) > TAG_BUSY && flow_fingerprint(1) > TAG_BUSY);
     }
 
     #[test]

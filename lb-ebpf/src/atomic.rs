@@ -50,3 +50,21 @@ pub unsafe fn swap(p: *mut u64, v: u64) -> u64 {
     }
     v
 }
+
+/// If `*p == old`, `*p = new`; returns the previous value either way, atomically across CPUs
+/// (a full barrier, like every BPF atomic with a fetch).
+#[inline(always)]
+pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
+    let mut r0 = old;
+    // SAFETY: as in fetch_add; BPF's compare-and-swap compares with and returns in r0.
+    unsafe {
+        core::arch::asm!(
+            "r0 = cmpxchg_64({p} + 0, r0, {new})",
+            p = in(reg) p,
+            new = in(reg) new,
+            inout("r0") r0,
+            options(nostack),
+        );
+    }
+    r0
+}

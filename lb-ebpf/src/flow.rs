@@ -1,11 +1,22 @@
-//! The flow table: lookups, TCP state transitions, and giving a connection slot back exactly
-//! once.
+//! The flow table: lookups, inserts, TCP state transitions, and giving a connection slot back
+//! exactly once.
+//!
+//! `FLOWS` is an array of buckets (`lb_common::FlowBucket`) searched here with inlined loads:
+//! on this kind of machine each kernel hash-map operation is a chain of calls, each paying a
+//! return thunk (SRSO), and a new flow used to cost a lookup and an insert of those. A way
+//! changes hands only by compare-and-swap on its 64-bit tag word (generation | fingerprint),
+//! which is what makes concurrent inserts, FIN/RST on other CPUs and the daemon's GC safe.
 
-use lb_common::{Flow, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN};
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+
+use lb_common::{
+    flow_buckets, flow_fingerprint, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN,
+    FLOW_WAYS, TAG_BUSY, TAG_FREE,
+};
 
 use crate::{
     atomic,
-    maps::{CONNS, FLOWS},
+    maps::{CONNS, FLOWS, FLOW_COUNT, SCRATCH},
     parse::PROTO_TCP,
 };
 
@@ -14,12 +25,45 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+const LOW: u64 = 0xFFFF_FFFF;
+
 /// What a packet of a known flow does to it.
 pub enum Hit {
     /// Forward to this backend.
     Forward { backend_id: u32 },
     /// A SYN reusing the tuple of a closing flow: the old flow is gone, admit anew.
     Reopen,
+}
+
+/// A flow found in the table: its entry, its way's tag word, the word as it was found, and
+/// the way's position (`bucket * FLOW_WAYS + way`).
+#[derive(Clone, Copy)]
+pub struct Found {
+    pub entry: *mut FlowEntry,
+    tag: *mut u64,
+    word: u64,
+    pos: u64,
+}
+
+impl Found {
+    pub fn flow(&self) -> *mut Flow {
+        // SAFETY: `entry` points into a FLOWS value.
+        unsafe { addr_of_mut!((*self.entry).flow) }
+    }
+
+    fn generation(&self) -> u64 {
+        self.word >> 32
+    }
+}
+
+/// The result of [`insert`].
+pub enum Insert {
+    /// Inserted: the flow holds `CONNS` slot accounting from now on.
+    Done,
+    /// Another CPU inserted the same flow at the same moment; follow that one.
+    Exists(Found),
+    /// The table holds `capacity` flows, or both of the flow's buckets are full.
+    Full,
 }
 
 /// Takes one open-connection slot on `backend_id` without looking at the limit (adoption).
@@ -40,41 +84,264 @@ pub fn conns_sub(backend_id: u32) {
     }
 }
 
-/// Gives the flow's slot back if it still holds one. The exchange makes this exactly-once
-/// even when FIN, RST and GC race on different CPUs.
+/// Gives the flow's slot back if it still holds one. The compare-and-swap from the way's
+/// generation makes this exactly-once even when FIN, RST and GC race on different CPUs, and a
+/// no-op for a view of a way that has been reused since.
 #[inline(always)]
-pub fn release(flow: *mut Flow) {
+pub fn release(f: &Found) {
+    let flow = f.flow();
+    let gen = f.generation();
     // SAFETY: `flow` points into a FLOWS value; `counted` is only changed atomically.
-    let was = unsafe { atomic::swap(&raw mut (*flow).counted, 0) };
-    if was == 1 {
-        // SAFETY: as above; backend_id is written once at insert.
+    if unsafe { atomic::cmpxchg(&raw mut (*flow).counted, gen, 0) } == gen {
+        // SAFETY: as above; backend_id is written before the way is published.
         conns_sub(unsafe { (*flow).backend_id });
     }
 }
 
+/// Frees the flow's way, if it still holds this flow (else someone else removed it first).
+#[inline(always)]
+pub fn remove(f: &Found) {
+    // SAFETY: `tag` points into a FLOWS value; tag words are only changed atomically.
+    if unsafe { atomic::cmpxchg(f.tag, f.word, f.word & !LOW) } == f.word {
+        count_sub();
+    }
+}
+
+#[inline(always)]
+fn count_sub() {
+    if let Some(c) = FLOW_COUNT.get_ptr_mut(0) {
+        // SAFETY: shared array value; `live` is only changed atomically.
+        unsafe { atomic::sub(&raw mut (*c).live, 1) };
+    }
+}
+
+#[inline(always)]
+fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
+    let (a, b) = (a.cast::<u64>(), core::ptr::from_ref(b).cast::<u64>());
+    // SAFETY: both are 8-aligned 40-byte keys (5 words); padding is always zero.
+    unsafe {
+        ((*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) | (*a.add(4) ^ *b.add(4)))
+            == 0
+    }
+}
+
+/// A way found or claimed, passed through per-CPU memory on purpose. The verifier knows
+/// every constant, so a way index returned in a register would make each of the 16 places a
+/// flow can be (two buckets × 8 ways) a separate path through the rest of the program, with
+/// its own constant pointer offsets, and the program would exceed the verifier's budget. A
+/// value loaded from a map is unknown to it: one path, with a bounded variable offset.
+#[repr(C)]
+pub struct WayCell {
+    /// `bucket * FLOW_WAYS + way`.
+    pos: u64,
+    /// The way's tag word as it was read or written.
+    word: u64,
+}
+
+#[inline(always)]
+fn cell() -> Option<*mut WayCell> {
+    // SAFETY: this CPU's scratch slot; `way` is only used here, within one call.
+    SCRATCH.get_ptr_mut(0).map(|s| unsafe { addr_of_mut!((*s).way) })
+}
+
+/// The way `pos` and tag word `word` as the verifier-opaque [`Found`].
+#[inline(always)]
+fn launder(pos: u64, word: u64) -> Option<Found> {
+    let c = cell()?;
+    // SAFETY: `c` points into this CPU's scratch slot.
+    let (pos, word) = unsafe {
+        write_volatile(addr_of_mut!((*c).pos), pos);
+        write_volatile(addr_of_mut!((*c).word), word);
+        (read_volatile(addr_of_mut!((*c).pos)), read_volatile(addr_of_mut!((*c).word)))
+    };
+    let bucket = FLOWS.get_ptr_mut((pos / FLOW_WAYS as u64) as u32)?;
+    let way = (pos % FLOW_WAYS as u64) as usize;
+    // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
+    unsafe {
+        Some(Found {
+            entry: addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way),
+            tag: addr_of_mut!((*bucket).tags).cast::<u64>().add(way),
+            word,
+            pos,
+        })
+    }
+}
+
+/// The position of the way of bucket `b` holding `key`, other than `skip`, and its tag word.
+#[inline(always)]
+fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
+    let bucket = FLOWS.get_ptr_mut(b)?;
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
+        let tag = unsafe { addr_of_mut!((*bucket).tags).cast::<u64>().add(way) };
+        // SAFETY: as above; an aligned 64-bit load is atomic.
+        let word = unsafe { read_volatile(tag) };
+        let pos = u64::from(b) * FLOW_WAYS as u64 + way as u64;
+        if word & LOW == u64::from(fp) && pos != skip {
+            // SAFETY: as above.
+            let entry = unsafe { addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way) };
+            // The key is read between two reads of the tag: if the way changed hands
+            // meanwhile (freed and claimed by another flow), the match is not trusted.
+            // SAFETY: as above.
+            if key_eq(unsafe { addr_of_mut!((*entry).key) }, key) && unsafe { read_volatile(tag) } == word {
+                return Some((pos, word));
+            }
+        }
+        way += 1;
+    }
+    None
+}
+
+/// The way of `key` in either of its buckets, other than `skip`.
+#[inline(always)]
+fn find(key: &FlowKey, hash: u32, skip: u64) -> Option<Found> {
+    let (b1, b2) = flow_buckets(hash, config!(flow_buckets));
+    let fp = flow_fingerprint(hash);
+    let (pos, word) = match find_in(b1, key, fp, skip) {
+        Some(f) => f,
+        None => find_in(b2, key, fp, skip)?,
+    };
+    launder(pos, word)
+}
+
+/// The flow of `key` (whose flow hash is `hash`), if it is in the table.
+#[inline(always)]
+pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
+    find(key, hash, u64::MAX)
+}
+
+#[inline(always)]
+fn free_ways(b: u32) -> u32 {
+    let Some(bucket) = FLOWS.get_ptr_mut(b) else { return 0 };
+    let mut n = 0;
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
+        let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
+        n += u32::from(word & LOW == u64::from(TAG_FREE));
+        way += 1;
+    }
+    n
+}
+
+/// Claims a free way of bucket `b`: its tag goes from (g, FREE) to (g+1, BUSY). Returns the
+/// way's position and its new tag word.
+#[inline(always)]
+fn claim(b: u32) -> Option<(u64, u64)> {
+    let bucket = FLOWS.get_ptr_mut(b)?;
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
+        let tag = unsafe { addr_of_mut!((*bucket).tags).cast::<u64>().add(way) };
+        // SAFETY: as above.
+        let word = unsafe { read_volatile(tag) };
+        if word & LOW == u64::from(TAG_FREE) {
+            // Generation 0 is reserved: `counted == 0` means "holds no slot".
+            let gen = match (word >> 32).wrapping_add(1) & LOW {
+                0 => 1,
+                g => g,
+            };
+            let busy = gen << 32 | u64::from(TAG_BUSY);
+            // SAFETY: as above.
+            if unsafe { atomic::cmpxchg(tag, word, busy) } == word {
+                return Some((u64::from(b) * FLOW_WAYS as u64 + way as u64, busy));
+            }
+        }
+        way += 1;
+    }
+    None
+}
+
+/// Inserts the flow `key` → `flow` after a lookup missed. `flow.counted` is set here (to the
+/// way's generation) when `holds_slot`. Exact under races: the table's count is taken first
+/// and rolled back over capacity; a way is claimed by compare-and-swap; and two CPUs inserting
+/// the same flow at once each look for the other after publishing (a full barrier), so at
+/// least the later one sees the earlier one and backs off (`Exists`).
+#[inline(always)]
+pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert {
+    let Some(count) = FLOW_COUNT.get_ptr_mut(0) else { return Insert::Full };
+    // SAFETY: shared array value; `live` is only changed atomically.
+    if unsafe { atomic::fetch_add(&raw mut (*count).live, 1) } >= u64::from(config!(flow_capacity)) {
+        count_sub();
+        return Insert::Full;
+    }
+    let (b1, b2) = flow_buckets(hash, config!(flow_buckets));
+    // The emptier bucket first: keeps buckets even, so a pair is full only when the table is.
+    let (first, second) = if free_ways(b2) > free_ways(b1) { (b2, b1) } else { (b1, b2) };
+    let claimed = match claim(first) {
+        Some(c) => Some(c),
+        None => claim(second),
+    };
+    let Some(ours) = claimed.and_then(|(pos, busy)| launder(pos, busy)) else {
+        count_sub();
+        return Insert::Full;
+    };
+    let gen = ours.generation();
+    let entry = ours.entry;
+    // SAFETY: the way is ours (BUSY) until published. Word copies: a struct assignment
+    // compiles to a byte-wise memcpy call.
+    unsafe {
+        let (dst, src) = (addr_of_mut!((*entry).key).cast::<u64>(), core::ptr::from_ref(key).cast::<u64>());
+        *dst = *src;
+        *dst.add(1) = *src.add(1);
+        *dst.add(2) = *src.add(2);
+        *dst.add(3) = *src.add(3);
+        *dst.add(4) = *src.add(4);
+        let f = addr_of_mut!((*entry).flow);
+        (*f).backend_id = flow.backend_id;
+        (*f).service_id = flow.service_id;
+        (*f).counted = if holds_slot { gen } else { 0 };
+        (*f).state = flow.state;
+        (*f).adopted = flow.adopted;
+        (*f).last_seen_ns = flow.last_seen_ns;
+        (*f).created_ns = flow.created_ns;
+    }
+    let word = gen << 32 | u64::from(flow_fingerprint(hash));
+    // Publish with an exchange: a full barrier between the entry's stores and the scan below.
+    // SAFETY: as above.
+    unsafe { atomic::swap(ours.tag, word) };
+    let ours = Found { word, ..ours };
+    if let Some(other) = find(key, hash, ours.pos) {
+        // Another CPU published the same flow: ours goes, holding no slot (the caller rolls
+        // back what it took).
+        // SAFETY: as above.
+        unsafe { atomic::cmpxchg(&raw mut (*ours.flow()).counted, gen, 0) };
+        remove(&ours);
+        return Insert::Exists(other);
+    }
+    Insert::Done
+}
+
 /// Looks the flow up and applies this packet's TCP flags to it.
 #[inline(always)]
-pub fn on_packet(key: &FlowKey, tcp_flags: u8, now: u64) -> Option<Hit> {
-    let flow = FLOWS.get_ptr_mut(key)?;
+pub fn on_packet(key: &FlowKey, hash: u32, tcp_flags: u8, now: u64) -> Option<Hit> {
+    let found = lookup(key, hash)?;
+    apply(&found, key.proto, tcp_flags, now)
+}
+
+/// Applies a packet to a flow found in the table.
+#[inline(always)]
+pub fn apply(found: &Found, proto: u8, tcp_flags: u8, now: u64) -> Option<Hit> {
     // SAFETY: a FLOWS value pointer; racing writers (other CPUs) only write these same
-    // plain fields, and slot accounting goes through `release`'s atomic exchange.
-    let f = unsafe { &mut *flow };
+    // plain fields, and slot accounting goes through `release`'s compare-and-swap.
+    let f = unsafe { &mut *found.flow() };
     let hit = Hit::Forward { backend_id: f.backend_id };
     f.last_seen_ns = now;
-    if key.proto != PROTO_TCP {
+    if proto != PROTO_TCP {
         return Some(hit);
     }
     if tcp_flags & TCP_RST != 0 {
-        release(flow);
-        let _ = FLOWS.remove(key);
+        release(found);
+        remove(found);
     } else if tcp_flags & TCP_SYN != 0 && tcp_flags & TCP_ACK == 0 && f.state == FLOW_CLOSING {
         // The client reuses the tuple for a new connection: it must pass admission again.
-        release(flow);
-        let _ = FLOWS.remove(key);
+        release(found);
+        remove(found);
         return Some(Hit::Reopen);
     } else if tcp_flags & TCP_FIN != 0 {
         f.state = FLOW_CLOSING;
-        release(flow);
+        release(found);
     } else if f.state == FLOW_SYN_SEEN && tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
         f.state = FLOW_ESTABLISHED;
     }

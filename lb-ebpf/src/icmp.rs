@@ -7,7 +7,7 @@ use lb_common::{FlowKey, ServiceKey, Stat, ICMP_ECHO_REPLY};
 
 use crate::{
     csum,
-    maps::{FLOWS, SERVICES},
+    maps::SERVICES,
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
     pack, vip_service, Verdict,
 };
@@ -126,8 +126,9 @@ fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict
     let ports = unsafe { *ports };
     key.dport_be = [ports[0], ports[1]];
     key.sport_be = [ports[2], ports[3]];
-    // SAFETY: read once.
-    let Some(backend_id) = (unsafe { FLOWS.get(&*key) }).map(|f| f.backend_id) else { return Err(none) };
+    let Some(found) = crate::flow::lookup(key, lb_common::flow_hash(key)) else { return Err(none) };
+    // SAFETY: a FLOWS value; backend_id is written before the way is published.
+    let backend_id = unsafe { (*found.flow()).backend_id };
     let skey = ServiceKey { addr: key.dst, port_be: key.dport_be, proto: key.proto, _pad: 0 };
     // SAFETY: read once.
     let Some(mode) = (unsafe { SERVICES.get(&skey) }).map(|s| s.mode) else { return Err(none) };

@@ -40,7 +40,7 @@ mod parse;
 mod rst;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_NOEXIST},
+    bindings::xdp_action,
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::xdp,
     programs::XdpContext,
@@ -48,12 +48,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_hash, Config, Flow, FlowKey, Reason, Service, ServiceKey, Stat, FLOW_CLOSING, FLOW_ESTABLISHED,
-    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, MODE_IPIP, REJECT_RST,
+    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, REJECT_RST,
 };
 
 use crate::{
-    flow::{Hit, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    maps::{FLOWS, SERVICES},
+    flow::{Hit, Insert, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    maps::SERVICES,
     parse::{Fail, Packet, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
 };
 
@@ -83,8 +83,6 @@ pub fn unpack(v: u64) -> (Stat, u32) {
     // SAFETY: only `pack` produces these values, from a valid Stat.
     (unsafe { core::mem::transmute::<u32, Stat>((v >> 32) as u32) }, v as u32)
 }
-
-const EEXIST: i32 = 17;
 
 #[xdp]
 pub fn sluice_balancer(ctx: XdpContext) -> u32 {
@@ -156,13 +154,11 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     let key = &s.key;
     let now = coarse_now(&mut s.clock_jiffies, &mut s.clock_ns);
 
-    if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
+    let hash = flow_hash(key);
+    if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, hash, pkt.tcp_flags, now) {
         maps::traffic(svc.id, backend_id, bytes, false, false);
-        // An established flow needs the hash only for the ipip outer source.
-        let hash = if svc.mode == MODE_IPIP { flow_hash(key) } else { 0 };
         return forwarded(ctx, pkt, &svc, backend_id, hash);
     }
-    let hash = flow_hash(key);
     let is_tcp = pkt.proto == PROTO_TCP;
     if is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return adopt(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes);
@@ -174,25 +170,26 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
             let f = &mut s.flow;
             f.backend_id = backend_id;
             f.service_id = svc.id;
-            f.counted = 1;
             f.state = state;
             f.adopted = 0;
             f.last_seen_ns = now;
             f.created_ns = now;
-            match FLOWS.insert(key, &s.flow, u64::from(BPF_NOEXIST)) {
-                Ok(()) => {
+            match flow::insert(key, hash, &s.flow, true) {
+                Insert::Done => {
                     maps::traffic(svc.id, backend_id, bytes, true, false);
                     forwarded(ctx, pkt, &svc, backend_id, hash)
                 }
-                Err(e) => {
+                Insert::Exists(other) => {
+                    // Another CPU inserted this flow at the same moment: follow it.
                     flow::conns_sub(backend_id);
-                    if e == -EEXIST {
-                        // Another CPU inserted this flow first (a retransmitted SYN): follow it.
-                        if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, pkt.tcp_flags, now) {
-                            maps::traffic(svc.id, backend_id, bytes, false, false);
-                            return forwarded(ctx, pkt, &svc, backend_id, hash);
-                        }
+                    if let Some(Hit::Forward { backend_id }) = flow::apply(&other, pkt.proto, pkt.tcp_flags, now) {
+                        maps::traffic(svc.id, backend_id, bytes, false, false);
+                        return forwarded(ctx, pkt, &svc, backend_id, hash);
                     }
+                    refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
+                }
+                Insert::Full => {
+                    flow::conns_sub(backend_id);
                     refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
                 }
             }
@@ -251,7 +248,6 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
     // Field by field: a struct literal with a padding array compiles to a memset call.
     flow.backend_id = backend_id;
     flow.service_id = svc.id;
-    flow.counted = u64::from(!closing);
     flow.state = if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED };
     flow.adopted = 1;
     flow.last_seen_ns = now;
@@ -259,7 +255,7 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
     if !closing {
         flow::conns_add(backend_id);
     }
-    if FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)).is_err() && !closing {
+    if !matches!(flow::insert(key, hash, flow, !closing), Insert::Done) && !closing {
         // Lost a race to another CPU, or the table is full: forward anyway, hold no slot.
         flow::conns_sub(backend_id);
     }

@@ -8,8 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Conns, Counter, EventBucket, Flow, FlowKey, Reason, RefusalEvent, Service, ServiceKey, Stat,
-    TrafficStats, DEFAULT_FLOW_CAPACITY, SERVICE_FILTER_WORDS, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES,
+    flow_table_buckets, Backend, Conns, Counter, EventBucket, Flow, FlowBucket, FlowCount, FlowKey, Reason, RefusalEvent,
+    Service, ServiceKey, Stat, TrafficStats, DEFAULT_FLOW_CAPACITY, SERVICE_FILTER_WORDS, DEFAULT_RING_SLOTS, MAX_BACKENDS,
+    MAX_SERVICES,
 };
 
 use crate::parse::Packet;
@@ -49,10 +50,18 @@ pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }, { BPF_F_MMAPABLE as us
 #[btf_map]
 pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }> = Array::new();
 
-/// 5-tuple → flow. A plain hash, not an LRU: when full, new flows are refused with
-/// `flow_table_full` rather than live flows evicted. Writer: datapath, GC. Reader: all.
+/// The flow table: 5-tuple → flow, open-addressed in buckets of 8 ways (`lb_common::FlowBucket`,
+/// `crate::flow`). Not an LRU: when full (`FLOW_COUNT`), new flows are refused with
+/// `flow_table_full` rather than live flows evicted. Memory-mappable: the daemon's GC expires
+/// flows with the same compare-and-swaps. Writer: datapath, GC. Reader: all.
 #[btf_map]
-pub static FLOWS: HashMap<FlowKey, Flow, { DEFAULT_FLOW_CAPACITY as usize }> = HashMap::new();
+pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
+
+/// Flows in `FLOWS` and the capacity the loader set (one shared element, atomic add/sub).
+/// Writer: datapath, GC (live), loader (capacity). Reader: all.
+#[btf_map]
+pub static FLOW_COUNT: Array<FlowCount, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Service id → traffic and refusals, per CPU. Writer: datapath. Reader: daemon.
 #[btf_map]
@@ -92,6 +101,8 @@ pub struct Scratch {
     /// `clock_ns` was read.
     pub clock_jiffies: u64,
     pub clock_ns: u64,
+    /// Where the flow table found or claimed a way, passed through memory (`crate::flow`).
+    pub way: crate::flow::WayCell,
 }
 
 /// An 8-aligned byte buffer, so clearing and copying it are word operations.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{self, parse_mac, Config, Fragments, IcmpEcho, Mode, XdpMode},
     conns::ConnCounters,
+    flowtab::FlowTable,
     datapath::{AttachMode, Datapath, LoadOptions},
     gc::{self, Drift, Reconciler, Sweep},
     alerts, health, neigh,
@@ -56,6 +57,8 @@ pub fn load_options(cfg: &Config) -> LoadOptions {
             _pad1: [0; 2],
             encap_src4: d.encap_source_v4.octets(),
             encap_src6: d.encap_source_v6.octets(),
+            // The loader sets the flow table's size from `flow_capacity`.
+            ..DpConfig::DEFAULT
         },
         flow_capacity: cfg.flows.capacity,
         ring_slots,
@@ -105,6 +108,8 @@ pub struct State {
     pub cfg: Config,
     pub dp: Datapath,
     pub conns: ConnCounters,
+    /// The memory-mapped flow table (GC, reconciliation, status).
+    pub flows: FlowTable,
     pub applied: Applied,
     pub reconciler: Reconciler,
     pub last_sweep: Sweep,
@@ -199,8 +204,7 @@ impl State {
                 }
             }
         }
-        let capacity = u64::from(t.max_entries(maps::FLOWS)?);
-        let sample = alerts::Sample { backends, flows: self.last_sweep.scanned, flow_capacity: capacity, drift, config_file: self.cfg_path.display().to_string() };
+        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string() };
         for n in self.alerts.evaluate(Instant::now(), &sample) {
             match n.status {
                 alerts::Status::Firing => {
@@ -236,10 +240,9 @@ impl State {
     }
 
     fn tick(&mut self, n: u64) -> Result<(), Error> {
-        let fd = self.dp.tables().fd(maps::FLOWS)?;
         let now = Instant::now();
         if now >= self.next_gc {
-            self.last_sweep = gc::sweep(fd, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns(), self.gc_gap).map_err(|e| Error::other("flow GC", e))?;
+            self.last_sweep = gc::sweep(&self.flows, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns(), self.gc_gap);
             // Keep GC under ~5 % of a core: a sweep that took T waits at least 20 T.
             let took = now.elapsed();
             self.gc_gap = (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
@@ -253,7 +256,7 @@ impl State {
         self.drain_events()?;
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
-            self.last_drift = self.reconciler.pass(fd, &self.conns, ids).map_err(|e| Error::other("reconciliation", e))?;
+            self.last_drift = self.reconciler.pass(&self.flows, &self.conns, ids);
             for d in self.last_drift.iter().filter(|d| d.corrected) {
                 tracing::warn!(backend_id = d.backend_id, counter = d.counter, flows = d.flows, "open-connection counter drifted from the flow table; corrected");
             }
@@ -280,6 +283,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
     let opts = load_options(&cfg);
     let (mut dp, adopted) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
     let conns = dp.tables().conn_counters()?;
+    let flows = dp.tables().flow_table()?;
     let events = match dp.take_map(maps::EVENTS) {
         Some(m) => Some(crate::events::Events::new(aya::maps::RingBuf::try_from(m).map_err(|e| Error::other("EVENTS", e))?)),
         None => None,
@@ -299,6 +303,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         cfg: cfg.clone(),
         dp,
         conns,
+        flows,
         applied,
         reconciler: Reconciler::default(),
         last_sweep: Sweep::default(),

@@ -16,7 +16,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use lb_common::{
-    maps, Config, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, GLOBAL_CONFIG, PROG_BALANCER, PROG_DECAP,
+    flow_table_buckets, maps, Config, FlowCount, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, GLOBAL_CONFIG, PROG_BALANCER,
+    PROG_DECAP,
 };
 
 use crate::error::{is_permission, Error};
@@ -44,6 +45,31 @@ impl Default for LoadOptions {
     }
 }
 
+impl LoadOptions {
+    /// The configuration global as loaded: `config` with the flow table's capacity and size.
+    fn loaded_config(&self) -> Config {
+        Config { flow_capacity: self.flow_capacity, flow_buckets: flow_table_buckets(self.flow_capacity), ..self.config }
+    }
+
+    /// A loader with the configuration global set and the sized maps sized.
+    fn loader<'a>(&self, config: &'a Config) -> EbpfLoader<'a> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(GLOBAL_CONFIG, config, true)
+            .map_max_entries(maps::FLOWS, config.flow_buckets)
+            .map_max_entries(maps::RINGS, self.ring_slots);
+        loader
+    }
+}
+
+/// Records the flow table's capacity in a freshly created `FLOW_COUNT` (the datapath reads it
+/// from the configuration global; userspace and bpftool read it here).
+fn write_flow_capacity(ebpf: &mut Ebpf, capacity: u32) -> Result<(), Error> {
+    let map = ebpf.map_mut(maps::FLOW_COUNT).ok_or_else(|| Error::other("FLOW_COUNT", anyhow::anyhow!("missing from the object")))?;
+    let mut count: Array<&mut aya::maps::MapData, FlowCount> = Array::try_from(map).map_err(|e| Error::other("FLOW_COUNT", e))?;
+    count.set(0, FlowCount { live: 0, capacity: u64::from(capacity) }, 0).map_err(|e| Error::other("writing FLOW_COUNT", e))
+}
+
 /// Parses the object and loads the balancer program into the kernel, without attaching it.
 /// Used by `sluice run` and by the BPF_PROG_TEST_RUN tests.
 pub fn load_balancer() -> Result<Ebpf, Error> {
@@ -62,15 +88,12 @@ pub fn load_decap() -> Result<Ebpf, Error> {
 
 /// Loads the program `name` from the object (the benchmarks load the floor programs).
 pub fn load_program(opts: &LoadOptions, name: &str) -> Result<Ebpf, Error> {
-    let mut ebpf = EbpfLoader::new()
-        .override_global(GLOBAL_CONFIG, &opts.config, true)
-        .map_max_entries(maps::FLOWS, opts.flow_capacity)
-        .map_max_entries(maps::RINGS, opts.ring_slots)
-        .load(OBJECT)
-        .map_err(|e| match e {
-            EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
-            e => Error::other("loading the XDP object", e),
-        })?;
+    let config = opts.loaded_config();
+    let mut ebpf = opts.loader(&config).load(OBJECT).map_err(|e| match e {
+        EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
+        e => Error::other("loading the XDP object", e),
+    })?;
+    write_flow_capacity(&mut ebpf, opts.flow_capacity)?;
     let prog: &mut Xdp = program(&mut ebpf, name)?;
     prog.load().map_err(|e| load_error(name, e))?;
     Ok(ebpf)
@@ -196,8 +219,8 @@ impl Datapath {
         } else {
             prepare_pin_dir(pin_dir)?;
         }
-        let mut loader = EbpfLoader::new();
-        loader.override_global(GLOBAL_CONFIG, &opts.config, true).map_max_entries(maps::FLOWS, opts.flow_capacity).map_max_entries(maps::RINGS, opts.ring_slots);
+        let config = opts.loaded_config();
+        let mut loader = opts.loader(&config);
         let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pin_dir.join(m))).collect();
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -217,6 +240,7 @@ impl Datapath {
                 Array::try_from(ebpf.map_mut(maps::SCHEMA).expect("SCHEMA in the object")).map_err(|e| Error::other("SCHEMA", e))?;
             let mut schema = schema;
             schema.set(0, lb_common::SCHEMA_VERSION, 0).map_err(|e| Error::other("writing SCHEMA", e))?;
+            write_flow_capacity(&mut ebpf, opts.flow_capacity)?;
             let prog = program(&mut ebpf, PROG_BALANCER)?;
             let id = prog.attach(iface, mode.into()).map_err(|e| {
                 if is_permission(&e) { Error::Permission { action: "attaching XDP" } } else { Error::Attach { iface: iface.into(), source: e } }
@@ -267,12 +291,13 @@ fn check_pinned(pin_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
     if found != lb_common::SCHEMA_VERSION {
         return Err(Error::Schema { dir: pin_dir.to_owned(), found, want: lb_common::SCHEMA_VERSION });
     }
-    let flows = open(maps::FLOWS)?.info().map_err(|e| Error::other("FLOWS", e))?.max_entries();
-    if flows != opts.flow_capacity {
+    let count = Array::<_, FlowCount>::try_from(aya::maps::Map::Array(open(maps::FLOW_COUNT)?)).map_err(|e| Error::other("FLOW_COUNT", e))?;
+    let flows = count.get(&0, 0).map_err(|e| Error::other("reading FLOW_COUNT", e))?.capacity;
+    if flows != u64::from(opts.flow_capacity) {
         return Err(Error::other(
             "adopting the running datapath",
             anyhow::anyhow!(
-                "its flow table holds {flows} entries but flows.capacity is {}; a capacity change needs a fresh datapath: `sluice detach` (drops every flow) then start again",
+                "its flow table holds {flows} flows but flows.capacity is {}; a capacity change needs a fresh datapath: `sluice detach` (drops every flow) then start again",
                 opts.flow_capacity
             ),
         ));

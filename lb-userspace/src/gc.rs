@@ -1,22 +1,21 @@
 //! Flow garbage collection and counter reconciliation.
 //!
-//! GC scans `FLOWS` in batches and removes flows idle longer than their state's timeout.
-//! Each is removed with lookup-and-delete, and its slot is given back only if the value as
-//! removed still held one (`counted`), through the memory-mapped counters' atomics.
+//! GC walks the memory-mapped flow table (`flowtab`) and removes flows idle longer than their
+//! state's timeout: first their slot is given back if they still hold one (a compare-and-swap
+//! of `counted`, so FIN, RST and GC release it exactly once), then their way is freed (a
+//! compare-and-swap of the tag word, so a way reused meanwhile is left alone).
 //!
 //! Reconciliation recounts the flows that hold a slot, per backend, and compares with `CONNS`.
 //! A difference seen once may be a flow admitted between the scan and the read; a difference
 //! seen twice in a row is drift, and is corrected by an atomic add of the difference (which
 //! keeps whatever the datapath did meanwhile).
 
-use std::{collections::BTreeMap, io, os::fd::RawFd, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
-use lb_common::{Flow, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_UDP};
+use lb_common::{FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_UDP};
 use serde::Serialize;
 
-use crate::{config::Timeouts, conns::ConnCounters, sys};
-
-const BATCH: usize = 4096;
+use crate::{config::Timeouts, conns::ConnCounters, flowtab::FlowTable};
 
 /// `CLOCK_MONOTONIC_COARSE` in ns: the clock the datapath stamps flows with
 /// (`bpf_ktime_get_coarse_ns`).
@@ -50,48 +49,36 @@ pub struct Sweep {
 /// real client: its ACK finds no flow and is adopted.) The look-ahead is at most half the SYN
 /// timeout: a slow GC (a huge table) must not expire handshakes still in progress, whose ACKs
 /// would then be adopted past the limit. Other states expire once past their timeouts.
-pub fn sweep(flows_fd: RawFd, conns: &ConnCounters, t: &Timeouts, now_ns: u64, next_sweep: Duration) -> io::Result<Sweep> {
+pub fn sweep(table: &FlowTable, conns: &ConnCounters, t: &Timeouts, now_ns: u64, next_sweep: Duration) -> Sweep {
     let mut report = Sweep::default();
-    let mut expired: Vec<(FlowKey, Duration)> = Vec::new();
     let ahead = next_sweep.min(t.syn / 2).as_nanos() as u64;
-    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, values| {
-        report.scanned += keys.len() as u64;
-        for (k, v) in keys.iter().zip(values) {
-            let limit = timeout(t, v.state);
-            let idle = now_ns.saturating_sub(v.last_seen_ns) + if v.state == FLOW_SYN_SEEN { ahead } else { 0 };
-            if idle > limit.as_nanos() as u64 {
-                expired.push((*k, limit));
-            }
+    table.for_each(|e| {
+        report.scanned += 1;
+        let v = &e.flow;
+        let idle = now_ns.saturating_sub(v.last_seen_ns) + if v.state == FLOW_SYN_SEEN { ahead } else { 0 };
+        if idle <= timeout(t, v.state).as_nanos() as u64 {
+            return;
         }
-    })?;
-    for (k, _) in expired {
-        if let Some(v) = sys::lookup_and_delete::<FlowKey, Flow>(flows_fd, &k)? {
+        // The slot before the way: once the way is free it may be claimed by another flow.
+        if table.release(e, conns) {
+            report.released += 1;
+        }
+        if table.remove(e) {
             report.expired += 1;
-            if v.counted == 1 {
-                conns.release(v.backend_id, 1);
-                report.released += 1;
-            }
         }
-    }
-    Ok(report)
+    });
+    report
 }
 
-/// Flows in the table.
-pub fn count_all(flows_fd: RawFd) -> io::Result<u64> {
-    let mut n = 0;
-    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |keys, _| n += keys.len() as u64)?;
-    Ok(n)
-}
-
-/// Counted flows per backend, from one scan of the flow table.
-pub fn count_flows(flows_fd: RawFd) -> io::Result<BTreeMap<u32, u64>> {
+/// Flows holding a slot, per backend, from one walk of the flow table.
+pub fn count_flows(table: &FlowTable) -> BTreeMap<u32, u64> {
     let mut counts = BTreeMap::new();
-    sys::for_each_batch::<FlowKey, Flow>(flows_fd, BATCH, |_, values| {
-        for v in values.iter().filter(|v| v.counted == 1) {
-            *counts.entry(v.backend_id).or_insert(0) += 1;
+    table.for_each(|e| {
+        if e.holds_slot() {
+            *counts.entry(e.flow.backend_id).or_insert(0) += 1;
         }
-    })?;
-    Ok(counts)
+    });
+    counts
 }
 
 /// A counter that disagreed with the flow table.
@@ -116,8 +103,8 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// One pass over `backends` (ids in use).
-    pub fn pass(&mut self, flows_fd: RawFd, conns: &ConnCounters, backends: impl IntoIterator<Item = u32>) -> io::Result<Vec<Drift>> {
-        let counts = count_flows(flows_fd)?;
+    pub fn pass(&mut self, table: &FlowTable, conns: &ConnCounters, backends: impl IntoIterator<Item = u32>) -> Vec<Drift> {
+        let counts = count_flows(table);
         let mut out = Vec::new();
         let mut now = BTreeMap::new();
         for id in backends {
@@ -137,6 +124,6 @@ impl Reconciler {
             out.push(Drift { backend_id: id, counter, flows, corrected });
         }
         self.last = now;
-        Ok(out)
+        out
     }
 }

@@ -12,6 +12,7 @@ pub mod datapath;
 pub mod error;
 pub mod events;
 pub mod explain;
+pub mod flowtab;
 pub mod gc;
 pub mod health;
 pub mod journal;
@@ -22,7 +23,6 @@ pub mod neigh;
 pub mod reconcile;
 pub mod sinks;
 pub mod stats;
-pub mod sys;
 pub mod tables;
 
 pub use error::Error;

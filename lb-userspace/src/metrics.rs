@@ -4,11 +4,11 @@
 
 use std::net::SocketAddr;
 
-use lb_common::{maps, Reason, TrafficStats};
+use lb_common::{Reason, TrafficStats};
 use axum::response::{IntoResponse as _, Response};
 use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{api::Shared, gc, reconcile::state_name, stats, Error};
+use crate::{api::Shared, reconcile::state_name, stats, Error};
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -60,8 +60,8 @@ pub fn render(state: &Shared) -> Result<String, Error> {
         dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
         dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
     }
-    flows.with_label_values::<&str>(&[]).set(gc::count_all(t.fd(maps::FLOWS)?).map_err(|e| Error::other("counting flows", e))? as i64);
-    capacity.with_label_values::<&str>(&[]).set(i64::from(t.max_entries(maps::FLOWS)?));
+    flows.with_label_values::<&str>(&[]).set(st.flows.len() as i64);
+    capacity.with_label_values::<&str>(&[]).set(st.flows.capacity() as i64);
     for s in st.applied.services.values() {
         // Refusals with no backend to charge them to (no_backend, fragment, malformed) are
         // counted on the service only: report what its backends do not account for.

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use lb_common::maps;
 use lb_userspace::{
     config::Timeouts,
     datapath::LoadOptions,
@@ -34,21 +33,21 @@ fn idle_flows_expire_and_release_their_slots_once() {
     }
     let t = x.tables();
     let conns = t.conn_counters().expect("mmap");
-    let fd = t.fd(maps::FLOWS).expect("fd");
+    let table = t.flow_table().expect("mmap");
     assert_eq!(conns.get(1), 15);
 
     // Nothing is idle yet with generous timeouts.
     let generous = Timeouts::default();
-    let s = gc::sweep(fd, &conns, &generous, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
+    let s = gc::sweep(&table, &conns, &generous, gc::now_coarse_ns(), Duration::ZERO);
     assert_eq!((s.scanned, s.expired, s.released), (20, 0, 0));
 
     // With tiny timeouts, after the coarse clock has moved, everything is idle.
     let tiny = Timeouts { syn: Duration::from_nanos(1), established: Duration::from_nanos(1), closing: Duration::from_nanos(1), udp: Duration::from_nanos(1) };
     std::thread::sleep(Duration::from_millis(30));
-    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
+    let s = gc::sweep(&table, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO);
     assert_eq!((s.scanned, s.expired, s.released), (20, 20, 15), "closing flows hold no slot");
     assert_eq!(conns.get(1), 0);
-    let s = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
+    let s = gc::sweep(&table, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO);
     assert_eq!((s.scanned, s.expired), (0, 0));
     drop(conns);
     assert!(x.tables().flows().expect("flows").is_empty());
@@ -62,20 +61,20 @@ fn reconciliation_corrects_persistent_drift_only() {
     }
     let t = x.tables();
     let conns = t.conn_counters().expect("mmap");
-    let fd = t.fd(maps::FLOWS).expect("fd");
+    let table = t.flow_table().expect("mmap");
     let mut r = Reconciler::default();
-    assert!(r.pass(fd, &conns, [1]).expect("pass").is_empty(), "no drift to start with");
+    assert!(r.pass(&table, &conns, [1]).is_empty(), "no drift to start with");
 
     // Corrupt the counter on purpose (as a lost decrement would).
     conns.correct(1, 45);
     assert_eq!(conns.get(1), 57);
-    let d = r.pass(fd, &conns, [1]).expect("pass");
+    let d = r.pass(&table, &conns, [1]);
     assert_eq!(d.len(), 1);
     assert_eq!((d[0].counter, d[0].flows, d[0].corrected), (57, 12, false), "seen once: not yet corrected");
     assert_eq!(conns.get(1), 57);
-    let d = r.pass(fd, &conns, [1]).expect("pass");
+    let d = r.pass(&table, &conns, [1]);
     assert!(d[0].corrected, "seen twice: corrected");
     assert_eq!(conns.get(1), 12);
     assert_eq!(r.corrections.get(&1), Some(&45), "the correction is recorded");
-    assert!(r.pass(fd, &conns, [1]).expect("pass").is_empty());
+    assert!(r.pass(&table, &conns, [1]).is_empty());
 }

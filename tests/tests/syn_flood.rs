@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use lb_common::{maps, Stat};
+use lb_common::Stat;
 use lb_userspace::{config::Timeouts, datapath::LoadOptions, gc};
 use sluice_tests::{
     packet::{tcp, Pkt},
@@ -62,15 +62,15 @@ fn a_spoofed_syn_flood_holds_slots_only_until_the_syn_timeout_and_breaks_no_flow
     // flows that would pass the timeout before the next one. So a sweep 1.5 s before the
     // timeout keeps them, and one 0.5 s before it (within a second of it) takes them all.
     let timeouts = Timeouts::default();
-    let fd = t.fd(maps::FLOWS).expect("fd");
+    let table = t.flow_table().expect("mmap");
     let gap = Duration::from_secs(1);
     // The admitted SYNs are the flood's first (the free slots fill at once).
     let at = |before: Duration| flood_started + (timeouts.syn - before).as_nanos() as u64;
-    let s = gc::sweep(fd, &conns, &timeouts, at(timeouts.syn / 2 + Duration::from_secs(1)), Duration::from_mins(1)).expect("sweep");
+    let s = gc::sweep(&table, &conns, &timeouts, at(timeouts.syn / 2 + Duration::from_secs(1)), Duration::from_mins(1));
     assert_eq!(s.released, 0, "a slow GC looks ahead at most half the SYN timeout");
-    let s = gc::sweep(fd, &conns, &timeouts, at(Duration::from_millis(1500)), gap).expect("sweep");
+    let s = gc::sweep(&table, &conns, &timeouts, at(Duration::from_millis(1500)), gap);
     assert_eq!(s.released, 0, "no half-open flow goes before its SYN timeout is within a sweep");
-    let s = gc::sweep(fd, &conns, &timeouts, at(Duration::from_millis(500)), gap).expect("sweep");
+    let s = gc::sweep(&table, &conns, &timeouts, at(Duration::from_millis(500)), gap);
     assert_eq!(s.released, admitted, "the flood's half-open flows give their slots back within the SYN timeout");
     assert_eq!(conns.get(1), u64::from(LEGIT), "only the established flows hold slots");
     drop(conns);

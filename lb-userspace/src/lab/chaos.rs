@@ -11,7 +11,6 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -458,10 +457,8 @@ pub(super) struct Tables {
 
 pub(super) fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
-    let flows = open(lb_common::maps::FLOWS)?;
-    let fd = flows.fd().as_fd().as_raw_fd();
-    let total = crate::gc::count_all(fd).context("counting flows")?;
-    let holding = crate::gc::count_flows(fd).context("counting flows per backend")?;
+    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_COUNT)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (total, holding) = (table.len(), crate::gc::count_flows(&table));
     let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
 }

@@ -7,7 +7,7 @@
 
 use std::{fmt::Write as _, path::PathBuf, time::{Duration, Instant}};
 
-use lb_common::{maps, Flow, FlowKey, FLOW_ESTABLISHED};
+use lb_common::{Flow, FlowKey, FLOW_ESTABLISHED};
 use lb_userspace::{
     config::{self, Timeouts},
     datapath::LoadOptions,
@@ -79,28 +79,26 @@ fn main() {
     assert_eq!(out.data[..6], sluice_tests::packet::CLIENT_MAC, "the SYN right after the change was refused");
 
     // 3. GC over 1M flows (inserted from userspace: this measures the sweep, not the inserts).
-    let fd = x.tables().fd(maps::FLOWS).expect("fd");
+    let table = x.tables().flow_table().expect("mmap");
     let now = gc::now_coarse_ns();
     {
-        let mut flows: aya::maps::HashMap<_, FlowKey, Flow> =
-            aya::maps::HashMap::try_from(x.ebpf.map_mut(maps::FLOWS).expect("FLOWS")).expect("hash");
         for i in 0..FLOWS - 1 {
             let mut k = FlowKey { proto: 6, sport_be: ((i % 60000) as u16).to_be_bytes(), dport_be: 80u16.to_be_bytes(), ..FlowKey::default() };
             k.src[..4].copy_from_slice(&(0x0a00_0000 + i / 60000).to_be_bytes());
             k.dst[..4].copy_from_slice(&[10, 1, 0, 1]);
             let f = Flow { backend_id: target.id, service_id: 0, counted: 0, state: FLOW_ESTABLISHED, last_seen_ns: now, created_ns: now, ..Flow::default() };
-            flows.insert(k, f, 0).expect("insert");
+            table.insert(&k, &f).expect("insert");
         }
     }
     let conns = x.tables().conn_counters().expect("conns");
     let t0 = Instant::now();
-    let scan = gc::sweep(fd, &conns, &Timeouts::default(), gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
+    let scan = gc::sweep(&table, &conns, &Timeouts::default(), gc::now_coarse_ns(), Duration::ZERO);
     let scan_time = t0.elapsed();
     assert_eq!(scan.scanned, u64::from(FLOWS));
     let tiny = Timeouts { syn: Duration::from_nanos(1), established: Duration::from_nanos(1), closing: Duration::from_nanos(1), udp: Duration::from_nanos(1) };
     std::thread::sleep(Duration::from_millis(20));
     let t0 = Instant::now();
-    let expire = gc::sweep(fd, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO).expect("sweep");
+    let expire = gc::sweep(&table, &conns, &tiny, gc::now_coarse_ns(), Duration::ZERO);
     let expire_time = t0.elapsed();
     assert_eq!(expire.expired, u64::from(FLOWS));
     drop(conns);
