@@ -65,8 +65,9 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
 pub const FLOW_WAYS: usize = 8;
 /// Low half of a free way's tag word.
 pub const TAG_FREE: u32 = 0;
-/// Low half of a way's tag word while its claimer writes the entry.
-pub const TAG_BUSY: u32 = 1;
+/// Set in the low half of a way's tag word (with the fingerprint) while its claimer writes
+/// the entry; lookups do not match it.
+pub const TAG_PENDING: u32 = 1;
 /// Distinct extra backends a `spill` service may try after its first choice.
 pub const MAX_SPILL: u32 = 3;
 /// Ring positions probed while looking for distinct spill candidates (bounds the loop).
@@ -166,7 +167,9 @@ stats! {
     Decapsulated = 24, "decapsulated", false;
     /// Decap program: not encapsulated: passed untouched.
     DecapPassthrough = 25, "decap_passthrough", false;
-    /// A TCP RST for a service without a flow: forwarded by ring, no flow created.
+    /// A TCP RST for a service without a flow (forwarded by ring), or a SYN whose twin was
+    /// being inserted by another CPU at that moment (forwarded to its admitted backend): no
+    /// flow created.
     ForwardedNoFlow = 26, "forwarded_no_flow", false;
 }
 
@@ -370,7 +373,8 @@ const _: () = assert!(size_of::<FlowEntry>() == 80);
 /// datapath's lookups and inserts are inlined loads and compare-and-swaps instead of the
 /// kernel hash map's chain of calls. A flow lives in one of two buckets ([`flow_buckets`]);
 /// `tags[i]` says what way `i` holds: high half the way's generation (bumped at every claim),
-/// low half [`TAG_FREE`], [`TAG_BUSY`] or the flow's [`flow_fingerprint`]. Every change of a
+/// low half [`TAG_FREE`], or the flow's [`flow_fingerprint`] (with [`TAG_PENDING`] while the
+/// entry is being written). Every change of a
 /// tag word is a compare-and-swap against the whole word, so a stale view never frees or
 /// claims a way that was reused meanwhile.
 #[repr(C)]
@@ -414,10 +418,11 @@ pub fn flow_buckets(hash: u32, n: u32) -> (u32, u32) {
     (b1, b2)
 }
 
-/// The low half of a live way's tag word: the flow hash, never [`TAG_FREE`] or [`TAG_BUSY`].
+/// The low half of a live way's tag word: the flow hash with bit 1 set (never [`TAG_FREE`])
+/// and bit 0 ([`TAG_PENDING`]) clear.
 #[inline(always)]
 pub fn flow_fingerprint(hash: u32) -> u32 {
-    hash | 2
+    (hash | 2) & !TAG_PENDING
 }
 /// Value of `SVC_STATS` and `BACKEND_STATS` (per-CPU arrays indexed by service / backend id).
 #[repr(C)]
@@ -679,7 +684,9 @@ mod tests {
                 assert!(seen.iter().all(|&c| c > 4000), "{seen:?}");
             }
         }
-        assert!(flow_fingerprint(0) > TAG_BUSY && flow_fingerprint(1) > TAG_BUSY);
+        for h in [0, 1, 2, 3, u32::MAX] {
+            assert!(flow_fingerprint(h) != TAG_FREE && flow_fingerprint(h) & TAG_PENDING == 0);
+        }
     }
 
     #[test]

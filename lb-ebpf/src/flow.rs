@@ -11,7 +11,7 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use lb_common::{
     flow_buckets, flow_fingerprint, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN,
-    FLOW_WAYS, TAG_BUSY, TAG_FREE,
+    FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{
@@ -62,6 +62,9 @@ pub enum Insert {
     Done,
     /// Another CPU inserted the same flow at the same moment; follow that one.
     Exists(Found),
+    /// Another CPU is inserting a flow with the same fingerprint (this flow, almost surely)
+    /// at this moment; this packet holds no entry and no slot.
+    Raced,
     /// The table holds `capacity` flows, or both of the flow's buckets are full.
     Full,
 }
@@ -211,24 +214,26 @@ pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
     find(key, hash, u64::MAX)
 }
 
+/// Free ways of bucket `b`, counted without a branch: a branch per way would give the verifier
+/// 2^8 paths per bucket (each with its own constant count) to explore.
 #[inline(always)]
-fn free_ways(b: u32) -> u32 {
+fn free_ways(b: u32) -> u64 {
     let Some(bucket) = FLOWS.get_ptr_mut(b) else { return 0 };
     let mut n = 0;
     let mut way = 0;
     while way < FLOW_WAYS {
         // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
         let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
-        n += u32::from(word & LOW == u64::from(TAG_FREE));
+        n += atomic::is_zero_u32(word);
         way += 1;
     }
     n
 }
 
-/// Claims a free way of bucket `b`: its tag goes from (g, FREE) to (g+1, BUSY). Returns the
-/// way's position and its new tag word.
+/// Claims a free way of bucket `b` for fingerprint `fp`: its tag goes from (g, FREE) to
+/// (g+1, fp | PENDING). Returns the way's position and its new tag word.
 #[inline(always)]
-fn claim(b: u32) -> Option<(u64, u64)> {
+fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
     let bucket = FLOWS.get_ptr_mut(b)?;
     let mut way = 0;
     while way < FLOW_WAYS {
@@ -242,10 +247,10 @@ fn claim(b: u32) -> Option<(u64, u64)> {
                 0 => 1,
                 g => g,
             };
-            let busy = gen << 32 | u64::from(TAG_BUSY);
+            let pending = gen << 32 | u64::from(fp | TAG_PENDING);
             // SAFETY: as above.
-            if unsafe { atomic::cmpxchg(tag, word, busy) } == word {
-                return Some((u64::from(b) * FLOW_WAYS as u64 + way as u64, busy));
+            if unsafe { atomic::cmpxchg(tag, word, pending) } == word {
+                return Some((u64::from(b) * FLOW_WAYS as u64 + way as u64, pending));
             }
         }
         way += 1;
@@ -253,11 +258,30 @@ fn claim(b: u32) -> Option<(u64, u64)> {
     None
 }
 
+/// Whether bucket `b` has a way other than `skip` claimed for fingerprint `fp` and not yet
+/// published (its key may not be written yet).
+#[inline(always)]
+fn pending_in(b: u32, fp: u32, skip: u64) -> bool {
+    let Some(bucket) = FLOWS.get_ptr_mut(b) else { return false };
+    let mut way = 0;
+    while way < FLOW_WAYS {
+        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
+        let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
+        if word & LOW == u64::from(fp | TAG_PENDING) && u64::from(b) * FLOW_WAYS as u64 + way as u64 != skip {
+            return true;
+        }
+        way += 1;
+    }
+    false
+}
+
 /// Inserts the flow `key` → `flow` after a lookup missed. `flow.counted` is set here (to the
 /// way's generation) when `holds_slot`. Exact under races: the table's count is taken first
-/// and rolled back over capacity; a way is claimed by compare-and-swap; and two CPUs inserting
-/// the same flow at once each look for the other after publishing (a full barrier), so at
-/// least the later one sees the earlier one and backs off (`Exists`).
+/// and rolled back over capacity; a way is claimed by compare-and-swap, marked with the
+/// flow's fingerprint; and right after the claim (a full barrier) the flow's buckets are
+/// searched for another claim or entry of the same flow, so of two CPUs inserting one flow
+/// at once at least one sees the other and backs off. The entry is then written and
+/// published by a plain store: no barrier waits for its cache lines.
 #[inline(always)]
 pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert {
     let Some(count) = FLOW_COUNT.get_ptr_mut(0) else { return Insert::Full };
@@ -267,19 +291,28 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         return Insert::Full;
     }
     let (b1, b2) = flow_buckets(hash, config!(flow_buckets));
+    let fp = flow_fingerprint(hash);
     // The emptier bucket first: keeps buckets even, so a pair is full only when the table is.
     let (first, second) = if free_ways(b2) > free_ways(b1) { (b2, b1) } else { (b1, b2) };
-    let claimed = match claim(first) {
+    let claimed = match claim(first, fp) {
         Some(c) => Some(c),
-        None => claim(second),
+        None => claim(second, fp),
     };
-    let Some(ours) = claimed.and_then(|(pos, busy)| launder(pos, busy)) else {
+    let Some(ours) = claimed.and_then(|(pos, word)| launder(pos, word)) else {
         count_sub();
         return Insert::Full;
     };
+    if let Some(other) = find(key, hash, ours.pos) {
+        remove(&ours);
+        return Insert::Exists(other);
+    }
+    if pending_in(b1, fp, ours.pos) || pending_in(b2, fp, ours.pos) {
+        remove(&ours);
+        return Insert::Raced;
+    }
     let gen = ours.generation();
     let entry = ours.entry;
-    // SAFETY: the way is ours (BUSY) until published. Word copies: a struct assignment
+    // SAFETY: the way is ours (PENDING) until published. Word copies: a struct assignment
     // compiles to a byte-wise memcpy call.
     unsafe {
         let (dst, src) = (addr_of_mut!((*entry).key).cast::<u64>(), core::ptr::from_ref(key).cast::<u64>());
@@ -296,19 +329,9 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         (*f).adopted = flow.adopted;
         (*f).last_seen_ns = flow.last_seen_ns;
         (*f).created_ns = flow.created_ns;
-    }
-    let word = gen << 32 | u64::from(flow_fingerprint(hash));
-    // Publish with an exchange: a full barrier between the entry's stores and the scan below.
-    // SAFETY: as above.
-    unsafe { atomic::swap(ours.tag, word) };
-    let ours = Found { word, ..ours };
-    if let Some(other) = find(key, hash, ours.pos) {
-        // Another CPU published the same flow: ours goes, holding no slot (the caller rolls
-        // back what it took).
-        // SAFETY: as above.
-        unsafe { atomic::cmpxchg(&raw mut (*ours.flow()).counted, gen, 0) };
-        remove(&ours);
-        return Insert::Exists(other);
+        // Stores are not reordered with older stores on x86 (the JIT adds no fence): the
+        // entry is complete before the tag says so.
+        write_volatile(ours.tag, gen << 32 | u64::from(fp));
     }
     Insert::Done
 }

@@ -192,6 +192,12 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
                     flow::conns_sub(backend_id);
                     refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
                 }
+                Insert::Raced => {
+                    // The same SYN on two CPUs at once: the other one keeps the flow; this
+                    // copy goes on without one (its handshake's ACK finds the other's entry).
+                    flow::conns_sub(backend_id);
+                    sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::ForwardedNoFlow)
+                }
             }
         }
         Err((reason, backend_id)) => refuse(ctx, pkt, &svc, reason, backend_id),

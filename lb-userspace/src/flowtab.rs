@@ -1,6 +1,7 @@
 //! The flow table (`FLOWS`, `FLOW_COUNT`) memory-mapped, read and changed with the same
 //! compare-and-swaps as the datapath (`lb-ebpf/src/flow.rs`): a way's tag word is the
-//! generation (high half) and `TAG_FREE`, `TAG_BUSY` or the flow's fingerprint (low half); a
+//! generation (high half) and `TAG_FREE` or the flow's fingerprint (low half, `TAG_PENDING`
+//! set while the entry is written); a
 //! flow holds a `CONNS` slot while its `counted` equals that generation. Through the map
 //! syscalls a read-modify-write would race with the CPUs, and a scan of a million flows would
 //! be a million copies; here it is a walk over memory.
@@ -13,7 +14,7 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    flow_buckets, flow_fingerprint, flow_hash, Flow, FlowBucket, FlowCount, FlowKey, FLOW_WAYS, TAG_BUSY, TAG_FREE,
+    flow_buckets, flow_fingerprint, flow_hash, Flow, FlowBucket, FlowCount, FlowKey, FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{conns::ConnCounters, Error};
@@ -135,7 +136,7 @@ impl FlowTable {
     /// word, so a way that changed hands meanwhile is not returned.
     fn read(&self, b: u32, way: usize) -> Option<Entry> {
         let word = self.tag(b, way).load(Ordering::Acquire);
-        if matches!((word & LOW) as u32, TAG_FREE | TAG_BUSY) {
+        if word & LOW == u64::from(TAG_FREE) || word & u64::from(TAG_PENDING) != 0 {
             return None;
         }
         // SAFETY: in bounds; a plain copy that may be torn, validated below.
@@ -220,7 +221,8 @@ impl FlowTable {
                     0 => 1,
                     g => g,
                 };
-                if self.tag(b, way).compare_exchange(word, gen << 32 | u64::from(TAG_BUSY), Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                let fp = flow_fingerprint(hash);
+                if self.tag(b, way).compare_exchange(word, gen << 32 | u64::from(fp | TAG_PENDING), Ordering::AcqRel, Ordering::Relaxed).is_err() {
                     continue;
                 }
                 let mut flow = *flow;
@@ -231,7 +233,7 @@ impl FlowTable {
                     addr_of_mut!((*e).key).write_volatile(*key);
                     addr_of_mut!((*e).flow).write_volatile(flow);
                 }
-                self.tag(b, way).store(gen << 32 | u64::from(flow_fingerprint(hash)), Ordering::Release);
+                self.tag(b, way).store(gen << 32 | u64::from(fp), Ordering::Release);
                 return Ok(());
             }
         }
