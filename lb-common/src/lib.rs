@@ -61,8 +61,9 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 pub const DEFAULT_RING_SLOTS: u32 = 2 * 16 * DEFAULT_RING_SIZE;
 /// Default flow table capacity (flows); set at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
-/// Entries per bucket of the flow table: the bucket's tag words fill one cache line.
-pub const FLOW_WAYS: usize = 8;
+/// Entries per bucket of the flow table: their tag words and the bucket's overflow count
+/// fill one cache line.
+pub const FLOW_WAYS: usize = 7;
 /// Low half of a free way's tag word.
 pub const TAG_FREE: u32 = 0;
 /// Set in the low half of a way's tag word (with the fingerprint) while its claimer writes
@@ -371,19 +372,24 @@ const _: () = assert!(size_of::<FlowEntry>() == 80);
 
 /// Value of [`maps::FLOWS`], an array of buckets: the flow table, open-addressed so that the
 /// datapath's lookups and inserts are inlined loads and compare-and-swaps instead of the
-/// kernel hash map's chain of calls. A flow lives in one of two buckets ([`flow_buckets`]);
-/// `tags[i]` says what way `i` holds: high half the way's generation (bumped at every claim),
-/// low half [`TAG_FREE`], or the flow's [`flow_fingerprint`] (with [`TAG_PENDING`] while the
-/// entry is being written). Every change of a
-/// tag word is a compare-and-swap against the whole word, so a stale view never frees or
+/// kernel hash map's chain of calls. A flow lives in its home bucket, or, when that was full,
+/// in its other bucket ([`flow_buckets`]); `overflow` counts the flows of this home living in
+/// their other bucket, so a lookup that misses reads one cache line (`tags` and `overflow`)
+/// unless the bucket ever overflowed. `tags[i]` says what way `i` holds: high half the way's
+/// generation (bumped at every claim), low half [`TAG_FREE`], or the flow's
+/// [`flow_fingerprint`] (with [`TAG_PENDING`] while the entry is being written). Every change
+/// of a tag word is a compare-and-swap against the whole word, so a stale view never frees or
 /// claims a way that was reused meanwhile.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowBucket {
     pub tags: [u64; FLOW_WAYS],
+    pub overflow: u64,
     pub entries: [FlowEntry; FLOW_WAYS],
+    /// To a whole number of cache lines, so every bucket's header is one line.
+    pub _pad: [u64; 2],
 }
-const _: () = assert!(size_of::<FlowBucket>() == 704 && 704 % 64 == 0);
+const _: () = assert!(size_of::<FlowBucket>() == 640 && core::mem::offset_of!(FlowBucket, entries) == 64);
 
 /// Value of [`maps::FLOW_COUNT`] (one element, shared by all CPUs): flows in the table, taken
 /// with an atomic add before a way is claimed and rolled back over `capacity`, so the table
@@ -396,16 +402,18 @@ pub struct FlowCount {
 }
 const _: () = assert!(size_of::<FlowCount>() == 16);
 
-/// Buckets of a flow table for `capacity` flows: at most 4 of a bucket's 8 ways in use on
-/// average when full, and a flow goes to the emptier of its two buckets, so a bucket pair is
-/// practically never full before the table is.
+/// Buckets of a flow table for `capacity` flows: 3 of a bucket's 7 ways in use on average
+/// when full. Filling an empty table to capacity (simulated with random hashes), ~0.6 % of the
+/// flows find their home bucket full and live in their other one, and ~0.01 % find both full
+/// and are refused `flow_table_full` before the table is (all of them near the end): the
+/// price of reading one cache line per lookup.
 pub const fn flow_table_buckets(capacity: u32) -> u32 {
-    let b = capacity.div_ceil(4);
+    let b = capacity.div_ceil(3);
     if b < 4 { 4 } else { b }
 }
 
-/// A flow's two buckets out of `n` (distinct when `n` > 1): multiply-shift of the hash and of a
-/// remix of it, so `n` need not be a power of two.
+/// A flow's home bucket and its other bucket out of `n` (distinct when `n` > 1):
+/// multiply-shift of the hash and of a remix of it, so `n` need not be a power of two.
 #[inline(always)]
 pub fn flow_buckets(hash: u32, n: u32) -> (u32, u32) {
     let b1 = ((u64::from(hash) * u64::from(n)) >> 32) as u32;

@@ -1,5 +1,4 @@
-//! Atomic read-modify-write on map values, as BPF instructions written out in assembly (and
-//! one branch-free test the compiler would otherwise turn into a branch).
+//! Atomic read-modify-write on map values, as BPF instructions written out in assembly.
 //!
 //! `bpfel-unknown-none` declares no atomics to Rust, and rustc marks every function
 //! `target-cpu=generic` (BPF v1), where LLVM lowers a fetch-add to the old `XADD`, which does
@@ -70,24 +69,3 @@ pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
     r0
 }
 
-/// 1 if the low 32 bits of `x` are zero, else 0, without a branch: BPF has no "set on
-/// condition", so LLVM lowers `(x == 0) as u64` to a branch, and each branch doubles the
-/// paths the verifier explores through a loop that counts.
-#[inline(always)]
-pub fn is_zero_u32(x: u64) -> u64 {
-    let mut r: u64;
-    // SAFETY: register arithmetic only. (low32(x) - 1) borrows into bit 63 only when it is 0.
-    unsafe {
-        core::arch::asm!(
-            "{r} = {x}",
-            "{r} <<= 32",
-            "{r} >>= 32",
-            "{r} += -1",
-            "{r} >>= 63",
-            x = in(reg) x,
-            r = out(reg) r,
-            options(pure, nomem, nostack),
-        );
-    }
-    r
-}

@@ -26,6 +26,9 @@ pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 const LOW: u64 = 0xFFFF_FFFF;
+/// A way's position is `bucket * POS_STRIDE + way`.
+const POS_STRIDE: u64 = 8;
+const _: () = assert!(FLOW_WAYS as u64 <= POS_STRIDE);
 
 /// What a packet of a known flow does to it.
 pub enum Hit {
@@ -35,14 +38,15 @@ pub enum Hit {
     Reopen,
 }
 
-/// A flow found in the table: its entry, its way's tag word, the word as it was found, and
-/// the way's position (`bucket * FLOW_WAYS + way`).
+/// A flow found in the table: its entry, its way's tag word, the word as it was found, the
+/// way's position (`bucket * POS_STRIDE + way`) and the flow's home bucket.
 #[derive(Clone, Copy)]
 pub struct Found {
     pub entry: *mut FlowEntry,
     tag: *mut u64,
     word: u64,
     pos: u64,
+    home: u32,
 }
 
 impl Found {
@@ -107,7 +111,26 @@ pub fn remove(f: &Found) {
     // SAFETY: `tag` points into a FLOWS value; tag words are only changed atomically.
     if unsafe { atomic::cmpxchg(f.tag, f.word, f.word & !LOW) } == f.word {
         count_sub();
+        if f.pos / POS_STRIDE != u64::from(f.home) {
+            overflow_add(f.home, u64::MAX);
+        }
     }
+}
+
+/// Adds `v` (wrapping: `u64::MAX` subtracts one) to bucket `b`'s overflow count.
+#[inline(always)]
+fn overflow_add(b: u32, v: u64) {
+    if let Some(bucket) = FLOWS.get_ptr_mut(b) {
+        // SAFETY: a FLOWS value; `overflow` is only changed atomically.
+        unsafe { atomic::sub(addr_of_mut!((*bucket).overflow), v.wrapping_neg()) };
+    }
+}
+
+/// Whether some flow whose home is bucket `b` lives in its other bucket.
+#[inline(always)]
+fn overflowed(b: u32) -> bool {
+    // SAFETY: a FLOWS value; an aligned 64-bit load is atomic.
+    FLOWS.get_ptr_mut(b).is_some_and(|bucket| unsafe { read_volatile(addr_of_mut!((*bucket).overflow)) } != 0)
 }
 
 #[inline(always)]
@@ -135,7 +158,7 @@ fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
 /// value loaded from a map is unknown to it: one path, with a bounded variable offset.
 #[repr(C)]
 pub struct WayCell {
-    /// `bucket * FLOW_WAYS + way`.
+    /// `bucket * POS_STRIDE + way`.
     pos: u64,
     /// The way's tag word as it was read or written.
     word: u64,
@@ -147,9 +170,10 @@ fn cell() -> Option<*mut WayCell> {
     SCRATCH.get_ptr_mut(0).map(|s| unsafe { addr_of_mut!((*s).way) })
 }
 
-/// The way `pos` and tag word `word` as the verifier-opaque [`Found`].
+/// The way `pos` and tag word `word` (of a flow whose home is `home`) as the verifier-opaque
+/// [`Found`].
 #[inline(always)]
-fn launder(pos: u64, word: u64) -> Option<Found> {
+fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
     let c = cell()?;
     // SAFETY: `c` points into this CPU's scratch slot.
     let (pos, word) = unsafe {
@@ -157,8 +181,12 @@ fn launder(pos: u64, word: u64) -> Option<Found> {
         write_volatile(addr_of_mut!((*c).word), word);
         (read_volatile(addr_of_mut!((*c).pos)), read_volatile(addr_of_mut!((*c).word)))
     };
-    let bucket = FLOWS.get_ptr_mut((pos / FLOW_WAYS as u64) as u32)?;
-    let way = (pos % FLOW_WAYS as u64) as usize;
+    let bucket = FLOWS.get_ptr_mut((pos / POS_STRIDE) as u32)?;
+    // A shift and a mask, which the verifier bounds (it does not bound a remainder by 7).
+    let way = (pos % POS_STRIDE) as usize;
+    if way >= FLOW_WAYS {
+        return None;
+    }
     // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
     unsafe {
         Some(Found {
@@ -166,6 +194,7 @@ fn launder(pos: u64, word: u64) -> Option<Found> {
             tag: addr_of_mut!((*bucket).tags).cast::<u64>().add(way),
             word,
             pos,
+            home,
         })
     }
 }
@@ -180,7 +209,7 @@ fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
         let tag = unsafe { addr_of_mut!((*bucket).tags).cast::<u64>().add(way) };
         // SAFETY: as above; an aligned 64-bit load is atomic.
         let word = unsafe { read_volatile(tag) };
-        let pos = u64::from(b) * FLOW_WAYS as u64 + way as u64;
+        let pos = u64::from(b) * POS_STRIDE + way as u64;
         if word & LOW == u64::from(fp) && pos != skip {
             // SAFETY: as above.
             let entry = unsafe { addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way) };
@@ -196,38 +225,24 @@ fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
     None
 }
 
-/// The way of `key` in either of its buckets, other than `skip`.
+/// The way of `key` in its home bucket, or in its other bucket if the home ever overflowed;
+/// other than `skip`.
 #[inline(always)]
 fn find(key: &FlowKey, hash: u32, skip: u64) -> Option<Found> {
-    let (b1, b2) = flow_buckets(hash, config!(flow_buckets));
+    let (home, other) = flow_buckets(hash, config!(flow_buckets));
     let fp = flow_fingerprint(hash);
-    let (pos, word) = match find_in(b1, key, fp, skip) {
+    let (pos, word) = match find_in(home, key, fp, skip) {
         Some(f) => f,
-        None => find_in(b2, key, fp, skip)?,
+        None if overflowed(home) => find_in(other, key, fp, skip)?,
+        None => return None,
     };
-    launder(pos, word)
+    launder(pos, word, home)
 }
 
 /// The flow of `key` (whose flow hash is `hash`), if it is in the table.
 #[inline(always)]
 pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
     find(key, hash, u64::MAX)
-}
-
-/// Free ways of bucket `b`, counted without a branch: a branch per way would give the verifier
-/// 2^8 paths per bucket (each with its own constant count) to explore.
-#[inline(always)]
-fn free_ways(b: u32) -> u64 {
-    let Some(bucket) = FLOWS.get_ptr_mut(b) else { return 0 };
-    let mut n = 0;
-    let mut way = 0;
-    while way < FLOW_WAYS {
-        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
-        let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
-        n += atomic::is_zero_u32(word);
-        way += 1;
-    }
-    n
 }
 
 /// Claims a free way of bucket `b` for fingerprint `fp`: its tag goes from (g, FREE) to
@@ -250,7 +265,7 @@ fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
             let pending = gen << 32 | u64::from(fp | TAG_PENDING);
             // SAFETY: as above.
             if unsafe { atomic::cmpxchg(tag, word, pending) } == word {
-                return Some((u64::from(b) * FLOW_WAYS as u64 + way as u64, pending));
+                return Some((u64::from(b) * POS_STRIDE + way as u64, pending));
             }
         }
         way += 1;
@@ -267,7 +282,7 @@ fn pending_in(b: u32, fp: u32, skip: u64) -> bool {
     while way < FLOW_WAYS {
         // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
         let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
-        if word & LOW == u64::from(fp | TAG_PENDING) && u64::from(b) * FLOW_WAYS as u64 + way as u64 != skip {
+        if word & LOW == u64::from(fp | TAG_PENDING) && u64::from(b) * POS_STRIDE + way as u64 != skip {
             return true;
         }
         way += 1;
@@ -278,10 +293,11 @@ fn pending_in(b: u32, fp: u32, skip: u64) -> bool {
 /// Inserts the flow `key` → `flow` after a lookup missed. `flow.counted` is set here (to the
 /// way's generation) when `holds_slot`. Exact under races: the table's count is taken first
 /// and rolled back over capacity; a way is claimed by compare-and-swap, marked with the
-/// flow's fingerprint; and right after the claim (a full barrier) the flow's buckets are
-/// searched for another claim or entry of the same flow, so of two CPUs inserting one flow
-/// at once at least one sees the other and backs off. The entry is then written and
-/// published by a plain store: no barrier waits for its cache lines.
+/// flow's fingerprint, in the home bucket or (its overflow count raised first) the other; and
+/// right after the claim (a full barrier) the flow's buckets are searched for another claim
+/// or entry of the same flow, so of two CPUs inserting one flow at once at least one sees the
+/// other and backs off. The entry is then written and published by a plain store: no barrier
+/// waits for its cache lines.
 #[inline(always)]
 pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert {
     let Some(count) = FLOW_COUNT.get_ptr_mut(0) else { return Insert::Full };
@@ -290,23 +306,29 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         count_sub();
         return Insert::Full;
     }
-    let (b1, b2) = flow_buckets(hash, config!(flow_buckets));
+    let (home, other) = flow_buckets(hash, config!(flow_buckets));
     let fp = flow_fingerprint(hash);
-    // The emptier bucket first: keeps buckets even, so a pair is full only when the table is.
-    let (first, second) = if free_ways(b2) > free_ways(b1) { (b2, b1) } else { (b1, b2) };
-    let claimed = match claim(first, fp) {
+    let claimed = match claim(home, fp) {
         Some(c) => Some(c),
-        None => claim(second, fp),
+        None => {
+            // Raised before the claim, so no lookup misses the flow once it is published.
+            overflow_add(home, 1);
+            let c = claim(other, fp);
+            if c.is_none() {
+                overflow_add(home, u64::MAX);
+            }
+            c
+        }
     };
-    let Some(ours) = claimed.and_then(|(pos, word)| launder(pos, word)) else {
+    let Some(ours) = claimed.and_then(|(pos, word)| launder(pos, word, home)) else {
         count_sub();
         return Insert::Full;
     };
-    if let Some(other) = find(key, hash, ours.pos) {
+    if let Some(twin) = find(key, hash, ours.pos) {
         remove(&ours);
-        return Insert::Exists(other);
+        return Insert::Exists(twin);
     }
-    if pending_in(b1, fp, ours.pos) || pending_in(b2, fp, ours.pos) {
+    if pending_in(home, fp, ours.pos) || (overflowed(home) && pending_in(other, fp, ours.pos)) {
         remove(&ours);
         return Insert::Raced;
     }

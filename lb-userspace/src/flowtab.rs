@@ -107,6 +107,11 @@ impl FlowTable {
         unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.bucket(b)).tags).cast::<u64>().add(way)) }
     }
 
+    fn overflow(&self, b: u32) -> &AtomicU64 {
+        // SAFETY: as in `tag`.
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.bucket(b)).overflow)) }
+    }
+
     fn counted(&self, b: u32, way: usize) -> &AtomicU64 {
         // SAFETY: as in `tag`.
         unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.bucket(b)).entries[way].flow.counted)) }
@@ -165,7 +170,7 @@ impl FlowTable {
         out
     }
 
-    /// The flow of `key`, where the datapath would look for it.
+    /// The flow of `key`, in its home bucket or its other one.
     pub fn get(&self, key: &FlowKey) -> Option<Entry> {
         let hash = flow_hash(key);
         let (b1, b2) = flow_buckets(hash, self.nbuckets);
@@ -191,6 +196,10 @@ impl FlowTable {
         let freed = self.tag(e.slot.bucket, e.slot.way).compare_exchange(w, w & !LOW, Ordering::AcqRel, Ordering::Relaxed).is_ok();
         if freed {
             let _ = self.live().fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+            let (home, _) = flow_buckets(flow_hash(&e.key), self.nbuckets);
+            if e.slot.bucket != home {
+                self.overflow(home).fetch_sub(1, Ordering::AcqRel);
+            }
         }
         freed
     }
@@ -208,10 +217,12 @@ impl FlowTable {
             return Err(full());
         }
         let hash = flow_hash(key);
-        let (b1, b2) = flow_buckets(hash, self.nbuckets);
-        let free = |b: u32| (0..FLOW_WAYS).filter(|&w| self.tag(b, w).load(Ordering::Relaxed) & LOW == u64::from(TAG_FREE)).count();
-        let order = if free(b2) > free(b1) { [b2, b1] } else { [b1, b2] };
-        for b in order {
+        let (home, other) = flow_buckets(hash, self.nbuckets);
+        let fp = flow_fingerprint(hash);
+        for b in [home, other] {
+            if b == other {
+                self.overflow(home).fetch_add(1, Ordering::AcqRel);
+            }
             for way in 0..FLOW_WAYS {
                 let word = self.tag(b, way).load(Ordering::Acquire);
                 if word & LOW != u64::from(TAG_FREE) {
@@ -221,13 +232,12 @@ impl FlowTable {
                     0 => 1,
                     g => g,
                 };
-                let fp = flow_fingerprint(hash);
                 if self.tag(b, way).compare_exchange(word, gen << 32 | u64::from(fp | TAG_PENDING), Ordering::AcqRel, Ordering::Relaxed).is_err() {
                     continue;
                 }
                 let mut flow = *flow;
                 flow.counted = if flow.counted != 0 { gen } else { 0 };
-                // SAFETY: the way is ours (BUSY) until published below.
+                // SAFETY: the way is ours (PENDING) until published below.
                 unsafe {
                     let e = addr_of_mut!((*self.bucket(b)).entries[way]);
                     addr_of_mut!((*e).key).write_volatile(*key);
@@ -237,6 +247,7 @@ impl FlowTable {
                 return Ok(());
             }
         }
+        self.overflow(home).fetch_sub(1, Ordering::AcqRel);
         self.live().fetch_sub(1, Ordering::AcqRel);
         Err(full())
     }
