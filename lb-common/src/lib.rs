@@ -32,11 +32,12 @@ pub mod maps {
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
     pub const SCHEMA: &str = "SCHEMA";
     pub const SERVICE_FILTER: &str = "SERVICE_FILTER";
+    pub const FLOW_TAGS: &str = "FLOW_TAGS";
     pub const FLOW_COUNT: &str = "FLOW_COUNT";
     /// Every map the balancer pins.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA,
-        SERVICE_FILTER, FLOW_COUNT,
+        SERVICE_FILTER, FLOW_TAGS, FLOW_COUNT,
     ];
 }
 
@@ -373,23 +374,29 @@ const _: () = assert!(size_of::<FlowEntry>() == 80);
 /// Value of [`maps::FLOWS`], an array of buckets: the flow table, open-addressed so that the
 /// datapath's lookups and inserts are inlined loads and compare-and-swaps instead of the
 /// kernel hash map's chain of calls. A flow lives in its home bucket, or, when that was full,
-/// in its other bucket ([`flow_buckets`]); `overflow` counts the flows of this home living in
-/// their other bucket, so a lookup that misses reads one cache line (`tags` and `overflow`)
-/// unless the bucket ever overflowed. `tags[i]` says what way `i` holds: high half the way's
-/// generation (bumped at every claim), low half [`TAG_FREE`], or the flow's
-/// [`flow_fingerprint`] (with [`TAG_PENDING`] while the entry is being written). Every change
-/// of a tag word is a compare-and-swap against the whole word, so a stale view never frees or
-/// claims a way that was reused meanwhile.
+/// in its other bucket ([`flow_buckets`]). What each way holds is in the bucket's
+/// [`FlowTags`] (`FLOW_TAGS`, same index).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowBucket {
-    pub tags: [u64; FLOW_WAYS],
-    pub overflow: u64,
     pub entries: [FlowEntry; FLOW_WAYS],
-    /// To a whole number of cache lines, so every bucket's header is one line.
-    pub _pad: [u64; 2],
 }
-const _: () = assert!(size_of::<FlowBucket>() == 640 && core::mem::offset_of!(FlowBucket, entries) == 64);
+const _: () = assert!(size_of::<FlowBucket>() == 560);
+
+/// Value of [`maps::FLOW_TAGS`]: one cache line per bucket in a dense array, so a lookup that
+/// misses reads one line (`overflow` counts the flows of this home living in their other
+/// bucket; while it is 0 the other bucket is not read). `words[i]` says what way `i` holds:
+/// high half the way's generation (bumped at every claim), low half [`TAG_FREE`], or the
+/// flow's [`flow_fingerprint`] (with [`TAG_PENDING`] while the entry is being written). Every
+/// change of a tag word is a compare-and-swap against the whole word, so a stale view never
+/// frees or claims a way that was reused meanwhile.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowTags {
+    pub words: [u64; FLOW_WAYS],
+    pub overflow: u64,
+}
+const _: () = assert!(size_of::<FlowTags>() == 64);
 
 /// Value of [`maps::FLOW_COUNT`] (one element, shared by all CPUs): flows in the table, taken
 /// with an atomic add before a way is claimed and rolled back over `capacity`, so the table
@@ -614,6 +621,7 @@ mod user {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::FlowEntry {}
     unsafe impl aya::Pod for super::FlowBucket {}
+    unsafe impl aya::Pod for super::FlowTags {}
     unsafe impl aya::Pod for super::FlowCount {}
     unsafe impl aya::Pod for super::TrafficStats {}
     unsafe impl aya::Pod for super::RefusalEvent {}

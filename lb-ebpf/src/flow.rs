@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     atomic,
-    maps::{CONNS, FLOWS, FLOW_COUNT, SCRATCH},
+    maps::{CONNS, FLOWS, FLOW_COUNT, FLOW_TAGS, SCRATCH},
     parse::PROTO_TCP,
 };
 
@@ -120,17 +120,17 @@ pub fn remove(f: &Found) {
 /// Adds `v` (wrapping: `u64::MAX` subtracts one) to bucket `b`'s overflow count.
 #[inline(always)]
 fn overflow_add(b: u32, v: u64) {
-    if let Some(bucket) = FLOWS.get_ptr_mut(b) {
-        // SAFETY: a FLOWS value; `overflow` is only changed atomically.
-        unsafe { atomic::sub(addr_of_mut!((*bucket).overflow), v.wrapping_neg()) };
+    if let Some(tags) = FLOW_TAGS.get_ptr_mut(b) {
+        // SAFETY: a FLOW_TAGS value; `overflow` is only changed atomically.
+        unsafe { atomic::sub(addr_of_mut!((*tags).overflow), v.wrapping_neg()) };
     }
 }
 
 /// Whether some flow whose home is bucket `b` lives in its other bucket.
 #[inline(always)]
 fn overflowed(b: u32) -> bool {
-    // SAFETY: a FLOWS value; an aligned 64-bit load is atomic.
-    FLOWS.get_ptr_mut(b).is_some_and(|bucket| unsafe { read_volatile(addr_of_mut!((*bucket).overflow)) } != 0)
+    // SAFETY: a FLOW_TAGS value; an aligned 64-bit load is atomic.
+    FLOW_TAGS.get_ptr_mut(b).is_some_and(|tags| unsafe { read_volatile(addr_of_mut!((*tags).overflow)) } != 0)
 }
 
 #[inline(always)]
@@ -181,7 +181,8 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
         write_volatile(addr_of_mut!((*c).word), word);
         (read_volatile(addr_of_mut!((*c).pos)), read_volatile(addr_of_mut!((*c).word)))
     };
-    let bucket = FLOWS.get_ptr_mut((pos / POS_STRIDE) as u32)?;
+    let b = (pos / POS_STRIDE) as u32;
+    let (bucket, tags) = (FLOWS.get_ptr_mut(b)?, FLOW_TAGS.get_ptr_mut(b)?);
     // A shift and a mask, which the verifier bounds (it does not bound a remainder by 7).
     let way = (pos % POS_STRIDE) as usize;
     if way >= FLOW_WAYS {
@@ -191,7 +192,7 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
     unsafe {
         Some(Found {
             entry: addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way),
-            tag: addr_of_mut!((*bucket).tags).cast::<u64>().add(way),
+            tag: addr_of_mut!((*tags).words).cast::<u64>().add(way),
             word,
             pos,
             home,
@@ -202,16 +203,17 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
 /// The position of the way of bucket `b` holding `key`, other than `skip`, and its tag word.
 #[inline(always)]
 fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
-    let bucket = FLOWS.get_ptr_mut(b)?;
+    let tags = FLOW_TAGS.get_ptr_mut(b)?;
     let mut way = 0;
     while way < FLOW_WAYS {
-        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
-        let tag = unsafe { addr_of_mut!((*bucket).tags).cast::<u64>().add(way) };
+        // SAFETY: `tags` is a FLOW_TAGS value and `way` < FLOW_WAYS.
+        let tag = unsafe { addr_of_mut!((*tags).words).cast::<u64>().add(way) };
         // SAFETY: as above; an aligned 64-bit load is atomic.
         let word = unsafe { read_volatile(tag) };
         let pos = u64::from(b) * POS_STRIDE + way as u64;
         if word & LOW == u64::from(fp) && pos != skip {
-            // SAFETY: as above.
+            let bucket = FLOWS.get_ptr_mut(b)?;
+            // SAFETY: a FLOWS value and `way` < FLOW_WAYS.
             let entry = unsafe { addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way) };
             // The key is read between two reads of the tag: if the way changed hands
             // meanwhile (freed and claimed by another flow), the match is not trusted.
@@ -249,11 +251,11 @@ pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
 /// (g+1, fp | PENDING). Returns the way's position and its new tag word.
 #[inline(always)]
 fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
-    let bucket = FLOWS.get_ptr_mut(b)?;
+    let tags = FLOW_TAGS.get_ptr_mut(b)?;
     let mut way = 0;
     while way < FLOW_WAYS {
-        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
-        let tag = unsafe { addr_of_mut!((*bucket).tags).cast::<u64>().add(way) };
+        // SAFETY: `tags` is a FLOW_TAGS value and `way` < FLOW_WAYS.
+        let tag = unsafe { addr_of_mut!((*tags).words).cast::<u64>().add(way) };
         // SAFETY: as above.
         let word = unsafe { read_volatile(tag) };
         if word & LOW == u64::from(TAG_FREE) {
@@ -277,11 +279,11 @@ fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
 /// published (its key may not be written yet).
 #[inline(always)]
 fn pending_in(b: u32, fp: u32, skip: u64) -> bool {
-    let Some(bucket) = FLOWS.get_ptr_mut(b) else { return false };
+    let Some(tags) = FLOW_TAGS.get_ptr_mut(b) else { return false };
     let mut way = 0;
     while way < FLOW_WAYS {
-        // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
-        let word = unsafe { read_volatile(addr_of_mut!((*bucket).tags).cast::<u64>().add(way)) };
+        // SAFETY: `tags` is a FLOW_TAGS value and `way` < FLOW_WAYS.
+        let word = unsafe { read_volatile(addr_of_mut!((*tags).words).cast::<u64>().add(way)) };
         if word & LOW == u64::from(fp | TAG_PENDING) && u64::from(b) * POS_STRIDE + way as u64 != skip {
             return true;
         }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    flow_table_buckets, Backend, Conns, Counter, EventBucket, Flow, FlowBucket, FlowCount, FlowKey, Reason, RefusalEvent,
+    flow_table_buckets, Backend, Conns, Counter, EventBucket, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, Reason, RefusalEvent,
     Service, ServiceKey, Stat, TrafficStats, DEFAULT_FLOW_CAPACITY, SERVICE_FILTER_WORDS, DEFAULT_RING_SLOTS, MAX_BACKENDS,
     MAX_SERVICES,
 };
@@ -50,12 +50,19 @@ pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }, { BPF_F_MMAPABLE as us
 #[btf_map]
 pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }> = Array::new();
 
-/// The flow table: 5-tuple → flow, open-addressed in buckets of 8 ways (`lb_common::FlowBucket`,
-/// `crate::flow`). Not an LRU: when full (`FLOW_COUNT`), new flows are refused with
-/// `flow_table_full` rather than live flows evicted. Memory-mappable: the daemon's GC expires
-/// flows with the same compare-and-swaps. Writer: datapath, GC. Reader: all.
+/// The flow table: 5-tuple → flow, open-addressed in buckets of 7 ways (`lb_common::FlowBucket`,
+/// `crate::flow`), whose tag words are in `FLOW_TAGS`. Not an LRU: when full (`FLOW_COUNT`),
+/// new flows are refused with `flow_table_full` rather than live flows evicted.
+/// Memory-mappable: the daemon's GC expires flows with the same compare-and-swaps.
+/// Writer: datapath, GC. Reader: all.
 #[btf_map]
 pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> =
+    Array::new();
+
+/// Bucket → what each of its ways holds (`lb_common::FlowTags`); sized with `FLOWS`.
+/// Writer: datapath, GC. Reader: all.
+#[btf_map]
+pub static FLOW_TAGS: Array<FlowTags, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> =
     Array::new();
 
 /// Flows in `FLOWS` and the capacity the loader set (one shared element, atomic add/sub).

@@ -57,6 +57,7 @@ impl LoadOptions {
         loader
             .override_global(GLOBAL_CONFIG, config, true)
             .map_max_entries(maps::FLOWS, config.flow_buckets)
+            .map_max_entries(maps::FLOW_TAGS, config.flow_buckets)
             .map_max_entries(maps::RINGS, self.ring_slots);
         loader
     }

@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    flow_buckets, flow_fingerprint, flow_hash, Flow, FlowBucket, FlowCount, FlowKey, FLOW_WAYS, TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, flow_hash, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{conns::ConnCounters, Error};
@@ -74,6 +74,7 @@ impl Entry {
 /// The memory-mapped flow table of a loaded or pinned datapath.
 pub struct FlowTable {
     buckets: Mapping,
+    tags: Mapping,
     nbuckets: u32,
     count: Mapping,
 }
@@ -85,11 +86,16 @@ unsafe impl Send for FlowTable {}
 unsafe impl Sync for FlowTable {}
 
 impl FlowTable {
-    /// Maps `FLOWS` and `FLOW_COUNT`.
-    pub fn map(flows: &MapData, count: &MapData) -> Result<Self, Error> {
+    /// Maps `FLOWS`, `FLOW_TAGS` and `FLOW_COUNT`.
+    pub fn map(flows: &MapData, tags: &MapData, count: &MapData) -> Result<Self, Error> {
         let nbuckets = flows.info().map_err(|e| Error::other("FLOWS", e))?.max_entries();
+        let ntags = tags.info().map_err(|e| Error::other("FLOW_TAGS", e))?.max_entries();
+        if ntags != nbuckets {
+            return Err(Error::other("FLOW_TAGS", anyhow::anyhow!("{ntags} buckets of tags for {nbuckets} of flows")));
+        }
         Ok(Self {
             buckets: Mapping::new(flows, "FLOWS", nbuckets as usize * size_of::<FlowBucket>())?,
+            tags: Mapping::new(tags, "FLOW_TAGS", nbuckets as usize * size_of::<FlowTags>())?,
             nbuckets,
             count: Mapping::new(count, "FLOW_COUNT", size_of::<FlowCount>())?,
         })
@@ -101,15 +107,20 @@ impl FlowTable {
         unsafe { self.buckets.base.as_ptr().cast::<FlowBucket>().add(b as usize) }
     }
 
+    fn tags(&self, b: u32) -> *mut FlowTags {
+        assert!(b < self.nbuckets);
+        // SAFETY: in bounds of the tags' mapping (64 bytes each).
+        unsafe { self.tags.base.as_ptr().cast::<FlowTags>().add(b as usize) }
+    }
+
     fn tag(&self, b: u32, way: usize) -> &AtomicU64 {
-        assert!(way < FLOW_WAYS);
-        // SAFETY: an 8-aligned word of the mapping, only accessed atomically.
-        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.bucket(b)).tags).cast::<u64>().add(way)) }
+        // SAFETY: an 8-aligned word of the tags' mapping, only accessed atomically.
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.tags(b)).words[way])) }
     }
 
     fn overflow(&self, b: u32) -> &AtomicU64 {
         // SAFETY: as in `tag`.
-        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.bucket(b)).overflow)) }
+        unsafe { AtomicU64::from_ptr(addr_of_mut!((*self.tags(b)).overflow)) }
     }
 
     fn counted(&self, b: u32, way: usize) -> &AtomicU64 {

@@ -148,7 +148,7 @@ impl<'a> Tables<'a> {
             let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
             map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))
         };
-        FlowTable::map(data(maps::FLOWS)?, data(maps::FLOW_COUNT)?)
+        FlowTable::map(data(maps::FLOWS)?, data(maps::FLOW_TAGS)?, data(maps::FLOW_COUNT)?)
     }
 
     /// The flow of `key`, if it is in the table.

@@ -457,7 +457,7 @@ pub(super) struct Tables {
 
 pub(super) fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
-    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_COUNT)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let (total, holding) = (table.len(), crate::gc::count_flows(&table));
     let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
