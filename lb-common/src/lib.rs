@@ -385,7 +385,8 @@ const _: () = assert!(size_of::<FlowBucket>() == 560);
 
 /// Value of [`maps::FLOW_TAGS`]: one cache line per bucket in a dense array, so a lookup that
 /// misses reads one line (`overflow` counts the flows of this home living in their other
-/// bucket; while it is 0 the other bucket is not read). `words[i]` says what way `i` holds:
+/// bucket, and while it is 0 the other bucket is not read; its bit 63 is the lock a CPU holds
+/// while it claims a way for a flow of this home). `words[i]` says what way `i` holds:
 /// high half the way's generation (bumped at every claim), low half [`TAG_FREE`], or the
 /// flow's [`flow_fingerprint`] (with [`TAG_PENDING`] while the entry is being written). Every
 /// change of a tag word is a compare-and-swap against the whole word, so a stale view never
@@ -415,8 +416,9 @@ const _: () = assert!(size_of::<FlowCount>() == 16);
 /// and are refused `flow_table_full` before the table is (all of them near the end): the
 /// price of reading one cache line per lookup.
 pub const fn flow_table_buckets(capacity: u32) -> u32 {
+    // At least 64: a small table's few buckets would fill unevenly.
     let b = capacity.div_ceil(3);
-    if b < 4 { 4 } else { b }
+    if b < 64 { 64 } else { b }
 }
 
 /// A flow's home bucket and its other bucket out of `n` (distinct when `n` > 1):
@@ -686,6 +688,8 @@ mod tests {
 
     #[test]
     fn flow_buckets_are_distinct_in_range_and_spread() {
+        assert_eq!(flow_table_buckets(1), 64);
+        assert_eq!(flow_table_buckets(DEFAULT_FLOW_CAPACITY), 349_526);
         for n in [4u32, 5, 257, 262_144] {
             let mut seen = [0u32; 4];
             for i in 0..20_000u32 {

@@ -35,22 +35,6 @@ pub unsafe fn sub(p: *mut u64, v: u64) {
     }
 }
 
-/// `*p = v`, returning the previous value, atomically across CPUs.
-#[inline(always)]
-pub unsafe fn swap(p: *mut u64, v: u64) -> u64 {
-    let mut v = v;
-    // SAFETY: as in fetch_add.
-    unsafe {
-        core::arch::asm!(
-            "{v} = xchg_64({p} + 0, {v})",
-            p = in(reg) p,
-            v = inout(reg) v,
-            options(nostack),
-        );
-    }
-    v
-}
-
 /// If `*p == old`, `*p = new`; returns the previous value either way, atomically across CPUs
 /// (a full barrier, like every BPF atomic with a fetch).
 #[inline(always)]
@@ -69,3 +53,12 @@ pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
     r0
 }
 
+
+/// Keeps the compiler from moving memory accesses across this point (LLVM may move plain
+/// loads and stores across volatile ones). No instruction: x86 itself keeps loads in order
+/// with loads and stores with stores, which is all the flow table's publish/read needs.
+#[inline(always)]
+pub fn compiler_barrier() {
+    // SAFETY: an empty asm block that may touch memory, as far as the compiler knows.
+    unsafe { core::arch::asm!("", options(nostack)) };
+}

@@ -1,11 +1,12 @@
 //! The flow table: lookups, inserts, TCP state transitions, and giving a connection slot back
 //! exactly once.
 //!
-//! `FLOWS` is an array of buckets (`lb_common::FlowBucket`) searched here with inlined loads:
-//! on this kind of machine each kernel hash-map operation is a chain of calls, each paying a
-//! return thunk (SRSO), and a new flow used to cost a lookup and an insert of those. A way
-//! changes hands only by compare-and-swap on its 64-bit tag word (generation | fingerprint),
-//! which is what makes concurrent inserts, FIN/RST on other CPUs and the daemon's GC safe.
+//! `FLOWS` and `FLOW_TAGS` are arrays of buckets (`lb_common::FlowBucket`, `FlowTags`)
+//! searched here with inlined loads: on this kind of machine each kernel hash-map operation is
+//! a chain of calls, each paying a return thunk (SRSO), and a new flow used to cost a lookup
+//! and an insert of those. A way changes hands only by compare-and-swap on its 64-bit tag word
+//! (generation | fingerprint), which is what makes concurrent inserts, FIN/RST on other CPUs
+//! and the daemon's GC safe. `docs/ARCHITECTURE.md` ("The flow table") has the whole design.
 
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
@@ -29,6 +30,10 @@ const LOW: u64 = 0xFFFF_FFFF;
 /// A way's position is `bucket * POS_STRIDE + way`.
 const POS_STRIDE: u64 = 8;
 const _: () = assert!(FLOW_WAYS as u64 <= POS_STRIDE);
+/// Bit 63 of a bucket's overflow word: held by a CPU inserting a flow whose home it is.
+const INSERT_LOCK: u64 = 1 << 63;
+/// Attempts at the insert lock before a SYN goes on without a flow (`Insert::Raced`).
+const LOCK_TRIES: u32 = 512;
 
 /// What a packet of a known flow does to it.
 pub enum Hit {
@@ -66,8 +71,9 @@ pub enum Insert {
     Done,
     /// Another CPU inserted the same flow at the same moment; follow that one.
     Exists(Found),
-    /// Another CPU is inserting a flow with the same fingerprint (this flow, almost surely)
-    /// at this moment; this packet holds no entry and no slot.
+    /// Another CPU held the flow's home bucket's insert lock through every attempt (it is
+    /// inserting a flow of the same home, perhaps this one); this packet holds no entry and
+    /// no slot.
     Raced,
     /// The table holds `capacity` flows, or both of the flow's buckets are full.
     Full,
@@ -108,21 +114,28 @@ pub fn release(f: &Found) {
 /// Frees the flow's way, if it still holds this flow (else someone else removed it first).
 #[inline(always)]
 pub fn remove(f: &Found) {
-    // SAFETY: `tag` points into a FLOWS value; tag words are only changed atomically.
+    // SAFETY: `tag` points into a FLOW_TAGS value; tag words are only changed atomically.
     if unsafe { atomic::cmpxchg(f.tag, f.word, f.word & !LOW) } == f.word {
         count_sub();
         if f.pos / POS_STRIDE != u64::from(f.home) {
-            overflow_add(f.home, u64::MAX);
+            overflow_sub(f.home);
         }
     }
 }
 
-/// Adds `v` (wrapping: `u64::MAX` subtracts one) to bucket `b`'s overflow count.
 #[inline(always)]
-fn overflow_add(b: u32, v: u64) {
+fn overflow_add(b: u32) {
     if let Some(tags) = FLOW_TAGS.get_ptr_mut(b) {
         // SAFETY: a FLOW_TAGS value; `overflow` is only changed atomically.
-        unsafe { atomic::sub(addr_of_mut!((*tags).overflow), v.wrapping_neg()) };
+        unsafe { atomic::fetch_add(addr_of_mut!((*tags).overflow), 1) };
+    }
+}
+
+#[inline(always)]
+fn overflow_sub(b: u32) {
+    if let Some(tags) = FLOW_TAGS.get_ptr_mut(b) {
+        // SAFETY: as in overflow_add.
+        unsafe { atomic::sub(addr_of_mut!((*tags).overflow), 1) };
     }
 }
 
@@ -130,7 +143,7 @@ fn overflow_add(b: u32, v: u64) {
 #[inline(always)]
 fn overflowed(b: u32) -> bool {
     // SAFETY: a FLOW_TAGS value; an aligned 64-bit load is atomic.
-    FLOW_TAGS.get_ptr_mut(b).is_some_and(|tags| unsafe { read_volatile(addr_of_mut!((*tags).overflow)) } != 0)
+    FLOW_TAGS.get_ptr_mut(b).is_some_and(|tags| unsafe { read_volatile(addr_of_mut!((*tags).overflow)) } & !INSERT_LOCK != 0)
 }
 
 #[inline(always)]
@@ -152,8 +165,8 @@ fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
 }
 
 /// A way found or claimed, passed through per-CPU memory on purpose. The verifier knows
-/// every constant, so a way index returned in a register would make each of the 16 places a
-/// flow can be (two buckets × 8 ways) a separate path through the rest of the program, with
+/// every constant, so a way index returned in a register would make each of the 14 places a
+/// flow can be (two buckets × 7 ways) a separate path through the rest of the program, with
 /// its own constant pointer offsets, and the program would exceed the verifier's budget. A
 /// value loaded from a map is unknown to it: one path, with a bounded variable offset.
 #[repr(C)]
@@ -202,7 +215,7 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
 
 /// The position of the way of bucket `b` holding `key`, other than `skip`, and its tag word.
 #[inline(always)]
-fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
+fn find_in(b: u32, key: &FlowKey, fp: u32) -> Option<(u64, u64)> {
     let tags = FLOW_TAGS.get_ptr_mut(b)?;
     let mut way = 0;
     while way < FLOW_WAYS {
@@ -211,14 +224,18 @@ fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
         // SAFETY: as above; an aligned 64-bit load is atomic.
         let word = unsafe { read_volatile(tag) };
         let pos = u64::from(b) * POS_STRIDE + way as u64;
-        if word & LOW == u64::from(fp) && pos != skip {
+        if word & LOW == u64::from(fp) {
             let bucket = FLOWS.get_ptr_mut(b)?;
             // SAFETY: a FLOWS value and `way` < FLOW_WAYS.
             let entry = unsafe { addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way) };
             // The key is read between two reads of the tag: if the way changed hands
             // meanwhile (freed and claimed by another flow), the match is not trusted.
+            atomic::compiler_barrier();
             // SAFETY: as above.
-            if key_eq(unsafe { addr_of_mut!((*entry).key) }, key) && unsafe { read_volatile(tag) } == word {
+            let same = key_eq(unsafe { addr_of_mut!((*entry).key) }, key);
+            atomic::compiler_barrier();
+            // SAFETY: as above.
+            if same && unsafe { read_volatile(tag) } == word {
                 return Some((pos, word));
             }
         }
@@ -227,24 +244,18 @@ fn find_in(b: u32, key: &FlowKey, fp: u32, skip: u64) -> Option<(u64, u64)> {
     None
 }
 
-/// The way of `key` in its home bucket, or in its other bucket if the home ever overflowed;
-/// other than `skip`.
+/// The flow of `key` (whose flow hash is `hash`), if it is in the table: in its home bucket,
+/// or in its other bucket if flows of this home ever overflowed there.
 #[inline(always)]
-fn find(key: &FlowKey, hash: u32, skip: u64) -> Option<Found> {
+pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
     let (home, other) = flow_buckets(hash, config!(flow_buckets));
     let fp = flow_fingerprint(hash);
-    let (pos, word) = match find_in(home, key, fp, skip) {
+    let (pos, word) = match find_in(home, key, fp) {
         Some(f) => f,
-        None if overflowed(home) => find_in(other, key, fp, skip)?,
+        None if overflowed(home) => find_in(other, key, fp)?,
         None => return None,
     };
     launder(pos, word, home)
-}
-
-/// The flow of `key` (whose flow hash is `hash`), if it is in the table.
-#[inline(always)]
-pub fn lookup(key: &FlowKey, hash: u32) -> Option<Found> {
-    find(key, hash, u64::MAX)
 }
 
 /// Claims a free way of bucket `b` for fingerprint `fp`: its tag goes from (g, FREE) to
@@ -275,31 +286,43 @@ fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
     None
 }
 
-/// Whether bucket `b` has a way other than `skip` claimed for fingerprint `fp` and not yet
-/// published (its key may not be written yet).
+/// Takes bucket `b`'s insert lock (bit 63 of its overflow word), trying a bounded number of
+/// times: the holder keeps it for a lookup, a compare-and-swap and the entry's stores.
 #[inline(always)]
-fn pending_in(b: u32, fp: u32, skip: u64) -> bool {
+fn lock(b: u32) -> bool {
     let Some(tags) = FLOW_TAGS.get_ptr_mut(b) else { return false };
-    let mut way = 0;
-    while way < FLOW_WAYS {
-        // SAFETY: `tags` is a FLOW_TAGS value and `way` < FLOW_WAYS.
-        let word = unsafe { read_volatile(addr_of_mut!((*tags).words).cast::<u64>().add(way)) };
-        if word & LOW == u64::from(fp | TAG_PENDING) && u64::from(b) * POS_STRIDE + way as u64 != skip {
+    // SAFETY: a FLOW_TAGS value; the overflow word is only changed atomically.
+    let p = unsafe { addr_of_mut!((*tags).overflow) };
+    let mut i = 0;
+    while i < LOCK_TRIES {
+        // SAFETY: as above.
+        let w = unsafe { read_volatile(p) };
+        // SAFETY: as above.
+        if w & INSERT_LOCK == 0 && unsafe { atomic::cmpxchg(p, w, w | INSERT_LOCK) } == w {
             return true;
         }
-        way += 1;
+        i += 1;
     }
     false
 }
 
+#[inline(always)]
+fn unlock(b: u32) {
+    if let Some(tags) = FLOW_TAGS.get_ptr_mut(b) {
+        // SAFETY: as in `lock`; adding 2^63 to a word with bit 63 set clears it.
+        unsafe { atomic::sub(addr_of_mut!((*tags).overflow), INSERT_LOCK) };
+    }
+}
+
 /// Inserts the flow `key` → `flow` after a lookup missed. `flow.counted` is set here (to the
 /// way's generation) when `holds_slot`. Exact under races: the table's count is taken first
-/// and rolled back over capacity; a way is claimed by compare-and-swap, marked with the
-/// flow's fingerprint, in the home bucket or (its overflow count raised first) the other; and
-/// right after the claim (a full barrier) the flow's buckets are searched for another claim
-/// or entry of the same flow, so of two CPUs inserting one flow at once at least one sees the
-/// other and backs off. The entry is then written and published by a plain store: no barrier
-/// waits for its cache lines.
+/// and rolled back over capacity. Then, under the home bucket's insert lock (every insert of
+/// this flow takes the same one, and holds it until the entry is published), the flow is
+/// looked up again: one inserted meanwhile by another CPU is followed (`Exists`). Otherwise a
+/// way is claimed by compare-and-swap (PENDING: other CPUs' lookups and the daemon skip it)
+/// in the home bucket or, its overflow count raised first, the other one; the entry is
+/// written and published by a plain store. (Releasing the lock right after the claim let two
+/// CPUs sending the same SYNs in lockstep each insert the flow, `tests/tests/flow_table.rs`.)
 #[inline(always)]
 pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert {
     let Some(count) = FLOW_COUNT.get_ptr_mut(0) else { return Insert::Full };
@@ -310,30 +333,32 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
     }
     let (home, other) = flow_buckets(hash, config!(flow_buckets));
     let fp = flow_fingerprint(hash);
+    if !lock(home) {
+        count_sub();
+        return Insert::Raced;
+    }
+    if let Some(twin) = lookup(key, hash) {
+        unlock(home);
+        count_sub();
+        return Insert::Exists(twin);
+    }
     let claimed = match claim(home, fp) {
         Some(c) => Some(c),
         None => {
             // Raised before the claim, so no lookup misses the flow once it is published.
-            overflow_add(home, 1);
+            overflow_add(home);
             let c = claim(other, fp);
             if c.is_none() {
-                overflow_add(home, u64::MAX);
+                overflow_sub(home);
             }
             c
         }
     };
     let Some(ours) = claimed.and_then(|(pos, word)| launder(pos, word, home)) else {
+        unlock(home);
         count_sub();
         return Insert::Full;
     };
-    if let Some(twin) = find(key, hash, ours.pos) {
-        remove(&ours);
-        return Insert::Exists(twin);
-    }
-    if pending_in(home, fp, ours.pos) || (overflowed(home) && pending_in(other, fp, ours.pos)) {
-        remove(&ours);
-        return Insert::Raced;
-    }
     let gen = ours.generation();
     let entry = ours.entry;
     // SAFETY: the way is ours (PENDING) until published. Word copies: a struct assignment
@@ -353,10 +378,12 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         (*f).adopted = flow.adopted;
         (*f).last_seen_ns = flow.last_seen_ns;
         (*f).created_ns = flow.created_ns;
-        // Stores are not reordered with older stores on x86 (the JIT adds no fence): the
-        // entry is complete before the tag says so.
+        // The entry is complete before the tag says so: the compiler may not sink the stores
+        // above past this point, and x86 does not reorder stores with stores.
+        atomic::compiler_barrier();
         write_volatile(ours.tag, gen << 32 | u64::from(fp));
     }
+    unlock(home);
     Insert::Done
 }
 

@@ -133,6 +133,17 @@ impl FlowTable {
         unsafe { AtomicU64::from_ptr(self.count.base.as_ptr().cast::<u64>()) }
     }
 
+    /// The home bucket and the other bucket of `key`.
+    pub fn buckets_of(&self, key: &FlowKey) -> (u32, u32) {
+        flow_buckets(flow_hash(key), self.nbuckets)
+    }
+
+    /// Flows whose home is bucket `b` living in their other bucket.
+    pub fn overflow_count(&self, b: u32) -> u64 {
+        // Bit 63 is the datapath's insert lock.
+        self.overflow(b).load(Ordering::Relaxed) & !(1 << 63)
+    }
+
     /// Flows in the table.
     pub fn len(&self) -> u64 {
         self.live().load(Ordering::Relaxed)
@@ -215,8 +226,9 @@ impl FlowTable {
         freed
     }
 
-    /// Inserts a flow as the datapath would (tests, benchmarks): `Err` if the table is full or
-    /// the flow is there already. The flow holds a slot (its `counted` set to the way's
+    /// Inserts a flow as the datapath would (tests, benchmarks; without the datapath's insert
+    /// lock, so not while packets insert the same flow): `Err` if the table is full or the
+    /// flow is there already. The flow holds a slot (its `counted` set to the way's
     /// generation) if `flow.counted` is non-zero; taking the `CONNS` slot is the caller's.
     pub fn insert(&self, key: &FlowKey, flow: &Flow) -> Result<(), Error> {
         let full = || Error::other("inserting a flow", anyhow::anyhow!("the flow table is full"));
