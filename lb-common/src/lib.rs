@@ -169,10 +169,12 @@ stats! {
     Decapsulated = 24, "decapsulated", false;
     /// Decap program: not encapsulated: passed untouched.
     DecapPassthrough = 25, "decap_passthrough", false;
-    /// A TCP RST for a service without a flow (forwarded by ring), or a SYN whose twin was
-    /// being inserted by another CPU at that moment (forwarded to its admitted backend): no
-    /// flow created.
+    /// A TCP RST for a service without a flow: forwarded by ring, no flow created.
     ForwardedNoFlow = 26, "forwarded_no_flow", false;
+    /// A new flow's first packet dropped, its slot given back, because it could not be
+    /// entered in the flow table at that moment: another CPU held its bucket through every
+    /// attempt, or a CLOSING twin was removed under it. Rare; the client retransmits.
+    FlowBusy = 27, "flow_busy", false;
 }
 
 // STATS is indexed by discriminant: ALL must list the variants in index order (tested).

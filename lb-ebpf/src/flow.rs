@@ -104,10 +104,13 @@ pub fn conns_sub(backend_id: u32) {
 pub fn release(f: &Found) {
     let flow = f.flow();
     let gen = f.generation();
-    // SAFETY: `flow` points into a FLOWS value; `counted` is only changed atomically.
+    // Read first: once `counted` is 0 the way may be freed and reused by another flow. A
+    // successful exchange proves the way still held this generation when it was read.
+    // SAFETY: `flow` points into a FLOWS value; backend_id is written before publishing.
+    let backend_id = unsafe { read_volatile(&raw const (*flow).backend_id) };
+    // SAFETY: as above; `counted` is only changed atomically.
     if unsafe { atomic::cmpxchg(&raw mut (*flow).counted, gen, 0) } == gen {
-        // SAFETY: as above; backend_id is written before the way is published.
-        conns_sub(unsafe { (*flow).backend_id });
+        conns_sub(backend_id);
     }
 }
 
@@ -213,7 +216,7 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
     }
 }
 
-/// The position of the way of bucket `b` holding `key`, other than `skip`, and its tag word.
+/// The position of the way of bucket `b` holding `key`, and its tag word.
 #[inline(always)]
 fn find_in(b: u32, key: &FlowKey, fp: u32) -> Option<(u64, u64)> {
     let tags = FLOW_TAGS.get_ptr_mut(b)?;
@@ -326,8 +329,15 @@ fn unlock(b: u32) {
 #[inline(always)]
 pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert {
     let Some(count) = FLOW_COUNT.get_ptr_mut(0) else { return Insert::Full };
+    let capacity = u64::from(config!(flow_capacity));
+    // A plain read first: a flood against a full table should not bounce this shared line
+    // between CPUs with atomic adds.
     // SAFETY: shared array value; `live` is only changed atomically.
-    if unsafe { atomic::fetch_add(&raw mut (*count).live, 1) } >= u64::from(config!(flow_capacity)) {
+    if unsafe { read_volatile(&raw const (*count).live) } >= capacity {
+        return Insert::Full;
+    }
+    // SAFETY: as above.
+    if unsafe { atomic::fetch_add(&raw mut (*count).live, 1) } >= capacity {
         count_sub();
         return Insert::Full;
     }

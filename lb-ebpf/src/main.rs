@@ -182,21 +182,24 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
                 Insert::Exists(other) => {
                     // Another CPU inserted this flow at the same moment: follow it.
                     flow::conns_sub(backend_id);
-                    if let Some(Hit::Forward { backend_id }) = flow::apply(&other, pkt.proto, pkt.tcp_flags, now) {
-                        maps::traffic(svc.id, backend_id, bytes, false, false);
-                        return forwarded(ctx, pkt, &svc, backend_id, hash);
+                    match flow::apply(&other, pkt.proto, pkt.tcp_flags, now) {
+                        Some(Hit::Forward { backend_id }) => {
+                            maps::traffic(svc.id, backend_id, bytes, false, false);
+                            forwarded(ctx, pkt, &svc, backend_id, hash)
+                        }
+                        // A CLOSING twin, just removed: the retransmitted SYN is admitted.
+                        _ => Err((Stat::FlowBusy, xdp_action::XDP_DROP)),
                     }
-                    refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
                 }
                 Insert::Full => {
                     flow::conns_sub(backend_id);
                     refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
                 }
                 Insert::Raced => {
-                    // The same SYN on two CPUs at once: the other one keeps the flow; this
-                    // copy goes on without one (its handshake's ACK finds the other's entry).
+                    // Forwarded without a flow, its ACK would be adopted past the limit;
+                    // dropped, the SYN comes back in a second.
                     flow::conns_sub(backend_id);
-                    sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::ForwardedNoFlow)
+                    Err((Stat::FlowBusy, xdp_action::XDP_DROP))
                 }
             }
         }
@@ -261,9 +264,24 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
     if !closing {
         flow::conns_add(backend_id);
     }
-    if !matches!(flow::insert(key, hash, flow, !closing), Insert::Done) && !closing {
-        // Lost a race to another CPU, or the table is full: forward anyway, hold no slot.
-        flow::conns_sub(backend_id);
+    match flow::insert(key, hash, flow, !closing) {
+        Insert::Done => {}
+        Insert::Exists(twin) => {
+            // Another CPU entered this flow at the same moment: this packet is one of it.
+            if !closing {
+                flow::conns_sub(backend_id);
+            }
+            if let Some(Hit::Forward { backend_id }) = flow::apply(&twin, pkt.proto, pkt.tcp_flags, now) {
+                maps::traffic(svc.id, backend_id, bytes, false, false);
+                return forwarded(ctx, pkt, svc, backend_id, hash);
+            }
+        }
+        Insert::Full | Insert::Raced => {
+            // An established connection is never broken: forward anyway, holding no slot.
+            if !closing {
+                flow::conns_sub(backend_id);
+            }
+        }
     }
     maps::traffic(svc.id, backend_id, bytes, false, true);
     forwarded(ctx, pkt, svc, backend_id, hash)

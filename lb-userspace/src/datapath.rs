@@ -294,7 +294,8 @@ fn check_pinned(pin_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
     }
     let count = Array::<_, FlowCount>::try_from(aya::maps::Map::Array(open(maps::FLOW_COUNT)?)).map_err(|e| Error::other("FLOW_COUNT", e))?;
     let flows = count.get(&0, 0).map_err(|e| Error::other("reading FLOW_COUNT", e))?.capacity;
-    if flows != u64::from(opts.flow_capacity) {
+    let buckets = open(maps::FLOWS)?.info().map_err(|e| Error::other("FLOWS", e))?.max_entries();
+    if flows != u64::from(opts.flow_capacity) || buckets != flow_table_buckets(opts.flow_capacity) {
         return Err(Error::other(
             "adopting the running datapath",
             anyhow::anyhow!(

@@ -1,4 +1,4 @@
-//! The flow table (`FLOWS`, `FLOW_COUNT`) memory-mapped, read and changed with the same
+//! The flow table (`FLOWS`, `FLOW_TAGS`, `FLOW_COUNT`) memory-mapped, read and changed with the same
 //! compare-and-swaps as the datapath (`lb-ebpf/src/flow.rs`): a way's tag word is the
 //! generation (high half) and `TAG_FREE` or the flow's fingerprint (low half, `TAG_PENDING`
 //! set while the entry is written); a
@@ -25,6 +25,14 @@ const LOW: u64 = 0xFFFF_FFFF;
 struct Mapping {
     base: NonNull<u8>,
     len: usize,
+}
+
+impl Mapping {
+    /// The mapping as an array of `T`. Page-aligned, so aligned for any map value.
+    #[allow(clippy::cast_ptr_alignment, reason = "mmap returns a page-aligned address")]
+    fn at<T>(&self) -> *mut T {
+        self.base.as_ptr().cast::<T>()
+    }
 }
 
 impl Mapping {
@@ -103,14 +111,14 @@ impl FlowTable {
 
     fn bucket(&self, b: u32) -> *mut FlowBucket {
         assert!(b < self.nbuckets);
-        // SAFETY: in bounds of the mapping (elements are packed, 704 bytes each).
-        unsafe { self.buckets.base.as_ptr().cast::<FlowBucket>().add(b as usize) }
+        // SAFETY: in bounds of the mapping (elements are packed, 560 bytes each).
+        unsafe { self.buckets.at::<FlowBucket>().add(b as usize) }
     }
 
     fn tags(&self, b: u32) -> *mut FlowTags {
         assert!(b < self.nbuckets);
         // SAFETY: in bounds of the tags' mapping (64 bytes each).
-        unsafe { self.tags.base.as_ptr().cast::<FlowTags>().add(b as usize) }
+        unsafe { self.tags.at::<FlowTags>().add(b as usize) }
     }
 
     fn tag(&self, b: u32, way: usize) -> &AtomicU64 {
@@ -130,7 +138,7 @@ impl FlowTable {
 
     fn live(&self) -> &AtomicU64 {
         // SAFETY: the first word of FLOW_COUNT's mapping, only changed atomically.
-        unsafe { AtomicU64::from_ptr(self.count.base.as_ptr().cast::<u64>()) }
+        unsafe { AtomicU64::from_ptr(self.count.at::<u64>()) }
     }
 
     /// The home bucket and the other bucket of `key`.
@@ -156,7 +164,7 @@ impl FlowTable {
     /// Flows the table may hold.
     pub fn capacity(&self) -> u64 {
         // SAFETY: the second word of FLOW_COUNT's mapping, written once by the loader.
-        unsafe { self.count.base.as_ptr().cast::<u64>().add(1).read_volatile() }
+        unsafe { self.count.at::<u64>().add(1).read_volatile() }
     }
 
     /// The way `b`/`way` if it holds a flow: key and flow copied between two reads of the tag
@@ -217,7 +225,7 @@ impl FlowTable {
         let w = e.slot.word;
         let freed = self.tag(e.slot.bucket, e.slot.way).compare_exchange(w, w & !LOW, Ordering::AcqRel, Ordering::Relaxed).is_ok();
         if freed {
-            let _ = self.live().fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+            self.live().fetch_sub(1, Ordering::AcqRel);
             let (home, _) = flow_buckets(flow_hash(&e.key), self.nbuckets);
             if e.slot.bucket != home {
                 self.overflow(home).fetch_sub(1, Ordering::AcqRel);

@@ -36,6 +36,9 @@ fn timeout(t: &Timeouts, state: u8) -> Duration {
     }
 }
 
+/// What one sweep did. `released` counts slots this sweep gave back and `expired` ways it
+/// freed: a flow whose RST won the race for its way after the sweep had released its slot
+/// counts in `released` only.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Sweep {
     pub scanned: u64,

@@ -1,6 +1,11 @@
 //! Sluice's userspace: loading and pinning the XDP datapath, reading its counters, and the
 //! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
 
+// The flow table's lock-free protocol (lb-ebpf/src/flow.rs, flowtab.rs) relies on x86-64's
+// ordering of stores with stores and loads with loads; other architectures need barriers.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("Sluice's datapath is written for x86-64 memory ordering (see docs/ARCHITECTURE.md, \"The flow table\")");
+
 pub mod alerts;
 pub mod api;
 pub mod cli;

@@ -1,6 +1,7 @@
 //! The flow table's own mechanics, on the real program (BPF_PROG_TEST_RUN): flows whose home
 //! bucket is full live in their other bucket and are still found, and two CPUs inserting the
-//! same flows at the same moment leave exactly one entry and one slot per flow.
+//! same flows at the same moment leave exactly one entry and one slot per flow (a version that
+//! released the bucket's insert lock before publishing the entry failed this).
 
 use std::sync::Barrier;
 
@@ -10,7 +11,7 @@ use lb_userspace::datapath::LoadOptions;
 use nix::{sched::CpuSet, unistd::Pid};
 use sluice_tests::{
     packet::{tcp, Pkt, PROTO_TCP},
-    testrun::{OneBackend, XdpRunner, XDP_TX},
+    testrun::{OneBackend, XdpRunner, XDP_DROP, XDP_TX},
 };
 
 fn key(port: u16) -> FlowKey {
@@ -82,25 +83,28 @@ fn two_cpus_inserting_the_same_flows_keep_one_entry_and_one_slot_each() {
                 nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("pin thread");
                 let mut out = vec![0u8; 256];
                 barrier.wait();
-                // The same SYNs in the same order on both CPUs: they meet on many flows.
+                // The same SYNs in the same order on both CPUs: they meet on many flows. A SYN
+                // is sent on, or dropped when the other CPU held its bucket throughout.
                 for f in frames {
                     let r = prog.test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::new() }).expect("run");
-                    assert_eq!(r.return_value, XDP_TX);
+                    assert!(r.return_value == XDP_TX || r.return_value == XDP_DROP, "verdict {}", r.return_value);
                 }
             });
         }
     });
     let stats = x.stats();
-    let (new, raced) = (x.tables().backend_stats(1).expect("stats").new_flows, stats.get(Stat::ForwardedNoFlow).packets);
-    println!("{FLOWS} flows, each sent by both CPUs: {new} inserted, {raced} SYNs went on without a flow (the other CPU held the bucket)");
+    let (new, busy) = (x.tables().backend_stats(1).expect("stats").new_flows, stats.get(Stat::FlowBusy).packets);
+    println!("{FLOWS} flows, each sent by both CPUs: {new} inserted, {busy} SYNs dropped (the other CPU held the bucket)");
     let table = x.tables().flow_table().expect("mmap");
     let mut keys: Vec<FlowKey> = table.entries().iter().map(|e| e.key).collect();
-    assert_eq!(keys.len(), usize::from(FLOWS), "one entry per flow");
+    let entries = keys.len() as u64;
     keys.sort_by_key(|k| u16::from_be_bytes(k.sport_be));
     keys.dedup();
-    assert_eq!(keys.len(), usize::from(FLOWS), "no flow twice");
-    assert_eq!(table.len(), u64::from(FLOWS), "no claim left behind");
-    assert_eq!(new, u64::from(FLOWS), "each flow inserted once");
-    assert_eq!(x.tables().conns(1).expect("conns"), u64::from(FLOWS), "one slot per flow");
-    assert!(table.entries().iter().all(|e| e.holds_slot()));
+    assert_eq!(keys.len() as u64, entries, "no flow twice");
+    // A flow is missing only if both of its SYNs were dropped.
+    assert!(2 * (u64::from(FLOWS) - entries) <= busy, "{entries} of {FLOWS} flows entered, {busy} SYNs dropped");
+    assert_eq!(table.len(), entries, "no claim left behind");
+    assert_eq!(new, entries, "each flow inserted once");
+    assert_eq!(x.tables().conns(1).expect("conns"), entries, "one slot per flow, none for a dropped SYN");
+    assert!(table.entries().iter().all(lb_userspace::flowtab::Entry::holds_slot));
 }
