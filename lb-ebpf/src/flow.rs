@@ -309,11 +309,20 @@ fn lock(b: u32) -> bool {
     false
 }
 
+/// Releases bucket `b`'s insert lock with a plain load and store: an atomic here would wait
+/// for the entry's stores (often cache misses) to complete; x86 makes the release visible after
+/// them anyway. Only the holder raises the overflow count, so the one thing that can be lost
+/// is a decrement by a concurrent remove, which leaves the count too high: harmless (a lookup
+/// that misses also reads the other bucket), never too low.
 #[inline(always)]
 fn unlock(b: u32) {
     if let Some(tags) = FLOW_TAGS.get_ptr_mut(b) {
-        // SAFETY: as in `lock`; adding 2^63 to a word with bit 63 set clears it.
-        unsafe { atomic::sub(addr_of_mut!((*tags).overflow), INSERT_LOCK) };
+        // SAFETY: as in `lock`.
+        unsafe {
+            let p = addr_of_mut!((*tags).overflow);
+            atomic::compiler_barrier();
+            write_volatile(p, read_volatile(p) & !INSERT_LOCK);
+        }
     }
 }
 

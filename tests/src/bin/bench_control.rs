@@ -118,7 +118,8 @@ fn main() {
     writeln!(table, "| filling a table of {FLOWS} flows: refused `flow_table_full` before it was full | {refused} |").expect("w");
     writeln!(table, "| GC sweep of {held} flows, nothing idle (a walk of the mapped table) | {:.0} ms |", scan_time.as_secs_f64() * 1e3).expect("w");
     writeln!(table, "| GC sweep of {held} flows, all idle (the walk + two compare-and-swaps each) | {:.0} ms |", expire_time.as_secs_f64() * 1e3).expect("w");
-    writeln!(table, "| daemon resident memory with that config (VmRSS) | {:.1} MiB |", rss as f64 / 1024.0).expect("w");
+    writeln!(table, "| daemon resident memory with that config (VmRSS, with the mapped flow table) | {:.1} MiB |", rss.0 as f64 / 1024.0).expect("w");
+    writeln!(table, "| of which the daemon's own (RssAnon) | {:.1} MiB |", rss.1 as f64 / 1024.0).expect("w");
     println!("{table}");
     let body = format!(
         "## Control plane (`cargo xtask bench control`)\n\n\
@@ -130,8 +131,10 @@ fn main() {
 }
 
 /// Starts `sluice run --config` with the 100 × 100 config on a veth in a private namespace and
-/// reads its VmRSS (KiB) once it serves.
-fn daemon_rss() -> u64 {
+/// reads its resident memory in KiB once it serves: (VmRSS, RssAnon). VmRSS includes the BPF
+/// maps the daemon memory-maps (the flow table: kernel memory, mapped, not the daemon's own);
+/// RssAnon is its own heap and stacks.
+fn daemon_rss() -> (u64, u64) {
     let lb = Netns::new("benchlb");
     let peer = Netns::new("benchpeer");
     veth(&lb, "lb0", &peer, "p0");
@@ -150,10 +153,22 @@ fn daemon_rss() -> u64 {
         assert!(Instant::now() < deadline, "daemon did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_secs(2));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", d.id())).unwrap_or_default();
-    // The spawned process is nsenter, which execs sluice in place: same pid.
-    let rss = status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // The daemon applies the config after it starts serving: measure once its memory has
+    // stayed within 1 MiB for two seconds (an early reading misses the apply).
+    let read = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", d.id())).unwrap_or_default();
+        let kib = |key: &str| -> u64 { status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0) };
+        (kib("VmRSS:"), kib("RssAnon:"))
+    };
+    let (mut rss, mut stable_since) = (read(), Instant::now());
+    while stable_since.elapsed() < Duration::from_secs(2) && Instant::now() < deadline + Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = read();
+        if now.0.abs_diff(rss.0) > 1024 {
+            stable_since = Instant::now();
+        }
+        rss = now;
+    }
     let _ = d.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
     let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
     let _ = std::fs::remove_dir_all(&dir);
