@@ -326,11 +326,23 @@ fn measure(lab: &Lab, lb: Lb, rate: f64) -> Result<Step> {
     Ok(Step { lb, rate, report, busy_ms: busy1 - busy0, lb_ms: lb1 - lb0 })
 }
 
+/// VmRSS without memory-mapped BPF maps: Sluice's daemon maps its flow table, which is kernel
+/// memory (reported apart, from bpftool), not the process's own.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let vm: u64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut in_map, mut mapped) = (false, 0u64);
+    for l in smaps.lines() {
+        if l.split_whitespace().next().is_some_and(|a| a.contains('-') && a.chars().all(|c| c.is_ascii_hexdigit() || c == '-')) {
+            in_map = l.ends_with("anon_inode:bpf-map");
+        } else if let Some(v) = l.strip_prefix("Rss:").filter(|_| in_map) {
+            mapped += v.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    vm.saturating_sub(mapped)
 }
 
 /// Opens `IDLE_CONNS` connections through `lb`, holds them, and reads its memory meanwhile.
@@ -348,7 +360,7 @@ fn idle_memory(lab: &Lab, lb: Lb) -> Result<Memory> {
         let open = counters.open.load(Ordering::Relaxed);
         let rss: u64 = lb_pids(lab, lb).into_iter().map(rss_kib).sum();
         let note = if lb.is_sluice() {
-            format!("daemon RSS, {before} KiB before; the flow table is a preallocated BPF map: {}", flows_memory(lab))
+            format!("daemon RSS without the mapped flow table, {before} KiB before; the flow table is preallocated kernel memory: {}", flows_memory(lab))
         } else {
             format!("all its processes' RSS, {before} KiB before; kernel socket buffers not included")
         };
@@ -360,13 +372,16 @@ fn idle_memory(lab: &Lab, lb: Lb) -> Result<Memory> {
     })
 }
 
-/// The FLOWS map's size as bpftool reports it (memlock bytes), pinned by the daemon.
+/// The flow table's size as bpftool reports it (memlock bytes of FLOWS and FLOW_TAGS), pinned
+/// by the daemon.
 fn flows_memory(lab: &Lab) -> String {
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(lab.pin_dir().join(lb_common::maps::FLOWS)).output();
-    let v: Option<serde_json::Value> = out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok());
-    match v {
-        Some(v) => format!("{} entries, {} KiB memlock, the same with 0 or 5,000 connections", v["max_entries"], v["bytes_memlock"].as_u64().unwrap_or(0) / 1024),
-        None => "size unknown (bpftool failed)".into(),
+    let memlock = |name: &str| -> Option<u64> {
+        let out = std::process::Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(lab.pin_dir().join(name)).output().ok()?;
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["bytes_memlock"].as_u64()
+    };
+    match (memlock(lb_common::maps::FLOWS), memlock(lb_common::maps::FLOW_TAGS)) {
+        (Some(a), Some(b)) => format!("{} KiB memlock (FLOWS + FLOW_TAGS), the same with 0 or 5,000 connections", (a + b) / 1024),
+        _ => "size unknown (bpftool failed)".into(),
     }
 }
 
