@@ -357,7 +357,11 @@ pub struct Flow {
     pub state: u8,
     /// 1 if the flow was adopted (seen mid-stream without an entry).
     pub adopted: u8,
-    pub _pad: [u8; 6],
+    /// The service's forwarding mode when the flow was entered ([`MODE_L2DSR`] or
+    /// [`MODE_IPIP`]): a flow's packets are forwarded without looking its service up again,
+    /// and a connection keeps its path when its service is changed or removed.
+    pub mode: u8,
+    pub _pad: [u8; 5],
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of the last packet, for GC.
     pub last_seen_ns: u64,
     pub created_ns: u64,

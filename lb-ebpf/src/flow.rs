@@ -37,8 +37,8 @@ const LOCK_TRIES: u32 = 512;
 
 /// What a packet of a known flow does to it.
 pub enum Hit {
-    /// Forward to this backend.
-    Forward { backend_id: u32 },
+    /// Forward to this backend, in this mode, counting the traffic for this service.
+    Forward { backend_id: u32, service_id: u32, mode: u8 },
     /// A SYN reusing the tuple of a closing flow: the old flow is gone, admit anew.
     Reopen,
 }
@@ -395,6 +395,7 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         (*f).counted = if holds_slot { gen } else { 0 };
         (*f).state = flow.state;
         (*f).adopted = flow.adopted;
+        (*f).mode = flow.mode;
         (*f).last_seen_ns = flow.last_seen_ns;
         (*f).created_ns = flow.created_ns;
         // The entry is complete before the tag says so: the compiler may not sink the stores
@@ -419,7 +420,7 @@ pub fn apply(found: &Found, proto: u8, tcp_flags: u8, now: u64) -> Option<Hit> {
     // SAFETY: a FLOWS value pointer; racing writers (other CPUs) only write these same
     // plain fields, and slot accounting goes through `release`'s compare-and-swap.
     let f = unsafe { &mut *found.flow() };
-    let hit = Hit::Forward { backend_id: f.backend_id };
+    let hit = Hit::Forward { backend_id: f.backend_id, service_id: f.service_id, mode: f.mode };
     f.last_seen_ns = now;
     if proto != PROTO_TCP {
         return Some(hit);

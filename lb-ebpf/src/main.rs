@@ -146,19 +146,21 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     if (word >> (bit % 64)) & 1 == 0 {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
     }
+    s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad0: 0, _pad1: 0 };
+    let key = &s.key;
+    let now = coarse_now(&mut s.clock_jiffies, &mut s.clock_ns);
+    let hash = flow_hash(key);
+    // The flow before the service: a flow carries what forwarding needs, so an established
+    // connection costs no hash-map call (and keeps its path if its service changes or goes).
+    if let Some(hit) = flow::on_packet(key, hash, pkt.tcp_flags, now) {
+        if let Some(v) = follow(ctx, pkt, &hit, hash, bytes) {
+            return v;
+        }
+    }
     // SAFETY: the value is copied out at once.
     let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
     };
-    s.key = FlowKey { src: pkt.src, dst: pkt.dst, sport_be: pkt.sport_be, dport_be: pkt.dport_be, proto: pkt.proto, _pad0: 0, _pad1: 0 };
-    let key = &s.key;
-    let now = coarse_now(&mut s.clock_jiffies, &mut s.clock_ns);
-
-    let hash = flow_hash(key);
-    if let Some(Hit::Forward { backend_id }) = flow::on_packet(key, hash, pkt.tcp_flags, now) {
-        maps::traffic(svc.id, backend_id, bytes, false, false);
-        return forwarded(ctx, pkt, &svc, backend_id, hash);
-    }
     let is_tcp = pkt.proto == PROTO_TCP;
     if is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return adopt(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes);
@@ -172,6 +174,7 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
             f.service_id = svc.id;
             f.state = state;
             f.adopted = 0;
+            f.mode = svc.mode;
             f.last_seen_ns = now;
             f.created_ns = now;
             match flow::insert(key, hash, &s.flow, true) {
@@ -183,12 +186,9 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
                     // Another CPU inserted this flow at the same moment: follow it.
                     flow::conns_sub(backend_id);
                     match flow::apply(&other, pkt.proto, pkt.tcp_flags, now) {
-                        Some(Hit::Forward { backend_id }) => {
-                            maps::traffic(svc.id, backend_id, bytes, false, false);
-                            forwarded(ctx, pkt, &svc, backend_id, hash)
-                        }
+                        Some(hit) => follow(ctx, pkt, &hit, hash, bytes).unwrap_or(Err((Stat::FlowBusy, xdp_action::XDP_DROP))),
                         // A CLOSING twin, just removed: the retransmitted SYN is admitted.
-                        _ => Err((Stat::FlowBusy, xdp_action::XDP_DROP)),
+                        None => Err((Stat::FlowBusy, xdp_action::XDP_DROP)),
                     }
                 }
                 Insert::Full => {
@@ -204,6 +204,19 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
             }
         }
         Err((reason, backend_id)) => refuse(ctx, pkt, &svc, reason, backend_id),
+    }
+}
+
+/// A packet of a flow in the table: forwarded to the flow's backend in the flow's mode, or
+/// `None` for a SYN reopening a closing flow (it goes through admission).
+#[inline(always)]
+fn follow(ctx: &XdpContext, pkt: &Packet, hit: &Hit, hash: u32, bytes: u64) -> Option<Verdict> {
+    match *hit {
+        Hit::Forward { backend_id, service_id, mode } => {
+            maps::traffic(service_id, backend_id, bytes, false, false);
+            Some(sent(forward::forward(ctx, pkt, mode, backend_id, hash), Stat::Forwarded))
+        }
+        Hit::Reopen => None,
     }
 }
 
@@ -259,6 +272,7 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
     flow.service_id = svc.id;
     flow.state = if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED };
     flow.adopted = 1;
+    flow.mode = svc.mode;
     flow.last_seen_ns = now;
     flow.created_ns = now;
     if !closing {
@@ -271,9 +285,8 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
             if !closing {
                 flow::conns_sub(backend_id);
             }
-            if let Some(Hit::Forward { backend_id }) = flow::apply(&twin, pkt.proto, pkt.tcp_flags, now) {
-                maps::traffic(svc.id, backend_id, bytes, false, false);
-                return forwarded(ctx, pkt, svc, backend_id, hash);
+            if let Some(v) = flow::apply(&twin, pkt.proto, pkt.tcp_flags, now).and_then(|hit| follow(ctx, pkt, &hit, hash, bytes)) {
+                return v;
             }
         }
         Insert::Full | Insert::Raced => {

@@ -1,7 +1,8 @@
 //! Config → datapath, checked through the real program: applying a config routes SYNs to the
 //! backends userspace predicts; a reload that removes a backend drains it (its open flow
 //! continues, no new flow reaches it); limit changes land; removing a service stops
-//! balancing; a config that cannot be applied changes nothing.
+//! balancing new flows while open ones continue; a config that cannot be applied changes
+//! nothing.
 
 use std::{net::IpAddr, path::Path};
 
@@ -106,11 +107,17 @@ fn apply_reload_drain_and_remove() {
     assert_eq!(applied.services["web"].ring, before_ring);
     assert_eq!(applied.services["web"].backends.len(), 3, ".11, .13 and the draining .12");
 
-    // 5. Removing the service stops balancing: SYNs to the VIP are passed.
+    // 5. Removing the service stops balancing: SYNs to the VIP are passed. A connection open
+    // at the time keeps its backend (its backends drain), found by its flow entry.
+    let open = x.run(&syn(2999));
+    assert_eq!(open.verdict, XDP_TX);
+    let its_backend = sent_to(&open.data);
     let mut empty = cfg(&[]);
     empty.services.clear();
     applied.apply(&mut x.tables(), &empty, &mac_of, conns).expect("remove");
     let before = x.stats();
     assert_eq!(x.run(&syn(3000)).verdict, XDP_PASS);
     assert_eq!(x.stats().get(Stat::Tcp4).packets - before.get(Stat::Tcp4).packets, 1);
+    let ack = x.run(&Pkt::tcp4("10.0.0.1:2999", "10.0.0.100:80").flags(tcp::ACK).build());
+    assert_eq!((ack.verdict, sent_to(&ack.data)), (XDP_TX, its_backend), "the open connection continues to its backend");
 }
