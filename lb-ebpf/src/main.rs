@@ -2,9 +2,10 @@
 //! runs its pipeline and counts the one outcome it reached. `Ok` and `Err` are both verdicts
 //! (`Err` is an early exit), and no path returns `XDP_ABORTED`.
 //!
-//! The balancer reads top to bottom: parse → service → flow → admission → act.
+//! The balancer reads top to bottom: parse → service filter → flow → service → admission → act
+//! (a packet of a known flow needs no service lookup: its entry carries mode and service).
 //! - `parse`: headers and the one bounds check;
-//! - `flow`: flow table, TCP states, releasing a slot exactly once;
+//! - `flow`: the open-addressed flow table, TCP states, releasing a slot exactly once;
 //! - `admission`: ring choice, backend state, exact limits, spill;
 //! - `forward` (l2dsr, ipip), `rst` (refusal reply), `icmp`: acting on the packet;
 //! - `maps`, `events`: counters and rate-limited refusal events.
