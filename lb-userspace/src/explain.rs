@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::{
     config::Proto,
     maglev,
-    reconcile::{addr16, service_key, state_name, Applied, PROTO_TCP, PROTO_UDP},
+    reconcile::{addr16, ip_of, service_key, state_name, Applied, PROTO_TCP, PROTO_UDP},
     tables::Tables,
     Error,
 };
@@ -69,7 +69,20 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
     let key = flow_key(src, dst, proto);
     let hash = flow_hash(&key);
     let skey = service_key(dst.ip(), dst.port(), proto);
+    let flow = t.flow(&key)?;
     let Some(svc) = applied.services.values().find(|s| service_key(s.cfg.vip, s.cfg.port, s.cfg.proto) == skey) else {
+        // The datapath looks a flow up before its service: a connection outlives its service.
+        if let Some(flow) = flow {
+            let addr = ip_of(&t.backend(flow.backend_id)?);
+            return Ok(Explanation {
+                service: None,
+                hash,
+                ring_slot: None,
+                candidates: Vec::new(),
+                summary: format!("an existing flow of a service no longer configured: its packets still go to backend {addr} (draining) until it closes or idles out"),
+                verdict: Verdict::ExistingFlow { backend: addr, state: flow.state },
+            });
+        }
         return Ok(Explanation {
             service: None,
             hash,
@@ -88,7 +101,7 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
     }
     let ring_slot = (!svc.ring.is_empty()).then(|| probe_slot(hash, 0, svc.ring.len() as u32));
     let name = svc.name.clone();
-    let (verdict, summary) = if let Some(flow) = t.flow(&key)? {
+    let (verdict, summary) = if let Some(flow) = flow {
         let addr = svc.backends.values().find(|b| b.id == flow.backend_id).map_or_else(|| IpAddr::from([0, 0, 0, 0]), |b| b.address);
         (Verdict::ExistingFlow { backend: addr, state: flow.state }, format!("an existing flow of service \"{name}\": its packets go to backend {addr}, limits do not apply to it"))
     } else if candidates.is_empty() {

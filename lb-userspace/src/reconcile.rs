@@ -438,7 +438,7 @@ fn used_ids_in(services: &BTreeMap<String, AppliedService>) -> BTreeSet<u32> {
     services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect()
 }
 
-fn ip_of(b: &Backend) -> IpAddr {
+pub(crate) fn ip_of(b: &Backend) -> IpAddr {
     if b.family == FAMILY_V6 {
         IpAddr::from(b.addr)
     } else {
