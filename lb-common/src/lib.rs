@@ -441,6 +441,34 @@ pub fn flow_buckets(hash: u32, n: u32) -> (u32, u32) {
     (b1, b2)
 }
 
+/// A flow-table tag word: the way's generation in the high half, `low` in the low half.
+#[inline(always)]
+pub const fn tag_word(generation: u64, low: u32) -> u64 {
+    generation << 32 | low as u64
+}
+
+/// The generation half of a tag word (what `Flow::counted` holds while the flow has a slot).
+#[inline(always)]
+pub const fn tag_generation(word: u64) -> u64 {
+    word >> 32
+}
+
+/// The low half of a tag word: [`TAG_FREE`], or a fingerprint (with [`TAG_PENDING`]).
+#[inline(always)]
+pub const fn tag_low(word: u64) -> u32 {
+    word as u32
+}
+
+/// The generation a claim gives the free way whose tag word is `word`: one more, skipping 0
+/// (`counted == 0` means "holds no slot").
+#[inline(always)]
+pub const fn next_generation(word: u64) -> u64 {
+    match tag_generation(word).wrapping_add(1) & 0xFFFF_FFFF {
+        0 => 1,
+        g => g,
+    }
+}
+
 /// The low half of a live way's tag word: the flow hash with bit 1 set (never [`TAG_FREE`])
 /// and bit 0 ([`TAG_PENDING`]) clear.
 #[inline(always)]
@@ -713,6 +741,9 @@ mod tests {
         for h in [0, 1, 2, 3, u32::MAX] {
             assert!(flow_fingerprint(h) != TAG_FREE && flow_fingerprint(h) & TAG_PENDING == 0);
         }
+        let w = tag_word(7, flow_fingerprint(9));
+        assert_eq!((tag_generation(w), tag_low(w), next_generation(w)), (7, flow_fingerprint(9), 8));
+        assert_eq!(next_generation(tag_word(0xFFFF_FFFF, TAG_FREE)), 1, "generation 0 is skipped");
     }
 
     #[test]

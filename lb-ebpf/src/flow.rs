@@ -11,8 +11,8 @@
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use lb_common::{
-    flow_buckets, flow_fingerprint, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN,
-    FLOW_WAYS, TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, next_generation, tag_generation, tag_low, tag_word, Flow, FlowEntry, FlowKey,
+    FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{
@@ -26,7 +26,6 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const LOW: u64 = 0xFFFF_FFFF;
 /// A way's position is `bucket * POS_STRIDE + way`.
 const POS_STRIDE: u64 = 8;
 const _: () = assert!(FLOW_WAYS as u64 <= POS_STRIDE);
@@ -61,7 +60,7 @@ impl Found {
     }
 
     fn generation(&self) -> u64 {
-        self.word >> 32
+        tag_generation(self.word)
     }
 }
 
@@ -118,7 +117,7 @@ pub fn release(f: &Found) {
 #[inline(always)]
 pub fn remove(f: &Found) {
     // SAFETY: `tag` points into a FLOW_TAGS value; tag words are only changed atomically.
-    if unsafe { atomic::cmpxchg(f.tag, f.word, f.word & !LOW) } == f.word {
+    if unsafe { atomic::cmpxchg(f.tag, f.word, tag_word(tag_generation(f.word), TAG_FREE)) } == f.word {
         count_sub();
         if f.pos / POS_STRIDE != u64::from(f.home) {
             overflow_sub(f.home);
@@ -227,7 +226,7 @@ fn find_in(b: u32, key: &FlowKey, fp: u32) -> Option<(u64, u64)> {
         // SAFETY: as above; an aligned 64-bit load is atomic.
         let word = unsafe { read_volatile(tag) };
         let pos = u64::from(b) * POS_STRIDE + way as u64;
-        if word & LOW == u64::from(fp) {
+        if tag_low(word) == fp {
             let bucket = FLOWS.get_ptr_mut(b)?;
             // SAFETY: a FLOWS value and `way` < FLOW_WAYS.
             let entry = unsafe { addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way) };
@@ -272,13 +271,8 @@ fn claim(b: u32, fp: u32) -> Option<(u64, u64)> {
         let tag = unsafe { addr_of_mut!((*tags).words).cast::<u64>().add(way) };
         // SAFETY: as above.
         let word = unsafe { read_volatile(tag) };
-        if word & LOW == u64::from(TAG_FREE) {
-            // Generation 0 is reserved: `counted == 0` means "holds no slot".
-            let gen = match (word >> 32).wrapping_add(1) & LOW {
-                0 => 1,
-                g => g,
-            };
-            let pending = gen << 32 | u64::from(fp | TAG_PENDING);
+        if tag_low(word) == TAG_FREE {
+            let pending = tag_word(next_generation(word), fp | TAG_PENDING);
             // SAFETY: as above.
             if unsafe { atomic::cmpxchg(tag, word, pending) } == word {
                 return Some((u64::from(b) * POS_STRIDE + way as u64, pending));
@@ -401,7 +395,7 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
         // The entry is complete before the tag says so: the compiler may not sink the stores
         // above past this point, and x86 does not reorder stores with stores.
         atomic::compiler_barrier();
-        write_volatile(ours.tag, gen << 32 | u64::from(fp));
+        write_volatile(ours.tag, tag_word(gen, fp));
     }
     unlock(home);
     Insert::Done
@@ -411,19 +405,19 @@ pub fn insert(key: &FlowKey, hash: u32, flow: &Flow, holds_slot: bool) -> Insert
 #[inline(always)]
 pub fn on_packet(key: &FlowKey, hash: u32, tcp_flags: u8, now: u64) -> Option<Hit> {
     let found = lookup(key, hash)?;
-    apply(&found, key.proto, tcp_flags, now)
+    Some(apply(&found, key.proto, tcp_flags, now))
 }
 
 /// Applies a packet to a flow found in the table.
 #[inline(always)]
-pub fn apply(found: &Found, proto: u8, tcp_flags: u8, now: u64) -> Option<Hit> {
+pub fn apply(found: &Found, proto: u8, tcp_flags: u8, now: u64) -> Hit {
     // SAFETY: a FLOWS value pointer; racing writers (other CPUs) only write these same
     // plain fields, and slot accounting goes through `release`'s compare-and-swap.
     let f = unsafe { &mut *found.flow() };
     let hit = Hit::Forward { backend_id: f.backend_id, service_id: f.service_id, mode: f.mode };
     f.last_seen_ns = now;
     if proto != PROTO_TCP {
-        return Some(hit);
+        return hit;
     }
     if tcp_flags & TCP_RST != 0 {
         release(found);
@@ -432,12 +426,12 @@ pub fn apply(found: &Found, proto: u8, tcp_flags: u8, now: u64) -> Option<Hit> {
         // The client reuses the tuple for a new connection: it must pass admission again.
         release(found);
         remove(found);
-        return Some(Hit::Reopen);
+        return Hit::Reopen;
     } else if tcp_flags & TCP_FIN != 0 {
         f.state = FLOW_CLOSING;
         release(found);
     } else if f.state == FLOW_SYN_SEEN && tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
         f.state = FLOW_ESTABLISHED;
     }
-    Some(hit)
+    hit
 }

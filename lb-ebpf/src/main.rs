@@ -186,11 +186,10 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
                 Insert::Exists(other) => {
                     // Another CPU inserted this flow at the same moment: follow it.
                     flow::conns_sub(backend_id);
-                    match flow::apply(&other, pkt.proto, pkt.tcp_flags, now) {
-                        Some(hit) => follow(ctx, pkt, &hit, hash, bytes).unwrap_or(Err((Stat::FlowBusy, xdp_action::XDP_DROP))),
-                        // A CLOSING twin, just removed: the retransmitted SYN is admitted.
-                        None => Err((Stat::FlowBusy, xdp_action::XDP_DROP)),
-                    }
+                    let hit = flow::apply(&other, pkt.proto, pkt.tcp_flags, now);
+                    // No verdict for a CLOSING twin, just removed (Reopen): dropped, the
+                    // retransmitted SYN is admitted.
+                    follow(ctx, pkt, &hit, hash, bytes).unwrap_or(Err((Stat::FlowBusy, xdp_action::XDP_DROP)))
                 }
                 Insert::Full => {
                     flow::conns_sub(backend_id);
@@ -286,7 +285,7 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
             if !closing {
                 flow::conns_sub(backend_id);
             }
-            if let Some(v) = flow::apply(&twin, pkt.proto, pkt.tcp_flags, now).and_then(|hit| follow(ctx, pkt, &hit, hash, bytes)) {
+            if let Some(v) = follow(ctx, pkt, &flow::apply(&twin, pkt.proto, pkt.tcp_flags, now), hash, bytes) {
                 return v;
             }
         }

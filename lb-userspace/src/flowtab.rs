@@ -14,12 +14,12 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    flow_buckets, flow_fingerprint, flow_hash, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, FLOW_WAYS, TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, flow_hash, next_generation, tag_generation, tag_low, tag_word, Flow, FlowBucket, FlowCount,
+    FlowKey, FlowTags, FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{conns::ConnCounters, Error};
 
-const LOW: u64 = 0xFFFF_FFFF;
 
 /// A shared read-write mapping of a BPF array created with `BPF_F_MMAPABLE`.
 struct Mapping {
@@ -75,7 +75,7 @@ pub struct Entry {
 impl Entry {
     /// Whether the flow holds a `CONNS` slot.
     pub fn holds_slot(&self) -> bool {
-        self.flow.counted != 0 && self.flow.counted == self.slot.word >> 32
+        self.flow.counted != 0 && self.flow.counted == tag_generation(self.slot.word)
     }
 }
 
@@ -171,7 +171,7 @@ impl FlowTable {
     /// word, so a way that changed hands meanwhile is not returned.
     fn read(&self, b: u32, way: usize) -> Option<Entry> {
         let word = self.tag(b, way).load(Ordering::Acquire);
-        if word & LOW == u64::from(TAG_FREE) || word & u64::from(TAG_PENDING) != 0 {
+        if tag_low(word) == TAG_FREE || tag_low(word) & TAG_PENDING != 0 {
             return None;
         }
         // SAFETY: in bounds; a plain copy that may be torn, validated below.
@@ -204,15 +204,15 @@ impl FlowTable {
     pub fn get(&self, key: &FlowKey) -> Option<Entry> {
         let hash = flow_hash(key);
         let (b1, b2) = flow_buckets(hash, self.nbuckets);
-        let fp = u64::from(flow_fingerprint(hash));
+        let fp = flow_fingerprint(hash);
         [b1, b2].into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).find_map(|(b, w)| {
-            self.read(b, w).filter(|e| e.slot.word & LOW == fp && e.key == *key)
+            self.read(b, w).filter(|e| tag_low(e.slot.word) == fp && e.key == *key)
         })
     }
 
     /// Gives the flow's `CONNS` slot back if it still holds it. Returns whether it did.
     pub fn release(&self, e: &Entry, conns: &ConnCounters) -> bool {
-        let gen = e.slot.word >> 32;
+        let gen = tag_generation(e.slot.word);
         let released = self.counted(e.slot.bucket, e.slot.way).compare_exchange(gen, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok();
         if released {
             conns.release(e.flow.backend_id, 1);
@@ -223,7 +223,7 @@ impl FlowTable {
     /// Frees the flow's way if it still holds this flow. Returns whether this call freed it.
     pub fn remove(&self, e: &Entry) -> bool {
         let w = e.slot.word;
-        let freed = self.tag(e.slot.bucket, e.slot.way).compare_exchange(w, w & !LOW, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        let freed = self.tag(e.slot.bucket, e.slot.way).compare_exchange(w, tag_word(tag_generation(w), TAG_FREE), Ordering::AcqRel, Ordering::Relaxed).is_ok();
         if freed {
             self.live().fetch_sub(1, Ordering::AcqRel);
             let (home, _) = flow_buckets(flow_hash(&e.key), self.nbuckets);
@@ -256,14 +256,11 @@ impl FlowTable {
             }
             for way in 0..FLOW_WAYS {
                 let word = self.tag(b, way).load(Ordering::Acquire);
-                if word & LOW != u64::from(TAG_FREE) {
+                if tag_low(word) != TAG_FREE {
                     continue;
                 }
-                let gen = match ((word >> 32) + 1) & LOW {
-                    0 => 1,
-                    g => g,
-                };
-                if self.tag(b, way).compare_exchange(word, gen << 32 | u64::from(fp | TAG_PENDING), Ordering::AcqRel, Ordering::Relaxed).is_err() {
+                let gen = next_generation(word);
+                if self.tag(b, way).compare_exchange(word, tag_word(gen, fp | TAG_PENDING), Ordering::AcqRel, Ordering::Relaxed).is_err() {
                     continue;
                 }
                 let mut flow = *flow;
@@ -274,7 +271,7 @@ impl FlowTable {
                     addr_of_mut!((*e).key).write_volatile(*key);
                     addr_of_mut!((*e).flow).write_volatile(flow);
                 }
-                self.tag(b, way).store(gen << 32 | u64::from(fp), Ordering::Release);
+                self.tag(b, way).store(tag_word(gen, fp), Ordering::Release);
                 return Ok(());
             }
         }
