@@ -245,7 +245,7 @@ impl Verdict for Report {
             ("held through the whole run", format!("{} of {}", self.held_survived, self.held)),
             ("refused at connect (RST)", self.refused.to_string()),
             ("  of which counted by Sluice with a reason", self.refused_by_sluice.to_string()),
-            ("connect failed (no answer to the SYN)", self.connect_failed.to_string()),
+            ("connect failed (no answer to the SYN, or another error)", self.connect_failed.to_string()),
             ("broken by a backend crash", self.broken_by_backend_crash.to_string()),
             ("**broken otherwise (Sluice)**", format!("**{}**", self.broken)),
             ("drift corrected by reconciliation during the run", self.drift_corrected.to_string()),
@@ -345,6 +345,10 @@ async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duratio
     let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(Fate::Refused),
+        // Linux reports a RST to the SYN as ECONNREFUSED; ECONNRESET means the handshake had
+        // completed and the peer reset the connection before `connect` returned (a backend
+        // killed with it in its accept queue). A broken connection, judged like the others.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Err(Fate::Broken(format!("reset right after the handshake: {e}"))),
         Ok(Err(e)) => Err(Fate::ConnectFailed(e.to_string())),
         Err(_) => Err(Fate::ConnectFailed(format!("no answer to the SYN within {CONNECT_TIMEOUT:?}"))),
     };
