@@ -30,6 +30,13 @@ fn try_take(backend_id: u32) -> Result<(), Reason> {
     }
     let limit = u64::from(b.max_conns);
     let Some(c) = CONNS.get_ptr_mut(backend_id) else { return Err(Reason::NoBackend) };
+    // A plain read first: a backend at its limit refuses without a lock-prefixed add, which
+    // would bounce the counter's line between CPUs under a SYN flood and wait for every load
+    // still in flight (the flow table lines `flow::warm` started).
+    // SAFETY: shared array value; an aligned 64-bit load is atomic.
+    if unsafe { core::ptr::read_volatile(&raw const (*c).open) } >= limit {
+        return Err(Reason::BackendLimit);
+    }
     // SAFETY: shared array value; `open` is only changed atomically.
     let prev = unsafe { atomic::fetch_add(&raw mut (*c).open, 1) };
     if prev >= limit {
@@ -37,6 +44,16 @@ fn try_take(backend_id: u32) -> Result<(), Reason> {
         return Err(Reason::BackendLimit);
     }
     Ok(())
+}
+
+/// Whether the flow's first choice is active and below its limit right now (a hint: `admit`
+/// decides).
+#[inline(always)]
+pub fn has_room(svc: &Service, hash: u32) -> bool {
+    let first = ring_pick(svc, hash, 0);
+    let (Some(b), Some(c)) = (BACKENDS.get(first), CONNS.get_ptr_mut(first)) else { return false };
+    // SAFETY: shared array value; an aligned 64-bit load is atomic.
+    b.state == BACKEND_ACTIVE && unsafe { core::ptr::read_volatile(&raw const (*c).open) } < u64::from(b.max_conns)
 }
 
 /// Admits a new flow: `Ok(backend)` holding one slot on it, or `Err((reason, backend))`

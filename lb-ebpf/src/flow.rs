@@ -246,6 +246,24 @@ fn find_in(b: u32, key: &FlowKey, fp: u32) -> Option<(u64, u64)> {
     None
 }
 
+/// Starts reading the lines a new flow of hash `hash` will use: its home bucket's tags (which
+/// the lookup reads next) and the entry it will most likely be written to (the bucket's first
+/// free way is its first way in all but a busy bucket; an entry spans two lines). Nothing
+/// waits for these loads, so their misses (random lines of big arrays: nearly always cache
+/// and TLB misses) overlap instead of following each other.
+#[inline(always)]
+pub fn warm(hash: u32) {
+    let (home, _) = flow_buckets(hash, config!(flow_buckets));
+    let (Some(tags), Some(bucket)) = (FLOW_TAGS.get_ptr_mut(home), FLOWS.get_ptr_mut(home)) else { return };
+    // SAFETY: values of FLOW_TAGS and FLOWS; the results are not used.
+    unsafe {
+        let entry = addr_of_mut!((*bucket).entries).cast::<FlowEntry>();
+        let _ = read_volatile(addr_of_mut!((*tags).overflow));
+        let _ = read_volatile(addr_of_mut!((*entry).key).cast::<u64>());
+        let _ = read_volatile(addr_of_mut!((*entry).flow.created_ns));
+    }
+}
+
 /// The flow of `key` (whose flow hash is `hash`), if it is in the table: in its home bucket,
 /// or in its other bucket if flows of this home ever overflowed there.
 #[inline(always)]

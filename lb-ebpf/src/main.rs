@@ -151,6 +151,25 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     let key = &s.key;
     let now = coarse_now(&mut s.clock_jiffies, &mut s.clock_ns);
     let hash = flow_hash(key);
+    let is_tcp = pkt.proto == PROTO_TCP;
+    // A SYN most likely opens a flow: its service is looked up first and, if the first choice
+    // has room, the table lines the flow will be written to are fetched while the lookup
+    // below waits for the bucket's tags (two random lines of a big table: the misses overlap
+    // instead of following each other). Not for a SYN that will be refused: a flood of those
+    // would pay for lines it never writes.
+    let syn = is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut early = false;
+    if syn {
+        // SAFETY: the value is copied out at once (a preallocated hash map's element may be
+        // reused for another key while a program still holds a pointer to it).
+        if let Some(v) = unsafe { SERVICES.get(&s.skey) } {
+            s.svc = *v;
+            early = true;
+            if admission::has_room(&s.svc, hash) {
+                flow::warm(hash);
+            }
+        }
+    }
     // The flow before the service: a flow carries what forwarding needs, so an established
     // connection costs no hash-map call (and keeps its path if its service changes or goes).
     if let Some(hit) = flow::on_packet(key, hash, pkt.tcp_flags, now) {
@@ -158,11 +177,17 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
             return v;
         }
     }
-    // SAFETY: the value is copied out at once.
-    let Some(svc) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
+    let svc = if early {
+        s.svc
+    } else if syn {
         return Ok((not_service(pkt), xdp_action::XDP_PASS));
+    } else {
+        // SAFETY: the value is copied out at once.
+        let Some(v) = (unsafe { SERVICES.get(&s.skey) }).copied() else {
+            return Ok((not_service(pkt), xdp_action::XDP_PASS));
+        };
+        v
     };
-    let is_tcp = pkt.proto == PROTO_TCP;
     if is_tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return adopt(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes);
     }

@@ -101,6 +101,8 @@ pub struct Scratch {
     pub key: FlowKey,
     pub flow: Flow,
     pub skey: ServiceKey,
+    /// The service of a SYN, looked up before its flow (`crate::balance`).
+    pub svc: Service,
     pub fib: FibParams,
     /// Headers being assembled (RST).
     pub buf: Buf,

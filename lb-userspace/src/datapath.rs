@@ -89,8 +89,14 @@ pub fn load_decap() -> Result<Ebpf, Error> {
 
 /// Loads the program `name` from the object (the benchmarks load the floor programs).
 pub fn load_program(opts: &LoadOptions, name: &str) -> Result<Ebpf, Error> {
+    load_program_from(opts, name, OBJECT)
+}
+
+/// [`load_program`] from another build's object file (`bench_ab` compares two builds in one
+/// run).
+pub fn load_program_from(opts: &LoadOptions, name: &str, object: &[u8]) -> Result<Ebpf, Error> {
     let config = opts.loaded_config();
-    let mut ebpf = opts.loader(&config).load(OBJECT).map_err(|e| match e {
+    let mut ebpf = opts.loader(&config).load(object).map_err(|e| match e {
         EbpfError::MapError(ref m) if is_permission(m) => Error::Permission { action: "creating BPF maps" },
         e => Error::other("loading the XDP object", e),
     })?;

@@ -58,6 +58,13 @@ impl XdpRunner {
         Self { ebpf, prog_name: PROG_BALANCER }
     }
 
+    /// The balancer of another build's object (`bench_ab`).
+    pub fn balancer_from(opts: &LoadOptions, object: &[u8]) -> Self {
+        crate::require_root();
+        let ebpf = lb_userspace::datapath::load_program_from(opts, PROG_BALANCER, object).unwrap_or_else(|e| panic!("loading the balancer: {e}"));
+        Self { ebpf, prog_name: PROG_BALANCER }
+    }
+
     /// Any program of the object by name (benchmark floors).
     pub fn program(opts: &LoadOptions, name: &'static str) -> Self {
         crate::require_root();

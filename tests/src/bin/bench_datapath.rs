@@ -1,4 +1,4 @@
-//! `cargo xtask bench datapath`: per-packet cost of Sluice's XDP program against two floor
+//! `cargo xtask bench datapath`: per-packet cost of Sluice's XDP program against floor
 //! programs measured in the same run, with BPF_PROG_TEST_RUN. Each case is timed two ways:
 //! the median kernel-measured duration of single-shot runs (`repeat = 1`), and the kernel's
 //! own per-program statistics (run_time_ns / run_cnt). The median of several rounds is
@@ -47,6 +47,8 @@ fn main() {
     // The floors use no map; a small flow table spares the memory of two more big ones.
     let mut floor = XdpRunner::program(&bench::opts(1024), "floor_pass");
     let mut swap = XdpRunner::program(&bench::opts(1024), "floor_macswap");
+    // The memory a new flow must touch, in a table as big as the balancer's.
+    let mut lines = XdpRunner::program(&bench::opts(1 << 20), "floor_new_flow");
     let mut x = XdpRunner::balancer_with(&bench::opts(1 << 20));
     bench::install(&mut x, 80, MODE_L2DSR, u32::MAX, 1);
     bench::install(&mut x, 8080, MODE_IPIP, u32::MAX, 2);
@@ -66,9 +68,10 @@ fn main() {
 
     // Rounds interleave every case, so a noisy neighbour or frequency change hits the floors
     // and the cases alike; ratios are taken within a round, then the median over rounds.
-    let names: [(&str, Option<f64>); 7] = [
+    let names: [(&str, Option<f64>); 8] = [
         ("floor: XDP_PASS", None),
         ("floor: MAC swap + XDP_TX", None),
+        ("floor: a new flow's two table lines (1M flows)", None),
         ("sluice: non-service traffic", Some(1.9)),
         ("sluice: established flow, l2dsr", None),
         ("sluice: established flow, ipip", Some(3.0)),
@@ -79,11 +82,12 @@ fn main() {
     for r in 0..ROUNDS {
         samples[0].push(round(&mut floor, &|_| syn(1000), r));
         samples[1].push(round(&mut swap, &|_| syn(1000), r));
-        samples[2].push(round(&mut x, &|_| non_service.clone(), r));
-        samples[3].push(round(&mut x, &|_| est.clone(), r));
-        samples[4].push(round(&mut x, &|_| est_ipip.clone(), r));
-        samples[5].push(round(&mut x, &new_syn, r));
-        samples[6].push(round(&mut x, &refused, r));
+        samples[2].push(round(&mut lines, &new_syn, r));
+        samples[3].push(round(&mut x, &|_| non_service.clone(), r));
+        samples[4].push(round(&mut x, &|_| est.clone(), r));
+        samples[5].push(round(&mut x, &|_| est_ipip.clone(), r));
+        samples[6].push(round(&mut x, &new_syn, r));
+        samples[7].push(round(&mut x, &refused, r));
     }
     let ratios: Vec<(f64, f64)> = (0..names.len())
         .map(|c| {
