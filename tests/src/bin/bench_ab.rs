@@ -15,6 +15,9 @@ use sluice_tests::{
     testrun::XdpRunner,
 };
 
+/// A case's frame for packet `i` of the run.
+type Frames<'a> = &'a dyn Fn(usize) -> Vec<u8>;
+
 const ROUNDS: usize = 15;
 const PER_ROUND: usize = 10_000;
 
@@ -64,7 +67,7 @@ fn main() {
     };
     let refused = |i: usize| Pkt::tcp4(&format!("10.8.0.1:{}", 1024 + i % 60000), "10.0.0.100:9090").build();
     let floor_frame = Pkt::tcp4("10.9.0.1:1000", "10.0.0.99:80").build();
-    let cases: [(&str, &dyn Fn(usize) -> Vec<u8>); 3] =
+    let cases: [(&str, Frames); 3] =
         [("established flow, ipip", &|_| est.clone()), ("new SYN with admission, ipip", &new_syn), ("refused SYN", &refused)];
     let mut res: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
     for r in 0..ROUNDS {
