@@ -86,35 +86,3 @@ fn vary(ctx: &XdpContext) {
     }
 }
 
-/// What a new flow's memory costs at the least: the two random lines of the flow table it
-/// must touch, its home bucket's tag line (changed by a compare-and-swap, as every claim of a
-/// way is) and the entry it is written to, both requested at once. The locked instruction
-/// waits for both lines, as Sluice's own atomics do; a program of plain loads would end before
-/// its misses did and its measured time would not include them. Everything else a new SYN
-/// costs is Sluice's own work. Untagged IPv4 frames only (the benchmark's).
-#[xdp]
-pub fn floor_new_flow(ctx: XdpContext) -> u32 {
-    let Ok(frame) = ptr_at::<[u8; 38]>(&ctx, 0) else { return xdp_action::XDP_PASS };
-    let frame = frame.cast::<u8>();
-    // SAFETY: ptr_at checked 38 bytes: Ethernet, a 20-byte IPv4 header and the ports.
-    let (src, ports) = unsafe { (ld32(frame.add(26)), ld32(frame.add(34))) };
-    // Any well-mixed hash spreads flows over the buckets as the flow hash does.
-    let mut h = (src ^ ports.rotate_left(16)).wrapping_mul(0x9e37_79b1);
-    h = (h ^ (h >> 15)).wrapping_mul(0x85eb_ca6b);
-    let (home, _) = lb_common::flow_buckets(h ^ (h >> 13), config!(flow_buckets));
-    let (Some(tags), Some(bucket)) = (crate::maps::FLOW_TAGS.get_ptr_mut(home), crate::maps::FLOWS.get_ptr_mut(home)) else {
-        return xdp_action::XDP_PASS;
-    };
-    // SAFETY: values of this program's own FLOW_TAGS and FLOWS; the swap never matches (the
-    // word stays as it is).
-    let (e, t) = unsafe {
-        let entry = core::ptr::addr_of_mut!((*bucket).entries).cast::<lb_common::FlowEntry>();
-        let e = core::ptr::read_volatile(core::ptr::addr_of!((*entry).flow.created_ns));
-        (e, crate::atomic::cmpxchg(core::ptr::addr_of_mut!((*tags).overflow), u64::MAX, u64::MAX))
-    };
-    if t ^ e == 0x5a5a_5a5a_5a5a_5a5a {
-        xdp_action::XDP_DROP
-    } else {
-        xdp_action::XDP_PASS
-    }
-}
