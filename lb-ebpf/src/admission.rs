@@ -19,27 +19,35 @@ pub fn ring_pick(svc: &Service, hash: u32, i: u32) -> u32 {
     RINGS.get(slot).copied().unwrap_or(0)
 }
 
-/// Takes a slot on `backend_id` if it is active and under its limit. The add comes first and
-/// is rolled back when over the limit, so concurrent CPUs can never overshoot: each sees a
-/// distinct previous value, and only those that saw one below the limit keep their slot.
+/// `backend_id`'s open-connection counter and limit if it is active and, by a plain read,
+/// below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
+/// add, which would bounce the counter's line between CPUs under a SYN flood and wait for
+/// every load still in flight (the flow table lines `flow::warm` started).
 #[inline(always)]
-fn try_take(backend_id: u32) -> Result<(), Reason> {
+fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
     let Some(b) = BACKENDS.get(backend_id) else { return Err(Reason::NoBackend) };
     if b.state != BACKEND_ACTIVE {
         return Err(if b.state == BACKEND_DRAINING { Reason::BackendDraining } else { Reason::BackendDown });
     }
     let limit = u64::from(b.max_conns);
     let Some(c) = CONNS.get_ptr_mut(backend_id) else { return Err(Reason::NoBackend) };
-    // A plain read first: a backend at its limit refuses without a lock-prefixed add, which
-    // would bounce the counter's line between CPUs under a SYN flood and wait for every load
-    // still in flight (the flow table lines `flow::warm` started).
-    // SAFETY: shared array value; an aligned 64-bit load is atomic.
-    if unsafe { core::ptr::read_volatile(&raw const (*c).open) } >= limit {
+    // SAFETY: shared array value; `open` is only changed atomically.
+    let open = unsafe { &raw mut (*c).open };
+    // SAFETY: as above; an aligned 64-bit load is atomic.
+    if unsafe { core::ptr::read_volatile(open) } >= limit {
         return Err(Reason::BackendLimit);
     }
-    // SAFETY: shared array value; `open` is only changed atomically.
-    let prev = unsafe { atomic::fetch_add(&raw mut (*c).open, 1) };
-    if prev >= limit {
+    Ok((open, limit))
+}
+
+/// Takes a slot on `backend_id` if it is active and under its limit. The add decides and is
+/// rolled back when over the limit, so concurrent CPUs can never overshoot: each sees a
+/// distinct previous value, and only those that saw one below the limit keep their slot.
+#[inline(always)]
+fn try_take(backend_id: u32) -> Result<(), Reason> {
+    let (open, limit) = room(backend_id)?;
+    // SAFETY: `open` points into a CONNS value; it is only changed atomically.
+    if unsafe { atomic::fetch_add(open, 1) } >= limit {
         conns_sub(backend_id);
         return Err(Reason::BackendLimit);
     }
@@ -50,10 +58,7 @@ fn try_take(backend_id: u32) -> Result<(), Reason> {
 /// decides).
 #[inline(always)]
 pub fn has_room(svc: &Service, hash: u32) -> bool {
-    let first = ring_pick(svc, hash, 0);
-    let (Some(b), Some(c)) = (BACKENDS.get(first), CONNS.get_ptr_mut(first)) else { return false };
-    // SAFETY: shared array value; an aligned 64-bit load is atomic.
-    b.state == BACKEND_ACTIVE && unsafe { core::ptr::read_volatile(&raw const (*c).open) } < u64::from(b.max_conns)
+    room(ring_pick(svc, hash, 0)).is_ok()
 }
 
 /// Admits a new flow: `Ok(backend)` holding one slot on it, or `Err((reason, backend))`

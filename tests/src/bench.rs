@@ -7,7 +7,31 @@ use lb_userspace::{
     maglev::{self, RingBackend},
 };
 
-use crate::{packet::PROTO_TCP, testrun::XdpRunner};
+use std::time::Duration;
+
+use crate::{
+    packet::{tcp, Pkt, PROTO_TCP},
+    testrun::XdpRunner,
+};
+
+/// Flow `i` of many to the service on 10.0.0.100:8080: its SYN, or (other `flags`) a packet
+/// of it with 64 bytes of payload. Distinct sources spread the flows over the flow table.
+pub fn flow_frame(i: usize, flags: u8) -> Vec<u8> {
+    let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
+    let p = Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").flags(flags);
+    if flags == tcp::SYN { p.build() } else { p.payload(&[0; 64]).build() }
+}
+
+/// Runs each frame once through `x` with the kernel's run-time statistics on: the
+/// kernel-measured duration of each run and the program's mean run time (prog-stats).
+pub fn run_batch(x: &mut XdpRunner, batch: &[Vec<u8>]) -> (Vec<Duration>, Duration) {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    let before = x.prog().info().expect("info");
+    let d: Vec<Duration> = batch.iter().map(|f| x.run(f).duration).collect();
+    let after = x.prog().info().expect("info");
+    let runs = after.run_count() - before.run_count();
+    (d, (after.run_time() - before.run_time()) / runs as u32)
+}
 
 /// A gateway MAC (so `ipip` needs no FIB), room for four 65537-slot rings, `flows` flows.
 pub fn opts(flows: u32) -> LoadOptions {

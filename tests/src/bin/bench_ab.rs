@@ -22,16 +22,9 @@ const ROUNDS: usize = 15;
 const PER_ROUND: usize = 10_000;
 
 /// Mean prog-stats ns per packet over one round of `frames`.
-fn round(x: &mut XdpRunner, frames: &dyn Fn(usize) -> Vec<u8>, round: usize) -> f64 {
+fn round(x: &mut XdpRunner, frames: Frames, round: usize) -> f64 {
     let batch: Vec<Vec<u8>> = (0..PER_ROUND).map(|i| frames(round * PER_ROUND + i)).collect();
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-    let before = x.prog().info().expect("info");
-    for f in &batch {
-        x.run(f);
-    }
-    let after = x.prog().info().expect("info");
-    let runs = after.run_count() - before.run_count();
-    (after.run_time() - before.run_time()).as_nanos() as f64 / runs as f64
+    bench::run_batch(x, &batch).1.as_nanos() as f64
 }
 
 fn install(x: &mut XdpRunner) {
@@ -61,16 +54,14 @@ fn main() {
     install(&mut a);
     install(&mut b);
     let est = Pkt::tcp4("10.9.0.1:2001", "10.0.0.100:8080").flags(tcp::ACK).payload(&[0; 64]).build();
-    let new_syn = |i: usize| {
-        let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
-        Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").build()
-    };
-    // ACKs of the flows the round before entered (round 0: of one flow, entered then).
-    let est_cold = |i: usize| {
-        let i = i.saturating_sub(PER_ROUND);
-        let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
-        Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").flags(tcp::ACK).payload(&[0; 64]).build()
-    };
+    // As in bench_datapath: round r enters flows r+1 (flow 0 before the rounds), and its cold
+    // packets are ACKs of the flows the round before entered.
+    let new_syn = |i: usize| bench::flow_frame(i + PER_ROUND, tcp::SYN);
+    let est_cold = |i: usize| bench::flow_frame(i, tcp::ACK);
+    for i in 0..PER_ROUND {
+        a.run(&bench::flow_frame(i, tcp::SYN));
+        b.run(&bench::flow_frame(i, tcp::SYN));
+    }
     let refused = |i: usize| Pkt::tcp4(&format!("10.8.0.1:{}", 1024 + i % 60000), "10.0.0.100:9090").build();
     let floor_frame = Pkt::tcp4("10.9.0.1:1000", "10.0.0.99:80").build();
     let cases: [(&str, Frames); 4] = [

@@ -31,12 +31,8 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// One round of `frames` through `x`: (median single-shot, prog-stats average).
 fn round(x: &mut XdpRunner, frames: &dyn Fn(usize) -> Vec<u8>, round: usize) -> (Duration, Duration) {
     let batch: Vec<Vec<u8>> = (0..PER_ROUND).map(|i| frames(round * PER_ROUND + i)).collect();
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
-    let before = x.prog().info().expect("info");
-    let d: Vec<Duration> = batch.iter().map(|f| x.run(f).duration).collect();
-    let after = x.prog().info().expect("info");
-    let runs = after.run_count() - before.run_count();
-    (median(d), (after.run_time() - before.run_time()) / runs as u32)
+    let (d, stats) = bench::run_batch(x, &batch);
+    (median(d), stats)
 }
 
 fn main() {
@@ -61,15 +57,10 @@ fn main() {
     // Round r's new SYNs are flows r+1 (flow 0 is entered before the rounds); its cold
     // established packets are ACKs of the flows the round before entered, ~40,000 packets ago
     // (their table lines long out of the caches the test-run syscalls keep churning).
-    let flow = |i: usize, flags: u8| {
-        let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
-        let p = Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").flags(flags);
-        if flags == tcp::SYN { p.build() } else { p.payload(&[0; 64]).build() }
-    };
-    let new_syn = |i: usize| flow(i + PER_ROUND, tcp::SYN);
-    let est_cold = |i: usize| flow(i, tcp::ACK);
+    let new_syn = |i: usize| bench::flow_frame(i + PER_ROUND, tcp::SYN);
+    let est_cold = |i: usize| bench::flow_frame(i, tcp::ACK);
     for i in 0..PER_ROUND {
-        x.run(&flow(i, tcp::SYN));
+        x.run(&bench::flow_frame(i, tcp::SYN));
     }
     let refused = |i: usize| Pkt::tcp4(&format!("10.8.0.1:{}", 1024 + i % 60000), "10.0.0.100:9090").build();
 
