@@ -1,4 +1,4 @@
 //! Host-side library target of the eBPF crate. It is empty on purpose: lb-userspace lists this
-//! crate as a build-dependency so that edits to the XDP programs rebuild it (aya-build only
-//! rebuilds when a dependency changes). The programs themselves are in `main.rs`.
+//! crate as a build-dependency so that edits to the XDP programs rebuild it (the build script also
+//! watches the crate's directory). The programs themselves are in `main.rs`.
 #![no_std]

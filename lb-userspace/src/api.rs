@@ -20,8 +20,9 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 use crate::{
+    cfgfile::{self, BackendEdit, Staged},
     config::{self, BackendCfg, Config, Finding, Proto, Severity},
-    daemon::State,
+    daemon::{Next, State, Then},
     explain::{self, Explanation},
     gc::{Drift, Sweep},
     reconcile::{state_name, Change},
@@ -165,23 +166,36 @@ async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRe
         _ => return Err(bad("give either \"path\" or \"toml\"")),
     };
     let (cfg, warnings) = config::parse(&file, &text).map_err(|r| ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))?;
-    {
-        let st = st.lock().expect("state lock");
-        if cfg.daemon != st.cfg.daemon || cfg.flows.capacity != st.cfg.flows.capacity || cfg.datapath != st.cfg.datapath {
-            return Err(ApiError(
+    let restart_only = |next: &Config, running: &Config| {
+        (next.daemon != running.daemon || next.flows.capacity != running.flows.capacity || next.datapath != running.datapath).then(|| {
+            ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 format!("{}: [daemon], [datapath] and flows.capacity take effect on restart only; change them in the file the daemon starts with and restart it", file.display()),
-            ));
-        }
-    }
+            )
+        })
+    };
     if req.dry_run {
+        if let Some(e) = restart_only(&cfg, &st.lock().expect("state lock").cfg) {
+            return Err(e);
+        }
         let changes = State::plan(&st, &cfg).await?;
         return Ok(Json(ApplyResponse { applied: false, changes, warnings }));
     }
-    let changes = State::apply(&st, cfg).await?;
-    if let Some(p) = &req.path {
-        st.lock().expect("state lock").cfg_path.clone_from(p);
-    }
+    let path = req.path.clone();
+    let changes = State::change(&st, |running| {
+        if let Some(e) = restart_only(&cfg, &running.cfg) {
+            return Err(e);
+        }
+        // The applied file becomes the one a reload reads and runtime changes are written to.
+        let then = path.map(|p| -> Then {
+            Box::new(move |st: &mut State| {
+                st.cfg_path = p;
+                Ok(())
+            })
+        });
+        Ok(Next { cfg, then })
+    })
+    .await?;
     Ok(Json(ApplyResponse { applied: true, changes, warnings }))
 }
 
@@ -199,39 +213,90 @@ async fn post_backend(
     body: Option<Json<BackendRequest>>,
 ) -> Result<Json<ApplyResponse>, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
-    let mut cfg: Config = st.lock().expect("state lock").cfg.clone();
+    let edit = match action.as_str() {
+        "add" => BackendEdit::Add(BackendCfg {
+            address,
+            max_conns: body.max_conns.ok_or_else(|| bad("adding a backend needs \"max_conns\""))?,
+            weight: body.weight.unwrap_or(1),
+            drain: false,
+            mac: None,
+            health: None,
+        }),
+        "remove" => BackendEdit::Remove,
+        "drain" => BackendEdit::Set { max_conns: None, weight: None, drain: Some(true) },
+        "undrain" => BackendEdit::Set { max_conns: None, weight: None, drain: Some(false) },
+        "set-limit" => BackendEdit::Set { max_conns: Some(body.max_conns.ok_or_else(|| bad("set-limit needs \"max_conns\""))?), weight: body.weight, drain: None },
+        other => return Err(bad(format!("unknown action \"{other}\" (add, remove, drain, undrain, set-limit)"))),
+    };
+    let mut warnings = Vec::new();
+    let changes = State::change(&st, |running| {
+        let cfg = edit_config(&running.cfg, &service, address, &edit)?;
+        let findings = config::validate(&cfg);
+        if let Some(e) = findings.iter().find(|f| f.severity == Severity::Error) {
+            return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("refused, nothing changed: {e}")));
+        }
+        warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
+        let staged = write_back(&running.cfg_path, &running.cfg, &cfg, &service, address, &edit)?;
+        let then: Then = Box::new(move |st: &mut State| {
+            let path = st.cfg_path.clone();
+            staged.commit().map_err(|e| {
+                Error::other(format!("the change is applied, but writing it into {} failed, so a reload would revert it; fix the file by hand", path.display()), e)
+            })
+        });
+        Ok(Next { cfg, then: Some(then) })
+    })
+    .await?;
+    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+}
+
+/// The running config with `edit` made to one backend.
+fn edit_config(running: &Config, service: &str, address: IpAddr, edit: &BackendEdit) -> Result<Config, ApiError> {
+    let mut cfg = running.clone();
     let svc = cfg.services.iter_mut().find(|s| s.name == service).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named \"{service}\"")))?;
     let idx = svc.backends.iter().position(|b| b.address == address);
     let missing = || ApiError(StatusCode::NOT_FOUND, format!("service \"{service}\" has no backend {address}"));
-    match action.as_str() {
-        "add" => {
+    match edit {
+        BackendEdit::Add(b) => {
             if idx.is_some() {
                 return Err(bad(format!("service \"{service}\" already has backend {address}")));
             }
-            let max_conns = body.max_conns.ok_or_else(|| bad("adding a backend needs \"max_conns\""))?;
-            svc.backends.push(BackendCfg { address, max_conns, weight: body.weight.unwrap_or(1), drain: false, mac: None, health: None });
+            svc.backends.push(b.clone());
         }
-        "remove" => {
+        BackendEdit::Remove => {
             svc.backends.remove(idx.ok_or_else(missing)?);
         }
-        "drain" => svc.backends[idx.ok_or_else(missing)?].drain = true,
-        "undrain" => svc.backends[idx.ok_or_else(missing)?].drain = false,
-        "set-limit" => {
+        BackendEdit::Set { max_conns, weight, drain } => {
             let b = &mut svc.backends[idx.ok_or_else(missing)?];
-            b.max_conns = body.max_conns.ok_or_else(|| bad("set-limit needs \"max_conns\""))?;
-            if let Some(w) = body.weight {
-                b.weight = w;
-            }
+            b.max_conns = max_conns.unwrap_or(b.max_conns);
+            b.weight = weight.unwrap_or(b.weight);
+            b.drain = drain.unwrap_or(b.drain);
         }
-        other => return Err(bad(format!("unknown action \"{other}\" (add, remove, drain, undrain, set-limit)"))),
     }
-    let findings = config::validate(&cfg);
-    if let Some(e) = findings.iter().find(|f| f.severity == Severity::Error) {
-        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("refused, nothing changed: {e}")));
+    Ok(cfg)
+}
+
+/// Stages the config file with `edit` made, so that a reload keeps the change. Refused if the
+/// file no longer says what runs (edited and not applied, or a config sent as text): writing
+/// the edit into it would apply those other changes at the next reload, unreviewed.
+fn write_back(path: &Path, running: &Config, next: &Config, service: &str, address: IpAddr, edit: &BackendEdit) -> Result<Staged, ApiError> {
+    let refuse = |why: String| ApiError(StatusCode::CONFLICT, format!("refused, nothing changed: {why}"));
+    let text = std::fs::read_to_string(path).map_err(|e| refuse(format!("cannot read the config file {} to write the change into it: {e}", path.display())))?;
+    let on_disk = config::parse(path, &text).map(|(c, _)| c);
+    if on_disk.ok().as_ref() != Some(running) {
+        return Err(refuse(format!(
+            "the config file {} differs from the running config (edited and not applied?), so the change cannot be written into it; \
+             apply it (`sluice config apply {}`) or undo its edits, then try again",
+            path.display(),
+            path.display()
+        )));
     }
-    let warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
-    let changes = State::apply(&st, cfg).await?;
-    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+    let edited = cfgfile::edit_backend(&text, service, address, edit).map_err(|e| refuse(format!("{}: {e}", path.display())))?;
+    // The file must say exactly what is applied, or the next reload would change something else.
+    match config::parse(path, &edited) {
+        Ok((c, _)) if &c == next => {}
+        _ => return Err(refuse(format!("{}: the edited file would not read back as the change; edit the file and apply it instead", path.display()))),
+    }
+    Staged::write(path, &edited).map_err(|e| refuse(format!("cannot write beside {}: {e}", path.display())))
 }
 
 #[derive(Deserialize, Serialize, Debug)]
@@ -267,8 +332,7 @@ async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>)
     if req.max_conns == 0 || ttl.is_zero() {
         return Err(bad("max_conns and ttl must be above 0"));
     }
-    let cfg = {
-        let mut s = st.lock().expect("state lock");
+    let changes = State::change(&st, |s| {
         let known = s.cfg.services.iter().any(|x| x.name == req.service && x.backends.iter().any(|b| b.address == req.backend));
         if !known {
             return Err(ApiError(StatusCode::NOT_FOUND, format!("service \"{}\" has no backend {} in the config", req.service, req.backend)));
@@ -277,9 +341,9 @@ async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>)
         tracing::warn!(service = %req.service, backend = %req.backend, "break-glass: max_conns = {} until {until_wall}", req.max_conns);
         s.journal.record("limit", format!("break-glass: service \"{}\" backend {} max_conns = {} until {until_wall}", req.service, req.backend, req.max_conns), vec![]);
         s.overrides.insert((req.service.clone(), req.backend), crate::daemon::Override { max_conns: req.max_conns, until: std::time::Instant::now() + ttl, until_wall });
-        s.cfg.clone()
-    };
-    let changes = State::apply(&st, cfg).await?;
+        Ok(s.cfg.clone().into())
+    })
+    .await?;
     Ok(Json(ApplyResponse { applied: true, changes, warnings: Vec::new() }))
 }
 
@@ -318,15 +382,29 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// Binds the control socket, root only (0600).
+/// Binds the control socket, root only (0600) from the moment it appears at `path`.
+///
+/// `bind` creates the socket with the umask's mode; a `chmod` after it leaves a window in which
+/// anyone may connect (and a reader may see the wrong mode). So the socket is bound inside a
+/// private 0700 directory beside `path`, set to 0600 there, and renamed into place: `rename` is
+/// atomic, so `path` never names a socket with another mode. A directory the daemon creates for
+/// it (`/run/sluice`) is 0700.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::other(format!("creating {}", dir.display()), e))?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| Error::other(format!("binding the control socket {} (daemon.control_socket)", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::other("chmod control socket", e))?;
-    Ok(listener)
+    use std::os::unix::fs::DirBuilderExt as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::other(format!("creating {}", dir.display()), e))?;
+    let private = dir.join(format!(".sluice-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(|e| Error::other(format!("creating {}", private.display()), e))?;
+    let staged = private.join("sock");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged).map_err(|e| Error::other(format!("binding the control socket {} (daemon.control_socket)", path.display()), e))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::other("chmod control socket", e))?;
+        std::fs::rename(&staged, path).map_err(|e| Error::other(format!("moving the control socket into place at {}", path.display()), e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Serves the API on `listener` until `shutdown`, then removes the socket.
@@ -336,5 +414,55 @@ pub async fn serve(listener: UnixListener, path: PathBuf, state: Shared, shutdow
     let _ = std::fs::remove_file(&path);
     if let Err(e) = result {
         tracing::error!("control API: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+    use super::*;
+
+    /// Under a umask that would leave a freshly bound socket open to everyone, a watcher polling
+    /// the socket's path while it is bound over and over never sees it with any mode but 0600
+    /// (binding and then chmod-ing in place fails this within a few hundred rounds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_socket_is_never_seen_open() {
+        let dir = std::env::temp_dir().join(format!("sluice-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("run/sluice.sock");
+        // SAFETY: umask only changes this process's file-creation mask.
+        let old = unsafe { libc::umask(0) };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        if m.file_type().is_socket() {
+                            assert_eq!(m.mode() & 0o777, 0o600, "the control socket was visible with mode {:o}", m.mode() & 0o777);
+                            seen += 1;
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..500 {
+            let l = bind(&path).expect("bind");
+            drop(l);
+            let _ = std::fs::remove_file(&path);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = watcher.join();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let seen = seen.expect("watcher saw only 0600");
+        assert!(seen > 0, "the watcher never saw the socket: the test proves nothing");
+        let run = std::fs::metadata(dir.join("run")).expect("dir");
+        assert_eq!(run.mode() & 0o777, 0o700, "the socket's directory is created 0700");
+        assert_eq!(std::fs::read_dir(dir.join("run")).expect("dir").count(), 0, "no staging directory left behind");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

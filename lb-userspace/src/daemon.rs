@@ -102,6 +102,22 @@ async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, 
     neigh::resolve(&need, Duration::from_secs(3)).await
 }
 
+/// What a change applies: the next config, and what to do once it is applied.
+pub struct Next {
+    pub cfg: Config,
+    /// Runs after a successful apply, in the same turn.
+    pub then: Option<Then>,
+}
+
+/// A change's follow-up, run once its config is applied.
+pub type Then = Box<dyn FnOnce(&mut State) -> Result<(), Error> + Send>;
+
+impl From<Config> for Next {
+    fn from(cfg: Config) -> Self {
+        Self { cfg, then: None }
+    }
+}
+
 /// Everything the daemon owns, shared by its loops and the control API.
 pub struct State {
     pub cfg_path: PathBuf,
@@ -131,11 +147,32 @@ pub struct State {
     eval_pending: bool,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
+    /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
+    /// running config are applied one after the other, each to the result of the one before.
+    turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl State {
-    /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need.
-    pub async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
+    /// The one path by which the running config changes (API, CLI, SIGHUP, health checks,
+    /// break-glass limits and their expiry): waits its turn, lets `edit` derive the next config
+    /// from the state as the previous change left it (and change the state beside it: a
+    /// backend's health, an override), applies it, then runs the edit's follow-up (e.g. putting
+    /// the edited config file in place), all in the same turn. No two changes interleave, so none
+    /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
+    pub async fn change<E: From<Error>>(state: &Arc<Mutex<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
+        let turn = state.lock().expect("state lock").turn.clone();
+        let _turn = turn.lock().await;
+        let next = edit(&mut state.lock().expect("state lock"))?;
+        let changes = Self::apply(state, next.cfg).await?;
+        if let Some(then) = next.then {
+            then(&mut state.lock().expect("state lock"))?;
+        }
+        Ok(changes)
+    }
+
+    /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need. Only
+    /// [`State::change`] calls it, holding the turn.
+    async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
         let macs = backend_macs(&cfg).await?;
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
@@ -281,13 +318,17 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         tracing::warn!("{}: {w}", cfg_path.display());
     }
     let opts = load_options(&cfg);
-    let (mut dp, adopted) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
+    let (mut dp, started) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
     let conns = dp.tables().conn_counters()?;
     let flows = dp.tables().flow_table()?;
     let events = match dp.take_map(maps::EVENTS) {
         Some(m) => Some(crate::events::Events::new(aya::maps::RingBuf::try_from(m).map_err(|e| Error::other("EVENTS", e))?)),
         None => None,
     };
+    let adopted = started.adopted;
+    if let Some(why) = &started.relinked {
+        tracing::warn!("{why}");
+    }
     let applied = if adopted {
         // The adopted ring table keeps the size it was created with.
         let slots = dp.tables().max_entries(maps::RINGS)?;
@@ -321,27 +362,32 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         eval_pending: false,
         health_tx,
         health_rx: Some(health_rx),
+        turn: Arc::default(),
     }));
     {
         let st = state.lock().expect("state lock");
         let how = if adopted { "adopted the running datapath (flows and counters kept)" } else { "loaded a fresh datapath" };
-        st.journal.record("daemon", format!("Sluice daemon started on {}: {how}", cfg.daemon.interface), vec![format!("config {}", cfg_path.display())]);
+        let details = std::iter::once(format!("config {}", cfg_path.display())).chain(started.relinked.clone()).collect();
+        st.journal.record("daemon", format!("Sluice daemon started on {}: {how}", cfg.daemon.interface), details);
     }
-    let changes = State::apply(&state, cfg).await?;
+    let changes = State::change(&state, |_| Ok::<_, Error>(cfg.into())).await?;
     for c in &changes {
         tracing::info!("{}", c.what);
     }
     Ok(state)
 }
 
-/// Reloads the config file; a refused file changes nothing.
+/// Reloads the config file; a refused file changes nothing. The file is read in the change's
+/// turn, so it holds every runtime change made before (they are written back into it).
 pub async fn reload(state: &Arc<Mutex<State>>) -> Result<Vec<Change>, Error> {
-    let path = state.lock().expect("state lock").cfg_path.clone();
-    let (cfg, warnings) = config::load(&path).map_err(Error::Config)?;
-    for w in &warnings {
-        tracing::warn!("{}: {w}", path.display());
-    }
-    State::apply(state, cfg).await
+    State::change(state, |st| {
+        let (cfg, warnings) = config::load(&st.cfg_path).map_err(Error::Config)?;
+        for w in &warnings {
+            tracing::warn!("{}: {w}", st.cfg_path.display());
+        }
+        Ok(cfg.into())
+    })
+    .await
 }
 
 /// Runs until `shutdown` is cancelled (or SIGINT/SIGTERM when `signals`).
@@ -398,16 +444,15 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 Err(e) => tracing::error!("reload refused, nothing changed: {e}"),
             },
             Some(t) = health_rx.recv() => {
-                let cfg = {
-                    let mut st = state.lock().expect("state lock");
-                    let key = (t.service.clone(), t.address);
-                    if t.healthy { st.applied.down.remove(&key); } else { st.applied.down.insert(key); }
-                    st.cfg.clone()
-                };
                 let word = if t.healthy { "healthy again: back in the ring" } else { "unhealthy: out of the ring (open connections continue)" };
                 tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
-                state.lock().expect("state lock").journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
-                if let Err(e) = State::apply(&state, cfg).await {
+                let changed = State::change(&state, |st| {
+                    let key = (t.service.clone(), t.address);
+                    if t.healthy { st.applied.down.remove(&key); } else { st.applied.down.insert(key); }
+                    st.journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
+                    Ok::<_, Error>(st.cfg.clone().into())
+                });
+                if let Err(e) = changed.await {
                     tracing::error!("applying a health change: {e}");
                 }
             }
@@ -423,15 +468,15 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
             }
             _ = tick.tick() => {
                 n += 1;
-                let reapply = {
+                let expired = {
                     let mut st = state.lock().expect("state lock");
                     if let Err(e) = st.tick(n) {
                         tracing::error!("{e}");
                     }
-                    st.expire_overrides().then(|| st.cfg.clone())
+                    st.expire_overrides()
                 };
-                if let Some(cfg) = reapply {
-                    if let Err(e) = State::apply(&state, cfg).await {
+                if expired {
+                    if let Err(e) = State::change(&state, |st| Ok::<_, Error>(st.cfg.clone().into())).await {
                         tracing::error!("reverting a break-glass limit: {e}");
                     }
                 }

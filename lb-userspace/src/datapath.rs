@@ -22,7 +22,7 @@ use lb_common::{
 
 use crate::error::{is_permission, Error};
 
-/// The XDP object built by `build.rs` (aya-build) from `lb-ebpf`.
+/// The XDP object built by `build.rs` (`ebpf_build.rs`) from `lb-ebpf`.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
 /// `statfs` magic number of the bpf filesystem.
@@ -214,8 +214,8 @@ impl Datapath {
 
     /// The daemon's start: adopt the datapath a previous daemon left attached and pinned (same
     /// maps, so no flow and no counter is lost; the program is replaced atomically in the
-    /// pinned XDP link), or load, pin and attach a fresh one. Returns whether it adopted.
-    pub fn start_persistent(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<(Self, bool), Error> {
+    /// pinned XDP link), or load, pin and attach a fresh one. Says whether it adopted.
+    pub fn start_persistent(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<(Self, Started), Error> {
         if nix::net::if_::if_nametoindex(iface).is_err() {
             return Err(Error::NoSuchInterface { iface: iface.into() });
         }
@@ -238,16 +238,42 @@ impl Datapath {
         })?;
         let prog = program(&mut ebpf, PROG_BALANCER)?;
         prog.load().map_err(|e| load_error(PROG_BALANCER, e))?;
+        let want = nix::net::if_::if_nametoindex(iface).map_err(|_| Error::NoSuchInterface { iface: iface.into() })?;
+        let mut relinked = None;
         if adopt {
-            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| Error::other(format!("opening the pinned link {}", link_path.display()), e))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::other("the pinned link is not an XDP link", e))?;
-            prog.attach_to_link(link).map_err(|e| Error::other("replacing the program in the pinned XDP link", e))?;
-        } else {
+            // The link outlives the daemon, not its interface: a removed namespace, a NIC reset
+            // or a rename leaves it detached (ifindex 0) or on another interface. Then keep the
+            // maps (flows and counters) and attach a new link to the configured interface.
+            match pinned_link_ifindex(&link_path) {
+                Ok(on) if on == want => {
+                    let pinned = PinnedLink::from_pin(&link_path).map_err(|e| Error::other(format!("opening the pinned link {}", link_path.display()), e))?;
+                    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::other("the pinned link is not an XDP link", e))?;
+                    prog.attach_to_link(link).map_err(|e| Error::other("replacing the program in the pinned XDP link", e))?;
+                }
+                found => {
+                    let was = match found {
+                        Ok(0) => "its interface is gone".to_owned(),
+                        Ok(other) => format!("it is attached to interface index {other}, not {iface} (index {want})"),
+                        Err(e) => format!("it cannot be read ({e})"),
+                    };
+                    fs::remove_file(&link_path).map_err(|e| {
+                        Error::other(
+                            format!("the pinned XDP link {} is stale ({was}) and cannot be removed; remove it by hand (`rm {}`) and start again", link_path.display(), link_path.display()),
+                            e,
+                        )
+                    })?;
+                    relinked = Some(format!("the pinned XDP link was stale ({was}): attached a new one to {iface}; maps, flows and counters kept"));
+                }
+            }
+        }
+        if !adopt {
             let schema: Array<&mut aya::maps::MapData, u32> =
                 Array::try_from(ebpf.map_mut(maps::SCHEMA).expect("SCHEMA in the object")).map_err(|e| Error::other("SCHEMA", e))?;
             let mut schema = schema;
             schema.set(0, lb_common::SCHEMA_VERSION, 0).map_err(|e| Error::other("writing SCHEMA", e))?;
             write_flow_capacity(&mut ebpf, opts.flow_capacity)?;
+        }
+        if !adopt || relinked.is_some() {
             let prog = program(&mut ebpf, PROG_BALANCER)?;
             let id = prog.attach(iface, mode.into()).map_err(|e| {
                 if is_permission(&e) { Error::Permission { action: "attaching XDP" } } else { Error::Attach { iface: iface.into(), source: e } }
@@ -259,7 +285,7 @@ impl Datapath {
             fd_link.pin(&link_path).map_err(|e| Error::other(format!("pinning the XDP link at {}", link_path.display()), e))?;
         }
         let pinned = paths.into_iter().map(|(_, p)| p).chain([link_path]).collect();
-        Ok((Self { ebpf, pin_dir: pin_dir.to_owned(), pinned }, adopt))
+        Ok((Self { ebpf, pin_dir: pin_dir.to_owned(), pinned }, Started { adopted: adopt, relinked }))
     }
 
     /// Leaves the datapath attached and pinned for the next daemon to adopt.
@@ -286,6 +312,47 @@ impl Datapath {
     pub fn tables(&mut self) -> crate::tables::Tables<'_> {
         crate::tables::Tables::new(&mut self.ebpf)
     }
+}
+
+/// How [`Datapath::start_persistent`] found the datapath.
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// The maps were pinned already (flows and counters kept).
+    pub adopted: bool,
+    /// The pinned link was not on the configured interface and a new one was attached: why.
+    pub relinked: Option<String>,
+}
+
+/// The interface a pinned XDP link is attached to (0 once its interface is gone). aya 0.14's
+/// `LinkInfo` does not expose it, so this asks the kernel directly.
+fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // union bpf_attr for BPF_OBJ_GET: pathname (u64), bpf_fd, file_flags.
+    let mut attr = [0u64; 16];
+    attr[0] = cpath.as_ptr() as u64;
+    // SAFETY: `attr` is a zeroed bpf_attr large enough for the command; the kernel reads the
+    // path while the call runs and `cpath` outlives it.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-aligned union whose `xdp`
+    // member starts with the ifindex (u32) at byte 16.
+    let mut info = [0u32; 32];
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(std::os::fd::AsRawFd::as_raw_fd(&fd) as u32) | ((size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: `info` is writable for `info_len` bytes for the duration of the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), size_of_val(&attr)) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info[4])
 }
 
 /// Refuses pins of another schema, or sized differently from what `opts` asks.

@@ -26,7 +26,10 @@ pub enum Error {
 
     #[error(
         "{dir} is not on a bpf filesystem, so maps cannot be pinned there. Mount one with \
-         `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does this) or pass --pin-dir."
+         `mount -t bpf bpf /sys/fs/bpf` (cargo xtask setup does this) or pass --pin-dir. \
+         Started with `ip netns exec`? It remounts /sys for the namespace, hiding the host's \
+         bpf filesystem: enter only the network namespace instead, \
+         `nsenter --net=/run/netns/NAME sluice …`."
     )]
     NotBpffs { dir: PathBuf },
 

@@ -10,6 +10,7 @@ pub mod alerts;
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod cfgfile;
 pub mod config;
 pub mod daemon;
 pub mod conns;

@@ -141,8 +141,11 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     let (code, _, err) = lab.ctl(&["backend", "set-limit", "web", "10.70.0.13", "0"]);
     assert_ne!(code, 0);
     assert!(err.contains("max_conns") && err.contains("nothing changed"), "{err}");
+    // The runtime change was written into the file (a reload keeps it); the break-glass was not.
     let (_, out, _) = lab.ctl(&["config", "apply", "--dry-run", lab.config.to_str().expect("utf-8")]);
-    assert!(out.contains("would apply: service \"web\" backend 10.70.0.13: max_conns 3 -> 2"), "the file still says 2: {out}");
+    assert!(!out.contains("10.70.0.13"), "the file says 3 as the daemon does: {out}");
+    let (file, _) = lb_userspace::config::load(&lab.config).expect("the written-back file");
+    assert_eq!(file.services[0].backends.iter().find(|b| b.address.to_string() == "10.70.0.13").map(|b| b.max_conns), Some(3));
 
     // Reload without backend-1: it drains. An open connection to it still works.
     let mut on1 = loop {

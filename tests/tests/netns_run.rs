@@ -112,3 +112,30 @@ fn sluice_run_counts_real_packets_from_another_namespace() {
     assert!(!lb.link_show("lb0").contains("xdp"), "XDP still attached after SIGTERM");
     assert!(!pins.0.join("STATS").exists(), "pins left behind after SIGTERM");
 }
+
+/// Under systemd (`JOURNAL_STREAM` set) every log line is plain text with a syslog priority
+/// prefix (`<6>` info) and no colour codes or timestamps, which journald adds itself; the help
+/// says which mode detaches on SIGTERM and which keeps forwarding.
+#[test]
+fn logs_under_systemd_are_journald_lines_and_the_help_tells_the_modes_apart() {
+    let lb = Netns::new("jr");
+    let peer = Netns::new("jp");
+    veth(&lb, "lb0", &peer, "p0");
+    let pins = PinDir::new();
+    let mut run = lb.spawn(lb.command(sluice_bin()).env("JOURNAL_STREAM", "8:12345").env("RUST_LOG", "info").args(["run", "--iface", "lb0", "--pin-dir"]).arg(&pins.0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lb.link_show("lb0").contains("xdp") {
+        assert!(run.exited().is_none() && Instant::now() < deadline, "sluice run did not attach");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.lines().count() >= 2, "{log}");
+    for line in log.lines() {
+        assert!(line.starts_with("<6>") || line.starts_with("<4>") || line.starts_with("<3>"), "not a journald line: {line:?}");
+        assert!(!line.contains('\u{1b}'), "colour codes: {line:?}");
+    }
+    let help = Command::new(sluice_bin()).args(["run", "--help"]).output().expect("help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("the datapath keeps forwarding") && help.contains("detached and its pins removed"), "{help}");
+}

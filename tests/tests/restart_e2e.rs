@@ -73,3 +73,44 @@ fn restart_under_200_open_connections_loses_nothing() {
     assert!(lab.lb.link_show("lb0").contains("xdp"), "the refused start left the running datapath alone");
     lab.detach();
 }
+
+/// The interface a stopped daemon's datapath was attached to disappears and comes back (a
+/// namespace rebuilt, a NIC reset): the pinned link is left detached. The next `sluice run`
+/// attaches a new link to the configured interface and keeps the maps (flows and counters),
+/// says so in its log and the journal, and forwards new connections. Its log, written to a file,
+/// carries no terminal colour codes.
+#[test]
+fn a_datapath_whose_interface_is_gone_is_attached_again_with_its_maps() {
+    let lab = Lab::new(1);
+    lab.write_config(&[(1, "max_conns = 1000")]);
+    let mut daemon = lab.start_daemon();
+    let (_, held) = lab.connect().expect("connect");
+    assert_eq!(open_counts(&lab)[0].1, 1);
+    let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains('\u{1b}'), "colour codes in a log that is not a terminal:\n{log}");
+
+    // lb0 goes away (taking its XDP link along) and comes back under the same name.
+    lab.lb.ip(&["link", "del", "lb0"]);
+    sluice_tests::netns::veth(&lab.lb, "lb0", &lab.switch, "sw-lb");
+    lab.switch.ip(&["link", "set", "sw-lb", "master", "br0"]);
+    lab.lb.addr_add("lb0", "10.70.0.1/24");
+    let decap_pins = sluice_tests::PinDir::new();
+    let _switch_xdp = lab.switch.spawn(lab.switch.command(sluice_tests::sluice_bin()).args(["decap", "--iface", "sw-lb", "--pin-dir"]).arg(&decap_pins.0));
+    sluice_tests::l2lab::wait_for("the switch port's XDP program", || lab.switch.link_show("sw-lb").contains("xdp"));
+    assert!(!lab.lb.link_show("lb0").contains("xdp"), "the new lb0 starts without XDP");
+
+    let mut daemon = lab.start_daemon();
+    assert_eq!(open_counts(&lab)[0].1, 1, "the counter survived the new attachment");
+    let (_, out, _) = lab.ctl(&["status", "--json"]);
+    let v: Value = serde_json::from_str(&out).expect("status json");
+    assert_eq!(v["flows"].as_u64(), Some(1), "the flow table survived the new attachment");
+    lab.connect().expect("a new connection through the new attachment");
+    let journal = std::fs::read_to_string(lab.journal()).expect("journal");
+    assert!(journal.contains("pinned XDP link was stale (its interface is gone)"), "{journal}");
+    let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("attached a new one to lb0; maps, flows and counters kept"), "{log}");
+    drop(held);
+    lab.detach();
+}

@@ -150,20 +150,42 @@ fn run(cli: Cli) -> Result<()> {
 /// The environment every cargo invocation that builds the eBPF object needs.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    // aya-build runs `rustup run debian-bpf cargo build -Z build-std=core` for bpfel;
-    // RUSTC_BOOTSTRAP=1 lets Debian's stable compiler accept -Z (aya-ebpf-cty needs it too).
+    // lb-userspace's build script runs `rustup run debian-bpf cargo build -Z build-std=core`
+    // for bpfel; RUSTC_BOOTSTRAP=1 lets Debian's stable compiler accept -Z.
     cmd.env("RUSTC_BOOTSTRAP", "1");
-    let path = std::env::var("PATH").unwrap_or_default();
-    let cargo_bin = std::env::var("CARGO_HOME")
-        .map_or_else(|_| format!("{}/.cargo/bin", std::env::var("HOME").unwrap_or_else(|_| "/root".into())), |h| format!("{h}/bin"));
-    if !path.split(':').any(|p| p == cargo_bin) {
-        cmd.env("PATH", format!("{cargo_bin}:{path}"));
-    }
+    cmd.env("PATH", path_with_cargo_bin());
     cmd
 }
 
+/// `PATH` with cargo's bin directory (bpf-linker, rustup) in it.
+fn path_with_cargo_bin() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let cargo_bin = std::env::var("CARGO_HOME")
+        .map_or_else(|_| format!("{}/.cargo/bin", std::env::var("HOME").unwrap_or_else(|_| "/root".into())), |h| format!("{h}/bin"));
+    if path.split(':').any(|p| p == cargo_bin) {
+        path
+    } else {
+        format!("{cargo_bin}:{path}")
+    }
+}
+
+// `ebpf_build_command` and `ebpf_object`: how the XDP object is built, shared with build.rs.
+include!("../../lb-userspace/ebpf_build.rs");
+
 fn build(release: bool) -> Result<()> {
     let started = Instant::now();
+    // The XDP object first, with cargo's own progress lines: built inside lb-userspace's build
+    // script, they could only surface as `warning:` lines. The build script then finds it built.
+    println!("build: the XDP object (lb-ebpf for bpfel-unknown-none)");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let toolchain = std::env::var("SLUICE_BPF_TOOLCHAIN").unwrap_or_else(|_| "debian-bpf".into());
+    let bpf_target = env_target_dir().join("bpf");
+    let status = ebpf_build_command(&toolchain, &root, &bpf_target).env("PATH", path_with_cargo_bin()).status().context("running the eBPF build")?;
+    if !status.success() {
+        bail!("building the XDP object failed (see above)");
+    }
+    println!("build: XDP object {}", ebpf_object(&bpf_target).display());
+    println!("build: the sluice binary");
     let mut cmd = cargo();
     cmd.args(["build", "--package", "lb-userspace", "--bins"]);
     if release {

@@ -25,8 +25,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Load the XDP balancer, pin its maps, attach it to an interface, and run until
-    /// SIGINT/SIGTERM (then detach and remove the pins).
+    /// The daemon (`--config FILE`): load or adopt the XDP balancer, apply the config, serve the
+    /// control API; on SIGINT/SIGTERM it stops and the datapath keeps forwarding (`sluice
+    /// detach` removes it). With `--iface IFACE` instead: the bare datapath, counting only,
+    /// detached and its pins removed on SIGINT/SIGTERM.
     Run(run::Args),
     /// The daemon's services and backends (if it runs) and the datapath's counters.
     Status(status::Args),
@@ -67,11 +69,40 @@ pub struct PinDir {
     pub pin_dir: PathBuf,
 }
 
+/// Logs to stderr: coloured only on a terminal and without `NO_COLOR`; under systemd
+/// (`JOURNAL_STREAM` set) one plain line per event with a syslog priority prefix (`<4>` for a
+/// warning) and no timestamp, which journald adds itself.
 pub(crate) fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let ansi = std::io::stderr().is_terminal() && !no_color && !journald;
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = if journald { fmt.event_format(Journald).try_init() } else { fmt.try_init() };
+}
+
+/// A log line for journald: `<PRIORITY>target: message fields`.
+struct Journald;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Journald
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>, mut w: tracing_subscriber::fmt::format::Writer<'_>, event: &tracing::Event<'_>) -> std::fmt::Result {
+        use tracing::Level;
+        // sd-daemon(3) priorities: err 3, warning 4, info 6, debug 7.
+        let prio = match *event.metadata().level() {
+            Level::ERROR => 3,
+            Level::WARN => 4,
+            Level::INFO => 6,
+            Level::DEBUG | Level::TRACE => 7,
+        };
+        write!(w, "<{prio}>{}: ", event.metadata().target())?;
+        ctx.field_format().format_fields(w.by_ref(), event)?;
+        writeln!(w)
+    }
 }
 
 /// Runs the CLI and returns the process exit code.

@@ -16,10 +16,12 @@ use crate::{
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).args(["config", "iface"])))]
 pub struct Args {
-    /// Run the daemon with this config file (interface, services, backends, limits…).
+    /// Run the daemon with this config file (interface, services, backends, limits…). When it
+    /// stops, the datapath keeps forwarding; the next `sluice run` adopts it.
     #[arg(long, conflicts_with_all = ["iface", "xdp_mode"])]
     pub config: Option<PathBuf>,
-    /// Attach the bare datapath to this interface, with no services (counting only).
+    /// Attach the bare datapath to this interface, with no services (counting only); it is
+    /// detached and its pins removed on SIGINT/SIGTERM.
     #[arg(long)]
     pub iface: Option<String>,
     /// XDP attach mode (with --iface; the config file has `daemon.xdp_mode`).
