@@ -108,6 +108,8 @@ pub struct Sample {
     pub drift: BTreeMap<String, u64>,
     /// The config file, named in messages.
     pub config_file: String,
+    /// A cluster node whose BIRD lacks VIPs it should announce: (node, VIPs, BIRD's error).
+    pub not_announcing: Option<(String, Vec<String>, String)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -258,6 +260,17 @@ impl Engine {
             format!("Sluice load balancer {lb}: flow table {:.0}% full ({} of {})", table_ratio * 100.0, s.flows, s.flow_capacity),
             format!("When it is full, new connections are refused (flow_table_full) — limits set by flows.capacity in {file}. Next: raise flows.capacity (needs `sluice detach` and a restart) or shorten flows.timeouts."),
         ));
+        if let Some((node, _, _)) = &s.not_announcing {
+            let (vips, error) = s.not_announcing.as_ref().map(|(_, v, e)| (v.join(", "), e.clone())).unwrap_or_default();
+            conds.push((
+                "SluiceNotAnnouncing",
+                "critical",
+                vec![("node".to_owned(), node.clone())],
+                true,
+                format!("Sluice load balancer {lb} (node \"{node}\") should announce {vips} but BIRD does not have it"),
+                format!("The router sends this node no traffic for those VIPs; the datapath forwards what arrives. BIRD: {error}. Next: check BIRD (`birdc show protocols`) and cluster.bird_socket; the daemon retries every second."),
+            ));
+        }
         for (be, total) in &s.drift {
             let before = self.prev.as_ref().and_then(|(_, p)| p.drift.get(be).copied()).unwrap_or(*total);
             conds.push((
@@ -334,6 +347,7 @@ mod tests {
             flow_capacity: 1000,
             drift: BTreeMap::new(),
             config_file: "/etc/sluice/sluice.toml".into(),
+            not_announcing: None,
         }
     }
 

@@ -88,6 +88,8 @@ pub struct StatusReport {
     pub alerts_firing: Vec<crate::alerts::Notification>,
     pub break_glass: Vec<(String, IpAddr, crate::daemon::Override)>,
     pub outcomes: stats::Snapshot,
+    /// This node's announcements, with a `[cluster]` section.
+    pub cluster: Option<crate::announce::Status>,
 }
 
 fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
@@ -133,6 +135,7 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
         alerts_firing: st.firing.clone(),
         break_glass: st.overrides.iter().map(|((s, b), o)| (s.clone(), *b, o.clone())).collect(),
         outcomes,
+        cluster: st.cluster.as_ref().map(|c| c.status.lock().expect("status").clone()),
     }))
 }
 
@@ -167,10 +170,10 @@ async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRe
     };
     let (cfg, warnings) = config::parse(&file, &text).map_err(|r| ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))?;
     let restart_only = |next: &Config, running: &Config| {
-        (next.daemon != running.daemon || next.flows.capacity != running.flows.capacity || next.datapath != running.datapath).then(|| {
+        (next.daemon != running.daemon || next.flows.capacity != running.flows.capacity || next.datapath != running.datapath || next.cluster != running.cluster).then(|| {
             ApiError(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{}: [daemon], [datapath] and flows.capacity take effect on restart only; change them in the file the daemon starts with and restart it", file.display()),
+                format!("{}: [daemon], [datapath], [cluster] and flows.capacity take effect on restart only; change them in the file the daemon starts with and restart it", file.display()),
             )
         })
     };
@@ -369,8 +372,109 @@ async fn get_events(AxState(st): AxState<Shared>, Query(q): Query<EventsQuery>) 
     Json(st.events.as_ref().map(|e| e.after(q.after, q.limit)).unwrap_or_default())
 }
 
+#[derive(Deserialize, Serialize, Debug, Default)]
+pub struct DrainRequest {
+    /// How long to wait for the router to stop sending new flows, e.g. "60s".
+    pub timeout: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+pub struct DrainReport {
+    pub node: String,
+    pub drained: bool,
+    /// VIPs withdrawn from BIRD.
+    pub withdrawn: Vec<IpAddr>,
+    /// From the request to BIRD confirming the withdrawal.
+    pub withdraw_ms: Option<u64>,
+    /// New flows that still arrived after the withdrawal (the router converging).
+    pub new_flows_after: u64,
+    /// From the withdrawal to the last new flow seen (0: none came).
+    pub last_new_flow_ms: u64,
+    /// No new flow for `QUIET` before the timeout: the router sends this node none.
+    pub quiet: bool,
+    pub waited_ms: u64,
+    pub error: Option<String>,
+}
+
+/// How long without a new flow counts as "the router sends us none".
+const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn new_flows_total(st: &mut State) -> Result<u64, Error> {
+    let ids: Vec<u32> = st.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+    let t = st.dp.tables();
+    ids.into_iter().try_fold(0u64, |acc, id| Ok(acc + t.backend_stats(id)?.new_flows))
+}
+
+/// `POST /v1/node/drain`: withdraw this node's VIPs, then measure until the router sends it no
+/// new flows (none for `QUIET`), or the timeout. Forwarding goes on throughout.
+async fn post_drain(AxState(st): AxState<Shared>, body: Option<Json<DrainRequest>>) -> Result<Json<DrainReport>, ApiError> {
+    let timeout = match body.and_then(|b| b.0.timeout) {
+        Some(t) => humantime::parse_duration(&t).map_err(|e| bad(format!("timeout \"{t}\": {e} (write e.g. \"60s\")")))?,
+        None => std::time::Duration::from_secs(60),
+    };
+    let started = std::time::Instant::now();
+    let (node, status, withdrawn) = {
+        let mut s = st.lock().expect("state lock");
+        s.set_drained(true).map_err(|e| bad(e.to_string()))?;
+        let c = s.cluster.as_ref().expect("set_drained checked");
+        let withdrawn = c.status.lock().expect("status").announced.iter().copied().collect();
+        (c.cfg.node.clone(), c.status.clone(), withdrawn)
+    };
+    let mut report = DrainReport { node, drained: true, withdrawn, withdraw_ms: None, new_flows_after: 0, last_new_flow_ms: 0, quiet: false, waited_ms: 0, error: None };
+    let tick = std::time::Duration::from_millis(100);
+    // BIRD confirms the withdrawal.
+    while started.elapsed() < timeout {
+        let (empty, error) = {
+            let s = status.lock().expect("status");
+            (s.announced.is_empty(), s.error.clone())
+        };
+        if empty {
+            report.withdraw_ms = Some(started.elapsed().as_millis() as u64);
+            break;
+        }
+        report.error = error;
+        tokio::time::sleep(tick).await;
+    }
+    // Then the router: new flows stop arriving.
+    let withdrawn_at = std::time::Instant::now();
+    let base = new_flows_total(&mut st.lock().expect("state lock"))?;
+    let (mut last, mut last_change) = (base, withdrawn_at);
+    while started.elapsed() < timeout {
+        tokio::time::sleep(tick).await;
+        let now = new_flows_total(&mut st.lock().expect("state lock"))?;
+        if now != last {
+            last = now;
+            last_change = std::time::Instant::now();
+            report.last_new_flow_ms = (last_change - withdrawn_at).as_millis() as u64;
+        }
+        if last_change.elapsed() >= QUIET && report.withdraw_ms.is_some() {
+            report.quiet = true;
+            break;
+        }
+    }
+    report.new_flows_after = last - base;
+    report.waited_ms = started.elapsed().as_millis() as u64;
+    let s = st.lock().expect("state lock");
+    s.journal.record(
+        "cluster",
+        format!("node \"{}\" drain: {} new flow(s) after the withdrawal, {}", report.node, report.new_flows_after, if report.quiet { "then none" } else { "still arriving at the timeout" }),
+        vec![],
+    );
+    Ok(Json(report))
+}
+
+/// `POST /v1/node/undrain`: announce this node's VIPs again.
+async fn post_undrain(AxState(st): AxState<Shared>) -> Result<Json<crate::announce::Status>, ApiError> {
+    let mut s = st.lock().expect("state lock");
+    s.set_drained(false).map_err(|e| bad(e.to_string()))?;
+    let status = s.cluster.as_ref().expect("set_drained checked").status.lock().expect("status").clone();
+    Ok(Json(status))
+}
+
 pub fn router(state: Shared) -> Router {
     Router::new()
+        .route("/v1/node/drain", post(post_drain))
+        .route("/v1/node/undrain", post(post_undrain))
         .route("/v1/events", get(get_events))
         .route("/v1/limits/raise", post(post_raise))
         .route("/v1/status", get(get_status))

@@ -32,6 +32,32 @@ pub struct Config {
     pub services: Vec<ServiceCfg>,
     #[serde(default)]
     pub alerts: crate::alerts::AlertsCfg,
+    /// Several nodes behind a router's ECMP: VIPs announced through BIRD. Without it, one node
+    /// and no BIRD.
+    #[serde(default)]
+    pub cluster: Option<ClusterCfg>,
+}
+
+/// `[cluster]`: this node's part in a cluster (see `announce.rs`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterCfg {
+    /// This node's name, in logs, the journal, metrics and alerts.
+    pub node: String,
+    /// BIRD's control socket.
+    #[serde(default = "default_bird_socket")]
+    pub bird_socket: PathBuf,
+    /// Where the daemon writes `vips4.conf` and `vips6.conf`, which the node's BIRD config
+    /// includes in a static protocol it exports over BGP.
+    #[serde(default = "default_announce_dir")]
+    pub announce_dir: PathBuf,
+}
+
+fn default_bird_socket() -> PathBuf {
+    PathBuf::from("/run/bird/bird.ctl")
+}
+fn default_announce_dir() -> PathBuf {
+    PathBuf::from("/run/sluice/bird")
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -455,6 +481,11 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
 
     if cfg.daemon.interface.trim().is_empty() {
         err("daemon.interface".into(), "must name the interface to attach to".into());
+    }
+    if let Some(c) = &cfg.cluster {
+        if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
+            err("cluster.node".into(), format!("\"{}\" must be a name without spaces (this node's, e.g. \"lb1\")", c.node));
+        }
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {
         warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));

@@ -22,7 +22,7 @@ use crate::{
     flowtab::FlowTable,
     datapath::{AttachMode, Datapath, LoadOptions},
     gc::{self, Drift, Reconciler, Sweep},
-    alerts, health, neigh,
+    alerts, announce, health, neigh,
     reconcile::{Applied, Change},
     Error,
 };
@@ -102,6 +102,16 @@ async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, 
     neigh::resolve(&need, Duration::from_secs(3)).await
 }
 
+/// A cluster node's announcement state, kept by the daemon; `announce.rs` keeps BIRD in step.
+pub struct Cluster {
+    pub cfg: config::ClusterCfg,
+    pub status: Arc<Mutex<announce::Status>>,
+    /// Withdrawn on purpose (`sluice node drain`); kept across restarts by a marker file.
+    pub drained: bool,
+    wanted: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
+    wanted_rx: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
+}
+
 /// What a change applies: the next config, and what to do once it is applied.
 pub struct Next {
     pub cfg: Config,
@@ -147,6 +157,8 @@ pub struct State {
     eval_pending: bool,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
+    /// This node's part in a cluster (`[cluster]`): what it announces through BIRD.
+    pub cluster: Option<Cluster>,
     /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
     /// running config are applied one after the other, each to the result of the one before.
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -189,7 +201,41 @@ impl State {
             st.firing.clear();
         }
         st.cfg = cfg;
+        st.publish_wanted();
         Ok(changes)
+    }
+
+    /// Tells the announcer which VIPs this node should announce now.
+    pub fn publish_wanted(&mut self) {
+        let servable = announce::servable(&self.applied);
+        if let Some(c) = &mut self.cluster {
+            let wanted = if c.drained { Default::default() } else { servable };
+            {
+                let mut s = c.status.lock().expect("status");
+                s.wanted.clone_from(&wanted);
+                s.drained = c.drained;
+            }
+            c.wanted.send_if_modified(|w| {
+                let changed = *w != wanted;
+                *w = wanted;
+                changed
+            });
+        }
+    }
+
+    /// Drains (true) or undrains this node: withdraws or announces its VIPs.
+    pub fn set_drained(&mut self, drained: bool) -> Result<(), Error> {
+        let c = self.cluster.as_mut().ok_or_else(|| Error::other("node drain", anyhow::anyhow!("this daemon has no [cluster] section: a single node announces nothing to withdraw")))?;
+        let marker = announce::drained_marker(&c.cfg.announce_dir);
+        let written = if drained { std::fs::write(&marker, b"drained by `sluice node drain`\n") } else { std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) };
+        written.map_err(|e| Error::other(format!("recording the drain in {}", marker.display()), e))?;
+        c.drained = drained;
+        let node = c.cfg.node.clone();
+        let what = if drained { "drained: withdrawing its VIPs, forwarding what still arrives" } else { "undrained: announcing its VIPs again" };
+        tracing::warn!(node = %node, "node {what}");
+        self.journal.record("cluster", format!("node \"{node}\" {what}"), vec![]);
+        self.publish_wanted();
+        Ok(())
     }
 
     /// What applying `cfg` would change (no writes).
@@ -241,7 +287,13 @@ impl State {
                 }
             }
         }
-        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string() };
+        // BIRD behind for a few seconds (not the instant of a change) while a VIP should be up.
+        let not_announcing = self.cluster.as_ref().and_then(|c| {
+            let s = c.status.lock().expect("status");
+            let missing: Vec<String> = s.wanted.difference(&s.announced).map(ToString::to_string).collect();
+            (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty()).then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
+        });
+        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string(), not_announcing };
         for n in self.alerts.evaluate(Instant::now(), &sample) {
             match n.status {
                 alerts::Status::Firing => {
@@ -310,6 +362,19 @@ fn attach_mode(m: XdpMode) -> AttachMode {
     }
 }
 
+/// The cluster state from `[cluster]`: its directory made, a drain kept from before.
+fn cluster(cfg: &Config) -> Result<Option<Cluster>, Error> {
+    let Some(c) = &cfg.cluster else { return Ok(None) };
+    std::fs::create_dir_all(&c.announce_dir).map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", c.announce_dir.display()), e))?;
+    let drained = announce::drained_marker(&c.announce_dir).exists();
+    if drained {
+        tracing::warn!(node = %c.node, "this node was drained (`sluice node drain`) and stays so until `sluice node undrain`");
+    }
+    let (wanted, wanted_rx) = tokio::sync::watch::channel(Default::default());
+    let status = announce::Status { node: c.node.clone(), drained, ..Default::default() };
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx) }))
+}
+
 /// Starts the daemon from `cfg_path`: returns the shared state once the datapath is attached
 /// and the config applied.
 pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
@@ -362,6 +427,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         eval_pending: false,
         health_tx,
         health_rx: Some(health_rx),
+        cluster: cluster(&cfg)?,
         turn: Arc::default(),
     }));
     {
@@ -402,6 +468,14 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let metrics_addr = state.lock().expect("state lock").cfg.daemon.metrics_listen;
     let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, state.clone(), api_stop.clone()));
     let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
+    let announcer = {
+        let mut st = state.lock().expect("state lock");
+        st.cluster.as_mut().map(|c| {
+            let rx = c.wanted_rx.take().expect("run once");
+            (c.cfg.clone(), c.status.clone(), rx)
+        })
+    };
+    let announcer = announcer.map(|(cfg, status, rx)| announce::spawn(cfg, state.clone(), status, rx, api_stop.clone()));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut eval_every = state.lock().expect("state lock").cfg.alerts.interval;
     let mut eval_tick = tokio::time::interval(eval_every);
@@ -485,6 +559,9 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     }
     api_stop.cancel();
     let _ = api.await;
+    if let Some(a) = announcer {
+        let _ = a.await;
+    }
     state.lock().expect("state lock").journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
     if let Ok(Err(e)) = metrics.await {
         tracing::error!("{e}");

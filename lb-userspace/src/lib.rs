@@ -7,6 +7,7 @@
 compile_error!("Sluice's datapath is written for x86-64 memory ordering (see docs/ARCHITECTURE.md, \"The flow table\")");
 
 pub mod alerts;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod client;

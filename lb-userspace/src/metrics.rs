@@ -48,8 +48,17 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let dp_bytes = counter(&r, "sluice_datapath_bytes_total", "Bytes seen by the XDP program, by outcome.", &["outcome"]);
 
     let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now.", &["alertname", "service", "backend", "severity"]);
+    let announced = int_gauge(&r, "sluice_vip_announced", "1 if this node announces the VIP through BIRD now, 0 if it should and does not or has withdrawn it.", &["node", "vip"]);
+    let node_drained = int_gauge(&r, "sluice_node_drained", "1 while this node is drained (`sluice node drain`).", &["node"]);
     let mut st = state.lock().expect("state lock");
     let st = &mut *st;
+    if let Some(c) = &st.cluster {
+        let s = c.status.lock().expect("status");
+        for vip in s.wanted.union(&s.announced) {
+            announced.with_label_values(&[s.node.clone(), vip.to_string()]).set(i64::from(s.announced.contains(vip)));
+        }
+        node_drained.with_label_values(&[s.node.clone()]).set(i64::from(s.drained));
+    }
     for n in &st.firing {
         let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
         firing.with_label_values(&[n.alertname.to_owned(), get("service"), get("backend"), n.severity.to_owned()]).set(1);

@@ -29,6 +29,8 @@ pub const PACKAGES: &[&str] = &[
     "ethtool",
     "util-linux",
     "prometheus",
+    // BIRD 2: the cluster's BGP speaker (announcing VIPs), run for real by the cluster test.
+    "bird2",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -238,3 +238,51 @@ pub fn timeline(a: &TimelineArgs) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum NodeCmd {
+    /// Withdraw this node's VIPs from BIRD, then wait until the router sends it no new flows
+    /// (measured: none for 2 s). Open connections keep being forwarded. Stays drained across
+    /// daemon restarts until `sluice node undrain`.
+    Drain {
+        /// Give up waiting after this long (the node stays drained).
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Announce this node's VIPs again.
+    Undrain,
+}
+
+pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
+    match cmd {
+        NodeCmd::Drain { timeout, json } => {
+            let v = client::block_on(client::ok(socket, Method::POST, "/v1/node/drain", Some(&json!({ "timeout": timeout }))))?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                return Ok(());
+            }
+            let r: crate::api::DrainReport = serde_json::from_value(v).map_err(|e| Error::other("drain report", e))?;
+            let vips = r.withdrawn.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            match r.withdraw_ms {
+                Some(ms) => println!("node \"{}\": withdrew {} from BIRD in {ms} ms", r.node, if vips.is_empty() { "nothing (no VIP was announced)".into() } else { vips }),
+                None => println!("node \"{}\": BIRD did not confirm the withdrawal: {}", r.node, r.error.as_deref().unwrap_or("no answer")),
+            }
+            println!(
+                "{} new flow(s) arrived after the withdrawal{}; {}",
+                r.new_flows_after,
+                if r.new_flows_after > 0 { format!(", the last {} ms after it", r.last_new_flow_ms) } else { String::new() },
+                if r.quiet { "then none for 2 s: the router sends this node no new flows" } else { "new flows were still arriving when the timeout ran out" }
+            );
+            println!("open connections keep being forwarded; `sluice node undrain` announces again");
+            if r.quiet { Ok(()) } else { Err(Error::other("node drain", anyhow::anyhow!("not quiet within {timeout}"))) }
+        }
+        NodeCmd::Undrain => {
+            let v = client::block_on(client::ok(socket, Method::POST, "/v1/node/undrain", None))?;
+            let s: crate::announce::Status = serde_json::from_value(v).map_err(|e| Error::other("node status", e))?;
+            println!("{}", s.line());
+            Ok(())
+        }
+    }
+}

@@ -49,6 +49,9 @@ pub enum Command {
     /// Break-glass limits.
     #[command(subcommand)]
     Limit(ctl::LimitCmd),
+    /// This node of a cluster: drain (withdraw its VIPs) and undrain.
+    #[command(subcommand)]
+    Node(ctl::NodeCmd),
     /// Detach the datapath a stopped daemon left running, and remove its pins (drops every flow).
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
@@ -117,6 +120,7 @@ pub fn main() -> i32 {
         Command::Events(a) => ctl::events(&cli.socket, &a),
         Command::Top(a) => top::run(&cli.socket, &a),
         Command::Limit(c) => ctl::limit(&cli.socket, &c),
+        Command::Node(c) => ctl::node(&cli.socket, &c),
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),

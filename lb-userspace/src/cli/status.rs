@@ -22,6 +22,9 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
             return Ok(());
         }
         println!("sluice on {} (config {}), {} flows of {}", v["interface"].as_str().unwrap_or(""), v["config"].as_str().unwrap_or(""), v["flows"], v["flow_capacity"]);
+        if let Ok(Some(c)) = serde_json::from_value::<Option<crate::announce::Status>>(v["cluster"].clone()) {
+            println!("{}", c.line());
+        }
         super::ctl::print_services(&v["services"]);
         for a in v["alerts_firing"].as_array().into_iter().flatten() {
             println!("ALERT {} [{}]: {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or(""));

@@ -1,0 +1,340 @@
+//! A cluster of two Sluice nodes behind a router, with real BIRD on all three: the router runs
+//! BIRD with kernel ECMP (`merge paths on`, L4 hash policy), each node runs BIRD and the daemon,
+//! which announces the VIP through its BIRD's control socket. Checked: a daemon started before
+//! its BIRD says so and catches up; both nodes announce (two next hops on the router); a node
+//! whose only backend fails withdraws and announces again when it recovers; `sluice node drain`
+//! withdraws, measures that no new flows arrive, and survives a daemon restart until `undrain`;
+//! a daemon restart withdraws nothing (the router keeps the node's next hop throughout); and
+//! both nodes, configured with the backends in different orders, pick the same backend for
+//! every one of a thousand random flows (`explain`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpListener,
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use nix::sys::signal::Signal;
+use rand::{rngs::StdRng, Rng as _, SeedableRng as _};
+use serde_json::Value;
+use sluice_tests::{
+    l2lab::wait_for,
+    netns::{veth, ChildGuard, Netns},
+    sluice_bin, PinDir,
+};
+
+const VIP: &str = "10.81.0.100";
+/// Flows compared between the nodes (10,000 passed once by hand; each costs ~11 ms on a debug
+/// daemon, so the suite checks fewer).
+const FLOWS: u32 = 1_000;
+const BACKENDS: [&str; 4] = ["10.81.9.1", "10.81.9.2", "10.81.9.3", "10.81.9.4"];
+
+struct Node {
+    name: String,
+    ns: Netns,
+    dir: PathBuf,
+    pins: PinDir,
+    /// The health-checked backend's stand-in: a listener inside the node's namespace.
+    server: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("sluice.sock")
+    }
+    fn bird_ctl(&self) -> PathBuf {
+        self.dir.join("bird.ctl")
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.join("sluice.toml")
+    }
+
+    /// Backend 10.81.9.1 (on the node's loopback) answers TCP health checks while this runs.
+    fn start_server(&mut self) {
+        let listener = self.ns.run(|| TcpListener::bind("10.81.9.1:80").expect("bind"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                drop(listener.accept());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        self.server = Some((stop, t));
+    }
+
+    fn stop_server(&mut self) {
+        if let Some((stop, t)) = self.server.take() {
+            stop.store(true, Ordering::Relaxed);
+            t.join().expect("server");
+        }
+    }
+
+    fn start_daemon(&self) -> ChildGuard {
+        let mut d = self.ns.spawn(self.ns.command(sluice_bin()).arg("run").arg("--config").arg(self.config()));
+        wait_for("the daemon to serve", || {
+            if let Some(out) = d.exited() {
+                panic!("sluice run on {} exited: {}", self.name, String::from_utf8_lossy(&out.stderr));
+            }
+            self.socket().exists()
+        });
+        d
+    }
+
+    fn start_bird(&self) -> ChildGuard {
+        let b = self.ns.spawn(Command::new("nsenter").arg(format!("--net={}", self.ns.path().display())).arg("--").args(["bird", "-f", "-c"]).arg(self.dir.join("bird.conf")).arg("-s").arg(self.bird_ctl()));
+        wait_for("BIRD's control socket", || self.bird_ctl().exists());
+        b
+    }
+
+    fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(sluice_bin()).arg("--socket").arg(self.socket()).args(args).output().expect("sluice");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn cluster_status(&self) -> Value {
+        let (code, out, err) = self.ctl(&["status", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).expect("json")["cluster"].clone()
+    }
+
+    /// `GET /v1/explain` over the control socket (a process per flow would take minutes).
+    fn explain(&self, src: &str) -> Value {
+        let mut s = UnixStream::connect(self.socket()).expect("control socket");
+        write!(s, "GET /v1/explain?src={src}&dst={VIP}:80&proto=tcp HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+        // Chunked or not: the JSON object is what lies between the first '{' and the last '}'.
+        let json = &body[body.find('{').unwrap_or(0)..=body.rfind('}').unwrap_or(0)];
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("explain {src}: {e}: {out}"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_server();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The router's next hops for the VIP.
+fn next_hops(router: &Netns) -> Vec<String> {
+    let out = Command::new("ip").args(["-n", router.name(), "route", "show", VIP]).output().expect("ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut hops: Vec<String> = text.split_whitespace().collect::<Vec<_>>().windows(2).filter(|w| w[0] == "via").map(|w| w[1].to_owned()).collect();
+    hops.sort();
+    hops
+}
+
+fn wait_hops(router: &Netns, want: &[&str], what: &str) -> Duration {
+    let t0 = Instant::now();
+    while next_hops(router) != want {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let routes = Command::new("ip").args(["-n", router.name(), "route"]).output().expect("ip");
+            let ctls: Vec<PathBuf> = std::fs::read_dir(std::env::temp_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("sluice-cluster-{}-", std::process::id())))
+                .flat_map(|e| [e.path().join("bird.ctl"), e.path().join("router/bird.ctl")])
+                .filter(|p| p.exists())
+                .collect();
+            let birds: Vec<String> = ctls
+                .iter()
+                .map(|c| {
+                    let o = Command::new("birdc").arg("-s").arg(c).args(["show", "route", "all"]).output().expect("birdc");
+                    let p = Command::new("birdc").arg("-s").arg(c).args(["show", "protocols"]).output().expect("birdc");
+                    format!("{}:\n{}{}", c.display(), String::from_utf8_lossy(&p.stdout), String::from_utf8_lossy(&o.stdout))
+                })
+                .collect();
+            panic!("timed out waiting for {what}: hops {:?}\nrouter routes:\n{}\n{}", next_hops(router), String::from_utf8_lossy(&routes.stdout), birds.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+fn node(router: &Netns, n: u8, backend_order: &[&str]) -> Node {
+    let name = format!("n{n}");
+    let ns = Netns::new(&name);
+    veth(router, &format!("rt-{name}"), &ns, "eth0");
+    router.addr_add(&format!("rt-{name}"), &format!("10.81.{n}.1/24"));
+    ns.addr_add("eth0", &format!("10.81.{n}.2/24"));
+    ns.addr_add("lo", "10.81.9.1/32");
+    let dir = std::env::temp_dir().join(format!("sluice-cluster-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pins = PinDir::new();
+    std::fs::write(
+        dir.join("bird.conf"),
+        format!(
+            "router id 10.81.{n}.2;\nprotocol device {{}}\n\
+             protocol static sluice_vips4 {{\n  ipv4;\n  include \"{d}/vips4.conf\";\n}}\n\
+             protocol static sluice_vips6 {{\n  ipv6;\n  include \"{d}/vips6.conf\";\n}}\n\
+             protocol bgp uplink {{ local as 65001; neighbor 10.81.{n}.1 as 65000; hold time 3; connect retry time 1;\n\
+               ipv4 {{ import none; export where proto = \"sluice_vips4\"; next hop self; }}; }}\n",
+            d = dir.display()
+        ),
+    )
+    .expect("bird.conf");
+    let mut cfg = format!(
+        "[daemon]\ninterface = \"eth0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n\
+         [cluster]\nnode = \"{name}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\n\
+         [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nproto = \"tcp\"\nmode = \"ipip\"\nring_size = 1009\n",
+        pins.0.display(),
+        dir.join("sluice.sock").display(),
+        dir.join("journal.jsonl").display(),
+        dir.join("bird.ctl").display(),
+        dir.display()
+    );
+    for b in backend_order {
+        cfg.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\nmax_conns = 100\n"));
+        if *b == "10.81.9.1" {
+            cfg.push_str("health = { kind = \"tcp\", interval = \"100ms\", timeout = \"80ms\", rise = 1, fall = 1 }\n");
+        }
+    }
+    std::fs::write(dir.join("sluice.toml"), cfg).expect("config");
+    let mut node = Node { name, ns, dir, pins, server: None };
+    node.start_server();
+    node
+}
+
+#[test]
+fn two_nodes_announce_withdraw_drain_and_choose_alike() {
+    let router = Netns::new("rt");
+    assert!(router.output("sysctl", &["-qw", "net.ipv4.fib_multipath_hash_policy=1", "net.ipv4.conf.all.forwarding=1"]).status.success());
+    let mut forward: Vec<&str> = BACKENDS.to_vec();
+    let mut n1 = node(&router, 1, &forward);
+    forward.reverse();
+    let n2 = node(&router, 2, &forward);
+    let rdir = n1.dir.join("router");
+    std::fs::create_dir_all(&rdir).expect("dir");
+    std::fs::write(
+        rdir.join("bird.conf"),
+        "router id 10.81.0.1;\nprotocol device {}\nprotocol kernel { ipv4 { export all; }; merge paths on; }\n\
+         template bgp node { local as 65000; hold time 3; connect retry time 1; ipv4 { import all; export none; }; }\n\
+         protocol bgp n1 from node { neighbor 10.81.1.2 as 65001; }\nprotocol bgp n2 from node { neighbor 10.81.2.2 as 65001; }\n",
+    )
+    .expect("router bird.conf");
+    let rctl = rdir.join("bird.ctl");
+    let _router_bird = router.spawn(Command::new("nsenter").arg(format!("--net={}", router.path().display())).arg("--").args(["bird", "-f", "-c"]).arg(rdir.join("bird.conf")).arg("-s").arg(&rctl));
+    wait_for("the router's BIRD", || rctl.exists());
+
+    // n1's daemon starts before its BIRD: it says so, and the datapath runs regardless.
+    let mut d1 = n1.start_daemon();
+    wait_for("n1 to report BIRD missing", || n1.cluster_status()["error"].as_str().is_some_and(|e| e.contains("bird.ctl") && e.contains("configure")));
+    let _b1 = n1.start_bird();
+    let d2 = n2.start_daemon();
+    let _b2 = n2.start_bird();
+    let both = wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "both nodes' next hops on the router");
+    println!("both nodes announced; the router has two next hops after {both:?}");
+    assert!(n1.cluster_status()["error"].is_null(), "n1 caught up with BIRD: {}", n1.cluster_status());
+
+    // Health: n1's only health-checked backend fails. Its other backends are still active, so
+    // the VIP stays; take them out with drains, then the failure withdraws the VIP.
+    for b in &BACKENDS[1..] {
+        let (code, _, err) = n1.ctl(&["backend", "drain", "web", b]);
+        assert_eq!(code, 0, "{err}");
+    }
+    n1.stop_server();
+    let t = wait_hops(&router, &["10.81.2.2"], "n1 withdrawn after its last active backend failed");
+    println!("n1 withdrawn {t:?} after its last backend failed");
+    n1.start_server();
+    wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "n1 announced again once healthy");
+    for b in &BACKENDS[1..] {
+        assert_eq!(n1.ctl(&["backend", "undrain", "web", b]).0, 0);
+    }
+    let journal = std::fs::read_to_string(n1.dir.join("journal.jsonl")).expect("journal");
+    assert!(journal.contains(&format!("node \\\"n1\\\" withdrew VIP {VIP}")) && journal.contains(&format!("node \\\"n1\\\" announced VIP {VIP}")), "{journal}");
+
+    // Drain: withdrawn, measured quiet (no client traffic here), and kept across a restart.
+    let (code, out, err) = n1.ctl(&["node", "drain", "--timeout", "20s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("withdrew {VIP} from BIRD")) && out.contains("no new flows"), "{out}");
+    assert_eq!(next_hops(&router), ["10.81.2.2"], "the router forgot n1 once BIRD withdrew");
+    let out = d1.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut d1 = n1.start_daemon();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(n1.cluster_status()["drained"], true, "a restart keeps the drain");
+    assert_eq!(next_hops(&router), ["10.81.2.2"]);
+    let (code, out, err) = n1.ctl(&["node", "undrain"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("announcing"), "{out}");
+    wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "n1 back after undrain");
+    let metrics = n1.ns.run(|| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
+        let mut m = String::new();
+        s.read_to_string(&mut m).expect("response");
+        m
+    });
+    assert!(metrics.contains(&format!("sluice_vip_announced{{node=\"n1\",vip=\"{VIP}\"}} 1")) && metrics.contains("sluice_node_drained{node=\"n1\"} 0"), "{metrics}");
+
+    // A daemon restart withdraws nothing: n1 stays a next hop throughout.
+    let watching = Arc::new(AtomicBool::new(true));
+    let lost = std::thread::scope(|s| {
+        let w = watching.clone();
+        let router = &router;
+        let watcher = s.spawn(move || {
+            let mut lost = 0u32;
+            while w.load(Ordering::Relaxed) {
+                if !next_hops(router).contains(&"10.81.1.2".to_owned()) {
+                    lost += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            lost
+        });
+        let out = d1.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+        assert!(out.status.success());
+        d1 = n1.start_daemon();
+        std::thread::sleep(Duration::from_millis(1500));
+        watching.store(false, Ordering::Relaxed);
+        watcher.join().expect("watcher")
+    });
+    assert_eq!(lost, 0, "the router lost n1's next hop during a daemon restart");
+
+    // Identical choice: same config, backends listed in another order, same backend per flow.
+    let mut rng = StdRng::seed_from_u64(17);
+    for i in 0..FLOWS {
+        let src = format!("{}.{}.{}.{}:{}", rng.random_range(1..=223u8), rng.random::<u8>(), rng.random::<u8>(), rng.random_range(1..=254u8), rng.random_range(1024..=65535u16));
+        let (a, b) = (n1.explain(&src), n2.explain(&src));
+        let pick = |v: &Value| (v["ring_slot"].clone(), v["candidates"].as_array().map(|c| c.iter().map(|x| x["backend"].clone()).collect::<Vec<_>>()));
+        assert_eq!(pick(&a), pick(&b), "flow {i} from {src}: n1 {a} vs n2 {b}");
+    }
+    drop(d2);
+    drop(d1);
+    for n in [&n1, &n2] {
+        let out = Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&n.pins.0).output().expect("sluice detach");
+        assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+
+/// The BIRD configs in deploy/bird parse (`bird -p`), the node's with its included files.
+#[test]
+fn deploy_bird_configs_parse() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bird");
+    let out = Command::new("bird").arg("-p").arg("-c").arg(root.join("router.conf")).output().expect("bird (install bird2: cargo xtask setup)");
+    assert!(out.status.success(), "router.conf: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = std::env::temp_dir().join(format!("sluice-bird-parse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for f in ["vips4.conf", "vips6.conf"] {
+        std::fs::write(dir.join(f), "route 192.0.2.100/32 blackhole;\n".repeat(usize::from(f == "vips4.conf"))).expect("write");
+    }
+    let node = std::fs::read_to_string(root.join("node.conf")).expect("node.conf").replace("/run/sluice/bird", &dir.display().to_string());
+    std::fs::write(dir.join("node.conf"), node).expect("write");
+    let out = Command::new("bird").arg("-p").arg("-c").arg(dir.join("node.conf")).output().expect("bird");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+    assert!(out.status.success(), "node.conf: {}", String::from_utf8_lossy(&out.stderr));
+}
