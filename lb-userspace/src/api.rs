@@ -537,7 +537,7 @@ mod tests {
         let path = dir.join("run/sluice.sock");
         // SAFETY: umask only changes this process's file-creation mask.
         let old = unsafe { libc::umask(0) };
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watcher = {
             let (path, stop) = (path.clone(), stop.clone());
             std::thread::spawn(move || {

@@ -6,7 +6,7 @@ use clap::Subcommand;
 
 use crate::{
     config::Mode,
-    lab::{self, chaos, flood, incident, load, topo::BackendConf, Lab, Spec},
+    lab::{self, chaos, cluster, flood, incident, load, topo::BackendConf, Lab, Spec},
     Error,
 };
 
@@ -15,6 +15,8 @@ const PREFIX: &str = "slab";
 const INCIDENT_DIR: &str = "/run/sluice-lab-incident";
 const INCIDENT_PREFIX: &str = "slabi";
 const CHAOS_DIR: &str = "/run/sluice-lab-chaos";
+const CLUSTER_PREFIX: &str = "slabk";
+const CLUSTER_DIR: &str = "/run/sluice-lab-cluster";
 const CHAOS_PREFIX: &str = "slabc";
 const FLOOD_DIR: &str = "/run/sluice-lab-flood";
 const FLOOD_PREFIX: &str = "slabf";
@@ -85,6 +87,28 @@ pub enum LabCmd {
         rate: f64,
         #[arg(long, default_value = "l2dsr", value_parser = parse_mode)]
         mode: Mode,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Several Sluice nodes behind a router running BIRD with kernel ECMP, in their own lab,
+    /// under continuous load: scale out N → N+1, drain a node and undrain it, restart a node's
+    /// daemon, fail a node (BIRD and link gone), bring it back. Exit 0 only if no connection
+    /// broke, the router converged after each change, the new node took flows, the drained
+    /// node's new flows reached 0 and the restart withdrew nothing.
+    Cluster {
+        /// Nodes at the start (one more joins).
+        #[arg(long, default_value_t = 3)]
+        nodes: u8,
+        #[arg(long, default_value = "l2dsr", value_parser = parse_mode)]
+        mode: Mode,
+        /// Roughly how long the steps take together (each measures new flows per node in a
+        /// window of a sixth of it, half before and half after its change).
+        #[arg(long, default_value = "36s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// New short connections per second.
+        #[arg(long, default_value_t = 60.0, value_parser = parse_rate)]
+        rate: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -202,6 +226,7 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             let mut removed = lab::topo_cleanup(PREFIX, std::path::Path::new(DIR));
             removed.extend(lab::topo_cleanup(INCIDENT_PREFIX, std::path::Path::new(INCIDENT_DIR)));
             removed.extend(lab::topo_cleanup(CHAOS_PREFIX, std::path::Path::new(CHAOS_DIR)));
+            removed.extend(lab::topo_cleanup(CLUSTER_PREFIX, std::path::Path::new(CLUSTER_DIR)));
             removed.extend(lab::topo_cleanup(FLOOD_PREFIX, std::path::Path::new(FLOOD_DIR)));
             if removed.is_empty() {
                 println!("no lab found: nothing to remove");
@@ -272,6 +297,14 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             let report = chaos::run(&lab, &chaos::Options { duration: *duration, seed: *seed, rate: *rate, ..chaos::Options::default() });
             lab.down();
             verdict("chaos run", &report.map_err(lab_err)?, *json)
+        }
+        LabCmd::Cluster { nodes, mode, duration, rate, json } => {
+            cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
+            let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, cluster::BACKENDS, 2, *mode)?).map_err(lab_err)?;
+            let opts = cluster::Options { nodes: *nodes, window: (*duration / 6).max(Duration::from_secs(2)), rate: *rate, ..cluster::Options::default() };
+            let report = cluster::run(&lab, &opts);
+            lab.down();
+            verdict("cluster run", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Flood { pps, duration, json } => {
             cleanup_on_signal(FLOOD_PREFIX, FLOOD_DIR);

@@ -270,7 +270,7 @@ impl Verdict for Report {
 
 /// What happened to one connection, as its client saw it.
 #[derive(Clone, Debug)]
-enum Fate {
+pub(super) enum Fate {
     Completed,
     Survived,
     Refused,
@@ -279,7 +279,7 @@ enum Fate {
 }
 
 impl Fate {
-    fn why(&self) -> &str {
+    pub(super) fn why(&self) -> &str {
         match self {
             Self::ConnectFailed(e) | Self::Broken(e) => e,
             _ => "",
@@ -288,32 +288,32 @@ impl Fate {
 }
 
 #[derive(Clone, Debug)]
-struct Conn {
-    held: bool,
-    start: f64,
-    end: f64,
+pub(super) struct Conn {
+    pub(super) held: bool,
+    pub(super) start: f64,
+    pub(super) end: f64,
     /// The backend that answered (`backend-N`), once one did.
-    backend: Option<u8>,
-    answers: u32,
-    fate: Fate,
+    pub(super) backend: Option<u8>,
+    pub(super) answers: u32,
+    pub(super) fate: Fate,
 }
 
 /// What the clients and the fault injector share.
-struct Shared {
-    t0: Instant,
+pub(super) struct Shared {
+    pub(super) t0: Instant,
     /// Held connections that got their first answer (or failed).
-    opened: AtomicUsize,
+    pub(super) opened: AtomicUsize,
     /// Start the short connections; stop them at `load_until_ms` after `t0`.
-    go: AtomicBool,
-    load_until_ms: AtomicU64,
+    pub(super) go: AtomicBool,
+    pub(super) load_until_ms: AtomicU64,
     /// Clients whose short connections have all finished.
-    short_done: AtomicUsize,
+    pub(super) short_done: AtomicUsize,
     /// Close the held connections.
-    close: AtomicBool,
+    pub(super) close: AtomicBool,
 }
 
 impl Shared {
-    fn now(&self) -> f64 {
+    pub(super) fn now(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
     }
 }
@@ -394,7 +394,7 @@ async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duratio
 
 /// One client namespace: its held connections, then short connections at `rate` until the
 /// load ends; then it waits for the held ones to be closed.
-async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share: f64) -> Vec<Conn> {
+pub(super) async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share: f64) -> Vec<Conn> {
     let mut long_lived = tokio::task::JoinSet::new();
     for _ in 0..opts.held_per_client {
         long_lived.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
@@ -405,11 +405,11 @@ async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share
     }
     let mut rng = StdRng::seed_from_u64(opts.seed ^ (u64::from(idx) << 32));
     let gap = Duration::from_secs_f64(share / opts.rate.max(0.1));
-    let until = Duration::from_millis(sh.load_until_ms.load(Ordering::Relaxed));
     let mut short = tokio::task::JoinSet::new();
     let mut out = Vec::new();
     let mut next = tokio::time::Instant::now();
-    while sh.t0.elapsed() < until {
+    // Read each round: a run may end the load earlier than it first said (`lab cluster`).
+    while sh.t0.elapsed() < Duration::from_millis(sh.load_until_ms.load(Ordering::Relaxed)) {
         tokio::time::sleep_until(next).await;
         next += gap;
         let hold = Duration::from_millis(rng.random_range(0..=1500));

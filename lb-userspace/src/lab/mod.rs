@@ -14,6 +14,7 @@
 //! into a veth is delivered only if the peer has an XDP program.
 
 pub mod chaos;
+pub mod cluster;
 pub mod flood;
 pub mod incident;
 pub mod load;

@@ -86,10 +86,10 @@ fn running_supervisor(dir: &Path) -> Option<u32> {
     (st.supervisor != std::process::id() && Path::new(&format!("/proc/{}", st.supervisor)).exists()).then_some(st.supervisor)
 }
 
-/// Whether `pid` is still a `sluice` process (a pid file may outlive its process, and the pid be
+/// Whether `pid` is still a `sluice` (or a cluster lab's `bird`) process (a pid file may outlive its process, and the pid be
 /// reused by something else).
-fn is_sluice(pid: i32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("sluice")))
+fn is_ours(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("sluice") || f == "bird"))
 }
 
 /// Removes what a lab with this prefix left: its processes (from the state file), namespaces
@@ -112,7 +112,7 @@ pub fn cleanup(prefix: &str, dir: &Path) -> Vec<String> {
         }
     }
     for pidfile in std::fs::read_dir(dir).into_iter().flatten().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "pid")) {
-        if let Some(pid) = std::fs::read_to_string(pidfile.path()).ok().and_then(|p| p.trim().parse::<i32>().ok()).filter(|p| is_sluice(*p)) {
+        if let Some(pid) = std::fs::read_to_string(pidfile.path()).ok().and_then(|p| p.trim().parse::<i32>().ok()).filter(|p| is_ours(*p)) {
             if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).is_ok() {
                 removed.push(format!("killed {} (pid {pid})", pidfile.path().file_stem().unwrap_or_default().to_string_lossy()));
             }
@@ -185,7 +185,7 @@ impl Lab {
         format!("{}-{short}", self.spec.prefix)
     }
 
-    fn ns_ip(&self, short: &str, args: &[&str]) -> Result<()> {
+    pub(crate) fn ns_ip(&self, short: &str, args: &[&str]) -> Result<()> {
         let ns = self.ns(short);
         let mut a = vec!["-n", ns.as_str()];
         a.extend_from_slice(args);
@@ -213,20 +213,20 @@ impl Lab {
         })
     }
 
-    fn sysctl(&self, short: &str, kv: &[&str]) -> Result<()> {
+    pub(crate) fn sysctl(&self, short: &str, kv: &[&str]) -> Result<()> {
         let mut args = vec!["-qw"];
         args.extend_from_slice(kv);
         run(self.command(short, "sysctl").args(&args))
     }
 
-    fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: u32) -> Result<()> {
+    pub(crate) fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: u32) -> Result<()> {
         let (na, nb) = (self.ns(a_ns), self.ns(b_ns));
         ip(&["link", "add", a, "mtu", &mtu.to_string(), "netns", &na, "type", "veth", "peer", "name", b, "mtu", &mtu.to_string(), "netns", &nb])?;
         self.ns_ip(a_ns, &["link", "set", a, "up"])?;
         self.ns_ip(b_ns, &["link", "set", b, "up"])
     }
 
-    fn add_ns(&self, short: &str) -> Result<()> {
+    pub(crate) fn add_ns(&self, short: &str) -> Result<()> {
         ip(&["netns", "add", &self.ns(short)])?;
         self.ns_ip(short, &["link", "set", "lo", "up"])
     }
@@ -285,9 +285,9 @@ impl Lab {
         Ok(())
     }
 
-    fn spawn_decap(&self, short: &str, iface: &str) -> Result<()> {
-        let pins = PathBuf::from(format!("/sys/fs/bpf/{}-decap-{short}", self.spec.prefix));
-        let key = format!("decap-{short}");
+    pub(crate) fn spawn_decap(&self, short: &str, iface: &str) -> Result<()> {
+        let pins = PathBuf::from(format!("/sys/fs/bpf/{}-decap-{short}-{iface}", self.spec.prefix));
+        let key = format!("decap-{short}-{iface}");
         self.spawn(&key, self.command(short, &self.spec.sluice).args(["decap", "--iface", iface, "--pin-dir"]).arg(&pins))?;
         self.wait(&format!("XDP on {short}/{iface}"), Duration::from_secs(15), || self.link_has_xdp(short, iface))
     }
