@@ -90,6 +90,8 @@ pub struct StatusReport {
     pub outcomes: stats::Snapshot,
     /// This node's announcements, with a `[cluster]` section.
     pub cluster: Option<crate::announce::Status>,
+    /// The peer channel's counts, with `cluster.peers`.
+    pub peers: Option<crate::peers::Stats>,
 }
 
 fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
@@ -136,6 +138,7 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
         break_glass: st.overrides.iter().map(|((s, b), o)| (s.clone(), *b, o.clone())).collect(),
         outcomes,
         cluster: st.cluster.as_ref().map(|c| c.status.lock().expect("status").clone()),
+        peers: st.cluster.as_ref().and_then(|c| c.peers.as_ref()).map(|p| p.stats.lock().expect("stats").clone()),
     }))
 }
 

@@ -51,6 +51,16 @@ pub struct ClusterCfg {
     /// includes in a static protocol it exports over BGP.
     #[serde(default = "default_announce_dir")]
     pub announce_dir: PathBuf,
+    /// The other nodes' peer channels (`peers.rs`): told which flows this node adopted after
+    /// a rehash, so the node a flow left releases its slot at once.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// Where this node's peer channel listens (its address on the nodes' network).
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+    /// The key every node shares to authenticate the peer channel (HMAC-SHA256), 16+ bytes.
+    #[serde(default)]
+    pub peer_key_file: Option<PathBuf>,
 }
 
 fn default_bird_socket() -> PathBuf {
@@ -485,6 +495,15 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if let Some(c) = &cfg.cluster {
         if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
             err("cluster.node".into(), format!("\"{}\" must be a name without spaces (this node's, e.g. \"lb1\")", c.node));
+        }
+        if (!c.peers.is_empty() || c.peer_listen.is_some()) && c.peer_key_file.is_none() {
+            err("cluster.peer_key_file".into(), "the peer channel (cluster.peers, cluster.peer_listen) needs a shared key file".into());
+        }
+        if !c.peers.is_empty() && c.peer_listen.is_none() {
+            err("cluster.peer_listen".into(), "with cluster.peers, this node must listen for its peers too (e.g. \"10.0.0.11:9478\")".into());
+        }
+        if c.peer_listen.is_some_and(|l| c.peers.contains(&l)) {
+            err("cluster.peers".into(), "lists this node's own cluster.peer_listen; list the other nodes only".into());
         }
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {

@@ -110,6 +110,18 @@ pub struct Cluster {
     pub drained: bool,
     wanted: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
     wanted_rx: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
+    /// The peer channel, with `cluster.peers` or `cluster.peer_listen`.
+    pub peers: Option<Peers>,
+}
+
+/// This node's side of the peer channel (`peers.rs`).
+pub struct Peers {
+    pub stats: Arc<Mutex<crate::peers::Stats>>,
+    key: Vec<u8>,
+    tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
+    rx: Option<mpsc::UnboundedReceiver<Vec<crate::peers::Moved>>>,
+    /// Adopted flows entered since this coarse-clock time are reported next.
+    since_ns: u64,
 }
 
 /// What a change applies: the next config, and what to do once it is applied.
@@ -343,6 +355,16 @@ impl State {
             }
         }
         self.drain_events()?;
+        if let Some(p) = self.cluster.as_mut().and_then(|c| c.peers.as_mut()) {
+            // Flows adopted since the last tick: tell the peers (the node each left releases it).
+            let now = gc::now_coarse_ns();
+            let moved = crate::peers::adopted_since(&self.flows, p.since_ns, now);
+            p.since_ns = now;
+            if !moved.is_empty() {
+                p.stats.lock().expect("stats").reported += moved.len() as u64;
+                let _ = p.tx.send(moved);
+            }
+        }
         if n % RECONCILE_EVERY == 0 {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
             self.last_drift = self.reconciler.pass(&self.flows, &self.conns, ids);
@@ -366,13 +388,30 @@ fn attach_mode(m: XdpMode) -> AttachMode {
 fn cluster(cfg: &Config) -> Result<Option<Cluster>, Error> {
     let Some(c) = &cfg.cluster else { return Ok(None) };
     std::fs::create_dir_all(&c.announce_dir).map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", c.announce_dir.display()), e))?;
+    // BIRD refuses a config whose included files are missing: make them (empty) before this
+    // daemon serves, so BIRD may start any time after it.
+    for f in <[PathBuf; 2]>::from(announce::files(&c.announce_dir)) {
+        if !f.exists() {
+            std::fs::write(&f, b"").map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", f.display()), e))?;
+        }
+    }
     let drained = announce::drained_marker(&c.announce_dir).exists();
     if drained {
         tracing::warn!(node = %c.node, "this node was drained (`sluice node drain`) and stays so until `sluice node undrain`");
     }
     let (wanted, wanted_rx) = tokio::sync::watch::channel(Default::default());
     let status = announce::Status { node: c.node.clone(), drained, ..Default::default() };
-    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx) }))
+    let peers = match &c.peer_key_file {
+        Some(path) if !c.peers.is_empty() || c.peer_listen.is_some() => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            // From 0: the first report holds every adopted flow in the table, those the datapath
+            // adopted while no daemon ran (a restart, an upgrade) included; peers ignore the
+            // ones they do not hold.
+            Some(Peers { stats: Arc::default(), key: crate::peers::read_key(path)?, tx, rx: Some(rx), since_ns: 0 })
+        }
+        _ => None,
+    };
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers }))
 }
 
 /// Starts the daemon from `cfg_path`: returns the shared state once the datapath is attached
@@ -476,6 +515,27 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
         })
     };
     let announcer = announcer.map(|(cfg, status, rx)| announce::spawn(cfg, state.clone(), status, rx, api_stop.clone()));
+    let peer_tasks = {
+        let mut st = state.lock().expect("state lock");
+        st.cluster.as_mut().and_then(|c| {
+            let p = c.peers.as_mut()?;
+            Some((c.cfg.clone(), p.key.clone(), p.stats.clone(), p.rx.take().expect("run once")))
+        })
+    };
+    let mut peer_handles = Vec::new();
+    if let Some((cfg, key, stats, rx)) = peer_tasks {
+        if !cfg.peers.is_empty() {
+            peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), stats.clone(), rx, api_stop.clone()));
+        }
+        if let Some(listen) = cfg.peer_listen {
+            let (state, stop) = (state.clone(), api_stop.clone());
+            peer_handles.push(tokio::spawn(async move {
+                if let Err(e) = crate::peers::serve(listen, key, state, stats, stop).await {
+                    tracing::error!("{e}");
+                }
+            }));
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut eval_every = state.lock().expect("state lock").cfg.alerts.interval;
     let mut eval_tick = tokio::time::interval(eval_every);
@@ -561,6 +621,9 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let _ = api.await;
     if let Some(a) = announcer {
         let _ = a.await;
+    }
+    for h in peer_handles {
+        let _ = h.await;
     }
     state.lock().expect("state lock").journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
     if let Ok(Err(e)) = metrics.await {

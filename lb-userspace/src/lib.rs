@@ -27,6 +27,7 @@ pub mod lab;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;
+pub mod peers;
 pub mod reconcile;
 pub mod sinks;
 pub mod stats;

@@ -50,6 +50,10 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now.", &["alertname", "service", "backend", "severity"]);
     let announced = int_gauge(&r, "sluice_vip_announced", "1 if this node announces the VIP through BIRD now, 0 if it should and does not or has withdrawn it.", &["node", "vip"]);
     let node_drained = int_gauge(&r, "sluice_node_drained", "1 while this node is drained (`sluice node drain`).", &["node"]);
+    let peer_reported = counter(&r, "sluice_peer_adopted_flows_reported_total", "Flows this node adopted after a rehash and reported to its peers.", &["node"]);
+    let peer_released = counter(&r, "sluice_peer_moved_flows_released_total", "Slots released here because a peer reported adopting the flow (it moved away).", &["node"]);
+    let peer_refused = counter(&r, "sluice_peer_messages_refused_total", "Peer-channel messages refused (bad HMAC, stale, malformed).", &["node"]);
+    let peer_pending = int_gauge(&r, "sluice_peer_pending_batches", "Batches of adopted flows not yet delivered, per peer (kept a minute).", &["node", "peer"]);
     let mut st = state.lock().expect("state lock");
     let st = &mut *st;
     if let Some(c) = &st.cluster {
@@ -58,6 +62,15 @@ pub fn render(state: &Shared) -> Result<String, Error> {
             announced.with_label_values(&[s.node.clone(), vip.to_string()]).set(i64::from(s.announced.contains(vip)));
         }
         node_drained.with_label_values(&[s.node.clone()]).set(i64::from(s.drained));
+        if let Some(p) = &c.peers {
+            let p = p.stats.lock().expect("stats");
+            peer_reported.with_label_values(&[s.node.clone()]).inc_by(p.reported);
+            peer_released.with_label_values(&[s.node.clone()]).inc_by(p.released);
+            peer_refused.with_label_values(&[s.node.clone()]).inc_by(p.refused);
+            for (peer, n) in &p.pending {
+                peer_pending.with_label_values(&[s.node.clone(), peer.clone()]).set(*n as i64);
+            }
+        }
     }
     for n in &st.firing {
         let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();

@@ -44,6 +44,8 @@ pub const MAX_NODES: u8 = 8;
 const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 const NODE_AS: u32 = 65001;
 const ROUTER_AS: u32 = 65000;
+/// The nodes' peer channel (`peers.rs`).
+const PEER_PORT: u16 = 9478;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -108,6 +110,12 @@ pub struct Report {
     /// that the node they left still counts (until their idle timeout).
     pub counted_open: u64,
     pub clients_hold: u64,
+    /// From the end of the load until the counters equalled the held connections (ms).
+    pub counters_settled_ms: u64,
+    /// Each node's peer channel: flows reported, released, ignored.
+    pub peers: BTreeMap<String, crate::peers::Stats>,
+    /// Open connections each node counts at the end.
+    pub open_by_node: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
 }
 
@@ -129,9 +137,21 @@ impl Verdict for Report {
         }
         let _ = writeln!(
             t,
-            "\n{} connections, {} held ({} survived the whole run), {} broken, {} connects failed; at the end {} open counted over the nodes for {} the clients hold\n",
-            self.connections, self.held, self.held_survived, self.broken, self.connect_failed, self.counted_open, self.clients_hold
+            "\n{} connections, {} held ({} survived the whole run), {} broken, {} connects failed; at the end {} open counted over the nodes for {} the clients hold ({} ms after the load)\n",
+            self.connections, self.held, self.held_survived, self.broken, self.connect_failed, self.counted_open, self.clients_hold, self.counters_settled_ms
         );
+        for (n, p) in &self.peers {
+            let _ = writeln!(
+                t,
+                "- peer channel {n}: reported {} adopted flows, released {} slots of flows that left, {} not here, {} still arriving here, refused {}; counts {} open",
+                p.reported,
+                p.released,
+                p.ignored,
+                p.still_here,
+                p.refused,
+                self.open_by_node.get(n).copied().unwrap_or(0)
+            );
+        }
         for e in &self.broken_examples {
             let _ = writeln!(t, "- {e}");
         }
@@ -182,6 +202,9 @@ impl Cluster<'_> {
                 let _ = lab.command(&ns, "ping").args(["-c1", "-W1", &super::backend4(n).to_string()]).output();
             }
         }
+        // The key the nodes' peer channel shares.
+        let key: String = (0..32).map(|_| char::from(b'a' + rand::random::<u8>() % 26)).collect();
+        std::fs::write(lab.spec.dir.join("peer.key"), key)?;
         let rdir = lab.spec.dir.join("router");
         std::fs::create_dir_all(&rdir)?;
         let mut conf = format!(
@@ -216,7 +239,18 @@ impl Cluster<'_> {
         std::fs::create_dir_all(&dir)?;
         let conf: Vec<BackendConf> = (1..=lab.spec.backends).map(|n| BackendConf { n, max_conns: 10_000, weight: 1 }).collect();
         let text = lab
-            .config_text(&conf, &ServiceOpts::default(), &format!("[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\n", dir.join("bird.ctl").display(), dir.display()))
+            .config_text(
+                &conf,
+                &ServiceOpts::default(),
+                &format!(
+                    "[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\npeer_key_file = \"{}\"\n",
+                    dir.join("bird.ctl").display(),
+                    dir.display(),
+                    node_addr(k),
+                    (1..=self.max).filter(|p| *p != k).map(|p| format!("\"{}:{PEER_PORT}\"", node_addr(p))).collect::<Vec<_>>().join(", "),
+                    lab.spec.dir.join("peer.key").display()
+                ),
+            )
             .replace(&lab.pin_dir().display().to_string(), &format!("/sys/fs/bpf/{}-{}", lab.spec.prefix, node_ns(k)))
             .replace(&lab.socket().display().to_string(), &self.socket(k).display().to_string())
             .replace(&lab.journal().display().to_string(), &dir.join("journal.jsonl").display().to_string());
@@ -329,7 +363,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         cl.up.insert(k);
     }
     let t = cl.converge(Instant::now())?;
-    println!("[  0.0s] {} nodes announce {VIP4} (router converged in {t:?})", opts.nodes);
+    eprintln!("[  0.0s] {} nodes announce {VIP4} (router converged in {t:?})", opts.nodes);
 
     let sh = Arc::new(Shared {
         t0: Instant::now(),
@@ -341,10 +375,13 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     });
     let clients = lab.spec.clients;
     let addr = SocketAddr::new(vip(false), PORT);
-    let say = |line: String| println!("[{:>6.1}s] {line}", sh.now());
+    // Progress on stderr: stdout carries the report (JSON with --json).
+    let say = |line: String| eprintln!("[{:>6.1}s] {line}", sh.now());
     let half = opts.window / 2;
     let mut steps = Vec::new();
-    let (mut counted_open, mut clients_hold_counted) = (0u64, 0u64);
+    let (mut counted_open, mut clients_hold_counted, mut settle_ms) = (0u64, 0u64, 0u64);
+    let mut peer_stats: BTreeMap<String, crate::peers::Stats> = BTreeMap::new();
+    let mut open_by_node: BTreeMap<String, u64> = BTreeMap::new();
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
         struct Release<'a>(&'a Shared);
@@ -451,9 +488,19 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
 
         sh.load_until_ms.store(sh.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
         lab.wait("the short connections to finish", Duration::from_secs(30), || sh.short_done.load(Ordering::Relaxed) >= usize::from(clients))?;
-        // Only the held connections are open now: what every node counts, summed.
-        std::thread::sleep(Duration::from_secs(1));
-        counted_open = (1..=cl.max).filter_map(|k| cl.status(k).ok()).map(|st| chaos::backends(&st).iter().filter_map(|b| b["open"].as_u64()).sum::<u64>()).sum();
+        // Only the held connections are open now. Every node counts only the flows it carries
+        // once its peers told it which moved (about a second, plus the sender's retries).
+        let by_node = || -> BTreeMap<String, u64> {
+            (1..=cl.max).filter_map(|k| Some((format!("n{k}"), chaos::backends(&cl.status(k).ok()?).iter().filter_map(|b| b["open"].as_u64()).sum::<u64>()))).collect()
+        };
+        let counted = || by_node().values().sum::<u64>();
+        let open_now = held as u64;
+        let t_stop = Instant::now();
+        let _ = lab.wait("the nodes' counters to equal the connections held", Duration::from_secs(10), || counted() == open_now);
+        open_by_node = by_node();
+        counted_open = open_by_node.values().sum();
+        settle_ms = t_stop.elapsed().as_millis() as u64;
+        peer_stats = (1..=cl.max).filter_map(|k| Some((format!("n{k}"), serde_json::from_value(cl.status(k).ok()?["peers"].clone()).ok()?))).collect();
         drop(release);
         say("load stopped; closing the held connections".into());
         let mut conns = Vec::new();
@@ -481,6 +528,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             .collect(),
         counted_open,
         clients_hold: clients_hold_counted,
+        counters_settled_ms: settle_ms,
+        peers: peer_stats,
+        open_by_node,
         steps,
         checks: Vec::new(),
     };
@@ -497,6 +547,15 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         "the drained node's new flows reach 0",
         drain.is_some_and(|(quiet, after)| quiet && after == 0),
         report.steps.get(1).map(|s| s.detail.clone()).unwrap_or_default(),
+    );
+    let (reported, released): (u64, u64) = report.peers.values().fold((0, 0), |(a, b), p| (a + p.reported, b + p.released));
+    check(
+        "counters follow the flows: every node counts only the connections it carries",
+        report.counted_open == report.clients_hold,
+        format!(
+            "{} open counted over the nodes for {} held by the clients, {} ms after the load; peers reported {reported} adopted flows, {released} slots released where they left",
+            report.counted_open, report.clients_hold, report.counters_settled_ms
+        ),
     );
     let restart = report.steps.get(3).map(|s| s.detail.clone()).unwrap_or_default();
     check("a daemon restart withdraws nothing", restart.ends_with(": 0"), restart);

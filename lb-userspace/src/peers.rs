@@ -1,0 +1,313 @@
+//! Counts that follow the flows: the peer channel between the nodes of a cluster.
+//!
+//! When the router rehashes (a node joins, leaves, is drained or fails), some flows arrive at a
+//! node that has no entry for them; it adopts them (mid-stream, same backend: every node builds
+//! the same rings) and counts a slot. The node they left still holds their entry and slot until
+//! its idle timeout (2 h when established), and would refuse connections for a backend it
+//! believes fuller than it is. So each node tells its peers, about once a second, which flows it
+//! adopted and how long ago; a peer holding one of them releases its slot and drops the entry if
+//! its last packet there came before the adoption (the flow has moved; a flow that still arrives
+//! there is left alone). The GC's own compare-and-swaps make it exact: a slot is given back once.
+//!
+//! The channel: HTTP POST `/v1/peer/moved` on `cluster.peer_listen`, JSON, authenticated with
+//! HMAC-SHA256 over the body and a key every node shares (`cluster.peer_key_file`), with a
+//! timestamp checked against replays. A peer that cannot be reached gets the batch again each
+//! second for a minute (a node restarting or coming back learns what moved meanwhile).
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    body::Bytes,
+    extract::State as AxState,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+    Router,
+};
+use hmac::{Hmac, Mac as _};
+use lb_common::FlowKey;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{daemon::State, gc, Error};
+
+const HEADER: &str = "x-sluice-hmac";
+/// A message older (or newer) than this is refused: a replay, or clocks too far apart.
+const MAX_SKEW: Duration = Duration::from_secs(60);
+/// How long undelivered batches are kept for a peer.
+const KEEP: Duration = Duration::from_secs(60);
+/// Flows per message.
+const BATCH: usize = 5000;
+
+/// One flow this node adopted, and how long before the message was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// Milliseconds between the adoption and the message being sent.
+    pub ago_ms: u64,
+}
+
+impl Moved {
+    pub fn key(&self) -> FlowKey {
+        FlowKey { src: self.src, dst: self.dst, sport_be: self.sport.to_be_bytes(), dport_be: self.dport.to_be_bytes(), proto: self.proto, ..FlowKey::default() }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Message {
+    node: String,
+    /// Wall clock at sending, ms since the epoch (replay and skew check).
+    sent_ms: u64,
+    flows: Vec<Moved>,
+}
+
+/// What the peer channel reports (status, metrics).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Adopted flows this node reported to its peers.
+    pub reported: u64,
+    /// Flows peers reported that were here and whose slots this node released.
+    pub released: u64,
+    /// Reported flows that were not here (each report goes to every peer).
+    pub ignored: u64,
+    /// Reported flows whose packets still arrive here (left alone).
+    pub still_here: u64,
+    /// Messages refused (bad MAC, stale, malformed).
+    pub refused: u64,
+    /// Batches not delivered yet, per peer.
+    pub pending: Vec<(String, usize)>,
+    pub last_error: Option<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads the shared key (at least 16 bytes; a trailing newline is not part of it).
+pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
+    let key = std::fs::read(path).map_err(|e| Error::other(format!("reading cluster.peer_key_file {}", path.display()), e))?;
+    let key = key.strip_suffix(b"\n").unwrap_or(&key).to_vec();
+    if key.len() < 16 {
+        return Err(Error::other(format!("cluster.peer_key_file {}", path.display()), anyhow::anyhow!("the key has {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)", key.len())));
+    }
+    Ok(key)
+}
+
+fn mac(key: &[u8], body: &[u8]) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(body);
+    m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn verify(key: &[u8], body: &[u8], hex: &str) -> bool {
+    let Some(tag) = (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect::<Option<Vec<u8>>>() else { return false };
+    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(body);
+    // Constant-time comparison.
+    m.verify_slice(&tag).is_ok()
+}
+
+/// The adopted flows entered since `since_ns` (the datapath's coarse monotonic clock), with
+/// their age at `now_ns`.
+pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u64) -> Vec<Moved> {
+    let mut out = Vec::new();
+    table.for_each(|e| {
+        if e.flow.adopted != 0 && e.flow.created_ns > since_ns {
+            let k = &e.key;
+            out.push(Moved {
+                src: k.src,
+                dst: k.dst,
+                sport: u16::from_be_bytes(k.sport_be),
+                dport: u16::from_be_bytes(k.dport_be),
+                proto: k.proto,
+                ago_ms: now_ns.saturating_sub(e.flow.created_ns) / 1_000_000,
+            });
+        }
+    });
+    out
+}
+
+/// Sends each batch of adopted flows to every peer, keeping what a peer did not take for
+/// `KEEP` and trying again every second.
+pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, stats: Arc<Mutex<Stats>>, mut rx: mpsc::UnboundedReceiver<Vec<Moved>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Per peer: (when the adoption batch was taken, its flows, with ages as of then).
+        let mut queues: Vec<VecDeque<(std::time::Instant, Vec<Moved>)>> = vec![VecDeque::new(); peers.len()];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                got = rx.recv() => match got {
+                    Some(flows) if !flows.is_empty() => {
+                        let at = std::time::Instant::now();
+                        for q in &mut queues {
+                            q.push_back((at, flows.clone()));
+                        }
+                    }
+                    Some(_) => continue,
+                    None => break,
+                },
+                _ = tick.tick() => {}
+            }
+            let mut last_error = None;
+            for (peer, q) in peers.iter().zip(&mut queues) {
+                q.retain(|(at, _)| at.elapsed() < KEEP);
+                while let Some((at, flows)) = q.front() {
+                    // Ages grow while a batch waits.
+                    let waited = at.elapsed().as_millis() as u64;
+                    let mut ok = true;
+                    for chunk in flows.chunks(BATCH) {
+                        let msg = Message { node: node.clone(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect() };
+                        if let Err(e) = send(*peer, &key, &msg).await {
+                            last_error = Some(format!("peer {peer}: {e}"));
+                            ok = false;
+                            break;
+                        }
+                    }
+                    if !ok {
+                        break;
+                    }
+                    q.pop_front();
+                }
+            }
+            let mut s = stats.lock().expect("stats");
+            s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.len())).filter(|(_, n)| *n > 0).collect();
+            if let Some(e) = last_error {
+                if s.last_error.as_ref() != Some(&e) {
+                    tracing::warn!("peer channel: {e} (kept for a minute and sent again)");
+                }
+                s.last_error = Some(e);
+            } else if s.pending.is_empty() {
+                s.last_error = None;
+            }
+        }
+    })
+}
+
+async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<(), String> {
+    use http_body_util::BodyExt as _;
+    let body = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
+    let req = hyper::Request::post("/v1/peer/moved")
+        .header("host", peer.to_string())
+        .header("content-type", "application/json")
+        .header(HEADER, mac(key, &body))
+        .body(http_body_util::Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let text = resp.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("{status}: {text}"))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), exchange).await.map_err(|_| "no answer within 3 s".to_owned())?
+}
+
+#[derive(Clone)]
+struct Receiver {
+    state: Arc<Mutex<State>>,
+    key: Arc<Vec<u8>>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+/// Serves `/v1/peer/moved` on `listen` until `stop`.
+pub async fn serve(listen: SocketAddr, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
+    tracing::info!(%listen, "peer channel listening");
+    let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver { state, key: Arc::new(key), stats });
+    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.map_err(|e| Error::other("peer channel", e))
+}
+
+async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+    let refuse = |code: StatusCode, why: String| {
+        r.stats.lock().expect("stats").refused += 1;
+        tracing::warn!("peer channel: refused a message: {why}");
+        (code, why)
+    };
+    let Some(tag) = headers.get(HEADER).and_then(|v| v.to_str().ok()) else { return refuse(StatusCode::UNAUTHORIZED, format!("no {HEADER} header")) };
+    if !verify(&r.key, &body, tag) {
+        return refuse(StatusCode::UNAUTHORIZED, "the HMAC does not match (another cluster.peer_key_file?)".into());
+    }
+    let msg: Message = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed: {e}")),
+    };
+    let now = now_ms();
+    if now.abs_diff(msg.sent_ms) > MAX_SKEW.as_millis() as u64 {
+        return refuse(StatusCode::BAD_REQUEST, format!("sent {} ms away from this node's clock (a replay, or clocks apart)", now.abs_diff(msg.sent_ms)));
+    }
+    // How long ago, here, each adoption happened (the message's transit included).
+    let transit = now.saturating_sub(msg.sent_ms);
+    let st = r.state.lock().expect("state lock");
+    let now_ns = gc::now_coarse_ns();
+    let (mut released, mut ignored, mut still_here) = (0u64, 0u64, 0u64);
+    for m in &msg.flows {
+        let Some(e) = st.flows.get(&m.key()) else {
+            ignored += 1;
+            continue;
+        };
+        let idle_ms = now_ns.saturating_sub(e.flow.last_seen_ns) / 1_000_000;
+        // Its last packet here came before the adoption there (100 ms for clocks and coarse
+        // timestamps): the flow has moved. Otherwise it still arrives here: leave it.
+        if idle_ms + 100 >= m.ago_ms + transit {
+            let gave = st.flows.release(&e, &st.conns);
+            st.flows.remove(&e);
+            released += u64::from(gave);
+        } else {
+            still_here += 1;
+        }
+    }
+    drop(st);
+    let mut s = r.stats.lock().expect("stats");
+    s.released += released;
+    s.ignored += ignored;
+    s.still_here += still_here;
+    if released > 0 {
+        tracing::info!(peer = %msg.node, released, "released the slots of flows that moved to a peer");
+    }
+    (StatusCode::OK, format!("{{\"released\":{released},\"ignored\":{ignored},\"still_here\":{still_here}}}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_verify_only_with_the_key_and_body() {
+        let key = b"0123456789abcdef0123";
+        let tag = mac(key, b"body");
+        assert!(verify(key, b"body", &tag));
+        assert!(!verify(key, b"bodY", &tag));
+        assert!(!verify(b"another key of 16+ bytes", b"body", &tag));
+        assert!(!verify(key, b"body", "zz"));
+    }
+
+    #[test]
+    fn keys_are_read_and_checked() {
+        let dir = std::env::temp_dir().join(format!("sluice-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("short"), "abc\n").expect("write");
+        let e = read_key(&dir.join("short")).expect_err("too short").to_string();
+        assert!(e.contains("3 bytes") && e.contains("peer_key_file"), "{e}");
+        std::fs::write(dir.join("good"), "0123456789abcdef0123\n").expect("write");
+        assert_eq!(read_key(&dir.join("good")).expect("key"), b"0123456789abcdef0123");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
