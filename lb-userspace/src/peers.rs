@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{daemon::State, gc, Error};
 
-const HEADER: &str = "x-sluice-hmac";
+pub const HEADER: &str = "x-sluice-hmac";
 /// A message older (or newer) than this is refused: a replay, or clocks too far apart.
 const MAX_SKEW: Duration = Duration::from_secs(60);
 /// How long undelivered batches are kept for a peer.
@@ -104,7 +104,8 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
     Ok(key)
 }
 
-fn mac(key: &[u8], body: &[u8]) -> String {
+/// The HMAC-SHA256 of `body` under `key`, in hex: the `x-sluice-hmac` header.
+pub fn sign(key: &[u8], body: &[u8]) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     m.update(body);
     m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
@@ -201,7 +202,7 @@ async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<(), String>
     let req = hyper::Request::post("/v1/peer/moved")
         .header("host", peer.to_string())
         .header("content-type", "application/json")
-        .header(HEADER, mac(key, &body))
+        .header(HEADER, sign(key, &body))
         .body(http_body_util::Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     let exchange = async {
@@ -292,7 +293,7 @@ mod tests {
     #[test]
     fn macs_verify_only_with_the_key_and_body() {
         let key = b"0123456789abcdef0123";
-        let tag = mac(key, b"body");
+        let tag = sign(key, b"body");
         assert!(verify(key, b"body", &tag));
         assert!(!verify(key, b"bodY", &tag));
         assert!(!verify(b"another key of 16+ bytes", b"body", &tag));

@@ -4,7 +4,8 @@
 //! its BIRD says so and catches up; both nodes announce (two next hops on the router); a node
 //! whose only backend fails withdraws and announces again when it recovers; `sluice node drain`
 //! withdraws, measures that no new flows arrive, and survives a daemon restart until `undrain`;
-//! a daemon restart withdraws nothing (the router keeps the node's next hop throughout); and
+//! a daemon restart withdraws nothing (the router keeps the node's next hop throughout); the
+//! peer channel refuses a forged and a replayed message and takes a signed one; and
 //! both nodes, configured with the backends in different orders, pick the same backend for
 //! every one of a thousand random flows (`explain`).
 
@@ -34,6 +35,7 @@ const VIP: &str = "10.81.0.100";
 /// Flows compared between the nodes (10,000 passed once by hand; each costs ~11 ms on a debug
 /// daemon, so the suite checks fewer).
 const FLOWS: u32 = 1_000;
+const PEER_KEY: &str = "sixteen-or-more-bytes-of-key";
 const BACKENDS: [&str; 4] = ["10.81.9.1", "10.81.9.2", "10.81.9.3", "10.81.9.4"];
 
 struct Node {
@@ -188,14 +190,16 @@ fn node(router: &Netns, n: u8, backend_order: &[&str]) -> Node {
     .expect("bird.conf");
     let mut cfg = format!(
         "[daemon]\ninterface = \"eth0\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n\
-         [cluster]\nnode = \"{name}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\n\
+         [cluster]\nnode = \"{name}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"10.81.{n}.2:9478\"\npeer_key_file = \"{}/peer.key\"\n\
          [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nproto = \"tcp\"\nmode = \"ipip\"\nring_size = 1009\n",
         pins.0.display(),
         dir.join("sluice.sock").display(),
         dir.join("journal.jsonl").display(),
         dir.join("bird.ctl").display(),
+        dir.display(),
         dir.display()
     );
+    std::fs::write(dir.join("peer.key"), PEER_KEY).expect("peer.key");
     for b in backend_order {
         cfg.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\nmax_conns = 100\n"));
         if *b == "10.81.9.1" {
@@ -303,6 +307,30 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
         watcher.join().expect("watcher")
     });
     assert_eq!(lost, 0, "the router lost n1's next hop during a daemon restart");
+
+    // The peer channel answers only what is signed with the shared key, and fresh.
+    let post = |body: &str, mac: &str| -> (u16, String) {
+        router.run(|| {
+            let mut s = std::net::TcpStream::connect("10.81.1.2:9478").expect("peer channel");
+            write!(s, "POST /v1/peer/moved HTTP/1.1\r\nHost: n1\r\nContent-Type: application/json\r\n{}: {mac}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", lb_userspace::peers::HEADER, body.len()).expect("send");
+            let mut out = String::new();
+            s.read_to_string(&mut out).expect("answer");
+            (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+        })
+    };
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    let flow = r#"{"src":[0,0,0,0,0,0,0,0,0,0,255,255,203,0,113,9],"dst":[0,0,0,0,0,0,0,0,0,0,255,255,10,81,0,100],"sport":40000,"dport":80,"proto":6,"ago_ms":5}"#;
+    let fresh = format!(r#"{{"node":"n9","sent_ms":{now_ms},"flows":[{flow}]}}"#);
+    let stale = format!(r#"{{"node":"n9","sent_ms":{},"flows":[{flow}]}}"#, now_ms - 600_000);
+    let (code, out) = post(&fresh, &lb_userspace::peers::sign(b"another key, not the cluster's", fresh.as_bytes()));
+    assert_eq!(code, 401, "a forged message: {out}");
+    let (code, out) = post(&stale, &lb_userspace::peers::sign(PEER_KEY.as_bytes(), stale.as_bytes()));
+    assert_eq!(code, 400, "a replayed (10 minutes old) message: {out}");
+    let (code, out) = post(&fresh, &lb_userspace::peers::sign(PEER_KEY.as_bytes(), fresh.as_bytes()));
+    assert!(code == 200 && out.contains("\"ignored\":1"), "a signed message about a flow n1 does not hold: {out}");
+    let (_, st, _) = n1.ctl(&["status", "--json"]);
+    let st: Value = serde_json::from_str(&st).expect("json");
+    assert_eq!((st["peers"]["refused"].as_u64(), st["peers"]["ignored"].as_u64()), (Some(2), Some(1)), "{}", st["peers"]);
 
     // Identical choice: same config, backends listed in another order, same backend per flow.
     let mut rng = StdRng::seed_from_u64(17);
