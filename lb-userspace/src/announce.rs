@@ -116,9 +116,9 @@ pub fn spawn(cfg: ClusterCfg, state: Arc<Mutex<State>>, status: Arc<Mutex<Status
         let mut in_bird = read_files(&cfg.announce_dir);
         status.lock().expect("status").announced.clone_from(&in_bird);
         let mut last_error: Option<String> = None;
-        // BIRD's config includes the files: make sure they exist, even empty.
-        let (f4, f6) = files(&cfg.announce_dir);
-        let mut force = !(f4.exists() && f6.exists());
+        // Once at start whatever the files say: a `configure` a previous daemon saw fail may
+        // have left them ahead of BIRD. With unchanged files BIRD changes nothing (no withdraw).
+        let mut force = true;
         loop {
             let want = wanted.borrow_and_update().clone();
             if want == in_bird && !force {

@@ -166,34 +166,39 @@ pub struct ApplyResponse {
 }
 
 async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRequest>) -> Result<Json<ApplyResponse>, ApiError> {
-    let (file, text) = match (&req.path, &req.toml) {
-        (Some(p), None) => (p.clone(), std::fs::read_to_string(p).map_err(|e| bad(format!("{}: cannot read it: {e}", p.display())))?),
-        (None, Some(t)) => (PathBuf::from("<request>"), t.clone()),
-        _ => return Err(bad("give either \"path\" or \"toml\"")),
+    // A file is read in the change's turn (`read` below), so it includes every runtime change
+    // written back into it before: reading it earlier could apply a copy without them.
+    let read = |req: &ApplyRequest| -> Result<(Config, Vec<Finding>, PathBuf), ApiError> {
+        let (file, text) = match (&req.path, &req.toml) {
+            (Some(p), None) => (p.clone(), std::fs::read_to_string(p).map_err(|e| bad(format!("{}: cannot read it: {e}", p.display())))?),
+            (None, Some(t)) => (PathBuf::from("<request>"), t.clone()),
+            _ => return Err(bad("give either \"path\" or \"toml\"")),
+        };
+        let (cfg, warnings) = config::parse(&file, &text).map_err(|r| ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))?;
+        Ok((cfg, warnings, file))
     };
-    let (cfg, warnings) = config::parse(&file, &text).map_err(|r| ApiError(StatusCode::UNPROCESSABLE_ENTITY, r.to_string()))?;
-    let restart_only = |next: &Config, running: &Config| {
-        (next.daemon != running.daemon || next.flows.capacity != running.flows.capacity || next.datapath != running.datapath || next.cluster != running.cluster).then(|| {
-            ApiError(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                format!("{}: [daemon], [datapath], [cluster] and flows.capacity take effect on restart only; change them in the file the daemon starts with and restart it", file.display()),
-            )
+    let restart_only = |next: &Config, running: &Config, file: &Path| {
+        config::restart_only_change(next, running).map(|what| {
+            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("{}: {what} changed, and it takes effect on restart only; change it in the file the daemon starts with and restart it", file.display()))
         })
     };
     if req.dry_run {
-        if let Some(e) = restart_only(&cfg, &st.lock().expect("state lock").cfg) {
+        let (cfg, warnings, file) = read(&req)?;
+        if let Some(e) = restart_only(&cfg, &st.lock().expect("state lock").cfg, &file) {
             return Err(e);
         }
         let changes = State::plan(&st, &cfg).await?;
         return Ok(Json(ApplyResponse { applied: false, changes, warnings }));
     }
-    let path = req.path.clone();
+    let mut warnings = Vec::new();
     let changes = State::change(&st, |running| {
-        if let Some(e) = restart_only(&cfg, &running.cfg) {
+        let (cfg, found, file) = read(&req)?;
+        if let Some(e) = restart_only(&cfg, &running.cfg, &file) {
             return Err(e);
         }
+        warnings = found;
         // The applied file becomes the one a reload reads and runtime changes are written to.
-        let then = path.map(|p| -> Then {
+        let then = req.path.clone().map(|p| -> Then {
             Box::new(move |st: &mut State| {
                 st.cfg_path = p;
                 Ok(())
@@ -242,13 +247,25 @@ async fn post_backend(
             return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("refused, nothing changed: {e}")));
         }
         warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
-        let staged = write_back(&running.cfg_path, &running.cfg, &cfg, &service, address, &edit)?;
-        let then: Then = Box::new(move |st: &mut State| {
-            let path = st.cfg_path.clone();
-            staged.commit().map_err(|e| {
-                Error::other(format!("the change is applied, but writing it into {} failed, so a reload would revert it; fix the file by hand", path.display()), e)
-            })
-        });
+        let then: Then = match write_back(&running.cfg_path, &running.cfg, &cfg, &service, address, &edit)? {
+            Ok(staged) => Box::new(move |st: &mut State| {
+                let path = st.cfg_path.clone();
+                staged.commit().map_err(|e| {
+                    Error::other(format!("the change is applied, but writing it into {} failed, so a reload would revert it; fix the file by hand", path.display()), e)
+                })
+            }),
+            // A file that cannot be written (a read-only /etc, a config from a volume) must not
+            // block a drain in an incident: applied, and said loudly that a reload reverts it.
+            Err(why) => {
+                let message = format!("applied in memory only: {why}; a reload reverts this change unless the file gets it too");
+                warnings.push(Finding { severity: Severity::Warning, key: format!("service \"{service}\" backend {address}"), message: message.clone() });
+                Box::new(move |st: &mut State| {
+                    tracing::warn!("{message}");
+                    st.journal.record("config", format!("runtime change not written to {}", st.cfg_path.display()), vec![message]);
+                    Ok(())
+                })
+            }
+        };
         Ok(Next { cfg, then: Some(then) })
     })
     .await?;
@@ -284,9 +301,14 @@ fn edit_config(running: &Config, service: &str, address: IpAddr, edit: &BackendE
 /// Stages the config file with `edit` made, so that a reload keeps the change. Refused if the
 /// file no longer says what runs (edited and not applied, or a config sent as text): writing
 /// the edit into it would apply those other changes at the next reload, unreviewed.
-fn write_back(path: &Path, running: &Config, next: &Config, service: &str, address: IpAddr, edit: &BackendEdit) -> Result<Staged, ApiError> {
+fn write_back(path: &Path, running: &Config, next: &Config, service: &str, address: IpAddr, edit: &BackendEdit) -> Result<Result<Staged, String>, ApiError> {
     let refuse = |why: String| ApiError(StatusCode::CONFLICT, format!("refused, nothing changed: {why}"));
-    let text = std::fs::read_to_string(path).map_err(|e| refuse(format!("cannot read the config file {} to write the change into it: {e}", path.display())))?;
+    // A symlinked config is written where it points, not replaced by a file.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let text = match std::fs::read_to_string(&real) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(format!("the config file {} cannot be read ({e})", path.display()))),
+    };
     let on_disk = config::parse(path, &text).map(|(c, _)| c);
     if on_disk.ok().as_ref() != Some(running) {
         return Err(refuse(format!(
@@ -302,7 +324,7 @@ fn write_back(path: &Path, running: &Config, next: &Config, service: &str, addre
         Ok((c, _)) if &c == next => {}
         _ => return Err(refuse(format!("{}: the edited file would not read back as the change; edit the file and apply it instead", path.display()))),
     }
-    Staged::write(path, &edited).map_err(|e| refuse(format!("cannot write beside {}: {e}", path.display())))
+    Ok(Staged::write(&real, &edited).map_err(|e| format!("the config file {} cannot be written ({e})", real.display())))
 }
 
 #[derive(Deserialize, Serialize, Debug)]
@@ -346,7 +368,14 @@ async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>)
         let until_wall = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + ttl).to_string();
         tracing::warn!(service = %req.service, backend = %req.backend, "break-glass: max_conns = {} until {until_wall}", req.max_conns);
         s.journal.record("limit", format!("break-glass: service \"{}\" backend {} max_conns = {} until {until_wall}", req.service, req.backend, req.max_conns), vec![]);
-        s.overrides.insert((req.service.clone(), req.backend), crate::daemon::Override { max_conns: req.max_conns, until: std::time::Instant::now() + ttl, until_wall });
+        let key = (req.service.clone(), req.backend);
+        let before = s.overrides.insert(key.clone(), crate::daemon::Override { max_conns: req.max_conns, until: std::time::Instant::now() + ttl, until_wall });
+        s.set_undo(Box::new(move |st: &mut State| {
+            match before {
+                Some(o) => st.overrides.insert(key, o),
+                None => st.overrides.remove(&key),
+            };
+        }));
         Ok(s.cfg.clone().into())
     })
     .await?;

@@ -67,7 +67,9 @@ fn default_bird_socket() -> PathBuf {
     PathBuf::from("/run/bird/bird.ctl")
 }
 fn default_announce_dir() -> PathBuf {
-    PathBuf::from("/run/sluice/bird")
+    // Not under /run/sluice (0700, and removed when systemd stops the unit): BIRD (user `bird`)
+    // must read the files, and a drain must outlive a stop.
+    PathBuf::from("/var/lib/sluice/bird")
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -458,6 +460,23 @@ pub fn parse(file: &Path, text: &str) -> Result<(Config, Vec<Finding>), Rejected
         return Err(reject(findings));
     }
     Ok((cfg, findings))
+}
+
+/// The sections that take effect only when the daemon starts: a reload or `config apply` that
+/// changes one is refused, naming it (the running datapath, socket, BIRD link and peer channel
+/// were set up from the old values).
+pub fn restart_only_change(next: &Config, running: &Config) -> Option<&'static str> {
+    if next.daemon != running.daemon {
+        Some("[daemon]")
+    } else if next.datapath != running.datapath {
+        Some("[datapath]")
+    } else if next.flows.capacity != running.flows.capacity {
+        Some("flows.capacity")
+    } else if next.cluster != running.cluster {
+        Some("[cluster]")
+    } else {
+        None
+    }
 }
 
 /// Reads and parses a config file.

@@ -4,6 +4,7 @@
 
 use std::{
     net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -171,6 +172,9 @@ pub struct State {
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
     /// This node's part in a cluster (`[cluster]`): what it announces through BIRD.
     pub cluster: Option<Cluster>,
+    /// What the change in progress altered beside the config (a backend's health, a
+    /// break-glass limit), to undo if its apply fails.
+    pending_undo: Option<Box<dyn FnOnce(&mut State) + Send>>,
     /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
     /// running config are applied one after the other, each to the result of the one before.
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -187,7 +191,17 @@ impl State {
         let turn = state.lock().expect("state lock").turn.clone();
         let _turn = turn.lock().await;
         let next = edit(&mut state.lock().expect("state lock"))?;
-        let changes = Self::apply(state, next.cfg).await?;
+        let changes = match Self::apply(state, next.cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                let mut st = state.lock().expect("state lock");
+                if let Some(undo) = st.pending_undo.take() {
+                    undo(&mut st);
+                }
+                return Err(e.into());
+            }
+        };
+        state.lock().expect("state lock").pending_undo = None;
         if let Some(then) = next.then {
             then(&mut state.lock().expect("state lock"))?;
         }
@@ -215,6 +229,11 @@ impl State {
         st.cfg = cfg;
         st.publish_wanted();
         Ok(changes)
+    }
+
+    /// What to undo if the change in progress fails to apply (inside [`State::change`]'s edit).
+    pub fn set_undo(&mut self, undo: Box<dyn FnOnce(&mut State) + Send>) {
+        self.pending_undo = Some(undo);
     }
 
     /// Tells the announcer which VIPs this node should announce now.
@@ -359,7 +378,9 @@ impl State {
             // Flows adopted since the last tick: tell the peers (the node each left releases it).
             let now = gc::now_coarse_ns();
             let moved = crate::peers::adopted_since(&self.flows, p.since_ns, now);
-            p.since_ns = now;
+            // The next walk looks a second back too: a flow adopted during this walk, in a
+            // bucket already passed, is reported then. Duplicates are ignored by the peers.
+            p.since_ns = now.saturating_sub(1_000_000_000);
             if !moved.is_empty() {
                 p.stats.lock().expect("stats").reported += moved.len() as u64;
                 let _ = p.tx.send(moved);
@@ -387,12 +408,22 @@ fn attach_mode(m: XdpMode) -> AttachMode {
 /// The cluster state from `[cluster]`: its directory made, a drain kept from before.
 fn cluster(cfg: &Config) -> Result<Option<Cluster>, Error> {
     let Some(c) = &cfg.cluster else { return Ok(None) };
-    std::fs::create_dir_all(&c.announce_dir).map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", c.announce_dir.display()), e))?;
+    // 0755 and files 0644: BIRD runs as its own user and reads them.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&c.announce_dir)
+        .map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", c.announce_dir.display()), e))?;
     // BIRD refuses a config whose included files are missing: make them (empty) before this
     // daemon serves, so BIRD may start any time after it.
     for f in <[PathBuf; 2]>::from(announce::files(&c.announce_dir)) {
         if !f.exists() {
-            std::fs::write(&f, b"").map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", f.display()), e))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&f)
+                .map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", f.display()), e))?;
         }
     }
     let drained = announce::drained_marker(&c.announce_dir).exists();
@@ -467,6 +498,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         health_tx,
         health_rx: Some(health_rx),
         cluster: cluster(&cfg)?,
+        pending_undo: None,
         turn: Arc::default(),
     }));
     {
@@ -487,6 +519,12 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
 pub async fn reload(state: &Arc<Mutex<State>>) -> Result<Vec<Change>, Error> {
     State::change(state, |st| {
         let (cfg, warnings) = config::load(&st.cfg_path).map_err(Error::Config)?;
+        if let Some(what) = config::restart_only_change(&cfg, &st.cfg) {
+            return Err(Error::other(
+                format!("{}", st.cfg_path.display()),
+                anyhow::anyhow!("{what} changed, and it takes effect on restart only: nothing applied; restart the daemon to use it (or undo that edit to reload the rest)"),
+            ));
+        }
         for w in &warnings {
             tracing::warn!("{}: {w}", st.cfg_path.display());
         }
@@ -525,7 +563,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let mut peer_handles = Vec::new();
     if let Some((cfg, key, stats, rx)) = peer_tasks {
         if !cfg.peers.is_empty() {
-            peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), stats.clone(), rx, api_stop.clone()));
+            peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), state.clone(), stats.clone(), rx, api_stop.clone()));
         }
         if let Some(listen) = cfg.peer_listen {
             let (state, stop) = (state.clone(), api_stop.clone());
@@ -582,9 +620,18 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
                 let changed = State::change(&state, |st| {
                     let key = (t.service.clone(), t.address);
-                    if t.healthy { st.applied.down.remove(&key); } else { st.applied.down.insert(key); }
-                    st.journal.record("backend", format!("service \"{}\" backend {} {word}", t.service, t.address), vec![t.detail.clone()]);
-                    Ok::<_, Error>(st.cfg.clone().into())
+                    let was_down = st.applied.down.contains(&key);
+                    if t.healthy { st.applied.down.remove(&key); } else { st.applied.down.insert(key.clone()); }
+                    let (summary, detail) = (format!("service \"{}\" backend {} {word}", t.service, t.address), t.detail.clone());
+                    let then: Then = Box::new(move |st: &mut State| {
+                        st.journal.record("backend", summary, vec![detail]);
+                        Ok(())
+                    });
+                    // Undone if the apply fails, so the state says what the datapath does.
+                    st.set_undo(Box::new(move |st: &mut State| {
+                        if was_down { st.applied.down.insert(key); } else { st.applied.down.remove(&key); }
+                    }));
+                    Ok::<_, Error>(Next { cfg: st.cfg.clone(), then: Some(then) })
                 });
                 if let Err(e) = changed.await {
                     tracing::error!("applying a health change: {e}");

@@ -250,19 +250,15 @@ impl Datapath {
                     let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| Error::other("the pinned link is not an XDP link", e))?;
                     prog.attach_to_link(link).map_err(|e| Error::other("replacing the program in the pinned XDP link", e))?;
                 }
-                found => {
-                    let was = match found {
-                        Ok(0) => "its interface is gone".to_owned(),
-                        Ok(other) => format!("it is attached to interface index {other}, not {iface} (index {want})"),
-                        Err(e) => format!("it cannot be read ({e})"),
-                    };
-                    fs::remove_file(&link_path).map_err(|e| {
-                        Error::other(
-                            format!("the pinned XDP link {} is stale ({was}) and cannot be removed; remove it by hand (`rm {}`) and start again", link_path.display(), link_path.display()),
-                            e,
-                        )
-                    })?;
+                Ok(on) => {
+                    let was = if on == 0 { "its interface is gone".to_owned() } else { format!("it is attached to interface index {on}, not {iface} (index {want})") };
                     relinked = Some(format!("the pinned XDP link was stale ({was}): attached a new one to {iface}; maps, flows and counters kept"));
+                }
+                Err(e) => {
+                    return Err(Error::other(
+                        format!("reading the pinned XDP link {}", link_path.display()),
+                        anyhow::anyhow!("{e}; if it is stale, remove it (`rm {}`, the maps stay) and start again", link_path.display()),
+                    ))
                 }
             }
         }
@@ -282,7 +278,13 @@ impl Datapath {
             let fd_link = FdLink::try_from(link).map_err(|e| {
                 Error::other("pinning the attachment", anyhow::anyhow!("{e}: the kernel attached XDP without a BPF link, which cannot outlive the daemon"))
             })?;
-            fd_link.pin(&link_path).map_err(|e| Error::other(format!("pinning the XDP link at {}", link_path.display()), e))?;
+            // Pinned beside the old one, then renamed over it: a stale link's pin goes (and with
+            // it that link) only once the new one is attached and pinned.
+            // (bpffs refuses names with a dot.)
+            let staged = pin_dir.join(format!("{}_new", lb_common::PIN_LINK));
+            let _ = fs::remove_file(&staged);
+            fd_link.pin(&staged).map_err(|e| Error::other(format!("pinning the XDP link at {}", staged.display()), e))?;
+            fs::rename(&staged, &link_path).map_err(|e| Error::other(format!("moving the XDP link's pin to {}", link_path.display()), e))?;
         }
         let pinned = paths.into_iter().map(|(_, p)| p).chain([link_path]).collect();
         Ok((Self { ebpf, pin_dir: pin_dir.to_owned(), pinned }, Started { adopted: adopt, relinked }))

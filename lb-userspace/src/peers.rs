@@ -141,7 +141,7 @@ pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u
 
 /// Sends each batch of adopted flows to every peer, keeping what a peer did not take for
 /// `KEEP` and trying again every second.
-pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, stats: Arc<Mutex<Stats>>, mut rx: mpsc::UnboundedReceiver<Vec<Moved>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, mut rx: mpsc::UnboundedReceiver<Vec<Moved>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Per peer: (when the adoption batch was taken, its flows, with ages as of then).
         let mut queues: Vec<VecDeque<(std::time::Instant, Vec<Moved>)>> = vec![VecDeque::new(); peers.len()];
@@ -161,27 +161,9 @@ pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, stats: A
                 },
                 _ = tick.tick() => {}
             }
-            let mut last_error = None;
-            for (peer, q) in peers.iter().zip(&mut queues) {
-                q.retain(|(at, _)| at.elapsed() < KEEP);
-                while let Some((at, flows)) = q.front() {
-                    // Ages grow while a batch waits.
-                    let waited = at.elapsed().as_millis() as u64;
-                    let mut ok = true;
-                    for chunk in flows.chunks(BATCH) {
-                        let msg = Message { node: node.clone(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect() };
-                        if let Err(e) = send(*peer, &key, &msg).await {
-                            last_error = Some(format!("peer {peer}: {e}"));
-                            ok = false;
-                            break;
-                        }
-                    }
-                    if !ok {
-                        break;
-                    }
-                    q.pop_front();
-                }
-            }
+            // Every peer at once: one that does not answer delays no other.
+            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &state, &stats));
+            let last_error = futures::future::join_all(rounds).await.into_iter().flatten().last();
             let mut s = stats.lock().expect("stats");
             s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.len())).filter(|(_, n)| *n > 0).collect();
             if let Some(e) = last_error {
@@ -196,7 +178,31 @@ pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, stats: A
     })
 }
 
-async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<(), String> {
+/// Sends a peer its queued batches, oldest first, until one fails (kept for the next round).
+async fn deliver(peer: SocketAddr, node: &str, key: &[u8], q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>, state: &Arc<Mutex<State>>, stats: &Arc<Mutex<Stats>>) -> Option<String> {
+    q.retain(|(at, _)| at.elapsed() < KEEP);
+    while let Some((at, flows)) = q.front() {
+        // Ages grow while a batch waits.
+        let waited = at.elapsed().as_millis() as u64;
+        for chunk in flows.chunks(BATCH) {
+            let msg = Message { node: node.to_owned(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect() };
+            match send(peer, key, &msg).await {
+                // A flow the peer still receives moved back there after this node adopted it
+                // (the router rehashed again): this node's entry is the stale one.
+                Ok(answer) => {
+                    let (released, _, _, _) = settle(state, &answer.active);
+                    let closed = release_closed(state, &answer.closed);
+                    stats.lock().expect("stats").released += released + closed;
+                }
+                Err(e) => return Some(format!("peer {peer}: {e}")),
+            }
+        }
+        q.pop_front();
+    }
+    None
+}
+
+async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<Answer, String> {
     use http_body_util::BodyExt as _;
     let body = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
     let req = hyper::Request::post("/v1/peer/moved")
@@ -213,7 +219,7 @@ async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<(), String>
         let status = resp.status();
         let text = resp.into_body().collect().await.map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned()).unwrap_or_default();
         if status.is_success() {
-            Ok(())
+            Ok(serde_json::from_str(&text).unwrap_or_default())
         } else {
             Err(format!("{status}: {text}"))
         }
@@ -226,13 +232,16 @@ struct Receiver {
     state: Arc<Mutex<State>>,
     key: Arc<Vec<u8>>,
     stats: Arc<Mutex<Stats>>,
+    /// MACs of the messages taken within the skew window, with their `sent_ms`: the same
+    /// message twice is a replay (a retry is a new message: its timestamp differs).
+    seen: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// Serves `/v1/peer/moved` on `listen` until `stop`.
 pub async fn serve(listen: SocketAddr, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
-    let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver { state, key: Arc::new(key), stats });
+    let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver { state, key: Arc::new(key), stats, seen: Arc::default() });
     axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.map_err(|e| Error::other("peer channel", e))
 }
 
@@ -251,39 +260,85 @@ async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed: {e}")),
     };
     let now = now_ms();
-    if now.abs_diff(msg.sent_ms) > MAX_SKEW.as_millis() as u64 {
+    let window = MAX_SKEW.as_millis() as u64;
+    if now.abs_diff(msg.sent_ms) > window {
         return refuse(StatusCode::BAD_REQUEST, format!("sent {} ms away from this node's clock (a replay, or clocks apart)", now.abs_diff(msg.sent_ms)));
     }
-    // How long ago, here, each adoption happened (the message's transit included).
-    let transit = now.saturating_sub(msg.sent_ms);
-    let st = r.state.lock().expect("state lock");
+    {
+        let mut seen = r.seen.lock().expect("seen");
+        seen.retain(|_, sent| now.abs_diff(*sent) <= 2 * window);
+        if seen.insert(tag.to_owned(), msg.sent_ms).is_some() {
+            drop(seen);
+            return refuse(StatusCode::CONFLICT, "the same message again: a replay".into());
+        }
+    }
+    let (released, ignored, active, closed) = settle(&r.state, &msg.flows);
+    let mut s = r.stats.lock().expect("stats");
+    s.released += released;
+    s.ignored += ignored;
+    s.still_here += active.len() as u64;
+    drop(s);
+    if released > 0 {
+        tracing::info!(peer = %msg.node, released, "released the slots of flows that moved to a peer");
+    }
+    // The flows that still arrive here go back to the sender: its entry is the stale one.
+    let answer = Answer { released, ignored, active, closed };
+    (StatusCode::OK, serde_json::to_string(&answer).unwrap_or_default())
+}
+
+/// A receiver's answer: what it did, and the reported flows whose packets arrive there, with
+/// how long ago their last packet came (`ago_ms`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub released: u64,
+    pub ignored: u64,
+    pub active: Vec<Moved>,
+    /// Reported flows that had closed here (a FIN seen): what the sender adopted was a late
+    /// packet of a finished connection, and its entry must not hold a slot for 2 h.
+    #[serde(default)]
+    pub closed: Vec<Moved>,
+}
+
+/// For each flow another node saw `ago_ms` ago (adopted it, or its last packet there): if it
+/// is here and its last packet here is not newer, it has moved away: release its slot and free
+/// its way (the GC's compare-and-swaps: exactly once, whoever gets there first). Returns
+/// (released, not here, still arriving here with their idle times here, closed here).
+fn settle(state: &Arc<Mutex<State>>, flows: &[Moved]) -> (u64, u64, Vec<Moved>, Vec<Moved>) {
+    let st = state.lock().expect("state lock");
     let now_ns = gc::now_coarse_ns();
-    let (mut released, mut ignored, mut still_here) = (0u64, 0u64, 0u64);
-    for m in &msg.flows {
+    let (mut released, mut ignored, mut active, mut closed) = (0u64, 0u64, Vec::new(), Vec::new());
+    for m in flows {
         let Some(e) = st.flows.get(&m.key()) else {
             ignored += 1;
             continue;
         };
         let idle_ms = now_ns.saturating_sub(e.flow.last_seen_ns) / 1_000_000;
-        // Its last packet here came before the adoption there (100 ms for clocks and coarse
-        // timestamps): the flow has moved. Otherwise it still arrives here: leave it.
-        if idle_ms + 100 >= m.ago_ms + transit {
+        // `ago_ms` is measured on the other node's clock up to the sending (time spent waiting
+        // for a retry included); the transit (a send times out after 3 s) is not counted, so
+        // the hosts' wall clocks do not enter the rule. 100 ms for the coarse timestamps.
+        if idle_ms + 100 >= m.ago_ms {
             let gave = st.flows.release(&e, &st.conns);
             st.flows.remove(&e);
             released += u64::from(gave);
+            if e.flow.state == lb_common::FLOW_CLOSING {
+                closed.push(*m);
+            }
         } else {
-            still_here += 1;
+            active.push(Moved { ago_ms: idle_ms, ..*m });
         }
     }
-    drop(st);
-    let mut s = r.stats.lock().expect("stats");
-    s.released += released;
-    s.ignored += ignored;
-    s.still_here += still_here;
-    if released > 0 {
-        tracing::info!(peer = %msg.node, released, "released the slots of flows that moved to a peer");
-    }
-    (StatusCode::OK, format!("{{\"released\":{released},\"ignored\":{ignored},\"still_here\":{still_here}}}"))
+    (released, ignored, active, closed)
+}
+
+/// The sender's side of an answer: flows that closed at the peer, which this node adopted from
+/// a late packet, give their slot back here.
+fn release_closed(state: &Arc<Mutex<State>>, flows: &[Moved]) -> u64 {
+    let st = state.lock().expect("state lock");
+    flows.iter().filter_map(|m| st.flows.get(&m.key())).map(|e| {
+        let gave = st.flows.release(&e, &st.conns);
+        st.flows.remove(&e);
+        u64::from(gave)
+    }).sum()
 }
 
 #[cfg(test)]

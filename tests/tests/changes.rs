@@ -1,6 +1,6 @@
 //! One serialized path for every change of the running config: 50 `sluice backend set-limit`
-//! calls on 50 backends at once, while a health-checked backend flaps and SIGHUP reloads the
-//! file three times. Every edit must be in the final state, in the config file (runtime changes
+//! calls on 50 backends at once, while a health-checked backend flaps, `config apply` applies
+//! the file three times and SIGHUP reloads it three times. Every edit must be in the final state, in the config file (runtime changes
 //! are written back, so a reload keeps them) and in the journal, once.
 
 use std::{process::Command, time::Duration};
@@ -49,28 +49,36 @@ fn concurrent_edits_health_flaps_and_reloads_lose_nothing() {
     let daemon = lab.start_daemon();
     let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
 
-    let edits = std::thread::scope(|s| {
+    let (config, socket) = (lab.config.clone(), lab.socket());
+    let apply = || Command::new(sluice_bin()).arg("--socket").arg(&socket).args(["config", "apply"]).arg(&config).output().expect("sluice");
+    let (edits, applies) = std::thread::scope(|s| {
         let edits: Vec<_> = (1..=N)
             .map(|n| {
-                let socket = lab.socket();
+                let socket = &socket;
                 s.spawn(move || {
-                    Command::new(sluice_bin()).arg("--socket").arg(&socket).args(["backend", "set-limit", "web", &address(n), &(200 + u32::from(n)).to_string()]).output().expect("sluice")
+                    Command::new(sluice_bin()).arg("--socket").arg(socket).args(["backend", "set-limit", "web", &address(n), &(200 + u32::from(n)).to_string()]).output().expect("sluice")
                 })
             })
             .collect();
-        for _ in 0..3 {
-            kill(pid, Signal::SIGHUP).expect("SIGHUP");
-            std::thread::sleep(Duration::from_millis(60));
+        // Meanwhile: `config apply` of the file, SIGHUP reloads, and backend 1 flapping.
+        let applies: Vec<_> = (0..3).map(|_| s.spawn(apply)).collect();
+        let flaps = s.spawn(|| {
+            for _ in 0..3 {
+                kill(pid, Signal::SIGHUP).expect("SIGHUP");
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        });
+        for _ in 0..2 {
+            lab.backends[0].stop();
+            wait_for("backend 1 to be taken out of the ring", || limits(&lab).iter().any(|(a, _, st)| *a == address(1) && st == "down"));
+            lab.backends[0].start();
+            wait_for("backend 1 back in the ring", || limits(&lab).iter().any(|(a, _, st)| *a == address(1) && st == "active"));
         }
-        edits.into_iter().map(|h| h.join().expect("edit thread")).collect::<Vec<_>>()
+        flaps.join().expect("reloads");
+        (edits.into_iter().map(|h| h.join().expect("edit thread")).collect::<Vec<_>>(), applies.into_iter().map(|h| h.join().expect("apply thread")).collect::<Vec<_>>())
     });
-    // Health flaps while edits may still be applied by the daemon: down, then up again.
-    for _ in 0..2 {
-        lab.backends[0].stop();
-        wait_for("backend 1 to be taken out of the ring", || limits(&lab).iter().any(|(a, _, st)| *a == address(1) && st == "down"));
-        lab.backends[0].start();
-        wait_for("backend 1 back in the ring", || limits(&lab).iter().any(|(a, _, st)| *a == address(1) && st == "active"));
-        kill(pid, Signal::SIGHUP).expect("SIGHUP");
+    for out in &applies {
+        assert!(out.status.success(), "config apply: {}", String::from_utf8_lossy(&out.stderr));
     }
     for (n, out) in (1..=N).zip(&edits) {
         assert!(out.status.success(), "set-limit on {}: {}", address(n), String::from_utf8_lossy(&out.stderr));

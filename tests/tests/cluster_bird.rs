@@ -1,11 +1,12 @@
 //! A cluster of two Sluice nodes behind a router, with real BIRD on all three: the router runs
 //! BIRD with kernel ECMP (`merge paths on`, L4 hash policy), each node runs BIRD and the daemon,
 //! which announces the VIP through its BIRD's control socket. Checked: a daemon started before
-//! its BIRD says so and catches up; both nodes announce (two next hops on the router); a node
-//! whose only backend fails withdraws and announces again when it recovers; `sluice node drain`
+//! its BIRD says so, alerts (`SluiceNotAnnouncing`) and catches up; both nodes announce (two
+//! next hops on the router); a node whose only active backend fails withdraws and announces
+//! again when it recovers; `sluice node drain`
 //! withdraws, measures that no new flows arrive, and survives a daemon restart until `undrain`;
 //! a daemon restart withdraws nothing (the router keeps the node's next hop throughout); the
-//! peer channel refuses a forged and a replayed message and takes a signed one; and
+//! peer channel refuses a forged, a stale and a replayed message and takes a signed one; and
 //! both nodes, configured with the backends in different orders, pick the same backend for
 //! every one of a thousand random flows (`explain`).
 
@@ -236,6 +237,10 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     // n1's daemon starts before its BIRD: it says so, and the datapath runs regardless.
     let mut d1 = n1.start_daemon();
     wait_for("n1 to report BIRD missing", || n1.cluster_status()["error"].as_str().is_some_and(|e| e.contains("bird.ctl") && e.contains("configure")));
+    wait_for("SluiceNotAnnouncing to fire", || {
+        let (_, out, _) = n1.ctl(&["status", "--json"]);
+        serde_json::from_str::<Value>(&out).is_ok_and(|v| v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|n| n["alertname"] == "SluiceNotAnnouncing" && n["summary"].as_str().is_some_and(|s| s.contains(VIP)))))
+    });
     let _b1 = n1.start_bird();
     let d2 = n2.start_daemon();
     let _b2 = n2.start_bird();
@@ -328,9 +333,11 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     assert_eq!(code, 400, "a replayed (10 minutes old) message: {out}");
     let (code, out) = post(&fresh, &lb_userspace::peers::sign(PEER_KEY.as_bytes(), fresh.as_bytes()));
     assert!(code == 200 && out.contains("\"ignored\":1"), "a signed message about a flow n1 does not hold: {out}");
+    let (code, out) = post(&fresh, &lb_userspace::peers::sign(PEER_KEY.as_bytes(), fresh.as_bytes()));
+    assert_eq!(code, 409, "the same signed message again (a replay within the minute): {out}");
     let (_, st, _) = n1.ctl(&["status", "--json"]);
     let st: Value = serde_json::from_str(&st).expect("json");
-    assert_eq!((st["peers"]["refused"].as_u64(), st["peers"]["ignored"].as_u64()), (Some(2), Some(1)), "{}", st["peers"]);
+    assert_eq!((st["peers"]["refused"].as_u64(), st["peers"]["ignored"].as_u64()), (Some(3), Some(1)), "{}", st["peers"]);
 
     // Identical choice: same config, backends listed in another order, same backend per flow.
     let mut rng = StdRng::seed_from_u64(17);
@@ -360,7 +367,7 @@ fn deploy_bird_configs_parse() {
     for f in ["vips4.conf", "vips6.conf"] {
         std::fs::write(dir.join(f), "route 192.0.2.100/32 blackhole;\n".repeat(usize::from(f == "vips4.conf"))).expect("write");
     }
-    let node = std::fs::read_to_string(root.join("node.conf")).expect("node.conf").replace("/run/sluice/bird", &dir.display().to_string());
+    let node = std::fs::read_to_string(root.join("node.conf")).expect("node.conf").replace("/var/lib/sluice/bird", &dir.display().to_string());
     std::fs::write(dir.join("node.conf"), node).expect("write");
     let out = Command::new("bird").arg("-p").arg("-c").arg(dir.join("node.conf")).output().expect("bird");
     std::fs::remove_dir_all(&dir).expect("cleanup");
