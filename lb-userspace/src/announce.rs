@@ -155,6 +155,10 @@ pub fn spawn(cfg: ClusterCfg, state: Arc<Mutex<State>>, status: Arc<Mutex<Status
                         s.error = Some(e.clone());
                         s.behind_since.get_or_insert_with(Instant::now);
                         last_error = Some(e);
+                        // The files may already say `want` while BIRD still has `in_bird` (or,
+                        // restarted, reads the files): push again even if `want` returns to
+                        // what BIRD last took.
+                        force = true;
                     }
                 }
             }

@@ -241,7 +241,7 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
         let (_, out, _) = n1.ctl(&["status", "--json"]);
         serde_json::from_str::<Value>(&out).is_ok_and(|v| v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|n| n["alertname"] == "SluiceNotAnnouncing" && n["summary"].as_str().is_some_and(|s| s.contains(VIP)))))
     });
-    let _b1 = n1.start_bird();
+    let mut b1 = n1.start_bird();
     let d2 = n2.start_daemon();
     let _b2 = n2.start_bird();
     let both = wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "both nodes' next hops on the router");
@@ -288,6 +288,24 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
         m
     });
     assert!(metrics.contains(&format!("sluice_vip_announced{{node=\"n1\",vip=\"{VIP}\"}} 1")) && metrics.contains("sluice_node_drained{node=\"n1\"} 0"), "{metrics}");
+
+    // BIRD dies; while it is down the node's VIP is withdrawn and wanted again (its backends
+    // fail and recover). The BIRD that starts then must get the VIP: the daemon wrote the
+    // files during its failed attempts, so it cannot trust what BIRD last took.
+    drop(b1.signal_and_wait(Signal::SIGKILL, Duration::from_secs(5)));
+    wait_hops(&router, &["10.81.2.2"], "n1 withdrawn when its BIRD died");
+    for b in &BACKENDS[1..] {
+        assert_eq!(n1.ctl(&["backend", "drain", "web", b]).0, 0);
+    }
+    n1.stop_server();
+    wait_for("n1 to want nothing announced", || n1.cluster_status()["wanted"].as_array().is_some_and(Vec::is_empty));
+    n1.start_server();
+    for b in &BACKENDS[1..] {
+        assert_eq!(n1.ctl(&["backend", "undrain", "web", b]).0, 0);
+    }
+    wait_for("n1 to want the VIP again", || n1.cluster_status()["wanted"].as_array().is_some_and(|w| !w.is_empty()));
+    b1 = n1.start_bird();
+    wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "n1 announced by the BIRD started after the flaps");
 
     // A daemon restart withdraws nothing: n1 stays a next hop throughout.
     let watching = Arc::new(AtomicBool::new(true));
@@ -349,6 +367,7 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     }
     drop(d2);
     drop(d1);
+    drop(b1);
     for n in [&n1, &n2] {
         let out = Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&n.pins.0).output().expect("sluice detach");
         assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));

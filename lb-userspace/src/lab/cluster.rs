@@ -387,7 +387,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         struct Release<'a>(&'a Shared);
         impl Drop for Release<'_> {
             fn drop(&mut self) {
-                self.0.load_until_ms.fetch_max(1, Ordering::Relaxed);
+                // Ends the load whatever it was set to (the clients read it every round).
+                self.0.load_until_ms.store(1, Ordering::Relaxed);
                 self.0.go.store(true, Ordering::Relaxed);
                 self.0.close.store(true, Ordering::Relaxed);
             }
