@@ -313,8 +313,32 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    pub(super) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            t0: Instant::now(),
+            opened: AtomicUsize::new(0),
+            go: AtomicBool::new(false),
+            load_until_ms: AtomicU64::new(0),
+            short_done: AtomicUsize::new(0),
+            close: AtomicBool::new(false),
+        })
+    }
+
     pub(super) fn now(&self) -> f64 {
         self.t0.elapsed().as_secs_f64()
+    }
+}
+
+/// However a run's scope is left (an early `?` included), its clients are released, or the scope
+/// would wait for them for ever: the load ends (they read its end every round) and the held
+/// connections close.
+pub(super) struct Release<'a>(pub(super) &'a Shared);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.load_until_ms.store(1, Ordering::Relaxed);
+        self.0.go.store(true, Ordering::Relaxed);
+        self.0.close.store(true, Ordering::Relaxed);
     }
 }
 
@@ -636,14 +660,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     lab.write_config(&inj.config())?;
     lab.start_daemon()?;
     let refused_before = refused_total(&status(lab)?);
-    let sh = Arc::new(Shared {
-        t0: Instant::now(),
-        opened: AtomicUsize::new(0),
-        go: AtomicBool::new(false),
-        load_until_ms: AtomicU64::new(0),
-        short_done: AtomicUsize::new(0),
-        close: AtomicBool::new(false),
-    });
+    let sh = Shared::new();
     let clients = lab.spec.clients;
     let addr = SocketAddr::new(vip(false), PORT);
     let say = |line: String| println!("[{:>6.1}s] {line}", sh.now());
@@ -653,15 +670,6 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let mut checks: Vec<Check> = Vec::new();
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
-        // However this scope is left, the clients are released (or it would wait for ever).
-        struct Release<'a>(&'a Shared);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0.load_until_ms.fetch_max(1, Ordering::Relaxed);
-                self.0.go.store(true, Ordering::Relaxed);
-                self.0.close.store(true, Ordering::Relaxed);
-            }
-        }
         let release = Release(&sh);
         let handles: Vec<_> = (1..=clients)
             .map(|c| {

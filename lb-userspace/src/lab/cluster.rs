@@ -21,10 +21,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -34,7 +31,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{
-    chaos::{self, Check, Conn, Fate, Shared, Verdict},
+    chaos::{self, Check, Conn, Fate, Release, Shared, Verdict},
     topo::{BackendConf, ServiceOpts},
     vip, Lab, LB4, PORT, VIP4,
 };
@@ -365,14 +362,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let t = cl.converge(Instant::now())?;
     eprintln!("[  0.0s] {} nodes announce {VIP4} (router converged in {t:?})", opts.nodes);
 
-    let sh = Arc::new(Shared {
-        t0: Instant::now(),
-        opened: AtomicUsize::new(0),
-        go: AtomicBool::new(false),
-        load_until_ms: AtomicU64::new(0),
-        short_done: AtomicUsize::new(0),
-        close: AtomicBool::new(false),
-    });
+    let sh = Shared::new();
     let clients = lab.spec.clients;
     let addr = SocketAddr::new(vip(false), PORT);
     // Progress on stderr: stdout carries the report (JSON with --json).
@@ -384,15 +374,6 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let mut open_by_node: BTreeMap<String, u64> = BTreeMap::new();
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
-        struct Release<'a>(&'a Shared);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                // Ends the load whatever it was set to (the clients read it every round).
-                self.0.load_until_ms.store(1, Ordering::Relaxed);
-                self.0.go.store(true, Ordering::Relaxed);
-                self.0.close.store(true, Ordering::Relaxed);
-            }
-        }
         let release = Release(&sh);
         let load = chaos::Options { rate: opts.rate, held_per_client: opts.held_per_client, ..chaos::Options::default() };
         let handles: Vec<_> = (1..=clients)
