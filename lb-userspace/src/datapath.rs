@@ -216,9 +216,7 @@ impl Datapath {
     /// maps, so no flow and no counter is lost; the program is replaced atomically in the
     /// pinned XDP link), or load, pin and attach a fresh one. Says whether it adopted.
     pub fn start_persistent(iface: &str, pin_dir: &Path, mode: AttachMode, opts: &LoadOptions) -> Result<(Self, Started), Error> {
-        if nix::net::if_::if_nametoindex(iface).is_err() {
-            return Err(Error::NoSuchInterface { iface: iface.into() });
-        }
+        let want = nix::net::if_::if_nametoindex(iface).map_err(|_| Error::NoSuchInterface { iface: iface.into() })?;
         let link_path = pin_dir.join(lb_common::PIN_LINK);
         let adopt = link_path.exists();
         if adopt {
@@ -238,7 +236,6 @@ impl Datapath {
         })?;
         let prog = program(&mut ebpf, PROG_BALANCER)?;
         prog.load().map_err(|e| load_error(PROG_BALANCER, e))?;
-        let want = nix::net::if_::if_nametoindex(iface).map_err(|_| Error::NoSuchInterface { iface: iface.into() })?;
         let mut relinked = None;
         if adopt {
             // The link outlives the daemon, not its interface: a removed namespace, a NIC reset
