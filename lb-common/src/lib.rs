@@ -8,7 +8,7 @@
 
 /// Bumped whenever a pinned map's layout or meaning changes; a daemon refuses to adopt pinned
 /// maps of another schema.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The pinned XDP link's file name in the pin directory (the daemon's attachment survives it).
 pub const PIN_LINK: &str = "link";
@@ -242,8 +242,12 @@ reasons! {
     Fragment = 6, fragment, "fragment";
     /// A malformed TCP/UDP header for the VIP.
     Malformed = 7, malformed, "malformed";
+    /// The chosen backend's `max_conns` is cluster-wide, this node's share of it is used up,
+    /// and the cluster had room when this node last heard from the others (the allocator moves
+    /// shares to where the demand is; `backend_limit` once the cluster is full).
+    ShareExhausted = 8, share_exhausted, "share_exhausted";
 }
-const _: () = assert!(size_of::<Refusals>() == 8 * 8);
+const _: () = assert!(size_of::<Refusals>() == 9 * 8);
 
 /// Key of [`maps::SERVICES`]: (VIP, port, protocol). IPv4 VIPs use the first 4 bytes of
 /// `addr` (the rest zero). A key with `port_be = [0, 0]` and `proto = 0` is the VIP's own
@@ -293,6 +297,12 @@ pub const BACKEND_ACTIVE: u8 = 1;
 pub const BACKEND_DRAINING: u8 = 2;
 pub const BACKEND_DOWN: u8 = 3;
 
+/// [`Backend::at_limit`]: a refusal at `max_conns` is the backend's own limit (`backend_limit`).
+pub const AT_LIMIT_BACKEND: u8 = 0;
+/// [`Backend::at_limit`]: a refusal at `max_conns` is this node's share of a cluster-wide limit
+/// while the cluster has room (`share_exhausted`).
+pub const AT_LIMIT_SHARE: u8 = 1;
+
 /// Value of [`maps::BACKENDS`] (array indexed by backend id; id 0 unused).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -305,10 +315,15 @@ pub struct Backend {
     pub family: u8,
     /// [`BACKEND_ACTIVE`], [`BACKEND_DRAINING`] or [`BACKEND_DOWN`].
     pub state: u8,
-    /// Open connections allowed (`max_conns`).
+    /// Open connections this node admits: the backend's `max_conns`, or, when that limit is
+    /// cluster-wide, this node's share of it.
     pub max_conns: u32,
-    /// The service this backend belongs to.
-    pub service_id: u32,
+    /// The service this backend belongs to (below [`MAX_SERVICES`]).
+    pub service_id: u16,
+    /// What a refusal at `max_conns` is counted as: [`AT_LIMIT_BACKEND`] or [`AT_LIMIT_SHARE`]
+    /// (set by the daemon from what it knows of the other nodes).
+    pub at_limit: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(size_of::<Backend>() == 32);
 
@@ -488,7 +503,7 @@ pub struct TrafficStats {
     pub adopted: u64,
     pub refused: Refusals,
 }
-const _: () = assert!(size_of::<TrafficStats>() == 32 + 64);
+const _: () = assert!(size_of::<TrafficStats>() == 32 + 72);
 
 impl TrafficStats {
     /// Adds `o` field by field (summing per-CPU values).

@@ -1,7 +1,7 @@
 //! Admission of a new flow: the Maglev ring's choice, the backend's state and its exact
 //! connection limit, and the service's spill policy.
 
-use lb_common::{probe_slot, Reason, Service, BACKEND_ACTIVE, BACKEND_DRAINING, MAX_PROBES, MAX_SPILL};
+use lb_common::{probe_slot, Reason, Service, AT_LIMIT_SHARE, BACKEND_ACTIVE, BACKEND_DRAINING, MAX_PROBES, MAX_SPILL};
 
 use crate::{
     atomic,
@@ -19,12 +19,18 @@ pub fn ring_pick(svc: &Service, hash: u32, i: u32) -> u32 {
     RINGS.get(slot).copied().unwrap_or(0)
 }
 
-/// `backend_id`'s open-connection counter and limit if it is active and, by a plain read,
-/// below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
+/// Why a backend at its limit refuses: its own limit, or this node's share of a cluster-wide one.
+#[inline(always)]
+fn at_limit(at_limit: u8) -> Reason {
+    if at_limit == AT_LIMIT_SHARE { Reason::ShareExhausted } else { Reason::BackendLimit }
+}
+
+/// `backend_id`'s open-connection counter, limit and limit's reason if it is active and, by a
+/// plain read, below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
 /// add, which would bounce the counter's line between CPUs under a SYN flood and wait for
 /// every load still in flight (the flow table lines `flow::warm` started).
 #[inline(always)]
-fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
+fn room(backend_id: u32) -> Result<(*mut u64, u64, Reason), Reason> {
     let Some(b) = BACKENDS.get(backend_id) else { return Err(Reason::NoBackend) };
     if b.state != BACKEND_ACTIVE {
         return Err(if b.state == BACKEND_DRAINING { Reason::BackendDraining } else { Reason::BackendDown });
@@ -35,9 +41,9 @@ fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
     let open = unsafe { &raw mut (*c).open };
     // SAFETY: as above; an aligned 64-bit load is atomic.
     if unsafe { core::ptr::read_volatile(open) } >= limit {
-        return Err(Reason::BackendLimit);
+        return Err(at_limit(b.at_limit));
     }
-    Ok((open, limit))
+    Ok((open, limit, at_limit(b.at_limit)))
 }
 
 /// Takes a slot on `backend_id` if it is active and under its limit. The add decides and is
@@ -45,11 +51,11 @@ fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
 /// distinct previous value, and only those that saw one below the limit keep their slot.
 #[inline(always)]
 fn try_take(backend_id: u32) -> Result<(), Reason> {
-    let (open, limit) = room(backend_id)?;
+    let (open, limit, why) = room(backend_id)?;
     // SAFETY: `open` points into a CONNS value; it is only changed atomically.
     if unsafe { atomic::fetch_add(open, 1) } >= limit {
         conns_sub(backend_id);
-        return Err(Reason::BackendLimit);
+        return Err(why);
     }
     Ok(())
 }

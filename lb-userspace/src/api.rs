@@ -232,6 +232,7 @@ async fn post_backend(
             drain: false,
             mac: None,
             health: None,
+            safe_share: None,
         }),
         "remove" => BackendEdit::Remove,
         "drain" => BackendEdit::Set { max_conns: None, weight: None, drain: Some(true) },

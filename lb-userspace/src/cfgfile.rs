@@ -208,7 +208,7 @@ backend = [
 
     #[test]
     fn inline_backends_add_and_remove() {
-        let b = BackendCfg { address: ip("10.0.0.22"), max_conns: 7, weight: 1, drain: false, mac: None, health: None };
+        let b = BackendCfg { address: ip("10.0.0.22"), max_conns: 7, weight: 1, drain: false, mac: None, health: None, safe_share: None };
         let out = edit_backend(FILE, "api", ip("10.0.0.22"), &BackendEdit::Add(b.clone())).expect("add");
         assert!(out.contains("10.0.0.22") && out.contains("max_conns = 7"), "{out}");
         assert!(edit_backend(&out, "api", ip("10.0.0.22"), &BackendEdit::Add(b.clone())).is_err(), "a second add is refused");

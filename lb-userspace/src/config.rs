@@ -61,6 +61,45 @@ pub struct ClusterCfg {
     /// The key every node shares to authenticate the peer channel (HMAC-SHA256), 16+ bytes.
     #[serde(default)]
     pub peer_key_file: Option<PathBuf>,
+    /// `[cluster.limits]`: every backend's `max_conns` is for the whole cluster, each node
+    /// enforcing a share of it leased through etcd (`limits.rs`). Without it, each node
+    /// enforces `max_conns` on its own and no etcd is needed.
+    #[serde(default)]
+    pub limits: Option<LimitsCfg>,
+}
+
+/// `[cluster.limits]`: cluster-wide connection limits, shares leased through etcd.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsCfg {
+    /// etcd's client URLs (`http://host:2379`), tried in turn.
+    pub etcd: Vec<String>,
+    /// The cluster's keys live under this prefix (several clusters may share one etcd).
+    #[serde(default = "default_etcd_prefix")]
+    pub prefix: String,
+    /// This node's etcd lease: a node gone this long has its shares reclaimed; a node that
+    /// lost etcd this long falls back to its safe share.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// The cluster's nodes, for the safe share `floor(max_conns / nodes)` a node falls back to
+    /// without etcd (unless a backend sets `safe_share`). Default: this node and its
+    /// `cluster.peers`.
+    #[serde(default)]
+    pub nodes: Option<u32>,
+}
+
+fn default_etcd_prefix() -> String {
+    "/sluice".into()
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(3)
+}
+
+impl ClusterCfg {
+    /// The number of nodes the safe share divides `max_conns` by.
+    pub fn limit_nodes(&self) -> u32 {
+        self.limits.as_ref().and_then(|l| l.nodes).unwrap_or(self.peers.len() as u32 + 1).max(1)
+    }
 }
 
 fn default_bird_socket() -> PathBuf {
@@ -324,6 +363,11 @@ pub struct BackendCfg {
     pub mac: Option<String>,
     #[serde(default)]
     pub health: Option<Health>,
+    /// With `[cluster.limits]`: the most this node admits while it has no word from etcd
+    /// (default `floor(max_conns / cluster.limits.nodes)`). Keep the nodes' sum at or below
+    /// `max_conns`.
+    #[serde(default)]
+    pub safe_share: Option<u32>,
 }
 
 fn default_weight() -> u32 {
@@ -524,6 +568,28 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
         if c.peer_listen.is_some_and(|l| c.peers.contains(&l)) {
             err("cluster.peers".into(), "lists this node's own cluster.peer_listen; list the other nodes only".into());
         }
+        if let Some(l) = &c.limits {
+            if l.etcd.is_empty() {
+                err("cluster.limits.etcd".into(), "must list etcd's client URLs (e.g. [\"http://10.0.0.1:2379\"])".into());
+            }
+            for (i, u) in l.etcd.iter().enumerate() {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: an etcd client URL, http://host:port"));
+                }
+            }
+            if !l.prefix.starts_with('/') || l.prefix.ends_with('/') || l.prefix.contains(char::is_whitespace) {
+                err("cluster.limits.prefix".into(), format!("{:?}: a key prefix like \"/sluice\" (leading slash, none at the end)", l.prefix));
+            }
+            if l.lease_ttl < Duration::from_secs(2) || l.lease_ttl > Duration::from_secs(3600) {
+                err("cluster.limits.lease_ttl".into(), format!("{:?}: between 2s and 1h (etcd counts leases in whole seconds)", l.lease_ttl));
+            }
+            if l.nodes == Some(0) {
+                err("cluster.limits.nodes".into(), "must be at least 1".into());
+            }
+            if l.nodes.is_none() && c.peers.is_empty() {
+                err("cluster.limits.nodes".into(), "how many nodes share the limits (their safe shares divide max_conns by it); set it, or list cluster.peers".into());
+            }
+        }
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {
         warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));
@@ -623,6 +689,14 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
                 err(format!("{bk}.max_conns"), "is 0, which refuses every connection; drain the backend instead (drain = true)".into());
             }
             sum_limits += u64::from(b.max_conns);
+            if let Some(safe) = b.safe_share {
+                let limits = cfg.cluster.as_ref().and_then(|c| c.limits.as_ref());
+                if limits.is_none() {
+                    err(format!("{bk}.safe_share"), "is for cluster-wide limits only ([cluster.limits])".into());
+                } else if safe > b.max_conns {
+                    err(format!("{bk}.safe_share"), format!("{safe} is above max_conns ({}); the nodes' safe shares must sum to max_conns at most", b.max_conns));
+                }
+            }
             if b.weight == 0 {
                 warn(format!("{bk}.weight"), "is 0: the backend is in no ring and gets no new flows".into());
             }

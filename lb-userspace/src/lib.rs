@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod neigh;
 pub mod peers;
 pub mod reconcile;
+pub mod shares;
 pub mod sinks;
 pub mod stats;
 pub mod tables;

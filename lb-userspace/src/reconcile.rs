@@ -18,7 +18,7 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
+    Backend, Service, ServiceKey, AT_LIMIT_BACKEND, AT_LIMIT_SHARE, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
     MODE_IPIP, MODE_L2DSR, REJECT_DROP, REJECT_RST,
 };
 use serde::Serialize;
@@ -58,7 +58,12 @@ pub fn service_key(vip: IpAddr, port: u16, proto: Proto) -> ServiceKey {
 pub struct AppliedBackend {
     pub id: u32,
     pub address: IpAddr,
+    /// The configured limit (cluster-wide when `[cluster.limits]` is set).
     pub max_conns: u32,
+    /// What this node admits: `max_conns`, or its share of it.
+    pub limit: u32,
+    /// [`AT_LIMIT_BACKEND`] or [`AT_LIMIT_SHARE`]: what a refusal at `limit` is counted as.
+    pub at_limit: u8,
     pub weight: u32,
     /// `active`, `draining` or `down` as written to the datapath.
     pub state: u8,
@@ -91,9 +96,24 @@ impl AppliedService {
     }
 }
 
+/// This node's share of a backend's cluster-wide `max_conns` (`limits.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Share {
+    /// Open connections this node may hold (never above `max_conns`).
+    pub limit: u32,
+    /// Whether the cluster had room beyond this share when last heard: a refusal at the share
+    /// is then `share_exhausted`, else `backend_limit`.
+    pub room: bool,
+}
+
 /// What the daemon has written into the datapath.
 #[derive(Debug, Default)]
 pub struct Applied {
+    /// With `[cluster.limits]`: this node's share of each backend's `max_conns`, by (service,
+    /// address). A backend without one keeps the limit it has (after a restart, what the pinned
+    /// map holds), or admits nothing if new: a node is granted capacity, never takes it.
+    /// `None`: every limit is the backend's own.
+    pub shares: Option<BTreeMap<(String, IpAddr), Share>>,
     pub services: BTreeMap<String, AppliedService>,
     /// Backends that failed their health checks: (service, address). They leave the ring as
     /// `down`; their open flows continue.
@@ -170,7 +190,7 @@ impl Applied {
             let region = svc.ring_base.saturating_sub(u32::from(svc.half) * size);
             let ring = if svc.ring_size == 0 { Vec::new() } else { t.ring(svc.ring_base, size)? };
             let mut bs = BTreeMap::new();
-            for (id, b) in backends.iter().filter(|(_, b)| b.service_id == svc.id && b.family != 0) {
+            for (id, b) in backends.iter().filter(|(_, b)| u32::from(b.service_id) == svc.id && b.family != 0) {
                 let address = ip_of(b);
                 let listed = c.backends.iter().find(|x| x.address == address);
                 if b.state == BACKEND_DOWN {
@@ -179,7 +199,9 @@ impl Applied {
                 bs.insert(address, AppliedBackend {
                     id: *id,
                     address,
-                    max_conns: b.max_conns,
+                    max_conns: listed.map_or(b.max_conns, |x| x.max_conns),
+                    limit: b.max_conns,
+                    at_limit: b.at_limit,
                     weight: listed.map_or(1, |x| x.weight),
                     state: b.state,
                     mac: b.mac,
@@ -201,8 +223,19 @@ impl Applied {
         macs: &dyn MacResolver,
         conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
     ) -> Result<Vec<Change>, Error> {
-        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
+        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), shares: self.shares.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
         copy.apply_or_plan(t, cfg, macs, conns, true)
+    }
+
+    /// The limit this node enforces for a backend, and what a refusal at it is counted as.
+    /// `known`: the limit it enforces now, if it is applied already.
+    fn limit_of(&self, service: &str, address: IpAddr, max_conns: u32, known: Option<u32>) -> (u32, u8) {
+        let Some(shares) = &self.shares else { return (max_conns, AT_LIMIT_BACKEND) };
+        match shares.get(&(service.to_owned(), address)) {
+            Some(sh) if sh.limit >= max_conns => (max_conns, AT_LIMIT_BACKEND),
+            Some(sh) => (sh.limit, if sh.room { AT_LIMIT_SHARE } else { AT_LIMIT_BACKEND }),
+            None => (known.unwrap_or(0).min(max_conns), AT_LIMIT_SHARE),
+        }
     }
 
     fn apply_or_plan(
@@ -310,10 +343,14 @@ impl Applied {
                 } else {
                     BACKEND_ACTIVE
                 };
+                let known = s.backends.get(&bc.address).map(|b| b.limit);
+                let (limit, at_limit) = self.limit_of(&c.name, bc.address, bc.max_conns, known);
                 match s.backends.get_mut(&bc.address) {
                     Some(b) => {
                         let was = b.clone();
                         b.max_conns = bc.max_conns;
+                        b.limit = limit;
+                        b.at_limit = at_limit;
                         b.weight = bc.weight;
                         b.mac = mac;
                         b.removed = false;
@@ -332,7 +369,7 @@ impl Applied {
                         let id = alloc_backend(&mut used_ids)?;
                         s.backends.insert(
                             bc.address,
-                            AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, weight: bc.weight, state, mac, removed: false },
+                            AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, limit, at_limit, weight: bc.weight, state, mac, removed: false },
                         );
                         changes.push(change(format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight)));
                     }
@@ -358,7 +395,7 @@ impl Applied {
                     continue;
                 }
                 let (addr, family) = addr16(b.address);
-                t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: b.state, max_conns: b.max_conns, service_id: s.id })?;
+                t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: b.state, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 })?;
             }
         }
         for s in next.values_mut() {
@@ -409,7 +446,7 @@ impl Applied {
             for b in s.backends.values() {
                 if !used_ids_in(&next).contains(&b.id) {
                     let (addr, family) = addr16(b.address);
-                    t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.max_conns, service_id: s.id })?;
+                    t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 })?;
                 }
             }
         }

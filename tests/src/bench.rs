@@ -47,7 +47,7 @@ pub fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) 
     let mut t = x.tables();
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&[10, 0, 1, id as u8]);
-    t.set_backend(id, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, id as u8], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns, service_id: id })
+    t.set_backend(id, &Backend { addr, mac: [2, 0xbb, 0, 0, 0, id as u8], family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns, service_id: id as u16, at_limit: 0, _pad: 0 })
         .expect("backend");
     let ring = maglev::build(&[RingBackend { id, key: format!("10.0.1.{id}"), weight: 1 }], 65537);
     let base = (id - 1) * 65537;

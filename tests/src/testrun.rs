@@ -160,7 +160,7 @@ impl XdpRunner {
         let mut t = self.tables();
         let mut addr = [0u8; 16];
         addr[..4].copy_from_slice(&o.backend);
-        let backend = Backend { addr, mac: o.mac, family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: o.max_conns, service_id: o.id };
+        let backend = Backend { addr, mac: o.mac, family: FAMILY_V4, state: BACKEND_ACTIVE, max_conns: o.max_conns, service_id: o.id as u16, at_limit: 0, _pad: 0 };
         t.set_backend(o.id, &backend).expect("backend");
         let base = o.id * 13;
         let key = std::net::Ipv4Addr::from(o.backend).to_string();

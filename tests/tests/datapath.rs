@@ -51,10 +51,11 @@ struct B {
     max_conns: u32,
     state: u8,
     weight: u32,
+    at_limit: u8,
 }
 
 fn b(id: u32, addr: &'static str, max_conns: u32) -> B {
-    B { id, addr, max_conns, state: BACKEND_ACTIVE, weight: 1 }
+    B { id, addr, max_conns, state: BACKEND_ACTIVE, weight: 1, at_limit: lb_common::AT_LIMIT_BACKEND }
 }
 
 struct Svc {
@@ -129,7 +130,7 @@ impl Fx {
         let mut t = self.x.tables();
         for be in &s.backends {
             let (addr, family) = addr16(be.addr);
-            let backend = Backend { addr, mac: backend_mac(be.id), family, state: be.state, max_conns: be.max_conns, service_id: s.id };
+            let backend = Backend { addr, mac: backend_mac(be.id), family, state: be.state, max_conns: be.max_conns, service_id: s.id as u16, at_limit: be.at_limit, _pad: 0 };
             t.set_backend(be.id, &backend).expect("backend");
         }
         let members: Vec<RingBackend> = s
@@ -491,6 +492,13 @@ fn rows() -> Vec<Row> {
         assert_eq!(fx.refused(1, 1, Reason::BackendLimit), (1, 1));
         assert!(fx.flow(&fkey(&c4(40016), &v4dst(), PROTO_TCP)).is_none(), "a refused SYN leaves no flow");
     }));
+    row("a node's share of a cluster-wide limit used up: refused as share_exhausted", Box::new(|fx| {
+        fx.install(&web4(vec![B { at_limit: lb_common::AT_LIMIT_SHARE, ..b(1, "10.0.1.11", 1) }]));
+        fx.expect(&Pkt::tcp4(&c4(40115), &v4dst()).build(), XDP_TX, Stat::Forwarded);
+        fx.expect(&Pkt::tcp4(&c4(40116), &v4dst()).build(), XDP_TX, Stat::RefusedRst);
+        assert_eq!(fx.refused(1, 1, Reason::ShareExhausted), (1, 1));
+        assert_eq!(fx.refused(1, 1, Reason::BackendLimit), (0, 0));
+    }));
     row("limit reached: v6 SYN answered with a correct RST+ACK", Box::new(|fx| {
         fx.install(&web6(vec![b(4, "2001:db8:1::14", 1)]));
         fx.run(&Pkt::tcp6(&c6(40017), &v6dst()).build());
@@ -602,7 +610,7 @@ fn rows() -> Vec<Row> {
         fx.expect(&Pkt::tcp4(&c4(40031), &v4dst()).build(), XDP_TX, Stat::RefusedRst);
     }));
     row("no backend in the ring: no_backend", Box::new(|fx| {
-        fx.install(&web4(vec![B { id: 1, addr: "10.0.1.11", max_conns: 10, state: BACKEND_ACTIVE, weight: 0 }]));
+        fx.install(&web4(vec![B { weight: 0, ..b(1, "10.0.1.11", 10) }]));
         fx.expect(&Pkt::tcp4(&c4(40032), &v4dst()).build(), XDP_TX, Stat::RefusedRst);
         assert_eq!(fx.refused(1, 0, Reason::NoBackend), (1, 1));
     }));

@@ -31,6 +31,12 @@ pub const PACKAGES: &[&str] = &[
     "prometheus",
     // BIRD 2: the cluster's BGP speaker (announcing VIPs), run for real by the cluster test.
     "bird2",
+    // etcd: where the nodes of a cluster lease their shares of a cluster-wide limit; started by
+    // the cluster tests and `sluice lab cluster --limits` (etcdctl for operators and the docs).
+    "etcd-server",
+    "etcd-client",
+    // protoc: the etcd-client crate generates its gRPC code at build time.
+    "protobuf-compiler",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
