@@ -96,6 +96,8 @@ pub struct BackendSample {
     pub active: bool,
     /// Refusals charged to this backend so far, by reason name.
     pub refused: BTreeMap<&'static str, u64>,
+    /// With cluster-wide limits: this node's share and the cluster's open connections.
+    pub cluster: Option<crate::limits::BackendLimit>,
 }
 
 /// What the engine looks at each interval.
@@ -110,6 +112,8 @@ pub struct Sample {
     pub config_file: String,
     /// A cluster node whose BIRD lacks VIPs it should announce: (node, VIPs, BIRD's error).
     pub not_announcing: Option<(String, Vec<String>, String)>,
+    /// With cluster-wide limits: this node's view of etcd and its shares.
+    pub limits: Option<crate::limits::Status>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -164,25 +168,28 @@ impl Engine {
         for b in &s.backends {
             let labels = vec![("service".to_owned(), b.service.clone()), ("backend".to_owned(), b.backend.clone())];
             let max = u64::from(b.max_conns);
-            let ratio = if max == 0 { 1.0 } else { b.open as f64 / max as f64 };
+            // With cluster-wide limits the limit is the cluster's: count every node's connections.
+            let open = b.cluster.as_ref().map_or(b.open, |c| c.cluster_open);
+            let ratio = if max == 0 { 1.0 } else { open as f64 / max as f64 };
             let key = key_of(&b.service, &b.backend);
+            let whose = b.cluster.as_ref().map_or(String::new(), |_| " over the cluster".to_owned());
             conds.push((
                 "SluiceBackendAtLimit",
                 "critical",
                 labels.clone(),
-                b.open >= max,
-                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at its connection limit ({} of {max} open)", b.backend, b.service, b.open),
+                open >= max,
+                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at its connection limit ({open} of {max} open{whose})", b.backend, b.service),
                 format!(
                     "The load balancer (not the backend, not the database) refuses new connections to {} because {} = {max} and {} are open. Next: raise the limit (`sluice backend set-limit {} {} N`, then in {file}) or add backends.",
-                    b.backend, key, b.open, b.service, b.backend
+                    b.backend, key, open, b.service, b.backend
                 ),
             ));
             conds.push((
                 "SluiceBackendNearLimit",
                 "warning",
                 labels.clone(),
-                ratio >= self.cfg.near_limit_ratio && b.open < max,
-                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({} of {max})", b.backend, b.service, ratio * 100.0, b.open),
+                ratio >= self.cfg.near_limit_ratio && open < max,
+                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({open} of {max}{whose})", b.backend, b.service, ratio * 100.0),
                 format!("At {max} open connections the load balancer will refuse new ones ({key}). Next: check whether the limit fits today's traffic."),
             ));
             let prev = prev_b(&b.service, &b.backend);
@@ -191,16 +198,28 @@ impl Engine {
                 let new = total.saturating_sub(before);
                 let mut l = labels.clone();
                 l.push(("reason".to_owned(), (*reason).to_owned()));
+                let node = s.limits.as_ref().map_or(String::new(), |x| x.node.clone());
+                let description = match &b.cluster {
+                    Some(c) if *reason == "share_exhausted" => format!(
+                        "Node \"{node}\" used up its share of the cluster-wide limit while the cluster has room: share {} with {} open here; {} of max_conns = {max} open over the cluster ({key}). The allocator moves share to the nodes that refuse within seconds; if this persists, check `sluice cluster status` (etcd, the allocating node).",
+                        c.share, b.open, c.cluster_open
+                    ),
+                    Some(c) => format!(
+                        "Clients get a connection reset from the load balancer. Reason {reason}; {} of the cluster-wide max_conns = {max} are open over the cluster, {} here (node \"{node}\", share {}) ({key}). Next: `sluice explain` a client address, then raise the limit or add capacity.",
+                        c.cluster_open, b.open, c.share
+                    ),
+                    None => format!(
+                        "Clients get a connection reset from the load balancer. Reason {reason}; the backend has {} of max_conns = {max} open ({key}). Next: `sluice explain` a client address, then raise the limit or add capacity.",
+                        b.open
+                    ),
+                };
                 conds.push((
                     "SluiceRefusingConnections",
                     "critical",
                     l,
                     new > 0,
                     format!("Sluice load balancer {lb} is refusing connections to service \"{}\" backend {} ({reason}): {new} in the last {:.0?}", b.service, b.backend, dt.unwrap_or_default()),
-                    format!(
-                        "Clients get a connection reset from the load balancer. Reason {reason}; the backend has {} of max_conns = {max} open ({key}). Next: `sluice explain` a client address, then raise the limit or add capacity.",
-                        b.open
-                    ),
+                    description,
                 ));
             }
             // Time to saturation: a linear trend of open connections.
@@ -229,7 +248,7 @@ impl Engine {
         for (svc, bs) in services {
             let labels = vec![("service".to_owned(), svc.to_owned())];
             let active: Vec<&&BackendSample> = bs.iter().filter(|b| b.active).collect();
-            let saturated = !active.is_empty() && active.iter().all(|b| b.open >= u64::from(b.max_conns));
+            let saturated = !active.is_empty() && active.iter().all(|b| b.cluster.as_ref().map_or(b.open, |c| c.cluster_open) >= u64::from(b.max_conns));
             conds.push((
                 "SluiceServiceSaturated",
                 "critical",
@@ -269,6 +288,27 @@ impl Engine {
                 true,
                 format!("Sluice load balancer {lb} (node \"{node}\") should announce {vips} but BIRD does not have it"),
                 format!("The router sends this node no traffic for those VIPs; the datapath forwards what arrives. BIRD: {error}. Next: check BIRD (`birdc show protocols`) and cluster.bird_socket; the daemon retries every second."),
+            ));
+        }
+        if let Some(l) = &s.limits {
+            let shares: Vec<String> = l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
+            let state = if l.fallback {
+                format!("its lease ({} s) has run out, so it enforces the smaller of each share and its safe share", l.lease_ttl_s)
+            } else {
+                format!("it keeps its shares until its lease ({} s) would run out, then falls back to its safe shares", l.lease_ttl_s)
+            };
+            conds.push((
+                "SluiceLimitsWithoutEtcd",
+                "critical",
+                vec![("node".to_owned(), l.node.clone())],
+                !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0),
+                format!("Sluice load balancer {lb} (node \"{}\") cannot reach etcd ({}): cluster-wide limits are not rebalanced", l.node, l.etcd.join(", ")),
+                format!(
+                    "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd, so the cluster stays within max_conns; connections beyond a node's share are refused. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
+                    l.lost_for_s.unwrap_or(0.0),
+                    l.error.as_deref().unwrap_or("no answer"),
+                    shares.join("; ")
+                ),
             ));
         }
         for (be, total) in &s.drift {
@@ -342,12 +382,14 @@ mod tests {
                 max_conns: 100,
                 active: true,
                 refused: [("backend_limit", refused)].into_iter().collect(),
+                cluster: None,
             }],
             flows: open,
             flow_capacity: 1000,
             drift: BTreeMap::new(),
             config_file: "/etc/sluice/sluice.toml".into(),
             not_announcing: None,
+            limits: None,
         }
     }
 

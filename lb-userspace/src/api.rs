@@ -57,6 +57,10 @@ pub struct BackendReport {
     pub state: String,
     pub open: u64,
     pub max_conns: u32,
+    /// What this node admits: `max_conns`, or its share of it with cluster-wide limits.
+    pub limit: u32,
+    /// With cluster-wide limits: this node's share, and the cluster's open connections.
+    pub cluster: Option<crate::limits::BackendLimit>,
     pub weight: u32,
     pub removed: bool,
     /// Totals since the datapath was loaded (rates are the reader's job).
@@ -92,10 +96,13 @@ pub struct StatusReport {
     pub cluster: Option<crate::announce::Status>,
     /// The peer channel's counts, with `cluster.peers`.
     pub peers: Option<crate::peers::Stats>,
+    /// Cluster-wide limits, with `[cluster.limits]`.
+    pub limits: Option<crate::limits::Status>,
 }
 
 fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
     let mut out = Vec::new();
+    let limits = st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").backends.clone());
     let applied: Vec<_> = st.applied.services.values().cloned().collect();
     for s in applied {
         let mut backends = Vec::new();
@@ -109,6 +116,8 @@ fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
                 state: state_name(b.state).into(),
                 open: st.conns.get(b.id),
                 max_conns: b.max_conns,
+                limit: b.limit,
+                cluster: limits.as_ref().and_then(|l| l.get(&crate::shares::key(&s.name, b.address))).cloned(),
                 weight: b.weight,
                 removed: b.removed,
             });
@@ -139,6 +148,7 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
         outcomes,
         cluster: st.cluster.as_ref().map(|c| c.status.lock().expect("status").clone()),
         peers: st.cluster.as_ref().and_then(|c| c.peers.as_ref()).map(|p| p.stats.lock().expect("stats").clone()),
+        limits: st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone()),
     }))
 }
 

@@ -113,6 +113,8 @@ pub struct Cluster {
     wanted_rx: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
     /// The peer channel, with `cluster.peers` or `cluster.peer_listen`.
     pub peers: Option<Peers>,
+    /// Cluster-wide limits through etcd, with `[cluster.limits]` (`limits.rs`).
+    pub limits: Option<Arc<Mutex<crate::limits::Status>>>,
 }
 
 /// This node's side of the peer channel (`peers.rs`).
@@ -300,6 +302,7 @@ impl State {
         self.eval_pending = false;
         let mut backends = Vec::new();
         let mut drift = std::collections::BTreeMap::new();
+        let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
         let t = self.dp.tables();
         for s in self.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
@@ -312,6 +315,7 @@ impl State {
                     max_conns: b.max_conns,
                     active: b.state == lb_common::BACKEND_ACTIVE,
                     refused,
+                    cluster: limits.as_ref().and_then(|l| l.backends.get(&crate::shares::key(&s.name, b.address))).cloned(),
                 });
                 if let Some(c) = self.reconciler.corrections.get(&b.id) {
                     drift.insert(b.address.to_string(), *c);
@@ -324,7 +328,7 @@ impl State {
             let missing: Vec<String> = s.wanted.difference(&s.announced).map(ToString::to_string).collect();
             (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty()).then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
         });
-        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string(), not_announcing };
+        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string(), not_announcing, limits };
         for n in self.alerts.evaluate(Instant::now(), &sample) {
             match n.status {
                 alerts::Status::Firing => {
@@ -442,7 +446,16 @@ fn cluster(cfg: &Config) -> Result<Option<Cluster>, Error> {
         }
         _ => None,
     };
-    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers }))
+    let limits = c.limits.as_ref().map(|l| {
+        Arc::new(Mutex::new(crate::limits::Status {
+            node: c.node.clone(),
+            etcd: l.etcd.clone(),
+            prefix: l.prefix.clone(),
+            lease_ttl_s: l.lease_ttl.as_secs(),
+            ..Default::default()
+        }))
+    });
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers, limits }))
 }
 
 /// Starts the daemon from `cfg_path`: returns the shared state once the datapath is attached
@@ -473,6 +486,12 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
     } else {
         Applied::new(opts.ring_slots)
     };
+    let mut applied = applied;
+    if cfg.cluster.as_ref().is_some_and(|c| c.limits.is_some()) {
+        // Shares come from etcd; until then a backend keeps the limit the datapath has (after
+        // a restart) or admits nothing (a new one).
+        applied.shares = Some(Default::default());
+    }
     let (health_tx, health_rx) = mpsc::unbounded_channel();
     let state = Arc::new(Mutex::new(State {
         cfg_path: cfg_path.to_owned(),
@@ -541,6 +560,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
     let listener = crate::api::bind(&socket)?;
     let api_stop = shutdown.child_token();
+    let lease_file = socket.parent().unwrap_or(Path::new("/run/sluice")).join("etcd-lease");
     let api = tokio::spawn(crate::api::serve(listener, socket, state.clone(), api_stop.clone()));
     let metrics_addr = state.lock().expect("state lock").cfg.daemon.metrics_listen;
     let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, state.clone(), api_stop.clone()));
@@ -560,6 +580,11 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
             Some((c.cfg.clone(), p.key.clone(), p.stats.clone(), p.rx.take().expect("run once")))
         })
     };
+    let limits = {
+        let st = state.lock().expect("state lock");
+        st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?)))
+    };
+    let limits = limits.map(|(cfg, status)| crate::limits::spawn(cfg, lease_file, state.clone(), status, api_stop.clone()));
     let mut peer_handles = Vec::new();
     if let Some((cfg, key, stats, rx)) = peer_tasks {
         if !cfg.peers.is_empty() {
@@ -668,6 +693,9 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let _ = api.await;
     if let Some(a) = announcer {
         let _ = a.await;
+    }
+    if let Some(l) = limits {
+        let _ = l.await;
     }
     for h in peer_handles {
         let _ = h.await;

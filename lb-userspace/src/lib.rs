@@ -24,6 +24,7 @@ pub mod gc;
 pub mod health;
 pub mod journal;
 pub mod lab;
+pub mod limits;
 pub mod maglev;
 pub mod metrics;
 pub mod neigh;

@@ -54,8 +54,24 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let peer_released = counter(&r, "sluice_peer_moved_flows_released_total", "Slots released here because a peer reported adopting the flow (it moved away).", &["node"]);
     let peer_refused = counter(&r, "sluice_peer_messages_refused_total", "Peer-channel messages refused (bad HMAC, stale, malformed).", &["node"]);
     let peer_pending = int_gauge(&r, "sluice_peer_pending_batches", "Batches of adopted flows not yet delivered, per peer (kept a minute).", &["node", "peer"]);
+    let share = int_gauge(&r, "sluice_backend_share_connections", "With cluster-wide limits: the open connections this node may hold, its share of max_conns (safe share while etcd is lost).", &["service", "backend"]);
+    let cluster_open = int_gauge(&r, "sluice_backend_cluster_open_connections", "With cluster-wide limits: open connections to the backend over every node (their last reports).", &["service", "backend"]);
+    let etcd_up = int_gauge(&r, "sluice_limits_etcd_connected", "With cluster-wide limits: 1 if etcd answered this node's last round.", &["node"]);
+    let fallback = int_gauge(&r, "sluice_limits_fallback", "With cluster-wide limits: 1 while this node enforces its safe shares (etcd lost for longer than the lease).", &["node"]);
+    let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
+    let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
+    let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
     let mut st = state.lock().expect("state lock");
     let st = &mut *st;
+    let limits = st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
+    if let Some(l) = &limits {
+        let n = [l.node.as_str()];
+        etcd_up.with_label_values(&n).set(i64::from(l.connected));
+        fallback.with_label_values(&n).set(i64::from(l.fallback));
+        leader.with_label_values(&n).set(i64::from(l.leader.as_deref() == Some(l.node.as_str())));
+        etcd_requests.with_label_values(&n).inc_by(l.traffic.requests);
+        grants_applied.with_label_values(&n).inc_by(l.traffic.grants_applied);
+    }
     if let Some(c) = &st.cluster {
         let s = c.status.lock().expect("status");
         for vip in s.wanted.union(&s.announced) {
@@ -94,7 +110,14 @@ pub fn render(state: &Shared) -> Result<String, Error> {
             let n = st.conns.get(b.id);
             open.with_label_values(&l).set(n as i64);
             max.with_label_values(&l).set(i64::from(b.max_conns));
-            sat.with_label_values(&l).set(if b.max_conns == 0 { 1.0 } else { n as f64 / f64::from(b.max_conns) });
+            // With cluster-wide limits, saturation is the cluster's: its open connections over max_conns.
+            let cl = limits.as_ref().and_then(|x| x.backends.get(&crate::shares::key(&s.name, b.address)));
+            let counted = cl.map_or(n, |c| c.cluster_open);
+            if let Some(c) = cl {
+                share.with_label_values(&l).set(i64::from(b.limit));
+                cluster_open.with_label_values(&l).set(c.cluster_open as i64);
+            }
+            sat.with_label_values(&l).set(if b.max_conns == 0 { 1.0 } else { counted as f64 / f64::from(b.max_conns) });
             up.with_label_values(&l).set(i64::from(state_name(b.state) == "active"));
             for name in ["active", "draining", "down"] {
                 bstate.with_label_values(&[s.name.as_str(), addr.as_str(), name]).set(i64::from(state_name(b.state) == name));

@@ -49,6 +49,9 @@ pub struct Demand {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub node: String,
+    /// The node's etcd lease (a grant is for one lease: a node that comes back is new).
+    #[serde(default)]
+    pub lease: i64,
     /// The grant this node enforces (its `seq`; 0: none yet).
     pub applied_seq: u64,
     /// It lost etcd for longer than its lease and enforces its safe shares.
@@ -63,6 +66,9 @@ pub struct Grant {
     pub seq: u64,
     /// The node that wrote it (the allocator then).
     pub by: String,
+    /// The lease of the node it is for.
+    #[serde(default)]
+    pub lease: i64,
     pub shares: BTreeMap<String, u32>,
 }
 
@@ -168,7 +174,7 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
             // Backends no live config has any more are dropped from the grant.
             shares.retain(|k, _| reports.values().any(|r| r.backends.contains_key(k)));
             shares.extend(changes);
-            (n, Grant { seq: old.seq + 1, by: by.to_owned(), shares })
+            (n, Grant { seq: old.seq + 1, by: by.to_owned(), lease: old.lease, shares })
         })
         .collect()
 }
@@ -293,7 +299,7 @@ mod tests {
                             refused_per_s: n.refused as f64,
                             admitted_per_s: n.admitted as f64,
                         };
-                        published.insert(name.clone(), Report { node: name.clone(), applied_seq: n.applied_seq, fallback: false, backends: [("web/10.0.0.1".to_owned(), d)].into() });
+                        published.insert(name.clone(), Report { node: name.clone(), lease: 0, applied_seq: n.applied_seq, fallback: false, backends: [("web/10.0.0.1".to_owned(), d)].into() });
                         n.refused = 0;
                         n.admitted = 0;
                     }
@@ -322,8 +328,8 @@ mod tests {
         ]
         .into();
         let grants: BTreeMap<String, Grant> = [
-            ("a".to_owned(), Grant { seq: 2, by: "a".into(), shares: [("k".to_owned(), 8)].into() }),
-            ("b".to_owned(), Grant { seq: 0, by: String::new(), shares: BTreeMap::new() }),
+            ("a".to_owned(), Grant { seq: 2, by: "a".into(), lease: 0, shares: [("k".to_owned(), 8)].into() }),
+            ("b".to_owned(), Grant { seq: 0, by: String::new(), lease: 0, shares: BTreeMap::new() }),
         ]
         .into();
         let next = allocate(&reports, &grants, "a");

@@ -44,7 +44,18 @@ pub fn print_services(v: &Value) {
         for b in s["backends"].as_array().into_iter().flatten() {
             let open = b["open"].as_u64().unwrap_or(0);
             let max = b["max_conns"].as_u64().unwrap_or(0);
-            let full = if max > 0 && open >= max { "  AT LIMIT" } else { "" };
+            let limit = b["limit"].as_u64().unwrap_or(max);
+            let cluster = &b["cluster"];
+            // With cluster-wide limits: this node's share and the cluster's open connections.
+            let full = if cluster.is_object() {
+                let c_open = cluster["cluster_open"].as_u64().unwrap_or(0);
+                let at = if c_open >= max { "  CLUSTER AT LIMIT" } else if open >= limit { "  AT SHARE" } else { "" };
+                format!("  share {limit} (safe {}), cluster {c_open}/{max}{at}", cluster["safe_share"])
+            } else if max > 0 && open >= max {
+                "  AT LIMIT".to_owned()
+            } else {
+                String::new()
+            };
             let state = if b["removed"].as_bool() == Some(true) { "removing".to_owned() } else { b["state"].as_str().unwrap_or("").to_owned() };
             println!(
                 "{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}",
@@ -253,6 +264,64 @@ pub enum NodeCmd {
     },
     /// Announce this node's VIPs again.
     Undrain,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ClusterCmd {
+    /// Every node of the cluster as etcd holds it: its lease, whether it allocates, and per
+    /// backend its open connections, its share and what it asks for (`[cluster.limits]`).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
+    let ClusterCmd::Status { json } = cmd;
+    let v = client::block_on(client::ok(socket, Method::GET, "/v1/status", None))?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "cluster": v["cluster"], "limits": v["limits"], "peers": v["peers"] })).expect("json"));
+        return Ok(());
+    }
+    if let Ok(Some(c)) = serde_json::from_value::<Option<crate::announce::Status>>(v["cluster"].clone()) {
+        println!("{}", c.line());
+    } else {
+        return Err(Error::other("cluster status", anyhow::anyhow!("this daemon has no [cluster] section: it is a single node")));
+    }
+    let Ok(Some(l)) = serde_json::from_value::<Option<crate::limits::Status>>(v["limits"].clone()) else {
+        println!("no cluster-wide limits ([cluster.limits]): each node enforces max_conns on its own");
+        return Ok(());
+    };
+    let conn = if l.connected {
+        format!("etcd {} answers; lease {:x}", l.etcd.join(", "), l.lease.unwrap_or(0))
+    } else {
+        format!("etcd {} OUT OF REACH for {:.1} s: {}", l.etcd.join(", "), l.lost_for_s.unwrap_or(0.0), l.error.as_deref().unwrap_or(""))
+    };
+    println!("{conn}; shares allocated by {}{}", l.leader.as_deref().unwrap_or("(nobody yet)"), if l.fallback { "; THIS NODE ENFORCES ITS SAFE SHARES" } else { "" });
+    println!("{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}", "NODE", "GRANT", "BACKEND", "OPEN", "SHARE", "WANTS", "REFUSING");
+    for (name, r) in &l.nodes {
+        let seq = l.grants.get(name).map_or(0, |g| g.seq);
+        let mark = if l.leader.as_deref() == Some(name) { "*" } else { "" };
+        for (k, d) in &r.backends {
+            let granted = l.grants.get(name).and_then(|g| g.shares.get(k)).copied();
+            let share = if granted.is_some_and(|g| g != d.applied) { format!("{}→{}", d.applied, granted.unwrap_or(0)) } else { d.applied.to_string() };
+            println!(
+                "{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}{}",
+                format!("{name}{mark}"),
+                format!("{}/{seq}", r.applied_seq),
+                k,
+                d.open,
+                share,
+                d.wants,
+                if d.refusing { format!("{:.0}/s", d.refused_per_s) } else { "-".into() },
+                if r.fallback { "  (safe shares)" } else { "" }
+            );
+        }
+    }
+    for (k, b) in &l.backends {
+        println!("{k}: {} open over the cluster of max_conns {}; this node {} open, share {}, safe share {}", b.cluster_open, b.max_conns, b.open, b.share, b.safe_share);
+    }
+    Ok(())
 }
 
 pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {

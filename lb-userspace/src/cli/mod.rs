@@ -52,6 +52,9 @@ pub enum Command {
     /// This node of a cluster: drain (withdraw its VIPs) and undrain.
     #[command(subcommand)]
     Node(ctl::NodeCmd),
+    /// The cluster: every node's share of the cluster-wide limits, as etcd holds them.
+    #[command(subcommand)]
+    Cluster(ctl::ClusterCmd),
     /// Detach the datapath a stopped daemon left running, and remove its pins (drops every flow).
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
@@ -121,6 +124,7 @@ pub fn main() -> i32 {
         Command::Top(a) => top::run(&cli.socket, &a),
         Command::Limit(c) => ctl::limit(&cli.socket, &c),
         Command::Node(c) => ctl::node(&cli.socket, &c),
+        Command::Cluster(c) => ctl::cluster(&cli.socket, &c),
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),

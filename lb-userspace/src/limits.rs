@@ -1,0 +1,525 @@
+//! Cluster-wide limits through etcd (`[cluster.limits]`): this node's side. Every round
+//! (`ROUND`) it
+//! 1. keeps its lease alive (one lease per daemon; every key it writes is attached to it);
+//! 2. publishes its report under `<prefix>/nodes/<node>`: per backend its `max_conns`, open
+//!    connections, the limit it enforces, what it refused for lack of share (`shares.rs`);
+//! 3. reads the whole prefix in one request: the leader, every live node's report, the grants;
+//! 4. if no node leads, tries to (a key created only if absent, under its lease); if it leads,
+//!    runs the allocator and writes the grants that change in one transaction, which holds
+//!    only while it still leads;
+//! 5. applies a newer grant for itself through the daemon's change path, then reports at once
+//!    (the acknowledgement the allocator waits for before it grants capacity elsewhere).
+//!
+//! Without etcd a node never raises a limit: it keeps its shares until its lease would have
+//! expired (counted from the last keep-alive it sent that etcd answered), then enforces the
+//! smaller of each share and its safe share, alerts, and joins again with a new lease once etcd
+//! answers. A restarted daemon resumes its lease (kept in a file beside the control socket)
+//! if it is still alive, so a restart moves no capacity.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use lb_common::Reason;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{ClusterCfg, LimitsCfg},
+    daemon::{Next, State},
+    reconcile::Share,
+    shares::{self, Demand, Grant, Report},
+    Error,
+};
+
+/// How often a node reports, reads the grants and (leading) allocates.
+pub const ROUND: Duration = Duration::from_millis(200);
+/// A node that changed nothing reports at least this often.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Each etcd request gives up after this (a round never waits longer on a dead etcd).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Requests and bytes exchanged with etcd since the daemon started (`BENCHMARKS.md`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub rounds: u64,
+    pub requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub reports: u64,
+    pub grants_written: u64,
+    pub grants_applied: u64,
+}
+
+/// What `sluice status`, `sluice cluster status`, the metrics and the alerts show.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub etcd: Vec<String>,
+    pub prefix: String,
+    pub lease_ttl_s: u64,
+    /// etcd answered this node's last round.
+    pub connected: bool,
+    pub lease: Option<i64>,
+    /// The node computing the shares now.
+    pub leader: Option<String>,
+    /// Enforcing safe shares: etcd was lost for longer than the lease.
+    pub fallback: bool,
+    /// Seconds since etcd last answered, while it does not.
+    pub lost_for_s: Option<f64>,
+    pub error: Option<String>,
+    /// The grant this node enforces.
+    pub applied_seq: u64,
+    /// Every live node's last report, and the grants (as last read).
+    pub nodes: BTreeMap<String, Report>,
+    pub grants: BTreeMap<String, Grant>,
+    /// This node's share and the cluster's open connections, per backend key.
+    pub backends: BTreeMap<String, BackendLimit>,
+    pub traffic: Traffic,
+    #[serde(skip)]
+    pub lost_since: Option<Instant>,
+}
+
+/// One backend's cluster-wide limit as this node sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackendLimit {
+    pub max_conns: u32,
+    /// What this node enforces (its share, or its safe share in fallback).
+    pub share: u32,
+    /// Open here.
+    pub open: u64,
+    /// Open over every live node (their last reports; this node's now).
+    pub cluster_open: u64,
+    pub safe_share: u32,
+}
+
+fn key_nodes(prefix: &str) -> String {
+    format!("{prefix}/nodes/")
+}
+fn key_grants(prefix: &str) -> String {
+    format!("{prefix}/grants/")
+}
+fn key_leader(prefix: &str) -> String {
+    format!("{prefix}/leader")
+}
+
+/// This node's state between rounds.
+struct Node {
+    cfg: LimitsCfg,
+    name: String,
+    /// How many nodes the safe share divides by.
+    nodes: u32,
+    lease_file: PathBuf,
+    client: Option<Client>,
+    lease: Option<i64>,
+    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    next_keepalive: Instant,
+    /// When the request of the last keep-alive etcd answered was sent.
+    last_ok: Option<Instant>,
+    applied_seq: u64,
+    fallback: bool,
+    /// What was last published, without its rates, and when; the counters then.
+    published: Option<(BTreeMap<String, (u32, u64, u32, bool)>, u64, Instant)>,
+    counters_at_publish: BTreeMap<String, (u64, u64)>,
+    traffic: Traffic,
+}
+
+/// Safe share of a backend: its `safe_share`, or `floor(max_conns / nodes)`.
+fn safe_share(cfg: &crate::config::BackendCfg, nodes: u32) -> u32 {
+    cfg.safe_share.unwrap_or(cfg.max_conns / nodes.max(1)).min(cfg.max_conns)
+}
+
+/// Runs the node's rounds until `stop`.
+pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    let cfg = cluster.limits.clone().expect("spawned with [cluster.limits]");
+    let nodes = cluster.limit_nodes();
+    let mut node = Node {
+        cfg,
+        name: cluster.node.clone(),
+        nodes,
+        lease_file,
+        client: None,
+        lease: None,
+        keeper: None,
+        next_keepalive: Instant::now(),
+        last_ok: None,
+        applied_seq: 0,
+        fallback: false,
+        published: None,
+        counters_at_publish: BTreeMap::new(),
+        traffic: Traffic::default(),
+    };
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ROUND);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            node.traffic.rounds += 1;
+            let result = node.round(&state, &status).await;
+            let lost = result.is_err();
+            if let Err(e) = &result {
+                let mut s = status.lock().expect("limits status");
+                if s.connected || s.error.is_none() {
+                    tracing::error!(node = %node.name, "etcd: {e}; shares kept until the lease would expire");
+                }
+                s.connected = false;
+                s.error = Some(e.to_string());
+                s.lost_since.get_or_insert_with(Instant::now);
+                node.keeper = None;
+            }
+            // Without etcd for longer than the lease (or never reached since the start): safe
+            // shares, never more than what is enforced now.
+            let since = node.last_ok.unwrap_or(started);
+            if lost && !node.fallback && since.elapsed() >= node.cfg.lease_ttl {
+                node.lease = None;
+                node.applied_seq = 0;
+                if let Err(e) = node.enter_fallback(&state).await {
+                    tracing::error!("entering the safe shares: {e}");
+                } else {
+                    node.fallback = true;
+                }
+            }
+            let mut s = status.lock().expect("limits status");
+            s.fallback = node.fallback;
+            s.lease = node.lease;
+            s.applied_seq = node.applied_seq;
+            s.lost_for_s = s.lost_since.map(|t| t.elapsed().as_secs_f64());
+            s.traffic = node.traffic.clone();
+        }
+    })
+}
+
+impl Node {
+    async fn client(&mut self) -> Result<Client, Error> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        let c = Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(|e| Error::other(format!("connecting to etcd ({})", self.cfg.etcd.join(", ")), e))?;
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A live lease: the one of the daemon before this one if etcd still holds it, else a new one.
+    async fn ensure_lease(&mut self, c: &mut Client, state: &Arc<Mutex<State>>) -> Result<i64, Error> {
+        if let Some(l) = self.lease {
+            return Ok(l);
+        }
+        let sent = Instant::now();
+        let kept = std::fs::read_to_string(&self.lease_file).ok().and_then(|s| s.trim().parse::<i64>().ok());
+        if let Some(id) = kept {
+            self.traffic.requests += 1;
+            let alive = c.lease_time_to_live(id, None).await.map_err(|e| Error::other("asking etcd for the lease", e))?.ttl() > 0;
+            if alive && !self.fallback {
+                tracing::info!(node = %self.name, lease = id, "resumed the lease of the daemon before (its shares stay)");
+                self.lease = Some(id);
+                self.last_ok = Some(sent);
+                return Ok(id);
+            }
+        }
+        self.traffic.requests += 1;
+        let ttl = self.cfg.lease_ttl.as_secs().max(1) as i64;
+        let id = c.lease_grant(ttl, None).await.map_err(|e| Error::other("granting a lease on etcd", e))?.id();
+        self.lease = Some(id);
+        self.last_ok = Some(sent);
+        self.applied_seq = 0;
+        if let Err(e) = std::fs::write(&self.lease_file, format!("{id}\n")) {
+            tracing::warn!("keeping the etcd lease in {}: {e} (a restart will join as a new node)", self.lease_file.display());
+        }
+        let what = if self.fallback { "etcd answers again: joined with a new lease; safe shares until granted more" } else { "joined the cluster's limits with a new lease" };
+        tracing::info!(node = %self.name, lease = id, "{what}");
+        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" {what}", self.name), vec![format!("etcd {}", self.cfg.etcd.join(", "))]);
+        Ok(id)
+    }
+
+    async fn keepalive(&mut self, c: &mut Client, lease: i64) -> Result<(), Error> {
+        if Instant::now() < self.next_keepalive {
+            return Ok(());
+        }
+        let sent = Instant::now();
+        if self.keeper.is_none() {
+            self.traffic.requests += 1;
+            self.keeper = Some(c.lease_keep_alive(lease).await.map_err(|e| Error::other("keeping the lease alive", e))?);
+        }
+        let (keeper, stream) = self.keeper.as_mut().expect("set above");
+        self.traffic.requests += 1;
+        keeper.keep_alive().await.map_err(|e| Error::other("keeping the lease alive", e))?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
+            .await
+            .map_err(|e| Error::other("keeping the lease alive", e))?
+            .map_err(|e| Error::other("keeping the lease alive", e))?;
+        if resp.is_none_or(|r| r.ttl() <= 0) {
+            // Expired (etcd was out of reach too long): join again.
+            self.lease = None;
+            self.keeper = None;
+            return Err(Error::other("keeping the lease alive", anyhow::anyhow!("lease {lease} expired")));
+        }
+        self.last_ok = Some(sent);
+        self.next_keepalive = sent + self.cfg.lease_ttl / 3;
+        Ok(())
+    }
+
+    async fn round(&mut self, state: &Arc<Mutex<State>>, status: &Arc<Mutex<Status>>) -> Result<(), Error> {
+        let mut c = self.client().await?;
+        let lease = self.ensure_lease(&mut c, state).await?;
+        self.keepalive(&mut c, lease).await?;
+        self.publish(&mut c, lease, state, false).await?;
+        let prefix = self.cfg.prefix.clone();
+        self.traffic.requests += 1;
+        let resp = c.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())).await.map_err(|e| Error::other("reading the cluster's limits from etcd", e))?;
+        let (mut leader, mut reports, mut grants) = (None, BTreeMap::new(), BTreeMap::new());
+        for kv in resp.kvs() {
+            self.traffic.bytes_received += (kv.key().len() + kv.value().len()) as u64;
+            let k = kv.key_str().unwrap_or_default();
+            if k == key_leader(&prefix) {
+                leader = Some((kv.value_str().unwrap_or_default().to_owned(), kv.lease()));
+            } else if let Some(n) = k.strip_prefix(&key_nodes(&prefix)) {
+                if let Ok(r) = serde_json::from_slice::<Report>(kv.value()) {
+                    reports.insert(n.to_owned(), r);
+                }
+            } else if let Some(n) = k.strip_prefix(&key_grants(&prefix)) {
+                if let Ok(g) = serde_json::from_slice::<Grant>(kv.value()) {
+                    grants.insert(n.to_owned(), g);
+                }
+            }
+        }
+        // A grant made for an earlier lease of its node is void (that node left and came back).
+        let grants: BTreeMap<String, Grant> = grants.into_iter().filter(|(n, g)| reports.get(n).is_some_and(|r: &Report| r.lease == g.lease)).collect();
+        if leader.is_none() {
+            self.traffic.requests += 1;
+            let lk = key_leader(&prefix);
+            let txn = Txn::new()
+                .when([Compare::create_revision(lk.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(lk, self.name.clone(), Some(PutOptions::new().with_lease(lease)))]);
+            if c.txn(txn).await.map_err(|e| Error::other("electing the allocator on etcd", e))?.succeeded() {
+                tracing::info!(node = %self.name, "this node now allocates the cluster's limits");
+                state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" now allocates the cluster's shares", self.name), vec![]);
+                leader = Some((self.name.clone(), lease));
+            }
+        }
+        let leading = leader.as_ref().is_some_and(|(n, l)| *n == self.name && *l == lease);
+        if leading {
+            self.allocate(&mut c, lease, &reports, &grants).await?;
+        }
+        // This node's grant: apply a newer one, then acknowledge it at once.
+        if let Some(g) = grants.get(&self.name).filter(|g| g.seq > self.applied_seq) {
+            self.apply_grant(state, g, &reports).await?;
+            self.publish(&mut c, lease, state, true).await?;
+        } else {
+            self.refresh_room(state, &reports).await?;
+        }
+        // The daemon's state is never locked inside this status lock (the alerts lock them the
+        // other way round).
+        let view = self.view(state, &reports);
+        let mut s = status.lock().expect("limits status");
+        s.connected = true;
+        s.error = None;
+        s.lost_since = None;
+        s.leader = leader.map(|(n, _)| n);
+        s.backends = view;
+        s.nodes = reports;
+        s.grants = grants;
+        Ok(())
+    }
+
+    /// The report of this node now, its counters, and whether it differs from the last one
+    /// published in more than its rates.
+    fn report(&self, state: &Arc<Mutex<State>>) -> (Report, BTreeMap<String, (u64, u64)>) {
+        let mut guard = state.lock().expect("state lock");
+        let st = &mut *guard;
+        let t = st.dp.tables();
+        let elapsed = self.published.as_ref().map_or(1.0, |(_, _, at)| at.elapsed().as_secs_f64().max(0.05));
+        let mut backends = BTreeMap::new();
+        let mut counters = BTreeMap::new();
+        for s in st.applied.services.values() {
+            for b in s.backends.values().filter(|b| !b.removed) {
+                let k = shares::key(&s.name, b.address);
+                let stats = t.backend_stats(b.id).unwrap_or_default();
+                let refused = stats.refused.get(Reason::ShareExhausted) + stats.refused.get(Reason::BackendLimit);
+                let (r0, n0) = self.counters_at_publish.get(&k).copied().unwrap_or((refused, stats.new_flows));
+                let (refused_d, new_d) = (refused.saturating_sub(r0), stats.new_flows.saturating_sub(n0));
+                let open = st.conns.get(b.id);
+                let refused_per_s = refused_d as f64 / elapsed;
+                let admitted_per_s = new_d as f64 / elapsed;
+                backends.insert(k.clone(), Demand {
+                    max_conns: b.max_conns,
+                    open,
+                    applied: b.limit,
+                    wants: shares::wants(open, refused_per_s, admitted_per_s),
+                    refusing: refused_d > 0 && b.limit < b.max_conns,
+                    refused_per_s,
+                    admitted_per_s,
+                });
+                counters.insert(k, (refused, stats.new_flows));
+            }
+        }
+        (Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }, counters)
+    }
+
+    async fn publish(&mut self, c: &mut Client, lease: i64, state: &Arc<Mutex<State>>, now: bool) -> Result<(), Error> {
+        let (report, counters) = self.report(state);
+        let shape: BTreeMap<String, (u32, u64, u32, bool)> = report.backends.iter().map(|(k, d)| (k.clone(), (d.max_conns, d.open, d.applied, d.refusing))).collect();
+        let same = self.published.as_ref().is_some_and(|(s, seq, at)| *s == shape && *seq == report.applied_seq && at.elapsed() < HEARTBEAT);
+        if same && !now {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&report).map_err(|e| Error::other("encoding the report", e))?;
+        self.traffic.requests += 1;
+        self.traffic.reports += 1;
+        self.traffic.bytes_sent += body.len() as u64;
+        c.put(format!("{}{}", key_nodes(&self.cfg.prefix), self.name), body, Some(PutOptions::new().with_lease(lease)))
+            .await
+            .map_err(|e| Error::other("publishing this node's report on etcd", e))?;
+        self.published = Some((shape, report.applied_seq, Instant::now()));
+        self.counters_at_publish = counters;
+        Ok(())
+    }
+
+    /// Leading: the grants that change, written in one transaction that holds only while
+    /// this node leads; grants of nodes whose lease is gone are deleted (their capacity is free).
+    async fn allocate(&mut self, c: &mut Client, lease: i64, reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>) -> Result<(), Error> {
+        let mut next = shares::allocate(reports, grants, &self.name);
+        for (n, g) in &mut next {
+            g.lease = reports.get(n).map_or(0, |r| r.lease);
+        }
+        let stale: Vec<String> = grants.keys().filter(|n| !reports.contains_key(*n)).cloned().collect();
+        if next.is_empty() && stale.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        for (n, g) in &next {
+            let body = serde_json::to_vec(g).map_err(|e| Error::other("encoding a grant", e))?;
+            self.traffic.bytes_sent += body.len() as u64;
+            ops.push(TxnOp::put(format!("{}{n}", key_grants(&self.cfg.prefix)), body, None));
+        }
+        for n in &stale {
+            ops.push(TxnOp::delete(format!("{}{n}", key_grants(&self.cfg.prefix)), None));
+        }
+        let lk = key_leader(&self.cfg.prefix);
+        let txn = Txn::new().when([Compare::value(lk.clone(), CompareOp::Equal, self.name.clone()), Compare::lease(lk, CompareOp::Equal, lease)]).and_then(ops);
+        self.traffic.requests += 1;
+        if c.txn(txn).await.map_err(|e| Error::other("writing the shares on etcd", e))?.succeeded() {
+            self.traffic.grants_written += next.len() as u64;
+            for (n, g) in &next {
+                tracing::debug!(node = %n, seq = g.seq, shares = ?g.shares, "granted");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the cluster has room beyond this node's share of each backend (the refusal
+    /// reason at the share), from the other nodes' last reports.
+    fn room(&self, reports: &BTreeMap<String, Report>, key: &str, share: u32, max_conns: u32) -> bool {
+        let others: u64 = reports.iter().filter(|(n, _)| **n != self.name).filter_map(|(_, r)| r.backends.get(key)).map(|d| d.open).sum();
+        others + u64::from(share) < u64::from(max_conns)
+    }
+
+    /// Lays `shares` over the config through the daemon's one change path.
+    async fn set_shares(state: &Arc<Mutex<State>>, shares: BTreeMap<(String, IpAddr), Share>) -> Result<(), Error> {
+        State::change(state, move |st| {
+            let old = st.applied.shares.replace(shares);
+            st.set_undo(Box::new(move |st: &mut State| st.applied.shares = old));
+            Ok::<_, Error>(Next::from(st.cfg.clone()))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn apply_grant(&mut self, state: &Arc<Mutex<State>>, g: &Grant, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
+        let shares = {
+            let st = state.lock().expect("state lock");
+            let mut out = BTreeMap::new();
+            for s in &st.cfg.services {
+                for b in &s.backends {
+                    let k = shares::key(&s.name, b.address);
+                    // A backend the grant does not name keeps what it enforces (a new one: 0).
+                    let limit = match g.shares.get(&k) {
+                        Some(x) => *x,
+                        None => st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| a.limit),
+                    };
+                    out.insert((s.name.clone(), b.address), Share { limit, room: self.room(reports, &k, limit, b.max_conns) });
+                }
+            }
+            out
+        };
+        Self::set_shares(state, shares).await?;
+        if self.fallback {
+            tracing::warn!(node = %self.name, "granted shares again: out of the safe shares");
+            state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" granted shares again (seq {} by {})", self.name, g.seq, g.by), vec![]);
+        }
+        self.fallback = false;
+        self.applied_seq = g.seq;
+        self.traffic.grants_applied += 1;
+        Ok(())
+    }
+
+    /// Updates the refusal reasons when the cluster's room changed.
+    async fn refresh_room(&mut self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
+        let next = {
+            let st = state.lock().expect("state lock");
+            let Some(cur) = &st.applied.shares else { return Ok(()) };
+            let mut next = cur.clone();
+            for s in &st.cfg.services {
+                for b in &s.backends {
+                    if let Some(sh) = next.get_mut(&(s.name.clone(), b.address)) {
+                        sh.room = self.room(reports, &shares::key(&s.name, b.address), sh.limit, b.max_conns);
+                    }
+                }
+            }
+            (next != *cur).then_some(next)
+        };
+        match next {
+            Some(n) => Self::set_shares(state, n).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Lost etcd for longer than the lease: each backend's limit becomes the smaller of what
+    /// it is and its safe share (never larger: the others may hold the rest).
+    async fn enter_fallback(&mut self, state: &Arc<Mutex<State>>) -> Result<(), Error> {
+        let (shares, details) = {
+            let st = state.lock().expect("state lock");
+            let mut out = BTreeMap::new();
+            let mut details = Vec::new();
+            for s in &st.cfg.services {
+                for b in &s.backends {
+                    let now = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| a.limit);
+                    let safe = safe_share(b, self.nodes);
+                    let limit = now.min(safe);
+                    details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
+                    out.insert((s.name.clone(), b.address), Share { limit, room: false });
+                }
+            }
+            (out, details)
+        };
+        Self::set_shares(state, shares).await?;
+        tracing::error!(node = %self.name, "etcd out of reach for longer than the lease ({:?}): enforcing safe shares: {}", self.cfg.lease_ttl, details.join("; "));
+        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" lost etcd for longer than its lease: safe shares", self.name), details);
+        Ok(())
+    }
+
+    /// Per backend: this node's share, its open connections and the cluster's.
+    fn view(&self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {
+        let st = state.lock().expect("state lock");
+        let mut out = BTreeMap::new();
+        for s in &st.cfg.services {
+            for b in &s.backends {
+                let k = shares::key(&s.name, b.address);
+                let applied = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address));
+                let open = applied.map_or(0, |a| st.conns.get(a.id));
+                let others: u64 = reports.iter().filter(|(n, _)| **n != self.name).filter_map(|(_, r)| r.backends.get(&k)).map(|d| d.open).sum();
+                out.insert(k, BackendLimit { max_conns: b.max_conns, share: applied.map_or(0, |a| a.limit), open, cluster_open: others + open, safe_share: safe_share(b, self.nodes) });
+            }
+        }
+        out
+    }
+}
