@@ -25,12 +25,12 @@ fn at_limit(at_limit: u8) -> Reason {
     if at_limit == AT_LIMIT_SHARE { Reason::ShareExhausted } else { Reason::BackendLimit }
 }
 
-/// `backend_id`'s open-connection counter, limit and limit's reason if it is active and, by a
-/// plain read, below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
+/// `backend_id`'s open-connection counter and limit if it is active and, by a plain read,
+/// below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
 /// add, which would bounce the counter's line between CPUs under a SYN flood and wait for
 /// every load still in flight (the flow table lines `flow::warm` started).
 #[inline(always)]
-fn room(backend_id: u32) -> Result<(*mut u64, u64, Reason), Reason> {
+fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
     let Some(b) = BACKENDS.get(backend_id) else { return Err(Reason::NoBackend) };
     if b.state != BACKEND_ACTIVE {
         return Err(if b.state == BACKEND_DRAINING { Reason::BackendDraining } else { Reason::BackendDown });
@@ -43,7 +43,7 @@ fn room(backend_id: u32) -> Result<(*mut u64, u64, Reason), Reason> {
     if unsafe { core::ptr::read_volatile(open) } >= limit {
         return Err(at_limit(b.at_limit));
     }
-    Ok((open, limit, at_limit(b.at_limit)))
+    Ok((open, limit))
 }
 
 /// Takes a slot on `backend_id` if it is active and under its limit. The add decides and is
@@ -51,11 +51,13 @@ fn room(backend_id: u32) -> Result<(*mut u64, u64, Reason), Reason> {
 /// distinct previous value, and only those that saw one below the limit keep their slot.
 #[inline(always)]
 fn try_take(backend_id: u32) -> Result<(), Reason> {
-    let (open, limit, why) = room(backend_id)?;
+    let (open, limit) = room(backend_id)?;
     // SAFETY: `open` points into a CONNS value; it is only changed atomically.
     if unsafe { atomic::fetch_add(open, 1) } >= limit {
         conns_sub(backend_id);
-        return Err(why);
+        // Looked up again rather than carried from `room`: returned beside the counter's
+        // pointer, the reason was packed into the pointer's register, which the verifier refuses.
+        return Err(BACKENDS.get(backend_id).map_or(Reason::BackendLimit, |b| at_limit(b.at_limit)));
     }
     Ok(())
 }

@@ -787,6 +787,37 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
         assert_eq!(cfg.services[0].ring_size, 65537);
     }
 
+    const CLUSTER: &str = "[cluster]\nnode = \"lb1\"\n\n[cluster.limits]\netcd = [\"http://10.0.0.1:2379\"]\nnodes = 3\n";
+
+    #[test]
+    fn cluster_limits_parse_and_bad_ones_name_the_key() {
+        let (cfg, _) = check(&format!("{GOOD}\n{CLUSTER}")).expect("valid");
+        let c = cfg.cluster.expect("cluster");
+        let l = c.limits.as_ref().expect("limits");
+        assert_eq!((l.prefix.as_str(), l.lease_ttl, c.limit_nodes()), ("/sluice", Duration::from_secs(3), 3));
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("etcd = [\"http://10.0.0.1:2379\"]", "etcd = []", "cluster.limits.etcd", "must list"),
+            ("etcd = [\"http://10.0.0.1:2379\"]", "etcd = [\"10.0.0.1:2379\"]", "cluster.limits.etcd[0]", "http://host:port"),
+            ("nodes = 3", "nodes = 3\nlease_ttl = \"500ms\"", "cluster.limits.lease_ttl", "between 2s"),
+            ("nodes = 3", "nodes = 3\nprefix = \"sluice/\"", "cluster.limits.prefix", "leading slash"),
+            ("nodes = 3", "", "cluster.limits.nodes", "how many nodes"),
+            ("nodes = 3", "nodes = 0", "cluster.limits.nodes", "at least 1"),
+            ("nodes = 3", "nodes = 3\nttl = \"3s\"", "cluster.limits", "unknown field"),
+        ];
+        for (from, to, key, reason) in cases {
+            let text = format!("{GOOD}\n{}", CLUSTER.replacen(from, to, 1));
+            let rejected = check(&text).err().unwrap_or_else(|| panic!("accepted with {to}"));
+            let f = &rejected.findings[0];
+            assert!(f.key.starts_with(key), "{to}: key {:?}, want {key}", f.key);
+            assert!(f.message.contains(reason), "{to}: message {:?}, want {reason:?}", f.message);
+        }
+        // A safe share above max_conns, or without cluster-wide limits.
+        let above = format!("{}\n{CLUSTER}", GOOD.replacen("max_conns = 100\nweight = 1", "max_conns = 100\nweight = 1\nsafe_share = 101", 1));
+        assert!(check(&above).err().expect("refused").findings[0].message.contains("above max_conns"));
+        let alone = GOOD.replacen("max_conns = 100\nweight = 1", "max_conns = 100\nweight = 1\nsafe_share = 10", 1);
+        assert!(check(&alone).err().expect("refused").findings[0].message.contains("cluster-wide limits only"));
+    }
+
     /// Each bad file: a replacement applied to GOOD, the key the error names, a word of the reason.
     #[test]
     fn bad_files_name_the_key_and_the_reason() {

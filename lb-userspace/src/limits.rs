@@ -38,7 +38,7 @@ use crate::{
 };
 
 /// How often a node reports, reads the grants and (leading) allocates.
-pub const ROUND: Duration = Duration::from_millis(200);
+pub const ROUND: Duration = Duration::from_millis(100);
 /// A node that changed nothing reports at least this often.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Each etcd request gives up after this (a round never waits longer on a dead etcd).
@@ -123,11 +123,26 @@ struct Node {
     last_ok: Option<Instant>,
     applied_seq: u64,
     fallback: bool,
-    /// What was last published, without its rates, and when; the counters then.
+    /// What was last published, without its rates, and when.
     published: Option<(BTreeMap<String, (u32, u64, u32, bool)>, u64, Instant)>,
-    counters_at_publish: BTreeMap<String, (u64, u64)>,
+    /// Per backend: the refusal and new-flow counters at the last report, and their rates
+    /// smoothed over about a second (a cold node sees a connection or two per round).
+    rates: BTreeMap<String, Rates>,
     traffic: Traffic,
 }
+
+/// A backend's counters when last read and their smoothed rates.
+#[derive(Clone, Copy, Debug)]
+struct Rates {
+    refused: u64,
+    new_flows: u64,
+    at: Instant,
+    refused_per_s: f64,
+    admitted_per_s: f64,
+}
+
+/// The rates' smoothing time constant.
+const SMOOTHING: Duration = Duration::from_secs(1);
 
 /// Safe share of a backend: its `safe_share`, or `floor(max_conns / nodes)`.
 fn safe_share(cfg: &crate::config::BackendCfg, nodes: u32) -> u32 {
@@ -151,7 +166,7 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
         applied_seq: 0,
         fallback: false,
         published: None,
-        counters_at_publish: BTreeMap::new(),
+        rates: BTreeMap::new(),
         traffic: Traffic::default(),
     };
     let started = Instant::now();
@@ -175,6 +190,8 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
                 s.error = Some(e.to_string());
                 s.lost_since.get_or_insert_with(Instant::now);
                 node.keeper = None;
+                // A fresh connection next round, not the old one's reconnection back-off.
+                node.client = None;
             }
             // Without etcd for longer than the lease (or never reached since the start): safe
             // shares, never more than what is enforced now.
@@ -224,6 +241,12 @@ impl Node {
                 self.lease = Some(id);
                 self.last_ok = Some(sent);
                 return Ok(id);
+            }
+            if alive {
+                // Given up (safe shares since): an etcd that restarted restores its leases, and
+                // this one's keys (its old report, the allocator's seat) would linger a TTL.
+                self.traffic.requests += 1;
+                let _ = c.lease_revoke(id).await;
             }
         }
         self.traffic.requests += 1;
@@ -331,42 +354,58 @@ impl Node {
         Ok(())
     }
 
-    /// The report of this node now, its counters, and whether it differs from the last one
-    /// published in more than its rates.
-    fn report(&self, state: &Arc<Mutex<State>>) -> (Report, BTreeMap<String, (u64, u64)>) {
+    /// The report of this node now (its counters read, their rates smoothed).
+    fn report(&mut self, state: &Arc<Mutex<State>>) -> Report {
         let mut guard = state.lock().expect("state lock");
         let st = &mut *guard;
         let t = st.dp.tables();
-        let elapsed = self.published.as_ref().map_or(1.0, |(_, _, at)| at.elapsed().as_secs_f64().max(0.05));
+        let now = Instant::now();
         let mut backends = BTreeMap::new();
-        let mut counters = BTreeMap::new();
+        let mut rates = BTreeMap::new();
         for s in st.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
                 let k = shares::key(&s.name, b.address);
                 let stats = t.backend_stats(b.id).unwrap_or_default();
                 let refused = stats.refused.get(Reason::ShareExhausted) + stats.refused.get(Reason::BackendLimit);
-                let (r0, n0) = self.counters_at_publish.get(&k).copied().unwrap_or((refused, stats.new_flows));
-                let (refused_d, new_d) = (refused.saturating_sub(r0), stats.new_flows.saturating_sub(n0));
+                let r = match self.rates.get(&k) {
+                    Some(p) => {
+                        let dt = now.duration_since(p.at).as_secs_f64().max(0.001);
+                        let ewma = |prev: f64, inst: f64, tau: Duration| prev + (1.0 - (-dt / tau.as_secs_f64()).exp()) * (inst - prev);
+                        let inst = |now: u64, then: u64| now.saturating_sub(then) as f64 / dt;
+                        let refused_now = inst(refused, p.refused);
+                        // Refusals that stop are forgotten fast: a node whose load moved away
+                        // must not keep asking for the share it no longer uses.
+                        let tau = if refused_now >= p.refused_per_s { SMOOTHING } else { SMOOTHING / 4 };
+                        Rates {
+                            refused,
+                            new_flows: stats.new_flows,
+                            at: now,
+                            refused_per_s: ewma(p.refused_per_s, refused_now, tau),
+                            admitted_per_s: ewma(p.admitted_per_s, inst(stats.new_flows, p.new_flows), SMOOTHING),
+                        }
+                    }
+                    None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
+                };
                 let open = st.conns.get(b.id);
-                let refused_per_s = refused_d as f64 / elapsed;
-                let admitted_per_s = new_d as f64 / elapsed;
                 backends.insert(k.clone(), Demand {
                     max_conns: b.max_conns,
                     open,
                     applied: b.limit,
-                    wants: shares::wants(open, refused_per_s, admitted_per_s),
-                    refusing: refused_d > 0 && b.limit < b.max_conns,
-                    refused_per_s,
-                    admitted_per_s,
+                    wants: shares::wants(open, r.refused_per_s, r.admitted_per_s),
+                    // Refusing at a share below the limit: more share would admit more.
+                    refusing: r.refused_per_s >= 0.2 && b.limit < b.max_conns,
+                    refused_per_s: r.refused_per_s,
+                    admitted_per_s: r.admitted_per_s,
                 });
-                counters.insert(k, (refused, stats.new_flows));
+                rates.insert(k, r);
             }
         }
-        (Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }, counters)
+        self.rates = rates;
+        Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }
     }
 
     async fn publish(&mut self, c: &mut Client, lease: i64, state: &Arc<Mutex<State>>, now: bool) -> Result<(), Error> {
-        let (report, counters) = self.report(state);
+        let report = self.report(state);
         let shape: BTreeMap<String, (u32, u64, u32, bool)> = report.backends.iter().map(|(k, d)| (k.clone(), (d.max_conns, d.open, d.applied, d.refusing))).collect();
         let same = self.published.as_ref().is_some_and(|(s, seq, at)| *s == shape && *seq == report.applied_seq && at.elapsed() < HEARTBEAT);
         if same && !now {
@@ -380,7 +419,6 @@ impl Node {
             .await
             .map_err(|e| Error::other("publishing this node's report on etcd", e))?;
         self.published = Some((shape, report.applied_seq, Instant::now()));
-        self.counters_at_publish = counters;
         Ok(())
     }
 

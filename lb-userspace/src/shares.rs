@@ -157,6 +157,22 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
             }
             unmet |= x < targets[*i];
         }
+        // What is still free goes to the nodes refusing (no capacity idles while one refuses).
+        if free > 0 {
+            let takers: Vec<usize> = needy.iter().map(|(i, _)| *i).collect();
+            for (j, i) in takers.iter().enumerate() {
+                let part = free / (takers.len() - j) as u64;
+                if part == 0 {
+                    continue;
+                }
+                let (n, d) = nodes[*i];
+                let g = next.get(n.as_str()).and_then(|m| m.get(k)).copied().unwrap_or_else(|| granted(n, k));
+                let h = held(Some(d), g);
+                let x = u64::from(g).max(h) + part;
+                free -= x - u64::from(g).max(h);
+                next.entry(n.clone()).or_default().insert(k.clone(), x as u32);
+            }
+        }
         if unmet {
             // Revoke from the nodes above their fair part; it is free once they say so.
             for (i, (n, _)) in nodes.iter().enumerate() {

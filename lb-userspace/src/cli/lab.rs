@@ -109,6 +109,12 @@ pub enum LabCmd {
         /// New short connections per second.
         #[arg(long, default_value_t = 60.0, value_parser = parse_rate)]
         rate: f64,
+        /// Instead: one backend whose max_conns (60) is for the whole cluster, shares leased
+        /// through etcd (started in the router's namespace); the skew moves between the nodes,
+        /// one fails, etcd stops and comes back; exit 0 only if the sum of open connections over
+        /// the nodes (sampled every 100 ms) never exceeded the limit and every step held.
+        #[arg(long)]
+        limits: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -298,7 +304,14 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             lab.down();
             verdict("chaos run", &report.map_err(lab_err)?, *json)
         }
-        LabCmd::Cluster { nodes, mode, duration, rate, json } => {
+        LabCmd::Cluster { nodes, mode, limits: true, json, .. } => {
+            cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
+            let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, 1, *nodes, *mode)?).map_err(lab_err)?;
+            let report = lab::limits::run(&lab, &lab::limits::Options { nodes: *nodes, ..lab::limits::Options::default() });
+            lab.down();
+            verdict("cluster limits run", &report.map_err(lab_err)?, *json)
+        }
+        LabCmd::Cluster { nodes, mode, duration, rate, json, limits: false } => {
             cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
             let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, cluster::BACKENDS, 2, *mode)?).map_err(lab_err)?;
             let opts = cluster::Options { nodes: *nodes, window: (*duration / 6).max(Duration::from_secs(2)), rate: *rate, ..cluster::Options::default() };

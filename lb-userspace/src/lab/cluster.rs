@@ -38,7 +38,7 @@ use super::{
 
 pub const BACKENDS: u8 = 3;
 pub const MAX_NODES: u8 = 8;
-const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+pub(super) const ROUTER4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 const NODE_AS: u32 = 65001;
 const ROUTER_AS: u32 = 65000;
 /// The nodes' peer channel (`peers.rs`).
@@ -64,7 +64,7 @@ impl Default for Options {
 }
 
 /// Node `k` (1-based): its namespace's short name and its address on the switch.
-fn node_ns(k: u8) -> String {
+pub(super) fn node_ns(k: u8) -> String {
     if k == 1 {
         "lb".into()
     } else {
@@ -72,7 +72,7 @@ fn node_ns(k: u8) -> String {
     }
 }
 
-fn node_addr(k: u8) -> Ipv4Addr {
+pub(super) fn node_addr(k: u8) -> Ipv4Addr {
     if k == 1 {
         LB4
     } else {
@@ -160,23 +160,26 @@ impl Verdict for Report {
 }
 
 /// The cluster around a lab: the router, the extra nodes, BIRD everywhere, a daemon per node.
-struct Cluster<'a> {
-    lab: &'a Lab,
+pub(super) struct Cluster<'a> {
+    pub(super) lab: &'a Lab,
     /// Nodes announced now.
-    up: BTreeSet<u8>,
-    max: u8,
+    pub(super) up: BTreeSet<u8>,
+    pub(super) max: u8,
+    /// With cluster-wide limits (`--limits`): the nodes' `[cluster.limits]` and their backend's
+    /// `max_conns` (one backend).
+    pub(super) limits: Option<(String, u32)>,
 }
 
 impl Cluster<'_> {
-    fn dir(&self, k: u8) -> PathBuf {
+    pub(super) fn dir(&self, k: u8) -> PathBuf {
         self.lab.spec.dir.join(format!("node{k}"))
     }
-    fn socket(&self, k: u8) -> PathBuf {
+    pub(super) fn socket(&self, k: u8) -> PathBuf {
         self.dir(k).join("sluice.sock")
     }
 
     /// The router namespace and the extra nodes' namespaces (node 1 is the lab's `lb`).
-    fn build(&self) -> Result<()> {
+    pub(super) fn build(&self) -> Result<()> {
         let lab = self.lab;
         lab.add_ns("rt")?;
         lab.veth("rt", "rt0", "sw", "sw-rt", 1600)?;
@@ -217,7 +220,7 @@ impl Cluster<'_> {
         Ok(())
     }
 
-    fn start_bird(&self, ns: &str, key: &str, dir: &std::path::Path) -> Result<()> {
+    pub(super) fn start_bird(&self, ns: &str, key: &str, dir: &std::path::Path) -> Result<()> {
         let ctl = dir.join("bird.ctl");
         let _ = std::fs::remove_file(&ctl);
         self.lab.spawn(key, self.lab.command(ns, "bird").arg("-f").arg("-c").arg(dir.join("bird.conf")).arg("-s").arg(&ctl))?;
@@ -234,13 +237,17 @@ impl Cluster<'_> {
         let lab = self.lab;
         let dir = self.dir(k);
         std::fs::create_dir_all(&dir)?;
-        let conf: Vec<BackendConf> = (1..=lab.spec.backends).map(|n| BackendConf { n, max_conns: 10_000, weight: 1 }).collect();
+        let conf: Vec<BackendConf> = match &self.limits {
+            Some((_, max_conns)) => vec![BackendConf { n: 1, max_conns: *max_conns, weight: 1 }],
+            None => (1..=lab.spec.backends).map(|n| BackendConf { n, max_conns: 10_000, weight: 1 }).collect(),
+        };
+        let limits = self.limits.as_ref().map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\n"));
         let text = lab
             .config_text(
                 &conf,
                 &ServiceOpts::default(),
                 &format!(
-                    "[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\npeer_key_file = \"{}\"\n",
+                    "[alerts]\nname = \"lab-n{k}\"\n\n[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\npeer_key_file = \"{}\"\n{limits}",
                     dir.join("bird.ctl").display(),
                     dir.display(),
                     node_addr(k),
@@ -267,7 +274,7 @@ impl Cluster<'_> {
         Ok(())
     }
 
-    fn start_daemon(&self, k: u8) -> Result<()> {
+    pub(super) fn start_daemon(&self, k: u8) -> Result<()> {
         let lab = self.lab;
         let key = format!("daemon-n{k}");
         let ns = node_ns(k);
@@ -281,7 +288,7 @@ impl Cluster<'_> {
     }
 
     /// Node `k` joins: daemon (it writes the files BIRD includes), then BIRD.
-    fn start_node(&self, k: u8) -> Result<()> {
+    pub(super) fn start_node(&self, k: u8) -> Result<()> {
         self.write_node(k)?;
         self.start_daemon(k)?;
         self.start_bird(&node_ns(k), &format!("bird-n{k}"), &self.dir(k))
@@ -293,11 +300,11 @@ impl Cluster<'_> {
     }
 
     /// Waits until the router's next hops are `self.up`; returns how long it took from `since`.
-    fn converge(&self, since: Instant) -> Result<Duration> {
+    pub(super) fn converge(&self, since: Instant) -> Result<Duration> {
         converge(self.lab, self.max, &self.up, since)
     }
 
-    fn status(&self, k: u8) -> Result<Value> {
+    pub(super) fn status(&self, k: u8) -> Result<Value> {
         crate::client::block_on(crate::client::ok(&self.socket(k), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("node {k}: {e}"))
     }
 
@@ -353,7 +360,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             bail!("`{tool}` is missing: install bird2 (`cargo xtask setup` does)");
         }
     }
-    let mut cl = Cluster { lab, up: BTreeSet::new(), max: opts.nodes + 1 };
+    let mut cl = Cluster { lab, up: BTreeSet::new(), max: opts.nodes + 1, limits: None };
     cl.build()?;
     for k in 1..=opts.nodes {
         cl.start_node(k)?;

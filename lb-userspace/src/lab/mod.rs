@@ -17,6 +17,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod flood;
 pub mod incident;
+pub mod limits;
 pub mod load;
 pub mod plot;
 pub mod serve;

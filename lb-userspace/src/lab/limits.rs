@@ -1,0 +1,453 @@
+//! `sluice lab cluster --limits`: one limit for the whole cluster. Three nodes behind the
+//! router (BIRD, ECMP) share one backend whose `max_conns` is cluster-wide, with shares leased
+//! through etcd, which the lab starts in the router's namespace. Each client's flows are
+//! steered to one node by source routes at the router, so the skew is set by the clients'
+//! rates, and a flow never changes node when the skew moves (no adoption, no double count).
+//!
+//! Every 100 ms a sampler reads every node's open connections to the backend (its daemon's
+//! counters); their sum must never exceed `max_conns`. In turn: the hot node moves n1 → n2 → n3
+//! (admitted connections must reach 95 % of the limit within a few seconds); n1's daemon
+//! restarts (it resumes its lease: its share stays); n3 fails (daemon,
+//! BIRD and link gone: its share must be used again within its lease TTL + 1 s); etcd stops
+//! (no overshoot, the alert fires on every node, each holds at most its safe share); etcd comes
+//! back (the shares rebalance).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    chaos::{Check, Verdict},
+    client4,
+    cluster::{node_addr, node_ns, Cluster, ROUTER4},
+    Lab, PORT, VIP4,
+};
+
+const ETCD_PORT: u16 = 2379;
+/// The lease the nodes are configured with (`write_node`).
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub nodes: u8,
+    pub max_conns: u32,
+    /// How long each client holds a connection.
+    pub hold: Duration,
+    /// New connections per second from the hot node's client, and from the others'.
+    pub hot_rate: f64,
+    pub cold_rate: f64,
+    /// How long each skew lasts.
+    pub phase: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { nodes: 3, max_conns: 60, hold: Duration::from_secs(2), hot_rate: 60.0, cold_rate: 3.0, phase: Duration::from_secs(7) }
+    }
+}
+
+/// One node's counters at a sample.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeSample {
+    pub open: u64,
+    pub limit: u64,
+    pub fallback: bool,
+    pub etcd_alert: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub t_ms: u64,
+    pub nodes: BTreeMap<u8, NodeSample>,
+}
+
+impl Sample {
+    fn sum(&self) -> u64 {
+        self.nodes.values().map(|n| n.open).sum()
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Step {
+    pub what: String,
+    /// From the change until the sampled sum first reached the target (ms).
+    pub reached_ms: Option<u64>,
+    pub target: u64,
+    /// The most and the mean sampled over the step.
+    pub max_sum: u64,
+    pub mean_sum: f64,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub nodes: u8,
+    pub max_conns: u32,
+    pub lease_ttl_s: u64,
+    pub samples: usize,
+    /// The most open connections summed over the nodes in any sample.
+    pub max_sum: u64,
+    pub steps: Vec<Step>,
+    /// Per client: admitted, refused, failed.
+    pub clients: BTreeMap<String, (u64, u64, u64)>,
+    /// Per node: etcd requests and bytes, grants applied, over the run (its `Traffic`).
+    pub traffic: BTreeMap<String, Value>,
+    pub run_s: f64,
+    pub checks: Vec<Check>,
+    /// Every sample: each node's open connections and limit.
+    pub samples_taken: Vec<Sample>,
+}
+
+impl Verdict for Report {
+    fn checks(&self) -> &[Check] {
+        &self.checks
+    }
+
+    fn markdown(&self) -> String {
+        use std::fmt::Write as _;
+        let mut t = format!(
+            "# sluice lab cluster --limits: {} nodes, one backend, max_conns = {} for the whole cluster (lease {} s)\n\n\
+             {} samples (every 100 ms, every node's counters): at most {} open over the cluster.\n\n\
+             | step | target | reached after | most / mean open over the nodes | detail |\n|---|---|---|---|---|\n",
+            self.nodes, self.max_conns, self.lease_ttl_s, self.samples, self.max_sum
+        );
+        for s in &self.steps {
+            let (target, reached) = match (s.target, s.reached_ms) {
+                (0, _) => ("—".to_owned(), "—".to_owned()),
+                (want, Some(ms)) => (want.to_string(), format!("{ms} ms")),
+                (want, None) => (want.to_string(), "not reached".into()),
+            };
+            let _ = writeln!(t, "| {} | {target} | {reached} | {} / {:.1} | {} |", s.what, s.max_sum, s.mean_sum, s.detail);
+        }
+        let _ = writeln!(t);
+        for (c, (ok, refused, failed)) in &self.clients {
+            let _ = writeln!(t, "- client {c}: {ok} admitted, {refused} refused, {failed} failed");
+        }
+        for (n, tr) in &self.traffic {
+            let _ = writeln!(
+                t,
+                "- etcd traffic of {n}: {} requests, {} B sent, {} B received, {} reports, {} grants written, {} applied in {} rounds",
+                tr["requests"], tr["bytes_sent"], tr["bytes_received"], tr["reports"], tr["grants_written"], tr["grants_applied"], tr["rounds"]
+            );
+        }
+        for c in &self.checks {
+            let _ = writeln!(t, "- [{}] {}: {}", if c.ok { "x" } else { " " }, c.what, c.detail);
+        }
+        t
+    }
+}
+
+/// A client's load: new connections at `rate` (milli-connections per second), each held
+/// `hold`, until `stop`.
+struct Load {
+    rate_milli: AtomicU64,
+    admitted: AtomicU64,
+    refused: AtomicU64,
+    failed: AtomicU64,
+}
+
+async fn client(load: Arc<Load>, hold: Duration, stop: Arc<AtomicBool>) {
+    let addr = SocketAddr::new(VIP4.into(), PORT);
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let rate = load.rate_milli.load(Ordering::Relaxed) as f64 / 1000.0;
+        if rate <= 0.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            next = tokio::time::Instant::now();
+            continue;
+        }
+        next += Duration::from_secs_f64(1.0 / rate);
+        tokio::time::sleep_until(next).await;
+        let load = load.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    load.admitted.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(hold).await;
+                    drop(s);
+                }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    load.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    load.failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    // Let the held connections close before the runtime ends.
+    tokio::time::sleep(hold + Duration::from_millis(100)).await;
+}
+
+fn node_sample(v: &Value) -> Option<NodeSample> {
+    let b = v["services"].as_array()?.first()?["backends"].as_array()?.first()?.clone();
+    Some(NodeSample {
+        open: b["open"].as_u64()?,
+        limit: b["limit"].as_u64()?,
+        fallback: v["limits"]["fallback"].as_bool().unwrap_or(false),
+        etcd_alert: v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|x| x["alertname"] == "SluiceLimitsWithoutEtcd")),
+    })
+}
+
+fn start_etcd(lab: &Lab) -> Result<()> {
+    let url = format!("http://{ROUTER4}:{ETCD_PORT}");
+    let data = lab.spec.dir.join("etcd");
+    lab.spawn(
+        "etcd",
+        lab.command("rt", "etcd")
+            .args(["--name", "lab", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "lab=http://127.0.0.1:2380", "--log-level", "warn"]),
+    )?;
+    lab.wait("etcd to answer", Duration::from_secs(20), || {
+        if let Some(log) = lab.exited("etcd") {
+            return Err(anyhow::anyhow!("etcd exited:\n{log}"));
+        }
+        Ok(lab.command("rt", "etcdctl").args(["--endpoints", &url, "--command-timeout=1s", "endpoint", "health"]).output().is_ok_and(|o| o.status.success()))
+    })
+}
+
+pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
+    if opts.nodes < 2 || opts.nodes > 7 {
+        bail!("--nodes {}: between 2 and 7 with --limits", opts.nodes);
+    }
+    for tool in ["bird", "etcd", "etcdctl"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            bail!("`{tool}` is missing: install bird2, etcd-server and etcd-client (`cargo xtask setup` does)");
+        }
+    }
+    let t0 = Instant::now();
+    let etcd_url = format!("http://{ROUTER4}:{ETCD_PORT}");
+    let mut cl = Cluster { lab, up: Default::default(), max: opts.nodes, limits: Some((etcd_url, opts.max_conns)) };
+    cl.build()?;
+    start_etcd(lab)?;
+    // Client k's flows go to node k (source routes at the router, before its ECMP route).
+    for k in 1..=opts.nodes {
+        let table = (100 + u32::from(k)).to_string();
+        lab.ns_ip("rt", &["rule", "add", "from", &client4(k).to_string(), "table", &table, "priority", &table])?;
+        lab.ns_ip("rt", &["route", "replace", &format!("{VIP4}/32"), "via", &node_addr(k).to_string(), "table", &table])?;
+    }
+    for k in 1..=opts.nodes {
+        cl.start_node(k)?;
+        cl.up.insert(k);
+    }
+    cl.converge(Instant::now())?;
+    lab.wait("every node to join the cluster's limits", Duration::from_secs(20), || {
+        Ok((1..=opts.nodes).all(|k| cl.status(k).is_ok_and(|v| v["limits"]["connected"] == true && v["limits"]["leader"].is_string())))
+    })?;
+    let say = |line: String| eprintln!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64());
+    say(format!("{} nodes joined; etcd on the router", opts.nodes));
+
+    let loads: Vec<Arc<Load>> = (0..opts.nodes).map(|_| Arc::new(Load { rate_milli: AtomicU64::new(0), admitted: AtomicU64::new(0), refused: AtomicU64::new(0), failed: AtomicU64::new(0) })).collect();
+    let set_rates = |rates: &[f64]| {
+        for (l, r) in loads.iter().zip(rates) {
+            l.rate_milli.store((r * 1000.0) as u64, Ordering::Relaxed);
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let samples: Mutex<Vec<Sample>> = Mutex::new(Vec::new());
+    let live: Mutex<Vec<u8>> = Mutex::new((1..=opts.nodes).collect());
+    let sampling = AtomicBool::new(true);
+    let cap = u64::from(opts.max_conns);
+    let target = cap * 95 / 100;
+    let mut steps = Vec::new();
+    // With etcd stopped, at the last sample: the nodes whose alert fired, those in safe shares.
+    let mut etcd_lost: (Vec<u8>, Vec<u8>) = Default::default();
+    // n1's restart: its lease before and after, its limit before and as it started.
+    let mut restart: (Value, Value, u64, u64) = (Value::Null, Value::Null, 0, 0);
+
+    std::thread::scope(|s| -> Result<()> {
+        let mut clients = Vec::new();
+        for k in 1..=opts.nodes {
+            let (load, stop, hold) = (loads[usize::from(k) - 1].clone(), stop.clone(), opts.hold);
+            clients.push(s.spawn(move || {
+                lab.run_in(&format!("cl{k}"), move || {
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    rt.block_on(client(load, hold, stop));
+                    anyhow::Ok(())
+                })
+            }));
+        }
+        let sampler = s.spawn(|| {
+            while sampling.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let nodes: Vec<u8> = live.lock().expect("live").clone();
+                let got: BTreeMap<u8, NodeSample> = nodes.iter().filter_map(|k| Some((*k, node_sample(&cl.status(*k).ok()?)?))).collect();
+                samples.lock().expect("samples").push(Sample { t_ms: t0.elapsed().as_millis() as u64, nodes: got });
+                std::thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
+            }
+        });
+        let result = (|| -> Result<()> {
+            // Measures one step: from `since`, when the sum of `counted` nodes first reached
+            // `want` (with `extra` also true of that sample), the most and the mean over it.
+            let measure = |what: String, since_ms: u64, until: Duration, want: u64, counted: &[u8], extra: &dyn Fn(&Sample) -> bool, detail: String| -> Step {
+                std::thread::sleep(until);
+                let all = samples.lock().expect("samples");
+                let window: Vec<&Sample> = all.iter().filter(|x| x.t_ms >= since_ms).collect();
+                let sum = |x: &Sample| counted.iter().filter_map(|k| x.nodes.get(k)).map(|n| n.open).sum::<u64>();
+                let reached = window.iter().find(|x| sum(x) >= want && extra(x)).map(|x| x.t_ms - since_ms);
+                let max_sum = window.iter().map(|x| x.sum()).max().unwrap_or(0);
+                let mean_sum = window.iter().map(|x| x.sum() as f64).sum::<f64>() / window.len().max(1) as f64;
+                Step { what, reached_ms: reached, target: want, max_sum, mean_sum, detail }
+            };
+            let now_ms = || t0.elapsed().as_millis() as u64;
+            let all: Vec<u8> = (1..=opts.nodes).collect();
+            for hot in 1..=opts.nodes {
+                let rates: Vec<f64> = (1..=opts.nodes).map(|k| if k == hot { opts.hot_rate } else { opts.cold_rate }).collect();
+                let since = now_ms();
+                set_rates(&rates);
+                let hot_holds_most = move |x: &Sample| {
+                    let h = x.nodes.get(&hot).map_or(0, |n| n.open);
+                    x.nodes.iter().all(|(k, n)| *k == hot || n.open <= h)
+                };
+                let step = measure(format!("skew: most new connections to n{hot}"), since, opts.phase, target, &all, &hot_holds_most, format!("clients' rates {rates:?}/s, each connection held {:?}", opts.hold));
+                say(format!("{}: reached {target} after {:?} ms; at most {} open", step.what, step.reached_ms, step.max_sum));
+                steps.push(step);
+            }
+            // Every node busy; n1's daemon restarts: it resumes its lease and keeps its share.
+            set_rates(&vec![opts.hot_rate; usize::from(opts.nodes)]);
+            std::thread::sleep(opts.phase / 2);
+            let since = now_ms();
+            let before = cl.status(1)?;
+            lab.stop("daemon-n1", Signal::SIGTERM);
+            cl.start_daemon(1)?;
+            let after = cl.status(1)?;
+            let limit = |v: &Value| node_sample(v).map_or(0, |n| n.limit);
+            restart = (before["limits"]["lease"].clone(), after["limits"]["lease"].clone(), limit(&before), limit(&after));
+            lab.wait("n1 to reach etcd again", Duration::from_secs(10), || Ok(cl.status(1).is_ok_and(|v| v["limits"]["connected"] == true)))?;
+            let resumed = cl.status(1)?["limits"]["lease"].clone();
+            let step = measure(
+                "n1's daemon restarts".into(),
+                since,
+                Duration::from_secs(1),
+                target,
+                &all,
+                &|_| true,
+                format!("lease {} before, {resumed} after; limit {} before, {} as it started", restart.0, restart.2, restart.3),
+            );
+            restart.1 = resumed;
+            say(format!("{}: {}", step.what, step.detail));
+            steps.push(step);
+            std::thread::sleep(opts.phase / 2);
+            let failed = opts.nodes;
+            let shares_before: Vec<u64> = samples.lock().expect("samples").last().map(|x| x.nodes.values().map(|n| n.limit).collect()).unwrap_or_default();
+            let since = now_ms();
+            let mut rates = vec![opts.hot_rate; usize::from(opts.nodes)];
+            rates[usize::from(failed) - 1] = 0.0;
+            set_rates(&rates);
+            live.lock().expect("live").retain(|k| *k != failed);
+            lab.stop(&format!("daemon-n{failed}"), Signal::SIGKILL);
+            lab.stop(&format!("bird-n{failed}"), Signal::SIGKILL);
+            lab.ns_ip(&node_ns(failed), &["link", "set", "lb0", "down"])?;
+            let survivors: Vec<u8> = (1..opts.nodes).collect();
+            let step = measure(
+                format!("n{failed} fails (daemon and BIRD killed, link down)"),
+                since,
+                LEASE_TTL + Duration::from_secs(4),
+                target,
+                &survivors,
+                &|_| true,
+                format!("limits before: {shares_before:?}; its share is free once its lease ({} s) expires", LEASE_TTL.as_secs()),
+            );
+            say(format!("{}: the others reached {target} after {:?} ms", step.what, step.reached_ms));
+            steps.push(step);
+            // etcd stops: no node may raise a limit; each falls to at most its safe share.
+            let mut rates = vec![opts.cold_rate; usize::from(opts.nodes)];
+            rates[0] = opts.hot_rate;
+            rates[usize::from(failed) - 1] = 0.0;
+            set_rates(&rates);
+            let since = now_ms();
+            lab.stop("etcd", Signal::SIGKILL);
+            let safe = cap / u64::from(opts.nodes);
+            let step = measure("etcd stopped".into(), since, LEASE_TTL + Duration::from_secs(3), cap, &survivors, &|_| true, String::new());
+            let last = samples.lock().expect("samples").last().cloned();
+            let (alerted, within_safe): (Vec<u8>, Vec<u8>) = match &last {
+                Some(x) => (x.nodes.iter().filter(|(_, n)| n.etcd_alert).map(|(k, _)| *k).collect(), x.nodes.iter().filter(|(_, n)| n.fallback && n.limit <= safe).map(|(k, _)| *k).collect()),
+                None => (Vec::new(), Vec::new()),
+            };
+            let detail = format!(
+                "alert SluiceLimitsWithoutEtcd firing on {alerted:?}; in safe shares (≤ {safe}) on {within_safe:?}; limits {:?}",
+                last.as_ref().map(|x| x.nodes.iter().map(|(k, n)| (*k, n.limit)).collect::<Vec<_>>()).unwrap_or_default()
+            );
+            say(format!("etcd stopped: {detail}"));
+            etcd_lost = (alerted, within_safe);
+            // Nothing to reach here: the sum must only stay within the limit.
+            steps.push(Step { detail, target: 0, reached_ms: None, ..step });
+            // etcd back: the nodes join again and the shares rebalance (timed from etcd answering).
+            set_rates(&{
+                let mut r = vec![opts.hot_rate; usize::from(opts.nodes)];
+                r[usize::from(failed) - 1] = 0.0;
+                r
+            });
+            start_etcd(lab)?;
+            let since = now_ms();
+            let step = measure("etcd back".into(), since, opts.phase, target, &survivors, &|x: &Sample| x.nodes.values().all(|n| !n.fallback), String::new());
+            say(format!("{}: reached {target} after {:?} ms", step.what, step.reached_ms));
+            steps.push(step);
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            let _ = c.join();
+        }
+        sampling.store(false, Ordering::Relaxed);
+        let _ = sampler.join();
+        result
+    })?;
+
+    let samples = samples.into_inner().expect("samples");
+    let samples_taken = samples.clone();
+    let max_sum = samples.iter().map(Sample::sum).max().unwrap_or(0);
+    let traffic = (1..opts.nodes).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?["limits"]["traffic"].clone()))).collect();
+    let mut report = Report {
+        nodes: opts.nodes,
+        max_conns: opts.max_conns,
+        lease_ttl_s: LEASE_TTL.as_secs(),
+        samples: samples.len(),
+        max_sum,
+        steps,
+        clients: loads.iter().enumerate().map(|(i, l)| (format!("cl{}", i + 1), (l.admitted.load(Ordering::Relaxed), l.refused.load(Ordering::Relaxed), l.failed.load(Ordering::Relaxed)))).collect(),
+        traffic,
+        run_s: t0.elapsed().as_secs_f64(),
+        checks: Vec::new(),
+        samples_taken,
+    };
+    let mut checks = Vec::new();
+    let mut check = |what: &str, ok: bool, detail: String| checks.push(Check { what: what.into(), ok, detail });
+    check("never over the limit", max_sum <= cap, format!("at most {max_sum} open over the nodes in {} samples, max_conns {cap}", samples.len()));
+    let n = usize::from(opts.nodes);
+    for s in &report.steps[..n] {
+        check(&format!("{}: 95 % of the limit within 5 s", s.what), s.reached_ms.is_some_and(|ms| ms <= 5000), format!("{:?} ms", s.reached_ms));
+    }
+    check(
+        "a daemon restart resumes its lease and keeps its share",
+        restart.0.is_i64() && restart.0 == restart.1 && restart.2 == restart.3,
+        report.steps[n].detail.clone(),
+    );
+    let n = n + 1;
+    let fail = &report.steps[n];
+    let bound = LEASE_TTL + Duration::from_secs(1);
+    check("a failed node's share is used again within its lease TTL + 1 s", fail.reached_ms.is_some_and(|ms| u128::from(ms) <= bound.as_millis()), format!("{:?} ms (bound {} ms)", fail.reached_ms, bound.as_millis()));
+    let stopped = &report.steps[n + 1];
+    let survivors = usize::from(opts.nodes) - 1;
+    check("etcd stopped: the alert fires on every node", etcd_lost.0.len() == survivors, stopped.detail.clone());
+    check("etcd stopped: every node holds at most its safe share", etcd_lost.1.len() == survivors, stopped.detail.clone());
+    let back = &report.steps[n + 2];
+    check("etcd back: the shares rebalance (95 % of the limit within 5 s)", back.reached_ms.is_some_and(|ms| ms <= 5000), format!("{:?} ms", back.reached_ms));
+    report.checks = checks;
+    Ok(report)
+}
