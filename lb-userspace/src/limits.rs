@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream};
 use lb_common::Reason;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ use crate::{
 };
 
 /// How often a node reports, reads the grants and (leading) allocates.
-pub const ROUND: Duration = Duration::from_millis(100);
+pub const ROUND: Duration = Duration::from_millis(200);
 /// A node that changed nothing reports at least this often.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Each etcd request gives up after this (a round never waits longer on a dead etcd).
@@ -123,6 +123,8 @@ struct Node {
     last_ok: Option<Instant>,
     applied_seq: u64,
     fallback: bool,
+    /// This node allocates (as of its last round).
+    leading: bool,
     /// What was last published, without its rates, and when.
     published: Option<(BTreeMap<String, (u32, u64, u32, bool)>, u64, Instant)>,
     /// Per backend: the refusal and new-flow counters at the last report, and their rates
@@ -165,6 +167,7 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
         last_ok: None,
         applied_seq: 0,
         fallback: false,
+        leading: false,
         published: None,
         rates: BTreeMap::new(),
         traffic: Traffic::default(),
@@ -173,13 +176,33 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(ROUND);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Wakes a round at once on what cannot wait for the next tick: a node's lease gone
+        // (its keys deleted: its capacity is free), a grant for this node, the allocator's seat.
+        let mut watch: Option<WatchStream> = None;
         loop {
+            let event = async {
+                match &mut watch {
+                    Some(w) => w.message().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
+                m = event => match m {
+                    Ok(Some(resp)) if node.wakes(&resp) => {}
+                    Ok(Some(_)) => continue,
+                    _ => {
+                        watch = None;
+                        continue;
+                    }
+                },
             }
             node.traffic.rounds += 1;
             let result = node.round(&state, &status).await;
+            if result.is_ok() && watch.is_none() {
+                watch = node.watch().await.ok();
+            }
             let lost = result.is_err();
             if let Err(e) = &result {
                 let mut s = status.lock().expect("limits status");
@@ -216,6 +239,26 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
 }
 
 impl Node {
+    async fn watch(&mut self) -> Result<WatchStream, Error> {
+        let mut c = self.client().await?;
+        self.traffic.requests += 1;
+        c.watch(format!("{}/", self.cfg.prefix), Some(WatchOptions::new().with_prefix())).await.map_err(|e| Error::other("watching the cluster's limits on etcd", e))
+    }
+
+    /// Whether a watched change needs a round now (reports of busy nodes change every round
+    /// and wait for the tick).
+    fn wakes(&mut self, resp: &WatchResponse) -> bool {
+        let mine = format!("{}{}", key_grants(&self.cfg.prefix), self.name);
+        let (leader, reports) = (key_leader(&self.cfg.prefix), key_nodes(&self.cfg.prefix));
+        self.traffic.bytes_received += resp.events().iter().filter_map(|e| e.kv()).map(|kv| (kv.key().len() + kv.value().len()) as u64).sum::<u64>();
+        resp.events().iter().any(|e| {
+            let key = e.kv().and_then(|kv| kv.key_str().ok()).unwrap_or_default();
+            // The allocator also wakes on reports: one may acknowledge a revocation, freeing
+            // capacity for a node that refuses.
+            e.event_type() == EventType::Delete || key == mine || key == leader || (self.leading && key.starts_with(&reports))
+        })
+    }
+
     async fn client(&mut self) -> Result<Client, Error> {
         if let Some(c) = &self.client {
             return Ok(c.clone());
@@ -330,6 +373,7 @@ impl Node {
             }
         }
         let leading = leader.as_ref().is_some_and(|(n, l)| *n == self.name && *l == lease);
+        self.leading = leading;
         if leading {
             self.allocate(&mut c, lease, &reports, &grants).await?;
         }
