@@ -66,6 +66,9 @@ enum Bench {
     /// Sluice against HAProxy and nginx (installed from Debian) on the lab topology: rates,
     /// latency, refusals, CPU per connection, memory with 5,000 idle connections.
     E2e,
+    /// Cluster-wide limits: how fast shares move (skew, restart, failure, etcd back) and the
+    /// etcd traffic, three runs of `sluice lab cluster --limits`.
+    Limits,
 }
 
 fn main() {
@@ -124,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
                 Bench::Control => "bench-control",
                 Bench::Alerts => "bench-alerts",
                 Bench::Xdp => "bench-xdp",
+                Bench::Limits => "bench-limits",
                 Bench::E2e => {
                     setup::peer_load_balancers()?;
                     "bench-e2e"
