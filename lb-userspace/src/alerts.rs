@@ -47,7 +47,22 @@ pub struct AlertsCfg {
     /// Run this command for each firing/resolved alert (SLUICE_ALERT* in its environment).
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// Labels on every alert (e.g. `{ team = "netops" }`), for routing to the owning team; a
+    /// service's `labels` add to them for its alerts.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Each alert's `runbook_url` annotation is this with `#` and the alert's name in lower case
+    /// appended (the sections of `docs/RUNBOOK.md`).
+    #[serde(default = "d_runbook")]
+    pub runbook_url: String,
 }
+
+fn d_runbook() -> String {
+    "https://sluice.example/docs/RUNBOOK.md".into()
+}
+
+/// Label names Sluice sets itself; configured labels may not take them.
+pub const RESERVED_LABELS: &[&str] = &["alertname", "severity", "service", "backend", "reason", "node", "instance", "component"];
 
 fn d_interval() -> Duration {
     Duration::from_secs(1)
@@ -82,6 +97,8 @@ impl Default for AlertsCfg {
             webhook: None,
             webhooks: Vec::new(),
             command: None,
+            labels: BTreeMap::new(),
+            runbook_url: d_runbook(),
         }
     }
 }
@@ -114,6 +131,10 @@ pub struct Sample {
     pub not_announcing: Option<(String, Vec<String>, String)>,
     /// With cluster-wide limits: this node's view of etcd and its shares.
     pub limits: Option<crate::limits::Status>,
+    /// A reload the guard refused (what it said), until a reload or an apply goes through.
+    pub change_refused: Option<String>,
+    /// Each service's own alert labels (`service.labels`).
+    pub service_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -132,6 +153,8 @@ pub struct Notification {
     pub labels: BTreeMap<String, String>,
     pub summary: String,
     pub description: String,
+    /// Where the alert's runbook section is.
+    pub runbook_url: String,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -290,6 +313,17 @@ impl Engine {
                 format!("The router sends this node no traffic for those VIPs; the datapath forwards what arrives. BIRD: {error}. Next: check BIRD (`birdc show protocols`) and cluster.bird_socket; the daemon retries every second."),
             ));
         }
+        conds.push((
+            "SluiceConfigChangeRefused",
+            "warning",
+            Vec::new(),
+            s.change_refused.is_some(),
+            format!("Sluice load balancer {lb}: a reload of {file} was refused by the guard; the previous config still runs"),
+            format!(
+                "The file lowers what a service admits below its load: {}. Nothing changed. Next: fix the file, or apply it on purpose with `sluice config apply {file} --force`.",
+                s.change_refused.as_deref().unwrap_or("")
+            ),
+        ));
         if let Some(l) = &s.limits {
             let shares: Vec<String> = l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
             let state = if l.fallback {
@@ -333,7 +367,7 @@ impl Engine {
                 let after = if name == "SluiceRefusingConnections" { self.cfg.refusals_fire_after } else { self.cfg.fire_after };
                 if !st.firing && now.duration_since(since) >= after {
                     st.firing = true;
-                    out.push(notify(Status::Firing, name, severity, &labels, &lb, summary, description));
+                    out.push(self.notify(s, Status::Firing, name, severity, &labels, summary, description));
                 }
             } else {
                 st.true_since = None;
@@ -341,7 +375,7 @@ impl Engine {
                 if st.firing && now.duration_since(since) >= self.cfg.resolve_after {
                     st.firing = false;
                     let (summary, description) = st.last.clone().unwrap_or_default();
-                    out.push(notify(Status::Resolved, name, severity, &labels, &lb, format!("RESOLVED: {summary}"), description));
+                    out.push(self.notify(s, Status::Resolved, name, severity, &labels, format!("RESOLVED: {summary}"), description));
                 }
             }
         }
@@ -360,13 +394,23 @@ impl Engine {
     }
 }
 
-fn notify(status: Status, name: &'static str, severity: &'static str, labels: &[(String, String)], lb: &str, summary: String, description: String) -> Notification {
-    let mut l: BTreeMap<String, String> = labels.iter().cloned().collect();
-    l.insert("alertname".into(), name.into());
-    l.insert("severity".into(), severity.into());
-    l.insert("instance".into(), lb.into());
-    l.insert("component".into(), "sluice-load-balancer".into());
-    Notification { status, alertname: name, severity, labels: l, summary, description }
+impl Engine {
+    /// A notification: the rule's labels, the configured ones (global, then the service's; the
+    /// rule's win) and the runbook's address.
+    #[expect(clippy::too_many_arguments, reason = "the parts of one notification")]
+    fn notify(&self, s: &Sample, status: Status, name: &'static str, severity: &'static str, labels: &[(String, String)], summary: String, description: String) -> Notification {
+        let mut l: BTreeMap<String, String> = self.cfg.labels.clone();
+        if let Some(svc) = labels.iter().find(|(k, _)| k == "service").and_then(|(_, v)| s.service_labels.get(v)) {
+            l.extend(svc.clone());
+        }
+        l.extend(labels.iter().cloned());
+        l.insert("alertname".into(), name.into());
+        l.insert("severity".into(), severity.into());
+        l.insert("instance".into(), self.name.clone());
+        l.insert("component".into(), "sluice-load-balancer".into());
+        let runbook_url = format!("{}#{}", self.cfg.runbook_url, name.to_lowercase());
+        Notification { status, alertname: name, severity, labels: l, summary, description, runbook_url }
+    }
 }
 
 #[cfg(test)]
@@ -390,6 +434,8 @@ mod tests {
             config_file: "/etc/sluice/sluice.toml".into(),
             not_announcing: None,
             limits: None,
+            change_refused: None,
+            service_labels: BTreeMap::new(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::{
@@ -163,9 +164,12 @@ pub struct ApplyRequest {
     pub path: Option<PathBuf>,
     /// Or the config itself.
     pub toml: Option<String>,
-    /// Only show what would change.
+    /// Only show what would change (and the guard's verdict).
     #[serde(default)]
     pub dry_run: bool,
+    /// Apply it although the guard refuses it (journaled as forced).
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -173,6 +177,8 @@ pub struct ApplyResponse {
     pub applied: bool,
     pub changes: Vec<Change>,
     pub warnings: Vec<Finding>,
+    /// The guard's verdict (`guard.rs`).
+    pub guard: crate::guard::Verdict,
 }
 
 async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRequest>) -> Result<Json<ApplyResponse>, ApiError> {
@@ -197,33 +203,148 @@ async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRe
         if let Some(e) = restart_only(&cfg, &st.lock().expect("state lock").cfg, &file) {
             return Err(e);
         }
+        let guard = st.lock().expect("state lock").guard(&cfg);
         let changes = State::plan(&st, &cfg).await?;
-        return Ok(Json(ApplyResponse { applied: false, changes, warnings }));
+        return Ok(Json(ApplyResponse { applied: false, changes, warnings, guard }));
     }
     let mut warnings = Vec::new();
+    let mut verdict = crate::guard::Verdict::default();
     let changes = State::change(&st, |running| {
         let (cfg, found, file) = read(&req)?;
         if let Some(e) = restart_only(&cfg, &running.cfg, &file) {
             return Err(e);
         }
+        let what = format!("config apply {}", file.display());
+        verdict = guarded(running, &cfg, req.force, &what)?;
         warnings = found;
+        let forced = forced_then(&verdict, what);
         // The applied file becomes the one a reload reads and runtime changes are written to.
-        let then = req.path.clone().map(|p| -> Then {
-            Box::new(move |st: &mut State| {
+        let path = req.path.clone();
+        let then: Then = Box::new(move |st: &mut State| {
+            if let Some(p) = path {
                 st.cfg_path = p;
-                Ok(())
-            })
+            }
+            st.change_refused = None;
+            forced(st)
         });
-        Ok(Next { cfg, then })
+        Ok(Next { cfg, then: Some(then) })
     })
     .await?;
-    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+    Ok(Json(ApplyResponse { applied: true, changes, warnings, guard: verdict }))
+}
+
+/// The guard's verdict on `cfg`: an error (409, nothing changes, journaled) if it refuses and
+/// `force` is not set.
+fn guarded(running: &State, cfg: &Config, force: bool, what: &str) -> Result<crate::guard::Verdict, ApiError> {
+    let mut v = running.guard(cfg);
+    if !v.refused.is_empty() {
+        if !force {
+            tracing::warn!("{what}: refused by the guard: {}", v.refused.join("; "));
+            running.journal.record("config", format!("{what} refused by the guard: nothing changed"), v.refused.clone());
+            return Err(ApiError(StatusCode::CONFLICT, v.message()));
+        }
+        v.forced = true;
+    }
+    Ok(v)
+}
+
+/// Journals a change forced past the guard, once it is applied.
+fn forced_then(v: &crate::guard::Verdict, what: String) -> impl FnOnce(&mut State) -> Result<(), Error> + Send + 'static {
+    let refused = v.forced.then(|| v.refused.clone());
+    move |st: &mut State| {
+        if let Some(r) = refused {
+            tracing::warn!("{what}: forced past the guard: {}", r.join("; "));
+            st.journal.record("config", format!("{what}: applied with --force although the guard refused it"), r);
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v1/review`: the running config against the load (`sluice config review`).
+async fn get_review(AxState(st): AxState<Shared>) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::history::unix_now;
+    let st = st.lock().expect("state lock");
+    let now = unix_now();
+    let headroom = st.cfg.guard.headroom;
+    let mut services = Vec::new();
+    for s in &st.cfg.services {
+        let mut backends = Vec::new();
+        let keys: Vec<String> = s.backends.iter().map(|b| crate::shares::key(&s.name, b.address)).collect();
+        for (b, k) in s.backends.iter().zip(&keys) {
+            let open = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| st.conns.get(a.id));
+            let p = |secs: u64| st.history.peak(k, now, Duration::from_secs(secs));
+            let (p1, p24, p30) = (p(3600), p(86_400), p(30 * 86_400));
+            let load = open.max(u64::from(p30.open));
+            // Peak × headroom, rounded up to a round number (2 significant digits).
+            let want = (load as f64 * headroom).ceil() as u64;
+            let step = 10u64.pow((want.max(1) as f64).log10().floor().max(1.0) as u32 - 1);
+            let suggested = want.div_ceil(step) * step;
+            let flag = if u64::from(b.max_conns) < load {
+                "BELOW PEAK"
+            } else if (u64::from(b.max_conns) as f64) < load as f64 * headroom {
+                "CLOSE TO PEAK"
+            } else {
+                ""
+            };
+            backends.push(serde_json::json!({
+                "address": b.address, "max_conns": b.max_conns, "open": open,
+                "peak_1h": p1, "peak_24h": p24, "peak_30d": p30,
+                "headroom": i64::from(b.max_conns) - load as i64, "suggested": suggested.max(1), "flag": flag,
+            }));
+        }
+        let peak = st.history.service_peak(&keys, now, Duration::from_secs(86_400));
+        let capacity = crate::guard::capacity(s);
+        let largest = s.backends.iter().filter(|b| !b.drain && b.weight > 0).map(|b| u64::from(b.max_conns)).max().unwrap_or(0);
+        let n1 = crate::guard::n_minus_1(s, u64::from(peak.open), peak.at, now);
+        services.push(serde_json::json!({
+            "name": s.name, "capacity": capacity, "peak_24h": peak, "n_minus_1": capacity - largest,
+            "n_minus_1_verdict": n1.unwrap_or_else(|| "carries its peak".into()), "backends": backends,
+        }));
+    }
+    Ok(Json(serde_json::json!({ "now": now, "headroom": headroom, "window_s": st.cfg.guard.window.as_secs(), "services": services })))
+}
+
+async fn get_history(AxState(st): AxState<Shared>, UrlPath(service): UrlPath<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    history(&st, &service, None)
+}
+
+async fn get_history_backend(AxState(st): AxState<Shared>, UrlPath((service, address)): UrlPath<(String, IpAddr)>) -> Result<Json<serde_json::Value>, ApiError> {
+    history(&st, &service, Some(address))
+}
+
+/// `GET /v1/history/{service}[/{address}]`: every minute (24 h) and hour (30 d) per backend.
+fn history(st: &Shared, service: &str, address: Option<IpAddr>) -> Result<Json<serde_json::Value>, ApiError> {
+    let st = st.lock().expect("state lock");
+    let now = crate::history::unix_now();
+    let s = st.cfg.services.iter().find(|s| s.name == service).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no service named \"{service}\"")))?;
+    let chosen: Vec<IpAddr> = s.backends.iter().map(|b| b.address).filter(|a| address.is_none_or(|x| x == *a)).collect();
+    if chosen.is_empty() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("service \"{service}\" has no backend {}", address.map(|a| a.to_string()).unwrap_or_default())));
+    }
+    let backends: Vec<serde_json::Value> = chosen
+        .iter()
+        .map(|a| {
+            let k = crate::shares::key(service, *a);
+            let series = st.history.series.get(&k).cloned().unwrap_or_default();
+            serde_json::json!({
+                "address": a,
+                "peak_24h": series.peak(now, Duration::from_secs(86_400)),
+                "peak_30d": series.peak(now, Duration::from_secs(30 * 86_400)),
+                "minutes": series.slots(now, Duration::from_secs(86_400)),
+                "hours": series.slots(now, Duration::from_secs(30 * 86_400)),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "now": now, "service": service, "backends": backends })))
 }
 
 #[derive(Deserialize, Serialize, Debug, Default)]
 pub struct BackendRequest {
     pub max_conns: Option<u32>,
     pub weight: Option<u32>,
+    /// Apply it although the guard refuses it.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// `POST /v1/services/{service}/backends/{address}/{action}`: add, remove, drain, undrain,
@@ -251,15 +372,20 @@ async fn post_backend(
         other => return Err(bad(format!("unknown action \"{other}\" (add, remove, drain, undrain, set-limit)"))),
     };
     let mut warnings = Vec::new();
+    let mut verdict = crate::guard::Verdict::default();
     let changes = State::change(&st, |running| {
         let cfg = edit_config(&running.cfg, &service, address, &edit)?;
         let findings = config::validate(&cfg);
         if let Some(e) = findings.iter().find(|f| f.severity == Severity::Error) {
             return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("refused, nothing changed: {e}")));
         }
+        let what = format!("backend {action} service \"{service}\" {address}");
+        verdict = guarded(running, &cfg, body.force, &what)?;
+        let forced = forced_then(&verdict, what);
         warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
         let then: Then = match write_back(&running.cfg_path, &running.cfg, &cfg, &service, address, &edit)? {
             Ok(staged) => Box::new(move |st: &mut State| {
+                forced(st)?;
                 let path = st.cfg_path.clone();
                 staged.commit().map_err(|e| {
                     Error::other(format!("the change is applied, but writing it into {} failed, so a reload would revert it; fix the file by hand", path.display()), e)
@@ -271,6 +397,7 @@ async fn post_backend(
                 let message = format!("applied in memory only: {why}; a reload reverts this change unless the file gets it too");
                 warnings.push(Finding { severity: Severity::Warning, key: format!("service \"{service}\" backend {address}"), message: message.clone() });
                 Box::new(move |st: &mut State| {
+                    forced(st)?;
                     tracing::warn!("{message}");
                     st.journal.record("config", format!("runtime change not written to {}", st.cfg_path.display()), vec![message]);
                     Ok(())
@@ -280,7 +407,7 @@ async fn post_backend(
         Ok(Next { cfg, then: Some(then) })
     })
     .await?;
-    Ok(Json(ApplyResponse { applied: true, changes, warnings }))
+    Ok(Json(ApplyResponse { applied: true, changes, warnings, guard: verdict }))
 }
 
 /// The running config with `edit` made to one backend.
@@ -390,7 +517,7 @@ async fn post_raise(AxState(st): AxState<Shared>, Json(req): Json<RaiseRequest>)
         Ok(s.cfg.clone().into())
     })
     .await?;
-    Ok(Json(ApplyResponse { applied: true, changes, warnings: Vec::new() }))
+    Ok(Json(ApplyResponse { applied: true, changes, warnings: Vec::new(), guard: crate::guard::Verdict::default() }))
 }
 
 #[derive(Deserialize, Serialize, Debug)]
@@ -440,7 +567,7 @@ pub struct DrainReport {
 }
 
 /// How long without a new flow counts as "the router sends us none".
-const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+const QUIET: Duration = Duration::from_secs(2);
 
 fn new_flows_total(st: &mut State) -> Result<u64, Error> {
     let ids: Vec<u32> = st.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
@@ -453,7 +580,7 @@ fn new_flows_total(st: &mut State) -> Result<u64, Error> {
 async fn post_drain(AxState(st): AxState<Shared>, body: Option<Json<DrainRequest>>) -> Result<Json<DrainReport>, ApiError> {
     let timeout = match body.and_then(|b| b.0.timeout) {
         Some(t) => humantime::parse_duration(&t).map_err(|e| bad(format!("timeout \"{t}\": {e} (write e.g. \"60s\")")))?,
-        None => std::time::Duration::from_secs(60),
+        None => Duration::from_secs(60),
     };
     let started = std::time::Instant::now();
     let (node, status, withdrawn) = {
@@ -464,7 +591,7 @@ async fn post_drain(AxState(st): AxState<Shared>, body: Option<Json<DrainRequest
         (c.cfg.node.clone(), c.status.clone(), withdrawn)
     };
     let mut report = DrainReport { node, drained: true, withdrawn, withdraw_ms: None, new_flows_after: 0, last_new_flow_ms: 0, quiet: false, waited_ms: 0, error: None };
-    let tick = std::time::Duration::from_millis(100);
+    let tick = Duration::from_millis(100);
     // BIRD confirms the withdrawal.
     while started.elapsed() < timeout {
         let (empty, error) = {
@@ -525,6 +652,9 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/config/apply", post(post_config_apply))
         .route("/v1/services/{service}/backends/{address}/{action}", post(post_backend))
         .route("/v1/explain", get(get_explain))
+        .route("/v1/review", get(get_review))
+        .route("/v1/history/{service}", get(get_history))
+        .route("/v1/history/{service}/{address}", get(get_history_backend))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

@@ -32,6 +32,9 @@ pub struct Config {
     pub services: Vec<ServiceCfg>,
     #[serde(default)]
     pub alerts: crate::alerts::AlertsCfg,
+    /// Changes that lower what a service admits, judged against the load (`guard.rs`).
+    #[serde(default)]
+    pub guard: crate::guard::GuardCfg,
     /// Several nodes behind a router's ECMP: VIPs announced through BIRD. Without it, one node
     /// and no BIRD.
     #[serde(default)]
@@ -283,6 +286,9 @@ pub struct ServiceCfg {
     pub ring_size: u32,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendCfg>,
+    /// Labels on this service's alerts, added to `alerts.labels` (e.g. `{ team = "checkout" }`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn default_ring_size() -> u32 {
@@ -590,6 +596,21 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
                 err("cluster.limits.nodes".into(), "how many nodes share the limits (their safe shares divide max_conns by it); set it, or list cluster.peers".into());
             }
         }
+    }
+    let label_ok = |k: &str| k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let labels = cfg.alerts.labels.iter().map(|(k, _)| ("alerts.labels".to_owned(), k)).chain(cfg.services.iter().enumerate().flat_map(|(i, s)| s.labels.keys().map(move |k| (format!("service[{i}].labels"), k))));
+    for (at, k) in labels {
+        if !label_ok(k) {
+            err(format!("{at}.{k}"), format!("\"{k}\" is not a label name (letters, digits, _; not starting with a digit)"));
+        } else if crate::alerts::RESERVED_LABELS.contains(&k.as_str()) {
+            err(format!("{at}.{k}"), format!("\"{k}\" is set by Sluice itself; choose another name"));
+        }
+    }
+    if !(1.0..=10.0).contains(&cfg.guard.headroom) {
+        err("guard.headroom".into(), format!("{} must be between 1 and 10 (review suggests max_conns = peak × headroom, e.g. 1.25)", cfg.guard.headroom));
+    }
+    if cfg.guard.window < Duration::from_secs(60) || cfg.guard.window > Duration::from_secs(30 * 86_400) {
+        err("guard.window".into(), format!("{:?}: between 1m and 30d (the history keeps minutes for 24 h, hours for 30 days)", cfg.guard.window));
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {
         warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));

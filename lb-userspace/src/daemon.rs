@@ -180,6 +180,10 @@ pub struct State {
     /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
     /// running config are applied one after the other, each to the result of the one before.
     turn: Arc<tokio::sync::Mutex<()>>,
+    /// Per backend, peaks of open connections and refusals (`history.rs`), for the guard.
+    pub history: crate::history::History,
+    /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
+    pub change_refused: Option<String>,
 }
 
 impl State {
@@ -231,6 +235,12 @@ impl State {
         st.cfg = cfg;
         st.publish_wanted();
         Ok(changes)
+    }
+
+    /// The guard's verdict on changing the running config to `next` (`guard.rs`).
+    pub fn guard(&self, next: &Config) -> crate::guard::Verdict {
+        let open = |svc: &str, a: IpAddr| self.applied.services.get(svc).and_then(|s| s.backends.get(&a)).map_or(0, |b| self.conns.get(b.id));
+        crate::guard::check(&self.cfg, next, &self.history, &open, crate::history::unix_now(), self.cfg.guard.window)
     }
 
     /// What to undo if the change in progress fails to apply (inside [`State::change`]'s edit).
@@ -303,11 +313,13 @@ impl State {
         let mut backends = Vec::new();
         let mut drift = std::collections::BTreeMap::new();
         let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
+        let now_unix = crate::history::unix_now();
         let t = self.dp.tables();
         for s in self.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
                 let stats = t.backend_stats(b.id)?;
                 let refused = lb_common::Reason::ALL.iter().map(|r| (r.name(), stats.refused.get(*r))).collect();
+                self.history.observe(&crate::shares::key(&s.name, b.address), now_unix, self.conns.get(b.id), stats.refused.total());
                 backends.push(alerts::BackendSample {
                     service: s.name.clone(),
                     backend: b.address.to_string(),
@@ -328,7 +340,19 @@ impl State {
             let missing: Vec<String> = s.wanted.difference(&s.announced).map(ToString::to_string).collect();
             (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty()).then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
         });
-        let sample = alerts::Sample { backends, flows: self.flows.len(), flow_capacity: self.flows.capacity(), drift, config_file: self.cfg_path.display().to_string(), not_announcing, limits };
+        drop(t);
+        self.history.save_if_due();
+        let sample = alerts::Sample {
+            backends,
+            flows: self.flows.len(),
+            flow_capacity: self.flows.capacity(),
+            drift,
+            config_file: self.cfg_path.display().to_string(),
+            not_announcing,
+            limits,
+            change_refused: self.change_refused.clone(),
+            service_labels: self.cfg.services.iter().filter(|s| !s.labels.is_empty()).map(|s| (s.name.clone(), s.labels.clone())).collect(),
+        };
         for n in self.alerts.evaluate(Instant::now(), &sample) {
             match n.status {
                 alerts::Status::Firing => {
@@ -458,6 +482,11 @@ fn cluster(cfg: &Config) -> Result<Option<Cluster>, Error> {
     Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers, limits }))
 }
 
+/// The load history's file: beside the journal (`daemon.journal`).
+pub fn history_path(cfg: &Config) -> PathBuf {
+    cfg.daemon.journal.parent().unwrap_or(Path::new("/var/lib/sluice")).join("history.bin")
+}
+
 /// Starts the daemon from `cfg_path`: returns the shared state once the datapath is attached
 /// and the config applied.
 pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
@@ -519,6 +548,8 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         cluster: cluster(&cfg)?,
         pending_undo: None,
         turn: Arc::default(),
+        history: crate::history::History::load(&history_path(&cfg)),
+        change_refused: None,
     }));
     {
         let st = state.lock().expect("state lock");
@@ -547,6 +578,19 @@ pub async fn reload(state: &Arc<Mutex<State>>) -> Result<Vec<Change>, Error> {
         for w in &warnings {
             tracing::warn!("{}: {w}", st.cfg_path.display());
         }
+        let verdict = st.guard(&cfg);
+        for w in &verdict.warnings {
+            tracing::warn!("{}: {w}", st.cfg_path.display());
+        }
+        if !verdict.refused.is_empty() {
+            // Nothing changes; said in the log, the journal and by an alert until a reload or
+            // an apply goes through.
+            let message = format!("{} (to apply it: `sluice config apply {} --force`)", verdict.refused.join("; "), st.cfg_path.display());
+            st.journal.record("config", format!("reload of {} refused by the guard: nothing changed", st.cfg_path.display()), verdict.refused.clone());
+            st.change_refused = Some(message.clone());
+            return Err(Error::other(format!("{}: refused by the guard, nothing changed", st.cfg_path.display()), anyhow::anyhow!("{message}")));
+        }
+        st.change_refused = None;
         Ok(cfg.into())
     })
     .await
@@ -700,7 +744,13 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     for h in peer_handles {
         let _ = h.await;
     }
-    state.lock().expect("state lock").journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
+    {
+        let mut st = state.lock().expect("state lock");
+        if let Err(e) = st.history.save() {
+            tracing::warn!("saving the load history to {}: {e}", st.history.path.display());
+        }
+        st.journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
+    }
     if let Ok(Err(e)) = metrics.await {
         tracing::error!("{e}");
     }

@@ -47,7 +47,15 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let dp_packets = counter(&r, "sluice_datapath_packets_total", "Packets seen by the XDP program, by outcome.", &["outcome"]);
     let dp_bytes = counter(&r, "sluice_datapath_bytes_total", "Bytes seen by the XDP program, by outcome.", &["outcome"]);
 
-    let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now.", &["alertname", "service", "backend", "severity"]);
+    // The configured alert labels are label names of their own (empty where an alert lacks one).
+    let custom: Vec<String> = {
+        let st = state.lock().expect("state lock");
+        let mut k: std::collections::BTreeSet<String> = st.cfg.alerts.labels.keys().cloned().collect();
+        k.extend(st.cfg.services.iter().flat_map(|s| s.labels.keys().cloned()));
+        k.into_iter().collect()
+    };
+    let names: Vec<&str> = ["alertname", "service", "backend", "severity"].into_iter().chain(custom.iter().map(String::as_str)).collect();
+    let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now (with its routing labels: alerts.labels, service.labels).", &names);
     let announced = int_gauge(&r, "sluice_vip_announced", "1 if this node announces the VIP through BIRD now, 0 if it should and does not or has withdrawn it.", &["node", "vip"]);
     let node_drained = int_gauge(&r, "sluice_node_drained", "1 while this node is drained (`sluice node drain`).", &["node"]);
     let peer_reported = counter(&r, "sluice_peer_adopted_flows_reported_total", "Flows this node adopted after a rehash and reported to its peers.", &["node"]);
@@ -61,8 +69,10 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
     let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
     let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
+    let refused_change = int_gauge(&r, "sluice_config_change_refused", "1 while the last reload was refused by the guard (the previous config runs).", &[]);
     let mut st = state.lock().expect("state lock");
     let st = &mut *st;
+    refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused.is_some()));
     let limits = st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
     if let Some(l) = &limits {
         let n = [l.node.as_str()];
@@ -90,7 +100,8 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     }
     for n in &st.firing {
         let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
-        firing.with_label_values(&[n.alertname.to_owned(), get("service"), get("backend"), n.severity.to_owned()]).set(1);
+        let values: Vec<String> = [n.alertname.to_owned(), get("service"), get("backend"), n.severity.to_owned()].into_iter().chain(custom.iter().map(|k| get(k))).collect();
+        firing.with_label_values(&values).set(1);
     }
     let t = st.dp.tables();
     let snapshot = stats::read(&t.stats_map()?)?;

@@ -505,6 +505,7 @@ fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
         overflow: crate::config::Overflow::default(),
         ring_size: lb_common::DEFAULT_RING_SIZE,
         backends: Vec::new(),
+        labels: Default::default(),
     })
 }
 

@@ -44,7 +44,7 @@ pub fn alertmanager_json(n: &Notification) -> Value {
     let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
     let mut a = json!({
         "labels": n.labels,
-        "annotations": { "summary": n.summary, "description": n.description },
+        "annotations": { "summary": n.summary, "description": n.description, "runbook_url": n.runbook_url },
         "status": match n.status { Status::Firing => "firing", Status::Resolved => "resolved" },
     });
     if n.status == Status::Resolved {
@@ -123,6 +123,9 @@ async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>
             .env("SLUICE_ALERT_STATUS", status)
             .env("SLUICE_ALERT_SUMMARY", &n.summary)
             .env("SLUICE_ALERT_DESCRIPTION", &n.description)
+            .env("SLUICE_ALERT_RUNBOOK_URL", &n.runbook_url)
+            .env("SLUICE_ALERT_LABELS", serde_json::to_string(&n.labels).unwrap_or_default())
+            .envs(n.labels.iter().map(|(k, v)| (format!("SLUICE_LABEL_{}", k.to_uppercase()), v)))
             .kill_on_drop(true)
             .status();
         match tokio::time::timeout(Duration::from_secs(10), run).await {
@@ -169,7 +172,7 @@ mod tests {
 
     fn n(status: Status) -> Notification {
         let labels: BTreeMap<String, String> = [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
-        Notification { status, alertname: "SluiceBackendAtLimit", severity: "critical", labels, summary: "s".into(), description: "d".into() }
+        Notification { status, alertname: "SluiceBackendAtLimit", severity: "critical", labels, summary: "s".into(), description: "d".into(), runbook_url: "r#sluicebackendatlimit".into() }
     }
 
     #[tokio::test]
@@ -183,6 +186,44 @@ mod tests {
         sinks.send(&n(Status::Firing));
         while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("SluiceBackendAtLimit firing")) {
             assert!(started.elapsed() < Duration::from_secs(2), "the command sink waited for the dead webhook");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_file(&file);
+    }
+
+    /// The routing labels and the runbook reach every sink: the engine puts them on the
+    /// notification, the webhook's JSON and the command's environment carry them.
+    #[tokio::test]
+    async fn labels_and_the_runbook_reach_the_webhook_and_the_command() {
+        let cfg = crate::alerts::AlertsCfg {
+            name: Some("lb-1".into()),
+            labels: [("team".to_owned(), "netops".to_owned())].into(),
+            fire_after: Duration::ZERO,
+            ..Default::default()
+        };
+        let mut engine = crate::alerts::Engine::new(cfg);
+        let sample = crate::alerts::Sample {
+            backends: vec![crate::alerts::BackendSample { service: "web".into(), backend: "10.0.0.11".into(), open: 5, max_conns: 5, active: true, refused: BTreeMap::new(), cluster: None }],
+            service_labels: [("web".to_owned(), [("owner".to_owned(), "checkout".to_owned())].into())].into(),
+            ..Default::default()
+        };
+        let now = std::time::Instant::now();
+        let fired = engine.evaluate(now, &sample);
+        let at_limit = fired.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("fires").clone();
+        assert_eq!(at_limit.labels["team"], "netops");
+        assert_eq!(at_limit.labels["owner"], "checkout");
+        assert!(at_limit.runbook_url.ends_with("#sluicebackendatlimit"), "{}", at_limit.runbook_url);
+        let j = alertmanager_json(&at_limit);
+        assert_eq!((j["labels"]["team"].as_str(), j["annotations"]["runbook_url"].as_str()), (Some("netops"), Some(at_limit.runbook_url.as_str())));
+        let file = std::env::temp_dir().join(format!("sluice-sink-labels-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_LABEL_TEAM $SLUICE_LABEL_OWNER $SLUICE_ALERT_RUNBOOK_URL\" >> {}", file.display())];
+        let sinks = Sinks::start(Vec::new(), Some(cmd));
+        sinks.send(&at_limit);
+        let want = format!("netops checkout {}", at_limit.runbook_url);
+        let started = std::time::Instant::now();
+        while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&want)) {
+            assert!(started.elapsed() < Duration::from_secs(5), "the command did not get the labels: {:?}", std::fs::read_to_string(&file));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = std::fs::remove_file(&file);

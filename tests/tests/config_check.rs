@@ -44,7 +44,28 @@ fn the_shipped_prometheus_rules_are_valid() {
     let out = Command::new("promtool").args(["check", "rules"]).arg(&rules).output().expect("promtool (cargo xtask setup installs it)");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("10 rules found"), "one rule per built-in alert: {text}");
+    assert!(text.contains("11 rules found"), "one rule per built-in alert: {text}");
+}
+
+#[test]
+fn the_shipped_alertmanager_routing_is_valid_and_routes_sluice_alerts_to_the_load_balancer_team() {
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alertmanager/alertmanager.yml");
+    let out = Command::new("amtool").args(["check-config"]).arg(&cfg).output().expect("amtool (cargo xtask setup installs prometheus-alertmanager)");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Where a Sluice alert goes, by its labels (as Sluice sets them, plus a service's team).
+    let route = |labels: &[&str]| {
+        let out = Command::new("amtool").args(["config", "routes", "test", "--config.file"]).arg(&cfg).args(labels).output().expect("amtool");
+        String::from_utf8_lossy(&out.stdout).split([',', '\n', ' ']).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(",")
+    };
+    assert_eq!(route(&["alertname=SluiceBackendAtLimit", "component=sluice-load-balancer", "service=web"]), "load-balancer");
+    assert_eq!(route(&["alertname=SluiceBackendAtLimit", "component=sluice-load-balancer", "team=checkout"]), "checkout,load-balancer");
+    assert_eq!(route(&["alertname=Other"]), "default");
+    // Every alert Sluice can raise has its runbook section (the runbook_url's anchor).
+    let runbook = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/RUNBOOK.md")).expect("RUNBOOK.md");
+    let rules = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/alerts.yml")).expect("rules");
+    for name in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
+        assert!(runbook.contains(&format!("\n## {name}\n")), "docs/RUNBOOK.md has no section for {name}");
+    }
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub const PACKAGES: &[&str] = &[
     "etcd-client",
     // protoc: the etcd-client crate generates its gRPC code at build time.
     "protobuf-compiler",
+    // amtool: checks the shipped Alertmanager routing (deploy/alertmanager) in the tests.
+    "prometheus-alertmanager",
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

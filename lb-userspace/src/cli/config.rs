@@ -19,9 +19,20 @@ pub enum Command {
     /// Apply a config file to the running daemon: show the diff, validate, apply atomically.
     Apply {
         file: PathBuf,
-        /// Only show what would change.
+        /// Only show what would change, and the guard's verdict.
         #[arg(long)]
         dry_run: bool,
+        /// Apply it although the guard refuses it (a change that lowers what a service admits
+        /// below its load); journaled as forced.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Review the running config against the load: per backend its limit, open connections,
+    /// peaks (1 h, 24 h, 30 d), headroom and a suggested max_conns; per service its capacity,
+    /// peak load and N-1 margin (its largest backend failed).
+    Review {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -35,7 +46,8 @@ struct Report<'a> {
 pub fn run(cmd: &Command, socket: &std::path::Path) -> i32 {
     let (file, json) = match cmd {
         Command::Check { file, json } => (file, json),
-        Command::Apply { file, dry_run } => return apply(socket, file, *dry_run),
+        Command::Apply { file, dry_run, force } => return apply(socket, file, *dry_run, *force),
+        Command::Review { json } => return review(socket, *json),
     };
     let findings = match config::load(file) {
         Ok((_, warnings)) => warnings,
@@ -62,10 +74,48 @@ pub fn run(cmd: &Command, socket: &std::path::Path) -> i32 {
     }
 }
 
-fn apply(socket: &std::path::Path, file: &std::path::Path, dry_run: bool) -> i32 {
+fn review(socket: &std::path::Path, json: bool) -> i32 {
+    let v = match crate::client::block_on(crate::client::ok(socket, hyper::Method::GET, "/v1/review", None)) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("sluice: error: {e}");
+            return 2;
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return 0;
+    }
+    println!("{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}", "SERVICE", "BACKEND", "MAX_CONNS", "OPEN", "PEAK 1H", "PEAK 24H", "PEAK 30D", "HEADROOM", "SUGGESTED");
+    let mut flagged = 0;
+    for s in v["services"].as_array().into_iter().flatten() {
+        for b in s["backends"].as_array().into_iter().flatten() {
+            let flag = b["flag"].as_str().unwrap_or("");
+            flagged += usize::from(!flag.is_empty());
+            println!(
+                "{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}{}",
+                s["name"].as_str().unwrap_or(""),
+                b["address"].as_str().unwrap_or(""),
+                b["max_conns"],
+                b["open"],
+                b["peak_1h"]["open"],
+                b["peak_24h"]["open"],
+                b["peak_30d"]["open"],
+                b["headroom"].as_i64().map_or("—".into(), |h| h.to_string()),
+                b["suggested"],
+                if flag.is_empty() { String::new() } else { format!("  {flag}") }
+            );
+        }
+        println!("  service \"{}\": admits {}, peak load {} (24 h); N-1 (without its largest backend) admits {}: {}", s["name"].as_str().unwrap_or(""), s["capacity"], s["peak_24h"]["open"], s["n_minus_1"], s["n_minus_1_verdict"].as_str().unwrap_or(""));
+    }
+    println!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v["headroom"]);
+    0
+}
+
+fn apply(socket: &std::path::Path, file: &std::path::Path, dry_run: bool, force: bool) -> i32 {
     // The daemon reads the file itself: send an absolute path.
     let path = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
-    let body = serde_json::json!({ "path": path, "dry_run": dry_run });
+    let body = serde_json::json!({ "path": path, "dry_run": dry_run, "force": force });
     match crate::client::block_on(crate::client::ok(socket, hyper::Method::POST, "/v1/config/apply", Some(&body))) {
         Ok(v) => {
             super::ctl::print_changes(&v);

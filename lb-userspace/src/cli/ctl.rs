@@ -28,13 +28,32 @@ pub enum BackendCmd {
         weight: Option<u32>,
     },
     /// Remove a backend (it drains first: open connections continue).
-    Remove { service: String, address: std::net::IpAddr },
+    Remove {
+        service: String,
+        address: std::net::IpAddr,
+        /// Although the guard refuses it (the others cannot carry the service's load).
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop sending new connections to a backend; open ones continue.
-    Drain { service: String, address: std::net::IpAddr },
+    Drain {
+        service: String,
+        address: std::net::IpAddr,
+        /// Although the guard refuses it (the others cannot carry the service's load).
+        #[arg(long)]
+        force: bool,
+    },
     /// Send new connections to a drained backend again.
     Undrain { service: String, address: std::net::IpAddr },
     /// Change a backend's max_conns (never breaks an open connection).
-    SetLimit { service: String, address: std::net::IpAddr, max_conns: u32 },
+    SetLimit {
+        service: String,
+        address: std::net::IpAddr,
+        max_conns: u32,
+        /// Although the guard refuses it (below the backend's load now or at its peak).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn print_services(v: &Value) {
@@ -95,15 +114,65 @@ pub fn print_changes(v: &Value) {
     for w in v["warnings"].as_array().into_iter().flatten() {
         println!("warning: {}: {}", w["key"].as_str().unwrap_or(""), w["message"].as_str().unwrap_or(""));
     }
+    let g = &v["guard"];
+    let forced = g["forced"].as_bool() == Some(true);
+    for r in g["refused"].as_array().into_iter().flatten() {
+        let what = if forced { "FORCED past the guard" } else { "the guard would refuse it" };
+        println!("{what}: {}", r.as_str().unwrap_or(""));
+    }
+    for w in g["warnings"].as_array().into_iter().flatten() {
+        println!("guard warning: {}", w.as_str().unwrap_or(""));
+    }
+}
+
+#[derive(clap::Args)]
+pub struct HistoryArgs {
+    pub service: String,
+    pub backend: Option<std::net::IpAddr>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `sluice history SERVICE [BACKEND]`: peaks of open connections and refusals per hour (30 d)
+/// and per minute (the last hour; `--json` has every minute of 24 h).
+pub fn history(socket: &Path, a: &HistoryArgs) -> Result<(), Error> {
+    let path = match a.backend {
+        Some(b) => format!("/v1/history/{}/{b}", a.service),
+        None => format!("/v1/history/{}", a.service),
+    };
+    let v = client::block_on(client::ok(socket, Method::GET, &path, None))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    let now = v["now"].as_u64().unwrap_or(0);
+    for b in v["backends"].as_array().into_iter().flatten() {
+        println!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b["address"].as_str().unwrap_or(""), b["peak_24h"]["open"], b["peak_30d"]["open"]);
+        let show = |what: &str, slots: &Value, unit: u64| {
+            let rows: Vec<String> = slots
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s[1]["peak"].as_u64().unwrap_or(0) > 0 || s[1]["refused"].as_u64().unwrap_or(0) > 0)
+                .map(|s| format!("{} peak {} refused {}", crate::history::clock(s[0].as_u64().unwrap_or(0), now), s[1]["peak"], s[1]["refused"]))
+                .collect();
+            println!("  per {what} ({} with load): {}", rows.len(), if rows.is_empty() { "none".to_owned() } else { rows.join(", ") });
+            let _ = unit;
+        };
+        show("hour, 30 d", &b["hours"], 3600);
+        let minutes = b["minutes"].as_array().map(|m| Value::from(m[m.len().saturating_sub(60)..].to_vec())).unwrap_or_default();
+        show("minute, last hour", &minutes, 60);
+    }
+    Ok(())
 }
 
 pub fn backend(socket: &Path, cmd: &BackendCmd) -> Result<(), Error> {
     let (service, address, action, body) = match cmd {
         BackendCmd::Add { service, address, max_conns, weight } => (service, address, "add", json!({ "max_conns": max_conns, "weight": weight })),
-        BackendCmd::Remove { service, address } => (service, address, "remove", Value::Null),
-        BackendCmd::Drain { service, address } => (service, address, "drain", Value::Null),
+        BackendCmd::Remove { service, address, force } => (service, address, "remove", json!({ "force": force })),
+        BackendCmd::Drain { service, address, force } => (service, address, "drain", json!({ "force": force })),
         BackendCmd::Undrain { service, address } => (service, address, "undrain", Value::Null),
-        BackendCmd::SetLimit { service, address, max_conns } => (service, address, "set-limit", json!({ "max_conns": max_conns })),
+        BackendCmd::SetLimit { service, address, max_conns, force } => (service, address, "set-limit", json!({ "max_conns": max_conns, "force": force })),
     };
     let path = format!("/v1/services/{service}/backends/{address}/{action}");
     let body = if body.is_null() { json!({}) } else { body };

@@ -44,6 +44,9 @@ pub enum Command {
     Top(top::Args),
     /// Sampled refusal events: time, 5-tuple, service, backend, reason.
     Events(ctl::EventsArgs),
+    /// A service's load history: peaks of open connections and refusals per minute (24 h) and
+    /// per hour (30 days), per backend; what the guard judges changes against.
+    History(ctl::HistoryArgs),
     /// What happened to the load balancer: config changes, backend states, alerts, restarts.
     Timeline(ctl::TimelineArgs),
     /// Break-glass limits.
@@ -125,6 +128,7 @@ pub fn main() -> i32 {
         Command::Limit(c) => ctl::limit(&cli.socket, &c),
         Command::Node(c) => ctl::node(&cli.socket, &c),
         Command::Cluster(c) => ctl::cluster(&cli.socket, &c),
+        Command::History(a) => ctl::history(&cli.socket, &a),
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),

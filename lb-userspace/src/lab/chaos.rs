@@ -518,7 +518,8 @@ struct Injector<'a> {
 impl Injector<'_> {
     fn config(&self) -> String {
         let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: self.limits[usize::from(n - 1)], weight: self.weights[usize::from(n - 1)] }).collect();
-        self.lab.config_text(&conf, &ServiceOpts::default(), &short_timeouts())
+        // The faults lower limits and drain backends under load on purpose: the guard warns only.
+        self.lab.config_text(&conf, &ServiceOpts::default(), &format!("{}\n[guard]\nenforce = false\n", short_timeouts()))
     }
 
     fn sluice(&self, args: &[&str]) -> Result<String> {

@@ -143,9 +143,14 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         mark("max_conns 200 → 10");
         let path = lab.config_path().display().to_string();
         let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
-        n.say(format!("step 2 — a config review \"tightens\" max_conns from {GOOD_LIMIT} to {BAD_LIMIT}, applied live:"));
+        n.say(format!("step 2 — a config review \"tightens\" max_conns from {GOOD_LIMIT} to {BAD_LIMIT}; the guard judges it against the load it just carried:"));
         n.block(&format!("{line}\n{out}"));
-        checks.push(Check { what: "the misconfiguration is applied", ok: ok && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")), detail: out.clone() });
+        let named = out.contains("refused, nothing changed") && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")) && out.contains("peak of") && out.contains("% of its connections would have been refused");
+        checks.push(Check { what: "the guard refused the change and named the numbers", ok: !ok && named, detail: out.clone() });
+        let (line, out, ok) = sluice(lab, &["config", "apply", &path, "--force"]);
+        n.say("  the operator, sure of the review, forces it:");
+        n.block(&format!("{line}\n{out}"));
+        checks.push(Check { what: "the misconfiguration is applied (forced)", ok: ok && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")) && out.contains("FORCED"), detail: out.clone() });
 
         // 3. The surge, with the diagnosis and the fix applied while it runs.
         n.say("step 3 — a surge: 60 connections/s, each held 3 s, for 14 s (≈ 180 open wanted, 3 × 10 allowed)");
@@ -244,7 +249,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     let entries = crate::journal::read(&lab.journal(), Duration::from_secs(3600)).unwrap_or_default();
     let timeline = crate::journal::markdown(&entries);
     println!("\n{timeline}");
-    let order = ["max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
+    let order = ["refused by the guard", "max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
     let positions: Vec<Option<usize>> = order.iter().map(|w| timeline.find(w)).collect();
     checks.push(Check { what: "the timeline has the change, the alert, the fix and the resolution, in order", ok: positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]), detail: format!("{positions:?}") });
 
