@@ -46,9 +46,10 @@ pub static CONNS: Array<Conns, { MAX_BACKENDS as usize }, { BPF_F_MMAPABLE as us
 
 /// Maglev rings, back to back: slot `service.ring_base + i` → backend id.
 /// Writer: daemon (a new ring is written beside the live one, then the service switches).
-/// Reader: datapath.
+/// Reader: datapath. Memory-mappable: the daemon writes a ring with one copy, not one
+/// `bpf(2)` call per slot.
 #[btf_map]
-pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }> = Array::new();
+pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// The flow table: 5-tuple → flow, open-addressed in buckets of 7 ways (`lb_common::FlowBucket`,
 /// `crate::flow`), whose tag words are in `FLOW_TAGS`. Not an LRU: when full (`FLOW_COUNT`),

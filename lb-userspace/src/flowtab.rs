@@ -22,7 +22,7 @@ use crate::{conns::ConnCounters, Error};
 
 
 /// A shared read-write mapping of a BPF array created with `BPF_F_MMAPABLE`.
-struct Mapping {
+pub(crate) struct Mapping {
     base: NonNull<u8>,
     len: usize,
 }
@@ -30,13 +30,13 @@ struct Mapping {
 impl Mapping {
     /// The mapping as an array of `T`. Page-aligned, so aligned for any map value.
     #[allow(clippy::cast_ptr_alignment, reason = "mmap returns a page-aligned address")]
-    fn at<T>(&self) -> *mut T {
+    pub(crate) fn at<T>(&self) -> *mut T {
         self.base.as_ptr().cast::<T>()
     }
 }
 
 impl Mapping {
-    fn new(data: &MapData, what: &str, bytes: usize) -> Result<Self, Error> {
+    pub(crate) fn new(data: &MapData, what: &str, bytes: usize) -> Result<Self, Error> {
         let len = bytes.div_ceil(4096).max(1) * 4096;
         // SAFETY: mapping a BPF array fd, shared; the kernel validates the length and flags.
         let p = unsafe {

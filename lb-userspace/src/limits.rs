@@ -359,7 +359,7 @@ impl Node {
             }
         }
         // A grant made for an earlier lease of its node is void (that node left and came back).
-        let grants: BTreeMap<String, Grant> = grants.into_iter().filter(|(n, g)| reports.get(n).is_some_and(|r: &Report| r.lease == g.lease)).collect();
+        let (grants, void): (BTreeMap<String, Grant>, BTreeMap<String, Grant>) = grants.into_iter().partition(|(n, g)| reports.get(n).is_some_and(|r: &Report| r.lease == g.lease));
         if leader.is_none() {
             self.traffic.requests += 1;
             let lk = key_leader(&prefix);
@@ -375,7 +375,7 @@ impl Node {
         let leading = leader.as_ref().is_some_and(|(n, l)| *n == self.name && *l == lease);
         self.leading = leading;
         if leading {
-            self.allocate(&mut c, lease, &reports, &grants).await?;
+            self.allocate(&mut c, lease, &reports, &grants, void.keys().filter(|n| !grants.contains_key(*n))).await?;
         }
         // This node's grant: apply a newer one, then acknowledge it at once.
         if let Some(g) = grants.get(&self.name).filter(|g| g.seq > self.applied_seq) {
@@ -467,13 +467,14 @@ impl Node {
     }
 
     /// Leading: the grants that change, written in one transaction that holds only while
-    /// this node leads; grants of nodes whose lease is gone are deleted (their capacity is free).
-    async fn allocate(&mut self, c: &mut Client, lease: i64, reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>) -> Result<(), Error> {
+    /// this node leads; `void` grants (for a lease that is gone) are deleted.
+    async fn allocate<'a>(&mut self, c: &mut Client, lease: i64, reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>, void: impl Iterator<Item = &'a String>) -> Result<(), Error> {
         let mut next = shares::allocate(reports, grants, &self.name);
         for (n, g) in &mut next {
             g.lease = reports.get(n).map_or(0, |r| r.lease);
         }
-        let stale: Vec<String> = grants.keys().filter(|n| !reports.contains_key(*n)).cloned().collect();
+        // A node that came back with a new lease gets a grant of its own below, over the void one.
+        let stale: Vec<String> = void.filter(|n| !next.contains_key(*n)).cloned().collect();
         if next.is_empty() && stale.is_empty() {
             return Ok(());
         }

@@ -98,10 +98,24 @@ impl<'a> Tables<'a> {
     }
 
     /// Writes `ring` into `RINGS` from slot `base`.
+    /// Writes `ring` at slot `base` of `RINGS` through a shared mapping: one copy. The ring is
+    /// written into the half its service does not point at; the service's switch (a map
+    /// update, a syscall: a full barrier) publishes it.
     pub fn write_ring(&mut self, base: u32, ring: &[u32]) -> Result<(), Error> {
-        let mut rings = self.array::<u32>(maps::RINGS)?;
+        let map = self.ebpf.map(maps::RINGS).ok_or_else(|| err("RINGS", anyhow::anyhow!("no such map")))?;
+        let data = map_data(map).ok_or_else(|| err("RINGS", anyhow::anyhow!("unexpected map kind")))?;
+        let slots = data.info().map_err(|e| err("RINGS", e))?.max_entries() as usize;
+        if base as usize + ring.len() > slots {
+            return Err(err("RINGS", anyhow::anyhow!("slots {base}..{} beyond its {slots}", base as usize + ring.len())));
+        }
+        // An array map's elements are 8 bytes apart whatever the value's size (the kernel
+        // rounds it up): each u32 slot is the low half of a u64.
+        let m = crate::flowtab::Mapping::new(data, "RINGS", slots * size_of::<u64>())?;
+        let at = m.at::<u64>();
         for (i, id) in ring.iter().enumerate() {
-            rings.set(base + i as u32, *id, 0).map_err(|e| err("RINGS", e))?;
+            // SAFETY: within the mapping (checked above); the datapath reads these slots with
+            // plain loads and none of them is live (see above).
+            unsafe { at.add(base as usize + i).write(u64::from(*id)) };
         }
         Ok(())
     }

@@ -27,7 +27,7 @@ fn limits(lab: &Lab) -> BTreeMap<String, u64> {
 #[test]
 fn changes_below_the_load_are_refused_unless_forced_and_the_history_survives_a_restart() {
     let lab = Lab::new(2);
-    let alerts = "[alerts]\nname = \"lb-guard\"\nfire_after = \"0s\"\n";
+    let alerts = "[alerts]\nname = \"lb-guard\"\nfire_after = \"0s\"\nlabels = { team = \"netops\" }\n";
     let config = |a: u32, b: u32| lab.write_config_with(&[(1, &format!("max_conns = {a}")), (2, &format!("max_conns = {b}"))], alerts);
     config(100, 35);
     let mut daemon = lab.start_daemon();
@@ -74,6 +74,10 @@ fn changes_below_the_load_are_refused_unless_forced_and_the_history_survives_a_r
         json(&lab, &["status", "--json"])["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|x| x["alertname"] == "SluiceConfigChangeRefused"))
     });
     assert_eq!(limits(&lab), before, "a refused reload changed something");
+    // The routing label is on the alert in /metrics too.
+    let m = lab.metrics();
+    assert!(m.lines().any(|l| l.starts_with("sluice_alerts_firing{") && l.contains("alertname=\"SluiceConfigChangeRefused\"") && l.contains("team=\"netops\"")), "{m}");
+    assert!(m.contains("sluice_config_change_refused 1"), "{m}");
     assert!(lab.timeline_markdown().contains("refused by the guard: nothing changed"));
 
     // --force applies it and journals that it was forced.

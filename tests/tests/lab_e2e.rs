@@ -147,7 +147,24 @@ fn limits_refuse_exactly_with_an_immediate_rst_and_spill_fills_others_first() {
     lab.write_config(&lab.config_text(&conf(&[(5, 1), (5, 1), (5, 1)]), &ServiceOpts { spill: true, ..ServiceOpts::default() }, "")).expect("config");
     let (ok, out) = ctl(&lab, &["config", "apply", lab.config_path().to_str().expect("utf-8")]);
     assert!(ok, "{out}");
-    let held: Vec<TcpStream> = (0..15).map(|i| connect(&lab, 1, false).unwrap_or_else(|e| panic!("connection {i} with spill: {e}")).1).collect();
+    // A flow's spill search is bounded (MAX_PROBES ring positions): with two backends full, a
+    // flow whose 12 probes all land on them is refused (`service_saturated`) although the third
+    // has room — about 0.8 % of flows here. Retry those; without spill half would be refused.
+    let mut held: Vec<TcpStream> = Vec::new();
+    let mut saturated = 0;
+    while held.len() < 15 {
+        match connect(&lab, 1, false) {
+            Ok((_, s)) => held.push(s),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+                saturated += 1;
+                assert!(saturated <= 3, "{saturated} refused with room left: spill does not pass flows on");
+            }
+        }
+    }
+    let v = status(&lab);
+    let by_reason: u64 = v[0]["backends"].as_array().expect("backends").iter().map(|b| b["refused"]["service_saturated"].as_u64().unwrap_or(0)).sum();
+    assert_eq!(by_reason, saturated, "each refusal while a backend had room was the bounded spill search: {v}");
     let e = connect(&lab, 1, false).expect_err("the 16th: every backend is full");
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
     drop(held);
