@@ -338,7 +338,7 @@ impl Engine {
                 !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0),
                 format!("Sluice load balancer {lb} (node \"{}\") cannot reach etcd ({}): cluster-wide limits are not rebalanced", l.node, l.etcd.join(", ")),
                 format!(
-                    "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd, so the cluster stays within max_conns; connections beyond a node's share are refused. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
+                    "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd: with etcd down for all, the cluster stays within max_conns. If only this node is cut off, the others are granted its share once its lease runs out, and its open connections above its safe share count on top until they close. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
                     l.lost_for_s.unwrap_or(0.0),
                     l.error.as_deref().unwrap_or("no answer"),
                     shares.join("; ")

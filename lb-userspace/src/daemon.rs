@@ -740,6 +740,8 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     }
     if let Some(l) = limits {
         let _ = l.await;
+        let nodes = state.lock().expect("state lock").cfg.cluster.as_ref().map_or(1, config::ClusterCfg::limit_nodes);
+        crate::limits::on_stop(&state, nodes).await;
     }
     for h in peer_handles {
         let _ = h.await;

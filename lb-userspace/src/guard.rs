@@ -158,7 +158,8 @@ pub fn check(running: &Config, next: &Config, history: &History, open: &dyn Fn(&
             v.warnings.push(w);
         }
     }
-    if !next.guard.enforce {
+    // The running config's setting: a file cannot switch the guard off for its own change.
+    if !running.guard.enforce {
         let judged = std::mem::take(&mut v.refused);
         v.warnings.extend(judged.into_iter().map(|r| format!("{r} (guard.enforce = false: applied)")));
     }

@@ -3,8 +3,9 @@
 //! against it, `sluice config review` and `sluice history` show it.
 //!
 //! Each backend has two rings of fixed size (no per-slot timestamps: moving on from the last
-//! minute written clears the slots skipped), 4 bytes a slot: 8,640 bytes a backend, so 1,000
-//! backends take 8.6 MB in memory and on disk, 10,000 take 86 MB. Saved every
+//! minute written clears the slots skipped), 4 bytes a slot: 8,640 bytes a backend once it has
+//! had a connection (none before), so 1,000 busy backends take 8.6 MB in memory and on disk,
+//! 10,000 take 86 MB. Saved every
 //! [`SAVE_EVERY`] and when the daemon stops, written beside and renamed over the old file; a
 //! file that cannot be read is moved aside with a warning (history never stops forwarding).
 
@@ -30,21 +31,28 @@ pub struct Slot {
     pub refused: u16,
 }
 
-/// A ring of slots; `last` is the unit (minute or hour since the epoch) of the newest.
+/// A ring of slots; `last` is the unit (minute or hour since the epoch) of the newest. Its
+/// slots are allocated at the first load it records: a backend that never had a connection
+/// costs nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Ring {
     last: u32,
+    len: u32,
     slots: Vec<Slot>,
 }
 
 impl Ring {
     fn new(len: usize) -> Self {
-        Self { last: 0, slots: vec![Slot::default(); len] }
+        Self { last: 0, len: len as u32, slots: Vec::new() }
     }
 
     /// Moves on to `unit`, clearing the units skipped; returns its slot.
     fn at(&mut self, unit: u32) -> &mut Slot {
-        let len = self.slots.len() as u32;
+        let len = self.len;
+        if self.slots.is_empty() {
+            self.slots = vec![Slot::default(); len as usize];
+            self.last = unit;
+        }
         if unit > self.last {
             let gap = (unit - self.last).min(len);
             for u in (unit - gap + 1)..=unit {
@@ -52,17 +60,18 @@ impl Ring {
             }
             self.last = unit;
         }
-        let i = (unit.min(self.last) % len) as usize;
+        // A unit older than the newest (the clock stepped back) counts in the newest.
+        let i = (unit.max(self.last.saturating_sub(len - 1)).min(self.last) % len) as usize;
         &mut self.slots[i]
     }
 
     /// The slots of the last `n` units up to `now` (oldest first), with their unit.
     fn window(&self, now: u32, n: u32) -> impl Iterator<Item = (u32, Slot)> + '_ {
-        let len = self.slots.len() as u32;
+        let len = self.len;
         let n = n.min(len);
         (now.saturating_sub(n - 1)..=now).map(move |u| {
             // A unit newer than `last` was not written; one older than `last - len` is gone.
-            let s = if u > self.last || u + len <= self.last { Slot::default() } else { self.slots[(u % len) as usize] };
+            let s = if self.slots.is_empty() || u > self.last || u + len <= self.last { Slot::default() } else { self.slots[(u % len) as usize] };
             (u, s)
         })
     }
@@ -98,6 +107,9 @@ impl Series {
         // A counter that went back (a fresh datapath) starts over.
         let new = if refused_total < self.refused_total { refused_total } else { new };
         self.refused_total = refused_total;
+        if open == 0 && new == 0 && self.minutes.slots.is_empty() {
+            return; // nothing yet: no rings
+        }
         let add = |s: &mut Slot| {
             s.peak = s.peak.max(open);
             s.refused = s.refused.saturating_add(new.min(u64::from(u16::MAX)) as u16);
@@ -130,6 +142,18 @@ pub struct History {
     pub path: PathBuf,
     pub series: BTreeMap<String, Series>,
     pub saved: Option<std::time::Instant>,
+}
+
+/// Writes `bytes` beside `path` and renames the file over it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 pub fn unix_now() -> u64 {
@@ -184,9 +208,13 @@ impl History {
             let mut s = Series { refused_total: u64::from_le_bytes(refused), ..Series::default() };
             for ring in [&mut s.minutes, &mut s.hours] {
                 ring.last = read_u32(&mut r)?;
-                for slot in &mut ring.slots {
+                let n = read_u32(&mut r)?;
+                if n != 0 && n != ring.len {
+                    return Err(bad("a ring of another length"));
+                }
+                for _ in 0..n {
                     let v = read_u32(&mut r)?;
-                    *slot = Slot { peak: (v & 0xffff) as u16, refused: (v >> 16) as u16 };
+                    ring.slots.push(Slot { peak: (v & 0xffff) as u16, refused: (v >> 16) as u16 });
                 }
             }
             out.insert(key, s);
@@ -198,7 +226,7 @@ impl History {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(12 + self.series.len() * (8 + 4 * (MINUTES + HOURS + 2) + 40));
+        let mut out = Vec::with_capacity(12 + self.series.len() * (8 + 4 * (MINUTES + HOURS + 4) + 40));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(self.series.len() as u32).to_le_bytes());
         for (k, s) in &self.series {
@@ -207,6 +235,7 @@ impl History {
             out.extend_from_slice(&s.refused_total.to_le_bytes());
             for ring in [&s.minutes, &s.hours] {
                 out.extend_from_slice(&ring.last.to_le_bytes());
+                out.extend_from_slice(&(ring.slots.len() as u32).to_le_bytes());
                 for slot in &ring.slots {
                     out.extend_from_slice(&(u32::from(slot.peak) | (u32::from(slot.refused) << 16)).to_le_bytes());
                 }
@@ -217,27 +246,25 @@ impl History {
 
     /// Writes the history beside its file and renames it over (a crash leaves the old one).
     pub fn save(&mut self) -> std::io::Result<()> {
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&self.encode())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        write_atomically(&self.path, &self.encode())?;
         self.saved = Some(std::time::Instant::now());
         Ok(())
     }
 
-    /// Saves if the last save is older than [`SAVE_EVERY`]; a failure is logged, never fatal.
+    /// Saves if the last save is older than [`SAVE_EVERY`], on a thread of its own (the caller
+    /// holds the daemon's state: only the encoding happens under it); a failure is logged,
+    /// never fatal.
     pub fn save_if_due(&mut self) {
         if self.saved.is_some_and(|t| t.elapsed() < SAVE_EVERY) {
             return;
         }
-        if let Err(e) = self.save() {
-            tracing::warn!("saving the load history to {}: {e}", self.path.display());
-            self.saved = Some(std::time::Instant::now());
-        }
+        self.saved = Some(std::time::Instant::now());
+        let (bytes, path) = (self.encode(), self.path.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = write_atomically(&path, &bytes) {
+                tracing::warn!("saving the load history to {}: {e}", path.display());
+            }
+        });
     }
 
     pub fn observe(&mut self, key: &str, now: u64, open: u64, refused_total: u64) {
@@ -300,8 +327,12 @@ mod tests {
         assert!(History::load(&h.path).series.is_empty());
         assert!(h.path.with_extension("corrupt").exists());
         let _ = std::fs::remove_file(h.path.with_extension("corrupt"));
-        // The size stated in the module's comment and the README: 8.6 KB a backend.
-        assert_eq!(h.encode().len() - MAGIC.len() - 4 - "web/10.0.0.11".len(), 8660);
+        // The size stated in the module's comment and the README: 8.6 KB a backend with load,
+        // next to nothing for one that never had any.
+        assert_eq!(h.encode().len() - MAGIC.len() - 4 - "web/10.0.0.11".len(), 8668);
+        let mut idle = Series::default();
+        idle.observe(t0, 0, 0);
+        assert!(idle.minutes.slots.is_empty() && idle.hours.slots.is_empty());
     }
 
     #[test]

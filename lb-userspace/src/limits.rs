@@ -20,11 +20,14 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant},
 };
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions, WatchResponse, WatchStream};
 use lb_common::Reason;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -117,10 +120,12 @@ struct Node {
     lease_file: PathBuf,
     client: Option<Client>,
     lease: Option<i64>,
-    keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    next_keepalive: Instant,
-    /// When the request of the last keep-alive etcd answered was sent.
-    last_ok: Option<Instant>,
+    /// The lease's keep-alive task, and what it found: when the request of the last keep-alive
+    /// etcd answered was sent, whether etcd said the lease is gone, the requests it sent.
+    keepalive: Option<tokio::task::JoinHandle<()>>,
+    last_ok: Arc<Mutex<Option<Instant>>>,
+    expired: Arc<AtomicBool>,
+    keepalives: Arc<AtomicU64>,
     applied_seq: u64,
     fallback: bool,
     /// This node allocates (as of its last round).
@@ -162,9 +167,10 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
         lease_file,
         client: None,
         lease: None,
-        keeper: None,
-        next_keepalive: Instant::now(),
-        last_ok: None,
+        keepalive: None,
+        last_ok: Arc::default(),
+        expired: Arc::default(),
+        keepalives: Arc::default(),
         applied_seq: 0,
         fallback: false,
         leading: false,
@@ -212,15 +218,14 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
                 s.connected = false;
                 s.error = Some(e.to_string());
                 s.lost_since.get_or_insert_with(Instant::now);
-                node.keeper = None;
                 // A fresh connection next round, not the old one's reconnection back-off.
                 node.client = None;
             }
             // Without etcd for longer than the lease (or never reached since the start): safe
             // shares, never more than what is enforced now.
-            let since = node.last_ok.unwrap_or(started);
+            let since = node.last_ok.lock().expect("last_ok").unwrap_or(started);
             if lost && !node.fallback && since.elapsed() >= node.cfg.lease_ttl {
-                node.lease = None;
+                node.drop_lease();
                 node.applied_seq = 0;
                 if let Err(e) = node.enter_fallback(&state).await {
                     tracing::error!("entering the safe shares: {e}");
@@ -234,6 +239,43 @@ pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>,
             s.applied_seq = node.applied_seq;
             s.lost_for_s = s.lost_since.map(|t| t.elapsed().as_secs_f64());
             s.traffic = node.traffic.clone();
+            s.traffic.requests += node.keepalives.load(Ordering::Relaxed);
+        }
+        node.drop_lease();
+    })
+}
+
+/// Keeps `lease` alive every `every` until aborted or etcd says it is gone: in a task of its
+/// own, so that a slow round (a change waiting for its turn, a MAC resolution) never lets it
+/// lapse.
+fn keep_alive(mut c: Client, lease: i64, every: Duration, last_ok: Arc<Mutex<Option<Instant>>>, expired: Arc<AtomicBool>, requests: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut keeper = None;
+        loop {
+            let sent = Instant::now();
+            let answer = async {
+                if keeper.is_none() {
+                    requests.fetch_add(1, Ordering::Relaxed);
+                    keeper = Some(c.lease_keep_alive(lease).await?);
+                }
+                let (k, stream) = keeper.as_mut().expect("set above");
+                requests.fetch_add(1, Ordering::Relaxed);
+                k.keep_alive().await?;
+                anyhow::Ok(tokio::time::timeout(REQUEST_TIMEOUT, stream.message()).await??)
+            };
+            match answer.await {
+                Ok(Some(r)) if r.ttl() > 0 => *last_ok.lock().expect("last_ok") = Some(sent),
+                Ok(_) => {
+                    // etcd no longer has it (it was out of reach too long): join again.
+                    expired.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("keeping lease {lease:x} alive: {e}");
+                    keeper = None;
+                }
+            }
+            tokio::time::sleep_until((sent + every).into()).await;
         }
     })
 }
@@ -250,12 +292,13 @@ impl Node {
     fn wakes(&mut self, resp: &WatchResponse) -> bool {
         let mine = format!("{}{}", key_grants(&self.cfg.prefix), self.name);
         let (leader, reports) = (key_leader(&self.cfg.prefix), key_nodes(&self.cfg.prefix));
+        let own = format!("{reports}{}", self.name);
         self.traffic.bytes_received += resp.events().iter().filter_map(|e| e.kv()).map(|kv| (kv.key().len() + kv.value().len()) as u64).sum::<u64>();
         resp.events().iter().any(|e| {
             let key = e.kv().and_then(|kv| kv.key_str().ok()).unwrap_or_default();
             // The allocator also wakes on reports: one may acknowledge a revocation, freeing
             // capacity for a node that refuses.
-            e.event_type() == EventType::Delete || key == mine || key == leader || (self.leading && key.starts_with(&reports))
+            e.event_type() == EventType::Delete || key == mine || key == leader || (self.leading && key.starts_with(&reports) && key != own)
         })
     }
 
@@ -267,6 +310,15 @@ impl Node {
         let c = Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(|e| Error::other(format!("connecting to etcd ({})", self.cfg.etcd.join(", ")), e))?;
         self.client = Some(c.clone());
         Ok(c)
+    }
+
+    /// Holds `lease` (known alive at `sent`): its keep-alive task starts.
+    fn hold(&mut self, c: &Client, lease: i64, sent: Instant) {
+        self.drop_lease();
+        self.lease = Some(lease);
+        *self.last_ok.lock().expect("last_ok") = Some(sent);
+        self.expired.store(false, Ordering::Relaxed);
+        self.keepalive = Some(keep_alive(c.clone(), lease, self.cfg.lease_ttl / 3, self.last_ok.clone(), self.expired.clone(), self.keepalives.clone()));
     }
 
     /// A live lease: the one of the daemon before this one if etcd still holds it, else a new one.
@@ -281,8 +333,7 @@ impl Node {
             let alive = c.lease_time_to_live(id, None).await.map_err(|e| Error::other("asking etcd for the lease", e))?.ttl() > 0;
             if alive && !self.fallback {
                 tracing::info!(node = %self.name, lease = id, "resumed the lease of the daemon before (its shares stay)");
-                self.lease = Some(id);
-                self.last_ok = Some(sent);
+                self.hold(c, id, sent);
                 return Ok(id);
             }
             if alive {
@@ -295,8 +346,7 @@ impl Node {
         self.traffic.requests += 1;
         let ttl = self.cfg.lease_ttl.as_secs().max(1) as i64;
         let id = c.lease_grant(ttl, None).await.map_err(|e| Error::other("granting a lease on etcd", e))?.id();
-        self.lease = Some(id);
-        self.last_ok = Some(sent);
+        self.hold(c, id, sent);
         self.applied_seq = 0;
         if let Err(e) = std::fs::write(&self.lease_file, format!("{id}\n")) {
             tracing::warn!("keeping the etcd lease in {}: {e} (a restart will join as a new node)", self.lease_file.display());
@@ -307,54 +357,47 @@ impl Node {
         Ok(id)
     }
 
-    async fn keepalive(&mut self, c: &mut Client, lease: i64) -> Result<(), Error> {
-        if Instant::now() < self.next_keepalive {
-            return Ok(());
+    /// Gives up the lease: its keep-alive stops (the lease file stays, for a revocation when
+    /// etcd answers again).
+    fn drop_lease(&mut self) {
+        if let Some(t) = self.keepalive.take() {
+            t.abort();
         }
-        let sent = Instant::now();
-        if self.keeper.is_none() {
-            self.traffic.requests += 1;
-            self.keeper = Some(c.lease_keep_alive(lease).await.map_err(|e| Error::other("keeping the lease alive", e))?);
-        }
-        let (keeper, stream) = self.keeper.as_mut().expect("set above");
-        self.traffic.requests += 1;
-        keeper.keep_alive().await.map_err(|e| Error::other("keeping the lease alive", e))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, stream.message())
-            .await
-            .map_err(|e| Error::other("keeping the lease alive", e))?
-            .map_err(|e| Error::other("keeping the lease alive", e))?;
-        if resp.is_none_or(|r| r.ttl() <= 0) {
-            // Expired (etcd was out of reach too long): join again.
-            self.lease = None;
-            self.keeper = None;
-            return Err(Error::other("keeping the lease alive", anyhow::anyhow!("lease {lease} expired")));
-        }
-        self.last_ok = Some(sent);
-        self.next_keepalive = sent + self.cfg.lease_ttl / 3;
-        Ok(())
+        self.lease = None;
     }
 
     async fn round(&mut self, state: &Arc<Mutex<State>>, status: &Arc<Mutex<Status>>) -> Result<(), Error> {
         let mut c = self.client().await?;
+        if self.expired.swap(false, Ordering::Relaxed) {
+            let lease = self.lease.unwrap_or(0);
+            self.drop_lease();
+            return Err(Error::other("keeping the lease alive", anyhow::anyhow!("etcd says lease {lease:x} expired")));
+        }
         let lease = self.ensure_lease(&mut c, state).await?;
-        self.keepalive(&mut c, lease).await?;
         self.publish(&mut c, lease, state, false).await?;
         let prefix = self.cfg.prefix.clone();
         self.traffic.requests += 1;
         let resp = c.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())).await.map_err(|e| Error::other("reading the cluster's limits from etcd", e))?;
         let (mut leader, mut reports, mut grants) = (None, BTreeMap::new(), BTreeMap::new());
+        let mut unreadable = Vec::new();
         for kv in resp.kvs() {
             self.traffic.bytes_received += (kv.key().len() + kv.value().len()) as u64;
             let k = kv.key_str().unwrap_or_default();
             if k == key_leader(&prefix) {
                 leader = Some((kv.value_str().unwrap_or_default().to_owned(), kv.lease()));
             } else if let Some(n) = k.strip_prefix(&key_nodes(&prefix)) {
-                if let Ok(r) = serde_json::from_slice::<Report>(kv.value()) {
-                    reports.insert(n.to_owned(), r);
+                match serde_json::from_slice::<Report>(kv.value()) {
+                    Ok(r) => {
+                        reports.insert(n.to_owned(), r);
+                    }
+                    Err(e) => unreadable.push(format!("{k}: {e}")),
                 }
             } else if let Some(n) = k.strip_prefix(&key_grants(&prefix)) {
-                if let Ok(g) = serde_json::from_slice::<Grant>(kv.value()) {
-                    grants.insert(n.to_owned(), g);
+                match serde_json::from_slice::<Grant>(kv.value()) {
+                    Ok(g) => {
+                        grants.insert(n.to_owned(), g);
+                    }
+                    Err(e) => unreadable.push(format!("{k}: {e}")),
                 }
             }
         }
@@ -374,15 +417,23 @@ impl Node {
         }
         let leading = leader.as_ref().is_some_and(|(n, l)| *n == self.name && *l == lease);
         self.leading = leading;
-        if leading {
+        if leading && !unreadable.is_empty() {
+            // A node whose report cannot be read would count as holding nothing: allocate
+            // nothing until every report reads (another version writing them, say).
+            tracing::error!(node = %self.name, "not allocating: unreadable keys: {}", unreadable.join("; "));
+        } else if leading {
             self.allocate(&mut c, lease, &reports, &grants, void.keys().filter(|n| !grants.contains_key(*n))).await?;
         }
         // This node's grant: apply a newer one, then acknowledge it at once.
+        // A change that fails to apply is not etcd's failure: logged, retried next round (the
+        // grant stays unacknowledged, so nothing is granted elsewhere against it).
         if let Some(g) = grants.get(&self.name).filter(|g| g.seq > self.applied_seq) {
-            self.apply_grant(state, g, &reports).await?;
-            self.publish(&mut c, lease, state, true).await?;
-        } else {
-            self.refresh_room(state, &reports).await?;
+            match self.apply_grant(state, g, &reports).await {
+                Ok(()) => self.publish(&mut c, lease, state, true).await?,
+                Err(e) => tracing::error!(node = %self.name, "applying grant {} of {}: {e}", g.seq, g.by),
+            }
+        } else if let Err(e) = self.refresh_room(state, &reports).await {
+            tracing::error!(node = %self.name, "updating the refusal reasons: {e}");
         }
         // The daemon's state is never locked inside this status lock (the alerts lock them the
         // other way round).
@@ -569,6 +620,17 @@ impl Node {
     /// Lost etcd for longer than the lease: each backend's limit becomes the smaller of what
     /// it is and its safe share (never larger: the others may hold the rest).
     async fn enter_fallback(&mut self, state: &Arc<Mutex<State>>) -> Result<(), Error> {
+        let details = safe_shares(state, self.nodes).await?;
+        tracing::error!(node = %self.name, "etcd out of reach for longer than the lease ({:?}): enforcing safe shares: {}", self.cfg.lease_ttl, details.join("; "));
+        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" lost etcd for longer than its lease: safe shares", self.name), details);
+        Ok(())
+    }
+}
+
+/// Lays the smaller of each backend's limit and its safe share over the config (through the
+/// change path); returns a line per backend.
+async fn safe_shares(state: &Arc<Mutex<State>>, nodes: u32) -> Result<Vec<String>, Error> {
+    {
         let (shares, details) = {
             let st = state.lock().expect("state lock");
             let mut out = BTreeMap::new();
@@ -576,7 +638,7 @@ impl Node {
             for s in &st.cfg.services {
                 for b in &s.backends {
                     let now = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| a.limit);
-                    let safe = safe_share(b, self.nodes);
+                    let safe = safe_share(b, nodes);
                     let limit = now.min(safe);
                     details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
                     out.insert((s.name.clone(), b.address), Share { limit, room: false });
@@ -584,11 +646,25 @@ impl Node {
             }
             (out, details)
         };
-        Self::set_shares(state, shares).await?;
-        tracing::error!(node = %self.name, "etcd out of reach for longer than the lease ({:?}): enforcing safe shares: {}", self.cfg.lease_ttl, details.join("; "));
-        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" lost etcd for longer than its lease: safe shares", self.name), details);
-        Ok(())
+        Node::set_shares(state, shares).await?;
+        Ok(details)
     }
+}
+
+/// The daemon stops: its datapath goes on forwarding with no one keeping its lease, so once
+/// the lease expires the others may be granted its share. It keeps at most its safe shares
+/// meanwhile; a restart within the lease resumes it and applies its grant again.
+pub async fn on_stop(state: &Arc<Mutex<State>>, nodes: u32) {
+    match safe_shares(state, nodes).await {
+        Ok(details) => {
+            tracing::info!("stopping: safe shares until the next daemon resumes the lease: {}", details.join("; "));
+            state.lock().expect("state lock").journal.record("limits", "daemon stopping: safe shares until a daemon holds the lease again", details);
+        }
+        Err(e) => tracing::error!("stopping: setting the safe shares: {e}"),
+    }
+}
+
+impl Node {
 
     /// Per backend: this node's share, its open connections and the cluster's.
     fn view(&self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {

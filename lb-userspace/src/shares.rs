@@ -28,6 +28,7 @@ pub fn key(service: &str, address: std::net::IpAddr) -> String {
 
 /// One backend in a node's report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Demand {
     /// The backend's `max_conns` in this node's config.
     pub max_conns: u32,
@@ -45,8 +46,10 @@ pub struct Demand {
     pub admitted_per_s: f64,
 }
 
-/// What a node publishes under its lease (`<prefix>/nodes/<node>`).
+/// What a node publishes under its lease (`<prefix>/nodes/<node>`). Fields a version does not
+/// know default (a rolling upgrade reads the other version's reports).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub node: String,
     /// The node's etcd lease (a grant is for one lease: a node that comes back is new).
@@ -61,6 +64,7 @@ pub struct Report {
 
 /// What the allocator grants a node (`<prefix>/grants/<node>`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Grant {
     /// Bumped at every change; the node acknowledges it in `Report::applied_seq`.
     pub seq: u64,
@@ -125,10 +129,7 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
         let nodes: Vec<(&String, &Demand)> = reports.iter().filter_map(|(n, r)| Some((n, r.backends.get(k)?))).collect();
         let capacity = u64::from(nodes.iter().map(|(_, d)| d.max_conns).min().unwrap_or(0));
         // Live nodes that still hold a grant for it though their config lost it count too.
-        let holding: u64 = reports
-            .iter()
-            .map(|(n, r)| held(r.backends.get(k), granted(n, k)))
-            .sum();
+        let holding: u64 = reports.iter().map(|(n, r)| held(r.backends.get(k), granted(n, k))).fold(0, u64::saturating_add);
         let mut free = capacity.saturating_sub(holding);
         let wanted: Vec<u64> = nodes.iter().map(|(_, d)| u64::from(d.wants)).collect();
         let refusing: Vec<bool> = nodes.iter().map(|(_, d)| d.refusing).collect();
@@ -190,7 +191,7 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
             // Backends no live config has any more are dropped from the grant.
             shares.retain(|k, _| reports.values().any(|r| r.backends.contains_key(k)));
             shares.extend(changes);
-            (n, Grant { seq: old.seq + 1, by: by.to_owned(), lease: old.lease, shares })
+            (n, Grant { seq: old.seq.saturating_add(1), by: by.to_owned(), lease: old.lease, shares })
         })
         .collect()
 }

@@ -97,7 +97,6 @@ impl<'a> Tables<'a> {
         self.hash::<ServiceKey, Service>(maps::SERVICES)?.remove(key).map_err(|e| err("SERVICES", e))
     }
 
-    /// Writes `ring` into `RINGS` from slot `base`.
     /// Writes `ring` at slot `base` of `RINGS` through a shared mapping: one copy. The ring is
     /// written into the half its service does not point at; the service's switch (a map
     /// update, a syscall: a full barrier) publishes it.
@@ -109,7 +108,7 @@ impl<'a> Tables<'a> {
             return Err(err("RINGS", anyhow::anyhow!("slots {base}..{} beyond its {slots}", base as usize + ring.len())));
         }
         // An array map's elements are 8 bytes apart whatever the value's size (the kernel
-        // rounds it up): each u32 slot is the low half of a u64.
+        // rounds it up): each u32 slot is the low half of a u64 (little-endian: bpfel hosts).
         let m = crate::flowtab::Mapping::new(data, "RINGS", slots * size_of::<u64>())?;
         let at = m.at::<u64>();
         for (i, id) in ring.iter().enumerate() {

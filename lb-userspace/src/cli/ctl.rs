@@ -148,7 +148,7 @@ pub fn history(socket: &Path, a: &HistoryArgs) -> Result<(), Error> {
     let now = v["now"].as_u64().unwrap_or(0);
     for b in v["backends"].as_array().into_iter().flatten() {
         println!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b["address"].as_str().unwrap_or(""), b["peak_24h"]["open"], b["peak_30d"]["open"]);
-        let show = |what: &str, slots: &Value, unit: u64| {
+        let show = |what: &str, slots: &Value| {
             let rows: Vec<String> = slots
                 .as_array()
                 .into_iter()
@@ -157,11 +157,10 @@ pub fn history(socket: &Path, a: &HistoryArgs) -> Result<(), Error> {
                 .map(|s| format!("{} peak {} refused {}", crate::history::clock(s[0].as_u64().unwrap_or(0), now), s[1]["peak"], s[1]["refused"]))
                 .collect();
             println!("  per {what} ({} with load): {}", rows.len(), if rows.is_empty() { "none".to_owned() } else { rows.join(", ") });
-            let _ = unit;
         };
-        show("hour, 30 d", &b["hours"], 3600);
+        show("hour, 30 d", &b["hours"]);
         let minutes = b["minutes"].as_array().map(|m| Value::from(m[m.len().saturating_sub(60)..].to_vec())).unwrap_or_default();
-        show("minute, last hour", &minutes, 60);
+        show("minute, last hour", &minutes);
     }
     Ok(())
 }
