@@ -293,11 +293,9 @@ async fn get_review(AxState(st): AxState<Shared>) -> Result<Json<serde_json::Val
             }));
         }
         let peak = st.history.service_peak(&keys, now, Duration::from_secs(86_400));
-        let capacity = crate::guard::capacity(s);
-        let largest = s.backends.iter().filter(|b| !b.drain && b.weight > 0).map(|b| u64::from(b.max_conns)).max().unwrap_or(0);
         let n1 = crate::guard::n_minus_1(s, u64::from(peak.open), peak.at, now);
         services.push(serde_json::json!({
-            "name": s.name, "capacity": capacity, "peak_24h": peak, "n_minus_1": capacity - largest,
+            "name": s.name, "capacity": crate::guard::capacity(s), "peak_24h": peak, "n_minus_1": crate::guard::capacity_n_minus_1(s),
             "n_minus_1_verdict": n1.unwrap_or_else(|| "carries its peak".into()), "backends": backends,
         }));
     }

@@ -80,12 +80,17 @@ fn pct_refused(load: u64, limit: u64) -> u64 {
     if load == 0 { 0 } else { (load.saturating_sub(limit) * 100).div_ceil(load) }
 }
 
+/// What a service admits without its largest backend (N-1).
+pub fn capacity_n_minus_1(s: &ServiceCfg) -> u64 {
+    let largest = s.backends.iter().filter(|b| takes_new(b)).map(|b| u64::from(b.max_conns)).max().unwrap_or(0);
+    capacity(s) - largest
+}
+
 /// The N-1 warning for a service: its peak load against its capacity without its largest
 /// backend.
 pub fn n_minus_1(s: &ServiceCfg, peak: u64, at: u64, now: u64) -> Option<String> {
-    let largest = s.backends.iter().filter(|b| takes_new(b)).map(|b| u64::from(b.max_conns)).max()?;
-    let without = capacity(s) - largest;
-    (peak > without && s.backends.iter().filter(|b| takes_new(b)).count() > 0).then(|| {
+    let without = capacity_n_minus_1(s);
+    (peak > without && s.backends.iter().any(takes_new)).then(|| {
         format!(
             "service \"{}\" could not carry its peak load of {peak} ({}) if its largest backend failed: the others admit {without} (N-1)",
             s.name,

@@ -120,12 +120,11 @@ impl Series {
 
     /// The highest peak within `window` before `now`: per minute up to 24 h, per hour beyond.
     pub fn peak(&self, now: u64, window: Duration) -> Peak {
-        let (ring, unit) = if window <= Duration::from_secs(MINUTES as u64 * 60) { (&self.minutes, 60) } else { (&self.hours, 3600) };
-        let n = window.as_secs().div_ceil(unit).max(1) as u32;
-        ring.window((now / unit) as u32, n)
+        self.slots(now, window)
+            .into_iter()
             .filter(|(_, s)| s.peak > 0)
-            .max_by_key(|(u, s)| (s.peak, *u))
-            .map_or(Peak::default(), |(u, s)| Peak { open: u32::from(s.peak), at: u64::from(u) * unit })
+            .max_by_key(|(at, s)| (s.peak, *at))
+            .map_or(Peak::default(), |(at, s)| Peak { open: u32::from(s.peak), at })
     }
 
     /// The minutes (up to 24 h) or hours of `window` before `now`: (Unix seconds, slot).

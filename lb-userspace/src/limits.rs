@@ -553,8 +553,12 @@ impl Node {
     /// Whether the cluster has room beyond this node's share of each backend (the refusal
     /// reason at the share), from the other nodes' last reports.
     fn room(&self, reports: &BTreeMap<String, Report>, key: &str, share: u32, max_conns: u32) -> bool {
-        let others: u64 = reports.iter().filter(|(n, _)| **n != self.name).filter_map(|(_, r)| r.backends.get(key)).map(|d| d.open).sum();
-        others + u64::from(share) < u64::from(max_conns)
+        self.others_open(reports, key).saturating_add(u64::from(share)) < u64::from(max_conns)
+    }
+
+    /// The other nodes' open connections to a backend, as they last reported them.
+    fn others_open(&self, reports: &BTreeMap<String, Report>, key: &str) -> u64 {
+        reports.iter().filter(|(n, _)| **n != self.name).filter_map(|(_, r)| r.backends.get(key)).map(|d| d.open).fold(0, u64::saturating_add)
     }
 
     /// Lays `shares` over the config through the daemon's one change path.
@@ -675,8 +679,8 @@ impl Node {
                 let k = shares::key(&s.name, b.address);
                 let applied = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address));
                 let open = applied.map_or(0, |a| st.conns.get(a.id));
-                let others: u64 = reports.iter().filter(|(n, _)| **n != self.name).filter_map(|(_, r)| r.backends.get(&k)).map(|d| d.open).sum();
-                out.insert(k, BackendLimit { max_conns: b.max_conns, share: applied.map_or(0, |a| a.limit), open, cluster_open: others + open, safe_share: safe_share(b, self.nodes) });
+                let others = self.others_open(reports, &k);
+                out.insert(k, BackendLimit { max_conns: b.max_conns, share: applied.map_or(0, |a| a.limit), open, cluster_open: others.saturating_add(open), safe_share: safe_share(b, self.nodes) });
             }
         }
         out
