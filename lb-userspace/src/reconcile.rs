@@ -278,11 +278,15 @@ impl Applied {
             }
         }
         let mut used_svc_ids: BTreeSet<u32> = next.values().map(|s| s.id).collect();
-        let alloc_backend = |used: &mut BTreeSet<u32>| -> Result<u32, Error> {
-            let id = (1..MAX_BACKENDS).find(|i| !used.contains(i)).ok_or_else(|| {
+        // The search for a free id goes on from the last one found: from 1 each time, adding
+        // 10,000 backends took ~50 M set lookups (most of a 100 × 100 apply).
+        let mut hint = 1u32;
+        let mut alloc_backend = |used: &mut BTreeSet<u32>| -> Result<u32, Error> {
+            let id = (hint..MAX_BACKENDS).chain(1..hint).find(|i| !used.contains(i)).ok_or_else(|| {
                 Error::other("applying the config", anyhow::anyhow!("no free backend id (the datapath holds {} backends)", MAX_BACKENDS - 1))
             })?;
             used.insert(id);
+            hint = id + 1;
             Ok(id)
         };
 
