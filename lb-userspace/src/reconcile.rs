@@ -83,7 +83,8 @@ pub struct AppliedService {
     pub region: u32,
     /// Which half is live (0 or 1).
     pub half: u32,
-    pub ring: Vec<u32>,
+    /// Shared, not copied: every apply starts from a copy of what is applied.
+    pub ring: std::sync::Arc<[u32]>,
     /// The members `ring` was built from; an unchanged list skips the rebuild.
     #[serde(skip)]
     pub ring_members: Vec<RingBackend>,
@@ -188,7 +189,7 @@ impl Applied {
             let Some(c) = found.cloned().or_else(|| orphan(&key)) else { continue };
             let size = c.ring_size;
             let region = svc.ring_base.saturating_sub(u32::from(svc.half) * size);
-            let ring = if svc.ring_size == 0 { Vec::new() } else { t.ring(svc.ring_base, size)? };
+            let ring: std::sync::Arc<[u32]> = if svc.ring_size == 0 { Default::default() } else { t.ring(svc.ring_base, size)?.into() };
             let mut bs = BTreeMap::new();
             for (id, b) in backends.iter().filter(|(_, b)| u32::from(b.service_id) == svc.id && b.family != 0) {
                 let address = ip_of(b);
@@ -314,7 +315,7 @@ impl Applied {
                 } else {
                     format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
                 }));
-                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Vec::new(), ring_members: Vec::new(), backends: BTreeMap::new() });
+                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Default::default(), ring_members: Vec::new(), backends: BTreeMap::new() });
             }
             let s = next.get_mut(&c.name).expect("inserted");
             if !fresh && s.cfg.mode != c.mode {
@@ -409,19 +410,20 @@ impl Applied {
                 .filter(|b| b.state == BACKEND_ACTIVE && !b.removed)
                 .map(|b| RingBackend { id: b.id, key: b.address.to_string(), weight: b.weight })
                 .collect();
-            // Building a ring costs O(size); skip it when its inputs did not change.
-            let ring = if members == s.ring_members && s.ring.len() == s.cfg.ring_size as usize {
-                s.ring.clone()
+            // Building a ring costs O(size); skip it (and comparing it) when its inputs did not
+            // change.
+            let rebuilt = if members == s.ring_members && s.ring.len() == s.cfg.ring_size as usize {
+                None
             } else {
-                maglev::build(&members, s.cfg.ring_size)
+                Some(maglev::build(&members, s.cfg.ring_size)).filter(|r| **r != *s.ring)
             };
             s.ring_members = members;
             let service_changed = self.services.get(&s.name).is_none_or(|old| old.id != s.id || old.cfg != s.cfg);
-            if ring != s.ring || service_changed {
-                if ring != s.ring {
+            if rebuilt.is_some() || service_changed {
+                if let Some(ring) = rebuilt {
                     s.half ^= 1;
                     t.write_ring(s.ring_base(), &ring)?;
-                    s.ring = ring;
+                    s.ring = ring.into();
                 }
                 let svc = Service {
                     id: s.id,
