@@ -271,7 +271,7 @@ async fn get_review(AxState(st): AxState<Shared>) -> Result<Json<serde_json::Val
         let mut backends = Vec::new();
         let keys: Vec<String> = s.backends.iter().map(|b| crate::shares::key(&s.name, b.address)).collect();
         for (b, k) in s.backends.iter().zip(&keys) {
-            let open = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| st.conns.get(a.id));
+            let open = st.applied.backend(&s.name, b.address).map_or(0, |a| st.conns.get(a.id));
             let p = |secs: u64| st.history.peak(k, now, Duration::from_secs(secs));
             let (p1, p24, p30) = (p(3600), p(86_400), p(30 * 86_400));
             let load = open.max(u64::from(p30.open));

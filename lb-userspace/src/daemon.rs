@@ -239,7 +239,7 @@ impl State {
 
     /// The guard's verdict on changing the running config to `next` (`guard.rs`).
     pub fn guard(&self, next: &Config) -> crate::guard::Verdict {
-        let open = |svc: &str, a: IpAddr| self.applied.services.get(svc).and_then(|s| s.backends.get(&a)).map_or(0, |b| self.conns.get(b.id));
+        let open = |svc: &str, a: IpAddr| self.applied.backend(svc, a).map_or(0, |b| self.conns.get(b.id));
         crate::guard::check(&self.cfg, next, &self.history, &open, crate::history::unix_now(), self.cfg.guard.window)
     }
 

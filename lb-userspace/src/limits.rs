@@ -582,7 +582,7 @@ impl Node {
                     // A backend the grant does not name keeps what it enforces (a new one: 0).
                     let limit = match g.shares.get(&k) {
                         Some(x) => *x,
-                        None => st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| a.limit),
+                        None => st.applied.backend(&s.name, b.address).map_or(0, |a| a.limit),
                     };
                     out.insert((s.name.clone(), b.address), Share { limit, room: self.room(reports, &k, limit, b.max_conns) });
                 }
@@ -641,7 +641,7 @@ async fn safe_shares(state: &Arc<Mutex<State>>, nodes: u32) -> Result<Vec<String
             let mut details = Vec::new();
             for s in &st.cfg.services {
                 for b in &s.backends {
-                    let now = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address)).map_or(0, |a| a.limit);
+                    let now = st.applied.backend(&s.name, b.address).map_or(0, |a| a.limit);
                     let safe = safe_share(b, nodes);
                     let limit = now.min(safe);
                     details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
@@ -677,7 +677,7 @@ impl Node {
         for s in &st.cfg.services {
             for b in &s.backends {
                 let k = shares::key(&s.name, b.address);
-                let applied = st.applied.services.get(&s.name).and_then(|a| a.backends.get(&b.address));
+                let applied = st.applied.backend(&s.name, b.address);
                 let open = applied.map_or(0, |a| st.conns.get(a.id));
                 let others = self.others_open(reports, &k);
                 out.insert(k, BackendLimit { max_conns: b.max_conns, share: applied.map_or(0, |a| a.limit), open, cluster_open: others.saturating_add(open), safe_share: safe_share(b, self.nodes) });

@@ -146,6 +146,11 @@ impl<F: Fn(IpAddr) -> Option<[u8; 6]>> MacResolver for F {
 }
 
 impl Applied {
+    /// A backend as applied, by service name and address.
+    pub fn backend(&self, service: &str, address: IpAddr) -> Option<&AppliedBackend> {
+        self.services.get(service).and_then(|s| s.backends.get(&address))
+    }
+
     pub fn new(ring_slots: u32) -> Self {
         Self { ring_slots, ..Self::default() }
     }
