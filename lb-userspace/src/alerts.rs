@@ -5,7 +5,7 @@
 //! line on what to do — the corrective action of the 2023-05-05 incident.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     time::{Duration, Instant},
 };
 
@@ -112,7 +112,7 @@ pub struct BackendSample {
     pub max_conns: u32,
     pub active: bool,
     /// Refusals charged to this backend so far, by reason name.
-    pub refused: BTreeMap<&'static str, u64>,
+    pub refused: lb_common::Refusals,
     /// With cluster-wide limits: this node's share and the cluster's open connections.
     pub cluster: Option<crate::limits::BackendLimit>,
 }
@@ -162,68 +162,96 @@ struct RuleState {
     true_since: Option<Instant>,
     false_since: Option<Instant>,
     firing: bool,
-    last: Option<(String, String)>,
+    /// The evaluation that last found the condition true.
+    seen: u64,
+    severity: &'static str,
+    last: (String, String),
 }
 
-/// The engine: evaluation state between samples.
+/// A rule's condition found true for one set of labels, with its text.
+struct Cond {
+    name: &'static str,
+    severity: &'static str,
+    labels: Vec<(String, String)>,
+    summary: String,
+    description: String,
+}
+
+/// Rule state key: the alert's name and its labels.
+type RuleKey = (&'static str, Vec<(String, String)>);
+
+/// The engine: evaluation state between samples. It keeps state only for conditions that are
+/// true, pending or firing (a rule false for every backend costs nothing to hold), and builds
+/// an alert's text only when its condition holds: with 10,000 backends an evaluation is a pass
+/// over the sample, not 50,000 formatted strings.
 pub struct Engine {
     cfg: AlertsCfg,
     name: String,
-    rules: BTreeMap<(String, Vec<(String, String)>), RuleState>,
+    rules: HashMap<RuleKey, RuleState>,
+    round: u64,
     prev: Option<(Instant, Sample)>,
 }
 
 impl Engine {
     pub fn new(cfg: AlertsCfg) -> Self {
         let name = cfg.name.clone().unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "sluice".into()));
-        Self { cfg, name, rules: BTreeMap::new(), prev: None }
+        Self { cfg, name, rules: HashMap::new(), round: 0, prev: None }
     }
 
-    /// Evaluates `s` taken at `now`; returns what started firing or resolved.
+    /// Evaluates `s` taken at `now` (kept as the next evaluation's previous sample); returns
+    /// what started firing or resolved.
     #[expect(clippy::too_many_lines, reason = "one rule after another")]
-    pub fn evaluate(&mut self, now: Instant, s: &Sample) -> Vec<Notification> {
-        let lb = self.name.clone();
-        let file = s.config_file.clone();
-        let mut conds: Vec<(&'static str, &'static str, Vec<(String, String)>, bool, String, String)> = Vec::new();
+    pub fn evaluate(&mut self, now: Instant, s: Sample) -> Vec<Notification> {
+        let lb = &self.name;
+        let file = &s.config_file;
+        let mut conds: Vec<Cond> = Vec::new();
+        let mut push = |name, severity, labels: Vec<(String, String)>, (summary, description): (String, String)| conds.push(Cond { name, severity, labels, summary, description });
+        let backend_labels = |b: &BackendSample| vec![("service".to_owned(), b.service.clone()), ("backend".to_owned(), b.backend.clone())];
         let dt = self.prev.as_ref().map(|(t, _)| now.duration_since(*t));
-        let prev_b = |svc: &str, be: &str| self.prev.as_ref().and_then(|(_, p)| p.backends.iter().find(|b| b.service == svc && b.backend == be).cloned());
-        let key_of = |svc: &str, be: &str| format!("`service \"{svc}\" backend {be} max_conns` in {file}");
-        for b in &s.backends {
-            let labels = vec![("service".to_owned(), b.service.clone()), ("backend".to_owned(), b.backend.clone())];
+        // The previous sample of a backend: at the same index when the backends did not change
+        // (the usual case), else by name.
+        let prev_sample = self.prev.as_ref().map(|(_, p)| p);
+        let mut by_name: Option<HashMap<(&str, &str), &BackendSample>> = None;
+        let mut prev_of = |i: usize, b: &BackendSample| -> Option<&BackendSample> {
+            let p = prev_sample?;
+            match p.backends.get(i) {
+                Some(q) if q.service == b.service && q.backend == b.backend => Some(q),
+                _ => by_name.get_or_insert_with(|| p.backends.iter().map(|q| ((q.service.as_str(), q.backend.as_str()), q)).collect()).get(&(b.service.as_str(), b.backend.as_str())).copied(),
+            }
+        };
+        let key_of = |b: &BackendSample| format!("`service \"{}\" backend {} max_conns` in {file}", b.service, b.backend);
+        let node = s.limits.as_ref().map_or("", |x| x.node.as_str());
+        for (i, b) in s.backends.iter().enumerate() {
             let max = u64::from(b.max_conns);
             // With cluster-wide limits the limit is the cluster's: count every node's connections.
             let open = b.cluster.as_ref().map_or(b.open, |c| c.cluster_open);
             let ratio = if max == 0 { 1.0 } else { open as f64 / max as f64 };
-            let key = key_of(&b.service, &b.backend);
-            let whose = b.cluster.as_ref().map_or(String::new(), |_| " over the cluster".to_owned());
-            conds.push((
-                "SluiceBackendAtLimit",
-                "critical",
-                labels.clone(),
-                open >= max,
-                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at its connection limit ({open} of {max} open{whose})", b.backend, b.service),
-                format!(
-                    "The load balancer (not the backend, not the database) refuses new connections to {} because {} = {max} and {} are open. Next: raise the limit (`sluice backend set-limit {} {} N`, then in {file}) or add backends.",
-                    b.backend, key, open, b.service, b.backend
-                ),
-            ));
-            conds.push((
-                "SluiceBackendNearLimit",
-                "warning",
-                labels.clone(),
-                ratio >= self.cfg.near_limit_ratio && open < max,
-                format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({open} of {max}{whose})", b.backend, b.service, ratio * 100.0),
-                format!("At {max} open connections the load balancer will refuse new ones ({key}). Next: check whether the limit fits today's traffic."),
-            ));
-            let prev = prev_b(&b.service, &b.backend);
-            for (reason, total) in &b.refused {
-                let before = prev.as_ref().and_then(|p| p.refused.get(reason).copied()).unwrap_or(*total);
-                let new = total.saturating_sub(before);
-                let mut l = labels.clone();
-                l.push(("reason".to_owned(), (*reason).to_owned()));
-                let node = s.limits.as_ref().map_or(String::new(), |x| x.node.clone());
+            let whose = if b.cluster.is_some() { " over the cluster" } else { "" };
+            if open >= max {
+                push("SluiceBackendAtLimit", "critical", backend_labels(b), (
+                    format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at its connection limit ({open} of {max} open{whose})", b.backend, b.service),
+                    format!(
+                        "The load balancer (not the backend, not the database) refuses new connections to {} because {} = {max} and {} are open. Next: raise the limit (`sluice backend set-limit {} {} N`, then in {file}) or add backends.",
+                        b.backend, key_of(b), open, b.service, b.backend
+                    ),
+                ));
+            }
+            if ratio >= self.cfg.near_limit_ratio && open < max {
+                push("SluiceBackendNearLimit", "warning", backend_labels(b), (
+                    format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({open} of {max}{whose})", b.backend, b.service, ratio * 100.0),
+                    format!("At {max} open connections the load balancer will refuse new ones ({}). Next: check whether the limit fits today's traffic.", key_of(b)),
+                ));
+            }
+            let prev = prev_of(i, b);
+            for &reason in lb_common::Reason::ALL {
+                let total = b.refused.get(reason);
+                let new = total.saturating_sub(prev.map_or(total, |p| p.refused.get(reason)));
+                if new == 0 {
+                    continue;
+                }
+                let (key, reason) = (key_of(b), reason.name());
                 let description = match &b.cluster {
-                    Some(c) if *reason == "share_exhausted" => format!(
+                    Some(c) if reason == "share_exhausted" => format!(
                         "Node \"{node}\" used up its share of the cluster-wide limit while the cluster has room: share {} with {} open here; {} of max_conns = {max} open over the cluster ({key}). The allocator moves share to the nodes that refuse within seconds; if this persists, check `sluice cluster status` (etcd, the allocating node).",
                         c.share, b.open, c.cluster_open
                     ),
@@ -236,31 +264,25 @@ impl Engine {
                         b.open
                     ),
                 };
-                conds.push((
-                    "SluiceRefusingConnections",
-                    "critical",
-                    l,
-                    new > 0,
+                let mut labels = backend_labels(b);
+                labels.push(("reason".to_owned(), reason.to_owned()));
+                push("SluiceRefusingConnections", "critical", labels, (
                     format!("Sluice load balancer {lb} is refusing connections to service \"{}\" backend {} ({reason}): {new} in the last {:.0?}", b.service, b.backend, dt.unwrap_or_default()),
                     description,
                 ));
             }
-            // Time to saturation: a linear trend of open connections.
+            // Time to saturation: a linear trend of open connections, only past half the limit
+            // (a ramp from idle is not a saturation risk yet).
             if let (Some(p), Some(dt)) = (prev, dt) {
                 let growth = b.open as f64 - p.open as f64;
-                // Only past half the limit: a ramp from idle is not a saturation risk yet.
                 if growth > 0.0 && b.open < max && ratio >= 0.5 && !dt.is_zero() {
                     let secs = (max - b.open) as f64 / (growth / dt.as_secs_f64());
-                    conds.push((
-                        "SluiceBackendSaturationForecast",
-                        "warning",
-                        labels.clone(),
-                        secs <= self.cfg.forecast_horizon.as_secs_f64(),
-                        format!("Sluice load balancer {lb}: backend {} of service \"{}\" reaches its limit in about {secs:.0} s at the current rate", b.backend, b.service),
-                        format!("{} of {max} open and rising {:.1}/s; at the limit the load balancer refuses new connections ({key}). Next: raise the limit or add backends before then.", b.open, growth / dt.as_secs_f64()),
-                    ));
-                } else {
-                    conds.push(("SluiceBackendSaturationForecast", "warning", labels.clone(), false, String::new(), String::new()));
+                    if secs <= self.cfg.forecast_horizon.as_secs_f64() {
+                        push("SluiceBackendSaturationForecast", "warning", backend_labels(b), (
+                            format!("Sluice load balancer {lb}: backend {} of service \"{}\" reaches its limit in about {secs:.0} s at the current rate", b.backend, b.service),
+                            format!("{} of {max} open and rising {:.1}/s; at the limit the load balancer refuses new connections ({}). Next: raise the limit or add backends before then.", b.open, growth / dt.as_secs_f64(), key_of(b)),
+                        ));
+                    }
                 }
             }
         }
@@ -269,73 +291,53 @@ impl Engine {
             services.entry(b.service.as_str()).or_default().push(b);
         }
         for (svc, bs) in services {
-            let labels = vec![("service".to_owned(), svc.to_owned())];
+            let labels = || vec![("service".to_owned(), svc.to_owned())];
             let active: Vec<&&BackendSample> = bs.iter().filter(|b| b.active).collect();
-            let saturated = !active.is_empty() && active.iter().all(|b| b.cluster.as_ref().map_or(b.open, |c| c.cluster_open) >= u64::from(b.max_conns));
-            conds.push((
-                "SluiceServiceSaturated",
-                "critical",
-                labels.clone(),
-                saturated,
-                format!("Sluice load balancer {lb}: every backend of service \"{svc}\" is at its connection limit"),
-                format!(
-                    "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
-                    active.len(),
-                    active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
-                ),
-            ));
-            conds.push((
-                "SluiceNoHealthyBackend",
-                "critical",
-                labels.clone(),
-                active.is_empty(),
-                format!("Sluice load balancer {lb}: service \"{svc}\" has no healthy active backend"),
-                format!("All {} backends are down or draining; new connections are refused (backend_down / no_backend). Next: check the backends' health and `sluice service list`.", bs.len()),
-            ));
+            if !active.is_empty() && active.iter().all(|b| b.cluster.as_ref().map_or(b.open, |c| c.cluster_open) >= u64::from(b.max_conns)) {
+                push("SluiceServiceSaturated", "critical", labels(), (
+                    format!("Sluice load balancer {lb}: every backend of service \"{svc}\" is at its connection limit"),
+                    format!(
+                        "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
+                        active.len(),
+                        active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+            if active.is_empty() {
+                push("SluiceNoHealthyBackend", "critical", labels(), (
+                    format!("Sluice load balancer {lb}: service \"{svc}\" has no healthy active backend"),
+                    format!("All {} backends are down or draining; new connections are refused (backend_down / no_backend). Next: check the backends' health and `sluice service list`.", bs.len()),
+                ));
+            }
         }
         let table_ratio = if s.flow_capacity == 0 { 0.0 } else { s.flows as f64 / s.flow_capacity as f64 };
-        conds.push((
-            "SluiceFlowTableNearFull",
-            "critical",
-            Vec::new(),
-            table_ratio >= self.cfg.flow_table_ratio,
-            format!("Sluice load balancer {lb}: flow table {:.0}% full ({} of {})", table_ratio * 100.0, s.flows, s.flow_capacity),
-            format!("When it is full, new connections are refused (flow_table_full) — limits set by flows.capacity in {file}. Next: raise flows.capacity (needs `sluice detach` and a restart) or shorten flows.timeouts."),
-        ));
-        if let Some((node, _, _)) = &s.not_announcing {
-            let (vips, error) = s.not_announcing.as_ref().map(|(_, v, e)| (v.join(", "), e.clone())).unwrap_or_default();
-            conds.push((
-                "SluiceNotAnnouncing",
-                "critical",
-                vec![("node".to_owned(), node.clone())],
-                true,
+        if table_ratio >= self.cfg.flow_table_ratio {
+            push("SluiceFlowTableNearFull", "critical", Vec::new(), (
+                format!("Sluice load balancer {lb}: flow table {:.0}% full ({} of {})", table_ratio * 100.0, s.flows, s.flow_capacity),
+                format!("When it is full, new connections are refused (flow_table_full) — limits set by flows.capacity in {file}. Next: raise flows.capacity (needs `sluice detach` and a restart) or shorten flows.timeouts."),
+            ));
+        }
+        if let Some((node, vips, error)) = &s.not_announcing {
+            let vips = vips.join(", ");
+            push("SluiceNotAnnouncing", "critical", vec![("node".to_owned(), node.clone())], (
                 format!("Sluice load balancer {lb} (node \"{node}\") should announce {vips} but BIRD does not have it"),
                 format!("The router sends this node no traffic for those VIPs; the datapath forwards what arrives. BIRD: {error}. Next: check BIRD (`birdc show protocols`) and cluster.bird_socket; the daemon retries every second."),
             ));
         }
-        conds.push((
-            "SluiceConfigChangeRefused",
-            "warning",
-            Vec::new(),
-            s.change_refused.is_some(),
-            format!("Sluice load balancer {lb}: a reload of {file} was refused by the guard; the previous config still runs"),
-            format!(
-                "The file lowers what a service admits below its load: {}. Nothing changed. Next: fix the file, or apply it on purpose with `sluice config apply {file} --force`.",
-                s.change_refused.as_deref().unwrap_or("")
-            ),
-        ));
-        if let Some(l) = &s.limits {
+        if let Some(refused) = &s.change_refused {
+            push("SluiceConfigChangeRefused", "warning", Vec::new(), (
+                format!("Sluice load balancer {lb}: a reload of {file} was refused by the guard; the previous config still runs"),
+                format!("The file lowers what a service admits below its load: {refused}. Nothing changed. Next: fix the file, or apply it on purpose with `sluice config apply {file} --force`."),
+            ));
+        }
+        if let Some(l) = s.limits.as_ref().filter(|l| !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0)) {
             let shares: Vec<String> = l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
             let state = if l.fallback {
                 format!("its lease ({} s) has run out, so it enforces the smaller of each share and its safe share", l.lease_ttl_s)
             } else {
                 format!("it keeps its shares until its lease ({} s) would run out, then falls back to its safe shares", l.lease_ttl_s)
             };
-            conds.push((
-                "SluiceLimitsWithoutEtcd",
-                "critical",
-                vec![("node".to_owned(), l.node.clone())],
-                !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0),
+            push("SluiceLimitsWithoutEtcd", "critical", vec![("node".to_owned(), l.node.clone())], (
                 format!("Sluice load balancer {lb} (node \"{}\") cannot reach etcd ({}): cluster-wide limits are not rebalanced", l.node, l.etcd.join(", ")),
                 format!(
                     "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd: with etcd down for all, the cluster stays within max_conns. If only this node is cut off, the others are granted its share once its lease runs out, and its open connections above its safe share count on top until they close. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
@@ -347,39 +349,52 @@ impl Engine {
         }
         for (be, total) in &s.drift {
             let before = self.prev.as_ref().and_then(|(_, p)| p.drift.get(be).copied()).unwrap_or(*total);
-            conds.push((
-                "SluiceCounterDrift",
-                "warning",
-                vec![("backend".to_owned(), be.clone())],
-                *total > before,
-                format!("Sluice load balancer {lb}: the open-connection counter of backend {be} drifted and was corrected"),
-                format!("{} connections corrected so far. Limits stay enforced on the corrected count. Next: report it if it recurs.", total),
-            ));
-        }
-
-        let mut out = Vec::new();
-        for (name, severity, labels, cond, summary, description) in conds {
-            let st = self.rules.entry((name.to_owned(), labels.clone())).or_default();
-            if cond {
-                st.false_since = None;
-                let since = *st.true_since.get_or_insert(now);
-                st.last = Some((summary.clone(), description.clone()));
-                let after = if name == "SluiceRefusingConnections" { self.cfg.refusals_fire_after } else { self.cfg.fire_after };
-                if !st.firing && now.duration_since(since) >= after {
-                    st.firing = true;
-                    out.push(self.notify(s, Status::Firing, name, severity, &labels, summary, description));
-                }
-            } else {
-                st.true_since = None;
-                let since = *st.false_since.get_or_insert(now);
-                if st.firing && now.duration_since(since) >= self.cfg.resolve_after {
-                    st.firing = false;
-                    let (summary, description) = st.last.clone().unwrap_or_default();
-                    out.push(self.notify(s, Status::Resolved, name, severity, &labels, format!("RESOLVED: {summary}"), description));
-                }
+            if *total > before {
+                push("SluiceCounterDrift", "warning", vec![("backend".to_owned(), be.clone())], (
+                    format!("Sluice load balancer {lb}: the open-connection counter of backend {be} drifted and was corrected"),
+                    format!("{total} connections corrected so far. Limits stay enforced on the corrected count. Next: report it if it recurs."),
+                ));
             }
         }
-        self.prev = Some((now, s.clone()));
+
+        self.round += 1;
+        let mut out = Vec::new();
+        for c in conds {
+            let st = self.rules.entry((c.name, c.labels.clone())).or_default();
+            st.seen = self.round;
+            st.severity = c.severity;
+            st.false_since = None;
+            let since = *st.true_since.get_or_insert(now);
+            let after = if c.name == "SluiceRefusingConnections" { self.cfg.refusals_fire_after } else { self.cfg.fire_after };
+            let starts = !st.firing && now.duration_since(since) >= after;
+            st.firing |= starts;
+            st.last = (c.summary, c.description);
+            if starts {
+                let (summary, description) = st.last.clone();
+                out.push(self.notify(&s, Status::Firing, c.name, c.severity, &c.labels, summary, description));
+            }
+        }
+        // Every condition not found true this time is false: resolve what stayed false for
+        // resolve_after, forget what is not firing.
+        let resolve_after = self.cfg.resolve_after;
+        let mut resolved = Vec::new();
+        self.rules.retain(|key, st| {
+            if st.seen == self.round {
+                return true;
+            }
+            st.true_since = None;
+            let since = *st.false_since.get_or_insert(now);
+            if st.firing && now.duration_since(since) >= resolve_after {
+                resolved.push((key.clone(), st.severity, std::mem::take(&mut st.last)));
+                return false;
+            }
+            st.firing
+        });
+        resolved.sort();
+        for ((name, labels), severity, (summary, description)) in resolved {
+            out.push(self.notify(&s, Status::Resolved, name, severity, &labels, format!("RESOLVED: {summary}"), description));
+        }
+        self.prev = Some((now, s));
         out
     }
 
@@ -390,7 +405,9 @@ impl Engine {
 
     /// Alerts firing now: (name, labels).
     pub fn firing(&self) -> Vec<(String, Vec<(String, String)>)> {
-        self.rules.iter().filter(|(_, s)| s.firing).map(|(k, _)| k.clone()).collect()
+        let mut out: Vec<_> = self.rules.iter().filter(|(_, s)| s.firing).map(|((name, labels), _)| ((*name).to_owned(), labels.clone())).collect();
+        out.sort();
+        out
     }
 }
 
@@ -425,7 +442,7 @@ mod tests {
                 open,
                 max_conns: 100,
                 active: true,
-                refused: [("backend_limit", refused)].into_iter().collect(),
+                refused: lb_common::Refusals { backend_limit: refused, ..Default::default() },
                 cluster: None,
             }],
             flows: open,
@@ -447,9 +464,9 @@ mod tests {
     fn at_limit_fires_after_the_hysteresis_and_names_the_setting() {
         let mut e = engine();
         let t0 = Instant::now();
-        assert!(e.evaluate(t0, &sample(100, 0)).is_empty(), "not before fire_after");
-        assert!(e.evaluate(t0 + Duration::from_secs(1), &sample(100, 3)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
-        let n = e.evaluate(t0 + Duration::from_secs(2), &sample(100, 7));
+        assert!(e.evaluate(t0, sample(100, 0)).is_empty(), "not before fire_after");
+        assert!(e.evaluate(t0 + Duration::from_secs(1), sample(100, 3)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        let n = e.evaluate(t0 + Duration::from_secs(2), sample(100, 7));
         let at = n.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("fires at 2 s");
         assert_eq!(at.status, Status::Firing);
         assert!(at.summary.contains("Sluice load balancer lb-1") && at.summary.contains("100 of 100"), "{}", at.summary);
@@ -461,12 +478,12 @@ mod tests {
         // Refusals: counted since the last sample, with the reason; they fire at once
         // (refusals_fire_after = 0: clients are already failing).
         let mut e2 = engine();
-        e2.evaluate(t0, &sample(100, 0));
-        let n = e2.evaluate(t0 + Duration::from_millis(300), &sample(100, 3));
+        e2.evaluate(t0, sample(100, 0));
+        let n = e2.evaluate(t0 + Duration::from_millis(300), sample(100, 3));
         let r = n.iter().find(|n| n.alertname == "SluiceRefusingConnections").expect("refusals fire at once");
         assert!(r.summary.contains("3 in the last") && r.labels["reason"] == "backend_limit", "{}", r.summary);
         assert!(r.description.contains("max_conns = 100"), "{}", r.description);
-        let n = e2.evaluate(t0 + Duration::from_secs(1), &sample(100, 8));
+        let n = e2.evaluate(t0 + Duration::from_secs(1), sample(100, 8));
         assert!(n.iter().all(|n| n.alertname != "SluiceRefusingConnections"), "fires once");
     }
 
@@ -474,16 +491,16 @@ mod tests {
     fn resolves_only_after_staying_false_and_flapping_does_not_resolve() {
         let mut e = engine();
         let t0 = Instant::now();
-        e.evaluate(t0, &sample(100, 0));
-        assert!(e.evaluate(t0 + Duration::from_secs(2), &sample(100, 0)).iter().any(|n| n.alertname == "SluiceBackendAtLimit"));
+        e.evaluate(t0, sample(100, 0));
+        assert!(e.evaluate(t0 + Duration::from_secs(2), sample(100, 0)).iter().any(|n| n.alertname == "SluiceBackendAtLimit"));
         // Dips below the limit briefly, back at it: no resolve, no second firing.
-        let n = e.evaluate(t0 + Duration::from_secs(3), &sample(50, 0));
+        let n = e.evaluate(t0 + Duration::from_secs(3), sample(50, 0));
         assert!(n.iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
-        let n = e.evaluate(t0 + Duration::from_secs(4), &sample(100, 0));
+        let n = e.evaluate(t0 + Duration::from_secs(4), sample(100, 0));
         assert!(n.iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
-        e.evaluate(t0 + Duration::from_secs(5), &sample(10, 0));
-        assert!(e.evaluate(t0 + Duration::from_secs(9), &sample(10, 0)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
-        let n = e.evaluate(t0 + Duration::from_secs(10), &sample(10, 0));
+        e.evaluate(t0 + Duration::from_secs(5), sample(10, 0));
+        assert!(e.evaluate(t0 + Duration::from_secs(9), sample(10, 0)).iter().all(|n| n.alertname != "SluiceBackendAtLimit"));
+        let n = e.evaluate(t0 + Duration::from_secs(10), sample(10, 0));
         let r = n.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("resolves after 5 s below");
         assert_eq!(r.status, Status::Resolved);
         assert!(r.summary.starts_with("RESOLVED: "));
@@ -493,16 +510,37 @@ mod tests {
     fn near_limit_saturation_forecast_and_service_saturated() {
         let mut e = engine();
         let t0 = Instant::now();
-        let mut n = e.evaluate(t0, &sample(40, 0));
-        n.extend(e.evaluate(t0 + Duration::from_secs(1), &sample(60, 0)));
-        n.extend(e.evaluate(t0 + Duration::from_secs(3), &sample(85, 0)));
-        n.extend(e.evaluate(t0 + Duration::from_secs(5), &sample(90, 0)));
+        let mut n = e.evaluate(t0, sample(40, 0));
+        n.extend(e.evaluate(t0 + Duration::from_secs(1), sample(60, 0)));
+        n.extend(e.evaluate(t0 + Duration::from_secs(3), sample(85, 0)));
+        n.extend(e.evaluate(t0 + Duration::from_secs(5), sample(90, 0)));
         let names: Vec<&str> = n.iter().map(|n| n.alertname).collect();
         assert!(names.contains(&"SluiceBackendNearLimit"), "{names:?}");
         assert!(names.contains(&"SluiceBackendSaturationForecast"), "{names:?}");
         let mut e = engine();
-        e.evaluate(t0, &sample(100, 0));
-        let n = e.evaluate(t0 + Duration::from_secs(2), &sample(100, 0));
+        e.evaluate(t0, sample(100, 0));
+        let n = e.evaluate(t0 + Duration::from_secs(2), sample(100, 0));
         assert!(n.iter().any(|n| n.alertname == "SluiceServiceSaturated"));
+    }
+
+    /// Only conditions that hold (or alerts still firing) are kept: 10,000 idle backends leave
+    /// no state behind, and an alert whose backend left the config resolves like any other.
+    #[test]
+    fn keeps_state_only_for_what_holds_and_resolves_a_removed_backend() {
+        let mut e = engine();
+        let t0 = Instant::now();
+        let mut big = sample(10, 0);
+        big.backends = (0..10_000).map(|i| BackendSample { backend: format!("10.1.{}.{}", i / 250, i % 250), ..big.backends[0].clone() }).collect();
+        big.backends[7].open = 100;
+        e.evaluate(t0, big.clone());
+        assert_eq!(e.rules.len(), 1, "one pending condition, nothing for the 9,999 idle backends");
+        assert!(e.evaluate(t0 + Duration::from_secs(2), big.clone()).iter().any(|n| n.alertname == "SluiceBackendAtLimit" && n.labels["backend"] == "10.1.0.7"));
+        // The backend leaves the config (and the order of the others changes).
+        big.backends.remove(7);
+        big.backends.reverse();
+        assert!(e.evaluate(t0 + Duration::from_secs(3), big.clone()).is_empty());
+        let n = e.evaluate(t0 + Duration::from_secs(8), big);
+        assert!(n.iter().any(|n| n.alertname == "SluiceBackendAtLimit" && n.status == Status::Resolved), "{n:?}");
+        assert!(e.rules.is_empty());
     }
 }

@@ -105,10 +105,11 @@ fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
     let mut out = Vec::new();
     let limits = st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").backends.clone());
     let applied: Vec<_> = st.applied.services.values().cloned().collect();
+    let all_stats = st.dp.tables().backend_stats_upto(st.applied.backend_ids_end())?;
     for s in applied {
         let mut backends = Vec::new();
         for b in s.backends.values() {
-            let ts = st.dp.tables().backend_stats(b.id)?;
+            let ts = all_stats[b.id as usize];
             backends.push(BackendReport {
                 new_flows: ts.new_flows,
                 refused: lb_common::Reason::ALL.iter().map(|r| (r.name(), ts.refused.get(*r))).filter(|(_, n)| *n > 0).collect(),

@@ -315,19 +315,23 @@ impl State {
         let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
         let now_unix = crate::history::unix_now();
         let t = self.dp.tables();
+        let all_stats = t.backend_stats_upto(self.applied.backend_ids_end())?;
         for s in self.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
-                let stats = t.backend_stats(b.id)?;
-                let refused = lb_common::Reason::ALL.iter().map(|r| (r.name(), stats.refused.get(*r))).collect();
-                self.history.observe(&crate::shares::key(&s.name, b.address), now_unix, self.conns.get(b.id), stats.refused.total());
+                let stats = all_stats[b.id as usize];
+                // The address formatted once: the history's key and the sample's label.
+                let address = b.address.to_string();
+                let key = format!("{}/{address}", s.name);
+                debug_assert_eq!(key, crate::shares::key(&s.name, b.address));
+                self.history.observe(&key, now_unix, self.conns.get(b.id), stats.refused.total());
                 backends.push(alerts::BackendSample {
                     service: s.name.clone(),
-                    backend: b.address.to_string(),
+                    backend: address,
                     open: self.conns.get(b.id),
                     max_conns: b.max_conns,
                     active: b.state == lb_common::BACKEND_ACTIVE,
-                    refused,
-                    cluster: limits.as_ref().and_then(|l| l.backends.get(&crate::shares::key(&s.name, b.address))).cloned(),
+                    refused: stats.refused,
+                    cluster: limits.as_ref().and_then(|l| l.backends.get(&key)).cloned(),
                 });
                 if let Some(c) = self.reconciler.corrections.get(&b.id) {
                     drift.insert(b.address.to_string(), *c);
@@ -353,7 +357,7 @@ impl State {
             change_refused: self.change_refused.clone(),
             service_labels: self.cfg.services.iter().filter(|s| !s.labels.is_empty()).map(|s| (s.name.clone(), s.labels.clone())).collect(),
         };
-        for n in self.alerts.evaluate(Instant::now(), &sample) {
+        for n in self.alerts.evaluate(Instant::now(), sample) {
             match n.status {
                 alerts::Status::Firing => {
                     tracing::warn!(alert = n.alertname, severity = n.severity, "FIRING: {} — {}", n.summary, n.description);

@@ -10,7 +10,7 @@
 //! file that cannot be read is moved aside with a warning (history never stops forwarding).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io::{Read as _, Write as _},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -139,7 +139,8 @@ impl Series {
 #[derive(Debug, Default)]
 pub struct History {
     pub path: PathBuf,
-    pub series: BTreeMap<String, Series>,
+    /// By `service/address` (hashed: every backend is looked up each evaluation).
+    pub series: HashMap<String, Series>,
     pub saved: Option<std::time::Instant>,
 }
 
@@ -185,7 +186,7 @@ impl History {
         h
     }
 
-    fn decode(bytes: &[u8]) -> std::io::Result<BTreeMap<String, Series>> {
+    fn decode(bytes: &[u8]) -> std::io::Result<HashMap<String, Series>> {
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
         let mut r = bytes;
         let mut magic = [0; 8];
@@ -194,7 +195,7 @@ impl History {
             return Err(bad("not a Sluice load history"));
         }
         let n = read_u32(&mut r)?;
-        let mut out = BTreeMap::new();
+        let mut out = HashMap::new();
         for _ in 0..n {
             let len = read_u32(&mut r)? as usize;
             if len > 1024 || len > r.len() {
@@ -267,7 +268,12 @@ impl History {
     }
 
     pub fn observe(&mut self, key: &str, now: u64, open: u64, refused_total: u64) {
-        self.series.entry(key.to_owned()).or_default().observe(now, open, refused_total);
+        // Looked up before inserting: called for every backend each evaluation, it allocates
+        // a key only for a backend seen for the first time.
+        match self.series.get_mut(key) {
+            Some(s) => s.observe(now, open, refused_total),
+            None => self.series.entry(key.to_owned()).or_default().observe(now, open, refused_total),
+        }
     }
 
     pub fn peak(&self, key: &str, now: u64, window: Duration) -> Peak {

@@ -454,13 +454,15 @@ impl Node {
         let mut guard = state.lock().expect("state lock");
         let st = &mut *guard;
         let t = st.dp.tables();
+        // A failed read counts as no traffic this round (the next one reads again).
+        let all_stats = t.backend_stats_upto(st.applied.backend_ids_end()).unwrap_or_default();
         let now = Instant::now();
         let mut backends = BTreeMap::new();
         let mut rates = BTreeMap::new();
         for s in st.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
                 let k = shares::key(&s.name, b.address);
-                let stats = t.backend_stats(b.id).unwrap_or_default();
+                let stats = all_stats.get(b.id as usize).copied().unwrap_or_default();
                 let refused = stats.refused.get(Reason::ShareExhausted) + stats.refused.get(Reason::BackendLimit);
                 let r = match self.rates.get(&k) {
                     Some(p) => {

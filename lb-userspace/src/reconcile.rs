@@ -151,6 +151,12 @@ impl Applied {
         self.services.get(service).and_then(|s| s.backends.get(&address))
     }
 
+    /// One past the highest backend id in use: how much of `BACKEND_STATS` a batched read of
+    /// every backend's statistics covers.
+    pub fn backend_ids_end(&self) -> u32 {
+        self.services.values().flat_map(|s| s.backends.values()).map(|b| b.id + 1).max().unwrap_or(0)
+    }
+
     pub fn new(ring_slots: u32) -> Self {
         Self { ring_slots, ..Self::default() }
     }

@@ -203,12 +203,12 @@ mod tests {
         };
         let mut engine = crate::alerts::Engine::new(cfg);
         let sample = crate::alerts::Sample {
-            backends: vec![crate::alerts::BackendSample { service: "web".into(), backend: "10.0.0.11".into(), open: 5, max_conns: 5, active: true, refused: BTreeMap::new(), cluster: None }],
+            backends: vec![crate::alerts::BackendSample { service: "web".into(), backend: "10.0.0.11".into(), open: 5, max_conns: 5, active: true, refused: lb_common::Refusals::default(), cluster: None }],
             service_labels: [("web".to_owned(), [("owner".to_owned(), "checkout".to_owned())].into())].into(),
             ..Default::default()
         };
         let now = std::time::Instant::now();
-        let fired = engine.evaluate(now, &sample);
+        let fired = engine.evaluate(now, sample);
         let at_limit = fired.iter().find(|n| n.alertname == "SluiceBackendAtLimit").expect("fires").clone();
         assert_eq!(at_limit.labels["team"], "netops");
         assert_eq!(at_limit.labels["owner"], "checkout");

@@ -196,4 +196,66 @@ impl<'a> Tables<'a> {
     pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, Error> {
         self.per_cpu_sum(maps::BACKEND_STATS, id)
     }
+
+    /// Every backend's statistics with ids below `upto` (index = id), summed over CPUs, in
+    /// one `BPF_MAP_LOOKUP_BATCH` call instead of one lookup per backend: what alerting and
+    /// metrics read each time, for every backend.
+    pub fn backend_stats_upto(&self, upto: u32) -> Result<Vec<TrafficStats>, Error> {
+        let map = self.ebpf.map(maps::BACKEND_STATS).ok_or_else(|| err("BACKEND_STATS", anyhow::anyhow!("no such map")))?;
+        let data = map_data(map).ok_or_else(|| err("BACKEND_STATS", anyhow::anyhow!("unexpected map kind")))?;
+        lookup_batch_per_cpu(data.fd().as_fd().as_raw_fd(), upto).map_err(|e| err("BACKEND_STATS (batched lookup)", e))
+    }
 }
+
+/// Reads keys `0..upto` of a per-CPU array of [`TrafficStats`] with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6),
+/// summing each key's per-CPU values.
+fn lookup_batch_per_cpu(fd: RawFd, upto: u32) -> std::io::Result<Vec<TrafficStats>> {
+    type V = TrafficStats;
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    // Per-CPU values come 8-byte aligned, one per possible CPU, key after key.
+    let stride = size_of::<V>().next_multiple_of(8);
+    let (mut keys, mut values) = (vec![0u32; upto as usize], vec![0u64; upto as usize * cpus * stride / 8]);
+    let (mut filled, mut next) = (0usize, 0u32);
+    while filled < upto as usize {
+        // union bpf_attr, the batch member: in_batch, out_batch, keys, values (u64 each),
+        // count, map_fd (u32 each), elem_flags, flags.
+        let mut attr = [0u64; 8];
+        let mut out_batch = 0u32;
+        attr[0] = if filled == 0 { 0 } else { std::ptr::from_ref(&next) as u64 };
+        attr[1] = std::ptr::from_mut(&mut out_batch) as u64;
+        attr[2] = keys[filled..].as_mut_ptr() as u64;
+        attr[3] = values[filled * cpus * stride / 8..].as_mut_ptr() as u64;
+        attr[4] = (upto as u64 - filled as u64) | (u64::from(fd as u32) << 32);
+        // SAFETY: the buffers hold `count` keys and values from where they point and outlive
+        // the call; the kernel writes at most `count` of each.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_BATCH, attr.as_mut_ptr(), size_of_val(&attr)) };
+        let got = (attr[4] & 0xffff_ffff) as usize;
+        filled += got;
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENOENT: the end of the map (fewer keys than asked for).
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(e);
+        }
+        if got == 0 {
+            break;
+        }
+        next = out_batch;
+    }
+    let mut out = vec![V::default(); upto as usize];
+    for (i, &key) in keys[..filled].iter().enumerate() {
+        let Some(sum) = out.get_mut(key as usize) else { continue };
+        for cpu in 0..cpus {
+            let at = (i * cpus + cpu) * stride;
+            // SAFETY: within `values` (filled * cpus * stride bytes); `V` is plain old data
+            // and the read is unaligned-safe.
+            let v: V = unsafe { values.as_ptr().cast::<u8>().add(at).cast::<V>().read_unaligned() };
+            sum.add(&v);
+        }
+    }
+    Ok(out)
+}
+

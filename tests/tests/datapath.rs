@@ -338,6 +338,15 @@ fn rows() -> Vec<Row> {
             assert_eq!(&out.data[..6], &backend_mac(want), "port {p}");
             fx.x.tables().remove_flow(&fkey(&c4(p), &v4dst(), PROTO_TCP)).expect("rm");
         }
+        // The batched read of every backend's statistics (alerting, metrics) agrees with one
+        // lookup per backend.
+        let t = fx.x.tables();
+        let all = t.backend_stats_upto(64).expect("batched lookup");
+        assert_eq!(all.len(), 64);
+        for (id, stats) in all.iter().enumerate() {
+            assert_eq!(*stats, t.backend_stats(id as u32).expect("lookup"), "backend {id}");
+        }
+        assert!(all.iter().map(|s| s.new_flows).sum::<u64>() >= 200);
     }));
     row("v6 SYN admitted (l2dsr)", Box::new(|fx| {
         fx.install(&web6(two6(100)));
