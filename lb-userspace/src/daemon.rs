@@ -30,7 +30,9 @@ use crate::{
 
 /// How often the reconciliation pass runs, in ticks (one per second).
 const RECONCILE_EVERY: u64 = 10;
-/// Refusal events trigger an evaluation at most this often (events are rate-limited already).
+/// Refusal events trigger an evaluation at most this often (events are rate-limited already);
+/// the periodic evaluations do not count, so the first refusal after a quiet spell is always
+/// evaluated at once.
 const MIN_EVAL_GAP: Duration = Duration::from_millis(100);
 /// GC waits this many times as long as its last sweep took (at least a second).
 const GC_DUTY_INVERSE: u32 = 20;
@@ -167,9 +169,13 @@ pub struct State {
     pub journal: crate::journal::Journal,
     /// Alerts firing now, as last notified.
     pub firing: Vec<alerts::Notification>,
-    last_eval: Instant,
-    /// Refusals arrived within MIN_EVAL_GAP of the last evaluation: evaluate when it has passed.
+    /// The last evaluation refusal events triggered.
+    last_event_eval: Option<Instant>,
+    /// Refusals arrived within MIN_EVAL_GAP of the last such evaluation: evaluate when it has
+    /// passed. Whoever drains (the main loop, an API call) wakes the main loop through
+    /// `eval_wakeup`, so a deferred evaluation is never left to the next tick.
     eval_pending: bool,
+    pub eval_wakeup: Arc<tokio::sync::Notify>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
     /// This node's part in a cluster (`[cluster]`): what it announces through BIRD.
@@ -297,10 +303,12 @@ impl State {
     pub fn drain_events(&mut self) -> Result<usize, Error> {
         let n = self.events.as_mut().map_or(0, |ev| ev.drain(&self.applied));
         if n > 0 {
-            if self.last_eval.elapsed() >= MIN_EVAL_GAP {
+            if self.last_event_eval.is_none_or(|t| t.elapsed() >= MIN_EVAL_GAP) {
+                self.last_event_eval = Some(Instant::now());
                 self.evaluate_alerts()?;
             } else {
                 self.eval_pending = true;
+                self.eval_wakeup.notify_one();
             }
         }
         Ok(n)
@@ -308,7 +316,6 @@ impl State {
 
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
     fn evaluate_alerts(&mut self) -> Result<(), Error> {
-        self.last_eval = Instant::now();
         self.eval_pending = false;
         let mut backends = Vec::new();
         let mut drift = std::collections::BTreeMap::new();
@@ -545,8 +552,9 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         overrides: std::collections::BTreeMap::new(),
         journal: crate::journal::Journal::new(cfg.daemon.journal.clone(), cfg.daemon.journal_max_bytes),
         firing: Vec::new(),
-        last_eval: Instant::now(),
+        last_event_eval: None,
         eval_pending: false,
+        eval_wakeup: Arc::default(),
         health_tx,
         health_rx: Some(health_rx),
         cluster: cluster(&cfg)?,
@@ -653,6 +661,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
     let wakeup = state.lock().expect("state lock").events.as_ref().and_then(|e| e.wakeup_fd().ok());
     // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged while registered.
     let wakeup = wakeup.and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok());
+    let eval_wakeup = state.lock().expect("state lock").eval_wakeup.clone();
     let mut n = 0u64;
     loop {
         let configured = state.lock().expect("state lock").cfg.alerts.interval;
@@ -662,7 +671,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
         }
         let pending_at = {
             let st = state.lock().expect("state lock");
-            st.eval_pending.then(|| st.last_eval + MIN_EVAL_GAP)
+            st.eval_pending.then(|| st.last_event_eval.map_or_else(Instant::now, |t| t + MIN_EVAL_GAP))
         };
         let events_ready = async {
             match &wakeup {
@@ -711,10 +720,14 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
                 }
             }
             () = tokio::time::sleep_until(pending_at.unwrap_or_else(Instant::now).into()), if pending_at.is_some() => {
-                if let Err(e) = state.lock().expect("state lock").evaluate_alerts() {
+                let mut st = state.lock().expect("state lock");
+                st.last_event_eval = Some(Instant::now());
+                if let Err(e) = st.evaluate_alerts() {
                     tracing::error!("evaluating alerts: {e}");
                 }
             }
+            // A drain elsewhere deferred an evaluation: go round to wait for it.
+            () = eval_wakeup.notified() => {}
             _ = eval_tick.tick() => {
                 if let Err(e) = state.lock().expect("state lock").evaluate_alerts() {
                     tracing::error!("evaluating alerts: {e}");

@@ -5,8 +5,9 @@
 //!   load balancer refuses with a RST; the time from the client seeing the refusal to the webhook
 //!   receiver getting the firing `SluiceRefusingConnections` alert. 20 trials; each waits for the
 //!   alert to resolve first.
-//! - the daemon's CPU with 1,000 backends (10 services × 100) at a 1 s evaluation interval,
-//!   idle traffic: utime + stime from /proc over 30 s.
+//! - the daemon's CPU with 100 to 10,000 backends (services of 100) at a 1 s evaluation
+//!   interval, idle traffic: utime + stime from /proc over 20 s; the same with a `/metrics`
+//!   scrape every 15 s (Prometheus' default interval); the scrape's time and size; RssAnon.
 //! Writes its section of BENCHMARKS.md.
 
 use std::{fmt::Write as _, path::PathBuf, time::{Duration, Instant}};
@@ -18,12 +19,30 @@ use sluice_tests::{
 };
 
 const TRIALS: usize = 20;
-const CPU_WINDOW: Duration = Duration::from_secs(30);
+const CPU_WINDOW: Duration = Duration::from_secs(20);
+/// Backends configured for the CPU figures (services of 100 backends each).
+const SIZES: &[u32] = &[100, 1_000, 3_000, 10_000];
+/// Prometheus' default scrape interval.
+const SCRAPE_EVERY: Duration = Duration::from_secs(15);
+
+/// What watching `backends` backends costs.
+struct Cost {
+    backends: u32,
+    /// Share of one core with no scrapes.
+    cpu: f64,
+    /// The same with a scrape every [`SCRAPE_EVERY`].
+    cpu_scraped: f64,
+    /// The slowest of the scrapes, and the body's size.
+    scrape: Duration,
+    scrape_bytes: usize,
+    rss_anon_kib: u64,
+}
 
 fn main() {
     let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
     let latencies = alert_latency();
-    let cpu = daemon_cpu();
+    let costs: Vec<Cost> = SIZES.iter().map(|&n| daemon_cost(n)).collect();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_default();
 
     let mut sorted = latencies.clone();
     sorted.sort();
@@ -33,20 +52,37 @@ fn main() {
     let mut table = String::from("| measurement | result |\n|---|---:|\n");
     writeln!(table, "| alert latency, first refusal → webhook delivery, median of {TRIALS} | {:.1} ms |", ms(median)).expect("w");
     writeln!(table, "| alert latency, worst of {TRIALS} | {:.1} ms |", ms(worst)).expect("w");
-    writeln!(table, "| daemon CPU, 1,000 backends, 1 s evaluation, over {}s | {:.2} % of a core |", CPU_WINDOW.as_secs(), cpu * 100.0).expect("w");
-    writeln!(table, "| daemon CPU per second (1,000 backends) | {:.2} ms |", cpu * 1e3).expect("w");
-    println!("{table}");
+    writeln!(table, "| trials under 10 ms | {} of {TRIALS} |", latencies.iter().filter(|d| **d < Duration::from_millis(10)).count()).expect("w");
+    let mut cost = String::from("| backends | daemon CPU, idle | with a scrape every 15 s | slowest scrape | scrape size | RssAnon |\n|---:|---:|---:|---:|---:|---:|\n");
+    for c in &costs {
+        writeln!(
+            cost,
+            "| {} | {:.2} % | {:.2} % | {:.1} ms | {:.1} MB | {:.1} MiB |",
+            c.backends,
+            c.cpu * 100.0,
+            c.cpu_scraped * 100.0,
+            ms(c.scrape),
+            c.scrape_bytes as f64 / 1e6,
+            c.rss_anon_kib as f64 / 1024.0
+        )
+        .expect("w");
+    }
+    println!("{table}\n{cost}");
     let all: Vec<String> = latencies.iter().map(|d| format!("{:.0}", ms(*d))).collect();
     let body = format!(
         "## Alerting (`cargo xtask bench alerts`)\n\n\
+         Machine: {cpu_model}, {} CPUs.\n\n\
          Latency: the test lab's namespaces, the real daemon, real TCP; one refused connection per\n\
          trial, from the client's `ECONNREFUSED` to the webhook receiver reading the POST of the\n\
-         firing `SluiceRefusingConnections` alert (default `refusals_fire_after = 0s`). CPU: the\n\
-         real `sluice run --config` with 10 services × 100 backends, no traffic, no health checks,\n\
-         `alerts.interval = 1s`; utime + stime from `/proc/PID/stat` over {}s.\n\n{table}\n\
-         All {TRIALS} latencies (ms, in order): {}\n",
-        CPU_WINDOW.as_secs(),
-        all.join(", ")
+         firing `SluiceRefusingConnections` alert (default `refusals_fire_after = 0s`).\n\n{table}\n\
+         All {TRIALS} latencies (ms, in order): {}\n\n\
+         What watching costs: the real `sluice run --config` with services of 100 backends, no\n\
+         traffic, no health checks, `alerts.interval = 1s`, the default flow table (1M flows: its\n\
+         GC sweep is in these figures); utime + stime from `/proc/PID/stat` over {}s, without and\n\
+         then with a `/metrics` scrape every 15 s; RssAnon after the scrapes.\n\n{cost}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        all.join(", "),
+        CPU_WINDOW.as_secs()
     );
     sluice_tests::write_section(&out_path, "bench-alerts", &body);
     println!("wrote {}", out_path.display());
@@ -71,8 +107,10 @@ fn alert_latency() -> Vec<Duration> {
         out.push(at.saturating_duration_since(refused_at));
         println!("trial {}: {:.1} ms", trial + 1, out[trial].as_secs_f64() * 1e3);
         wait_for("the resolved alert", || count("\"status\":\"resolved\"") > trial);
-        // A gap so the next refusal is not within one evaluation of the last.
-        std::thread::sleep(Duration::from_millis(300));
+        // A gap so the next refusal is not within one evaluation of the last, and a phase that
+        // walks over the 1 s evaluation tick: a refusal just after a periodic evaluation must
+        // be as fast as any other.
+        std::thread::sleep(Duration::from_millis(300 + (trial as u64 * 137) % 1000));
     }
     drop(held);
     let _ = daemon.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
@@ -80,11 +118,12 @@ fn alert_latency() -> Vec<Duration> {
     out
 }
 
-/// CPU share of one core used by an idle daemon with 1,000 backends.
-fn daemon_cpu() -> f64 {
+/// What an idle daemon with `backends` backends costs (services of 100 backends).
+fn daemon_cost(backends: u32) -> Cost {
     let lb = Netns::new("benchlb");
     let peer = Netns::new("benchpeer");
     veth(&lb, "lb0", &peer, "p0");
+    lb.link_up("lo");
     let pins = PinDir::new();
     let dir = std::env::temp_dir().join(format!("sluice-bench-alerts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -95,10 +134,12 @@ fn daemon_cpu() -> f64 {
         sock.display(),
         dir.join("journal.jsonl").display()
     );
-    for s in 0..10 {
-        write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.0.{}\"\nport = 80\nproto = \"tcp\"\nring_size = 10007\n", s + 1).expect("w");
-        for b in 0..100 {
-            write!(t, "[[service.backend]]\naddress = \"10.2.{s}.{}\"\nmax_conns = 1000\nmac = \"02:00:00:00:{s:02x}:{b:02x}\"\n", b + 1).expect("w");
+    for s in 0..backends.div_ceil(100) {
+        // Rings of 1009 slots (10 per backend): 100 services of the default 65537 would not fit
+        // the default RINGS.
+        write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.{}.{}\"\nport = 80\nproto = \"tcp\"\nring_size = 1009\n", s / 250, s % 250 + 1).expect("w");
+        for b in 0..100.min(backends - s * 100) {
+            write!(t, "[[service.backend]]\naddress = \"10.2.{s}.{}\"\nmax_conns = 1000\nmac = \"02:00:00:00:{:02x}:{b:02x}\"\n", b + 1, s % 256).expect("w");
         }
     }
     let cfg = dir.join("bench.toml");
@@ -110,8 +151,12 @@ fn daemon_cpu() -> f64 {
         }
         sock.exists()
     });
-    // Past the start-up (ring building) before measuring.
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the start-up (the apply) before measuring: until the API lists every backend.
+    wait_for("the config applied", || {
+        let out = lb.command(sluice_bin()).arg("status").arg("--json").arg("--socket").arg(&sock).output().expect("sluice status");
+        String::from_utf8_lossy(&out.stdout).matches("\"address\"").count() >= backends as usize
+    });
+    std::thread::sleep(Duration::from_secs(2));
     let ticks = |pid: u32| -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
         // Fields after the ")" of the command name: utime is the 12th, stime the 13th.
@@ -121,12 +166,41 @@ fn daemon_cpu() -> f64 {
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let (t0, c0) = (Instant::now(), ticks(d.id()));
-    std::thread::sleep(CPU_WINDOW);
-    let (secs, c1) = (t0.elapsed().as_secs_f64(), ticks(d.id()));
-    let share = (c1 - c0) as f64 / hz / secs;
+    let share = |during: &dyn Fn()| {
+        let (t0, c0) = (Instant::now(), ticks(d.id()));
+        during();
+        (ticks(d.id()) - c0) as f64 / hz / t0.elapsed().as_secs_f64()
+    };
+    let cpu = share(&|| std::thread::sleep(CPU_WINDOW));
+    let scrapes = std::sync::Mutex::new(Vec::new());
+    let cpu_scraped = share(&|| {
+        let start = Instant::now();
+        while start.elapsed() < CPU_WINDOW {
+            let t0 = Instant::now();
+            let body = lb.run(|| scrape("127.0.0.1:19477"));
+            scrapes.lock().expect("scrapes").push((t0.elapsed(), body.len()));
+            std::thread::sleep(SCRAPE_EVERY.min(CPU_WINDOW.saturating_sub(start.elapsed())));
+        }
+    });
+    let scrapes = scrapes.into_inner().expect("scrapes");
+    let (scrape, scrape_bytes) = scrapes.iter().copied().max().expect("a scrape");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.id())).expect("status");
+    let rss_anon_kib = status.lines().find(|l| l.starts_with("RssAnon:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
     let _ = d.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(10));
     let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
     let _ = std::fs::remove_dir_all(&dir);
-    share
+    let c = Cost { backends, cpu, cpu_scraped, scrape, scrape_bytes, rss_anon_kib };
+    println!("{backends} backends: {:.2} % idle, {:.2} % scraped, scrape {:?} ({} bytes), RssAnon {} KiB", c.cpu * 100.0, c.cpu_scraped * 100.0, c.scrape, c.scrape_bytes, c.rss_anon_kib);
+    c
+}
+
+/// GET /metrics over HTTP/1.0 (the body ends when the connection closes).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n").expect("request");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{}", out.lines().next().unwrap_or(""));
+    out
 }
