@@ -15,6 +15,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -84,7 +85,7 @@ pub struct AppliedService {
     /// Which half is live (0 or 1).
     pub half: u32,
     /// Shared, not copied: every apply starts from a copy of what is applied.
-    pub ring: std::sync::Arc<[u32]>,
+    pub ring: Arc<[u32]>,
     /// The members `ring` was built from; an unchanged list skips the rebuild.
     #[serde(skip)]
     pub ring_members: Vec<RingBackend>,
@@ -115,7 +116,9 @@ pub struct Applied {
     /// map holds), or admits nothing if new: a node is granted capacity, never takes it.
     /// `None`: every limit is the backend's own.
     pub shares: Option<BTreeMap<(String, IpAddr), Share>>,
-    pub services: BTreeMap<String, AppliedService>,
+    /// Shared with the copy each apply starts from: an apply clones (and rewrites) only the
+    /// services it changes.
+    pub services: BTreeMap<String, Arc<AppliedService>>,
     /// Backends that failed their health checks: (service, address). They leave the ring as
     /// `down`; their open flows continue.
     pub down: BTreeSet<(String, IpAddr)>,
@@ -200,7 +203,7 @@ impl Applied {
             let Some(c) = found.cloned().or_else(|| orphan(&key)) else { continue };
             let size = c.ring_size;
             let region = svc.ring_base.saturating_sub(u32::from(svc.half) * size);
-            let ring: std::sync::Arc<[u32]> = if svc.ring_size == 0 { Default::default() } else { t.ring(svc.ring_base, size)?.into() };
+            let ring: Arc<[u32]> = if svc.ring_size == 0 { Default::default() } else { t.ring(svc.ring_base, size)?.into() };
             let mut bs = BTreeMap::new();
             for (id, b) in backends.iter().filter(|(_, b)| u32::from(b.service_id) == svc.id && b.family != 0) {
                 let address = ip_of(b);
@@ -222,7 +225,7 @@ impl Applied {
             }
             me.regions.insert(region, 2 * size);
             // ring_members stays empty: the first apply after a restart rebuilds and compares.
-            me.services.insert(c.name.clone(), AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, ring_members: Vec::new(), backends: bs });
+            me.services.insert(c.name.clone(), Arc::new(AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, ring_members: Vec::new(), backends: bs }));
         }
         Ok(me)
     }
@@ -248,6 +251,31 @@ impl Applied {
             Some(sh) => (sh.limit, if sh.room { AT_LIMIT_SHARE } else { AT_LIMIT_BACKEND }),
             None => (known.unwrap_or(0).min(max_conns), AT_LIMIT_SHARE),
         }
+    }
+
+    /// Whether applying `c` would leave `old` as it is: the same config, health, shares and
+    /// resolved MACs, nothing draining out, and a ring built by this daemon (after a restart
+    /// the first apply rebuilds and compares).
+    fn unchanged(&self, old: &AppliedService, c: &ServiceCfg, macs: &dyn MacResolver) -> bool {
+        if old.cfg != *c || old.backends.len() != c.backends.len() {
+            return false;
+        }
+        let down: BTreeSet<IpAddr> = self.down.iter().filter(|(s, _)| *s == c.name).map(|(_, a)| *a).collect();
+        let mut active = 0;
+        let same = c.backends.iter().all(|bc| {
+            let Some(b) = old.backends.get(&bc.address) else { return false };
+            let state = if bc.drain {
+                BACKEND_DRAINING
+            } else if down.contains(&bc.address) {
+                BACKEND_DOWN
+            } else {
+                BACKEND_ACTIVE
+            };
+            active += usize::from(state == BACKEND_ACTIVE);
+            let mac_same = bc.mac.is_some() || c.mode != Mode::L2dsr || macs.mac(bc.address) == Some(b.mac);
+            !b.removed && b.state == state && mac_same && self.limit_of(&c.name, bc.address, bc.max_conns, Some(b.limit)) == (b.limit, b.at_limit)
+        });
+        same && old.ring_members.len() == active
     }
 
     fn apply_or_plan(
@@ -280,7 +308,7 @@ impl Applied {
             }
         }
 
-        let mut used_ids: BTreeSet<u32> = next.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+        let mut used_ids = IdSet::of(&next);
         // Backends of removed services stay reserved until their connections are gone.
         for s in &removed_services {
             for b in s.backends.values() {
@@ -293,8 +321,8 @@ impl Applied {
         // The search for a free id goes on from the last one found: from 1 each time, adding
         // 10,000 backends took ~50 M set lookups (most of a 100 × 100 apply).
         let mut hint = 1u32;
-        let mut alloc_backend = |used: &mut BTreeSet<u32>| -> Result<u32, Error> {
-            let id = (hint..MAX_BACKENDS).chain(1..hint).find(|i| !used.contains(i)).ok_or_else(|| {
+        let mut alloc_backend = |used: &mut IdSet| -> Result<u32, Error> {
+            let id = (hint..MAX_BACKENDS).chain(1..hint).find(|i| !used.contains(*i)).ok_or_else(|| {
                 Error::other("applying the config", anyhow::anyhow!("no free backend id (the datapath holds {} backends)", MAX_BACKENDS - 1))
             })?;
             used.insert(id);
@@ -326,9 +354,13 @@ impl Applied {
                 } else {
                     format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
                 }));
-                next.insert(c.name.clone(), AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Default::default(), ring_members: Vec::new(), backends: BTreeMap::new() });
+                next.insert(c.name.clone(), Arc::new(AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Default::default(), ring_members: Vec::new(), backends: BTreeMap::new() }));
+            } else if self.unchanged(&next[&c.name], c, macs) {
+                // Neither re-planned nor rewritten: what makes one limit change cheap at 10,000
+                // backends.
+                continue;
             }
-            let s = next.get_mut(&c.name).expect("inserted");
+            let s = Arc::make_mut(next.get_mut(&c.name).expect("inserted"));
             if !fresh && s.cfg.mode != c.mode {
                 changes.push(change(format!("service \"{}\": mode {:?} -> {:?}", c.name, s.cfg.mode, c.mode)));
             }
@@ -403,7 +435,8 @@ impl Applied {
         }
 
         // ---- write: backends, rings, services, removals ----
-        for s in next.values() {
+        let kept = |name: &str, s: &Arc<AppliedService>| self.services.get(name).is_some_and(|o| Arc::ptr_eq(o, s));
+        for s in next.values().filter(|s| !kept(&s.name, s)) {
             let before = self.services.get(&s.name).filter(|o| o.id == s.id);
             for b in s.backends.values() {
                 // Unchanged backends are not rewritten (one syscall each adds up at 10,000).
@@ -414,7 +447,11 @@ impl Applied {
                 t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: b.state, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 })?;
             }
         }
-        for s in next.values_mut() {
+        for (name, s) in &mut next {
+            if self.services.get(name).is_some_and(|o| Arc::ptr_eq(o, s)) {
+                continue;
+            }
+            let s = Arc::make_mut(s);
             let members: Vec<RingBackend> = s
                 .backends
                 .values()
@@ -454,6 +491,7 @@ impl Applied {
                 t.set_service(&service_key(s.cfg.vip, s.cfg.port, s.cfg.proto), &svc)?;
             }
         }
+        let in_use = IdSet::of(&next);
         for s in &removed_services {
             let key = service_key(s.cfg.vip, s.cfg.port, s.cfg.proto);
             if !next.values().any(|n| service_key(n.cfg.vip, n.cfg.port, n.cfg.proto) == key) {
@@ -461,20 +499,28 @@ impl Applied {
             }
             // Its backends drain: flows continue, no new ones (nothing points at them now).
             for b in s.backends.values() {
-                if !used_ids_in(&next).contains(&b.id) {
+                if !in_use.contains(b.id) {
                     let (addr, family) = addr16(b.address);
                     t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 })?;
                 }
             }
         }
-        // VIP entries (port 0, proto 0): one per VIP, pointing at its first service.
-        let mut vips: BTreeMap<IpAddr, &AppliedService> = BTreeMap::new();
-        for s in next.values() {
-            vips.entry(s.cfg.vip).or_insert(s);
-        }
-        for (vip, s) in &vips {
+        // VIP entries (port 0, proto 0): one per VIP, pointing at its first service; rewritten
+        // only when that changes.
+        let vips_of = |services: &BTreeMap<String, Arc<AppliedService>>| {
+            let mut vips: BTreeMap<IpAddr, (u32, u32)> = BTreeMap::new();
+            for s in services.values() {
+                vips.entry(s.cfg.vip).or_insert((s.id, s.ring_base()));
+            }
+            vips
+        };
+        let (vips, before) = (vips_of(&next), vips_of(&self.services));
+        for (vip, &(id, ring_base)) in &vips {
+            if before.get(vip) == Some(&(id, ring_base)) {
+                continue;
+            }
             let key = ServiceKey { addr: addr16(*vip).0, port_be: [0; 2], proto: 0, _pad: 0 };
-            let svc = Service { id: s.id, ring_base: s.ring_base(), ring_size: 0, mode: 0, reject: 0, spill: 0, half: 0 };
+            let svc = Service { id, ring_base, ring_size: 0, mode: 0, reject: 0, spill: 0, half: 0 };
             t.set_service(&key, &svc)?;
         }
         for s in self.services.values() {
@@ -488,8 +534,25 @@ impl Applied {
     }
 }
 
-fn used_ids_in(services: &BTreeMap<String, AppliedService>) -> BTreeSet<u32> {
-    services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect()
+/// Backend ids in use: a bit each (ids are below [`MAX_BACKENDS`]).
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn of(services: &BTreeMap<String, Arc<AppliedService>>) -> Self {
+        let mut set = Self(vec![0; MAX_BACKENDS.div_ceil(64) as usize]);
+        for b in services.values().flat_map(|s| s.backends.values()) {
+            set.insert(b.id);
+        }
+        set
+    }
+
+    fn insert(&mut self, id: u32) {
+        self.0[id as usize / 64] |= 1 << (id % 64);
+    }
+
+    fn contains(&self, id: u32) -> bool {
+        self.0.get(id as usize / 64).is_some_and(|w| w & 1 << (id % 64) != 0)
+    }
 }
 
 pub(crate) fn ip_of(b: &Backend) -> IpAddr {

@@ -121,3 +121,59 @@ fn apply_reload_drain_and_remove() {
     let ack = x.run(&Pkt::tcp4("10.0.0.1:2999", "10.0.0.100:80").flags(tcp::ACK).build());
     assert_eq!((ack.verdict, sent_to(&ack.data)), (XDP_TX, its_backend), "the open connection continues to its backend");
 }
+
+/// An apply re-plans and rewrites only the services it changes (a limit change at 10,000
+/// backends is cheap), and still sees what changed outside the config: health and MACs.
+#[test]
+fn an_apply_rewrites_only_the_services_it_changes() {
+    use lb_common::BACKEND_DOWN;
+    use std::sync::Arc;
+    let slots = 6 * 257;
+    let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: 4096, ring_slots: slots, ..LoadOptions::default() });
+    let text = |limit: u32| {
+        let mut t = String::from("[daemon]\ninterface = \"lo\"\n");
+        for s in 0..3 {
+            t.push_str(&format!("[[service]]\nname = \"web{s}\"\nvip = \"10.0.0.{}\"\nport = 80\nproto = \"tcp\"\nring_size = 257\n", 100 + s));
+            for b in 1..=3 {
+                let max = if s == 1 && b == 1 { limit } else { 100 };
+                t.push_str(&format!("[[service.backend]]\naddress = \"10.0.1.{}\"\nmax_conns = {max}\n", 10 * s + b));
+            }
+        }
+        config::parse(Path::new("test.toml"), &t).map(|(c, _)| c).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut applied = Applied::new(slots);
+    applied.apply(&mut x.tables(), &text(100), &mac_of, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    let before: Vec<_> = applied.services.values().cloned().collect();
+    let same = |a: &Applied, before: &[Arc<lb_userspace::reconcile::AppliedService>]| -> Vec<bool> { before.iter().map(|b| Arc::ptr_eq(&a.services[&b.name], b)).collect() };
+
+    // A limit change in web1: only web1 is rewritten, and the datapath has the new limit.
+    let changes = applied.apply(&mut x.tables(), &text(7), &mac_of, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(same(&applied, &before), [true, false, true]);
+    let id = applied.services["web1"].backends[&"10.0.1.11".parse::<IpAddr>().expect("ip")].id;
+    assert_eq!(x.tables().backend(id).expect("backend").max_conns, 7);
+
+    // The same config with a backend of web0 down (health checks): web0 is rewritten.
+    let before: Vec<_> = applied.services.values().cloned().collect();
+    let down: IpAddr = "10.0.1.2".parse().expect("ip");
+    applied.down.insert(("web0".into(), down));
+    applied.apply(&mut x.tables(), &text(7), &mac_of, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    assert_eq!(same(&applied, &before), [false, true, true]);
+    let id = applied.services["web0"].backends[&down].id;
+    assert_eq!(x.tables().backend(id).expect("backend").state, BACKEND_DOWN);
+    assert!(!applied.services["web0"].ring.contains(&id), "out of the ring");
+
+    // A backend's MAC changes in the neighbour table: web2 is rewritten with it.
+    let before: Vec<_> = applied.services.values().cloned().collect();
+    let moved: IpAddr = "10.0.1.23".parse().expect("ip");
+    let macs = move |ip: IpAddr| if ip == moved { Some([2, 0xcc, 0, 0, 0, 23]) } else { mac_of(ip) };
+    applied.apply(&mut x.tables(), &text(7), &macs, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
+    assert_eq!(same(&applied, &before), [true, true, false]);
+    let id = applied.services["web2"].backends[&moved].id;
+    assert_eq!(x.tables().backend(id).expect("backend").mac, [2, 0xcc, 0, 0, 0, 23]);
+
+    // Nothing changed: nothing rewritten.
+    let before: Vec<_> = applied.services.values().cloned().collect();
+    assert!(applied.apply(&mut x.tables(), &text(7), &macs, |t, id| t.conns(id).unwrap_or(0)).expect("apply").is_empty());
+    assert_eq!(same(&applied, &before), [true, true, true]);
+}

@@ -1,8 +1,11 @@
 //! `cargo xtask bench control`: the control plane's costs, measured on the real kernel maps.
-//! - applying a config of 100 services × 100 backends from scratch (rings included);
+//! - loading the XDP object (maps created, programs verified);
+//! - applying a config of 100 services × 100 backends from scratch (rings included), and of
+//!   1,000 × 10 and 10 × 1,000;
 //! - one limit change: from the apply call until a SYN through the real program sees it;
 //! - a GC sweep over a 1M-entry flow table (scan only, and expiring everything);
-//! - the daemon's resident memory with that config (the real `sluice run` in a namespace).
+//! - the real `sluice run` with the 100 × 100 config in a namespace: from its start until a SYN
+//!   sent on its interface is forwarded, and its resident memory.
 //! Writes its section of BENCHMARKS.md.
 
 use std::{fmt::Write as _, path::PathBuf, time::{Duration, Instant}};
@@ -31,40 +34,43 @@ fn socket_path() -> PathBuf {
     std::env::temp_dir().join(format!("sluice-bench-{}.sock", std::process::id()))
 }
 
-fn config_text(limit_first: u32, pins: &str) -> String {
+/// A config of `services` × `backends` (rings of `ring` slots); the first backend's limit is
+/// `limit_first`.
+fn config_text(services: u32, backends: u32, ring: u32, limit_first: u32, pins: &str) -> String {
     let mut t = format!(
         "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n[flows]\ncapacity = {FLOWS}\n",
         socket_path().display(),
         socket_path().with_extension("journal").display()
     );
-    for s in 0..SERVICES {
-        write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.{}.{}\"\nport = 80\nproto = \"tcp\"\nring_size = {RING}\n", s / 250, s % 250 + 1).expect("w");
-        for b in 0..BACKENDS {
+    for s in 0..services {
+        write!(t, "[[service]]\nname = \"svc{s}\"\nvip = \"10.1.{}.{}\"\nport = 80\nproto = \"tcp\"\nring_size = {ring}\n", s / 250, s % 250 + 1).expect("w");
+        for b in 0..backends {
             let max = if s == 0 && b == 0 { limit_first } else { 1000 };
-            write!(t, "[[service.backend]]\naddress = \"10.2.{s}.{}\"\nmax_conns = {max}\nmac = \"02:00:00:00:{s:02x}:{b:02x}\"\n", b + 1).expect("w");
+            let g = s * backends + b;
+            let (x, y, z) = (2 + g / 65536, (g / 256) % 256, g % 256);
+            write!(t, "[[service.backend]]\naddress = \"10.{x}.{y}.{z}\"\nmax_conns = {max}\nmac = \"02:00:00:{x:02x}:{y:02x}:{z:02x}\"\n").expect("w");
         }
     }
     t
 }
 
-fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+/// Applies `services` × `backends` from scratch, then lowers the first backend's limit to 1
+/// while it holds a connection: (the full apply, the change until a SYN to it is refused).
+fn apply_and_change(services: u32, backends: u32, ring: u32) -> (Duration, Duration, XdpRunner) {
     let file = std::path::Path::new("bench.toml");
-    let (cfg, _) = config::parse(file, &config_text(1000, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
-    let ring_slots = 4 * SERVICES * RING;
+    let (cfg, _) = config::parse(file, &config_text(services, backends, ring, 1000, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
+    let ring_slots = 4 * services * ring;
     let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: FLOWS, ring_slots, ..LoadOptions::default() });
-
-    // 1. Apply 100 × 100 from scratch.
     let mut applied = Applied::new(ring_slots);
     let t0 = Instant::now();
     let changes = applied.apply(&mut x.tables(), &cfg, &|_| None, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
     let full_apply = t0.elapsed();
-    assert_eq!(changes.len() as u32, SERVICES * (BACKENDS + 1));
+    assert_eq!(changes.len() as u32, services * (backends + 1));
 
-    // 2. One limit change until the datapath enforces it: backend 0 of svc0 holds one
-    //    connection, its max_conns goes 1000 → 1, and the next SYN to it must be refused.
-    let (cfg0, _) = config::parse(file, &config_text(1, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
-    let target = applied.services["svc0"].backends.values().next().expect("backend").clone();
+    // Backend 0 of svc0 holds one connection, its max_conns goes 1000 → 1, and the next SYN to
+    // it must be refused.
+    let (cfg0, _) = config::parse(file, &config_text(services, backends, ring, 1, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
+    let target = applied.services["svc0"].backends.values().find(|b| b.address == "10.2.0.0".parse::<std::net::IpAddr>().expect("ip")).expect("backend").clone();
     let ring = applied.services["svc0"].ring.clone();
     let mut ports = (1024..u16::MAX).filter(|p| {
         let key = lb_userspace::explain::flow_key(format!("10.9.0.1:{p}").parse().expect("src"), "10.1.0.1:80".parse().expect("dst"), config::Proto::Tcp);
@@ -77,6 +83,32 @@ fn main() {
     let out = x.run(&Pkt::tcp4(&format!("10.9.0.1:{port}"), "10.1.0.1:80").build());
     let one_change = t0.elapsed();
     assert_eq!(out.data[..6], sluice_tests::packet::CLIENT_MAC, "the SYN right after the change was refused");
+    println!("{services} × {backends}: apply {full_apply:?}, one change {one_change:?}");
+    (full_apply, one_change, x)
+}
+
+fn main() {
+    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    // 0. Loading the object: maps created, programs verified (median of 5).
+    let mut loads: Vec<Duration> = (0..5)
+        .map(|_| {
+            let t0 = Instant::now();
+            let x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: FLOWS, ..LoadOptions::default() });
+            let took = t0.elapsed();
+            drop(x);
+            took
+        })
+        .collect();
+    loads.sort();
+    let load = loads[loads.len() / 2];
+
+    // 1, 2. Other shapes first, then 100 × 100, whose runner the GC figures reuse.
+    let wide = apply_and_change(1000, 10, 1009);
+    let deep = apply_and_change(10, 1000, 10_007);
+    let (full_apply, one_change, mut x) = apply_and_change(SERVICES, BACKENDS, RING);
+    // The GC's flows name backend 1 (any backend of the config).
+    let target = 1u32;
+    assert_ne!(x.tables().backend(target).expect("backend").family, 0);
 
     // 3. GC over 1M flows (inserted from userspace: this measures the sweep, not the inserts).
     let table = x.tables().flow_table().expect("mmap");
@@ -88,7 +120,7 @@ fn main() {
             let mut k = FlowKey { proto: 6, sport_be: ((i % 60000) as u16).to_be_bytes(), dport_be: 80u16.to_be_bytes(), ..FlowKey::default() };
             k.src[..4].copy_from_slice(&(0x0a00_0000 + i / 60000).to_be_bytes());
             k.dst[..4].copy_from_slice(&[10, 1, 0, 1]);
-            let f = Flow { backend_id: target.id, service_id: 0, counted: 0, state: FLOW_ESTABLISHED, last_seen_ns: now, created_ns: now, ..Flow::default() };
+            let f = Flow { backend_id: target, service_id: 0, counted: 0, state: FLOW_ESTABLISHED, last_seen_ns: now, created_ns: now, ..Flow::default() };
             refused += u64::from(table.insert(&k, &f).is_err());
         }
     }
@@ -108,13 +140,20 @@ fn main() {
     drop(conns);
     drop(x);
 
-    // 4. The real daemon's memory with this config.
-    let rss = daemon_rss();
+    // 4. The real daemon with this config: start to forwarding, and memory.
+    let (started, rss) = daemon_start_and_rss();
 
     let mut table = String::new();
     table.push_str("| measurement | result |\n|---|---:|\n");
-    writeln!(table, "| apply {SERVICES} services × {BACKENDS} backends from scratch (rings of {RING}) | {:.0} ms |", full_apply.as_secs_f64() * 1e3).expect("w");
-    writeln!(table, "| one `max_conns` change: apply call → a SYN through the program is refused | {:.2} ms |", one_change.as_secs_f64() * 1e3).expect("w");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    writeln!(table, "| loading the XDP object: maps created, programs verified (median of 5) | {:.0} ms |", ms(load)).expect("w");
+    writeln!(table, "| apply {SERVICES} services × {BACKENDS} backends from scratch (rings of {RING}) | {:.0} ms |", ms(full_apply)).expect("w");
+    writeln!(table, "| one `max_conns` change at {SERVICES} × {BACKENDS}: apply call → a SYN through the program is refused | {:.2} ms |", ms(one_change)).expect("w");
+    writeln!(table, "| apply 1000 services × 10 backends from scratch (rings of 1009) | {:.0} ms |", ms(wide.0)).expect("w");
+    writeln!(table, "| one `max_conns` change at 1000 × 10 | {:.2} ms |", ms(wide.1)).expect("w");
+    writeln!(table, "| apply 10 services × 1000 backends from scratch (rings of 10007) | {:.0} ms |", ms(deep.0)).expect("w");
+    writeln!(table, "| one `max_conns` change at 10 × 1000 | {:.2} ms |", ms(deep.1)).expect("w");
+    writeln!(table, "| `sluice run` with {SERVICES} × {BACKENDS}: start → the first SYN on its interface forwarded | {:.0} ms |", ms(started)).expect("w");
     writeln!(table, "| filling a table of {FLOWS} flows: refused `flow_table_full` before it was full | {refused} |").expect("w");
     writeln!(table, "| GC sweep of {held} flows, nothing idle (a walk of the mapped table) | {:.0} ms |", scan_time.as_secs_f64() * 1e3).expect("w");
     writeln!(table, "| GC sweep of {held} flows, all idle (the walk + two compare-and-swaps each) | {:.0} ms |", expire_time.as_secs_f64() * 1e3).expect("w");
@@ -123,8 +162,11 @@ fn main() {
     println!("{table}");
     let body = format!(
         "## Control plane (`cargo xtask bench control`)\n\n\
-         Applies and GC run against the real kernel maps of a loaded (not attached) program; the\n\
-         memory figure is the real `sluice run --config` in a network namespace. Single runs.\n\n{table}"
+         Machine: {}, {} CPUs. Loads, applies and GC run against the real kernel maps of a loaded\n\
+         (not attached) program; the start and memory figures are the real `sluice run --config`\n\
+         in a network namespace. Single runs.\n\n{table}",
+        std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_default(),
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     sluice_tests::write_section(&out_path, "bench-control", &body);
     println!("wrote {}", out_path.display());
@@ -134,7 +176,7 @@ fn main() {
 /// reads its resident memory in KiB once it serves: (VmRSS, RssAnon). VmRSS includes the BPF
 /// maps the daemon memory-maps (the flow table: kernel memory, mapped, not the daemon's own);
 /// RssAnon is its own heap and stacks.
-fn daemon_rss() -> (u64, u64) {
+fn daemon_start_and_rss() -> (Duration, (u64, u64)) {
     let lb = Netns::new("benchlb");
     let peer = Netns::new("benchpeer");
     veth(&lb, "lb0", &peer, "p0");
@@ -142,8 +184,24 @@ fn daemon_rss() -> (u64, u64) {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let cfg = dir.join("bench.toml");
-    std::fs::write(&cfg, config_text(1000, pins.0.to_str().expect("utf-8"))).expect("write");
+    std::fs::write(&cfg, config_text(SERVICES, BACKENDS, RING, 1000, pins.0.to_str().expect("utf-8"))).expect("write");
+    let t0 = Instant::now();
     let mut d = lb.spawn(lb.command(sluice_bin()).arg("run").arg("--config").arg(&cfg));
+    // SYNs to svc0 from the peer, one every 2 ms, until the pinned counters show one forwarded.
+    let mut sport = 10_000u16;
+    let started = loop {
+        if let Some(out) = d.exited() {
+            panic!("daemon exited: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "nothing forwarded in 120 s");
+        sport += 1;
+        peer.run(|| sluice_tests::netns::send_raw("p0", &Pkt::tcp4(&format!("10.9.0.1:{sport}"), "10.1.0.1:80").build()));
+        let forwarded = lb_userspace::stats::open(&pins.0).ok().and_then(|m| lb_userspace::stats::read(&m).ok()).map_or(0, |s| s.get(lb_common::Stat::Forwarded).packets);
+        if forwarded > 0 {
+            break t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let sock = socket_path();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !sock.exists() {
@@ -173,5 +231,5 @@ fn daemon_rss() -> (u64, u64) {
     let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&sock);
-    rss
+    (started, rss)
 }
