@@ -37,10 +37,24 @@ impl Mapping {
 
 impl Mapping {
     pub(crate) fn new(data: &MapData, what: &str, bytes: usize) -> Result<Self, Error> {
+        Self::pages(data, what, 0, bytes)
+    }
+
+    /// Maps only the pages holding bytes `from..from + bytes` of the array: the kernel maps
+    /// every page of a BPF array mapping when it is made, so a small write into a large array
+    /// (one ring of `RINGS`) maps just what it writes. Returns the mapping and where `from`
+    /// is within it.
+    pub(crate) fn window(data: &MapData, what: &str, from: usize, bytes: usize) -> Result<(Self, usize), Error> {
+        let first = from / 4096 * 4096;
+        Ok((Self::pages(data, what, first, from - first + bytes)?, from - first))
+    }
+
+    fn pages(data: &MapData, what: &str, offset: usize, bytes: usize) -> Result<Self, Error> {
         let len = bytes.div_ceil(4096).max(1) * 4096;
-        // SAFETY: mapping a BPF array fd, shared; the kernel validates the length and flags.
+        // SAFETY: mapping a BPF array fd, shared; the kernel validates the length, the offset
+        // (page-aligned, within the array) and the flags.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0)
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), offset as libc::off_t)
         };
         if p == libc::MAP_FAILED {
             return Err(Error::other(format!("memory-mapping {what}"), std::io::Error::last_os_error()));

@@ -109,12 +109,13 @@ impl<'a> Tables<'a> {
         }
         // An array map's elements are 8 bytes apart whatever the value's size (the kernel
         // rounds it up): each u32 slot is the low half of a u64 (little-endian: bpfel hosts).
-        let m = crate::flowtab::Mapping::new(data, "RINGS", slots * size_of::<u64>())?;
-        let at = m.at::<u64>();
+        let (m, skip) = crate::flowtab::Mapping::window(data, "RINGS", base as usize * size_of::<u64>(), ring.len() * size_of::<u64>())?;
+        // SAFETY: `skip` is within the mapping, 8-aligned (the window starts on a page).
+        let at = unsafe { m.at::<u8>().add(skip) }.cast::<u64>();
         for (i, id) in ring.iter().enumerate() {
             // SAFETY: within the mapping (checked above); the datapath reads these slots with
             // plain loads and none of them is live (see above).
-            unsafe { at.add(base as usize + i).write(u64::from(*id)) };
+            unsafe { at.add(i).write(u64::from(*id)) };
         }
         Ok(())
     }
