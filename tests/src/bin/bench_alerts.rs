@@ -68,6 +68,18 @@ fn main() {
         .expect("w");
     }
     println!("{table}\n{cost}");
+    let svg_dir = out_path.parent().unwrap_or(std::path::Path::new(".")).join("docs/bench");
+    std::fs::create_dir_all(&svg_dir).expect("docs/bench");
+    let curve = |f: &dyn Fn(&Cost) -> f64| costs.iter().map(|c| (f64::from(c.backends), f(c))).collect::<Vec<_>>();
+    lb_userspace::lab::plot::lines(
+        &svg_dir.join("alerts-cpu.svg"),
+        "Daemon CPU against the number of backends (alerts every 1 s)",
+        "backends",
+        "% of a core",
+        &[("idle".into(), curve(&|c| c.cpu * 100.0)), ("with a scrape every 15 s".into(), curve(&|c| c.cpu_scraped * 100.0))],
+    )
+    .expect("plot");
+    lb_userspace::lab::plot::lines(&svg_dir.join("alerts-scrape.svg"), "/metrics scrape time against the number of backends", "backends", "ms", &[("slowest scrape".into(), curve(&|c| ms(c.scrape)))]).expect("plot");
     let all: Vec<String> = latencies.iter().map(|d| format!("{:.0}", ms(*d))).collect();
     let body = format!(
         "## Alerting (`cargo xtask bench alerts`)\n\n\
@@ -79,7 +91,8 @@ fn main() {
          What watching costs: the real `sluice run --config` with services of 100 backends, no\n\
          traffic, no health checks, `alerts.interval = 1s`, the default flow table (1M flows: its\n\
          GC sweep is in these figures); utime + stime from `/proc/PID/stat` over {}s, without and\n\
-         then with a `/metrics` scrape every 15 s; RssAnon after the scrapes.\n\n{cost}",
+         then with a `/metrics` scrape every 15 s; RssAnon after the scrapes. Plots:\n\
+         [CPU](docs/bench/alerts-cpu.svg), [scrape time](docs/bench/alerts-scrape.svg).\n\n{cost}",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         all.join(", "),
         CPU_WINDOW.as_secs()
