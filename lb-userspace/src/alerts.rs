@@ -106,8 +106,9 @@ impl Default for AlertsCfg {
 /// One backend at one moment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BackendSample {
-    pub service: String,
-    pub backend: String,
+    /// Shared with the daemon's names of the backend (made once per apply, not per sample).
+    pub service: std::sync::Arc<str>,
+    pub backend: std::sync::Arc<str>,
     pub open: u64,
     pub max_conns: u32,
     pub active: bool,
@@ -206,7 +207,7 @@ impl Engine {
         let file = &s.config_file;
         let mut conds: Vec<Cond> = Vec::new();
         let mut push = |name, severity, labels: Vec<(String, String)>, (summary, description): (String, String)| conds.push(Cond { name, severity, labels, summary, description });
-        let backend_labels = |b: &BackendSample| vec![("service".to_owned(), b.service.clone()), ("backend".to_owned(), b.backend.clone())];
+        let backend_labels = |b: &BackendSample| vec![("service".to_owned(), b.service.to_string()), ("backend".to_owned(), b.backend.to_string())];
         let dt = self.prev.as_ref().map(|(t, _)| now.duration_since(*t));
         // The previous sample of a backend: at the same index when the backends did not change
         // (the usual case), else by name.
@@ -216,7 +217,7 @@ impl Engine {
             let p = prev_sample?;
             match p.backends.get(i) {
                 Some(q) if q.service == b.service && q.backend == b.backend => Some(q),
-                _ => by_name.get_or_insert_with(|| p.backends.iter().map(|q| ((q.service.as_str(), q.backend.as_str()), q)).collect()).get(&(b.service.as_str(), b.backend.as_str())).copied(),
+                _ => by_name.get_or_insert_with(|| p.backends.iter().map(|q| ((&*q.service, &*q.backend), q)).collect()).get(&(&*b.service, &*b.backend)).copied(),
             }
         };
         let key_of = |b: &BackendSample| format!("`service \"{}\" backend {} max_conns` in {file}", b.service, b.backend);
@@ -288,7 +289,7 @@ impl Engine {
         }
         let mut services: BTreeMap<&str, Vec<&BackendSample>> = BTreeMap::new();
         for b in &s.backends {
-            services.entry(b.service.as_str()).or_default().push(b);
+            services.entry(&*b.service).or_default().push(b);
         }
         for (svc, bs) in services {
             let labels = || vec![("service".to_owned(), svc.to_owned())];
@@ -530,7 +531,7 @@ mod tests {
         let mut e = engine();
         let t0 = Instant::now();
         let mut big = sample(10, 0);
-        big.backends = (0..10_000).map(|i| BackendSample { backend: format!("10.1.{}.{}", i / 250, i % 250), ..big.backends[0].clone() }).collect();
+        big.backends = (0..10_000).map(|i| BackendSample { backend: format!("10.1.{}.{}", i / 250, i % 250).into(), ..big.backends[0].clone() }).collect();
         big.backends[7].open = 100;
         e.evaluate(t0, big.clone());
         assert_eq!(e.rules.len(), 1, "one pending condition, nothing for the 9,999 idle backends");

@@ -324,7 +324,7 @@ fn history(st: &Shared, service: &str, address: Option<IpAddr>) -> Result<Json<s
         .iter()
         .map(|a| {
             let k = crate::shares::key(service, *a);
-            let series = st.history.series.get(&k).cloned().unwrap_or_default();
+            let series = st.history.get(&k).cloned().unwrap_or_default();
             serde_json::json!({
                 "address": a,
                 "peak_24h": series.peak(now, Duration::from_secs(86_400)),

@@ -188,8 +188,47 @@ pub struct State {
     turn: Arc<tokio::sync::Mutex<()>>,
     /// Per backend, peaks of open connections and refusals (`history.rs`), for the guard.
     pub history: crate::history::History,
+    /// What the alert sample names each backend by, made once per apply.
+    names: SampleNames,
     /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
     pub change_refused: Option<String>,
+}
+
+/// Per backend id, what the alert sample names it by and its load history's handle, made once
+/// per apply: formatting 10,000 addresses and looking up 10,000 histories every second was
+/// most of an evaluation.
+#[derive(Default)]
+struct SampleNames {
+    /// The [`Applied::generation`] they were made from.
+    generation: Option<u64>,
+    /// Indexed by backend id.
+    by_id: Vec<Option<BackendNames>>,
+    /// One past the highest id: how much of `BACKEND_STATS` the sample reads.
+    ids_end: u32,
+}
+
+struct BackendNames {
+    service: Arc<str>,
+    backend: Arc<str>,
+    /// `service/address`: the history's and the cluster limits' key.
+    key: Arc<str>,
+    history: usize,
+}
+
+impl SampleNames {
+    fn of(applied: &Applied, history: &mut crate::history::History) -> Self {
+        let ids_end = applied.backend_ids_end();
+        let mut by_id: Vec<Option<BackendNames>> = std::iter::repeat_with(|| None).take(ids_end as usize).collect();
+        for s in applied.services.values() {
+            let service: Arc<str> = s.name.as_str().into();
+            for b in s.backends.values() {
+                let key = crate::shares::key(&s.name, b.address);
+                let history = history.handle(&key);
+                by_id[b.id as usize] = Some(BackendNames { service: service.clone(), backend: b.address.to_string().into(), key: key.into(), history });
+            }
+        }
+        Self { generation: Some(applied.generation), by_id, ids_end }
+    }
 }
 
 impl State {
@@ -321,24 +360,24 @@ impl State {
         let mut drift = std::collections::BTreeMap::new();
         let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
         let now_unix = crate::history::unix_now();
+        if self.names.generation != Some(self.applied.generation) {
+            self.names = SampleNames::of(&self.applied, &mut self.history);
+        }
         let t = self.dp.tables();
-        let all_stats = t.backend_stats_upto(self.applied.backend_ids_end())?;
+        let all_stats = t.backend_stats_upto(self.names.ids_end)?;
         for s in self.applied.services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
                 let stats = all_stats[b.id as usize];
-                // The address formatted once: the history's key and the sample's label.
-                let address = b.address.to_string();
-                let key = format!("{}/{address}", s.name);
-                debug_assert_eq!(key, crate::shares::key(&s.name, b.address));
-                self.history.observe(&key, now_unix, self.conns.get(b.id), stats.refused.total());
+                let n = self.names.by_id[b.id as usize].as_ref().expect("named with this generation");
+                self.history.observe_at(n.history, now_unix, self.conns.get(b.id), stats.refused.total());
                 backends.push(alerts::BackendSample {
-                    service: s.name.clone(),
-                    backend: address,
+                    service: n.service.clone(),
+                    backend: n.backend.clone(),
                     open: self.conns.get(b.id),
                     max_conns: b.max_conns,
                     active: b.state == lb_common::BACKEND_ACTIVE,
                     refused: stats.refused,
-                    cluster: limits.as_ref().and_then(|l| l.backends.get(&key)).cloned(),
+                    cluster: limits.as_ref().and_then(|l| l.backends.get(&*n.key)).cloned(),
                 });
                 if let Some(c) = self.reconciler.corrections.get(&b.id) {
                     drift.insert(b.address.to_string(), *c);
@@ -561,6 +600,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         pending_undo: None,
         turn: Arc::default(),
         history: crate::history::History::load(&history_path(&cfg)),
+        names: SampleNames::default(),
         change_refused: None,
     }));
     {

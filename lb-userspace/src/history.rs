@@ -139,8 +139,10 @@ impl Series {
 #[derive(Debug, Default)]
 pub struct History {
     pub path: PathBuf,
-    /// By `service/address` (hashed: every backend is looked up each evaluation).
-    pub series: HashMap<String, Series>,
+    /// By `service/address`, in the order first seen; a series is never removed, so its index
+    /// is a handle the daemon keeps per backend (no lookup each evaluation).
+    series: Vec<(String, Series)>,
+    index: HashMap<String, usize>,
     pub saved: Option<std::time::Instant>,
 }
 
@@ -173,7 +175,11 @@ impl History {
         let mut h = Self { path: path.to_owned(), ..Self::default() };
         match std::fs::read(path) {
             Ok(bytes) => match Self::decode(&bytes) {
-                Ok(series) => h.series = series,
+                Ok(series) => {
+                    for (k, s) in series {
+                        h.insert(k, s);
+                    }
+                }
                 Err(e) => {
                     let aside = path.with_extension("corrupt");
                     tracing::warn!("{}: unreadable load history ({e}); moved aside to {} and starting a new one", path.display(), aside.display());
@@ -186,7 +192,7 @@ impl History {
         h
     }
 
-    fn decode(bytes: &[u8]) -> std::io::Result<HashMap<String, Series>> {
+    fn decode(bytes: &[u8]) -> std::io::Result<Vec<(String, Series)>> {
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
         let mut r = bytes;
         let mut magic = [0; 8];
@@ -195,7 +201,7 @@ impl History {
             return Err(bad("not a Sluice load history"));
         }
         let n = read_u32(&mut r)?;
-        let mut out = HashMap::new();
+        let mut out = Vec::new();
         for _ in 0..n {
             let len = read_u32(&mut r)? as usize;
             if len > 1024 || len > r.len() {
@@ -217,7 +223,7 @@ impl History {
                     ring.slots.push(Slot { peak: (v & 0xffff) as u16, refused: (v >> 16) as u16 });
                 }
             }
-            out.insert(key, s);
+            out.push((key, s));
         }
         if !r.is_empty() {
             return Err(bad("trailing bytes"));
@@ -267,24 +273,56 @@ impl History {
         });
     }
 
-    pub fn observe(&mut self, key: &str, now: u64, open: u64, refused_total: u64) {
-        // Looked up before inserting: called for every backend each evaluation, it allocates
-        // a key only for a backend seen for the first time.
-        match self.series.get_mut(key) {
-            Some(s) => s.observe(now, open, refused_total),
-            None => self.series.entry(key.to_owned()).or_default().observe(now, open, refused_total),
+    /// Inserts or replaces the series of `key`; returns its handle.
+    pub fn insert(&mut self, key: String, series: Series) -> usize {
+        if let Some(&i) = self.index.get(&key) {
+            self.series[i].1 = series;
+            return i;
+        }
+        self.series.push((key.clone(), series));
+        self.index.insert(key, self.series.len() - 1);
+        self.series.len() - 1
+    }
+
+    /// The handle of `key`'s series (a new, empty one if it has none).
+    pub fn handle(&mut self, key: &str) -> usize {
+        match self.index.get(key) {
+            Some(&i) => i,
+            None => self.insert(key.to_owned(), Series::default()),
         }
     }
 
+    /// Records a sample in the series of `handle` (from [`History::handle`]).
+    pub fn observe_at(&mut self, handle: usize, now: u64, open: u64, refused_total: u64) {
+        self.series[handle].1.observe(now, open, refused_total);
+    }
+
+    pub fn observe(&mut self, key: &str, now: u64, open: u64, refused_total: u64) {
+        let h = self.handle(key);
+        self.observe_at(h, now, open, refused_total);
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Series> {
+        self.index.get(key).map(|&i| &self.series[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+
     pub fn peak(&self, key: &str, now: u64, window: Duration) -> Peak {
-        self.series.get(key).map_or(Peak::default(), |s| s.peak(now, window))
+        self.get(key).map_or(Peak::default(), |s| s.peak(now, window))
     }
 
     /// A service's peak load in `window`: per minute (or hour), its backends' peaks summed.
     pub fn service_peak(&self, keys: &[String], now: u64, window: Duration) -> Peak {
         let mut sums: BTreeMap<u64, u32> = BTreeMap::new();
         for k in keys {
-            if let Some(s) = self.series.get(k) {
+            if let Some(s) = self.get(k) {
                 for (at, slot) in s.slots(now, window) {
                     *sums.entry(at).or_default() += u32::from(slot.peak);
                 }
@@ -323,13 +361,13 @@ mod tests {
         assert_eq!(s.peak(later, Duration::from_secs(24 * 3600)).open, 3);
         assert_eq!(s.peak(later, Duration::from_secs(30 * 86_400)).open, 191);
         let mut h = History { path: std::env::temp_dir().join(format!("sluice-history-test-{}", std::process::id())), ..History::default() };
-        h.series.insert("web/10.0.0.11".into(), s.clone());
+        h.insert("web/10.0.0.11".into(), s.clone());
         h.save().expect("save");
         let back = History::load(&h.path);
-        assert_eq!(back.series.get("web/10.0.0.11"), Some(&s));
+        assert_eq!(back.get("web/10.0.0.11"), Some(&s));
         // A corrupt file is moved aside; an empty history starts.
         std::fs::write(&h.path, b"SLUICEH1garbage").expect("write");
-        assert!(History::load(&h.path).series.is_empty());
+        assert!(History::load(&h.path).is_empty());
         assert!(h.path.with_extension("corrupt").exists());
         let _ = std::fs::remove_file(h.path.with_extension("corrupt"));
         // The size stated in the module's comment and the README: 8.6 KB a backend with load,

@@ -125,6 +125,14 @@ pub struct Applied {
     /// Ring regions: start → size, and the capacity of `RINGS`.
     regions: BTreeMap<u32, u32>,
     ring_slots: u32,
+    /// New with every apply that wrote, unique across `Applied`s: what caches built from the
+    /// applied state (the alert sample's names) compare.
+    pub generation: u64,
+}
+
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// One line of what an apply changed, for the journal and `config apply`'s diff.
@@ -161,7 +169,7 @@ impl Applied {
     }
 
     pub fn new(ring_slots: u32) -> Self {
-        Self { ring_slots, ..Self::default() }
+        Self { ring_slots, generation: next_generation(), ..Self::default() }
     }
 
     /// A free region of `len` slots (first fit), if `RINGS` has room.
@@ -238,7 +246,7 @@ impl Applied {
         macs: &dyn MacResolver,
         conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
     ) -> Result<Vec<Change>, Error> {
-        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), shares: self.shares.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots };
+        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), shares: self.shares.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots, generation: self.generation };
         copy.apply_or_plan(t, cfg, macs, conns, true)
     }
 
@@ -530,6 +538,7 @@ impl Applied {
         }
         self.services = next;
         self.regions = regions;
+        self.generation = next_generation();
         Ok(changes)
     }
 }
