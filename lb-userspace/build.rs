@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), std::path::PathBuf::from).join("bpf");
     let mut cmd = ebpf_build_command(&toolchain, &workspace, &target_dir);
     cmd.arg("--message-format=json").stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("starting `rustup run {toolchain} cargo build` for the XDP object: {e}; {}", HINT))?;
+    let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("starting `rustup run {toolchain} cargo build` for the XDP object: {e}; {HINT}"))?;
     let mut stderr = child.stderr.take().expect("piped");
     let progress = std::thread::spawn(move || {
         let mut s = String::new();

@@ -17,7 +17,9 @@ pub fn ebpf_build_command(toolchain: &str, workspace: &std::path::Path, target_d
         // Debian's stable rustc accepts -Z with it (aya-ebpf-cty needs it too).
         .env("RUSTC_BOOTSTRAP", "1")
         // BTF for bpftool and aya; the architecture the eBPF helpers are written for.
-        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf")
+        // Warnings are errors: the datapath's crates (lb-ebpf, lb-common) build warning-free
+        // with the workspace's lints (registry crates are capped by cargo).
+        .env("CARGO_ENCODED_RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\"\u{1f}-Cdebuginfo=2\u{1f}-Clink-arg=--btf\u{1f}-Dwarnings")
         // aya-ebpf's build script tracks HOST, which cargo sets for build scripts only: set it
         // here too, or the build script's build and xtask's would each redo the other's.
         .env("HOST", "x86_64-unknown-linux-gnu")

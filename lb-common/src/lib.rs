@@ -35,10 +35,7 @@ pub mod maps {
     pub const FLOW_TAGS: &str = "FLOW_TAGS";
     pub const FLOW_COUNT: &str = "FLOW_COUNT";
     /// Every map the balancer pins.
-    pub const ALL: [&str; 14] = [
-        STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA,
-        SERVICE_FILTER, FLOW_TAGS, FLOW_COUNT,
-    ];
+    pub const ALL: [&str; 14] = [STATS, SERVICES, BACKENDS, CONNS, RINGS, FLOWS, SVC_STATS, BACKEND_STATS, EVENTS, EVENT_BUCKET, SCHEMA, SERVICE_FILTER, FLOW_TAGS, FLOW_COUNT];
 }
 
 /// Name of the balancer XDP program in the object.
@@ -439,7 +436,11 @@ const _: () = assert!(size_of::<FlowCount>() == 16);
 pub const fn flow_table_buckets(capacity: u32) -> u32 {
     // At least 64: a small table's few buckets would fill unevenly.
     let b = capacity.div_ceil(3);
-    if b < 64 { 64 } else { b }
+    if b < 64 {
+        64
+    } else {
+        b
+    }
 }
 
 /// A flow's home bucket and its other bucket out of `n` (distinct when `n` > 1):
@@ -716,7 +717,15 @@ mod tests {
 
     #[test]
     fn flow_hash_depends_on_every_field() {
-        let base = FlowKey { src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], sport_be: [0x9c, 0x40], dport_be: [0, 80], proto: 6, _pad0: 0, _pad1: 0 };
+        let base = FlowKey {
+            src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sport_be: [0x9c, 0x40],
+            dport_be: [0, 80],
+            proto: 6,
+            _pad0: 0,
+            _pad1: 0,
+        };
         let h = flow_hash(&base);
         let mut k = base;
         k.src[3] = 2;

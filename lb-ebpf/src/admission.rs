@@ -22,7 +22,11 @@ pub fn ring_pick(svc: &Service, hash: u32, i: u32) -> u32 {
 /// Why a backend at its limit refuses: its own limit, or this node's share of a cluster-wide one.
 #[inline(always)]
 fn at_limit(at_limit: u8) -> Reason {
-    if at_limit == AT_LIMIT_SHARE { Reason::ShareExhausted } else { Reason::BackendLimit }
+    if at_limit == AT_LIMIT_SHARE {
+        Reason::ShareExhausted
+    } else {
+        Reason::BackendLimit
+    }
 }
 
 /// `backend_id`'s open-connection counter and limit if it is active and, by a plain read,

@@ -53,7 +53,6 @@ pub unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
     r0
 }
 
-
 /// Keeps the compiler from moving memory accesses across this point (LLVM may move plain
 /// loads and stores across volatile ones). No instruction: x86 itself keeps loads in order
 /// with loads and stores with stores, which is all the flow table's publish/read needs.

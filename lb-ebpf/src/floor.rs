@@ -3,7 +3,12 @@
 //! `bench_vary`, the balancer behind a rewrite of the IPv4 source address, because a
 //! BPF_PROG_TEST_RUN call repeats one frame and a benchmark of many flows needs many sources.
 
-use aya_ebpf::{bindings::xdp_action, btf_maps::Array, macros::{btf_map, xdp}, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::Array,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
 
 use crate::{
     csum,
@@ -85,4 +90,3 @@ fn vary(ctx: &XdpContext) {
         st16(ip.add(10), check);
     }
 }
-

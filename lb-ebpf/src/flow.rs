@@ -11,8 +11,8 @@
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use lb_common::{
-    flow_buckets, flow_fingerprint, next_generation, tag_generation, tag_low, tag_word, Flow, FlowEntry, FlowKey,
-    FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_WAYS, TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, next_generation, tag_generation, tag_low, tag_word, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_WAYS,
+    TAG_FREE, TAG_PENDING,
 };
 
 use crate::{
@@ -160,10 +160,7 @@ fn count_sub() {
 fn key_eq(a: *const FlowKey, b: &FlowKey) -> bool {
     let (a, b) = (a.cast::<u64>(), core::ptr::from_ref(b).cast::<u64>());
     // SAFETY: both are 8-aligned 40-byte keys (5 words); padding is always zero.
-    unsafe {
-        ((*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) | (*a.add(4) ^ *b.add(4)))
-            == 0
-    }
+    unsafe { ((*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) | (*a.add(4) ^ *b.add(4))) == 0 }
 }
 
 /// A way found or claimed, passed through per-CPU memory on purpose. The verifier knows
@@ -204,15 +201,7 @@ fn launder(pos: u64, word: u64, home: u32) -> Option<Found> {
         return None;
     }
     // SAFETY: `bucket` is a FLOWS value and `way` < FLOW_WAYS.
-    unsafe {
-        Some(Found {
-            entry: addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way),
-            tag: addr_of_mut!((*tags).words).cast::<u64>().add(way),
-            word,
-            pos,
-            home,
-        })
-    }
+    unsafe { Some(Found { entry: addr_of_mut!((*bucket).entries).cast::<FlowEntry>().add(way), tag: addr_of_mut!((*tags).words).cast::<u64>().add(way), word, pos, home }) }
 }
 
 /// The position of the way of bucket `b` holding `key`, and its tag word.

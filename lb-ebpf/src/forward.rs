@@ -9,8 +9,8 @@ use aya_ebpf::{
 use lb_common::{Backend, FAMILY_V6, MODE_IPIP};
 
 use crate::{
-    mem,
     maps::{BACKENDS, SCRATCH},
+    mem,
     parse::{ptr_at, Packet, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, PROTO_IPIP, PROTO_IPV6},
     CONFIG,
 };
@@ -88,9 +88,7 @@ fn next_hop(ctx: &XdpContext, b: &Backend, outer_v6: bool, src: &[u32; 4], inner
         p.__bindgen_anon_4.ipv4_dst = dst[0];
     }
     // SAFETY: ctx is the program's context; p is a properly sized, initialised request.
-    let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx.cast(), core::ptr::from_mut(p), size_of::<FibParams>() as i32, 0)
-    };
+    let rc = unsafe { bpf_fib_lookup(ctx.ctx.cast(), core::ptr::from_mut(p), size_of::<FibParams>() as i32, 0) };
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return Err(());
     }

@@ -8,8 +8,9 @@ use lb_common::{FlowKey, ServiceKey, Stat, ICMP_ECHO_REPLY};
 use crate::{
     csum,
     maps::SERVICES,
+    pack,
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
-    pack, vip_service, Verdict,
+    vip_service, Verdict,
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;

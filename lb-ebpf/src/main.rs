@@ -47,10 +47,7 @@ use aya_ebpf::{
     programs::XdpContext,
     Global,
 };
-use lb_common::{
-    flow_hash, Config, Flow, FlowKey, Reason, Service, ServiceKey, Stat, FLOW_CLOSING, FLOW_ESTABLISHED,
-    FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, REJECT_RST,
-};
+use lb_common::{flow_hash, Config, Flow, FlowKey, Reason, Service, ServiceKey, Stat, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_UDP, FRAGMENTS_DROP, REJECT_RST};
 
 use crate::{
     flow::{Hit, Insert, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},

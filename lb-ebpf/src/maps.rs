@@ -8,9 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    flow_table_buckets, Backend, Conns, Counter, EventBucket, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, Reason, RefusalEvent,
-    Service, ServiceKey, Stat, TrafficStats, DEFAULT_FLOW_CAPACITY, SERVICE_FILTER_WORDS, DEFAULT_RING_SLOTS, MAX_BACKENDS,
-    MAX_SERVICES,
+    flow_table_buckets, Backend, Conns, Counter, EventBucket, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, Reason, RefusalEvent, Service, ServiceKey, Stat, TrafficStats,
+    DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, MAX_BACKENDS, MAX_SERVICES, SERVICE_FILTER_WORDS,
 };
 
 use crate::parse::Packet;
@@ -57,14 +56,12 @@ pub static RINGS: Array<u32, { DEFAULT_RING_SLOTS as usize }, { BPF_F_MMAPABLE a
 /// Memory-mappable: the daemon's GC expires flows with the same compare-and-swaps.
 /// Writer: datapath, GC. Reader: all.
 #[btf_map]
-pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> =
-    Array::new();
+pub static FLOWS: Array<FlowBucket, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Bucket → what each of its ways holds (`lb_common::FlowTags`); sized with `FLOWS`.
 /// Writer: datapath, GC. Reader: all.
 #[btf_map]
-pub static FLOW_TAGS: Array<FlowTags, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> =
-    Array::new();
+pub static FLOW_TAGS: Array<FlowTags, { flow_table_buckets(DEFAULT_FLOW_CAPACITY) as usize }, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 /// Flows in `FLOWS` and the capacity the loader set (one shared element, atomic add/sub).
 /// Writer: datapath, GC (live), loader (capacity). Reader: all.

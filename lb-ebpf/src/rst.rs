@@ -29,10 +29,7 @@ fn build(ctx: &XdpContext, pkt: &Packet) -> Result<(), ()> {
     // SAFETY: ptr_at checked the bounds.
     let seq = u32::from_be_bytes(unsafe { *seq });
     let payload = pkt.ip_len.saturating_sub(pkt.l4_off - pkt.l3_off + pkt.tcp_hdr_len) as u32;
-    let ack = seq
-        .wrapping_add(payload)
-        .wrapping_add(u32::from(pkt.tcp_flags & TCP_SYN != 0))
-        .wrapping_add(u32::from(pkt.tcp_flags & TCP_FIN != 0));
+    let ack = seq.wrapping_add(payload).wrapping_add(u32::from(pkt.tcp_flags & TCP_SYN != 0)).wrapping_add(u32::from(pkt.tcp_flags & TCP_FIN != 0));
 
     // Back to the sender.
     crate::mem::swap_macs(ctx)?;

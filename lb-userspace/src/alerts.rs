@@ -80,7 +80,7 @@ fn d_table() -> f64 {
     0.9
 }
 fn d_horizon() -> Duration {
-    Duration::from_secs(300)
+    Duration::from_mins(5)
 }
 
 impl Default for AlertsCfg {
@@ -195,7 +195,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: AlertsCfg) -> Self {
-        let name = cfg.name.clone().unwrap_or_else(|| nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "sluice".into()));
+        let name = cfg.name.clone().unwrap_or_else(|| nix::unistd::gethostname().map_or_else(|_| "sluice".into(), |h| h.to_string_lossy().into_owned()));
         Self { cfg, name, rules: HashMap::new(), round: 0, prev: None }
     }
 
@@ -238,10 +238,20 @@ impl Engine {
                 ));
             }
             if ratio >= self.cfg.near_limit_ratio && open < max {
-                push("SluiceBackendNearLimit", "warning", backend_labels(b), (
-                    format!("Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({open} of {max}{whose})", b.backend, b.service, ratio * 100.0),
-                    format!("At {max} open connections the load balancer will refuse new ones ({}). Next: check whether the limit fits today's traffic.", key_of(b)),
-                ));
+                push(
+                    "SluiceBackendNearLimit",
+                    "warning",
+                    backend_labels(b),
+                    (
+                        format!(
+                            "Sluice load balancer {lb}: backend {} of service \"{}\" is at {:.0}% of its connection limit ({open} of {max}{whose})",
+                            b.backend,
+                            b.service,
+                            ratio * 100.0
+                        ),
+                        format!("At {max} open connections the load balancer will refuse new ones ({}). Next: check whether the limit fits today's traffic.", key_of(b)),
+                    ),
+                );
             }
             let prev = prev_of(i, b);
             for &reason in lb_common::Reason::ALL {
@@ -267,10 +277,20 @@ impl Engine {
                 };
                 let mut labels = backend_labels(b);
                 labels.push(("reason".to_owned(), reason.to_owned()));
-                push("SluiceRefusingConnections", "critical", labels, (
-                    format!("Sluice load balancer {lb} is refusing connections to service \"{}\" backend {} ({reason}): {new} in the last {:.0?}", b.service, b.backend, dt.unwrap_or_default()),
-                    description,
-                ));
+                push(
+                    "SluiceRefusingConnections",
+                    "critical",
+                    labels,
+                    (
+                        format!(
+                            "Sluice load balancer {lb} is refusing connections to service \"{}\" backend {} ({reason}): {new} in the last {:.0?}",
+                            b.service,
+                            b.backend,
+                            dt.unwrap_or_default()
+                        ),
+                        description,
+                    ),
+                );
             }
             // Time to saturation: a linear trend of open connections, only past half the limit
             // (a ramp from idle is not a saturation risk yet).
@@ -295,14 +315,19 @@ impl Engine {
             let labels = || vec![("service".to_owned(), svc.to_owned())];
             let active: Vec<&&BackendSample> = bs.iter().filter(|b| b.active).collect();
             if !active.is_empty() && active.iter().all(|b| b.cluster.as_ref().map_or(b.open, |c| c.cluster_open) >= u64::from(b.max_conns)) {
-                push("SluiceServiceSaturated", "critical", labels(), (
-                    format!("Sluice load balancer {lb}: every backend of service \"{svc}\" is at its connection limit"),
-                    format!(
-                        "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
-                        active.len(),
-                        active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
+                push(
+                    "SluiceServiceSaturated",
+                    "critical",
+                    labels(),
+                    (
+                        format!("Sluice load balancer {lb}: every backend of service \"{svc}\" is at its connection limit"),
+                        format!(
+                            "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
+                            active.len(),
+                            active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
+                        ),
                     ),
-                ));
+                );
             }
             if active.is_empty() {
                 push("SluiceNoHealthyBackend", "critical", labels(), (
@@ -332,7 +357,8 @@ impl Engine {
             ));
         }
         if let Some(l) = s.limits.as_ref().filter(|l| !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0)) {
-            let shares: Vec<String> = l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
+            let shares: Vec<String> =
+                l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
             let state = if l.fallback {
                 format!("its lease ({} s) has run out, so it enforces the smaller of each share and its safe share", l.lease_ttl_s)
             } else {
@@ -351,10 +377,15 @@ impl Engine {
         for (be, total) in &s.drift {
             let before = self.prev.as_ref().and_then(|(_, p)| p.drift.get(be).copied()).unwrap_or(*total);
             if *total > before {
-                push("SluiceCounterDrift", "warning", vec![("backend".to_owned(), be.clone())], (
-                    format!("Sluice load balancer {lb}: the open-connection counter of backend {be} drifted and was corrected"),
-                    format!("{total} connections corrected so far. Limits stay enforced on the corrected count. Next: report it if it recurs."),
-                ));
+                push(
+                    "SluiceCounterDrift",
+                    "warning",
+                    vec![("backend".to_owned(), be.clone())],
+                    (
+                        format!("Sluice load balancer {lb}: the open-connection counter of backend {be} drifted and was corrected"),
+                        format!("{total} connections corrected so far. Limits stay enforced on the corrected count. Next: report it if it recurs."),
+                    ),
+                );
             }
         }
 

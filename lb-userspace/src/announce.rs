@@ -73,11 +73,7 @@ fn read_files(dir: &Path) -> BTreeSet<IpAddr> {
     [f4, f6]
         .iter()
         .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|t| {
-            t.lines()
-                .filter_map(|l| l.trim().strip_prefix("route ").and_then(|r| r.split('/').next()).and_then(|ip| ip.parse().ok()))
-                .collect::<Vec<IpAddr>>()
-        })
+        .flat_map(|t| t.lines().filter_map(|l| l.trim().strip_prefix("route ").and_then(|r| r.split('/').next()).and_then(|ip| ip.parse().ok())).collect::<Vec<IpAddr>>())
         .collect()
 }
 
@@ -101,7 +97,10 @@ pub async fn configure(socket: &Path) -> Result<(), String> {
     };
     let messages = tokio::time::timeout(Duration::from_secs(5), exchange).await.map_err(|_| fail("no answer within 5 s".into()))??;
     let ok = messages.iter().any(|m| {
-        matches!(m, Message::Reconfigured(_) | Message::ReconfigurationInProgress(_) | Message::ReconfigurationQueued(_) | Message::ReconfigurationConfirmed(_) | Message::NothingToDo(_))
+        matches!(
+            m,
+            Message::Reconfigured(_) | Message::ReconfigurationInProgress(_) | Message::ReconfigurationQueued(_) | Message::ReconfigurationConfirmed(_) | Message::NothingToDo(_)
+        )
     });
     if ok {
         Ok(())
@@ -111,7 +110,13 @@ pub async fn configure(socket: &Path) -> Result<(), String> {
 }
 
 /// Starts the announcer. `wanted` carries the VIPs to announce; the task keeps BIRD in step.
-pub fn spawn(cfg: ClusterCfg, state: Arc<Mutex<State>>, status: Arc<Mutex<Status>>, mut wanted: watch::Receiver<BTreeSet<IpAddr>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(
+    cfg: ClusterCfg,
+    state: Arc<Mutex<State>>,
+    status: Arc<Mutex<Status>>,
+    mut wanted: watch::Receiver<BTreeSet<IpAddr>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut in_bird = read_files(&cfg.announce_dir);
         status.lock().expect("status").announced.clone_from(&in_bird);
@@ -172,6 +177,21 @@ pub fn spawn(cfg: ClusterCfg, state: Arc<Mutex<State>>, status: Arc<Mutex<Status
     })
 }
 
+impl Status {
+    /// One line for `sluice status`.
+    pub fn line(&self) -> String {
+        let list = |s: &BTreeSet<IpAddr>| if s.is_empty() { "none".to_owned() } else { s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") };
+        let mut t = format!("node \"{}\"{}: announcing {}", self.node, if self.drained { " (DRAINED)" } else { "" }, list(&self.announced));
+        if self.wanted != self.announced {
+            t.push_str(&format!("; should announce {}", list(&self.wanted)));
+        }
+        if let Some(e) = &self.error {
+            t.push_str(&format!("; BIRD: {e}"));
+        }
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,20 +208,5 @@ mod tests {
         assert!(std::fs::read_to_string(&f6).expect("read").contains("route 2001:db8::100/128 blackhole;"));
         assert_eq!(read_files(&dir), vips);
         std::fs::remove_dir_all(&dir).expect("cleanup");
-    }
-}
-
-impl Status {
-    /// One line for `sluice status`.
-    pub fn line(&self) -> String {
-        let list = |s: &BTreeSet<IpAddr>| if s.is_empty() { "none".to_owned() } else { s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") };
-        let mut t = format!("node \"{}\"{}: announcing {}", self.node, if self.drained { " (DRAINED)" } else { "" }, list(&self.announced));
-        if self.wanted != self.announced {
-            t.push_str(&format!("; should announce {}", list(&self.wanted)));
-        }
-        if let Some(e) = &self.error {
-            t.push_str(&format!("; BIRD: {e}"));
-        }
-        t
     }
 }

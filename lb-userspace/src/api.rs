@@ -134,7 +134,6 @@ async fn get_status(AxState(st): AxState<Shared>) -> Result<Json<StatusReport>, 
     let services = services(&mut st)?;
     let t = st.dp.tables();
     let outcomes = stats::read(&t.stats_map()?)?;
-    drop(t);
     let flows = st.flows.len();
     Ok(Json(StatusReport {
         interface: st.cfg.daemon.interface.clone(),
@@ -196,7 +195,10 @@ async fn post_config_apply(AxState(st): AxState<Shared>, Json(req): Json<ApplyRe
     };
     let restart_only = |next: &Config, running: &Config, file: &Path| {
         config::restart_only_change(next, running).map(|what| {
-            ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("{}: {what} changed, and it takes effect on restart only; change it in the file the daemon starts with and restart it", file.display()))
+            ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("{}: {what} changed, and it takes effect on restart only; change it in the file the daemon starts with and restart it", file.display()),
+            )
         })
     };
     if req.dry_run {
@@ -293,7 +295,7 @@ async fn get_review(AxState(st): AxState<Shared>) -> Result<Json<serde_json::Val
                 "headroom": i64::from(b.max_conns) - load as i64, "suggested": suggested.max(1), "flag": flag,
             }));
         }
-        let peak = st.history.service_peak(&keys, now, Duration::from_secs(86_400));
+        let peak = st.history.service_peak(&keys, now, Duration::from_hours(24));
         let n1 = crate::guard::n_minus_1(s, u64::from(peak.open), peak.at, now);
         services.push(serde_json::json!({
             "name": s.name, "capacity": crate::guard::capacity(s), "peak_24h": peak, "n_minus_1": crate::guard::capacity_n_minus_1(s),
@@ -327,10 +329,10 @@ fn history(st: &Shared, service: &str, address: Option<IpAddr>) -> Result<Json<s
             let series = st.history.get(&k).cloned().unwrap_or_default();
             serde_json::json!({
                 "address": a,
-                "peak_24h": series.peak(now, Duration::from_secs(86_400)),
-                "peak_30d": series.peak(now, Duration::from_secs(30 * 86_400)),
-                "minutes": series.slots(now, Duration::from_secs(86_400)),
-                "hours": series.slots(now, Duration::from_secs(30 * 86_400)),
+                "peak_24h": series.peak(now, Duration::from_hours(24)),
+                "peak_30d": series.peak(now, Duration::from_hours(720)),
+                "minutes": series.slots(now, Duration::from_hours(24)),
+                "hours": series.slots(now, Duration::from_hours(720)),
             })
         })
         .collect();
@@ -579,7 +581,7 @@ fn new_flows_total(st: &mut State) -> Result<u64, Error> {
 async fn post_drain(AxState(st): AxState<Shared>, body: Option<Json<DrainRequest>>) -> Result<Json<DrainReport>, ApiError> {
     let timeout = match body.and_then(|b| b.0.timeout) {
         Some(t) => humantime::parse_duration(&t).map_err(|e| bad(format!("timeout \"{t}\": {e} (write e.g. \"60s\")")))?,
-        None => Duration::from_secs(60),
+        None => Duration::from_mins(1),
     };
     let started = std::time::Instant::now();
     let (node, status, withdrawn) = {
@@ -626,7 +628,12 @@ async fn post_drain(AxState(st): AxState<Shared>, body: Option<Json<DrainRequest
     let s = st.lock().expect("state lock");
     s.journal.record(
         "cluster",
-        format!("node \"{}\" drain: {} new flow(s) after the withdrawal, {}", report.node, report.new_flows_after, if report.quiet { "then none" } else { "still arriving at the timeout" }),
+        format!(
+            "node \"{}\" drain: {} new flow(s) after the withdrawal, {}",
+            report.node,
+            report.new_flows_after,
+            if report.quiet { "then none" } else { "still arriving at the timeout" }
+        ),
         vec![],
     );
     Ok(Json(report))

@@ -3,12 +3,7 @@
 //! `toml_edit`) and replaces it atomically, so the next reload (SIGHUP, `systemctl reload`)
 //! re-reads the change instead of silently reverting it.
 
-use std::{
-    io::Write as _,
-    net::IpAddr,
-    os::unix::fs::PermissionsExt as _,
-    path::Path,
-};
+use std::{io::Write as _, net::IpAddr, os::unix::fs::PermissionsExt as _, path::Path};
 
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, Value};
 
@@ -27,10 +22,7 @@ pub enum BackendEdit {
 pub fn edit_backend(text: &str, service: &str, address: IpAddr, edit: &BackendEdit) -> Result<String, String> {
     let mut doc: DocumentMut = text.parse().map_err(|e| format!("cannot parse it: {e}"))?;
     let services = doc.get_mut("service").and_then(Item::as_array_of_tables_mut).ok_or("it has no [[service]] tables")?;
-    let svc = services
-        .iter_mut()
-        .find(|t| t.get("name").and_then(Item::as_str) == Some(service))
-        .ok_or_else(|| format!("it has no service named \"{service}\""))?;
+    let svc = services.iter_mut().find(|t| t.get("name").and_then(Item::as_str) == Some(service)).ok_or_else(|| format!("it has no service named \"{service}\""))?;
     let same = |v: Option<&str>| v.and_then(|s| s.parse::<IpAddr>().ok()) == Some(address);
     match svc.get_mut("backend") {
         Some(Item::ArrayOfTables(list)) => edit_tables(list, same, edit, service, address),

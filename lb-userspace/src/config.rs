@@ -198,13 +198,13 @@ fn default_syn() -> Duration {
     Duration::from_secs(10)
 }
 fn default_established() -> Duration {
-    Duration::from_secs(7200)
+    Duration::from_hours(2)
 }
 fn default_closing() -> Duration {
     Duration::from_secs(30)
 }
 fn default_udp() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_mins(1)
 }
 
 impl Default for Timeouts {
@@ -497,15 +497,14 @@ impl fmt::Display for Rejected {
 /// warnings; `Err` every finding when there is at least one error.
 pub fn parse(file: &Path, text: &str) -> Result<(Config, Vec<Finding>), Rejected> {
     let reject = |findings| Rejected { file: file.to_owned(), findings };
-    let de = toml::de::Deserializer::parse(text)
-        .map_err(|e| reject(vec![Finding { severity: Severity::Error, key: String::new(), message: one_line(&e.to_string()) }]))?;
+    let de = toml::de::Deserializer::parse(text).map_err(|e| reject(vec![Finding { severity: Severity::Error, key: String::new(), message: one_line(&e.to_string()) }]))?;
     let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
         reject(vec![Finding { severity: Severity::Error, key, message: one_line(&e.into_inner().to_string()) }])
     })?;
     let mut findings = validate(&cfg);
-    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     if findings.iter().any(|f| f.severity == Severity::Error) {
         return Err(reject(findings));
     }
@@ -531,10 +530,8 @@ pub fn restart_only_change(next: &Config, running: &Config) -> Option<&'static s
 
 /// Reads and parses a config file.
 pub fn load(file: &Path) -> Result<(Config, Vec<Finding>), Rejected> {
-    let text = std::fs::read_to_string(file).map_err(|e| Rejected {
-        file: file.to_owned(),
-        findings: vec![Finding { severity: Severity::Error, key: String::new(), message: format!("cannot read it: {e}") }],
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Rejected { file: file.to_owned(), findings: vec![Finding { severity: Severity::Error, key: String::new(), message: format!("cannot read it: {e}") }] })?;
     parse(file, &text)
 }
 
@@ -542,11 +539,7 @@ pub fn load(file: &Path) -> Result<(Config, Vec<Finding>), Rejected> {
 fn one_line(s: &str) -> String {
     // Drop the source excerpt ("14 | port = …", "|", "^^^"); keep position and reason.
     let excerpt = |l: &str| l.starts_with('|') || l.split_once(" |").is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()));
-    let lines: Vec<&str> = s
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !excerpt(l) && !l.chars().all(|c| c == '^' || c == ' '))
-        .collect();
+    let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty() && !excerpt(l) && !l.chars().all(|c| c == '^' || c == ' ')).collect();
     lines.join("; ")
 }
 
@@ -586,7 +579,7 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
             if !l.prefix.starts_with('/') || l.prefix.ends_with('/') || l.prefix.contains(char::is_whitespace) {
                 err("cluster.limits.prefix".into(), format!("{:?}: a key prefix like \"/sluice\" (leading slash, none at the end)", l.prefix));
             }
-            if l.lease_ttl < Duration::from_secs(2) || l.lease_ttl > Duration::from_secs(3600) {
+            if l.lease_ttl < Duration::from_secs(2) || l.lease_ttl > Duration::from_hours(1) {
                 err("cluster.limits.lease_ttl".into(), format!("{:?}: between 2s and 1h (etcd counts leases in whole seconds)", l.lease_ttl));
             }
             if l.nodes == Some(0) {
@@ -598,7 +591,12 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
         }
     }
     let label_ok = |k: &str| k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    let labels = cfg.alerts.labels.iter().map(|(k, _)| ("alerts.labels".to_owned(), k)).chain(cfg.services.iter().enumerate().flat_map(|(i, s)| s.labels.keys().map(move |k| (format!("service[{i}].labels"), k))));
+    let labels = cfg
+        .alerts
+        .labels
+        .keys()
+        .map(|k| ("alerts.labels".to_owned(), k))
+        .chain(cfg.services.iter().enumerate().flat_map(|(i, s)| s.labels.keys().map(move |k| (format!("service[{i}].labels"), k))));
     for (at, k) in labels {
         if !label_ok(k) {
             err(format!("{at}.{k}"), format!("\"{k}\" is not a label name (letters, digits, _; not starting with a digit)"));
@@ -609,7 +607,7 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if !(1.0..=10.0).contains(&cfg.guard.headroom) {
         err("guard.headroom".into(), format!("{} must be between 1 and 10 (review suggests max_conns = peak × headroom, e.g. 1.25)", cfg.guard.headroom));
     }
-    if cfg.guard.window < Duration::from_secs(60) || cfg.guard.window > Duration::from_secs(30 * 86_400) {
+    if cfg.guard.window < Duration::from_mins(1) || cfg.guard.window > Duration::from_hours(720) {
         err("guard.window".into(), format!("{:?}: between 1m and 30d (the history keeps minutes for 24 h, hours for 30 days)", cfg.guard.window));
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() {
@@ -804,7 +802,7 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(cfg.services[0].backends.len(), 2);
         assert_eq!(cfg.services[0].overflow.spill.candidates(), MAX_SPILL as u8);
-        assert_eq!(cfg.flows.timeouts.udp, Duration::from_secs(60));
+        assert_eq!(cfg.flows.timeouts.udp, Duration::from_mins(1));
         assert_eq!(cfg.services[0].ring_size, 65537);
     }
 
@@ -834,9 +832,9 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
         }
         // A safe share above max_conns, or without cluster-wide limits.
         let above = format!("{}\n{CLUSTER}", GOOD.replacen("max_conns = 100\nweight = 1", "max_conns = 100\nweight = 1\nsafe_share = 101", 1));
-        assert!(check(&above).err().expect("refused").findings[0].message.contains("above max_conns"));
+        assert!(check(&above).expect_err("refused").findings[0].message.contains("above max_conns"));
         let alone = GOOD.replacen("max_conns = 100\nweight = 1", "max_conns = 100\nweight = 1\nsafe_share = 10", 1);
-        assert!(check(&alone).err().expect("refused").findings[0].message.contains("cluster-wide limits only"));
+        assert!(check(&alone).expect_err("refused").findings[0].message.contains("cluster-wide limits only"));
     }
 
     /// Each bad file: a replacement applied to GOOD, the key the error names, a word of the reason.

@@ -33,9 +33,7 @@ impl ConnCounters {
         let page = 4096;
         let map_len = (len * 8).div_ceil(page) * page;
         // SAFETY: mapping a BPF array fd, shared; the kernel validates the length and flags.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(Error::other("memory-mapping CONNS", std::io::Error::last_os_error()));
         }

@@ -18,12 +18,13 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    alerts, announce,
     config::{self, parse_mac, Config, Fragments, IcmpEcho, Mode, XdpMode},
     conns::ConnCounters,
-    flowtab::FlowTable,
     datapath::{AttachMode, Datapath, LoadOptions},
+    flowtab::FlowTable,
     gc::{self, Drift, Reconciler, Sweep},
-    alerts, announce, health, neigh,
+    health, neigh,
     reconcile::{Applied, Change},
     Error,
 };
@@ -93,12 +94,7 @@ fn effective(cfg: &Config, overrides: &std::collections::BTreeMap<(String, IpAdd
 
 /// MACs of the `l2dsr` backends whose config gives none, from the neighbour table.
 async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, [u8; 6]>, Error> {
-    let need: Vec<IpAddr> = cfg
-        .services
-        .iter()
-        .filter(|s| s.mode == Mode::L2dsr)
-        .flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address))
-        .collect();
+    let need: Vec<IpAddr> = cfg.services.iter().filter(|s| s.mode == Mode::L2dsr).flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
     if need.is_empty() {
         return Ok(Default::default());
     }
@@ -182,6 +178,7 @@ pub struct State {
     pub cluster: Option<Cluster>,
     /// What the change in progress altered beside the config (a backend's health, a
     /// break-glass limit), to undo if its apply fails.
+    #[expect(clippy::type_complexity, reason = "one boxed closure")]
     pending_undo: Option<Box<dyn FnOnce(&mut State) + Send>>,
     /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
     /// running config are applied one after the other, each to the result of the one before.
@@ -313,9 +310,16 @@ impl State {
 
     /// Drains (true) or undrains this node: withdraws or announces its VIPs.
     pub fn set_drained(&mut self, drained: bool) -> Result<(), Error> {
-        let c = self.cluster.as_mut().ok_or_else(|| Error::other("node drain", anyhow::anyhow!("this daemon has no [cluster] section: a single node announces nothing to withdraw")))?;
+        let c = self
+            .cluster
+            .as_mut()
+            .ok_or_else(|| Error::other("node drain", anyhow::anyhow!("this daemon has no [cluster] section: a single node announces nothing to withdraw")))?;
         let marker = announce::drained_marker(&c.cfg.announce_dir);
-        let written = if drained { std::fs::write(&marker, b"drained by `sluice node drain`\n") } else { std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }) };
+        let written = if drained {
+            std::fs::write(&marker, b"drained by `sluice node drain`\n")
+        } else {
+            std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        };
         written.map_err(|e| Error::other(format!("recording the drain in {}", marker.display()), e))?;
         c.drained = drained;
         let node = c.cfg.node.clone();
@@ -388,9 +392,9 @@ impl State {
         let not_announcing = self.cluster.as_ref().and_then(|c| {
             let s = c.status.lock().expect("status");
             let missing: Vec<String> = s.wanted.difference(&s.announced).map(ToString::to_string).collect();
-            (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty()).then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
+            (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty())
+                .then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
         });
-        drop(t);
         self.history.save_if_due();
         let sample = alerts::Sample {
             backends,
@@ -446,7 +450,7 @@ impl State {
             self.gc_gap = (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
             // Ticks come once a second but not to the microsecond: without the slack a
             // one-second gap would often be missed by a hair and become two.
-            self.next_gc = now + self.gc_gap - TICK_SLACK;
+            self.next_gc = (now + self.gc_gap).checked_sub(TICK_SLACK).unwrap();
             if self.last_sweep.expired > 0 {
                 tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
             }
@@ -464,7 +468,7 @@ impl State {
                 let _ = p.tx.send(moved);
             }
         }
-        if n % RECONCILE_EVERY == 0 {
+        if n.is_multiple_of(RECONCILE_EVERY) {
             let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
             self.last_drift = self.reconciler.pass(&self.flows, &self.conns, ids);
             for d in self.last_drift.iter().filter(|d| d.corrected) {
@@ -649,6 +653,7 @@ pub async fn reload(state: &Arc<Mutex<State>>) -> Result<Vec<Change>, Error> {
 }
 
 /// Runs until `shutdown` is cancelled (or SIGINT/SIGTERM when `signals`).
+#[expect(clippy::too_many_lines, reason = "the main loop: one select over every source of work")]
 pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals: bool) -> Result<(), Error> {
     let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::other("SIGHUP handler", e))?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
@@ -680,7 +685,7 @@ pub async fn run(state: Arc<Mutex<State>>, shutdown: CancellationToken, signals:
         let st = state.lock().expect("state lock");
         st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?)))
     };
-    let limits = limits.map(|(cfg, status)| crate::limits::spawn(cfg, lease_file, state.clone(), status, api_stop.clone()));
+    let limits = limits.map(|(cfg, status)| crate::limits::spawn(&cfg, lease_file, state.clone(), status, api_stop.clone()));
     let mut peer_handles = Vec::new();
     if let Some((cfg, key, stats, rx)) = peer_tasks {
         if !cfg.peers.is_empty() {

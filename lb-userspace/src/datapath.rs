@@ -15,10 +15,7 @@ use aya::{
     },
     Ebpf, EbpfError, EbpfLoader,
 };
-use lb_common::{
-    flow_table_buckets, maps, Config, FlowCount, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, GLOBAL_CONFIG, PROG_BALANCER,
-    PROG_DECAP,
-};
+use lb_common::{flow_table_buckets, maps, Config, FlowCount, DEFAULT_FLOW_CAPACITY, DEFAULT_RING_SLOTS, GLOBAL_CONFIG, PROG_BALANCER, PROG_DECAP};
 
 use crate::error::{is_permission, Error};
 
@@ -260,8 +257,7 @@ impl Datapath {
             }
         }
         if !adopt {
-            let schema: Array<&mut aya::maps::MapData, u32> =
-                Array::try_from(ebpf.map_mut(maps::SCHEMA).expect("SCHEMA in the object")).map_err(|e| Error::other("SCHEMA", e))?;
+            let schema: Array<&mut aya::maps::MapData, u32> = Array::try_from(ebpf.map_mut(maps::SCHEMA).expect("SCHEMA in the object")).map_err(|e| Error::other("SCHEMA", e))?;
             let mut schema = schema;
             schema.set(0, lb_common::SCHEMA_VERSION, 0).map_err(|e| Error::other("writing SCHEMA", e))?;
             write_flow_capacity(&mut ebpf, opts.flow_capacity)?;
@@ -269,12 +265,15 @@ impl Datapath {
         if !adopt || relinked.is_some() {
             let prog = program(&mut ebpf, PROG_BALANCER)?;
             let id = prog.attach(iface, mode.into()).map_err(|e| {
-                if is_permission(&e) { Error::Permission { action: "attaching XDP" } } else { Error::Attach { iface: iface.into(), source: e } }
+                if is_permission(&e) {
+                    Error::Permission { action: "attaching XDP" }
+                } else {
+                    Error::Attach { iface: iface.into(), source: e }
+                }
             })?;
             let link = prog.take_link(id).map_err(|e| Error::other("taking the XDP link", e))?;
-            let fd_link = FdLink::try_from(link).map_err(|e| {
-                Error::other("pinning the attachment", anyhow::anyhow!("{e}: the kernel attached XDP without a BPF link, which cannot outlive the daemon"))
-            })?;
+            let fd_link = FdLink::try_from(link)
+                .map_err(|e| Error::other("pinning the attachment", anyhow::anyhow!("{e}: the kernel attached XDP without a BPF link, which cannot outlive the daemon")))?;
             // Pinned beside the old one, then renamed over it: a stale link's pin goes (and with
             // it that link) only once the new one is attached and pinned.
             // (bpffs refuses names with a dot.)
@@ -356,9 +355,7 @@ fn pinned_link_ifindex(path: &Path) -> std::io::Result<u32> {
 
 /// Refuses pins of another schema, or sized differently from what `opts` asks.
 fn check_pinned(pin_dir: &Path, opts: &LoadOptions) -> Result<(), Error> {
-    let open = |name: &str| {
-        aya::maps::MapData::from_pin(pin_dir.join(name)).map_err(|e| Error::other(format!("opening the pinned {name} in {}", pin_dir.display()), e))
-    };
+    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).map_err(|e| Error::other(format!("opening the pinned {name} in {}", pin_dir.display()), e));
     let schema = Array::<_, u32>::try_from(aya::maps::Map::Array(open(maps::SCHEMA)?)).map_err(|e| Error::other("SCHEMA", e))?;
     let found = schema.get(&0, 0).map_err(|e| Error::other("reading SCHEMA", e))?;
     if found != lb_common::SCHEMA_VERSION {
@@ -398,22 +395,18 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), Error> {
     match nix::sys::statfs::statfs(parent) {
         Ok(st) if st.filesystem_type().0 == BPF_FS_MAGIC => {}
         Ok(_) | Err(nix::Error::ENOENT) => return Err(Error::NotBpffs { dir: parent.to_owned() }),
-        Err(nix::Error::EACCES | nix::Error::EPERM) => {
-            return Err(Error::Permission { action: "checking the pin directory" })
-        }
+        Err(nix::Error::EACCES | nix::Error::EPERM) => return Err(Error::Permission { action: "checking the pin directory" }),
         Err(e) => return Err(Error::other(format!("checking {}", parent.display()), e)),
     }
     if fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(Error::AlreadyPinned { dir: dir.to_owned() });
     }
     // 0700: pinned maps are the datapath's state; only root may read or change them.
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| if e.kind() == std::io::ErrorKind::PermissionDenied {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
             Error::Permission { action: "creating the pin directory" }
         } else {
             Error::other(format!("creating {}", dir.display()), e)
-        })
+        }
+    })
 }

@@ -47,7 +47,11 @@ pub enum Error {
     AlreadyPinned { dir: PathBuf },
 
     #[error("attaching XDP to {iface} failed: {source}")]
-    Attach { iface: String, #[source] source: aya::programs::ProgramError },
+    Attach {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 
     #[error("{0}")]
     Config(crate::config::Rejected),
@@ -60,7 +64,11 @@ pub enum Error {
     Schema { dir: PathBuf, found: u32, want: u32 },
 
     #[error("{context}: {source}")]
-    Other { context: String, #[source] source: anyhow::Error },
+    Other {
+        context: String,
+        #[source]
+        source: anyhow::Error,
+    },
 }
 
 impl Error {

@@ -109,7 +109,10 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
     } else if let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.state == "active" && c.open < u64::from(c.max_conns)) {
         let spilled = i > 0;
         let how = if spilled { format!(" (spilled: {} cannot take it)", candidates[0].backend) } else { String::new() };
-        (Verdict::Admitted { backend: c.backend, spilled }, format!("a new connection would be admitted to backend {}{how}: {} of max_conns = {} open", c.backend, c.open, c.max_conns))
+        (
+            Verdict::Admitted { backend: c.backend, spilled },
+            format!("a new connection would be admitted to backend {}{how}: {} of max_conns = {} open", c.backend, c.open, c.max_conns),
+        )
     } else {
         let first = &candidates[0];
         let (reason, why) = if svc.cfg.overflow.spill.candidates() > 0 {
@@ -119,7 +122,10 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         } else if first.state != state_name(BACKEND_ACTIVE) {
             ("backend_down", format!("backend {} is down", first.backend))
         } else {
-            ("backend_limit", format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns))
+            (
+                "backend_limit",
+                format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns),
+            )
         };
         (Verdict::Refused { reason, backend: Some(first.backend) }, format!("a new connection would be REFUSED by the load balancer ({reason}): {why}"))
     };

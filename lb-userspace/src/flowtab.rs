@@ -14,12 +14,10 @@ use std::{
 
 use aya::maps::MapData;
 use lb_common::{
-    flow_buckets, flow_fingerprint, flow_hash, next_generation, tag_generation, tag_low, tag_word, Flow, FlowBucket, FlowCount,
-    FlowKey, FlowTags, FLOW_WAYS, TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, flow_hash, next_generation, tag_generation, tag_low, tag_word, Flow, FlowBucket, FlowCount, FlowKey, FlowTags, FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{conns::ConnCounters, Error};
-
 
 /// A shared read-write mapping of a BPF array created with `BPF_F_MMAPABLE`.
 pub(crate) struct Mapping {
@@ -53,9 +51,7 @@ impl Mapping {
         let len = bytes.div_ceil(4096).max(1) * 4096;
         // SAFETY: mapping a BPF array fd, shared; the kernel validates the length, the offset
         // (page-aligned, within the array) and the flags.
-        let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), offset as libc::off_t)
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, data.fd().as_fd().as_raw_fd(), offset as libc::off_t) };
         if p == libc::MAP_FAILED {
             return Err(Error::other(format!("memory-mapping {what}"), std::io::Error::last_os_error()));
         }
@@ -219,9 +215,7 @@ impl FlowTable {
         let hash = flow_hash(key);
         let (b1, b2) = flow_buckets(hash, self.nbuckets);
         let fp = flow_fingerprint(hash);
-        [b1, b2].into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).find_map(|(b, w)| {
-            self.read(b, w).filter(|e| tag_low(e.slot.word) == fp && e.key == *key)
-        })
+        [b1, b2].into_iter().flat_map(|b| (0..FLOW_WAYS).map(move |w| (b, w))).find_map(|(b, w)| self.read(b, w).filter(|e| tag_low(e.slot.word) == fp && e.key == *key))
     }
 
     /// Gives the flow's `CONNS` slot back if it still holds it. Returns whether it did.

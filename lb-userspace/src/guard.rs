@@ -37,7 +37,7 @@ fn default_enforce() -> bool {
 }
 
 fn default_window() -> Duration {
-    Duration::from_secs(24 * 3600)
+    Duration::from_hours(24)
 }
 fn default_headroom() -> f64 {
     1.25
@@ -77,7 +77,11 @@ fn takes_new(b: &BackendCfg) -> bool {
 }
 
 fn pct_refused(load: u64, limit: u64) -> u64 {
-    if load == 0 { 0 } else { (load.saturating_sub(limit) * 100).div_ceil(load) }
+    if load == 0 {
+        0
+    } else {
+        (load.saturating_sub(limit) * 100).div_ceil(load)
+    }
 }
 
 /// What a service admits without its largest backend (N-1).
@@ -90,13 +94,8 @@ pub fn capacity_n_minus_1(s: &ServiceCfg) -> u64 {
 /// backend.
 pub fn n_minus_1(s: &ServiceCfg, peak: u64, at: u64, now: u64) -> Option<String> {
     let without = capacity_n_minus_1(s);
-    (peak > without && s.backends.iter().any(takes_new)).then(|| {
-        format!(
-            "service \"{}\" could not carry its peak load of {peak} ({}) if its largest backend failed: the others admit {without} (N-1)",
-            s.name,
-            clock(at, now)
-        )
-    })
+    (peak > without && s.backends.iter().any(takes_new))
+        .then(|| format!("service \"{}\" could not carry its peak load of {peak} ({}) if its largest backend failed: the others admit {without} (N-1)", s.name, clock(at, now)))
 }
 
 /// Judges `next` against `running`: `open(service, address)` is a backend's open connections.
@@ -109,12 +108,7 @@ pub fn check(running: &Config, next: &Config, history: &History, open: &dyn Fn(&
         let load = open_now.max(u64::from(peak.open));
         let Some(new) = next.services.iter().find(|s| s.name == old.name) else {
             if load > 0 {
-                v.refused.push(format!(
-                    "service \"{}\" is removed while it holds {open_now} open now and held {} at {}",
-                    old.name,
-                    peak.open,
-                    clock(peak.at, now)
-                ));
+                v.refused.push(format!("service \"{}\" is removed while it holds {open_now} open now and held {} at {}", old.name, peak.open, clock(peak.at, now)));
             }
             continue;
         };
@@ -193,16 +187,21 @@ mod tests {
             h.observe(&format!("web/10.0.0.{}", 11 + i), now - 3600, *peak, 0);
         }
         let open = |_: &str, a: IpAddr| if a.to_string() == "10.0.0.11" { 83 } else { 60 };
-        let v = check(&cfg(&[200, 200, 200], false), &cfg(&[10, 10, 10], false), &h, &open, now, Duration::from_secs(86_400));
+        let v = check(&cfg(&[200, 200, 200], false), &cfg(&[10, 10, 10], false), &h, &open, now, Duration::from_hours(24));
         assert_eq!(v.refused.len(), 4, "{v:?}");
-        assert!(v.refused[0].contains("backend 10.0.0.11 max_conns 200 -> 10 is below its 83 open now and its peak of 191 at") && v.refused[0].contains("about 95 % of its connections"), "{}", v.refused[0]);
+        assert!(
+            v.refused[0].contains("backend 10.0.0.11 max_conns 200 -> 10 is below its 83 open now and its peak of 191 at")
+                && v.refused[0].contains("about 95 % of its connections"),
+            "{}",
+            v.refused[0]
+        );
         assert!(v.refused[3].contains("would admit 30") && v.refused[3].contains("peak load of 511"), "{}", v.refused[3]);
         assert!(v.message().ends_with("Run again with --force to apply it anyway."));
         // Raising, or lowering above the peak, passes.
-        assert!(check(&cfg(&[200, 200, 200], false), &cfg(&[250, 250, 250], false), &h, &open, now, Duration::from_secs(86_400)).refused.is_empty());
-        assert!(check(&cfg(&[200, 200, 200], false), &cfg(&[195, 200, 200], false), &h, &open, now, Duration::from_secs(86_400)).refused.is_empty());
+        assert!(check(&cfg(&[200, 200, 200], false), &cfg(&[250, 250, 250], false), &h, &open, now, Duration::from_hours(24)).refused.is_empty());
+        assert!(check(&cfg(&[200, 200, 200], false), &cfg(&[195, 200, 200], false), &h, &open, now, Duration::from_hours(24)).refused.is_empty());
         // Outside the window the peak does not count, the open connections do.
-        let v = check(&cfg(&[200, 200, 200], false), &cfg(&[100, 200, 200], false), &h, &open, now, Duration::from_secs(60));
+        let v = check(&cfg(&[200, 200, 200], false), &cfg(&[100, 200, 200], false), &h, &open, now, Duration::from_mins(1));
         assert!(v.refused.is_empty(), "{v:?}");
     }
 
@@ -214,12 +213,12 @@ mod tests {
         h.observe("web/10.0.0.12", now - 60, 90, 0);
         let open = |_: &str, _: IpAddr| 10;
         // 180 at the peak; after draining one of two backends of 100: 100 left.
-        let v = check(&cfg(&[100, 100], false), &cfg(&[100, 100], true), &h, &open, now, Duration::from_secs(86_400));
+        let v = check(&cfg(&[100, 100], false), &cfg(&[100, 100], true), &h, &open, now, Duration::from_hours(24));
         assert_eq!(v.refused.len(), 1, "{v:?}");
         assert!(v.refused[0].contains("would admit 100"));
         // Three of 100: a drain leaves 200 for a peak of 180 — allowed, but N-1 warns (100 < 180).
         h.observe("web/10.0.0.13", now - 60, 0, 0);
-        let v = check(&cfg(&[100, 100, 100], false), &cfg(&[100, 100, 100], true), &h, &open, now, Duration::from_secs(86_400));
+        let v = check(&cfg(&[100, 100, 100], false), &cfg(&[100, 100, 100], true), &h, &open, now, Duration::from_hours(24));
         assert!(v.refused.is_empty(), "{v:?}");
         assert!(v.warnings[0].contains("N-1"), "{v:?}");
     }

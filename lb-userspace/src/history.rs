@@ -21,7 +21,7 @@ use serde::Serialize;
 pub const MINUTES: usize = 24 * 60;
 pub const HOURS: usize = 30 * 24;
 /// How often the history is written to disk (and when the daemon stops).
-pub const SAVE_EVERY: Duration = Duration::from_secs(60);
+pub const SAVE_EVERY: Duration = Duration::from_mins(1);
 const MAGIC: &[u8; 8] = b"SLUICEH1";
 
 /// One slot: the peak of open connections and the refusals counted in it.
@@ -120,11 +120,7 @@ impl Series {
 
     /// The highest peak within `window` before `now`: per minute up to 24 h, per hour beyond.
     pub fn peak(&self, now: u64, window: Duration) -> Peak {
-        self.slots(now, window)
-            .into_iter()
-            .filter(|(_, s)| s.peak > 0)
-            .max_by_key(|(at, s)| (s.peak, *at))
-            .map_or(Peak::default(), |(at, s)| Peak { open: u32::from(s.peak), at })
+        self.slots(now, window).into_iter().filter(|(_, s)| s.peak > 0).max_by_key(|(at, s)| (s.peak, *at)).map_or(Peak::default(), |(at, s)| Peak { open: u32::from(s.peak), at })
     }
 
     /// The minutes (up to 24 h) or hours of `window` before `now`: (Unix seconds, slot).
@@ -353,13 +349,13 @@ mod tests {
         s.observe(t0, 80, 0);
         s.observe(t0 + 10, 191, 5);
         s.observe(t0 + 70, 40, 7);
-        assert_eq!(s.peak(t0 + 70, Duration::from_secs(3600)), Peak { open: 191, at: t0 });
-        assert_eq!(s.slots(t0 + 70, Duration::from_secs(120)).iter().map(|(_, x)| (x.peak, x.refused)).collect::<Vec<_>>(), vec![(191, 5), (40, 2)]);
+        assert_eq!(s.peak(t0 + 70, Duration::from_hours(1)), Peak { open: 191, at: t0 });
+        assert_eq!(s.slots(t0 + 70, Duration::from_mins(2)).iter().map(|(_, x)| (x.peak, x.refused)).collect::<Vec<_>>(), vec![(191, 5), (40, 2)]);
         // A day and more later, the minutes are gone, the hours are not.
         let later = t0 + 25 * 3600;
         s.observe(later, 3, 7);
-        assert_eq!(s.peak(later, Duration::from_secs(24 * 3600)).open, 3);
-        assert_eq!(s.peak(later, Duration::from_secs(30 * 86_400)).open, 191);
+        assert_eq!(s.peak(later, Duration::from_hours(24)).open, 3);
+        assert_eq!(s.peak(later, Duration::from_hours(720)).open, 191);
         let mut h = History { path: std::env::temp_dir().join(format!("sluice-history-test-{}", std::process::id())), ..History::default() };
         h.insert("web/10.0.0.11".into(), s.clone());
         h.save().expect("save");
@@ -386,7 +382,7 @@ mod tests {
         h.observe("web/b", t0, 30, 0);
         h.observe("web/a", t0 + 60, 60, 0);
         h.observe("web/b", t0 + 60, 5, 0);
-        let p = h.service_peak(&["web/a".into(), "web/b".into()], t0 + 60, Duration::from_secs(3600));
+        let p = h.service_peak(&["web/a".into(), "web/b".into()], t0 + 60, Duration::from_hours(1));
         assert_eq!(p, Peak { open: 80, at: t0 });
     }
 }

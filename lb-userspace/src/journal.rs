@@ -106,7 +106,7 @@ mod tests {
         j.record("alert", "FIRING SluiceBackendAtLimit: backend 10.0.0.11 at 100 of 100", vec!["raise max_conns".into()]);
         j.record("config", "config applied", vec!["service \"web\" backend 10.0.0.11: max_conns 100 -> 200".into()]);
         assert!(dir.join("journal.jsonl.1").exists(), "rotated past the cap");
-        let all = read(&dir.join("journal.jsonl"), Duration::from_secs(3600)).expect("read");
+        let all = read(&dir.join("journal.jsonl"), Duration::from_hours(1)).expect("read");
         assert_eq!(all.len(), 3, "both generations read, in order");
         assert_eq!(all[0].summary, "Sluice daemon started");
         let md = markdown(&all);

@@ -9,12 +9,12 @@ compile_error!("Sluice's datapath is written for x86-64 memory ordering (see doc
 pub mod alerts;
 pub mod announce;
 pub mod api;
+pub mod cfgfile;
 pub mod cli;
 pub mod client;
-pub mod cfgfile;
 pub mod config;
-pub mod daemon;
 pub mod conns;
+pub mod daemon;
 pub mod datapath;
 pub mod error;
 pub mod events;

@@ -131,6 +131,7 @@ struct Node {
     /// This node allocates (as of its last round).
     leading: bool,
     /// What was last published, without its rates, and when.
+    #[expect(clippy::type_complexity, reason = "a snapshot compared as a whole")]
     published: Option<(BTreeMap<String, (u32, u64, u32, bool)>, u64, Instant)>,
     /// Per backend: the refusal and new-flow counters at the last report, and their rates
     /// smoothed over about a second (a cold node sees a connection or two per round).
@@ -157,7 +158,7 @@ fn safe_share(cfg: &crate::config::BackendCfg, nodes: u32) -> u32 {
 }
 
 /// Runs the node's rounds until `stop`.
-pub fn spawn(cluster: ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     let cfg = cluster.limits.clone().expect("spawned with [cluster.limits]");
     let nodes = cluster.limit_nodes();
     let mut node = Node {
@@ -406,9 +407,11 @@ impl Node {
         if leader.is_none() {
             self.traffic.requests += 1;
             let lk = key_leader(&prefix);
-            let txn = Txn::new()
-                .when([Compare::create_revision(lk.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(lk, self.name.clone(), Some(PutOptions::new().with_lease(lease)))]);
+            let txn = Txn::new().when([Compare::create_revision(lk.clone(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+                lk,
+                self.name.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
             if c.txn(txn).await.map_err(|e| Error::other("electing the allocator on etcd", e))?.succeeded() {
                 tracing::info!(node = %self.name, "this node now allocates the cluster's limits");
                 state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" now allocates the cluster's shares", self.name), vec![]);
@@ -484,16 +487,19 @@ impl Node {
                     None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
                 };
                 let open = st.conns.get(b.id);
-                backends.insert(k.clone(), Demand {
-                    max_conns: b.max_conns,
-                    open,
-                    applied: b.limit,
-                    wants: shares::wants(open, r.refused_per_s, r.admitted_per_s),
-                    // Refusing at a share below the limit: more share would admit more.
-                    refusing: r.refused_per_s >= 0.2 && b.limit < b.max_conns,
-                    refused_per_s: r.refused_per_s,
-                    admitted_per_s: r.admitted_per_s,
-                });
+                backends.insert(
+                    k.clone(),
+                    Demand {
+                        max_conns: b.max_conns,
+                        open,
+                        applied: b.limit,
+                        wants: shares::wants(open, r.refused_per_s, r.admitted_per_s),
+                        // Refusing at a share below the limit: more share would admit more.
+                        refusing: r.refused_per_s >= 0.2 && b.limit < b.max_conns,
+                        refused_per_s: r.refused_per_s,
+                        admitted_per_s: r.admitted_per_s,
+                    },
+                );
                 rates.insert(k, r);
             }
         }
@@ -521,7 +527,14 @@ impl Node {
 
     /// Leading: the grants that change, written in one transaction that holds only while
     /// this node leads; `void` grants (for a lease that is gone) are deleted.
-    async fn allocate<'a>(&mut self, c: &mut Client, lease: i64, reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>, void: impl Iterator<Item = &'a String>) -> Result<(), Error> {
+    async fn allocate<'a>(
+        &mut self,
+        c: &mut Client,
+        lease: i64,
+        reports: &BTreeMap<String, Report>,
+        grants: &BTreeMap<String, Grant>,
+        void: impl Iterator<Item = &'a String>,
+    ) -> Result<(), Error> {
         let mut next = shares::allocate(reports, grants, &self.name);
         for (n, g) in &mut next {
             g.lease = reports.get(n).map_or(0, |r| r.lease);
@@ -671,7 +684,6 @@ pub async fn on_stop(state: &Arc<Mutex<State>>, nodes: u32) {
 }
 
 impl Node {
-
     /// Per backend: this node's share, its open connections and the cluster's.
     fn view(&self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {
         let st = state.lock().expect("state lock");
@@ -682,7 +694,16 @@ impl Node {
                 let applied = st.applied.backend(&s.name, b.address);
                 let open = applied.map_or(0, |a| st.conns.get(a.id));
                 let others = self.others_open(reports, &k);
-                out.insert(k, BackendLimit { max_conns: b.max_conns, share: applied.map_or(0, |a| a.limit), open, cluster_open: others.saturating_add(open), safe_share: safe_share(b, self.nodes) });
+                out.insert(
+                    k,
+                    BackendLimit {
+                        max_conns: b.max_conns,
+                        share: applied.map_or(0, |a| a.limit),
+                        open,
+                        cluster_open: others.saturating_add(open),
+                        safe_share: safe_share(b, self.nodes),
+                    },
+                );
             }
         }
         out

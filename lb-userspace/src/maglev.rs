@@ -137,11 +137,7 @@ mod tests {
     use super::*;
 
     fn backends(weights: &[u32]) -> Vec<RingBackend> {
-        weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| RingBackend { id: i as u32 + 1, key: format!("10.0.1.{}", i + 1), weight: *w })
-            .collect()
+        weights.iter().enumerate().map(|(i, w)| RingBackend { id: i as u32 + 1, key: format!("10.0.1.{}", i + 1), weight: *w }).collect()
     }
 
     fn shares(ring: &[u32], n: usize) -> Vec<f64> {
@@ -221,7 +217,15 @@ mod tests {
     fn candidates_are_distinct_and_start_with_the_first_choice() {
         let ring = build(&backends(&[1, 1, 1, 1, 1]), 65537);
         for port in 1000..1200u16 {
-            let key = FlowKey { src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], sport_be: port.to_be_bytes(), dport_be: 80u16.to_be_bytes(), proto: 6, _pad0: 0, _pad1: 0 };
+            let key = FlowKey {
+                src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                dst: [10, 0, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                sport_be: port.to_be_bytes(),
+                dport_be: 80u16.to_be_bytes(),
+                proto: 6,
+                _pad0: 0,
+                _pad1: 0,
+            };
             let c = candidates(&ring, &key, 3);
             assert_eq!(c[0], first_choice(&ring, &key));
             let mut d = c.clone();

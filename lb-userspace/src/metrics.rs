@@ -4,8 +4,8 @@
 
 use std::net::SocketAddr;
 
-use lb_common::{Reason, TrafficStats};
 use axum::response::{IntoResponse as _, Response};
+use lb_common::{Reason, TrafficStats};
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::{api::Shared, reconcile::state_name, stats, Error};
@@ -46,7 +46,8 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let peer_refused = counter(&r, "sluice_peer_messages_refused_total", "Peer-channel messages refused (bad HMAC, stale, malformed).", &["node"]);
     let peer_pending = int_gauge(&r, "sluice_peer_pending_batches", "Batches of adopted flows not yet delivered, per peer (kept a minute).", &["node", "peer"]);
     let etcd_up = int_gauge(&r, "sluice_limits_etcd_connected", "With cluster-wide limits: 1 if etcd answered this node's last round.", &["node"]);
-    let fallback = int_gauge(&r, "sluice_limits_fallback", "With cluster-wide limits: 1 while this node enforces its safe shares (etcd lost for longer than the lease).", &["node"]);
+    let fallback =
+        int_gauge(&r, "sluice_limits_fallback", "With cluster-wide limits: 1 while this node enforces its safe shares (etcd lost for longer than the lease).", &["node"]);
     let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
     let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
     let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
@@ -68,12 +69,12 @@ pub fn render(state: &Shared) -> Result<String, Error> {
         for vip in s.wanted.union(&s.announced) {
             announced.with_label_values(&[s.node.clone(), vip.to_string()]).set(i64::from(s.announced.contains(vip)));
         }
-        node_drained.with_label_values(&[s.node.clone()]).set(i64::from(s.drained));
+        node_drained.with_label_values(std::slice::from_ref(&s.node)).set(i64::from(s.drained));
         if let Some(p) = &c.peers {
             let p = p.stats.lock().expect("stats");
-            peer_reported.with_label_values(&[s.node.clone()]).inc_by(p.reported);
-            peer_released.with_label_values(&[s.node.clone()]).inc_by(p.released);
-            peer_refused.with_label_values(&[s.node.clone()]).inc_by(p.refused);
+            peer_reported.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.reported);
+            peer_released.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.released);
+            peer_refused.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.refused);
             for (peer, n) in &p.pending {
                 peer_pending.with_label_values(&[s.node.clone(), peer.clone()]).set(*n as i64);
             }
@@ -123,7 +124,6 @@ pub fn render(state: &Shared) -> Result<String, Error> {
         }
         services.push((s.name.clone(), rest));
     }
-    drop(t);
     drop(guard);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| Error::other("encoding metrics", e))?;
@@ -171,7 +171,9 @@ fn write_backends(out: &mut String, services: &[(String, lb_common::Refusals)], 
     let int = |v: u64| Some(v as f64);
     each(out, "sluice_backend_adopted_flows_total", "counter", "Mid-stream flows adopted onto the backend (no flow entry found).", &|r| int(r.stats.adopted));
     each(out, "sluice_backend_bytes_total", "counter", "Bytes forwarded to the backend.", &|r| int(r.stats.bytes));
-    each(out, "sluice_backend_cluster_open_connections", "gauge", "With cluster-wide limits: open connections to the backend over every node (their last reports).", &|r| r.share.map(|(_, c)| c as f64));
+    each(out, "sluice_backend_cluster_open_connections", "gauge", "With cluster-wide limits: open connections to the backend over every node (their last reports).", &|r| {
+        r.share.map(|(_, c)| c as f64)
+    });
     each(out, "sluice_backend_max_connections", "gauge", "The backend's connection limit (config key service.backend.max_conns).", &|r| int(u64::from(r.max_conns)));
     each(out, "sluice_backend_new_flows_total", "counter", "New flows admitted to the backend.", &|r| int(r.stats.new_flows));
     each(out, "sluice_backend_open_connections", "gauge", "Open connections the load balancer counts on a backend (shared exact counter).", &|r| int(r.open));
@@ -181,7 +183,13 @@ fn write_backends(out: &mut String, services: &[(String, lb_common::Refusals)], 
         let counted = r.share.map_or(r.open, |(_, c)| c);
         Some(if r.max_conns == 0 { 1.0 } else { counted as f64 / f64::from(r.max_conns) })
     });
-    each(out, "sluice_backend_share_connections", "gauge", "With cluster-wide limits: the open connections this node may hold, its share of max_conns (safe share while etcd is lost).", &|r| r.share.map(|(s, _)| f64::from(s)));
+    each(
+        out,
+        "sluice_backend_share_connections",
+        "gauge",
+        "With cluster-wide limits: the open connections this node may hold, its share of max_conns (safe share while etcd is lost).",
+        &|r| r.share.map(|(s, _)| f64::from(s)),
+    );
     if !rows.is_empty() {
         let name = "sluice_backend_state";
         family(out, name, "gauge", "1 for the backend's current state (active, draining, down).");

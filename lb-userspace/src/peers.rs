@@ -40,9 +40,9 @@ use crate::{daemon::State, gc, Error};
 
 pub const HEADER: &str = "x-sluice-hmac";
 /// A message older (or newer) than this is refused: a replay, or clocks too far apart.
-const MAX_SKEW: Duration = Duration::from_secs(60);
+const MAX_SKEW: Duration = Duration::from_mins(1);
 /// How long undelivered batches are kept for a peer.
-const KEEP: Duration = Duration::from_secs(60);
+const KEEP: Duration = Duration::from_mins(1);
 /// Flows per message.
 const BATCH: usize = 5000;
 
@@ -99,7 +99,10 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
     let key = std::fs::read(path).map_err(|e| Error::other(format!("reading cluster.peer_key_file {}", path.display()), e))?;
     let key = key.strip_suffix(b"\n").unwrap_or(&key).to_vec();
     if key.len() < 16 {
-        return Err(Error::other(format!("cluster.peer_key_file {}", path.display()), anyhow::anyhow!("the key has {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)", key.len())));
+        return Err(Error::other(
+            format!("cluster.peer_key_file {}", path.display()),
+            anyhow::anyhow!("the key has {} bytes; use at least 16 (e.g. `head -c 32 /dev/urandom | base64 > FILE`)", key.len()),
+        ));
     }
     Ok(key)
 }
@@ -108,7 +111,11 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
 pub fn sign(key: &[u8], body: &[u8]) -> String {
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
     m.update(body);
-    m.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    m.finalize().into_bytes().iter().fold(String::new(), |mut s, b| {
+        use std::fmt::Write as _;
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 fn verify(key: &[u8], body: &[u8], hex: &str) -> bool {
@@ -141,7 +148,15 @@ pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u
 
 /// Sends each batch of adopted flows to every peer, keeping what a peer did not take for
 /// `KEEP` and trying again every second.
-pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, mut rx: mpsc::UnboundedReceiver<Vec<Moved>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn_sender(
+    node: String,
+    peers: Vec<SocketAddr>,
+    key: Vec<u8>,
+    state: Arc<Mutex<State>>,
+    stats: Arc<Mutex<Stats>>,
+    mut rx: mpsc::UnboundedReceiver<Vec<Moved>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // Per peer: (when the adoption batch was taken, its flows, with ages as of then).
         let mut queues: Vec<VecDeque<(std::time::Instant, Vec<Moved>)>> = vec![VecDeque::new(); peers.len()];
@@ -179,7 +194,14 @@ pub fn spawn_sender(node: String, peers: Vec<SocketAddr>, key: Vec<u8>, state: A
 }
 
 /// Sends a peer its queued batches, oldest first, until one fails (kept for the next round).
-async fn deliver(peer: SocketAddr, node: &str, key: &[u8], q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>, state: &Arc<Mutex<State>>, stats: &Arc<Mutex<Stats>>) -> Option<String> {
+async fn deliver(
+    peer: SocketAddr,
+    node: &str,
+    key: &[u8],
+    q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>,
+    state: &Arc<Mutex<State>>,
+    stats: &Arc<Mutex<Stats>>,
+) -> Option<String> {
     q.retain(|(at, _)| at.elapsed() < KEEP);
     while let Some((at, flows)) = q.front() {
         // Ages grow while a batch waits.
@@ -241,7 +263,12 @@ struct Receiver {
 pub async fn serve(listen: SocketAddr, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
-    let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver { state, key: Arc::new(key), stats, seen: Arc::default() });
+    let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver {
+        state,
+        key: Arc::new(key),
+        stats,
+        seen: Arc::default(),
+    });
     axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.map_err(|e| Error::other("peer channel", e))
 }
 
@@ -334,11 +361,15 @@ fn settle(state: &Arc<Mutex<State>>, flows: &[Moved]) -> (u64, u64, Vec<Moved>, 
 /// a late packet, give their slot back here.
 fn release_closed(state: &Arc<Mutex<State>>, flows: &[Moved]) -> u64 {
     let st = state.lock().expect("state lock");
-    flows.iter().filter_map(|m| st.flows.get(&m.key())).map(|e| {
-        let gave = st.flows.release(&e, &st.conns);
-        st.flows.remove(&e);
-        u64::from(gave)
-    }).sum()
+    flows
+        .iter()
+        .filter_map(|m| st.flows.get(&m.key()))
+        .map(|e| {
+            let gave = st.flows.release(&e, &st.conns);
+            st.flows.remove(&e);
+            u64::from(gave)
+        })
+        .sum()
 }
 
 #[cfg(test)]

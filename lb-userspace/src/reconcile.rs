@@ -19,8 +19,8 @@ use std::{
 };
 
 use lb_common::{
-    Backend, Service, ServiceKey, AT_LIMIT_BACKEND, AT_LIMIT_SHARE, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES,
-    MODE_IPIP, MODE_L2DSR, REJECT_DROP, REJECT_RST,
+    Backend, Service, ServiceKey, AT_LIMIT_BACKEND, AT_LIMIT_SHARE, BACKEND_ACTIVE, BACKEND_DOWN, BACKEND_DRAINING, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_SERVICES, MODE_IPIP,
+    MODE_L2DSR, REJECT_DROP, REJECT_RST,
 };
 use serde::Serialize;
 
@@ -186,13 +186,7 @@ impl Applied {
 
     /// Applies `cfg`. `conns(id)` reports a backend's open connections (to know when a removed
     /// backend's id can be reused). Returns what changed.
-    pub fn apply(
-        &mut self,
-        t: &mut Tables<'_>,
-        cfg: &Config,
-        macs: &dyn MacResolver,
-        conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
-    ) -> Result<Vec<Change>, Error> {
+    pub fn apply(&mut self, t: &mut Tables<'_>, cfg: &Config, macs: &dyn MacResolver, conns: impl FnMut(&mut Tables<'_>, u32) -> u64) -> Result<Vec<Change>, Error> {
         self.apply_or_plan(t, cfg, macs, conns, false)
     }
 
@@ -219,34 +213,41 @@ impl Applied {
                 if b.state == BACKEND_DOWN {
                     me.down.insert((c.name.clone(), address));
                 }
-                bs.insert(address, AppliedBackend {
-                    id: *id,
+                bs.insert(
                     address,
-                    max_conns: listed.map_or(b.max_conns, |x| x.max_conns),
-                    limit: b.max_conns,
-                    at_limit: b.at_limit,
-                    weight: listed.map_or(1, |x| x.weight),
-                    state: b.state,
-                    mac: b.mac,
-                    removed: listed.is_none(),
-                });
+                    AppliedBackend {
+                        id: *id,
+                        address,
+                        max_conns: listed.map_or(b.max_conns, |x| x.max_conns),
+                        limit: b.max_conns,
+                        at_limit: b.at_limit,
+                        weight: listed.map_or(1, |x| x.weight),
+                        state: b.state,
+                        mac: b.mac,
+                        removed: listed.is_none(),
+                    },
+                );
             }
             me.regions.insert(region, 2 * size);
             // ring_members stays empty: the first apply after a restart rebuilds and compares.
-            me.services.insert(c.name.clone(), Arc::new(AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, ring_members: Vec::new(), backends: bs }));
+            me.services.insert(
+                c.name.clone(),
+                Arc::new(AppliedService { id: svc.id, name: c.name.clone(), cfg: c, region, half: u32::from(svc.half), ring, ring_members: Vec::new(), backends: bs }),
+            );
         }
         Ok(me)
     }
 
     /// What applying `cfg` would change, without writing anything.
-    pub fn plan(
-        &self,
-        t: &mut Tables<'_>,
-        cfg: &Config,
-        macs: &dyn MacResolver,
-        conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
-    ) -> Result<Vec<Change>, Error> {
-        let mut copy = Self { services: self.services.clone(), down: self.down.clone(), shares: self.shares.clone(), regions: self.regions.clone(), ring_slots: self.ring_slots, generation: self.generation };
+    pub fn plan(&self, t: &mut Tables<'_>, cfg: &Config, macs: &dyn MacResolver, conns: impl FnMut(&mut Tables<'_>, u32) -> u64) -> Result<Vec<Change>, Error> {
+        let mut copy = Self {
+            services: self.services.clone(),
+            down: self.down.clone(),
+            shares: self.shares.clone(),
+            regions: self.regions.clone(),
+            ring_slots: self.ring_slots,
+            generation: self.generation,
+        };
         copy.apply_or_plan(t, cfg, macs, conns, true)
     }
 
@@ -286,6 +287,7 @@ impl Applied {
         same && old.ring_members.len() == active
     }
 
+    #[expect(clippy::too_many_lines, reason = "plan, then write, in one pass (issue 16 splits it)")]
     fn apply_or_plan(
         &mut self,
         t: &mut Tables<'_>,
@@ -303,9 +305,11 @@ impl Applied {
         // Services gone from the config, or whose endpoint changed (re-added below).
         let mut removed_services = Vec::new();
         for (name, s) in &self.services {
-            let keep = cfg.services.iter().find(|c| &c.name == name).is_some_and(|c| {
-                service_key(c.vip, c.port, c.proto) == service_key(s.cfg.vip, s.cfg.port, s.cfg.proto) && c.ring_size == s.cfg.ring_size
-            });
+            let keep = cfg
+                .services
+                .iter()
+                .find(|c| &c.name == name)
+                .is_some_and(|c| service_key(c.vip, c.port, c.proto) == service_key(s.cfg.vip, s.cfg.port, s.cfg.proto) && c.ring_size == s.cfg.ring_size);
             if !keep {
                 removed_services.push(s.clone());
                 regions.remove(&s.region);
@@ -330,9 +334,10 @@ impl Applied {
         // 10,000 backends took ~50 M set lookups (most of a 100 × 100 apply).
         let mut hint = 1u32;
         let mut alloc_backend = |used: &mut IdSet| -> Result<u32, Error> {
-            let id = (hint..MAX_BACKENDS).chain(1..hint).find(|i| !used.contains(*i)).ok_or_else(|| {
-                Error::other("applying the config", anyhow::anyhow!("no free backend id (the datapath holds {} backends)", MAX_BACKENDS - 1))
-            })?;
+            let id = (hint..MAX_BACKENDS)
+                .chain(1..hint)
+                .find(|i| !used.contains(*i))
+                .ok_or_else(|| Error::other("applying the config", anyhow::anyhow!("no free backend id (the datapath holds {} backends)", MAX_BACKENDS - 1)))?;
             used.insert(id);
             hint = id + 1;
             Ok(id)
@@ -341,9 +346,9 @@ impl Applied {
         for c in &cfg.services {
             let fresh = !next.contains_key(&c.name);
             if fresh {
-                let id = (0..MAX_SERVICES).find(|i| !used_svc_ids.contains(i)).ok_or_else(|| {
-                    Error::other("applying the config", anyhow::anyhow!("no free service id (at most {MAX_SERVICES})"))
-                })?;
+                let id = (0..MAX_SERVICES)
+                    .find(|i| !used_svc_ids.contains(i))
+                    .ok_or_else(|| Error::other("applying the config", anyhow::anyhow!("no free service id (at most {MAX_SERVICES})")))?;
                 used_svc_ids.insert(id);
                 let len = 2 * c.ring_size;
                 let region = Self::find_region(&regions, len, self.ring_slots).ok_or_else(|| {
@@ -362,7 +367,19 @@ impl Applied {
                 } else {
                     format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
                 }));
-                next.insert(c.name.clone(), Arc::new(AppliedService { id, name: c.name.clone(), cfg: c.clone(), region, half: 1, ring: Default::default(), ring_members: Vec::new(), backends: BTreeMap::new() }));
+                next.insert(
+                    c.name.clone(),
+                    Arc::new(AppliedService {
+                        id,
+                        name: c.name.clone(),
+                        cfg: c.clone(),
+                        region,
+                        half: 1,
+                        ring: Default::default(),
+                        ring_members: Vec::new(),
+                        backends: BTreeMap::new(),
+                    }),
+                );
             } else if self.unchanged(&next[&c.name], c, macs) {
                 // Neither re-planned nor rewritten: what makes one limit change cheap at 10,000
                 // backends.
@@ -401,34 +418,29 @@ impl Applied {
                 };
                 let known = s.backends.get(&bc.address).map(|b| b.limit);
                 let (limit, at_limit) = self.limit_of(&c.name, bc.address, bc.max_conns, known);
-                match s.backends.get_mut(&bc.address) {
-                    Some(b) => {
-                        let was = b.clone();
-                        b.max_conns = bc.max_conns;
-                        b.limit = limit;
-                        b.at_limit = at_limit;
-                        b.weight = bc.weight;
-                        b.mac = mac;
-                        b.removed = false;
-                        b.state = state;
-                        if was.max_conns != b.max_conns {
-                            changes.push(change(format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns)));
-                        }
-                        if was.weight != b.weight {
-                            changes.push(change(format!("service \"{}\" backend {}: weight {} -> {}", c.name, bc.address, was.weight, b.weight)));
-                        }
-                        if was.state != b.state {
-                            changes.push(change(format!("service \"{}\" backend {}: {} -> {}", c.name, bc.address, state_name(was.state), state_name(b.state))));
-                        }
+                if let Some(b) = s.backends.get_mut(&bc.address) {
+                    let was = b.clone();
+                    b.max_conns = bc.max_conns;
+                    b.limit = limit;
+                    b.at_limit = at_limit;
+                    b.weight = bc.weight;
+                    b.mac = mac;
+                    b.removed = false;
+                    b.state = state;
+                    if was.max_conns != b.max_conns {
+                        changes.push(change(format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns)));
                     }
-                    None => {
-                        let id = alloc_backend(&mut used_ids)?;
-                        s.backends.insert(
-                            bc.address,
-                            AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, limit, at_limit, weight: bc.weight, state, mac, removed: false },
-                        );
-                        changes.push(change(format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight)));
+                    if was.weight != b.weight {
+                        changes.push(change(format!("service \"{}\" backend {}: weight {} -> {}", c.name, bc.address, was.weight, b.weight)));
                     }
+                    if was.state != b.state {
+                        changes.push(change(format!("service \"{}\" backend {}: {} -> {}", c.name, bc.address, state_name(was.state), state_name(b.state))));
+                    }
+                } else {
+                    let id = alloc_backend(&mut used_ids)?;
+                    s.backends
+                        .insert(bc.address, AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, limit, at_limit, weight: bc.weight, state, mac, removed: false });
+                    changes.push(change(format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight)));
                 }
             }
             // Removed backends whose connections are gone leave for good.
@@ -460,12 +472,8 @@ impl Applied {
                 continue;
             }
             let s = Arc::make_mut(s);
-            let members: Vec<RingBackend> = s
-                .backends
-                .values()
-                .filter(|b| b.state == BACKEND_ACTIVE && !b.removed)
-                .map(|b| RingBackend { id: b.id, key: b.address.to_string(), weight: b.weight })
-                .collect();
+            let members: Vec<RingBackend> =
+                s.backends.values().filter(|b| b.state == BACKEND_ACTIVE && !b.removed).map(|b| RingBackend { id: b.id, key: b.address.to_string(), weight: b.weight }).collect();
             // Building a ring costs O(size); skip it (and comparing it) when its inputs did not
             // change.
             let rebuilt = if members == s.ring_members && s.ring.len() == s.cfg.ring_size as usize {
@@ -509,7 +517,10 @@ impl Applied {
             for b in s.backends.values() {
                 if !in_use.contains(b.id) {
                     let (addr, family) = addr16(b.address);
-                    t.set_backend(b.id, &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 })?;
+                    t.set_backend(
+                        b.id,
+                        &Backend { addr, mac: b.mac, family, state: BACKEND_DRAINING, max_conns: b.limit, service_id: s.id as u16, at_limit: b.at_limit, _pad: 0 },
+                    )?;
                 }
             }
         }
@@ -574,11 +585,7 @@ pub(crate) fn ip_of(b: &Backend) -> IpAddr {
 
 /// A placeholder for a pinned service the config does not have (so it can be removed).
 fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
-    let vip = if key.addr[4..].iter().all(|b| *b == 0) {
-        IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]])
-    } else {
-        IpAddr::from(key.addr)
-    };
+    let vip = if key.addr[4..].iter().all(|b| *b == 0) { IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]) } else { IpAddr::from(key.addr) };
     let proto = match key.proto {
         PROTO_TCP => Proto::Tcp,
         PROTO_UDP => Proto::Udp,

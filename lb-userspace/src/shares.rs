@@ -118,6 +118,7 @@ fn held(d: Option<&Demand>, granted: u32) -> u64 {
 /// The grants to write: for each live node whose grant changes, its next one. `reports` are
 /// the live nodes' (their leases hold), `grants` what etcd holds now (those of nodes gone are
 /// ignored: their capacity is free again).
+#[expect(clippy::many_single_char_names, reason = "the allocator's arithmetic: n(ode), d(emand), g(rant), h(eld), x (the new grant)")]
 pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>, by: &str) -> BTreeMap<String, Grant> {
     let granted = |node: &str, k: &str| grants.get(node).and_then(|g| g.shares.get(k)).copied().unwrap_or(0);
     let in_flight = |node: &str| grants.get(node).is_some_and(|g| g.seq > reports.get(node).map_or(0, |r| r.applied_seq));
@@ -316,7 +317,10 @@ mod tests {
                             refused_per_s: n.refused as f64,
                             admitted_per_s: n.admitted as f64,
                         };
-                        published.insert(name.clone(), Report { node: name.clone(), lease: 0, applied_seq: n.applied_seq, fallback: false, backends: [("web/10.0.0.1".to_owned(), d)].into() });
+                        published.insert(
+                            name.clone(),
+                            Report { node: name.clone(), lease: 0, applied_seq: n.applied_seq, fallback: false, backends: [("web/10.0.0.1".to_owned(), d)].into() },
+                        );
                         n.refused = 0;
                         n.admitted = 0;
                     }

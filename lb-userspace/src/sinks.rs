@@ -67,11 +67,7 @@ async fn post_once(auth: &str, path: &str, body: &[u8]) -> Result<u16, String> {
     let stream = TcpStream::connect(auth).await.map_err(|e| format!("connect {auth}: {e}"))?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let req = Request::post(path)
-        .header("host", auth)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .map_err(|e| e.to_string())?;
+    let req = Request::post(path).header("host", auth).header("content-type", "application/json").body(Full::new(Bytes::copy_from_slice(body))).map_err(|e| e.to_string())?;
     let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
     Ok(resp.status().as_u16())
 }
@@ -171,8 +167,17 @@ mod tests {
     use super::*;
 
     fn n(status: Status) -> Notification {
-        let labels: BTreeMap<String, String> = [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
-        Notification { status, alertname: "SluiceBackendAtLimit", severity: "critical", labels, summary: "s".into(), description: "d".into(), runbook_url: "r#sluicebackendatlimit".into() }
+        let labels: BTreeMap<String, String> =
+            [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
+        Notification {
+            status,
+            alertname: "SluiceBackendAtLimit",
+            severity: "critical",
+            labels,
+            summary: "s".into(),
+            description: "d".into(),
+            runbook_url: "r#sluicebackendatlimit".into(),
+        }
     }
 
     #[tokio::test]
@@ -195,15 +200,19 @@ mod tests {
     /// notification, the webhook's JSON and the command's environment carry them.
     #[tokio::test]
     async fn labels_and_the_runbook_reach_the_webhook_and_the_command() {
-        let cfg = crate::alerts::AlertsCfg {
-            name: Some("lb-1".into()),
-            labels: [("team".to_owned(), "netops".to_owned())].into(),
-            fire_after: Duration::ZERO,
-            ..Default::default()
-        };
+        let cfg =
+            crate::alerts::AlertsCfg { name: Some("lb-1".into()), labels: [("team".to_owned(), "netops".to_owned())].into(), fire_after: Duration::ZERO, ..Default::default() };
         let mut engine = crate::alerts::Engine::new(cfg);
         let sample = crate::alerts::Sample {
-            backends: vec![crate::alerts::BackendSample { service: "web".into(), backend: "10.0.0.11".into(), open: 5, max_conns: 5, active: true, refused: lb_common::Refusals::default(), cluster: None }],
+            backends: vec![crate::alerts::BackendSample {
+                service: "web".into(),
+                backend: "10.0.0.11".into(),
+                open: 5,
+                max_conns: 5,
+                active: true,
+                refused: lb_common::Refusals::default(),
+                cluster: None,
+            }],
             service_labels: [("web".to_owned(), [("owner".to_owned(), "checkout".to_owned())].into())].into(),
             ..Default::default()
         };

@@ -37,9 +37,7 @@ pub fn open(pin_dir: &Path) -> Result<PerCpuArray<MapData, Counter>, Error> {
     match path.try_exists() {
         Ok(true) => {}
         Ok(false) => return Err(Error::NotRunning { path }),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(Error::Permission { action: "reading the pinned counters" })
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(Error::Permission { action: "reading the pinned counters" }),
         Err(e) => return Err(Error::other(format!("checking {}", path.display()), e)),
     }
     let data = MapData::from_pin(&path).map_err(|e| {
@@ -56,9 +54,7 @@ pub fn open(pin_dir: &Path) -> Result<PerCpuArray<MapData, Counter>, Error> {
 pub fn read<T: Borrow<MapData>>(map: &PerCpuArray<T, Counter>) -> Result<Snapshot, Error> {
     let mut outcomes = Vec::with_capacity(Stat::ALL.len());
     for &stat in Stat::ALL {
-        let per_cpu = map
-            .get(&(stat as u32), 0)
-            .map_err(|e| Error::other(format!("reading counter {}", stat.name()), e))?;
+        let per_cpu = map.get(&(stat as u32), 0).map_err(|e| Error::other(format!("reading counter {}", stat.name()), e))?;
         let (packets, bytes) = per_cpu.iter().fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
         outcomes.push(OutcomeCount { outcome: stat.name().to_owned(), malformed: stat.is_malformed(), packets, bytes });
     }

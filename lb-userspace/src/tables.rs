@@ -36,19 +36,16 @@ impl<'a> Tables<'a> {
     }
 
     fn array<V: Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, V>, Error> {
-        Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
-            .map_err(|e| err(name, e))
+        Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
     }
 
     fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>, Error> {
-        HashMap::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
-            .map_err(|e| err(name, e))
+        HashMap::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
     }
 
     fn per_cpu_sum(&self, name: &str, index: u32) -> Result<TrafficStats, Error> {
         let map: PerCpuArray<&MapData, TrafficStats> =
-            PerCpuArray::try_from(self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?)
-                .map_err(|e| err(name, e))?;
+            PerCpuArray::try_from(self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))?;
         let values = map.get(&index, 0).map_err(|e| err(name, e))?;
         let mut sum = TrafficStats::default();
         for v in values.iter() {
@@ -111,6 +108,7 @@ impl<'a> Tables<'a> {
         // rounds it up): each u32 slot is the low half of a u64 (little-endian: bpfel hosts).
         let (m, skip) = crate::flowtab::Mapping::window(data, "RINGS", base as usize * size_of::<u64>(), ring.len() * size_of::<u64>())?;
         // SAFETY: `skip` is within the mapping, 8-aligned (the window starts on a page).
+        #[allow(clippy::cast_ptr_alignment, reason = "the window starts on a page and `skip` is a multiple of 8")]
         let at = unsafe { m.at::<u8>().add(skip) }.cast::<u64>();
         for (i, id) in ring.iter().enumerate() {
             // SAFETY: within the mapping (checked above); the datapath reads these slots with
@@ -186,8 +184,7 @@ impl<'a> Tables<'a> {
 
     /// The per-CPU outcome counters.
     pub fn stats_map(&self) -> Result<PerCpuArray<&MapData, lb_common::Counter>, Error> {
-        PerCpuArray::try_from(self.ebpf.map(maps::STATS).ok_or_else(|| err("STATS", anyhow::anyhow!("no such map")))?)
-            .map_err(|e| err("STATS", e))
+        PerCpuArray::try_from(self.ebpf.map(maps::STATS).ok_or_else(|| err("STATS", anyhow::anyhow!("no such map")))?).map_err(|e| err("STATS", e))
     }
 
     pub fn service_stats(&self, id: u32) -> Result<TrafficStats, Error> {
@@ -259,4 +256,3 @@ fn lookup_batch_per_cpu(fd: RawFd, upto: u32) -> std::io::Result<Vec<TrafficStat
     }
     Ok(out)
 }
-

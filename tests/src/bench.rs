@@ -19,7 +19,11 @@ use crate::{
 pub fn flow_frame(i: usize, flags: u8) -> Vec<u8> {
     let ip = format!("10.{}.{}.{}", 20 + i / 65536 % 200, i / 256 % 256, i % 256);
     let p = Pkt::tcp4(&format!("{ip}:{}", 1024 + i % 60000), "10.0.0.100:8080").flags(flags);
-    if flags == tcp::SYN { p.build() } else { p.payload(&[0; 64]).build() }
+    if flags == tcp::SYN {
+        p.build()
+    } else {
+        p.payload(&[0; 64]).build()
+    }
 }
 
 /// Runs each frame once through `x` with the kernel's run-time statistics on: the
@@ -30,16 +34,12 @@ pub fn run_batch(x: &mut XdpRunner, batch: &[Vec<u8>]) -> (Vec<Duration>, Durati
     let d: Vec<Duration> = batch.iter().map(|f| x.run(f).duration).collect();
     let after = x.prog().info().expect("info");
     let runs = after.run_count() - before.run_count();
-    (d, (after.run_time() - before.run_time()) / runs as u32)
+    (d, after.run_time().checked_sub(before.run_time()).unwrap() / runs as u32)
 }
 
 /// A gateway MAC (so `ipip` needs no FIB), room for four 65537-slot rings, `flows` flows.
 pub fn opts(flows: u32) -> LoadOptions {
-    LoadOptions {
-        config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT },
-        flow_capacity: flows,
-        ring_slots: 4 * 65537,
-    }
+    LoadOptions { config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT }, flow_capacity: flows, ring_slots: 4 * 65537 }
 }
 
 /// Service `id` on 10.0.0.100:`port`/TCP with backend 10.0.1.`id`, a 65537-slot ring.

@@ -23,10 +23,11 @@ pub fn lab(backends: u8, clients: u8, mode: Mode) -> Lab {
 pub fn down_and_check(lab: Lab) {
     let (prefix, dir) = (format!("{}-", lab.spec.prefix), lab.spec.dir.clone());
     drop(lab);
-    let netns: Vec<String> = std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
+    let netns: Vec<String> =
+        std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
     assert!(netns.is_empty(), "namespaces left: {netns:?}");
-    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
+    let pins: Vec<String> =
+        std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
     assert!(pins.is_empty(), "pins left: {pins:?}");
     assert!(!dir.exists(), "{} left", dir.display());
 }
-

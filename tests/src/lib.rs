@@ -31,10 +31,7 @@ pub fn require_root() {
 /// The `sluice` binary under test: `$SLUICE_BIN` (set by `cargo xtask test`), else the
 /// workspace's debug build.
 pub fn sluice_bin() -> PathBuf {
-    let p = std::env::var_os("SLUICE_BIN").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sluice"),
-        PathBuf::from,
-    );
+    let p = std::env::var_os("SLUICE_BIN").map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sluice"), PathBuf::from);
     assert!(p.exists(), "sluice binary not found at {}; run the tests with `cargo xtask test`", p.display());
     p
 }
@@ -46,11 +43,7 @@ pub struct PinDir(pub PathBuf);
 
 impl PinDir {
     pub fn new() -> Self {
-        let p = PathBuf::from(format!(
-            "/sys/fs/bpf/sluice-test-{}-{}",
-            std::process::id(),
-            NEXT_PIN.fetch_add(1, Ordering::Relaxed)
-        ));
+        let p = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{}-{}", std::process::id(), NEXT_PIN.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&p);
         Self(p)
     }

@@ -98,11 +98,7 @@ impl Netns {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let base = std::env::temp_dir().join(format!("sluice-test-{}-{n}", std::process::id()));
         let (out, err) = (base.with_extension("out"), base.with_extension("err"));
-        let child = cmd
-            .stdout(File::create(&out).expect("stdout file"))
-            .stderr(File::create(&err).expect("stderr file"))
-            .spawn()
-            .expect("spawning in netns");
+        let child = cmd.stdout(File::create(&out).expect("stdout file")).stderr(File::create(&err).expect("stderr file")).spawn().expect("spawning in netns");
         ChildGuard { child: Some(child), out, err }
     }
 
@@ -199,11 +195,7 @@ impl ChildGuard {
     }
 
     fn output(&self, status: std::process::ExitStatus) -> Output {
-        Output {
-            status,
-            stdout: std::fs::read(&self.out).unwrap_or_default(),
-            stderr: std::fs::read(&self.err).unwrap_or_default(),
-        }
+        Output { status, stdout: std::fs::read(&self.out).unwrap_or_default(), stderr: std::fs::read(&self.err).unwrap_or_default() }
     }
 
     /// Whether the process has exited (and then its output, for diagnostics).
@@ -239,14 +231,7 @@ pub fn send_raw(dev: &str, frame: &[u8]) {
         sll.sll_ifindex = ifindex as i32;
         sll.sll_halen = 6;
         sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        let n = libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            std::ptr::addr_of!(sll).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        );
+        let n = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, std::ptr::addr_of!(sll).cast(), size_of::<libc::sockaddr_ll>() as u32);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
         assert_eq!(n, frame.len() as isize, "sending a raw frame on {dev}: {err}");

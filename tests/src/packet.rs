@@ -82,13 +82,25 @@ pub struct V6 {
 #[derive(Clone, Debug)]
 pub enum L4 {
     Tcp(Tcp),
-    Udp { sport: u16, dport: u16, payload: Vec<u8> },
+    Udp {
+        sport: u16,
+        dport: u16,
+        payload: Vec<u8>,
+    },
     /// ICMP (over IPv4) or ICMPv6 (over IPv6): type, code, the 4 "rest of header" bytes, body.
-    Icmp { typ: u8, code: u8, rest: [u8; 4], body: Vec<u8> },
+    Icmp {
+        typ: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: Vec<u8>,
+    },
     /// IP-in-IP: IPv4 (proto 4) or IPv6 (proto 41) inside.
     Encap(Box<L3>),
     /// Any other protocol number with raw payload.
-    Raw { proto: u8, payload: Vec<u8> },
+    Raw {
+        proto: u8,
+        payload: Vec<u8>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -126,20 +138,7 @@ fn v6(a: SocketAddr) -> Ipv6Addr {
 
 impl V4 {
     pub fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
-        Self {
-            src,
-            dst,
-            ttl: 64,
-            id: 0x1234,
-            tos: 0,
-            options: Vec::new(),
-            dont_frag: true,
-            more_frags: false,
-            frag_offset: 0,
-            ihl_override: None,
-            tot_len_override: None,
-            l4,
-        }
+        Self { src, dst, ttl: 64, id: 0x1234, tos: 0, options: Vec::new(), dont_frag: true, more_frags: false, frag_offset: 0, ihl_override: None, tot_len_override: None, l4 }
     }
 }
 
@@ -151,17 +150,7 @@ impl V6 {
 
 impl Tcp {
     pub fn new(sport: u16, dport: u16, flags: u8) -> Self {
-        Self {
-            sport,
-            dport,
-            seq: 1000,
-            ack: if flags & tcp::ACK != 0 { 2000 } else { 0 },
-            flags,
-            window: 64240,
-            options: Vec::new(),
-            doff_override: None,
-            payload: Vec::new(),
-        }
+        Self { sport, dport, seq: 1000, ack: if flags & tcp::ACK != 0 { 2000 } else { 0 }, flags, window: 64240, options: Vec::new(), doff_override: None, payload: Vec::new() }
     }
 }
 

@@ -85,11 +85,7 @@ impl XdpRunner {
     }
 
     pub fn prog(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(self.prog_name)
-            .expect("program in object")
-            .try_into()
-            .expect("an XDP program")
+        self.ebpf.program_mut(self.prog_name).expect("program in object").try_into().expect("an XDP program")
     }
 
     /// Runs the program once on `frame`.
@@ -130,7 +126,7 @@ impl XdpRunner {
         let after = self.prog().info().expect("prog info");
         let runs = after.run_count() - before.run_count();
         assert!(runs >= n as u64, "prog stats counted {runs} runs of {n}");
-        (after.run_time() - before.run_time()) / runs as u32
+        after.run_time().checked_sub(before.run_time()).unwrap() / runs as u32
     }
 }
 

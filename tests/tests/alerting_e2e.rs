@@ -58,19 +58,28 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
             .map(|_| {
                 s.spawn(|| {
                     let r = lab.connect();
-                    (Instant::now(), r.map(|(name, stream)| {
-                        assert_eq!(name, "backend-1");
-                        stream
-                    }).map_err(|e| e.kind()))
+                    (
+                        Instant::now(),
+                        r.map(|(name, stream)| {
+                            assert_eq!(name, "backend-1");
+                            stream
+                        })
+                        .map_err(|e| e.kind()),
+                    )
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("client thread")).collect()
     });
-    let refused: Vec<Instant> = results.iter().filter_map(|(t, r)| r.as_ref().err().map(|k| {
-        assert_eq!(*k, std::io::ErrorKind::ConnectionRefused, "refused with a RST at once");
-        *t
-    })).collect();
+    let refused: Vec<Instant> = results
+        .iter()
+        .filter_map(|(t, r)| {
+            r.as_ref().err().map(|k| {
+                assert_eq!(*k, std::io::ErrorKind::ConnectionRefused, "refused with a RST at once");
+                *t
+            })
+        })
+        .collect();
     assert_eq!(refused.len(), 3, "exactly 8 - 5 refused");
     let first_refusal = *refused.iter().min().expect("a refusal");
     let held: Vec<TcpStream> = results.into_iter().filter_map(|(_, r)| r.ok()).collect();
@@ -102,7 +111,13 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_within_2s_and_resolves() {
         assert!(m.lines().any(|l| l == line), "missing {line}:\n{m}");
     }
     assert!(m.contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\""), "{m}");
-    let mut promtool = std::process::Command::new("promtool").args(["check", "metrics"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("promtool");
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
     promtool.stdin.take().expect("stdin").write_all(m.as_bytes()).expect("write");
     let out = promtool.wait_with_output().expect("promtool");
     assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

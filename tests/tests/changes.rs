@@ -56,7 +56,12 @@ fn concurrent_edits_health_flaps_and_reloads_lose_nothing() {
             .map(|n| {
                 let socket = &socket;
                 s.spawn(move || {
-                    Command::new(sluice_bin()).arg("--socket").arg(socket).args(["backend", "set-limit", "web", &address(n), &(200 + u32::from(n)).to_string()]).output().expect("sluice")
+                    Command::new(sluice_bin())
+                        .arg("--socket")
+                        .arg(socket)
+                        .args(["backend", "set-limit", "web", &address(n), &(200 + u32::from(n)).to_string()])
+                        .output()
+                        .expect("sluice")
                 })
             })
             .collect();

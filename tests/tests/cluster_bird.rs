@@ -93,7 +93,15 @@ impl Node {
     }
 
     fn start_bird(&self) -> ChildGuard {
-        let b = self.ns.spawn(Command::new("nsenter").arg(format!("--net={}", self.ns.path().display())).arg("--").args(["bird", "-f", "-c"]).arg(self.dir.join("bird.conf")).arg("-s").arg(self.bird_ctl()));
+        let b = self.ns.spawn(
+            Command::new("nsenter")
+                .arg(format!("--net={}", self.ns.path().display()))
+                .arg("--")
+                .args(["bird", "-f", "-c"])
+                .arg(self.dir.join("bird.conf"))
+                .arg("-s")
+                .arg(self.bird_ctl()),
+        );
         wait_for("BIRD's control socket", || self.bird_ctl().exists());
         b
     }
@@ -214,6 +222,7 @@ fn node(router: &Netns, n: u8, backend_order: &[&str]) -> Node {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step after step")]
 fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     let router = Netns::new("rt");
     assert!(router.output("sysctl", &["-qw", "net.ipv4.fib_multipath_hash_policy=1", "net.ipv4.conf.all.forwarding=1"]).status.success());
@@ -231,7 +240,8 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     )
     .expect("router bird.conf");
     let rctl = rdir.join("bird.ctl");
-    let _router_bird = router.spawn(Command::new("nsenter").arg(format!("--net={}", router.path().display())).arg("--").args(["bird", "-f", "-c"]).arg(rdir.join("bird.conf")).arg("-s").arg(&rctl));
+    let _router_bird = router
+        .spawn(Command::new("nsenter").arg(format!("--net={}", router.path().display())).arg("--").args(["bird", "-f", "-c"]).arg(rdir.join("bird.conf")).arg("-s").arg(&rctl));
     wait_for("the router's BIRD", || rctl.exists());
 
     // n1's daemon starts before its BIRD: it says so, and the datapath runs regardless.
@@ -239,7 +249,9 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     wait_for("n1 to report BIRD missing", || n1.cluster_status()["error"].as_str().is_some_and(|e| e.contains("bird.ctl") && e.contains("configure")));
     wait_for("SluiceNotAnnouncing to fire", || {
         let (_, out, _) = n1.ctl(&["status", "--json"]);
-        serde_json::from_str::<Value>(&out).is_ok_and(|v| v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|n| n["alertname"] == "SluiceNotAnnouncing" && n["summary"].as_str().is_some_and(|s| s.contains(VIP)))))
+        serde_json::from_str::<Value>(&out).is_ok_and(|v| {
+            v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|n| n["alertname"] == "SluiceNotAnnouncing" && n["summary"].as_str().is_some_and(|s| s.contains(VIP))))
+        })
     });
     let mut b1 = n1.start_bird();
     let d2 = n2.start_daemon();
@@ -335,7 +347,13 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     let post = |body: &str, mac: &str| -> (u16, String) {
         router.run(|| {
             let mut s = std::net::TcpStream::connect("10.81.1.2:9478").expect("peer channel");
-            write!(s, "POST /v1/peer/moved HTTP/1.1\r\nHost: n1\r\nContent-Type: application/json\r\n{}: {mac}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", lb_userspace::peers::HEADER, body.len()).expect("send");
+            write!(
+                s,
+                "POST /v1/peer/moved HTTP/1.1\r\nHost: n1\r\nContent-Type: application/json\r\n{}: {mac}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                lb_userspace::peers::HEADER,
+                body.len()
+            )
+            .expect("send");
             let mut out = String::new();
             s.read_to_string(&mut out).expect("answer");
             (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
@@ -373,7 +391,6 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
         assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
-
 
 /// The BIRD configs in deploy/bird parse (`bird -p`), the node's with its included files.
 #[test]

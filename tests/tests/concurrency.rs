@@ -21,11 +21,7 @@ const BACKEND_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
 fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
     let cpus = aya::util::online_cpus().expect("online cpus");
     assert!(cpus.len() >= 2, "this test needs two CPUs to race; the machine has {}", cpus.len());
-    let mut x = XdpRunner::balancer_with(&LoadOptions {
-        config: Config::DEFAULT,
-        flow_capacity: 2 * u32::from(PER_THREAD) + 16,
-        ring_slots: 64,
-    });
+    let mut x = XdpRunner::balancer_with(&LoadOptions { config: Config::DEFAULT, flow_capacity: 2 * u32::from(PER_THREAD) + 16, ring_slots: 64 });
     x.install_one(&OneBackend::new(1, 80, LIMIT));
     let prog: &Xdp = x.ebpf.program(PROG_BALANCER).expect("program").try_into().expect("xdp");
     let barrier = Barrier::new(2);
@@ -39,16 +35,12 @@ fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
                     let mut set = CpuSet::new();
                     set.set(cpu as usize).expect("cpu set");
                     nix::sched::sched_setaffinity(Pid::from_raw(0), &set).expect("pin thread");
-                    let frames: Vec<Vec<u8>> = (0..PER_THREAD)
-                        .map(|n| Pkt::tcp4(&format!("10.0.{i}.1:{}", 1000 + n), "10.0.0.100:80").build())
-                        .collect();
+                    let frames: Vec<Vec<u8>> = (0..PER_THREAD).map(|n| Pkt::tcp4(&format!("10.0.{i}.1:{}", 1000 + n), "10.0.0.100:80").build()).collect();
                     let mut out = vec![0u8; 256];
                     let (mut ok, mut rst) = (0, 0);
                     barrier.wait();
                     for f in &frames {
-                        let r = prog
-                            .test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::new() })
-                            .expect("test run");
+                        let r = prog.test_run(TestRunOptions { data_in: Some(f), data_out: Some(&mut out), ..TestRunOptions::new() }).expect("test run");
                         assert_eq!(r.return_value, XDP_TX);
                         if out[..6] == BACKEND_MAC {
                             ok += 1;

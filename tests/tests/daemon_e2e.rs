@@ -4,7 +4,11 @@
 //! reload that removes a backend drains it: its open connection keeps working, new ones go
 //! elsewhere.
 
-use std::{io::Write as _, os::unix::fs::PermissionsExt as _, time::{Duration, Instant}};
+use std::{
+    io::Write as _,
+    os::unix::fs::PermissionsExt as _,
+    time::{Duration, Instant},
+};
 
 use nix::sys::signal::Signal;
 
@@ -24,6 +28,7 @@ impl WithStdin for std::process::Command {
 use sluice_tests::l2lab::{Lab, VIP};
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, step after step")]
 fn daemon_balances_limits_explains_and_drains_on_reload() {
     let lab = Lab::new(3);
     let (hook_port, posts) = lab.webhook_receiver();
@@ -75,10 +80,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse::<u64>().ok());
     assert_eq!(refused_metric, Some(refused), "refusals counted exactly");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(m.as_bytes());
+    let mut promtool = std::process::Command::new("promtool").args(["check", "metrics"]).stdin(std::process::Stdio::piped()).output_with_stdin(m.as_bytes());
     assert!(promtool.0, "promtool check metrics: {}", promtool.1);
     promtool.1.clear();
 
@@ -98,9 +100,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     let alert = out.lines().skip_while(|l| !l.contains("ALERT SluiceBackendAtLimit")).take(2).collect::<Vec<_>>().join("\n");
     assert!(alert.contains("Sluice load balancer") && alert.contains("10.70.0.13") && alert.contains("max_conns` in") && alert.contains("2 of 2 open"), "{out}");
     assert!(lab.metrics().contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\",backend=\"10.70.0.13\""), "alert in /metrics");
-    sluice_tests::l2lab::wait_for("the webhook to receive the firing alert", || {
-        posts.any(&["\"alertname\":\"SluiceBackendAtLimit\"", "\"status\":\"firing\"", "lb-test"])
-    });
+    sluice_tests::l2lab::wait_for("the webhook to receive the firing alert", || posts.any(&["\"alertname\":\"SluiceBackendAtLimit\"", "\"status\":\"firing\"", "lb-test"]));
 
     // The control API (root only) shows backend-3 at its limit and explains the refusal.
     let mode = std::fs::metadata(lab.socket()).expect("control socket").permissions().mode() & 0o777;
@@ -171,9 +171,7 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     on1.write_all(b"still there?").expect("the drained backend's connection still carries data");
     drop(held3);
     // backend-3 is below its limit again: the alert resolves and the webhook hears it.
-    sluice_tests::l2lab::wait_for("the resolved alert", || {
-        posts.any(&["SluiceBackendAtLimit", "\"status\":\"resolved\""])
-    });
+    sluice_tests::l2lab::wait_for("the resolved alert", || posts.any(&["SluiceBackendAtLimit", "\"status\":\"resolved\""]));
 
     let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -118,9 +118,7 @@ fn explain_predicts_the_datapath_for_3000_random_flows() {
     assert!(matches!(e.verdict, Verdict::NotService), "{e:?}");
 
     // With its service removed, the flow still goes to its backend, and explain says so.
-    let Verdict::ExistingFlow { backend, .. } = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain").verdict else {
-        panic!("an existing flow")
-    };
+    let Verdict::ExistingFlow { backend, .. } = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain").verdict else { panic!("an existing flow") };
     let mut gone = cfg.clone();
     gone.services.retain(|s| s.port != 443);
     applied.apply(&mut x.tables(), &gone, &|_| None, |t, id| t.conns(id).expect("conns")).expect("remove a service");
@@ -129,4 +127,3 @@ fn explain_predicts_the_datapath_for_3000_random_flows() {
     let out = x.run(&Pkt::tcp4(&src.to_string(), &dst.to_string()).flags(tcp::ACK).build());
     assert_eq!((out.verdict, out.data[5]), (XDP_TX, backend.to_string().rsplit('.').next().expect("octet").parse::<u8>().expect("octet")));
 }
-

@@ -43,9 +43,7 @@ fn ipip_next_hop_comes_from_the_fib_and_neighbour_table() {
             let ctx: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
             let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
             let mut out = vec![0u8; frame.len() + 64];
-            let r = prog
-                .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx_bytes), ..TestRunOptions::new() })
-                .expect("test run");
+            let r = prog.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx_bytes), ..TestRunOptions::new() }).expect("test run");
             out.truncate(r.data_size_out as usize);
             (r.return_value, out)
         };

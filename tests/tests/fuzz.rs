@@ -86,7 +86,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// repeat (SYN, then data, FIN, RST on the same 5-tuple).
 fn base_frame(rng: &mut StdRng) -> Vec<u8> {
     let src4 = format!("10.9.0.{}:{}", rng.random_range(1..=4), rng.random_range(1000..1200));
-    let flags = *[tcp::SYN, tcp::SYN, tcp::ACK, tcp::ACK | tcp::PSH, tcp::FIN | tcp::ACK, tcp::RST, tcp::SYN | tcp::ACK, 0, rng.random()].get(rng.random_range(0..9)).expect("index");
+    let flags =
+        *[tcp::SYN, tcp::SYN, tcp::ACK, tcp::ACK | tcp::PSH, tcp::FIN | tcp::ACK, tcp::RST, tcp::SYN | tcp::ACK, 0, rng.random()].get(rng.random_range(0..9)).expect("index");
     let payload = vec![0x61; rng.random_range(0..3) * 40];
     match rng.random_range(0..14) {
         0..=3 => Pkt::tcp4(&src4, "10.0.0.100:80").flags(flags).payload(&payload).build(),
@@ -182,11 +183,7 @@ fn fuzzed_frames_never_abort_count_once_and_leave_counters_equal_to_flows() {
     for i in 0..frames {
         let f = frame(&mut rng);
         let out = x.run(&f);
-        assert!(
-            matches!(out.verdict, XDP_DROP | XDP_PASS | XDP_TX),
-            "seed {seed:#x}, frame {i}: verdict {} (0 = XDP_ABORTED) for {f:02x?}",
-            out.verdict
-        );
+        assert!(matches!(out.verdict, XDP_DROP | XDP_PASS | XDP_TX), "seed {seed:#x}, frame {i}: verdict {} (0 = XDP_ABORTED) for {f:02x?}", out.verdict);
         verdicts[out.verdict as usize] += 1;
         // Exactly one outcome per frame: checked frame by frame for the first 20,000 (a
         // per-CPU map read each), then as a total.
@@ -201,7 +198,18 @@ fn fuzzed_frames_never_abort_count_once_and_leave_counters_equal_to_flows() {
     let hit: BTreeMap<&str, u64> = stats.outcomes.iter().filter(|o| o.packets > 0).map(|o| (o.outcome.as_str(), o.packets)).collect();
     println!("seed {seed:#x}: {frames} frames; verdicts drop {} pass {} tx {}; outcomes {hit:?}", verdicts[1], verdicts[2], verdicts[3]);
     // The generator must reach deep: admission, refusals, every kind of malformed input.
-    for must in [Stat::Forwarded, Stat::RefusedRst, Stat::RefusedDrop, Stat::ForwardedNoFlow, Stat::Fragment, Stat::NonIp, Stat::TruncatedIpv4, Stat::TruncatedTcp, Stat::BadIpv4, Stat::IcmpEchoReplied] {
+    for must in [
+        Stat::Forwarded,
+        Stat::RefusedRst,
+        Stat::RefusedDrop,
+        Stat::ForwardedNoFlow,
+        Stat::Fragment,
+        Stat::NonIp,
+        Stat::TruncatedIpv4,
+        Stat::TruncatedTcp,
+        Stat::BadIpv4,
+        Stat::IcmpEchoReplied,
+    ] {
         assert!(stats.get(must).packets > 0, "seed {seed:#x}: no frame reached outcome {}: {hit:?}", must.name());
     }
 

@@ -54,7 +54,10 @@ fn changes_below_the_load_are_refused_unless_forced_and_the_history_survives_a_r
         }
         assert_eq!(limits(&lab), before, "sluice {args:?} changed something");
     };
-    refused(&["backend", "set-limit", "web", "10.70.0.11", "5"], &["backend 10.70.0.11 max_conns 100 -> 5", &format!("its {b1} open now"), &format!("peak of {b1}"), "% of its connections would have been refused"]);
+    refused(
+        &["backend", "set-limit", "web", "10.70.0.11", "5"],
+        &["backend 10.70.0.11 max_conns 100 -> 5", &format!("its {b1} open now"), &format!("peak of {b1}"), "% of its connections would have been refused"],
+    );
     refused(&["backend", "drain", "web", "10.70.0.11"], &["service \"web\" would admit 35", "peak load of 40"]);
     refused(&["backend", "remove", "web", "10.70.0.11"], &["service \"web\" would admit 35"]);
     config(5, 35);

@@ -72,7 +72,16 @@ fn connect(lab: &Lab, c: u8, v6: bool) -> std::io::Result<(String, TcpStream)> {
 }
 
 fn quick_load(lab: &Lab, n: u32, v6: bool) -> load::Report {
-    let spec = LoadSpec { rate: 100.0, concurrency: 50, duration: Duration::from_secs_f64(f64::from(n) / 100.0), hold: Duration::ZERO, delay_ms: 0, timeout: Duration::from_secs(3), v6, targets: Vec::new() };
+    let spec = LoadSpec {
+        rate: 100.0,
+        concurrency: 50,
+        duration: Duration::from_secs_f64(f64::from(n) / 100.0),
+        hold: Duration::ZERO,
+        delay_ms: 0,
+        timeout: Duration::from_secs(3),
+        v6,
+        targets: Vec::new(),
+    };
     load::run(lab, &spec, &Arc::new(Counters::default())).expect("load")
 }
 
@@ -200,7 +209,10 @@ fn a_killed_backend_leaves_the_ring_and_clients_go_elsewhere() {
     let r = quick_load(&lab, 100, false);
     assert!(r.ok == 100 && r.backends.len() == 3, "{r:?}");
     assert!(lab.kill_server(2));
-    lab.wait("backend-2 to be marked down", Duration::from_secs(10), || status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().any(|b| b["address"] == lab::backend4(2).to_string() && b["state"] == "down"))).expect("down");
+    lab.wait("backend-2 to be marked down", Duration::from_secs(10), || {
+        status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().any(|b| b["address"] == lab::backend4(2).to_string() && b["state"] == "down"))
+    })
+    .expect("down");
     let r = quick_load(&lab, 200, false);
     assert_eq!((r.ok, r.refused, r.timeout, r.error), (200, 0, 0, 0), "clients reconnect to the others: {r:?}");
     assert!(!r.backends.contains_key("backend-2") && r.backends.len() == 2, "{:?}", r.backends);
@@ -250,7 +262,8 @@ fn daemon_restart_under_1000_open_connections_loses_none() {
             .run_in(&format!("cl{c}"), || {
                 (0..500)
                     .map(|i| {
-                        let mut s = TcpStream::connect_timeout(&SocketAddr::new(lab::vip(false), lab::PORT), Duration::from_secs(3)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                        let mut s =
+                            TcpStream::connect_timeout(&SocketAddr::new(lab::vip(false), lab::PORT), Duration::from_secs(3)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
                         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
                         (get(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}")), s)
                     })

@@ -23,6 +23,7 @@ fn fixture() -> XdpRunner {
 #[test]
 fn a_flood_of_refusals_yields_at_most_the_configured_events() {
     let mut x = fixture();
+    #[expect(clippy::items_after_statements, reason = "next to its one use")]
     const FLOOD: u16 = 500;
     for p in 0..FLOOD {
         let res = x.run(&Pkt::tcp4(&format!("10.7.0.1:{}", 1000 + p), "10.0.0.100:80").build());
@@ -39,8 +40,7 @@ fn a_flood_of_refusals_yields_at_most_the_configured_events() {
     let cpus = aya::util::nr_cpus().expect("cpus") as u64;
     let burst_max = cpus * (u64::from(EVENTS_PER_SEC) + 1);
     assert!(events >= 1 && events <= burst_max, "{events} events for {FLOOD} refusals (max {burst_max})");
-    let buckets: aya::maps::PerCpuArray<_, EventBucket> =
-        aya::maps::PerCpuArray::try_from(x.ebpf.map("EVENT_BUCKET").expect("bucket")).expect("per-cpu");
+    let buckets: aya::maps::PerCpuArray<_, EventBucket> = aya::maps::PerCpuArray::try_from(x.ebpf.map("EVENT_BUCKET").expect("bucket")).expect("per-cpu");
     let suppressed: u64 = buckets.get(&0, 0).expect("bucket").iter().map(|b| b.suppressed).sum();
     assert_eq!(events + suppressed, u64::from(FLOOD), "every refusal is either sent or counted as suppressed");
     assert_eq!(x.tables().service_stats(1).expect("stats").refused.backend_limit, u64::from(FLOOD), "all refusals counted");

@@ -28,14 +28,7 @@ fn status(pins: &Path) -> Value {
 }
 
 fn packets(v: &Value, outcome: &str) -> u64 {
-    v["outcomes"]
-        .as_array()
-        .expect("outcomes")
-        .iter()
-        .find(|o| o["outcome"] == outcome)
-        .unwrap_or_else(|| panic!("no outcome {outcome}"))["packets"]
-        .as_u64()
-        .expect("packets")
+    v["outcomes"].as_array().expect("outcomes").iter().find(|o| o["outcome"] == outcome).unwrap_or_else(|| panic!("no outcome {outcome}"))["packets"].as_u64().expect("packets")
 }
 
 #[test]

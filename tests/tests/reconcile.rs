@@ -21,13 +21,11 @@ use sluice_tests::{
 const RING_SLOTS: u32 = 4 * 257;
 
 fn cfg(backends: &[(&str, u32)]) -> Config {
-    let mut text = String::from(
-        "[daemon]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nproto = \"tcp\"\nring_size = 257\n",
-    );
+    let mut text = String::from("[daemon]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nproto = \"tcp\"\nring_size = 257\n");
     for (addr, max) in backends {
         text.push_str(&format!("[[service.backend]]\naddress = \"{addr}\"\nmax_conns = {max}\n"));
     }
-    config::parse(Path::new("test.toml"), &text).map(|(c, _)| c).unwrap_or_else(|e| panic!("{e}"))
+    config::parse(Path::new("test.toml"), &text).map_or_else(|e| panic!("{e}"), |(c, _)| c)
 }
 
 fn mac_of(ip: IpAddr) -> Option<[u8; 6]> {
@@ -139,7 +137,7 @@ fn an_apply_rewrites_only_the_services_it_changes() {
                 t.push_str(&format!("[[service.backend]]\naddress = \"10.0.1.{}\"\nmax_conns = {max}\n", 10 * s + b));
             }
         }
-        config::parse(Path::new("test.toml"), &t).map(|(c, _)| c).unwrap_or_else(|e| panic!("{e}"))
+        config::parse(Path::new("test.toml"), &t).map_or_else(|e| panic!("{e}"), |(c, _)| c)
     };
     let mut applied = Applied::new(slots);
     applied.apply(&mut x.tables(), &text(100), &mac_of, |t, id| t.conns(id).unwrap_or(0)).expect("apply");

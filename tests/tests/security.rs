@@ -47,6 +47,7 @@ fn state(lab: &Lab) -> Value {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     let keep = ["name", "address", "max_conns", "weight", "state", "vip", "port", "mode"];
+    #[expect(clippy::items_after_statements, reason = "next to its one use")]
     fn strip(v: &Value, keep: &[&str]) -> Value {
         match v {
             Value::Object(m) => Value::Object(m.iter().filter(|(k, v)| keep.contains(&k.as_str()) || v.is_array()).map(|(k, v)| (k.clone(), strip(v, keep))).collect()),

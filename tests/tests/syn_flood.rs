@@ -65,7 +65,7 @@ fn a_spoofed_syn_flood_holds_slots_only_until_the_syn_timeout_and_breaks_no_flow
     let table = t.flow_table().expect("mmap");
     let gap = Duration::from_secs(1);
     // The admitted SYNs are the flood's first (the free slots fill at once).
-    let at = |before: Duration| flood_started + (timeouts.syn - before).as_nanos() as u64;
+    let at = |before: Duration| flood_started + timeouts.syn.checked_sub(before).unwrap().as_nanos() as u64;
     let s = gc::sweep(&table, &conns, &timeouts, at(timeouts.syn / 2 + Duration::from_secs(1)), Duration::from_mins(1));
     assert_eq!(s.released, 0, "a slow GC looks ahead at most half the SYN timeout");
     let s = gc::sweep(&table, &conns, &timeouts, at(Duration::from_millis(1500)), gap);

@@ -109,11 +109,7 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             build(false)?;
             let report = env_target_dir().join("lab-report");
-            let status = Command::new(env_target_dir().join("debug/sluice"))
-                .args(["lab", "incident", "--report"])
-                .arg(&report)
-                .status()
-                .context("running sluice lab incident")?;
+            let status = Command::new(env_target_dir().join("debug/sluice")).args(["lab", "incident", "--report"]).arg(&report).status().context("running sluice lab incident")?;
             if !status.success() {
                 bail!("the incident replay failed (see above)");
             }
@@ -164,8 +160,7 @@ pub fn cargo() -> Command {
 /// `PATH` with cargo's bin directory (bpf-linker, rustup) in it.
 fn path_with_cargo_bin() -> String {
     let path = std::env::var("PATH").unwrap_or_default();
-    let cargo_bin = std::env::var("CARGO_HOME")
-        .map_or_else(|_| format!("{}/.cargo/bin", std::env::var("HOME").unwrap_or_else(|_| "/root".into())), |h| format!("{h}/bin"));
+    let cargo_bin = std::env::var("CARGO_HOME").map_or_else(|_| format!("{}/.cargo/bin", std::env::var("HOME").unwrap_or_else(|_| "/root".into())), |h| format!("{h}/bin"));
     if path.split(':').any(|p| p == cargo_bin) {
         path
     } else {
@@ -203,8 +198,32 @@ fn build(release: bool) -> Result<()> {
     Ok(())
 }
 
+/// The lints every change passes, as aya's CI runs them: formatting, and clippy with warnings
+/// as errors on the host crates. lb-ebpf gets rustc's lints as errors in its own build (see
+/// `ebpf_build.rs`): a clippy for bpfel-unknown-none needs the toolchain that builds `core` for
+/// it, which has none here.
+fn lint() -> Result<()> {
+    let started = Instant::now();
+    let status = cargo().args(["fmt", "--all", "--check"]).status().context("running cargo fmt")?;
+    if !status.success() {
+        bail!("formatting differs (above): run `cargo fmt --all`");
+    }
+    let status = cargo()
+        .args(["clippy", "--workspace", "--all-targets", "--exclude", "lb-ebpf", "--target-dir"])
+        .arg(env_target_dir().join("clippy"))
+        .args(["--", "-D", "warnings"])
+        .status()
+        .context("running cargo clippy")?;
+    if !status.success() {
+        bail!("clippy found warnings (above)");
+    }
+    println!("lint: cargo fmt --check and clippy -D warnings clean in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
+    lint()?;
     build(false)?;
     let mut cmd = cargo();
     cmd.args(["test", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-tests"]);
@@ -247,8 +266,5 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn env_target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-        std::path::PathBuf::from,
-    )
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), std::path::PathBuf::from)
 }

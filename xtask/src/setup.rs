@@ -56,12 +56,7 @@ impl Step {
         Self { name, started: Instant::now() }
     }
     fn done(self, what: &str) {
-        println!(
-            "setup: {:<28} {:<44} {:>7.2}s",
-            self.name,
-            what,
-            self.started.elapsed().as_secs_f64()
-        );
+        println!("setup: {:<28} {:<44} {:>7.2}s", self.name, what, self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -83,17 +78,11 @@ pub fn run() -> Result<()> {
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+    Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
 /// Installs the Debian packages in `list` that are missing. Shared with the benchmarks, which
@@ -148,9 +137,7 @@ fn packages() -> Result<()> {
 }
 
 fn cargo_bin_dir() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
-        .map_or_else(|| home().join(".cargo"), PathBuf::from)
-        .join("bin")
+    std::env::var_os("CARGO_HOME").map_or_else(|| home().join(".cargo"), PathBuf::from).join("bin")
 }
 
 fn home() -> PathBuf {
@@ -160,11 +147,7 @@ fn home() -> PathBuf {
 fn bpf_linker() -> Result<()> {
     let step = Step::new("bpf-linker (LLVM 22)");
     let bin = cargo_bin_dir().join("bpf-linker");
-    let have = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let have = Command::new(&bin).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     if have.contains(BPF_LINKER_VERSION) {
         step.done(&format!("{BPF_LINKER_VERSION} present"));
         return Ok(());
@@ -184,24 +167,15 @@ fn bpf_linker() -> Result<()> {
 
 fn toolchain_link() -> Result<()> {
     let step = Step::new("rustup toolchain link");
-    let list = Command::new("rustup")
-        .args(["toolchain", "list"])
-        .output()
-        .context("running rustup (is rustup installed?)")?;
-    if String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN))
-    {
+    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup (is rustup installed?)")?;
+    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.split_whitespace().next() == Some(BPF_TOOLCHAIN)) {
         step.done(&format!("{BPF_TOOLCHAIN} -> /usr linked"));
         return Ok(());
     }
     if !Path::new("/usr/lib/rustlib/src/rust/library/core").exists() {
         bail!("rust-web-src is installed but /usr/lib/rustlib/src/rust/library/core is missing");
     }
-    sh(
-        Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]),
-        "rustup toolchain link",
-    )?;
+    sh(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]), "rustup toolchain link")?;
     step.done(&format!("linked {BPF_TOOLCHAIN} -> /usr"));
     Ok(())
 }
@@ -209,17 +183,11 @@ fn toolchain_link() -> Result<()> {
 fn bpffs() -> Result<()> {
     let step = Step::new("bpffs");
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.split_whitespace().nth(2) == Some("bpf")) {
         step.done(&format!("{BPFFS} mounted"));
         return Ok(());
     }
-    sh(
-        Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
-        "mount -t bpf bpf /sys/fs/bpf",
-    )?;
+    sh(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]), "mount -t bpf bpf /sys/fs/bpf")?;
     step.done(&format!("mounted {BPFFS}"));
     Ok(())
 }

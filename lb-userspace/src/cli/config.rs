@@ -106,7 +106,14 @@ fn review(socket: &std::path::Path, json: bool) -> i32 {
                 if flag.is_empty() { String::new() } else { format!("  {flag}") }
             );
         }
-        println!("  service \"{}\": admits {}, peak load {} (24 h); N-1 (without its largest backend) admits {}: {}", s["name"].as_str().unwrap_or(""), s["capacity"], s["peak_24h"]["open"], s["n_minus_1"], s["n_minus_1_verdict"].as_str().unwrap_or(""));
+        println!(
+            "  service \"{}\": admits {}, peak load {} (24 h); N-1 (without its largest backend) admits {}: {}",
+            s["name"].as_str().unwrap_or(""),
+            s["capacity"],
+            s["peak_24h"]["open"],
+            s["n_minus_1"],
+            s["n_minus_1_verdict"].as_str().unwrap_or("")
+        );
     }
     println!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v["headroom"]);
     0

@@ -68,7 +68,13 @@ pub fn print_services(v: &Value) {
             // With cluster-wide limits: this node's share and the cluster's open connections.
             let full = if cluster.is_object() {
                 let c_open = cluster["cluster_open"].as_u64().unwrap_or(0);
-                let at = if c_open >= max { "  CLUSTER AT LIMIT" } else if open >= limit { "  AT SHARE" } else { "" };
+                let at = if c_open >= max {
+                    "  CLUSTER AT LIMIT"
+                } else if open >= limit {
+                    "  AT SHARE"
+                } else {
+                    ""
+                };
                 format!("  share {limit} (safe {}), cluster {c_open}/{max}{at}", cluster["safe_share"])
             } else if max > 0 && open >= max {
                 "  AT LIMIT".to_owned()
@@ -212,14 +218,7 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<(), Error> {
     if let Some(svc) = v["service"].as_str() {
         println!("service \"{svc}\", flow hash {:#010x}, ring slot {}", v["hash"].as_u64().unwrap_or(0), v["ring_slot"]);
         for (i, c) in v["candidates"].as_array().into_iter().flatten().enumerate() {
-            println!(
-                "  candidate {}: {} ({}, {} open, max_conns = {})",
-                i + 1,
-                c["backend"].as_str().unwrap_or(""),
-                c["state"].as_str().unwrap_or(""),
-                c["open"],
-                c["max_conns"]
-            );
+            println!("  candidate {}: {} ({}, {} open, max_conns = {})", i + 1, c["backend"].as_str().unwrap_or(""), c["state"].as_str().unwrap_or(""), c["open"], c["max_conns"]);
         }
     }
     Ok(())
@@ -413,7 +412,11 @@ pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
                 if r.quiet { "then none for 2 s: the router sends this node no new flows" } else { "new flows were still arriving when the timeout ran out" }
             );
             println!("open connections keep being forwarded; `sluice node undrain` announces again");
-            if r.quiet { Ok(()) } else { Err(Error::other("node drain", anyhow::anyhow!("not quiet within {timeout}"))) }
+            if r.quiet {
+                Ok(())
+            } else {
+                Err(Error::other("node drain", anyhow::anyhow!("not quiet within {timeout}")))
+            }
         }
         NodeCmd::Undrain => {
             let v = client::block_on(client::ok(socket, Method::POST, "/v1/node/undrain", None))?;

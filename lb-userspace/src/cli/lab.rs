@@ -1,6 +1,10 @@
 //! `sluice lab …`: the whole deployment in network namespaces (see [`crate::lab`]).
 
-use std::{path::PathBuf, sync::Arc, time::{Duration, Instant}};
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use clap::Subcommand;
 
@@ -215,7 +219,11 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
             lab.write_config(&lab.config_text(&conf, &lab::topo::ServiceOpts { v6: *ipv6, spill: false }, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
             lab.start_daemon().map_err(lab_err)?;
-            println!("Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}", lab::VIP4, if *ipv6 { format!(" and [{}]:80", lab::VIP6) } else { String::new() });
+            println!(
+                "Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}",
+                lab::VIP4,
+                if *ipv6 { format!(" and [{}]:80", lab::VIP6) } else { String::new() }
+            );
             println!("  config      {}  (edit, then `sluice --socket {} config apply {}`)", lab.config_path().display(), lab.socket().display(), lab.config_path().display());
             println!("  control     export SLUICE_SOCKET={}   # then: sluice status, sluice top, sluice explain …", lab.socket().display());
             println!("  load        sluice lab load --rate 100 --concurrency 200 --duration 30s --hold 2s");
@@ -244,7 +252,8 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
         }
         LabCmd::Load { rate, concurrency, duration, hold, delay_ms, timeout, ipv6, json } => {
             let lab = Lab::attach(std::path::Path::new(DIR)).map_err(lab_err)?;
-            let spec = load::LoadSpec { rate: *rate, concurrency: *concurrency, duration: *duration, hold: *hold, delay_ms: *delay_ms, timeout: *timeout, v6: *ipv6, targets: Vec::new() };
+            let spec =
+                load::LoadSpec { rate: *rate, concurrency: *concurrency, duration: *duration, hold: *hold, delay_ms: *delay_ms, timeout: *timeout, v6: *ipv6, targets: Vec::new() };
             let counters = Arc::new(load::Counters::default());
             let started = Instant::now();
             let done = std::sync::atomic::AtomicBool::new(false);

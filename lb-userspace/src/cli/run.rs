@@ -33,11 +33,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<(), Error> {
     super::init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Error::other("starting the runtime", e))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::other("starting the runtime", e))?;
     rt.block_on(async {
         if let Some(cfg) = &args.config {
             let state = daemon::start(cfg).await?;

@@ -31,20 +31,28 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
             println!("      {}", a["description"].as_str().unwrap_or(""));
         }
         for d in v["last_drift"].as_array().into_iter().flatten() {
-            println!("drift: backend id {} counter {} vs {} flows{}", d["backend_id"], d["counter"], d["flows"], if d["corrected"].as_bool() == Some(true) { " (corrected)" } else { "" });
+            println!(
+                "drift: backend id {} counter {} vs {} flows{}",
+                d["backend_id"],
+                d["counter"],
+                d["flows"],
+                if d["corrected"].as_bool() == Some(true) { " (corrected)" } else { "" }
+            );
         }
         println!();
-        return print_outcomes(&serde_json::from_value(v["outcomes"].clone()).map_err(|e| Error::other("status", e))?, false);
+        print_outcomes(&serde_json::from_value(v["outcomes"].clone()).map_err(|e| Error::other("status", e))?, false);
+        return Ok(());
     }
     let map = stats::open(&args.pin.pin_dir)?;
     let snap = stats::read(&map)?;
-    print_outcomes(&snap, args.json)
+    print_outcomes(&snap, args.json);
+    Ok(())
 }
 
-fn print_outcomes(snap: &stats::Snapshot, json: bool) -> Result<(), Error> {
+fn print_outcomes(snap: &stats::Snapshot, json: bool) {
     if json {
         println!("{}", serde_json::to_string_pretty(snap).expect("serializable"));
-        return Ok(());
+        return;
     }
     println!("{:<16} {:>14} {:>16}", "OUTCOME", "PACKETS", "BYTES");
     for o in &snap.outcomes {
@@ -52,5 +60,4 @@ fn print_outcomes(snap: &stats::Snapshot, json: bool) -> Result<(), Error> {
         println!("{:<16} {:>14} {:>16}{mark}", o.outcome, o.packets, o.bytes);
     }
     println!("{:<16} {:>14} {:>16}", "total", snap.total_packets, snap.total_bytes);
-    Ok(())
 }

@@ -86,18 +86,19 @@ pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rate
         .as_array()
         .into_iter()
         .flatten()
-        .map(|a| Line::styled(format!("{} [{}] {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or("")), Style::default().fg(Color::Red)))
+        .map(|a| {
+            Line::styled(
+                format!("{} [{}] {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or("")),
+                Style::default().fg(Color::Red),
+            )
+        })
         .collect();
-    let title = format!(
-        " sluice top — {} — {} flows of {} — q quits ",
-        status["interface"].as_str().unwrap_or(""),
-        status["flows"],
-        status["flow_capacity"]
-    );
+    let title = format!(" sluice top — {} — {} flows of {} — q quits ", status["interface"].as_str().unwrap_or(""), status["flows"], status["flow_capacity"]);
     term.draw(|f| {
         let [top, bottom] = Layout::vertical([Constraint::Min(5), Constraint::Length(8)]).areas(f.area());
         let header = Row::new(["SERVICE", "BACKEND", "STATE", "OPEN/MAX", "SATURATION", "NEW/S", "REFUSED/S"]).style(Style::default().add_modifier(Modifier::BOLD));
-        let widths = [Constraint::Length(12), Constraint::Length(18), Constraint::Length(9), Constraint::Length(11), Constraint::Length(26), Constraint::Length(7), Constraint::Min(10)];
+        let widths =
+            [Constraint::Length(12), Constraint::Length(18), Constraint::Length(9), Constraint::Length(11), Constraint::Length(26), Constraint::Length(7), Constraint::Min(10)];
         f.render_widget(Table::new(rows, widths).header(header).block(Block::default().borders(Borders::ALL).title(title)), top);
         let body = if alerts.is_empty() { vec![Line::raw("no alerts firing")] } else { alerts };
         f.render_widget(Paragraph::new(body).block(Block::default().borders(Borders::ALL).title(" alerts firing ")), bottom);

@@ -235,7 +235,8 @@ impl Verdict for Report {
         let mut s = String::new();
         let _ = writeln!(s, "# Chaos run: seed {}, {} mode, {:.0} s of faults under load\n", self.seed, self.mode, self.duration_s);
         let _ = writeln!(s, "| figure | value |\n|---|---|");
-        let kinds: Vec<String> = self.faults_by_kind.iter().map(|(k, n)| format!("{n} {}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())).collect();
+        let kinds: Vec<String> =
+            self.faults_by_kind.iter().map(|(k, n)| format!("{n} {}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())).collect();
         let rows: [(&str, String); 14] = [
             ("faults injected", format!("{} ({})", self.faults.len(), kinds.join(", "))),
             ("connections opened", self.connections.to_string()),
@@ -485,7 +486,8 @@ pub(super) struct Tables {
 
 pub(super) fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
-    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (total, holding) = (table.len(), crate::gc::count_flows(&table));
     let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
@@ -537,7 +539,9 @@ impl Injector<'_> {
             let st = status(self.lab)?;
             Ok(backends(&st).iter().all(|b| {
                 let n = (1..=BACKENDS).find(|n| b["address"].as_str() == Some(&backend4(*n).to_string()));
-                n.is_some_and(|n| b["max_conns"].as_u64() == Some(u64::from(self.limits[usize::from(n - 1)])) && b["weight"].as_u64() == Some(u64::from(self.weights[usize::from(n - 1)])))
+                n.is_some_and(|n| {
+                    b["max_conns"].as_u64() == Some(u64::from(self.limits[usize::from(n - 1)])) && b["weight"].as_u64() == Some(u64::from(self.weights[usize::from(n - 1)]))
+                })
             }))
         })
     }
@@ -546,7 +550,9 @@ impl Injector<'_> {
     fn start_daemon(&self, bin: &Path) -> Result<String> {
         let before = xdp_prog_id(self.lab);
         self.lab.start_daemon_with(bin)?;
-        self.lab.wait("the daemon to adopt the datapath", Duration::from_secs(10), || std::fs::read_to_string(self.lab.spec.dir.join("daemon.log")).is_ok_and(|l| l.contains("adopted the running datapath")))?;
+        self.lab.wait("the daemon to adopt the datapath", Duration::from_secs(10), || {
+            std::fs::read_to_string(self.lab.spec.dir.join("daemon.log")).is_ok_and(|l| l.contains("adopted the running datapath"))
+        })?;
         let after = xdp_prog_id(self.lab);
         if before.is_none() || before == after {
             bail!("the XDP program was not replaced (id before {before:?}, after {after:?})");
@@ -685,7 +691,10 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             .collect();
         let held = opts.held_per_client * usize::from(clients);
         lab.wait("the held connections to open", Duration::from_secs(30), || sh.opened.load(Ordering::Relaxed) >= held)?;
-        say(format!("{held} held connections open; load at {} new connections/s for {:?}, faults every {:?}–{:?} (seed {})", opts.rate, opts.duration, opts.gap.0, opts.gap.1, opts.seed));
+        say(format!(
+            "{held} held connections open; load at {} new connections/s for {:?}, faults every {:?}–{:?} (seed {})",
+            opts.rate, opts.duration, opts.gap.0, opts.gap.1, opts.seed
+        ));
         let load_until = sh.t0.elapsed() + opts.duration;
         sh.load_until_ms.store(load_until.as_millis() as u64, Ordering::Relaxed);
         sh.go.store(true, Ordering::Relaxed);
@@ -766,7 +775,17 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         .iter()
         .filter(|c| matches!(c.fate, Fate::Broken(_)) && !by_crash(c))
         .take(10)
-        .map(|c| format!("{} connection opened at {:.1}s to {}, {} answers, broke at {:.1}s: {}", if c.held { "held" } else { "short" }, c.start, c.backend.map_or("?".into(), |n| format!("backend-{n}")), c.answers, c.end, c.fate.why()))
+        .map(|c| {
+            format!(
+                "{} connection opened at {:.1}s to {}, {} answers, broke at {:.1}s: {}",
+                if c.held { "held" } else { "short" },
+                c.start,
+                c.backend.map_or("?".into(), |n| format!("backend-{n}")),
+                c.answers,
+                c.end,
+                c.fate.why()
+            )
+        })
         .chain(conns.iter().filter(|c| matches!(c.fate, Fate::ConnectFailed(_))).take(5).map(|c| format!("connect at {:.1}s failed: {}", c.start, c.fate.why())))
         .collect();
     let mut faults_by_kind = BTreeMap::new();
@@ -802,12 +821,12 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     check("every fault took effect", failed.is_empty(), if failed.is_empty() { format!("{} faults and undos", report.faults.len()) } else { failed.join("; ") });
     let missing: Vec<String> = KINDS.iter().filter(|k| !report.faults_by_kind.contains_key(k)).map(|k| format!("{k:?}")).collect();
     check("every kind of fault occurred", missing.is_empty(), if missing.is_empty() { "all 7 kinds".into() } else { format!("missing: {}", missing.join(", ")) });
-    check("no connection broken except by its backend's crash", report.broken == 0, format!("{} broken otherwise, {} by crashes, of {} connections", report.broken, report.broken_by_backend_crash, report.connections));
     check(
-        "the SYN of every connection was answered",
-        report.connect_failed == 0,
-        format!("{} connects without an answer or with another error", report.connect_failed),
+        "no connection broken except by its backend's crash",
+        report.broken == 0,
+        format!("{} broken otherwise, {} by crashes, of {} connections", report.broken, report.broken_by_backend_crash, report.connections),
     );
+    check("the SYN of every connection was answered", report.connect_failed == 0, format!("{} connects without an answer or with another error", report.connect_failed));
     // Every held connection still open must be on a backend of the service.
     let all_placed = report.end.iter().map(|b| b.clients).sum::<u64>() == report.held_survived;
     check(&agreed.what, agreed.ok && all_placed, agreed.detail);

@@ -348,6 +348,7 @@ fn converge(lab: &Lab, max: u8, want: &BTreeSet<u8>, since: Instant) -> Result<D
     Ok(since.elapsed())
 }
 
+#[expect(clippy::too_many_lines, reason = "the scenario, step after step")]
 pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     if !(1..MAX_NODES).contains(&opts.nodes) {
         bail!("--nodes {}: between 1 and {} (one more joins during the run)", opts.nodes, MAX_NODES - 1);
@@ -397,7 +398,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         let held = opts.held_per_client * usize::from(clients);
         lab.wait("the held connections to open", Duration::from_secs(30), || sh.opened.load(Ordering::Relaxed) >= held)?;
         // The load runs until every step is done (a generous bound; it is cut when they are).
-        sh.load_until_ms.store((sh.t0.elapsed() + Duration::from_secs(3600)).as_millis() as u64, Ordering::Relaxed);
+        sh.load_until_ms.store((sh.t0.elapsed() + Duration::from_hours(1)).as_millis() as u64, Ordering::Relaxed);
         sh.go.store(true, Ordering::Relaxed);
         say(format!("{held} held connections open; {} new connections/s", opts.rate));
 
@@ -532,11 +533,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let joined = report.steps.first().and_then(|s| s.new_flows_after.get(&format!("n{}", opts.nodes + 1))).copied().unwrap_or(0);
     check("the new node takes new flows after it joins", joined > 0, format!("{joined} new flows on n{} in the window after", opts.nodes + 1));
     let drain = report.steps.get(1).map(|s| (s.detail.ends_with("true"), s.new_flows_after.get("n1").copied().unwrap_or(u64::MAX)));
-    check(
-        "the drained node's new flows reach 0",
-        drain.is_some_and(|(quiet, after)| quiet && after == 0),
-        report.steps.get(1).map(|s| s.detail.clone()).unwrap_or_default(),
-    );
+    check("the drained node's new flows reach 0", drain.is_some_and(|(quiet, after)| quiet && after == 0), report.steps.get(1).map(|s| s.detail.clone()).unwrap_or_default());
     let (reported, released): (u64, u64) = report.peers.values().fold((0, 0), |(a, b), p| (a + p.reported, b + p.released));
     check(
         "counters follow the flows: every node counts only the connections it carries",
@@ -551,4 +548,3 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     report.checks = checks;
     Ok(report)
 }
-

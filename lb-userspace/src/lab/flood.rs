@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use super::{
     chaos::{self, BackendEnd, Check, Verdict},
     topo::{BackendConf, ServiceOpts},
-    vip, Lab, VIP4, PORT,
+    vip, Lab, PORT, VIP4,
 };
 
 pub const BACKENDS: u8 = 2;
@@ -290,7 +290,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let mut checks = Vec::new();
     let mut check = |what: &str, ok: bool, detail: String| checks.push(Check { what: what.into(), ok, detail });
     check("no established connection broken by the flood", report.held_broken == 0, format!("{} of {} broken", report.held_broken, report.held));
-    check("new connections got through before the flood", report.probes_before > 0 && report.probes_before_ok == report.probes_before, format!("{} of {}", report.probes_before_ok, report.probes_before));
+    check(
+        "new connections got through before the flood",
+        report.probes_before > 0 && report.probes_before_ok == report.probes_before,
+        format!("{} of {}", report.probes_before_ok, report.probes_before),
+    );
     check(
         "the flood took the free slots (new connections refused during it)",
         report.probes_during > 0 && report.probes_during_ok * 2 < report.probes_during,

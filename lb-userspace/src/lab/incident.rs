@@ -113,7 +113,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     std::thread::scope(|s| -> Result<()> {
         // Stops the sampler however this scope is left (an early `?` included), or the scope
         // would wait for it for ever.
-        let _stop = super::SetOnDrop(&stop);
+        let stopper = super::SetOnDrop(&stop);
         let sampler = s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
                 let t = n.t0.elapsed().as_secs_f64();
@@ -134,9 +134,29 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
 
         // 1. Normal traffic.
         n.say("step 1 — normal traffic: 40 connections/s, each held 1 s, for 6 s");
-        let normal = load::run(lab, &LoadSpec { rate: 40.0, concurrency: 100, duration: Duration::from_secs(6), hold: Duration::from_secs(1), delay_ms: 0, timeout: Duration::from_secs(3), v6: false, targets: Vec::new() }, &Arc::default())?;
-        n.say(format!("  ok {} refused {} timeout {} error {}; p50 {:.1} ms p99 {:.1} ms; per backend {:?}", normal.ok, normal.refused, normal.timeout, normal.error, normal.p50_ms, normal.p99_ms, normal.backends));
-        checks.push(Check { what: "normal traffic is served by every backend, nothing refused", ok: normal.refused == 0 && normal.timeout == 0 && normal.error == 0 && normal.backends.len() == usize::from(BACKENDS), detail: format!("{normal:?}") });
+        let normal = load::run(
+            lab,
+            &LoadSpec {
+                rate: 40.0,
+                concurrency: 100,
+                duration: Duration::from_secs(6),
+                hold: Duration::from_secs(1),
+                delay_ms: 0,
+                timeout: Duration::from_secs(3),
+                v6: false,
+                targets: Vec::new(),
+            },
+            &Arc::default(),
+        )?;
+        n.say(format!(
+            "  ok {} refused {} timeout {} error {}; p50 {:.1} ms p99 {:.1} ms; per backend {:?}",
+            normal.ok, normal.refused, normal.timeout, normal.error, normal.p50_ms, normal.p99_ms, normal.backends
+        ));
+        checks.push(Check {
+            what: "normal traffic is served by every backend, nothing refused",
+            ok: normal.refused == 0 && normal.timeout == 0 && normal.error == 0 && normal.backends.len() == usize::from(BACKENDS),
+            detail: format!("{normal:?}"),
+        });
 
         // 2. The misconfiguration.
         lab.write_config(&lab.config_text(&conf(BAD_LIMIT), &ServiceOpts::default(), alerts))?;
@@ -145,17 +165,33 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         let (line, out, ok) = sluice(lab, &["config", "apply", &path]);
         n.say(format!("step 2 — a config review \"tightens\" max_conns from {GOOD_LIMIT} to {BAD_LIMIT}; the guard judges it against the load it just carried:"));
         n.block(&format!("{line}\n{out}"));
-        let named = out.contains("refused, nothing changed") && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")) && out.contains("peak of") && out.contains("% of its connections would have been refused");
+        let named = out.contains("refused, nothing changed")
+            && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}"))
+            && out.contains("peak of")
+            && out.contains("% of its connections would have been refused");
         checks.push(Check { what: "the guard refused the change and named the numbers", ok: !ok && named, detail: out.clone() });
         let (line, out, ok) = sluice(lab, &["config", "apply", &path, "--force"]);
         n.say("  the operator, sure of the review, forces it:");
         n.block(&format!("{line}\n{out}"));
-        checks.push(Check { what: "the misconfiguration is applied (forced)", ok: ok && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")) && out.contains("FORCED"), detail: out.clone() });
+        checks.push(Check {
+            what: "the misconfiguration is applied (forced)",
+            ok: ok && out.contains(&format!("max_conns {GOOD_LIMIT} -> {BAD_LIMIT}")) && out.contains("FORCED"),
+            detail: out.clone(),
+        });
 
         // 3. The surge, with the diagnosis and the fix applied while it runs.
         n.say("step 3 — a surge: 60 connections/s, each held 3 s, for 14 s (≈ 180 open wanted, 3 × 10 allowed)");
         let counters = Arc::new(Counters::default());
-        let surge_spec = LoadSpec { rate: 60.0, concurrency: 400, duration: Duration::from_secs(14), hold: Duration::from_secs(3), delay_ms: 0, timeout: Duration::from_secs(3), v6: false, targets: Vec::new() };
+        let surge_spec = LoadSpec {
+            rate: 60.0,
+            concurrency: 400,
+            duration: Duration::from_secs(14),
+            hold: Duration::from_secs(3),
+            delay_ms: 0,
+            timeout: Duration::from_secs(3),
+            v6: false,
+            targets: Vec::new(),
+        };
         let surge_started = n.t0.elapsed().as_secs_f64();
         mark("surge");
         let surge = {
@@ -190,13 +226,22 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         let (line, out, _) = sluice(lab, &["status"]);
         let head: String = out.lines().take_while(|l| !l.trim().is_empty() || out.lines().next() == Some(l)).take(12).collect::<Vec<_>>().join("\n");
         n.block(&format!("{line}\n{head}"));
-        checks.push(Check { what: "`sluice status` shows backends AT LIMIT", ok: out.contains("AT LIMIT") || out.contains(&format!("{BAD_LIMIT}/{BAD_LIMIT}")), detail: head.clone() });
+        checks.push(Check {
+            what: "`sluice status` shows backends AT LIMIT",
+            ok: out.contains("AT LIMIT") || out.contains(&format!("{BAD_LIMIT}/{BAD_LIMIT}")),
+            detail: head.clone(),
+        });
         let (_, ev, _) = sluice(lab, &["events", "--json"]);
-        let refused_client = ev.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|e| e["reason"] == "backend_limit").and_then(|e| e["client"].as_str().map(str::to_owned));
+        let refused_client =
+            ev.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|e| e["reason"] == "backend_limit").and_then(|e| e["client"].as_str().map(str::to_owned));
         if let Some(client) = &refused_client {
             let (line, out, _) = sluice(lab, &["explain", client, &format!("{}:80", super::VIP4)]);
             n.block(&format!("{line}\n{}", out.trim_end()));
-            checks.push(Check { what: "`sluice explain` of a refused client names max_conns", ok: out.contains("max_conns") && (out.contains("REFUSED") || out.contains("refused")), detail: out });
+            checks.push(Check {
+                what: "`sluice explain` of a refused client names max_conns",
+                ok: out.contains("max_conns") && (out.contains("REFUSED") || out.contains("refused")),
+                detail: out,
+            });
         } else {
             checks.push(Check { what: "`sluice explain` of a refused client names max_conns", ok: false, detail: format!("no backend_limit event: {ev}") });
         }
@@ -216,16 +261,13 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         std::thread::sleep(Duration::from_millis(500));
         let refused_settled = counters.refused.load(Ordering::Relaxed);
         let report = surge.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-        n.say(format!(
-            "  surge over: ok {} refused {} (all before the fix: {}) timeout {} error {}",
-            report.ok,
-            report.refused,
-            refused_at_fix,
-            report.timeout,
-            report.error
-        ));
+        n.say(format!("  surge over: ok {} refused {} (all before the fix: {}) timeout {} error {}", report.ok, report.refused, refused_at_fix, report.timeout, report.error));
         checks.push(Check { what: "clients were refused with a RST at once, not timeouts", ok: report.refused > 0 && report.timeout == 0, detail: format!("{report:?}") });
-        checks.push(Check { what: "refusals stop once the fix is applied", ok: report.refused == refused_settled && report.ok > 0, detail: format!("refused at fix {refused_at_fix}, 0.5 s later {refused_settled}, at the end {}", report.refused) });
+        checks.push(Check {
+            what: "refusals stop once the fix is applied",
+            ok: report.refused == refused_settled && report.ok > 0,
+            detail: format!("refused at fix {refused_at_fix}, 0.5 s later {refused_settled}, at the end {}", report.refused),
+        });
 
         // 5. Resolution.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -240,18 +282,22 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         mark("resolved");
         n.say(if resolved { "step 5 — every alert resolved".to_owned() } else { "step 5 — alerts still firing after 20 s".to_owned() });
         checks.push(Check { what: "the alerts resolve", ok: resolved, detail: String::new() });
-        drop(_stop);
+        drop(stopper);
         let _ = sampler.join();
         Ok(())
     })?;
 
     lab.stop_daemon();
-    let entries = crate::journal::read(&lab.journal(), Duration::from_secs(3600)).unwrap_or_default();
+    let entries = crate::journal::read(&lab.journal(), Duration::from_hours(1)).unwrap_or_default();
     let timeline = crate::journal::markdown(&entries);
     println!("\n{timeline}");
     let order = ["refused by the guard", "max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
     let positions: Vec<Option<usize>> = order.iter().map(|w| timeline.find(w)).collect();
-    checks.push(Check { what: "the timeline has the change, the alert, the fix and the resolution, in order", ok: positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]), detail: format!("{positions:?}") });
+    checks.push(Check {
+        what: "the timeline has the change, the alert, the fix and the resolution, in order",
+        ok: positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
+        detail: format!("{positions:?}"),
+    });
 
     let svg = opts.report_dir.join("incident.svg");
     plot::draw(&svg, "Sluice lab incident: open connections vs max_conns", &points.lock().expect("points"), &marks.lock().expect("marks"))?;

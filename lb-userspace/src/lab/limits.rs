@@ -221,6 +221,7 @@ fn start_etcd(lab: &Lab) -> Result<()> {
     })
 }
 
+#[expect(clippy::too_many_lines, reason = "the scenario, step after step")]
 pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     if opts.nodes < 2 || opts.nodes > 7 {
         bail!("--nodes {}: between 2 and 7 with --limits", opts.nodes);
@@ -252,7 +253,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let say = |line: String| eprintln!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64());
     say(format!("{} nodes joined; etcd on the router", opts.nodes));
 
-    let loads: Vec<Arc<Load>> = (0..opts.nodes).map(|_| Arc::new(Load { rate_milli: AtomicU64::new(0), admitted: AtomicU64::new(0), refused: AtomicU64::new(0), failed: AtomicU64::new(0) })).collect();
+    let loads: Vec<Arc<Load>> =
+        (0..opts.nodes).map(|_| Arc::new(Load { rate_milli: AtomicU64::new(0), admitted: AtomicU64::new(0), refused: AtomicU64::new(0), failed: AtomicU64::new(0) })).collect();
     let set_rates = |rates: &[f64]| {
         for (l, r) in loads.iter().zip(rates) {
             l.rate_milli.store((r * 1000.0) as u64, Ordering::Relaxed);
@@ -314,7 +316,15 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                     let h = x.nodes.get(&hot).map_or(0, |n| n.open);
                     x.nodes.iter().all(|(k, n)| *k == hot || n.open <= h)
                 };
-                let step = measure(format!("skew: most new connections to n{hot}"), since, opts.phase, target, &all, &hot_holds_most, format!("clients' rates {rates:?}/s, each connection held {:?}", opts.hold));
+                let step = measure(
+                    format!("skew: most new connections to n{hot}"),
+                    since,
+                    opts.phase,
+                    target,
+                    &all,
+                    &hot_holds_most,
+                    format!("clients' rates {rates:?}/s, each connection held {:?}", opts.hold),
+                );
                 say(format!("{}: reached {target} after {:?} ms; at most {} open", step.what, step.reached_ms, step.max_sum));
                 steps.push(step);
             }
@@ -376,7 +386,10 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             let step = measure("etcd stopped".into(), since, LEASE_TTL + Duration::from_secs(3), cap, &survivors, &|_| true, String::new());
             let last = samples.lock().expect("samples").last().cloned();
             let (alerted, within_safe): (Vec<u8>, Vec<u8>) = match &last {
-                Some(x) => (x.nodes.iter().filter(|(_, n)| n.etcd_alert).map(|(k, _)| *k).collect(), x.nodes.iter().filter(|(_, n)| n.fallback && n.limit <= safe).map(|(k, _)| *k).collect()),
+                Some(x) => (
+                    x.nodes.iter().filter(|(_, n)| n.etcd_alert).map(|(k, _)| *k).collect(),
+                    x.nodes.iter().filter(|(_, n)| n.fallback && n.limit <= safe).map(|(k, _)| *k).collect(),
+                ),
                 None => (Vec::new(), Vec::new()),
             };
             let detail = format!(
@@ -420,7 +433,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         samples: samples.len(),
         max_sum,
         steps,
-        clients: loads.iter().enumerate().map(|(i, l)| (format!("cl{}", i + 1), (l.admitted.load(Ordering::Relaxed), l.refused.load(Ordering::Relaxed), l.failed.load(Ordering::Relaxed)))).collect(),
+        clients: loads
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (format!("cl{}", i + 1), (l.admitted.load(Ordering::Relaxed), l.refused.load(Ordering::Relaxed), l.failed.load(Ordering::Relaxed))))
+            .collect(),
         traffic,
         run_s: t0.elapsed().as_secs_f64(),
         checks: Vec::new(),
@@ -433,15 +450,15 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     for s in &report.steps[..n] {
         check(&format!("{}: 95 % of the limit within 5 s", s.what), s.reached_ms.is_some_and(|ms| ms <= 5000), format!("{:?} ms", s.reached_ms));
     }
-    check(
-        "a daemon restart resumes its lease and keeps its share",
-        restart.0.is_i64() && restart.0 == restart.1 && restart.2 == restart.3,
-        report.steps[n].detail.clone(),
-    );
+    check("a daemon restart resumes its lease and keeps its share", restart.0.is_i64() && restart.0 == restart.1 && restart.2 == restart.3, report.steps[n].detail.clone());
     let n = n + 1;
     let fail = &report.steps[n];
     let bound = LEASE_TTL + Duration::from_secs(1);
-    check("a failed node's share is used again within its lease TTL + 1 s", fail.reached_ms.is_some_and(|ms| u128::from(ms) <= bound.as_millis()), format!("{:?} ms (bound {} ms)", fail.reached_ms, bound.as_millis()));
+    check(
+        "a failed node's share is used again within its lease TTL + 1 s",
+        fail.reached_ms.is_some_and(|ms| u128::from(ms) <= bound.as_millis()),
+        format!("{:?} ms (bound {} ms)", fail.reached_ms, bound.as_millis()),
+    );
     let stopped = &report.steps[n + 1];
     let survivors = usize::from(opts.nodes) - 1;
     check("etcd stopped: the alert fires on every node", etcd_lost.0.len() == survivors, stopped.detail.clone());

@@ -24,18 +24,17 @@ pub fn draw(path: &Path, title: &str, points: &[Point], marks: &[(f64, String)])
     let (top, bottom) = root.split_vertically(420);
     let t_max = points.last().map_or(1.0, |p| p.t).max(1.0);
     let y_max = points.iter().flat_map(|p| p.backends.values().map(|(o, m)| (*o).max(*m))).max().unwrap_or(1) as f64 * 1.15;
-    let mut chart = ChartBuilder::on(&top)
-        .caption(title, ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_max.max(1.0))?;
+    let mut chart =
+        ChartBuilder::on(&top).caption(title, ("sans-serif", 20)).margin(10).x_label_area_size(30).y_label_area_size(50).build_cartesian_2d(0.0..t_max, 0.0..y_max.max(1.0))?;
     chart.configure_mesh().x_desc("seconds").y_desc("open connections").draw()?;
     let names: Vec<String> = points.iter().flat_map(|p| p.backends.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
     for (i, name) in names.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let open: Vec<(f64, f64)> = points.iter().filter_map(|p| p.backends.get(name).map(|(o, _)| (p.t, *o as f64))).collect();
-        chart.draw_series(LineSeries::new(open, color.stroke_width(2)))?.label(format!("{name} open")).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(open, color.stroke_width(2)))?
+            .label(format!("{name} open"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     // max_conns: the same for every backend in the lab's scenario; drawn once per distinct step.
     let limit: Vec<(f64, f64)> = points.iter().filter_map(|p| p.backends.values().map(|(_, m)| *m).min().map(|m| (p.t, m as f64))).collect();
@@ -54,13 +53,12 @@ pub fn draw(path: &Path, title: &str, points: &[Point], marks: &[(f64, String)])
         })
         .collect();
     let r_max = rates.iter().map(|r| r.1).fold(1.0, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&bottom)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..t_max, 0.0..r_max)?;
+    let mut chart = ChartBuilder::on(&bottom).margin(10).x_label_area_size(30).y_label_area_size(50).build_cartesian_2d(0.0..t_max, 0.0..r_max)?;
     chart.configure_mesh().x_desc("seconds").y_desc("refused / s").draw()?;
-    chart.draw_series(LineSeries::new(rates, RED.stroke_width(2)))?.label("refused connections per second (RST)").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(rates, RED.stroke_width(2)))?
+        .label("refused connections per second (RST)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
     for (t, _) in marks {
         chart.draw_series(LineSeries::new(vec![(*t, 0.0), (*t, r_max)], BLACK.mix(0.4)))?;
     }
@@ -76,12 +74,7 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(St
     let all = || series.iter().flat_map(|(_, p)| p.iter());
     let x_max = all().map(|p| p.0).fold(1.0, f64::max) * 1.05;
     let y_max = all().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(64)
-        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    let mut chart = ChartBuilder::on(&root).caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(36).y_label_area_size(64).build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
     chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw()?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];

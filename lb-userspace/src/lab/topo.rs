@@ -69,9 +69,10 @@ struct StateFile {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let out = cmd.output().with_context(|| format!("running {}", cmd.get_program().to_string_lossy()))?;
     if !out.status.success() {
-        bail!("{:?} {:?}: {}", cmd.get_program(), cmd.get_args().collect::<Vec<_>>(), String::from_utf8_lossy(&out.stderr).trim());
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        bail!("{} {}: {}", cmd.get_program().to_string_lossy(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -169,7 +170,8 @@ impl Lab {
 
     /// The lab a `sluice lab up` built, from its state file in `dir` (not torn down on drop).
     pub fn attach(dir: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab is up (no {}); start one with `sluice lab up`", dir.join("lab.json").display()))?;
+        let text =
+            std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab is up (no {}); start one with `sluice lab up`", dir.join("lab.json").display()))?;
         let st: StateFile = serde_json::from_str(&text).context("lab.json")?;
         super::raise_nofile();
         Ok(Self { spec: st.spec, children: Mutex::new(BTreeMap::new()), owned: false })
@@ -347,13 +349,8 @@ impl Lab {
     /// The built-in HTTP server on backend `n` (`sluice lab serve`), answering with its name.
     pub fn start_server(&self, n: u8) -> Result<()> {
         let short = format!("be{n}");
-        self.spawn(
-            &format!("serve-be{n}"),
-            self.command(&short, &self.spec.sluice).args(["lab", "serve", "--name", &format!("backend-{n}"), "--port", &PORT.to_string()]),
-        )?;
-        self.wait(&format!("backend-{n}'s server"), Duration::from_secs(10), || {
-            self.run_in(&short, || std::net::TcpStream::connect((backend4(n), PORT)).is_ok()).unwrap_or(false)
-        })
+        self.spawn(&format!("serve-be{n}"), self.command(&short, &self.spec.sluice).args(["lab", "serve", "--name", &format!("backend-{n}"), "--port", &PORT.to_string()]))?;
+        self.wait(&format!("backend-{n}'s server"), Duration::from_secs(10), || self.run_in(&short, || std::net::TcpStream::connect((backend4(n), PORT)).is_ok()).unwrap_or(false))
     }
 
     /// Kills backend `n`'s server (SIGKILL, as a crash): its port closes, its connections reset.
@@ -387,6 +384,7 @@ impl Lab {
             self.journal().display(),
             lb = self.ns("lb"),
         );
+        #[expect(clippy::type_complexity, reason = "a table of three columns")]
         let families: &[(&str, IpAddr, fn(u8) -> IpAddr)] = &[("web", IpAddr::V4(VIP4), |n| IpAddr::V4(backend4(n))), ("web6", IpAddr::V6(VIP6), |n| IpAddr::V6(backend6(n)))];
         for (name, vip, addr) in families.iter().take(if opts.v6 { 2 } else { 1 }) {
             t.push_str(&format!(

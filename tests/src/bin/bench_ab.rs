@@ -64,12 +64,8 @@ fn main() {
     }
     let refused = |i: usize| Pkt::tcp4(&format!("10.8.0.1:{}", 1024 + i % 60000), "10.0.0.100:9090").build();
     let floor_frame = Pkt::tcp4("10.9.0.1:1000", "10.0.0.99:80").build();
-    let cases: [(&str, Frames); 4] = [
-        ("established flow, ipip", &|_| est.clone()),
-        ("new SYN with admission, ipip", &new_syn),
-        ("established, cold, ipip", &est_cold),
-        ("refused SYN", &refused),
-    ];
+    let cases: [(&str, Frames); 4] =
+        [("established flow, ipip", &|_| est.clone()), ("new SYN with admission, ipip", &new_syn), ("established, cold, ipip", &est_cold), ("refused SYN", &refused)];
     let mut res: Vec<Vec<(f64, f64)>> = vec![Vec::new(); cases.len()];
     for r in 0..ROUNDS {
         for (c, (_, frames)) in cases.iter().enumerate() {

@@ -8,9 +8,14 @@
 //! - the daemon's CPU with 100 to 10,000 backends (services of 100) at a 1 s evaluation
 //!   interval, idle traffic: utime + stime from /proc over 20 s; the same with a `/metrics`
 //!   scrape every 15 s (Prometheus' default interval); the scrape's time and size; RssAnon.
+//!
 //! Writes its section of BENCHMARKS.md.
 
-use std::{fmt::Write as _, path::PathBuf, time::{Duration, Instant}};
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use sluice_tests::{
     l2lab::{wait_for, Lab},
@@ -42,7 +47,10 @@ fn main() {
     let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
     let latencies = alert_latency();
     let costs: Vec<Cost> = SIZES.iter().map(|&n| daemon_cost(n)).collect();
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_default();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
 
     let mut sorted = latencies.clone();
     sorted.sort();
@@ -79,7 +87,14 @@ fn main() {
         &[("idle".into(), curve(&|c| c.cpu * 100.0)), ("with a scrape every 15 s".into(), curve(&|c| c.cpu_scraped * 100.0))],
     )
     .expect("plot");
-    lb_userspace::lab::plot::lines(&svg_dir.join("alerts-scrape.svg"), "/metrics scrape time against the number of backends", "backends", "ms", &[("slowest scrape".into(), curve(&|c| ms(c.scrape)))]).expect("plot");
+    lb_userspace::lab::plot::lines(
+        &svg_dir.join("alerts-scrape.svg"),
+        "/metrics scrape time against the number of backends",
+        "backends",
+        "ms",
+        &[("slowest scrape".into(), curve(&|c| ms(c.scrape)))],
+    )
+    .expect("plot");
     let all: Vec<String> = latencies.iter().map(|d| format!("{:.0}", ms(*d))).collect();
     let body = format!(
         "## Alerting (`cargo xtask bench alerts`)\n\n\
@@ -203,7 +218,14 @@ fn daemon_cost(backends: u32) -> Cost {
     let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
     let _ = std::fs::remove_dir_all(&dir);
     let c = Cost { backends, cpu, cpu_scraped, scrape, scrape_bytes, rss_anon_kib };
-    println!("{backends} backends: {:.2} % idle, {:.2} % scraped, scrape {:?} ({} bytes), RssAnon {} KiB", c.cpu * 100.0, c.cpu_scraped * 100.0, c.scrape, c.scrape_bytes, c.rss_anon_kib);
+    println!(
+        "{backends} backends: {:.2} % idle, {:.2} % scraped, scrape {:?} ({} bytes), RssAnon {} KiB",
+        c.cpu * 100.0,
+        c.cpu_scraped * 100.0,
+        c.scrape,
+        c.scrape_bytes,
+        c.rss_anon_kib
+    );
     c
 }
 

@@ -97,12 +97,7 @@ fn main() {
         })
         .collect();
     for (c, (name, target)) in names.iter().enumerate() {
-        cases.push(Case {
-            name,
-            target: *target,
-            single: median(samples[c].iter().map(|s| s.0).collect()),
-            stats: median(samples[c].iter().map(|s| s.1).collect()),
-        });
+        cases.push(Case { name, target: *target, single: median(samples[c].iter().map(|s| s.0).collect()), stats: median(samples[c].iter().map(|s| s.1).collect()) });
     }
     let mut table = String::new();
     table.push_str("| case | single-shot ns | ×floor | prog-stats ns | ×floor | target (prog-stats) |\n|---|---:|---:|---:|---:|---|\n");

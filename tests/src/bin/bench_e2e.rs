@@ -118,15 +118,7 @@ fn run(out_path: &Path) -> Result<()> {
         if std::env::var("BENCH_E2E_ONLY").is_ok_and(|o| !o.contains("sluice")) && mode == Mode::Ipip {
             continue;
         }
-        let lab = Lab::up(Spec {
-            prefix: PREFIX.into(),
-            backends: BACKENDS,
-            clients: CLIENTS,
-            mode,
-            servers: true,
-            dir: DIR.into(),
-            sluice: sluice_tests::sluice_bin(),
-        })?;
+        let lab = Lab::up(Spec { prefix: PREFIX.into(), backends: BACKENDS, clients: CLIENTS, mode, servers: true, dir: DIR.into(), sluice: sluice_tests::sluice_bin() })?;
         let lbs: &[Lb] = if mode == Mode::Ipip { &[Lb::SluiceIpip] } else { &[Lb::Direct, Lb::SluiceL2dsr, Lb::Haproxy, Lb::Nginx] };
         // `BENCH_E2E_ONLY=haproxy,nginx`: a subset, for working on one of them.
         let only = std::env::var("BENCH_E2E_ONLY").unwrap_or_default();
@@ -296,7 +288,8 @@ fn lb_pids(lab: &Lab, lb: Lb) -> Vec<u32> {
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()));
+            let ppid =
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()));
             if ppid == Some(main) {
                 pids.push(pid);
             }
@@ -316,7 +309,11 @@ fn xdp_ms(lab: &Lab) -> f64 {
 
 fn lb_ms(lab: &Lab, lb: Lb) -> f64 {
     let procs: f64 = lb_pids(lab, lb).into_iter().map(proc_cpu_ms).sum();
-    if lb.is_sluice() { procs + xdp_ms(lab) } else { procs }
+    if lb.is_sluice() {
+        procs + xdp_ms(lab)
+    } else {
+        procs
+    }
 }
 
 fn measure(lab: &Lab, lb: Lb, rate: f64) -> Result<Step> {
@@ -416,17 +413,15 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
     }
 
     // Headline: Sluice's CPU per connection against HAProxy's at the same offered rate.
-    let mut headline = String::from("| offered /s | Sluice l2dsr ÷ HAProxy, over baseline | Sluice l2dsr ÷ HAProxy, attributable | Sluice ipip ÷ HAProxy, attributable |\n|---:|---:|---:|---:|\n");
+    let mut headline = String::from(
+        "| offered /s | Sluice l2dsr ÷ HAProxy, over baseline | Sluice l2dsr ÷ HAProxy, attributable | Sluice ipip ÷ HAProxy, attributable |\n|---:|---:|---:|---:|\n",
+    );
     for &rate in &RATES {
+        // The same constant the steps were run at: exact equality is meant.
+        #[expect(clippy::float_cmp, reason = "rates are copied from RATES, never computed")]
         let find = |lb: Lb| steps.iter().find(|s| s.lb == lb && s.rate == rate);
         if let (Some(h), Some(l2), Some(ip)) = (find(Lb::Haproxy), find(Lb::SluiceL2dsr), find(Lb::SluiceIpip)) {
-            writeln!(
-                headline,
-                "| {rate} | {:.2} | {:.3} | {:.3} |",
-                over(l2) / over(h),
-                l2.per_1k(l2.lb_ms) / h.per_1k(h.lb_ms),
-                ip.per_1k(ip.lb_ms) / h.per_1k(h.lb_ms)
-            )?;
+            writeln!(headline, "| {rate} | {:.2} | {:.3} | {:.3} |", over(l2) / over(h), l2.per_1k(l2.lb_ms) / h.per_1k(h.lb_ms), ip.per_1k(ip.lb_ms) / h.per_1k(h.lb_ms))?;
         }
     }
 
@@ -436,12 +431,15 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
     }
 
     let series = |f: &dyn Fn(&Step) -> f64, with_direct: bool| -> Vec<(String, Vec<(f64, f64)>)> {
-        lbs.iter()
-            .filter(|lb| with_direct || **lb != Lb::Direct)
-            .map(|lb| (lb.name().to_owned(), steps.iter().filter(|s| s.lb == *lb).map(|s| (s.rate, f(s))).collect()))
-            .collect()
+        lbs.iter().filter(|lb| with_direct || **lb != Lb::Direct).map(|lb| (lb.name().to_owned(), steps.iter().filter(|s| s.lb == *lb).map(|s| (s.rate, f(s))).collect())).collect()
     };
-    plot::lines(&svg_dir.join("e2e-throughput.svg"), "Connections completed per second", "offered connections/s", "completed/s", &series(&|s| s.report.ok as f64 / STEP.as_secs_f64(), true))?;
+    plot::lines(
+        &svg_dir.join("e2e-throughput.svg"),
+        "Connections completed per second",
+        "offered connections/s",
+        "completed/s",
+        &series(&|s| s.report.ok as f64 / STEP.as_secs_f64(), true),
+    )?;
     plot::lines(&svg_dir.join("e2e-p99.svg"), "p99 latency of one HTTP exchange", "offered connections/s", "ms", &series(&|s| s.report.p99_ms, true))?;
     plot::lines(&svg_dir.join("e2e-cpu.svg"), "CPU per 1,000 connections, whole lab over the no-balancer baseline", "offered connections/s", "ms", &series(&over, false))?;
 
@@ -477,8 +475,9 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
 }
 
 fn version(tool: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(tool).args(args).output().map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))).unwrap_or_default();
-    out.split_whitespace().find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) || w.contains('/') && w.split('/').nth(1).is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())))
-        .map(|w| w.rsplit('/').next().unwrap_or(w).to_owned())
-        .unwrap_or_else(|| "?".into())
+    let out =
+        std::process::Command::new(tool).args(args).output().map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))).unwrap_or_default();
+    out.split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) || w.contains('/') && w.split('/').nth(1).is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())))
+        .map_or_else(|| "?".into(), |w| w.rsplit('/').next().unwrap_or(w).to_owned())
 }

@@ -17,13 +17,17 @@ use sluice_tests::labs::{down_and_check, lab};
 const RUNS: usize = 3;
 
 fn cpu() -> String {
-    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())).unwrap_or_else(|| "unknown CPU".into())
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn main() {
     let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
     let opts = Options::default();
-    let mut rows = String::from("| run | skew → n1 | skew → n2 | skew → n3 | n1 restarts | n3 fails | etcd back | most open / 60 | checks |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    let mut rows =
+        String::from("| run | skew → n1 | skew → n2 | skew → n3 | n1 restarts | n3 fails | etcd back | most open / 60 | checks |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut traffic = String::new();
     let mut fail_ms = Vec::new();
     let mut skew_ms = Vec::new();
@@ -34,7 +38,8 @@ fn main() {
         let report = report.expect("cluster limits run");
         let ms = |i: usize| report.steps.get(i).and_then(|s| s.reached_ms).map_or("—".into(), |m| format!("{m} ms"));
         let passed = report.checks.iter().filter(|c| c.ok).count();
-        writeln!(rows, "| {run} | {} | {} | {} | {} | {} | {} | {} | {passed} of {} held |", ms(0), ms(1), ms(2), ms(3), ms(4), ms(6), report.max_sum, report.checks.len()).expect("w");
+        writeln!(rows, "| {run} | {} | {} | {} | {} | {} | {} | {} | {passed} of {} held |", ms(0), ms(1), ms(2), ms(3), ms(4), ms(6), report.max_sum, report.checks.len())
+            .expect("w");
         fail_ms.extend(report.steps.get(4).and_then(|s| s.reached_ms));
         skew_ms.extend(report.steps[..3].iter().filter_map(|s| s.reached_ms));
         // n2 runs through the whole lab (n1 restarts, n3 fails): its counters cover the run.

@@ -48,13 +48,7 @@ fn ctx(len: usize, ifindex: u32) -> [u8; 24] {
 /// Runs `frame` `repeat` times in live-frames mode; the kernel's time per frame.
 fn live(x: &mut XdpRunner, frame: &[u8], ifindex: u32, repeat: u32) -> Duration {
     let c = ctx(frame.len(), ifindex);
-    let opts = TestRunOptions {
-        data_in: Some(frame),
-        ctx_in: Some(&c),
-        repeat,
-        attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-        ..TestRunOptions::new()
-    };
+    let opts = TestRunOptions { data_in: Some(frame), ctx_in: Some(&c), repeat, attrs: TestRunAttrs::new().xdp_live_frames(BATCH), ..TestRunOptions::new() };
     x.prog().test_run(opts).unwrap_or_else(|e| panic!("live-frames test run: {e}")).duration
 }
 
@@ -95,7 +89,7 @@ fn pin_to_one_cpu() -> usize {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set), 0, "sched_setaffinity");
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set), 0, "sched_setaffinity");
     }
     cpu
 }
@@ -150,6 +144,7 @@ fn main() {
 }
 
 /// Every case with `flows` established flows per service in the table.
+#[expect(clippy::many_single_char_names, reason = "short names for the rows' parts")]
 fn table(flows: u32, ifindex: u32) -> Vec<Row> {
     let new_frames = (flows / 10).clamp(10_000, 100_000);
     let capacity = 2 * flows + new_frames + 1024;
@@ -238,5 +233,9 @@ fn table(flows: u32, ifindex: u32) -> Vec<Row> {
 }
 
 fn human(n: u32) -> String {
-    if n >= 1_000_000 { format!("{}M", n / 1_000_000) } else { format!("{}k", n / 1000) }
+    if n >= 1_000_000 {
+        format!("{}M", n / 1_000_000)
+    } else {
+        format!("{}k", n / 1000)
+    }
 }
