@@ -11,8 +11,8 @@
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use lb_common::{
-    flow_buckets, flow_fingerprint, next_generation, tag_generation, tag_low, tag_word, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_SYN_SEEN, FLOW_WAYS,
-    TAG_FREE, TAG_PENDING,
+    flow_buckets, flow_fingerprint, next_generation, tag_generation, tag_low, tag_word, Flow, FlowEntry, FlowKey, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_INSERT_LOCK, FLOW_SYN_SEEN,
+    FLOW_WAYS, TAG_FREE, TAG_PENDING,
 };
 
 use crate::{
@@ -29,8 +29,6 @@ pub const TCP_ACK: u8 = 0x10;
 /// A way's position is `bucket * POS_STRIDE + way`.
 const POS_STRIDE: u64 = 8;
 const _: () = assert!(FLOW_WAYS as u64 <= POS_STRIDE);
-/// Bit 63 of a bucket's overflow word: held by a CPU inserting a flow whose home it is.
-const INSERT_LOCK: u64 = 1 << 63;
 /// Attempts at the insert lock before a SYN goes on without a flow (`Insert::Raced`).
 const LOCK_TRIES: u32 = 512;
 
@@ -145,7 +143,7 @@ fn overflow_sub(b: u32) {
 #[inline(always)]
 fn overflowed(b: u32) -> bool {
     // SAFETY: a FLOW_TAGS value; an aligned 64-bit load is atomic.
-    FLOW_TAGS.get_ptr_mut(b).is_some_and(|tags| unsafe { read_volatile(addr_of_mut!((*tags).overflow)) } & !INSERT_LOCK != 0)
+    FLOW_TAGS.get_ptr_mut(b).is_some_and(|tags| unsafe { read_volatile(addr_of_mut!((*tags).overflow)) } & !FLOW_INSERT_LOCK != 0)
 }
 
 #[inline(always)]
@@ -302,7 +300,7 @@ fn lock(b: u32) -> bool {
         // SAFETY: as above.
         let w = unsafe { read_volatile(p) };
         // SAFETY: as above.
-        if w & INSERT_LOCK == 0 && unsafe { atomic::cmpxchg(p, w, w | INSERT_LOCK) } == w {
+        if w & FLOW_INSERT_LOCK == 0 && unsafe { atomic::cmpxchg(p, w, w | FLOW_INSERT_LOCK) } == w {
             return true;
         }
         i += 1;
@@ -322,7 +320,7 @@ fn unlock(b: u32) {
         unsafe {
             let p = addr_of_mut!((*tags).overflow);
             atomic::compiler_barrier();
-            write_volatile(p, read_volatile(p) & !INSERT_LOCK);
+            write_volatile(p, read_volatile(p) & !FLOW_INSERT_LOCK);
         }
     }
 }

@@ -6,16 +6,10 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Stat, MAX_IPV6_EXT_HEADERS};
+pub use lb_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP};
 
 use crate::mem::{ld128, ld_v4_mapped, set_addr};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
-
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_IPIP: u8 = 4;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_IPV6: u8 = 41;
-pub const PROTO_ICMPV6: u8 = 58;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86DD;

@@ -106,7 +106,7 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         (Verdict::ExistingFlow { backend: addr, state: flow.state }, format!("an existing flow of service \"{name}\": its packets go to backend {addr}, limits do not apply to it"))
     } else if candidates.is_empty() {
         (Verdict::Refused { reason: "no_backend", backend: None }, format!("service \"{name}\" has no backend in its ring: a new connection would be refused (no_backend)"))
-    } else if let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.state == "active" && c.open < u64::from(c.max_conns)) {
+    } else if let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.state == lb_common::BackendState::Active.name() && c.open < u64::from(c.max_conns)) {
         let spilled = i > 0;
         let how = if spilled { format!(" (spilled: {} cannot take it)", candidates[0].backend) } else { String::new() };
         (

@@ -159,7 +159,7 @@ impl FlowTable {
     /// Flows whose home is bucket `b` living in their other bucket.
     pub fn overflow_count(&self, b: u32) -> u64 {
         // Bit 63 is the datapath's insert lock.
-        self.overflow(b).load(Ordering::Relaxed) & !(1 << 63)
+        self.overflow(b).load(Ordering::Relaxed) & !lb_common::FLOW_INSERT_LOCK
     }
 
     /// Flows in the table.

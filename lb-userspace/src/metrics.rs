@@ -8,7 +8,7 @@ use axum::response::{IntoResponse as _, Response};
 use lb_common::{Reason, TrafficStats};
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{api::Shared, reconcile::state_name, stats, Error};
+use crate::{api::Shared, stats, Error};
 
 fn int_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -110,7 +110,7 @@ pub fn render(state: &Shared) -> Result<String, Error> {
                 open: st.conns.get(b.id),
                 max_conns: b.max_conns,
                 share: cl.map(|c| (b.limit, c.cluster_open)),
-                state: state_name(b.state),
+                state: lb_common::BackendState::from_u8(b.state),
                 stats,
                 drift: st.reconciler.corrections.get(&b.id).copied().unwrap_or(0),
             });
@@ -141,7 +141,7 @@ struct BackendRow {
     max_conns: u32,
     /// With cluster-wide limits: this node's share and the cluster's open connections.
     share: Option<(u32, u64)>,
-    state: &'static str,
+    state: Option<lb_common::BackendState>,
     stats: TrafficStats,
     drift: u64,
 }
@@ -194,12 +194,14 @@ fn write_backends(out: &mut String, services: &[(String, lb_common::Refusals)], 
         let name = "sluice_backend_state";
         family(out, name, "gauge", "1 for the backend's current state (active, draining, down).");
         for r in rows {
-            for state in ["active", "draining", "down"] {
-                let _ = writeln!(out, "{name}{{backend=\"{}\",service=\"{}\",state=\"{state}\"}} {}", r.address, names[r.service], u8::from(r.state == state));
+            for &state in lb_common::BackendState::ALL {
+                let _ = writeln!(out, "{name}{{backend=\"{}\",service=\"{}\",state=\"{}\"}} {}", r.address, names[r.service], state.name(), u8::from(r.state == Some(state)));
             }
         }
     }
-    each(out, "sluice_backend_up", "gauge", "1 if the backend takes new connections (active), 0 if draining or down.", &|r| Some(f64::from(u8::from(r.state == "active"))));
+    each(out, "sluice_backend_up", "gauge", "1 if the backend takes new connections (active), 0 if draining or down.", &|r| {
+        Some(f64::from(u8::from(r.state == Some(lb_common::BackendState::Active))))
+    });
     each(out, "sluice_drift_corrected_connections_total", "counter", "Connections by which the shared counter disagreed with the flow table and was corrected.", &|r| int(r.drift));
     if !services.is_empty() {
         let name = "sluice_refusals_total";

@@ -31,8 +31,7 @@ use crate::{
     Error,
 };
 
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+pub use lb_common::{PROTO_TCP, PROTO_UDP};
 
 /// A 16-byte map address for `ip` and its family.
 pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
@@ -605,11 +604,7 @@ fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
     })
 }
 
+/// A backend state's name (`unused` for a slot without a backend).
 pub fn state_name(state: u8) -> &'static str {
-    match state {
-        BACKEND_ACTIVE => "active",
-        BACKEND_DRAINING => "draining",
-        BACKEND_DOWN => "down",
-        _ => "unused",
-    }
+    lb_common::BackendState::from_u8(state).map_or("unused", lb_common::BackendState::name)
 }

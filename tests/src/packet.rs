@@ -20,12 +20,7 @@ pub mod tcp {
     pub const ACK: u8 = 0x10;
 }
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_IPIP: u8 = 4;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
-pub const PROTO_IPV6: u8 = 41;
-pub const PROTO_ICMPV6: u8 = 58;
+pub use lb_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP, PROTO_UDP};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];

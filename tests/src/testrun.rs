@@ -22,11 +22,7 @@ use lb_userspace::{
     tables::Tables,
 };
 
-pub const XDP_ABORTED: u32 = 0;
-pub const XDP_DROP: u32 = 1;
-pub const XDP_PASS: u32 = 2;
-pub const XDP_TX: u32 = 3;
-pub const XDP_REDIRECT: u32 = 4;
+pub use lb_common::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};
 
 /// Room for the program to grow a frame (encapsulation) in the output buffer.
 const HEADROOM_OUT: usize = 256;
