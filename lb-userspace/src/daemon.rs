@@ -186,46 +186,9 @@ pub struct State {
     /// Per backend, peaks of open connections and refusals (`history.rs`), for the guard.
     pub history: crate::history::History,
     /// What the alert sample names each backend by, made once per apply.
-    names: SampleNames,
+    names: alerts::Names,
     /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
     pub change_refused: Option<String>,
-}
-
-/// Per backend id, what the alert sample names it by and its load history's handle, made once
-/// per apply: formatting 10,000 addresses and looking up 10,000 histories every second was
-/// most of an evaluation.
-#[derive(Default)]
-struct SampleNames {
-    /// The [`Applied::generation`] they were made from.
-    generation: Option<u64>,
-    /// Indexed by backend id.
-    by_id: Vec<Option<BackendNames>>,
-    /// One past the highest id: how much of `BACKEND_STATS` the sample reads.
-    ids_end: u32,
-}
-
-struct BackendNames {
-    service: Arc<str>,
-    backend: Arc<str>,
-    /// `service/address`: the history's and the cluster limits' key.
-    key: Arc<str>,
-    history: usize,
-}
-
-impl SampleNames {
-    fn of(applied: &Applied, history: &mut crate::history::History) -> Self {
-        let ids_end = applied.backend_ids_end();
-        let mut by_id: Vec<Option<BackendNames>> = std::iter::repeat_with(|| None).take(ids_end as usize).collect();
-        for s in applied.services.values() {
-            let service: Arc<str> = s.name.as_str().into();
-            for b in s.backends.values() {
-                let key = crate::shares::key(&s.name, b.address);
-                let history = history.handle(&key);
-                by_id[b.id as usize] = Some(BackendNames { service: service.clone(), backend: b.address.to_string().into(), key: key.into(), history });
-            }
-        }
-        Self { generation: Some(applied.generation), by_id, ids_end }
-    }
 }
 
 impl State {
@@ -360,34 +323,15 @@ impl State {
     /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
     fn evaluate_alerts(&mut self) -> Result<(), Error> {
         self.eval_pending = false;
-        let mut backends = Vec::new();
-        let mut drift = std::collections::BTreeMap::new();
         let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
+        self.names.refresh(&self.applied, &mut self.history);
+        let stats = self.dp.tables().backend_stats_upto(self.names.ids_end())?;
+        // The load history the guard judges changes by: every backend, every evaluation.
         let now_unix = crate::history::unix_now();
-        if self.names.generation != Some(self.applied.generation) {
-            self.names = SampleNames::of(&self.applied, &mut self.history);
+        for b in self.applied.services.values().flat_map(|s| s.backends.values()).filter(|b| !b.removed) {
+            self.history.observe_at(self.names.get(b.id).history, now_unix, self.conns.get(b.id), stats[b.id as usize].refused.total());
         }
-        let t = self.dp.tables();
-        let all_stats = t.backend_stats_upto(self.names.ids_end)?;
-        for s in self.applied.services.values() {
-            for b in s.backends.values().filter(|b| !b.removed) {
-                let stats = all_stats[b.id as usize];
-                let n = self.names.by_id[b.id as usize].as_ref().expect("named with this generation");
-                self.history.observe_at(n.history, now_unix, self.conns.get(b.id), stats.refused.total());
-                backends.push(alerts::BackendSample {
-                    service: n.service.clone(),
-                    backend: n.backend.clone(),
-                    open: self.conns.get(b.id),
-                    max_conns: b.max_conns,
-                    active: b.state == lb_common::BACKEND_ACTIVE,
-                    refused: stats.refused,
-                    cluster: limits.as_ref().and_then(|l| l.backends.get(&*n.key)).cloned(),
-                });
-                if let Some(c) = self.reconciler.corrections.get(&b.id) {
-                    drift.insert(b.address.to_string(), *c);
-                }
-            }
-        }
+        self.history.save_if_due();
         // BIRD behind for a few seconds (not the instant of a change) while a VIP should be up.
         let not_announcing = self.cluster.as_ref().and_then(|c| {
             let s = c.status.lock().expect("status");
@@ -395,18 +339,19 @@ impl State {
             (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty())
                 .then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
         });
-        self.history.save_if_due();
-        let sample = alerts::Sample {
-            backends,
-            flows: self.flows.len(),
-            flow_capacity: self.flows.capacity(),
-            drift,
-            config_file: self.cfg_path.display().to_string(),
-            not_announcing,
+        let sample = alerts::sample(&alerts::Inputs {
+            applied: &self.applied,
+            names: &self.names,
+            stats: &stats,
+            conns: &self.conns,
             limits,
+            corrections: &self.reconciler.corrections,
+            flows: (self.flows.len(), self.flows.capacity()),
+            config_file: &self.cfg_path,
+            not_announcing,
             change_refused: self.change_refused.clone(),
-            service_labels: self.cfg.services.iter().filter(|s| !s.labels.is_empty()).map(|s| (s.name.clone(), s.labels.clone())).collect(),
-        };
+            services: &self.cfg.services,
+        });
         for n in self.alerts.evaluate(Instant::now(), sample) {
             match n.status {
                 alerts::Status::Firing => {
@@ -604,7 +549,7 @@ pub async fn start(cfg_path: &Path) -> Result<Arc<Mutex<State>>, Error> {
         pending_undo: None,
         turn: Arc::default(),
         history: crate::history::History::load(&history_path(&cfg)),
-        names: SampleNames::default(),
+        names: alerts::Names::default(),
         change_refused: None,
     }));
     {
