@@ -300,7 +300,7 @@ impl State {
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let eff = effective(cfg, &st.overrides);
-        st.applied.plan(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))
+        st.applied.plan(&eff, &resolver, |id| st.conns.get(id)).map(|p| p.changes)
     }
 
     /// Moves queued refusal events into the window and, if there were any, evaluates the alerts

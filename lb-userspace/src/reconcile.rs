@@ -140,6 +140,18 @@ pub struct Change {
     pub what: String,
 }
 
+/// What applying a config would do: see [`Applied::plan`] and [`Applied::write`].
+#[derive(Debug)]
+pub struct Plan {
+    /// What changes, one line each.
+    pub changes: Vec<Change>,
+    /// The services as they will be applied (unchanged ones shared with the applied state).
+    next: BTreeMap<String, Arc<AppliedService>>,
+    regions: BTreeMap<u32, u32>,
+    /// Services leaving the datapath (their backends drain).
+    removed_services: Vec<Arc<AppliedService>>,
+}
+
 fn change(what: impl Into<String>) -> Change {
     Change { what: what.into() }
 }
@@ -183,10 +195,12 @@ impl Applied {
         (capacity.checked_sub(start)? >= len).then_some(start)
     }
 
-    /// Applies `cfg`. `conns(id)` reports a backend's open connections (to know when a removed
-    /// backend's id can be reused). Returns what changed.
-    pub fn apply(&mut self, t: &mut Tables<'_>, cfg: &Config, macs: &dyn MacResolver, conns: impl FnMut(&mut Tables<'_>, u32) -> u64) -> Result<Vec<Change>, Error> {
-        self.apply_or_plan(t, cfg, macs, conns, false)
+    /// Applies `cfg`: [`Applied::plan`], then [`Applied::write`]. `conns(id)` reports a
+    /// backend's open connections (to know when a removed backend's id can be reused). Returns
+    /// what changed.
+    pub fn apply(&mut self, t: &mut Tables<'_>, cfg: &Config, macs: &dyn MacResolver, mut conns: impl FnMut(&mut Tables<'_>, u32) -> u64) -> Result<Vec<Change>, Error> {
+        let plan = self.plan(cfg, macs, |id| conns(t, id))?;
+        self.write(t, plan)
     }
 
     /// Rebuilds the record of what a previous daemon wrote, from the pinned maps, naming
@@ -237,19 +251,6 @@ impl Applied {
         Ok(me)
     }
 
-    /// What applying `cfg` would change, without writing anything.
-    pub fn plan(&self, t: &mut Tables<'_>, cfg: &Config, macs: &dyn MacResolver, conns: impl FnMut(&mut Tables<'_>, u32) -> u64) -> Result<Vec<Change>, Error> {
-        let mut copy = Self {
-            services: self.services.clone(),
-            down: self.down.clone(),
-            shares: self.shares.clone(),
-            regions: self.regions.clone(),
-            ring_slots: self.ring_slots,
-            generation: self.generation,
-        };
-        copy.apply_or_plan(t, cfg, macs, conns, true)
-    }
-
     /// The limit this node enforces for a backend, and what a refusal at it is counted as.
     /// `known`: the limit it enforces now, if it is applied already.
     fn limit_of(&self, service: &str, address: IpAddr, max_conns: u32, known: Option<u32>) -> (u32, u8) {
@@ -286,16 +287,12 @@ impl Applied {
         same && old.ring_members.len() == active
     }
 
-    #[expect(clippy::too_many_lines, reason = "plan, then write, in one pass (issue 16 splits it)")]
-    fn apply_or_plan(
-        &mut self,
-        t: &mut Tables<'_>,
-        cfg: &Config,
-        macs: &dyn MacResolver,
-        mut conns: impl FnMut(&mut Tables<'_>, u32) -> u64,
-        plan_only: bool,
-    ) -> Result<Vec<Change>, Error> {
-        // ---- plan: ids, regions, MACs; no writes ----
+    /// What applying `cfg` would do, decided before anything is written (so a config that
+    /// cannot be applied changes nothing): ids, ring regions, MACs, states and limits, and
+    /// the changes as the journal and `config apply --dry-run` name them. Reads the datapath
+    /// only through `conns`.
+    #[expect(clippy::too_many_lines, reason = "one service after another, then their backends")]
+    pub fn plan(&self, cfg: &Config, macs: &dyn MacResolver, mut conns: impl FnMut(u32) -> u64) -> Result<Plan, Error> {
         let mut next = self.services.clone();
         let mut regions = self.regions.clone();
         let mut changes = Vec::new();
@@ -323,7 +320,7 @@ impl Applied {
         // Backends of removed services stay reserved until their connections are gone.
         for s in &removed_services {
             for b in s.backends.values() {
-                if conns(t, b.id) > 0 {
+                if conns(b.id) > 0 {
                     used_ids.insert(b.id);
                 }
             }
@@ -443,17 +440,21 @@ impl Applied {
                 }
             }
             // Removed backends whose connections are gone leave for good.
-            let gone: Vec<IpAddr> = s.backends.values().filter(|b| b.removed && conns(t, b.id) == 0).map(|b| b.address).collect();
+            let gone: Vec<IpAddr> = s.backends.values().filter(|b| b.removed && conns(b.id) == 0).map(|b| b.address).collect();
             for a in gone {
                 s.backends.remove(&a);
             }
         }
 
-        if plan_only {
-            return Ok(changes);
-        }
+        Ok(Plan { changes, next, regions, removed_services })
+    }
 
-        // ---- write: backends, rings, services, removals ----
+    /// Writes `plan` (from [`Applied::plan`] of this state) in an order the datapath never
+    /// sees half done: backends, each new ring into the half its service does not point at,
+    /// the service entries that switch to them, removals, VIP entries. Then records it as
+    /// applied and returns what changed.
+    pub fn write(&mut self, t: &mut Tables<'_>, plan: Plan) -> Result<Vec<Change>, Error> {
+        let Plan { changes, mut next, regions, removed_services } = plan;
         let kept = |name: &str, s: &Arc<AppliedService>| self.services.get(name).is_some_and(|o| Arc::ptr_eq(o, s));
         for s in next.values().filter(|s| !kept(&s.name, s)) {
             let before = self.services.get(&s.name).filter(|o| o.id == s.id);
@@ -607,4 +608,40 @@ fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
 /// A backend state's name (`unused` for a slot without a backend).
 pub fn state_name(state: u8) -> &'static str {
     lb_common::BackendState::from_u8(state).map_or("unused", lb_common::BackendState::name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(ring: u32, web_limit: u32) -> Config {
+        let text = format!(
+            "[daemon]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nvip = \"10.0.0.100\"\nport = 80\nproto = \"tcp\"\nring_size = {ring}\n\
+             [[service.backend]]\naddress = \"10.0.1.1\"\nmax_conns = {web_limit}\n[[service.backend]]\naddress = \"10.0.1.2\"\nmax_conns = 10\n\
+             [[service]]\nname = \"dns\"\nvip = \"10.0.0.53\"\nport = 53\nproto = \"udp\"\nring_size = 257\nmode = \"ipip\"\n\
+             [[service.backend]]\naddress = \"10.0.2.1\"\nmax_conns = 10\n"
+        );
+        crate::config::parse(std::path::Path::new("test.toml"), &text).map_or_else(|e| panic!("{e}"), |(c, _)| c)
+    }
+
+    /// A plan is made without a datapath: what it would change, named, and nothing applied.
+    #[test]
+    fn a_plan_needs_no_datapath_and_says_what_changes() {
+        let applied = Applied::new(8 * 257);
+        let mac = |_: IpAddr| Some([2, 0, 0, 0, 0, 1]);
+        let plan = applied.plan(&cfg(257, 10), &mac, |_| 0).expect("plan");
+        let what: Vec<&str> = plan.changes.iter().map(|c| c.what.as_str()).collect();
+        assert_eq!(what.len(), 5, "{what:?}");
+        assert!(what.iter().any(|w| w.starts_with("add service \"web\"")), "{what:?}");
+        assert!(what.iter().any(|w| w.starts_with("service \"dns\": add backend 10.0.2.1")), "{what:?}");
+        assert!(applied.services.is_empty(), "planning applies nothing");
+
+        // Rings that do not fit RINGS: refused before anything is written, naming the service.
+        let e = applied.plan(&cfg(4099, 10), &mac, |_| 0).expect_err("no room for the ring");
+        assert!(e.to_string().contains("service \"web\"") && e.to_string().contains("RINGS"), "{e}");
+
+        // l2dsr without a MAC for a backend: refused, naming it.
+        let e = applied.plan(&cfg(257, 10), &|_| None, |_| 0).expect_err("no MAC");
+        assert!(e.to_string().contains("backend 10.0.1.1"), "{e}");
+    }
 }
