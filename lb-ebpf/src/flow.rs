@@ -17,8 +17,9 @@ use lb_common::{
 
 use crate::{
     atomic,
-    maps::{CONNS, FLOWS, FLOW_COUNT, FLOW_TAGS, SCRATCH},
+    maps::{FLOWS, FLOW_COUNT, FLOW_TAGS, SCRATCH},
     parse::PROTO_TCP,
+    slots,
 };
 
 pub const TCP_FIN: u8 = 0x01;
@@ -57,7 +58,7 @@ impl Found {
         unsafe { addr_of_mut!((*self.entry).flow) }
     }
 
-    fn generation(&self) -> u64 {
+    pub fn generation(&self) -> u64 {
         tag_generation(self.word)
     }
 }
@@ -76,39 +77,10 @@ pub enum Insert {
     Full,
 }
 
-/// Takes one open-connection slot on `backend_id` without looking at the limit (adoption).
-#[inline(always)]
-pub fn conns_add(backend_id: u32) -> u64 {
-    match CONNS.get_ptr_mut(backend_id) {
-        // SAFETY: the value lives in a shared array; only atomic operations touch `open`.
-        Some(c) => unsafe { atomic::fetch_add(&raw mut (*c).open, 1) },
-        None => 0,
-    }
-}
-
-#[inline(always)]
-pub fn conns_sub(backend_id: u32) {
-    if let Some(c) = CONNS.get_ptr_mut(backend_id) {
-        // SAFETY: as in conns_add.
-        unsafe { atomic::sub(&raw mut (*c).open, 1) };
-    }
-}
-
-/// Gives the flow's slot back if it still holds one. The compare-and-swap from the way's
-/// generation makes this exactly-once even when FIN, RST and GC race on different CPUs, and a
-/// no-op for a view of a way that has been reused since.
+/// Gives the flow's slot back if it still holds one ([`slots::release`]).
 #[inline(always)]
 pub fn release(f: &Found) {
-    let flow = f.flow();
-    let gen = f.generation();
-    // Read first: once `counted` is 0 the way may be freed and reused by another flow. A
-    // successful exchange proves the way still held this generation when it was read.
-    // SAFETY: `flow` points into a FLOWS value; backend_id is written before publishing.
-    let backend_id = unsafe { read_volatile(&raw const (*flow).backend_id) };
-    // SAFETY: as above; `counted` is only changed atomically.
-    if unsafe { atomic::cmpxchg(&raw mut (*flow).counted, gen, 0) } == gen {
-        conns_sub(backend_id);
-    }
+    slots::release(f.flow(), f.generation());
 }
 
 /// Frees the flow's way, if it still holds this flow (else someone else removed it first).

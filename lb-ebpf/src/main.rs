@@ -5,8 +5,9 @@
 //! The balancer reads top to bottom: parse → service filter → flow → service → admission → act
 //! (a packet of a known flow needs no service lookup: its entry carries mode and service).
 //! - `parse`: headers and the one bounds check;
-//! - `flow`: the open-addressed flow table, TCP states, releasing a slot exactly once;
-//! - `admission`: ring choice, backend state, exact limits, spill;
+//! - `flow`: the open-addressed flow table, TCP states;
+//! - `slots`: a connection slot taken, given back and released exactly once, only there;
+//! - `admission`: ring choice, a slot under the exact limit, spill;
 //! - `forward` (l2dsr, ipip), `rst` (refusal reply), `icmp`: acting on the packet;
 //! - `maps`, `events`: counters and rate-limited refusal events.
 #![no_std]
@@ -39,6 +40,7 @@ mod maps;
 mod mem;
 mod parse;
 mod rst;
+mod slots;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -191,39 +193,7 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     match admission::admit(&svc, hash) {
         Ok(backend_id) => {
             let state = if is_tcp { FLOW_SYN_SEEN } else { FLOW_UDP };
-            // Field by field: a struct literal with a padding array compiles to a memset call.
-            let f = &mut s.flow;
-            f.backend_id = backend_id;
-            f.service_id = svc.id;
-            f.state = state;
-            f.adopted = 0;
-            f.mode = svc.mode;
-            f.last_seen_ns = now;
-            f.created_ns = now;
-            match flow::insert(key, hash, &s.flow, true) {
-                Insert::Done => {
-                    maps::traffic(svc.id, backend_id, bytes, true, false);
-                    forwarded(ctx, pkt, &svc, backend_id, hash)
-                }
-                Insert::Exists(other) => {
-                    // Another CPU inserted this flow at the same moment: follow it.
-                    flow::conns_sub(backend_id);
-                    let hit = flow::apply(&other, pkt.proto, pkt.tcp_flags, now);
-                    // No verdict for a CLOSING twin, just removed (Reopen): dropped, the
-                    // retransmitted SYN is admitted.
-                    follow(ctx, pkt, &hit, hash, bytes).unwrap_or(Err((Stat::FlowBusy, xdp_action::XDP_DROP)))
-                }
-                Insert::Full => {
-                    flow::conns_sub(backend_id);
-                    refuse(ctx, pkt, &svc, Reason::FlowTableFull, backend_id)
-                }
-                Insert::Raced => {
-                    // Forwarded without a flow, its ACK would be adopted past the limit;
-                    // dropped, the SYN comes back in a second.
-                    flow::conns_sub(backend_id);
-                    Err((Stat::FlowBusy, xdp_action::XDP_DROP))
-                }
-            }
+            enter(ctx, pkt, &svc, key, &mut s.flow, hash, now, bytes, backend_id, state, Entry::New)
         }
         Err((reason, backend_id)) => refuse(ctx, pkt, &svc, reason, backend_id),
     }
@@ -289,36 +259,75 @@ fn adopt(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mu
         return sent(forward::forward(ctx, pkt, svc.mode, backend_id, hash), Stat::ForwardedNoFlow);
     }
     let closing = pkt.tcp_flags & TCP_FIN != 0;
+    if !closing {
+        slots::take_unlimited(backend_id);
+    }
+    let state = if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED };
+    enter(ctx, pkt, svc, key, flow, hash, now, bytes, backend_id, state, Entry::Adopted { holds_slot: !closing })
+}
+
+/// How a flow comes to be entered in the table.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// A new flow, admitted: this packet holds a slot on the backend.
+    New,
+    /// An established connection seen without a flow; it holds a slot unless it is closing.
+    Adopted { holds_slot: bool },
+}
+
+/// Enters this packet's flow in the table on `backend_id` and forwards the packet: the one
+/// place a flow is entered, for new and adopted flows alike. If the entry fails, the slot the
+/// packet took is given back; a new flow is then refused or dropped (its SYN comes back), an
+/// adopted connection is forwarded anyway (never broken), holding no slot.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "inlined into balance; the arguments are its locals")]
+fn enter(ctx: &XdpContext, pkt: &Packet, svc: &Service, key: &FlowKey, flow: &mut Flow, hash: u32, now: u64, bytes: u64, backend_id: u32, state: u8, entry: Entry) -> Verdict {
+    let (adopted, holds_slot) = match entry {
+        Entry::New => (false, true),
+        Entry::Adopted { holds_slot } => (true, holds_slot),
+    };
     // Field by field: a struct literal with a padding array compiles to a memset call.
     flow.backend_id = backend_id;
     flow.service_id = svc.id;
-    flow.state = if closing { FLOW_CLOSING } else { FLOW_ESTABLISHED };
-    flow.adopted = 1;
+    flow.state = state;
+    flow.adopted = u8::from(adopted);
     flow.mode = svc.mode;
     flow.last_seen_ns = now;
     flow.created_ns = now;
-    if !closing {
-        flow::conns_add(backend_id);
-    }
-    match flow::insert(key, hash, flow, !closing) {
+    match flow::insert(key, hash, flow, holds_slot) {
         Insert::Done => {}
         Insert::Exists(twin) => {
             // Another CPU entered this flow at the same moment: this packet is one of it.
-            if !closing {
-                flow::conns_sub(backend_id);
+            if holds_slot {
+                slots::give_back(backend_id);
             }
-            if let Some(v) = follow(ctx, pkt, &flow::apply(&twin, pkt.proto, pkt.tcp_flags, now), hash, bytes) {
+            let hit = flow::apply(&twin, pkt.proto, pkt.tcp_flags, now);
+            if let Some(v) = follow(ctx, pkt, &hit, hash, bytes) {
                 return v;
             }
+            // A CLOSING twin, just removed (Reopen): a new flow's SYN is dropped and its
+            // retransmission admitted; an adopted packet goes on below.
+            if !adopted {
+                return Err((Stat::FlowBusy, xdp_action::XDP_DROP));
+            }
+        }
+        Insert::Full if !adopted => {
+            slots::give_back(backend_id);
+            return refuse(ctx, pkt, svc, Reason::FlowTableFull, backend_id);
+        }
+        Insert::Raced if !adopted => {
+            // Forwarded without a flow, its ACK would be adopted past the limit; dropped, the
+            // SYN comes back in a second.
+            slots::give_back(backend_id);
+            return Err((Stat::FlowBusy, xdp_action::XDP_DROP));
         }
         Insert::Full | Insert::Raced => {
-            // An established connection is never broken: forward anyway, holding no slot.
-            if !closing {
-                flow::conns_sub(backend_id);
+            if holds_slot {
+                slots::give_back(backend_id);
             }
         }
     }
-    maps::traffic(svc.id, backend_id, bytes, false, true);
+    maps::traffic(svc.id, backend_id, bytes, !adopted, adopted);
     forwarded(ctx, pkt, svc, backend_id, hash)
 }
 
