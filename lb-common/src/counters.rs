@@ -32,6 +32,11 @@ macro_rules! stats {
                 match self { $(Self::$variant => $name,)+ }
             }
 
+            /// The outcome with this index, if there is one.
+            pub const fn from_u32(v: u32) -> Option<Self> {
+                match v { $($idx => Some(Self::$variant),)+ _ => None }
+            }
+
             /// Whether this outcome means the frame was malformed or truncated.
             pub const fn is_malformed(self) -> bool {
                 match self { $(Self::$variant => $malformed,)+ }

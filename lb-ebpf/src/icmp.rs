@@ -10,7 +10,7 @@ use crate::{
     maps::SERVICES,
     pack,
     parse::{ptr_at, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
-    vip_service, Verdict,
+    unpack, vip_service,
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -21,24 +21,56 @@ const ICMP6_PACKET_TOO_BIG: u8 = 2;
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
 
-/// What to do with an ICMP packet to a VIP, packed (see `pack`; this is a BPF subprogram and
-/// returns a scalar). [`Stat::IcmpErrorForwarded`] is a request, not a result: the caller
-/// forwards it (calling `forward` from here would stack three frames, over BPF's 512 bytes)
-/// to the backend id in the low 31 bits, in mode bit 31, with the flow's key left in `key`.
-#[inline(never)]
-pub fn handle(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> u64 {
-    match handle_inner(ctx, pkt, key) {
-        Ok(v) | Err(v) => pack(v),
+/// What to do with an ICMP packet to a VIP.
+pub enum Icmp {
+    /// Handled here (answered, passed or dropped): count this outcome, return this action.
+    Done((Stat, u32)),
+    /// An error about a VIP flow: the caller forwards it to the flow's backend in the flow's
+    /// service's mode (calling `forward` from here would stack three frames, over BPF's 512
+    /// bytes), with the flow's key left in `key`.
+    Forward { backend_id: u32, mode: u8 },
+}
+
+/// An [`Icmp`] as one scalar: `handle` is a BPF subprogram, which returns r0 only.
+#[derive(Clone, Copy)]
+pub struct Packed(u64);
+
+impl Packed {
+    /// Bit 63: a forward request (backend id in the low 32 bits, mode in the next 8); else a
+    /// packed verdict (`pack`, whose `Stat` never reaches bit 31 of its high half).
+    const FORWARD: u64 = 1 << 63;
+
+    #[inline(always)]
+    fn new(icmp: Icmp) -> Self {
+        match icmp {
+            Icmp::Done(v) => Self(pack(v)),
+            Icmp::Forward { backend_id, mode } => Self(Self::FORWARD | u64::from(mode) << 32 | u64::from(backend_id)),
+        }
+    }
+
+    #[inline(always)]
+    pub fn get(self) -> Icmp {
+        if self.0 & Self::FORWARD == 0 {
+            Icmp::Done(unpack(self.0))
+        } else {
+            Icmp::Forward { backend_id: self.0 as u32, mode: (self.0 >> 32) as u8 }
+        }
     }
 }
 
+/// What to do with an ICMP packet to a VIP ([`Packed::get`]).
+#[inline(never)]
+pub fn handle(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Packed {
+    Packed::new(handle_inner(ctx, pkt, key))
+}
+
 #[inline(always)]
-fn handle_inner(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
-    let pass = Ok((Stat::IcmpPassed, xdp_action::XDP_PASS));
+fn handle_inner(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Icmp {
+    let pass = Icmp::Done((Stat::IcmpPassed, xdp_action::XDP_PASS));
     if vip_service(&pkt.dst).is_none() {
-        return Ok((Stat::OtherL4, xdp_action::XDP_PASS));
+        return Icmp::Done((Stat::OtherL4, xdp_action::XDP_PASS));
     }
-    let hdr: *mut [u8; 4] = ptr_at(ctx, pkt.l4_off).map_err(|()| (Stat::IcmpPassed, xdp_action::XDP_PASS))?;
+    let Ok(hdr) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return pass };
     // SAFETY: ptr_at checked the bounds.
     let [typ, code, c0, c1] = unsafe { *hdr };
     let v4 = pkt.proto == PROTO_ICMP;
@@ -48,13 +80,13 @@ fn handle_inner(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
             return pass;
         }
         if echo_reply(ctx, pkt, u16::from_be_bytes([typ, code]), u16::from_be_bytes([c0, c1])) {
-            return Ok((Stat::IcmpEchoReplied, xdp_action::XDP_TX));
+            return Icmp::Done((Stat::IcmpEchoReplied, xdp_action::XDP_TX));
         }
         return pass;
     }
     let too_big = if v4 { typ == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED } else { typ == ICMP6_PACKET_TOO_BIG };
     if too_big {
-        return to_flow_backend(ctx, pkt, key).or(pass);
+        return to_flow_backend(ctx, pkt, key).map_or(pass, |(backend_id, mode)| Icmp::Forward { backend_id, mode });
     }
     pass
 }
@@ -95,15 +127,15 @@ fn echo_reply_in_place(ctx: &XdpContext, pkt: &Packet, type_code: u16, check: u1
     Ok(())
 }
 
-/// The embedded packet went VIP:vport → client:cport; its flow is client:cport → VIP:vport.
+/// The backend and mode of the VIP flow an ICMP error is about. The embedded packet went
+/// VIP:vport → client:cport; its flow is client:cport → VIP:vport.
 #[inline(always)]
-fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict {
-    let none = (Stat::IcmpPassed, xdp_action::XDP_PASS);
+fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Option<(u32, u8)> {
     let inner = pkt.l4_off + 8;
     *key = FlowKey::default();
     let inner_l4;
     if pkt.is_v6 {
-        let ip: *const [u8; 40] = ptr_at(ctx, inner).map_err(|()| none)?;
+        let ip: *const [u8; 40] = ptr_at(ctx, inner).ok()?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
         key.proto = ip[6];
@@ -111,7 +143,7 @@ fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict
         key.src.copy_from_slice(&ip[24..40]);
         inner_l4 = inner + 40;
     } else {
-        let ip: *const [u8; 20] = ptr_at(ctx, inner).map_err(|()| none)?;
+        let ip: *const [u8; 20] = ptr_at(ctx, inner).ok()?;
         // SAFETY: ptr_at checked the bounds.
         let ip = unsafe { &*ip };
         key.proto = ip[9];
@@ -120,18 +152,18 @@ fn to_flow_backend(ctx: &XdpContext, pkt: &Packet, key: &mut FlowKey) -> Verdict
         inner_l4 = inner + ((ip[0] & 0x0F) as usize) * 4;
     }
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
-        return Err(none);
+        return None;
     }
-    let ports: *const [u8; 4] = ptr_at(ctx, inner_l4).map_err(|()| none)?;
+    let ports: *const [u8; 4] = ptr_at(ctx, inner_l4).ok()?;
     // SAFETY: ptr_at checked the bounds.
     let ports = unsafe { *ports };
     key.dport_be = [ports[0], ports[1]];
     key.sport_be = [ports[2], ports[3]];
-    let Some(found) = crate::flow::lookup(key, lb_common::flow_hash(key)) else { return Err(none) };
+    let Some(found) = crate::flow::lookup(key, lb_common::flow_hash(key)) else { return None };
     // SAFETY: a FLOWS value; backend_id is written before the way is published.
     let backend_id = unsafe { (*found.flow()).backend_id };
     let skey = ServiceKey { addr: key.dst, port_be: key.dport_be, proto: key.proto, _pad: 0 };
     // SAFETY: read once.
-    let Some(mode) = (unsafe { SERVICES.get(&skey) }).map(|s| s.mode) else { return Err(none) };
-    Ok((Stat::IcmpErrorForwarded, (backend_id & 0x7FFF_FFFF) | (u32::from(mode) << 31)))
+    let Some(mode) = (unsafe { SERVICES.get(&skey) }).map(|s| s.mode) else { return None };
+    Some((backend_id, mode))
 }

@@ -78,10 +78,11 @@ pub fn pack((stat, action): (Stat, u32)) -> u64 {
     (u64::from(stat as u32) << 32) | u64::from(action)
 }
 
+/// The verdict `pack` made. Only for the cold paths (malformed frames, ICMP): a value no
+/// `pack` made cannot occur, and would count as `other_l4`.
 #[inline(always)]
 pub fn unpack(v: u64) -> (Stat, u32) {
-    // SAFETY: only `pack` produces these values, from a valid Stat.
-    (unsafe { core::mem::transmute::<u32, Stat>((v >> 32) as u32) }, v as u32)
+    (Stat::from_u32((v >> 32) as u32).unwrap_or(Stat::OtherL4), v as u32)
 }
 
 #[xdp]
@@ -129,11 +130,10 @@ fn balance(ctx: &XdpContext, bytes: u64) -> Verdict {
     match (pkt.proto, pkt.is_v6) {
         (PROTO_TCP | PROTO_UDP, _) => {}
         (PROTO_ICMP, false) | (PROTO_ICMPV6, true) => {
-            let (stat, value) = unpack(icmp::handle(ctx, pkt, &mut s.key));
-            if stat != Stat::IcmpErrorForwarded {
-                return Ok((stat, value));
-            }
-            let (backend_id, mode) = (value & 0x7FFF_FFFF, (value >> 31) as u8);
+            let (backend_id, mode) = match icmp::handle(ctx, pkt, &mut s.key).get() {
+                icmp::Icmp::Done(v) => return Ok(v),
+                icmp::Icmp::Forward { backend_id, mode } => (backend_id, mode),
+            };
             let action = forward::forward(ctx, pkt, mode, backend_id, flow_hash(&s.key));
             return sent(action, Stat::IcmpErrorForwarded);
         }
