@@ -186,9 +186,12 @@ impl Names {
         self.ids_end
     }
 
-    /// The names of backend `id` of the applied state they were made from.
-    pub fn get(&self, id: u32) -> &BackendNames {
-        self.by_id[id as usize].as_ref().expect("named with this generation")
+    /// The names of backend `id` of the applied state they were made from (`None` only if
+    /// that state changed without a new generation: a bug, skipped rather than a panic).
+    pub fn get(&self, id: u32) -> Option<&BackendNames> {
+        let n = self.by_id.get(id as usize).and_then(Option::as_ref);
+        debug_assert!(n.is_some(), "backend {id} named with this generation");
+        n
     }
 }
 
@@ -216,7 +219,7 @@ pub fn sample(i: &Inputs<'_>) -> Sample {
     let mut drift = BTreeMap::new();
     for s in i.applied.services.values() {
         for b in s.backends.values().filter(|b| !b.removed) {
-            let n = i.names.get(b.id);
+            let Some(n) = i.names.get(b.id) else { continue };
             backends.push(BackendSample {
                 service: n.service.clone(),
                 backend: n.backend.clone(),

@@ -329,7 +329,9 @@ impl State {
         // The load history the guard judges changes by: every backend, every evaluation.
         let now_unix = crate::history::unix_now();
         for b in self.applied.services.values().flat_map(|s| s.backends.values()).filter(|b| !b.removed) {
-            self.history.observe_at(self.names.get(b.id).history, now_unix, self.conns.get(b.id), stats[b.id as usize].refused.total());
+            if let Some(n) = self.names.get(b.id) {
+                self.history.observe_at(n.history, now_unix, self.conns.get(b.id), stats[b.id as usize].refused.total());
+            }
         }
         self.history.save_if_due();
         // BIRD behind for a few seconds (not the instant of a change) while a VIP should be up.
