@@ -134,10 +134,13 @@ fn next_generation() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// One line of what an apply changed, for the journal and `config apply`'s diff.
+/// One line of what an apply changed, for the journal and `config apply`'s diff, and the
+/// config key it is about, named as the file says it (`service "web" backend 10.0.0.11
+/// max_conns`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Change {
     pub what: String,
+    pub key: String,
 }
 
 /// What applying a config would do: see [`Applied::plan`] and [`Applied::write`].
@@ -152,8 +155,21 @@ pub struct Plan {
     removed_services: Vec<Arc<AppliedService>>,
 }
 
-fn change(what: impl Into<String>) -> Change {
-    Change { what: what.into() }
+fn change(key: impl Into<String>, what: impl Into<String>) -> Change {
+    Change { what: what.into(), key: key.into() }
+}
+
+/// The config key of a service, or of one of its backends' settings.
+fn key_of(service: &str, backend: Option<IpAddr>, setting: &str) -> String {
+    let mut k = format!("service \"{service}\"");
+    if let Some(b) = backend {
+        k.push_str(&format!(" backend {b}"));
+    }
+    if !setting.is_empty() {
+        k.push(' ');
+        k.push_str(setting);
+    }
+    k
 }
 
 /// Resolves a backend's next-hop MAC for `l2dsr` when the config does not give one.
@@ -311,7 +327,7 @@ impl Applied {
                 regions.remove(&s.region);
                 next.remove(name);
                 if !wanted.contains(name.as_str()) {
-                    changes.push(change(format!("remove service \"{name}\"")));
+                    changes.push(change(key_of(name, None, ""), format!("remove service \"{name}\"")));
                 }
             }
         }
@@ -358,11 +374,14 @@ impl Applied {
                 })?;
                 regions.insert(region, len);
                 let replaced = self.services.contains_key(&c.name);
-                changes.push(change(if replaced {
-                    format!("replace service \"{}\" ({}:{} {:?})", c.name, c.vip, c.port, c.proto)
-                } else {
-                    format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
-                }));
+                changes.push(change(
+                    key_of(&c.name, None, ""),
+                    if replaced {
+                        format!("replace service \"{}\" ({}:{} {:?})", c.name, c.vip, c.port, c.proto)
+                    } else {
+                        format!("add service \"{}\" ({}:{} {:?}, {:?})", c.name, c.vip, c.port, c.proto, c.mode)
+                    },
+                ));
                 next.insert(
                     c.name.clone(),
                     Arc::new(AppliedService {
@@ -383,7 +402,7 @@ impl Applied {
             }
             let s = Arc::make_mut(next.get_mut(&c.name).expect("inserted"));
             if !fresh && s.cfg.mode != c.mode {
-                changes.push(change(format!("service \"{}\": mode {:?} -> {:?}", c.name, s.cfg.mode, c.mode)));
+                changes.push(change(key_of(&c.name, None, "mode"), format!("service \"{}\": mode {:?} -> {:?}", c.name, s.cfg.mode, c.mode)));
             }
             s.cfg = c.clone();
             let listed: BTreeSet<IpAddr> = c.backends.iter().map(|b| b.address).collect();
@@ -391,7 +410,7 @@ impl Applied {
                 if !listed.contains(&b.address) && !b.removed {
                     b.removed = true;
                     b.state = BACKEND_DRAINING;
-                    changes.push(change(format!("service \"{}\": drain and remove backend {}", c.name, b.address)));
+                    changes.push(change(key_of(&c.name, Some(b.address), ""), format!("service \"{}\": drain and remove backend {}", c.name, b.address)));
                 }
             }
             for bc in &c.backends {
@@ -424,19 +443,32 @@ impl Applied {
                     b.removed = false;
                     b.state = state;
                     if was.max_conns != b.max_conns {
-                        changes.push(change(format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns)));
+                        changes.push(change(
+                            key_of(&c.name, Some(bc.address), "max_conns"),
+                            format!("service \"{}\" backend {}: max_conns {} -> {}", c.name, bc.address, was.max_conns, b.max_conns),
+                        ));
                     }
                     if was.weight != b.weight {
-                        changes.push(change(format!("service \"{}\" backend {}: weight {} -> {}", c.name, bc.address, was.weight, b.weight)));
+                        changes.push(change(
+                            key_of(&c.name, Some(bc.address), "weight"),
+                            format!("service \"{}\" backend {}: weight {} -> {}", c.name, bc.address, was.weight, b.weight),
+                        ));
                     }
                     if was.state != b.state {
-                        changes.push(change(format!("service \"{}\" backend {}: {} -> {}", c.name, bc.address, state_name(was.state), state_name(b.state))));
+                        // `drain` in the file, or the backend's health checks.
+                        changes.push(change(
+                            key_of(&c.name, Some(bc.address), if bc.drain == (was.state == BACKEND_DRAINING) { "health" } else { "drain" }),
+                            format!("service \"{}\" backend {}: {} -> {}", c.name, bc.address, state_name(was.state), state_name(b.state)),
+                        ));
                     }
                 } else {
                     let id = alloc_backend(&mut used_ids)?;
                     s.backends
                         .insert(bc.address, AppliedBackend { id, address: bc.address, max_conns: bc.max_conns, limit, at_limit, weight: bc.weight, state, mac, removed: false });
-                    changes.push(change(format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight)));
+                    changes.push(change(
+                        key_of(&c.name, Some(bc.address), ""),
+                        format!("service \"{}\": add backend {} (max_conns = {}, weight {})", c.name, bc.address, bc.max_conns, bc.weight),
+                    ));
                 }
             }
             // Removed backends whose connections are gone leave for good.
@@ -635,6 +667,13 @@ mod tests {
         assert!(what.iter().any(|w| w.starts_with("add service \"web\"")), "{what:?}");
         assert!(what.iter().any(|w| w.starts_with("service \"dns\": add backend 10.0.2.1")), "{what:?}");
         assert!(applied.services.is_empty(), "planning applies nothing");
+        assert!(plan.changes.iter().any(|c| c.key == "service \"dns\" backend 10.0.2.1"), "{:?}", plan.changes);
+
+        // A limit change names the key it changes.
+        let mut now = Applied::new(8 * 257);
+        now.services = plan.next.clone();
+        let plan = now.plan(&cfg(257, 99), &mac, |_| 0).expect("plan");
+        assert_eq!(plan.changes.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["service \"web\" backend 10.0.1.1 max_conns"]);
 
         // Rings that do not fit RINGS: refused before anything is written, naming the service.
         let e = applied.plan(&cfg(4099, 10), &mac, |_| 0).expect_err("no room for the ring");
