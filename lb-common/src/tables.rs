@@ -1,5 +1,7 @@
 //! Keys and values of the service, backend and connection maps, and the refusal events.
 
+use crate::Reason;
+
 /// Key of [`maps::SERVICES`]: (VIP, port, protocol). IPv4 VIPs use the first 4 bytes of
 /// `addr` (the rest zero). A key with `port_be = [0, 0]` and `proto = 0` is the VIP's own
 /// entry: it marks the address as a VIP (fragments, ICMP) and points at its first service.
@@ -138,3 +140,45 @@ pub struct EventBucket {
     pub suppressed: u64,
 }
 const _: () = assert!(size_of::<EventBucket>() == 24);
+
+/// What a refusal at a backend's limit counts as: its own limit, or this node's share of a
+/// cluster-wide one ([`Backend::at_limit`]).
+#[inline(always)]
+pub fn at_limit_reason(at_limit: u8) -> Reason {
+    if at_limit == AT_LIMIT_SHARE {
+        Reason::ShareExhausted
+    } else {
+        Reason::BackendLimit
+    }
+}
+
+/// Whether a backend in `state` takes new flows at all, and if not, why.
+#[inline(always)]
+pub fn state_admits(state: u8) -> Result<(), Reason> {
+    if state == BACKEND_ACTIVE {
+        Ok(())
+    } else if state == BACKEND_DRAINING {
+        Err(Reason::BackendDraining)
+    } else {
+        Err(Reason::BackendDown)
+    }
+}
+
+/// Whether backend `b` takes a new flow with `open` connections open, and if not, why: the
+/// decision the datapath makes (`lb-ebpf/src/slots.rs`, where an atomic add settles races
+/// between CPUs) and `sluice explain` shows.
+#[inline(always)]
+pub fn backend_admits(b: &Backend, open: u64) -> Result<(), Reason> {
+    state_admits(b.state)?;
+    limit_admits(b, open)
+}
+
+/// Whether backend `b`'s limit leaves room with `open` connections open, and if not, what the
+/// refusal counts as.
+#[inline(always)]
+pub fn limit_admits(b: &Backend, open: u64) -> Result<(), Reason> {
+    if open >= u64::from(b.max_conns) {
+        return Err(at_limit_reason(b.at_limit));
+    }
+    Ok(())
+}

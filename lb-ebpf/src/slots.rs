@@ -6,22 +6,12 @@
 //! does the same from userspace). A packet that took a slot but enters no flow gives it back at
 //! once ([`give_back`]).
 
-use lb_common::{Flow, Reason, AT_LIMIT_SHARE, BACKEND_ACTIVE, BACKEND_DRAINING};
+use lb_common::{at_limit_reason, limit_admits, state_admits, Flow, Reason};
 
 use crate::{
     atomic,
     maps::{BACKENDS, CONNS},
 };
-
-/// Why a backend at its limit refuses: its own limit, or this node's share of a cluster-wide one.
-#[inline(always)]
-fn at_limit(at_limit: u8) -> Reason {
-    if at_limit == AT_LIMIT_SHARE {
-        Reason::ShareExhausted
-    } else {
-        Reason::BackendLimit
-    }
-}
 
 /// `backend_id`'s open-connection counter and limit if it is active and, by a plain read,
 /// below its limit. The plain read lets a backend at its limit refuse without a lock-prefixed
@@ -30,18 +20,14 @@ fn at_limit(at_limit: u8) -> Reason {
 #[inline(always)]
 fn room(backend_id: u32) -> Result<(*mut u64, u64), Reason> {
     let Some(b) = BACKENDS.get(backend_id) else { return Err(Reason::NoBackend) };
-    if b.state != BACKEND_ACTIVE {
-        return Err(if b.state == BACKEND_DRAINING { Reason::BackendDraining } else { Reason::BackendDown });
-    }
-    let limit = u64::from(b.max_conns);
+    // The decision is lb_common's model (what `sluice explain` shows): state, then limit.
+    state_admits(b.state)?;
     let Some(c) = CONNS.get_ptr_mut(backend_id) else { return Err(Reason::NoBackend) };
     // SAFETY: shared array value; `open` is only changed atomically.
     let open = unsafe { &raw mut (*c).open };
     // SAFETY: as above; an aligned 64-bit load is atomic.
-    if unsafe { core::ptr::read_volatile(open) } >= limit {
-        return Err(at_limit(b.at_limit));
-    }
-    Ok((open, limit))
+    limit_admits(b, unsafe { core::ptr::read_volatile(open) })?;
+    Ok((open, u64::from(b.max_conns)))
 }
 
 /// Whether `backend_id` is active and below its limit right now (a hint: [`take`] decides).
@@ -61,7 +47,7 @@ pub fn take(backend_id: u32) -> Result<(), Reason> {
         give_back(backend_id);
         // Looked up again rather than carried from `room`: returned beside the counter's
         // pointer, the reason was packed into the pointer's register, which the verifier refuses.
-        return Err(BACKENDS.get(backend_id).map_or(Reason::BackendLimit, |b| at_limit(b.at_limit)));
+        return Err(BACKENDS.get(backend_id).map_or(Reason::BackendLimit, |b| at_limit_reason(b.at_limit)));
     }
     Ok(())
 }

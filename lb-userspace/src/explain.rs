@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::{flow_hash, probe_slot, FlowKey, BACKEND_ACTIVE, BACKEND_DRAINING};
+use lb_common::{flow_hash, probe_slot, FlowKey, Reason};
 use serde::Serialize;
 
 use crate::{
@@ -22,6 +22,9 @@ pub struct Candidate {
     pub state: &'static str,
     pub open: u64,
     pub max_conns: u32,
+    /// Why it would refuse a new flow now (the datapath's model, `lb_common::backend_admits`),
+    /// or nothing if it would take it.
+    pub refuses: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -93,11 +96,21 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         });
     };
     let by_id = |id: u32| svc.backends.values().find(|b| b.id == id);
-    let mut candidates = Vec::new();
+    let (mut candidates, mut refusing) = (Vec::new(), Vec::new());
     for id in maglev::candidates(&svc.ring, &key, svc.cfg.overflow.spill.candidates()) {
         let Some(b) = by_id(id) else { continue };
         let datapath = t.backend(id)?;
-        candidates.push(Candidate { backend: b.address, backend_id: id, state: state_name(datapath.state), open: t.conns(id)?, max_conns: datapath.max_conns });
+        let open = t.conns(id)?;
+        let refuses = lb_common::backend_admits(&datapath, open).err();
+        refusing.push(refuses);
+        candidates.push(Candidate {
+            backend: b.address,
+            backend_id: id,
+            state: state_name(datapath.state),
+            open,
+            max_conns: datapath.max_conns,
+            refuses: refuses.map(Reason::name),
+        });
     }
     let ring_slot = (!svc.ring.is_empty()).then(|| probe_slot(hash, 0, svc.ring.len() as u32));
     let name = svc.name.clone();
@@ -106,7 +119,8 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         (Verdict::ExistingFlow { backend: addr, state: flow.state }, format!("an existing flow of service \"{name}\": its packets go to backend {addr}, limits do not apply to it"))
     } else if candidates.is_empty() {
         (Verdict::Refused { reason: "no_backend", backend: None }, format!("service \"{name}\" has no backend in its ring: a new connection would be refused (no_backend)"))
-    } else if let Some((i, c)) = candidates.iter().enumerate().find(|(_, c)| c.state == lb_common::BackendState::Active.name() && c.open < u64::from(c.max_conns)) {
+    } else if let Some(i) = refusing.iter().position(Option::is_none) {
+        let c = &candidates[i];
         let spilled = i > 0;
         let how = if spilled { format!(" (spilled: {} cannot take it)", candidates[0].backend) } else { String::new() };
         (
@@ -115,18 +129,18 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         )
     } else {
         let first = &candidates[0];
-        let (reason, why) = if svc.cfg.overflow.spill.candidates() > 0 {
-            ("service_saturated", format!("every candidate ({}) is full, draining or down", candidates.iter().map(|c| c.backend.to_string()).collect::<Vec<_>>().join(", ")))
-        } else if first.state == state_name(BACKEND_DRAINING) {
-            ("backend_draining", format!("backend {} is draining", first.backend))
-        } else if first.state != state_name(BACKEND_ACTIVE) {
-            ("backend_down", format!("backend {} is down", first.backend))
-        } else {
-            (
-                "backend_limit",
-                format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns),
-            )
+        let reason = if svc.cfg.overflow.spill.candidates() > 0 { Reason::ServiceSaturated } else { refusing[0].unwrap_or(Reason::BackendLimit) };
+        let why = match reason {
+            Reason::ServiceSaturated => format!("every candidate ({}) is full, draining or down", candidates.iter().map(|c| c.backend.to_string()).collect::<Vec<_>>().join(", ")),
+            Reason::BackendDraining => format!("backend {} is draining", first.backend),
+            Reason::BackendDown => format!("backend {} is down", first.backend),
+            Reason::ShareExhausted => format!(
+                "backend {} has {} open connections, this node's share of the cluster-wide limit (service \"{name}\" backend {} max_conns, `sluice cluster status`)",
+                first.backend, first.open, first.backend
+            ),
+            _ => format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns),
         };
+        let reason = reason.name();
         (Verdict::Refused { reason, backend: Some(first.backend) }, format!("a new connection would be REFUSED by the load balancer ({reason}): {why}"))
     };
     Ok(Explanation { service: Some(name), hash, ring_slot, candidates, verdict, summary })
