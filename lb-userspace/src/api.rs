@@ -51,7 +51,8 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-#[derive(Serialize, Debug)]
+/// A backend in `GET /v1/services` and `/v1/status`: the server writes it, the CLI reads it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct BackendReport {
     pub address: IpAddr,
     pub id: u32,
@@ -66,10 +67,12 @@ pub struct BackendReport {
     pub removed: bool,
     /// Totals since the datapath was loaded (rates are the reader's job).
     pub new_flows: u64,
-    pub refused: std::collections::BTreeMap<&'static str, u64>,
+    /// Refusals charged to it, by reason (reasons with none left out).
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
-#[derive(Serialize, Debug)]
+/// A service in `GET /v1/services` and `/v1/status`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ServiceReport {
     pub name: String,
     pub vip: IpAddr,
@@ -112,7 +115,7 @@ fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
             let ts = all_stats[b.id as usize];
             backends.push(BackendReport {
                 new_flows: ts.new_flows,
-                refused: lb_common::Reason::ALL.iter().map(|r| (r.name(), ts.refused.get(*r))).filter(|(_, n)| *n > 0).collect(),
+                refused: lb_common::Reason::ALL.iter().map(|r| (r.name().to_owned(), ts.refused.get(*r))).filter(|(_, n)| *n > 0).collect(),
                 address: b.address,
                 id: b.id,
                 state: state_name(b.state).into(),

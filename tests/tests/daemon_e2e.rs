@@ -97,6 +97,8 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     // The alert fires within seconds, saying it is the load balancer and naming the setting.
     sluice_tests::l2lab::wait_for("the at-limit alert", || lab.ctl(&["status", "--json"]).1.contains("SluiceBackendAtLimit"));
     let (_, out, _) = lab.ctl(&["status"]);
+    // The service table (typed API reports, read back by the CLI) marks the full backend.
+    assert!(out.lines().any(|l| l.starts_with("web") && l.contains("10.70.0.13") && l.contains("AT LIMIT")), "{out}");
     let alert = out.lines().skip_while(|l| !l.contains("ALERT SluiceBackendAtLimit")).take(2).collect::<Vec<_>>().join("\n");
     assert!(alert.contains("Sluice load balancer") && alert.contains("10.70.0.13") && alert.contains("max_conns` in") && alert.contains("2 of 2 open"), "{out}");
     assert!(lab.metrics().contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\",backend=\"10.70.0.13\""), "alert in /metrics");

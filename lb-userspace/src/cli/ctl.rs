@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path};
 use hyper::Method;
 use serde_json::{json, Value};
 
-use crate::{client, Error};
+use crate::{api::ServiceReport, client, Error};
 
 #[derive(clap::Subcommand)]
 pub enum ServiceCmd {
@@ -56,43 +56,38 @@ pub enum BackendCmd {
     },
 }
 
-pub fn print_services(v: &Value) {
+/// The services as `GET /v1/services` (or `/v1/status`'s `services`) returns them.
+pub fn services_of(v: &Value) -> Result<Vec<ServiceReport>, Error> {
+    serde_json::from_value(v.clone()).map_err(|e| Error::other("reading the daemon's services (is the daemon of another version?)", e))
+}
+
+pub fn print_services(services: &[ServiceReport]) {
     println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
-    for s in v.as_array().into_iter().flatten() {
-        let vip = format!("{}:{} {}", s["vip"].as_str().unwrap_or(""), s["port"], s["proto"].as_str().unwrap_or(""));
-        for b in s["backends"].as_array().into_iter().flatten() {
-            let open = b["open"].as_u64().unwrap_or(0);
-            let max = b["max_conns"].as_u64().unwrap_or(0);
-            let limit = b["limit"].as_u64().unwrap_or(max);
-            let cluster = &b["cluster"];
+    for s in services {
+        let proto = match s.proto {
+            crate::config::Proto::Tcp => "tcp",
+            crate::config::Proto::Udp => "udp",
+        };
+        let vip = format!("{}:{} {proto}", s.vip, s.port);
+        for b in &s.backends {
+            let (open, max, limit) = (b.open, u64::from(b.max_conns), u64::from(b.limit));
             // With cluster-wide limits: this node's share and the cluster's open connections.
-            let full = if cluster.is_object() {
-                let c_open = cluster["cluster_open"].as_u64().unwrap_or(0);
-                let at = if c_open >= max {
+            let full = if let Some(c) = &b.cluster {
+                let at = if c.cluster_open >= max {
                     "  CLUSTER AT LIMIT"
                 } else if open >= limit {
                     "  AT SHARE"
                 } else {
                     ""
                 };
-                format!("  share {limit} (safe {}), cluster {c_open}/{max}{at}", cluster["safe_share"])
+                format!("  share {limit} (safe {}), cluster {}/{max}{at}", c.safe_share, c.cluster_open)
             } else if max > 0 && open >= max {
                 "  AT LIMIT".to_owned()
             } else {
                 String::new()
             };
-            let state = if b["removed"].as_bool() == Some(true) { "removing".to_owned() } else { b["state"].as_str().unwrap_or("").to_owned() };
-            println!(
-                "{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}",
-                s["name"].as_str().unwrap_or(""),
-                vip,
-                s["mode"].as_str().unwrap_or(""),
-                b["address"].as_str().unwrap_or(""),
-                state,
-                open,
-                max,
-                b["weight"]
-            );
+            let state = if b.removed { "removing" } else { b.state.as_str() };
+            println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}", s.name, vip, s.mode, b.address.to_string(), state, open, max, b.weight);
         }
     }
 }
@@ -103,7 +98,7 @@ pub fn service(socket: &Path, cmd: &ServiceCmd) -> Result<(), Error> {
     if *json {
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
-        print_services(&v);
+        print_services(&services_of(&v)?);
     }
     Ok(())
 }

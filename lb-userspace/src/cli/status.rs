@@ -25,7 +25,7 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
         if let Ok(Some(c)) = serde_json::from_value::<Option<crate::announce::Status>>(v["cluster"].clone()) {
             println!("{}", c.line());
         }
-        super::ctl::print_services(&v["services"]);
+        super::ctl::print_services(&super::ctl::services_of(&v["services"])?);
         for a in v["alerts_firing"].as_array().into_iter().flatten() {
             println!("ALERT {} [{}]: {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or(""));
             println!("      {}", a["description"].as_str().unwrap_or(""));
