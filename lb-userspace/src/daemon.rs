@@ -171,7 +171,7 @@ pub struct State {
     /// passed. Whoever drains (the main loop, an API call) wakes the main loop through
     /// `eval_wakeup`, so a deferred evaluation is never left to the next tick.
     eval_pending: bool,
-    pub eval_wakeup: Arc<tokio::sync::Notify>,
+    eval_wakeup: Arc<tokio::sync::Notify>,
     health_tx: mpsc::UnboundedSender<health::Transition>,
     health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
     /// This node's part in a cluster (`[cluster]`): what it announces through BIRD.

@@ -302,10 +302,6 @@ impl History {
         self.index.get(key).map(|&i| &self.series[i].1)
     }
 
-    pub fn len(&self) -> usize {
-        self.series.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.series.is_empty()
     }
