@@ -4,6 +4,7 @@
 //! the service, the backend and the config key behind the limit, gives the numbers, and one
 //! line on what to do — the corrective action of the 2023-05-05 incident.
 
+use std::borrow::Cow;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
@@ -247,7 +248,7 @@ pub fn sample(i: &Inputs<'_>) -> Sample {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Firing,
@@ -255,11 +256,12 @@ pub enum Status {
 }
 
 /// A notification for the sinks (log, webhook, command).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Notification {
     pub status: Status,
-    pub alertname: &'static str,
-    pub severity: &'static str,
+    /// Static names; `Cow` so that a client can read them back.
+    pub alertname: Cow<'static, str>,
+    pub severity: Cow<'static, str>,
     pub labels: BTreeMap<String, String>,
     pub summary: String,
     pub description: String,
@@ -567,7 +569,7 @@ impl Engine {
         l.insert("instance".into(), self.name.clone());
         l.insert("component".into(), "sluice-load-balancer".into());
         let runbook_url = format!("{}#{}", self.cfg.runbook_url, name.to_lowercase());
-        Notification { status, alertname: name, severity, labels: l, summary, description, runbook_url }
+        Notification { status, alertname: name.into(), severity: severity.into(), labels: l, summary, description, runbook_url }
     }
 }
 
@@ -655,7 +657,7 @@ mod tests {
         n.extend(e.evaluate(t0 + Duration::from_secs(1), sample(60, 0)));
         n.extend(e.evaluate(t0 + Duration::from_secs(3), sample(85, 0)));
         n.extend(e.evaluate(t0 + Duration::from_secs(5), sample(90, 0)));
-        let names: Vec<&str> = n.iter().map(|n| n.alertname).collect();
+        let names: Vec<&str> = n.iter().map(|n| n.alertname.as_ref()).collect();
         assert!(names.contains(&"SluiceBackendNearLimit"), "{names:?}");
         assert!(names.contains(&"SluiceBackendSaturationForecast"), "{names:?}");
         let mut e = engine();

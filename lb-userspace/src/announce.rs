@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{cfgfile::Staged, config::ClusterCfg, daemon::State, reconcile::Applied};
+use crate::{cfgfile::Staged, config::ClusterCfg, daemon::Daemon, reconcile::Applied};
 
 /// What the announcer reports (status, metrics, alerts).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -110,13 +110,7 @@ pub async fn configure(socket: &Path) -> Result<(), String> {
 }
 
 /// Starts the announcer. `wanted` carries the VIPs to announce; the task keeps BIRD in step.
-pub fn spawn(
-    cfg: ClusterCfg,
-    state: Arc<Mutex<State>>,
-    status: Arc<Mutex<Status>>,
-    mut wanted: watch::Receiver<BTreeSet<IpAddr>>,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn(cfg: ClusterCfg, daemon: Daemon, status: Arc<Mutex<Status>>, mut wanted: watch::Receiver<BTreeSet<IpAddr>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut in_bird = read_files(&cfg.announce_dir);
         status.lock().expect("status").announced.clone_from(&in_bird);
@@ -133,14 +127,14 @@ pub fn spawn(
             } else {
                 match push(&cfg, &want).await {
                     Ok(()) => {
-                        let st = state.lock().expect("state lock");
+                        let st = daemon.lock();
                         for vip in want.difference(&in_bird) {
                             tracing::info!(vip = %vip, node = %cfg.node, "announced VIP {vip} through BIRD");
-                            st.journal.record("cluster", format!("node \"{}\" announced VIP {vip}", cfg.node), vec![]);
+                            st.journal().record("cluster", format!("node \"{}\" announced VIP {vip}", cfg.node), vec![]);
                         }
                         for vip in in_bird.difference(&want) {
                             tracing::warn!(vip = %vip, node = %cfg.node, "withdrew VIP {vip} through BIRD");
-                            st.journal.record("cluster", format!("node \"{}\" withdrew VIP {vip}", cfg.node), vec![]);
+                            st.journal().record("cluster", format!("node \"{}\" withdrew VIP {vip}", cfg.node), vec![]);
                         }
                         drop(st);
                         in_bird.clone_from(&want);
@@ -154,7 +148,7 @@ pub fn spawn(
                     Err(e) => {
                         if last_error.as_ref() != Some(&e) {
                             tracing::error!("announcing through BIRD failed (the datapath keeps forwarding; retrying every second): {e}");
-                            state.lock().expect("state lock").journal.record("cluster", format!("node \"{}\": BIRD did not take the VIPs", cfg.node), vec![e.clone()]);
+                            daemon.journal("cluster", format!("node \"{}\": BIRD did not take the VIPs", cfg.node), vec![e.clone()]);
                         }
                         let mut s = status.lock().expect("status");
                         s.error = Some(e.clone());

@@ -1,6 +1,10 @@
-//! The CLI's client for the control API (HTTP/1.1 over the daemon's Unix socket).
+//! The control API's client (HTTP/1.1 over the daemon's Unix socket), for the CLI and the lab:
+//! [`Client`] sends the `api` types and reads them back.
 
-use std::path::Path;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::{body::Bytes, Method, Request};
@@ -8,10 +12,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::UnixStream;
 
-use crate::Error;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{api, explain::Explanation, Error};
 
 /// Sends one request; returns the HTTP status and the JSON body.
-pub async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), Error> {
+async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), Error> {
     let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::other(
             "the Sluice daemon is not running",
@@ -38,13 +44,89 @@ pub async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value
 }
 
 /// [`call`], turning a non-2xx answer into an error carrying the daemon's message.
-pub async fn ok(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
+async fn ok(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<Value, Error> {
     let (status, value) = call(socket, method, path, body).await?;
     if (200..300).contains(&status) {
         Ok(value)
     } else {
         let msg = value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
         Err(Error::other("the daemon refused the request", anyhow::anyhow!("{msg}")))
+    }
+}
+
+/// The daemon behind a control socket.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { socket: socket.into() }
+    }
+
+    /// Sends `body` (if any) and reads the answer as a `T`; a refusal is an error carrying the
+    /// daemon's message.
+    async fn send<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, Error> {
+        let body = body.map(|b| serde_json::to_value(b).expect("api types serialize"));
+        let value = ok(&self.socket, method, path, body.as_ref()).await?;
+        serde_json::from_value(value).map_err(|e| Error::other(format!("reading the daemon's answer to {path} (is the daemon of another version?)"), e))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.send(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn status(&self) -> Result<api::StatusReport, Error> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn services(&self) -> Result<Vec<api::ServiceReport>, Error> {
+        self.get("/v1/services").await
+    }
+
+    pub async fn apply(&self, req: &api::ApplyRequest) -> Result<api::ApplyResponse, Error> {
+        self.send(Method::POST, "/v1/config/apply", Some(req)).await
+    }
+
+    /// `action`: add, remove, drain, undrain, set-limit.
+    pub async fn backend(&self, service: &str, address: IpAddr, action: &str, req: &api::BackendRequest) -> Result<api::ApplyResponse, Error> {
+        self.send(Method::POST, &format!("/v1/services/{service}/backends/{address}/{action}"), Some(req)).await
+    }
+
+    pub async fn explain(&self, q: &api::ExplainQuery) -> Result<Explanation, Error> {
+        let proto = match q.proto {
+            crate::config::Proto::Tcp => "tcp",
+            crate::config::Proto::Udp => "udp",
+        };
+        self.get(&format!("/v1/explain?src={}&dst={}&proto={proto}", q.src, q.dst).replace('[', "%5B").replace(']', "%5D")).await
+    }
+
+    pub async fn events(&self, q: &api::EventsQuery) -> Result<Vec<crate::events::Event>, Error> {
+        self.get(&format!("/v1/events?after={}&limit={}", q.after, q.limit)).await
+    }
+
+    pub async fn raise(&self, req: &api::RaiseRequest) -> Result<api::ApplyResponse, Error> {
+        self.send(Method::POST, "/v1/limits/raise", Some(req)).await
+    }
+
+    pub async fn review(&self) -> Result<api::Review, Error> {
+        self.get("/v1/review").await
+    }
+
+    pub async fn history(&self, service: &str, backend: Option<IpAddr>) -> Result<api::HistoryReport, Error> {
+        match backend {
+            Some(b) => self.get(&format!("/v1/history/{service}/{b}")).await,
+            None => self.get(&format!("/v1/history/{service}")).await,
+        }
+    }
+
+    pub async fn drain(&self, req: &api::DrainRequest) -> Result<api::DrainReport, Error> {
+        self.send(Method::POST, "/v1/node/drain", Some(req)).await
+    }
+
+    pub async fn undrain(&self) -> Result<crate::announce::Status, Error> {
+        self.send(Method::POST, "/v1/node/undrain", None::<&()>).await
     }
 }
 

@@ -2,6 +2,7 @@
 //! (service, backend, reason, wall-clock time) and kept in a bounded in-memory window that
 //! `sluice events [--follow]` reads through the API by sequence number.
 
+use std::borrow::Cow;
 use std::{
     collections::VecDeque,
     net::{IpAddr, SocketAddr},
@@ -17,17 +18,17 @@ use crate::reconcile::Applied;
 /// Events kept for `sluice events` (the newest win).
 pub const WINDOW: usize = 10_000;
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Event {
     pub seq: u64,
     /// RFC 3339, UTC.
     pub time: String,
     pub client: SocketAddr,
     pub vip: SocketAddr,
-    pub proto: &'static str,
+    pub proto: Cow<'static, str>,
     pub service: String,
     pub backend: Option<IpAddr>,
-    pub reason: &'static str,
+    pub reason: Cow<'static, str>,
 }
 
 pub struct Events {
@@ -81,10 +82,10 @@ impl Events {
                 time: humantime::format_rfc3339_millis(when).to_string(),
                 client: SocketAddr::new(addr(&ev.src, ev.family), u16::from_be_bytes(ev.sport_be)),
                 vip: SocketAddr::new(addr(&ev.dst, ev.family), u16::from_be_bytes(ev.dport_be)),
-                proto: if ev.proto == 6 { "tcp" } else { "udp" },
+                proto: (if ev.proto == 6 { "tcp" } else { "udp" }).into(),
                 service: service.map_or_else(|| format!("#{}", ev.service_id), |s| s.name.clone()),
                 backend,
-                reason: Reason::from_u8(ev.reason).map_or("unknown", Reason::name),
+                reason: Reason::from_u8(ev.reason).map_or("unknown", Reason::name).into(),
             });
             self.next_seq += 1;
             n += 1;

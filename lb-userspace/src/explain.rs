@@ -2,6 +2,7 @@
 //! or refused and why — computed with the datapath's own hash, rings, probe sequence, backend
 //! states and counters.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{flow_hash, probe_slot, FlowKey, Reason};
@@ -15,19 +16,19 @@ use crate::{
     Error,
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Candidate {
     pub backend: IpAddr,
     pub backend_id: u32,
-    pub state: &'static str,
+    pub state: Cow<'static, str>,
     pub open: u64,
     pub max_conns: u32,
     /// Why it would refuse a new flow now (the datapath's model, `lb_common::backend_admits`),
     /// or nothing if it would take it.
-    pub refuses: Option<&'static str>,
+    pub refuses: Option<Cow<'static, str>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "verdict")]
 pub enum Verdict {
     /// Not addressed to a service: passed to the kernel.
@@ -37,10 +38,10 @@ pub enum Verdict {
     /// A new flow would be admitted to this backend.
     Admitted { backend: IpAddr, spilled: bool },
     /// A new flow would be refused.
-    Refused { reason: &'static str, backend: Option<IpAddr> },
+    Refused { reason: Cow<'static, str>, backend: Option<IpAddr> },
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Explanation {
     pub service: Option<String>,
     pub hash: u32,
@@ -106,10 +107,10 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         candidates.push(Candidate {
             backend: b.address,
             backend_id: id,
-            state: state_name(datapath.state),
+            state: state_name(datapath.state).into(),
             open,
             max_conns: datapath.max_conns,
-            refuses: refuses.map(Reason::name),
+            refuses: refuses.map(|r| r.name().into()),
         });
     }
     let ring_slot = (!svc.ring.is_empty()).then(|| probe_slot(hash, 0, svc.ring.len() as u32));
@@ -118,7 +119,7 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         let addr = svc.backends.values().find(|b| b.id == flow.backend_id).map_or_else(|| IpAddr::from([0, 0, 0, 0]), |b| b.address);
         (Verdict::ExistingFlow { backend: addr, state: flow.state }, format!("an existing flow of service \"{name}\": its packets go to backend {addr}, limits do not apply to it"))
     } else if candidates.is_empty() {
-        (Verdict::Refused { reason: "no_backend", backend: None }, format!("service \"{name}\" has no backend in its ring: a new connection would be refused (no_backend)"))
+        (Verdict::Refused { reason: "no_backend".into(), backend: None }, format!("service \"{name}\" has no backend in its ring: a new connection would be refused (no_backend)"))
     } else if let Some(i) = refusing.iter().position(Option::is_none) {
         let c = &candidates[i];
         let spilled = i > 0;
@@ -141,7 +142,7 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
             _ => format!("backend {} has {} open connections, its limit: service \"{name}\" backend {} max_conns = {}", first.backend, first.open, first.backend, first.max_conns),
         };
         let reason = reason.name();
-        (Verdict::Refused { reason, backend: Some(first.backend) }, format!("a new connection would be REFUSED by the load balancer ({reason}): {why}"))
+        (Verdict::Refused { reason: reason.into(), backend: Some(first.backend) }, format!("a new connection would be REFUSED by the load balancer ({reason}): {why}"))
     };
     Ok(Explanation { service: Some(name), hash, ring_slot, candidates, verdict, summary })
 }

@@ -39,7 +39,7 @@ fn timeout(t: &Timeouts, state: u8) -> Duration {
 /// What one sweep did. `released` counts slots this sweep gave back and `expired` ways it
 /// freed: a flow whose RST won the race for its way after the sweep had released its slot
 /// counts in `released` only.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Sweep {
     pub scanned: u64,
     pub expired: u64,
@@ -85,7 +85,7 @@ pub fn count_flows(table: &FlowTable) -> BTreeMap<u32, u64> {
 }
 
 /// A counter that disagreed with the flow table.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Drift {
     pub backend_id: u32,
     /// What `CONNS` said.

@@ -25,7 +25,7 @@ pub const SAVE_EVERY: Duration = Duration::from_mins(1);
 const MAGIC: &[u8; 8] = b"SLUICEH1";
 
 /// One slot: the peak of open connections and the refusals counted in it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Slot {
     pub peak: u16,
     pub refused: u16,
@@ -93,7 +93,7 @@ impl Default for Series {
 }
 
 /// A peak and when it was (Unix seconds of its minute or hour).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Peak {
     pub open: u32,
     pub at: u64,

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{ClusterCfg, LimitsCfg},
-    daemon::{Next, State},
+    daemon::Daemon,
     reconcile::Share,
     shares::{self, Demand, Grant, Report},
     Error,
@@ -158,7 +158,7 @@ fn safe_share(cfg: &crate::config::BackendCfg, nodes: u32) -> u32 {
 }
 
 /// Runs the node's rounds until `stop`.
-pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     let cfg = cluster.limits.clone().expect("spawned with [cluster.limits]");
     let nodes = cluster.limit_nodes();
     let mut node = Node {
@@ -206,7 +206,7 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>
                 },
             }
             node.traffic.rounds += 1;
-            let result = node.round(&state, &status).await;
+            let result = node.round(&daemon, &status).await;
             if result.is_ok() && watch.is_none() {
                 watch = node.watch().await.ok();
             }
@@ -228,7 +228,7 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, state: Arc<Mutex<State>>
             if lost && !node.fallback && since.elapsed() >= node.cfg.lease_ttl {
                 node.drop_lease();
                 node.applied_seq = 0;
-                if let Err(e) = node.enter_fallback(&state).await {
+                if let Err(e) = node.enter_fallback(&daemon).await {
                     tracing::error!("entering the safe shares: {e}");
                 } else {
                     node.fallback = true;
@@ -323,7 +323,7 @@ impl Node {
     }
 
     /// A live lease: the one of the daemon before this one if etcd still holds it, else a new one.
-    async fn ensure_lease(&mut self, c: &mut Client, state: &Arc<Mutex<State>>) -> Result<i64, Error> {
+    async fn ensure_lease(&mut self, c: &mut Client, daemon: &Daemon) -> Result<i64, Error> {
         if let Some(l) = self.lease {
             return Ok(l);
         }
@@ -354,7 +354,7 @@ impl Node {
         }
         let what = if self.fallback { "etcd answers again: joined with a new lease; safe shares until granted more" } else { "joined the cluster's limits with a new lease" };
         tracing::info!(node = %self.name, lease = id, "{what}");
-        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" {what}", self.name), vec![format!("etcd {}", self.cfg.etcd.join(", "))]);
+        daemon.journal("limits", format!("node \"{}\" {what}", self.name), vec![format!("etcd {}", self.cfg.etcd.join(", "))]);
         Ok(id)
     }
 
@@ -367,15 +367,15 @@ impl Node {
         self.lease = None;
     }
 
-    async fn round(&mut self, state: &Arc<Mutex<State>>, status: &Arc<Mutex<Status>>) -> Result<(), Error> {
+    async fn round(&mut self, daemon: &Daemon, status: &Arc<Mutex<Status>>) -> Result<(), Error> {
         let mut c = self.client().await?;
         if self.expired.swap(false, Ordering::Relaxed) {
             let lease = self.lease.unwrap_or(0);
             self.drop_lease();
             return Err(Error::other("keeping the lease alive", anyhow::anyhow!("etcd says lease {lease:x} expired")));
         }
-        let lease = self.ensure_lease(&mut c, state).await?;
-        self.publish(&mut c, lease, state, false).await?;
+        let lease = self.ensure_lease(&mut c, daemon).await?;
+        self.publish(&mut c, lease, daemon, false).await?;
         let prefix = self.cfg.prefix.clone();
         self.traffic.requests += 1;
         let resp = c.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())).await.map_err(|e| Error::other("reading the cluster's limits from etcd", e))?;
@@ -414,7 +414,7 @@ impl Node {
             )]);
             if c.txn(txn).await.map_err(|e| Error::other("electing the allocator on etcd", e))?.succeeded() {
                 tracing::info!(node = %self.name, "this node now allocates the cluster's limits");
-                state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" now allocates the cluster's shares", self.name), vec![]);
+                daemon.journal("limits", format!("node \"{}\" now allocates the cluster's shares", self.name), vec![]);
                 leader = Some((self.name.clone(), lease));
             }
         }
@@ -431,16 +431,16 @@ impl Node {
         // A change that fails to apply is not etcd's failure: logged, retried next round (the
         // grant stays unacknowledged, so nothing is granted elsewhere against it).
         if let Some(g) = grants.get(&self.name).filter(|g| g.seq > self.applied_seq) {
-            match self.apply_grant(state, g, &reports).await {
-                Ok(()) => self.publish(&mut c, lease, state, true).await?,
+            match self.apply_grant(daemon, g, &reports).await {
+                Ok(()) => self.publish(&mut c, lease, daemon, true).await?,
                 Err(e) => tracing::error!(node = %self.name, "applying grant {} of {}: {e}", g.seq, g.by),
             }
-        } else if let Err(e) = self.refresh_room(state, &reports).await {
+        } else if let Err(e) = self.refresh_room(daemon, &reports).await {
             tracing::error!(node = %self.name, "updating the refusal reasons: {e}");
         }
         // The daemon's state is never locked inside this status lock (the alerts lock them the
         // other way round).
-        let view = self.view(state, &reports);
+        let view = self.view(daemon, &reports);
         let mut s = status.lock().expect("limits status");
         s.connected = true;
         s.error = None;
@@ -453,16 +453,16 @@ impl Node {
     }
 
     /// The report of this node now (its counters read, their rates smoothed).
-    fn report(&mut self, state: &Arc<Mutex<State>>) -> Report {
-        let mut guard = state.lock().expect("state lock");
+    fn report(&mut self, daemon: &Daemon) -> Report {
+        let mut guard = daemon.lock();
         let st = &mut *guard;
-        let t = st.dp.tables();
         // A failed read counts as no traffic this round (the next one reads again).
-        let all_stats = t.backend_stats_upto(st.applied.backend_ids_end()).unwrap_or_default();
+        let end = st.applied().backend_ids_end();
+        let all_stats = st.tables().backend_stats_upto(end).unwrap_or_default();
         let now = Instant::now();
         let mut backends = BTreeMap::new();
         let mut rates = BTreeMap::new();
-        for s in st.applied.services.values() {
+        for s in st.applied().services.values() {
             for b in s.backends.values().filter(|b| !b.removed) {
                 let k = shares::key(&s.name, b.address);
                 let stats = all_stats.get(b.id as usize).copied().unwrap_or_default();
@@ -486,7 +486,7 @@ impl Node {
                     }
                     None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
                 };
-                let open = st.conns.get(b.id);
+                let open = st.conns().get(b.id);
                 backends.insert(
                     k.clone(),
                     Demand {
@@ -507,8 +507,8 @@ impl Node {
         Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }
     }
 
-    async fn publish(&mut self, c: &mut Client, lease: i64, state: &Arc<Mutex<State>>, now: bool) -> Result<(), Error> {
-        let report = self.report(state);
+    async fn publish(&mut self, c: &mut Client, lease: i64, daemon: &Daemon, now: bool) -> Result<(), Error> {
+        let report = self.report(daemon);
         let shape: BTreeMap<String, (u32, u64, u32, bool)> = report.backends.iter().map(|(k, d)| (k.clone(), (d.max_conns, d.open, d.applied, d.refusing))).collect();
         let same = self.published.as_ref().is_some_and(|(s, seq, at)| *s == shape && *seq == report.applied_seq && at.elapsed() < HEARTBEAT);
         if same && !now {
@@ -577,37 +577,31 @@ impl Node {
     }
 
     /// Lays `shares` over the config through the daemon's one change path.
-    async fn set_shares(state: &Arc<Mutex<State>>, shares: BTreeMap<(String, IpAddr), Share>) -> Result<(), Error> {
-        State::change(state, move |st| {
-            let old = st.applied.shares.replace(shares);
-            st.set_undo(Box::new(move |st: &mut State| st.applied.shares = old));
-            Ok::<_, Error>(Next::from(st.cfg.clone()))
-        })
-        .await
-        .map(|_| ())
+    async fn set_shares(daemon: &Daemon, shares: BTreeMap<(String, IpAddr), Share>) -> Result<(), Error> {
+        daemon.set_shares(shares).await
     }
 
-    async fn apply_grant(&mut self, state: &Arc<Mutex<State>>, g: &Grant, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
+    async fn apply_grant(&mut self, daemon: &Daemon, g: &Grant, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
         let shares = {
-            let st = state.lock().expect("state lock");
+            let st = daemon.lock();
             let mut out = BTreeMap::new();
-            for s in &st.cfg.services {
+            for s in &st.cfg().services {
                 for b in &s.backends {
                     let k = shares::key(&s.name, b.address);
                     // A backend the grant does not name keeps what it enforces (a new one: 0).
                     let limit = match g.shares.get(&k) {
                         Some(x) => *x,
-                        None => st.applied.backend(&s.name, b.address).map_or(0, |a| a.limit),
+                        None => st.applied().backend(&s.name, b.address).map_or(0, |a| a.limit),
                     };
                     out.insert((s.name.clone(), b.address), Share { limit, room: self.room(reports, &k, limit, b.max_conns) });
                 }
             }
             out
         };
-        Self::set_shares(state, shares).await?;
+        Self::set_shares(daemon, shares).await?;
         if self.fallback {
             tracing::warn!(node = %self.name, "granted shares again: out of the safe shares");
-            state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" granted shares again (seq {} by {})", self.name, g.seq, g.by), vec![]);
+            daemon.journal("limits", format!("node \"{}\" granted shares again (seq {} by {})", self.name, g.seq, g.by), vec![]);
         }
         self.fallback = false;
         self.applied_seq = g.seq;
@@ -616,12 +610,12 @@ impl Node {
     }
 
     /// Updates the refusal reasons when the cluster's room changed.
-    async fn refresh_room(&mut self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
+    async fn refresh_room(&mut self, daemon: &Daemon, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
         let next = {
-            let st = state.lock().expect("state lock");
-            let Some(cur) = &st.applied.shares else { return Ok(()) };
+            let st = daemon.lock();
+            let Some(cur) = &st.applied().shares else { return Ok(()) };
             let mut next = cur.clone();
-            for s in &st.cfg.services {
+            for s in &st.cfg().services {
                 for b in &s.backends {
                     if let Some(sh) = next.get_mut(&(s.name.clone(), b.address)) {
                         sh.room = self.room(reports, &shares::key(&s.name, b.address), sh.limit, b.max_conns);
@@ -631,32 +625,32 @@ impl Node {
             (next != *cur).then_some(next)
         };
         match next {
-            Some(n) => Self::set_shares(state, n).await,
+            Some(n) => Self::set_shares(daemon, n).await,
             None => Ok(()),
         }
     }
 
     /// Lost etcd for longer than the lease: each backend's limit becomes the smaller of what
     /// it is and its safe share (never larger: the others may hold the rest).
-    async fn enter_fallback(&mut self, state: &Arc<Mutex<State>>) -> Result<(), Error> {
-        let details = safe_shares(state, self.nodes).await?;
+    async fn enter_fallback(&mut self, daemon: &Daemon) -> Result<(), Error> {
+        let details = safe_shares(daemon, self.nodes).await?;
         tracing::error!(node = %self.name, "etcd out of reach for longer than the lease ({:?}): enforcing safe shares: {}", self.cfg.lease_ttl, details.join("; "));
-        state.lock().expect("state lock").journal.record("limits", format!("node \"{}\" lost etcd for longer than its lease: safe shares", self.name), details);
+        daemon.journal("limits", format!("node \"{}\" lost etcd for longer than its lease: safe shares", self.name), details);
         Ok(())
     }
 }
 
 /// Lays the smaller of each backend's limit and its safe share over the config (through the
 /// change path); returns a line per backend.
-async fn safe_shares(state: &Arc<Mutex<State>>, nodes: u32) -> Result<Vec<String>, Error> {
+async fn safe_shares(daemon: &Daemon, nodes: u32) -> Result<Vec<String>, Error> {
     {
         let (shares, details) = {
-            let st = state.lock().expect("state lock");
+            let st = daemon.lock();
             let mut out = BTreeMap::new();
             let mut details = Vec::new();
-            for s in &st.cfg.services {
+            for s in &st.cfg().services {
                 for b in &s.backends {
-                    let now = st.applied.backend(&s.name, b.address).map_or(0, |a| a.limit);
+                    let now = st.applied().backend(&s.name, b.address).map_or(0, |a| a.limit);
                     let safe = safe_share(b, nodes);
                     let limit = now.min(safe);
                     details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
@@ -665,7 +659,7 @@ async fn safe_shares(state: &Arc<Mutex<State>>, nodes: u32) -> Result<Vec<String
             }
             (out, details)
         };
-        Node::set_shares(state, shares).await?;
+        Node::set_shares(daemon, shares).await?;
         Ok(details)
     }
 }
@@ -673,11 +667,11 @@ async fn safe_shares(state: &Arc<Mutex<State>>, nodes: u32) -> Result<Vec<String
 /// The daemon stops: its datapath goes on forwarding with no one keeping its lease, so once
 /// the lease expires the others may be granted its share. It keeps at most its safe shares
 /// meanwhile; a restart within the lease resumes it and applies its grant again.
-pub async fn on_stop(state: &Arc<Mutex<State>>, nodes: u32) {
-    match safe_shares(state, nodes).await {
+pub async fn on_stop(daemon: &Daemon, nodes: u32) {
+    match safe_shares(daemon, nodes).await {
         Ok(details) => {
             tracing::info!("stopping: safe shares until the next daemon resumes the lease: {}", details.join("; "));
-            state.lock().expect("state lock").journal.record("limits", "daemon stopping: safe shares until a daemon holds the lease again", details);
+            daemon.journal("limits", "daemon stopping: safe shares until a daemon holds the lease again", details);
         }
         Err(e) => tracing::error!("stopping: setting the safe shares: {e}"),
     }
@@ -685,14 +679,14 @@ pub async fn on_stop(state: &Arc<Mutex<State>>, nodes: u32) {
 
 impl Node {
     /// Per backend: this node's share, its open connections and the cluster's.
-    fn view(&self, state: &Arc<Mutex<State>>, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {
-        let st = state.lock().expect("state lock");
+    fn view(&self, daemon: &Daemon, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {
+        let st = daemon.lock();
         let mut out = BTreeMap::new();
-        for s in &st.cfg.services {
+        for s in &st.cfg().services {
             for b in &s.backends {
                 let k = shares::key(&s.name, b.address);
-                let applied = st.applied.backend(&s.name, b.address);
-                let open = applied.map_or(0, |a| st.conns.get(a.id));
+                let applied = st.applied().backend(&s.name, b.address);
+                let open = applied.map_or(0, |a| st.conns().get(a.id));
                 let others = self.others_open(reports, &k);
                 out.insert(
                     k,

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse as _, Response};
 use lb_common::{Reason, TrafficStats};
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{api::Shared, stats, Error};
+use crate::{daemon::Daemon, stats, Error};
 
 fn int_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -23,7 +23,7 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 }
 
 /// Renders every metric from the current state of the datapath and the daemon.
-pub fn render(state: &Shared) -> Result<String, Error> {
+pub fn render(daemon: &Daemon) -> Result<String, Error> {
     let r = Registry::new();
     let flows = int_gauge(&r, "sluice_flow_table_entries", "Flows in the flow table.", &[]);
     let capacity = int_gauge(&r, "sluice_flow_table_capacity", "Flows the table holds (config key flows.capacity); a full table refuses new flows.", &[]);
@@ -32,9 +32,9 @@ pub fn render(state: &Shared) -> Result<String, Error> {
 
     // The configured alert labels are label names of their own (empty where an alert lacks one).
     let custom: Vec<String> = {
-        let st = state.lock().expect("state lock");
-        let mut k: std::collections::BTreeSet<String> = st.cfg.alerts.labels.keys().cloned().collect();
-        k.extend(st.cfg.services.iter().flat_map(|s| s.labels.keys().cloned()));
+        let st = daemon.lock();
+        let mut k: std::collections::BTreeSet<String> = st.cfg().alerts.labels.keys().cloned().collect();
+        k.extend(st.cfg().services.iter().flat_map(|s| s.labels.keys().cloned()));
         k.into_iter().collect()
     };
     let names: Vec<&str> = ["alertname", "service", "backend", "severity"].into_iter().chain(custom.iter().map(String::as_str)).collect();
@@ -52,10 +52,9 @@ pub fn render(state: &Shared) -> Result<String, Error> {
     let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
     let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
     let refused_change = int_gauge(&r, "sluice_config_change_refused", "1 while the last reload was refused by the guard (the previous config runs).", &[]);
-    let mut guard = state.lock().expect("state lock");
-    let st = &mut *guard;
-    refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused.is_some()));
-    let limits = st.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
+    let mut st = daemon.lock();
+    refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused().is_some()));
+    let limits = st.cluster().and_then(crate::daemon::Cluster::limits);
     if let Some(l) = &limits {
         let n = [l.node.as_str()];
         etcd_up.with_label_values(&n).set(i64::from(l.connected));
@@ -64,14 +63,13 @@ pub fn render(state: &Shared) -> Result<String, Error> {
         etcd_requests.with_label_values(&n).inc_by(l.traffic.requests);
         grants_applied.with_label_values(&n).inc_by(l.traffic.grants_applied);
     }
-    if let Some(c) = &st.cluster {
-        let s = c.status.lock().expect("status");
+    if let Some(c) = st.cluster() {
+        let s = c.status();
         for vip in s.wanted.union(&s.announced) {
             announced.with_label_values(&[s.node.clone(), vip.to_string()]).set(i64::from(s.announced.contains(vip)));
         }
         node_drained.with_label_values(std::slice::from_ref(&s.node)).set(i64::from(s.drained));
-        if let Some(p) = &c.peers {
-            let p = p.stats.lock().expect("stats");
+        if let Some(p) = c.peer_stats() {
             peer_reported.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.reported);
             peer_released.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.released);
             peer_refused.with_label_values(std::slice::from_ref(&s.node)).inc_by(p.refused);
@@ -80,25 +78,30 @@ pub fn render(state: &Shared) -> Result<String, Error> {
             }
         }
     }
-    for n in &st.firing {
+    for n in st.firing() {
         let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
-        let values: Vec<String> = [n.alertname.to_owned(), get("service"), get("backend"), n.severity.to_owned()].into_iter().chain(custom.iter().map(|k| get(k))).collect();
+        let values: Vec<String> = [n.alertname.to_string(), get("service"), get("backend"), n.severity.to_string()].into_iter().chain(custom.iter().map(|k| get(k))).collect();
         firing.with_label_values(&values).set(1);
     }
-    let t = st.dp.tables();
-    let all_stats = t.backend_stats_upto(st.applied.backend_ids_end())?;
-    let snapshot = stats::read(&t.stats_map()?)?;
+    let end = st.applied().backend_ids_end();
+    let all_stats = st.tables().backend_stats_upto(end)?;
+    let snapshot = stats::read(&st.tables().stats_map()?)?;
     for o in &snapshot.outcomes {
         dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
         dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
     }
-    flows.with_label_values::<&str>(&[]).set(st.flows.len() as i64);
-    capacity.with_label_values::<&str>(&[]).set(st.flows.capacity() as i64);
+    flows.with_label_values::<&str>(&[]).set(st.flows().len() as i64);
+    capacity.with_label_values::<&str>(&[]).set(st.flows().capacity() as i64);
     // The per-backend families (with 10,000 backends, ~200,000 series): the numbers are copied
     // here under the state lock and written out after it is released.
-    let mut services = Vec::with_capacity(st.applied.services.len());
-    let mut rows = Vec::with_capacity(st.applied.services.values().map(|s| s.backends.len()).sum());
-    for s in st.applied.services.values() {
+    let mut services = Vec::with_capacity(st.applied().services.len());
+    let mut rows = Vec::with_capacity(st.applied().services.values().map(|s| s.backends.len()).sum());
+    // Refusals with no backend to charge them to (no_backend, fragment, malformed) are counted
+    // on the service only: report what its backends do not account for.
+    let ids: Vec<u32> = st.applied().services.values().map(|s| s.id).collect();
+    let svc_stats = ids.into_iter().map(|id| st.tables().service_stats(id)).collect::<Result<Vec<_>, _>>()?;
+    let (applied, conns, corrections) = (st.applied(), st.conns(), st.corrections());
+    for (s, svc) in applied.services.values().zip(svc_stats) {
         let mut on_backends = lb_common::Refusals::default();
         for b in s.backends.values() {
             let cl = limits.as_ref().and_then(|x| x.backends.get(&crate::shares::key(&s.name, b.address)));
@@ -107,24 +110,21 @@ pub fn render(state: &Shared) -> Result<String, Error> {
             rows.push(BackendRow {
                 service: services.len(),
                 address: b.address.to_string(),
-                open: st.conns.get(b.id),
+                open: conns.get(b.id),
                 max_conns: b.max_conns,
                 share: cl.map(|c| (b.limit, c.cluster_open)),
                 state: lb_common::BackendState::from_u8(b.state),
                 stats,
-                drift: st.reconciler.corrections.get(&b.id).copied().unwrap_or(0),
+                drift: corrections.get(&b.id).copied().unwrap_or(0),
             });
         }
-        // Refusals with no backend to charge them to (no_backend, fragment, malformed) are
-        // counted on the service only: report what its backends do not account for.
-        let svc = t.service_stats(s.id)?;
         let mut rest = lb_common::Refusals::default();
         for &reason in Reason::ALL {
             *rest.slot(reason) = svc.refused.get(reason).saturating_sub(on_backends.get(reason));
         }
         services.push((s.name.clone(), rest));
     }
-    drop(guard);
+    drop(st);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| Error::other("encoding metrics", e))?;
     let mut out = String::from_utf8(out).expect("text format is UTF-8");
@@ -225,16 +225,16 @@ fn escape(v: &str) -> String {
 }
 
 /// Serves `/metrics` on `addr` until `shutdown`.
-pub async fn serve(addr: SocketAddr, state: Shared, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+pub async fn serve(addr: SocketAddr, daemon: Daemon, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(state);
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(daemon);
     tracing::info!(%addr, "metrics on /metrics");
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await.map_err(|e| Error::other("metrics endpoint", e))
 }
 
-async fn scrape(axum::extract::State(st): axum::extract::State<Shared>) -> Response {
+async fn scrape(axum::extract::State(daemon): axum::extract::State<Daemon>) -> Response {
     // Off the async workers: with thousands of backends a render takes tens of milliseconds.
-    match tokio::task::spawn_blocking(move || render(&st)).await.unwrap_or_else(|e| Err(Error::other("rendering metrics", e))) {
+    match tokio::task::spawn_blocking(move || render(&daemon)).await.unwrap_or_else(|e| Err(Error::other("rendering metrics", e))) {
         Ok(body) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response(),
         Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -36,7 +36,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{daemon::State, gc, Error};
+use crate::{daemon::Daemon, gc, Error};
 
 pub const HEADER: &str = "x-sluice-hmac";
 /// A message older (or newer) than this is refused: a replay, or clocks too far apart.
@@ -152,7 +152,7 @@ pub fn spawn_sender(
     node: String,
     peers: Vec<SocketAddr>,
     key: Vec<u8>,
-    state: Arc<Mutex<State>>,
+    daemon: Daemon,
     stats: Arc<Mutex<Stats>>,
     mut rx: mpsc::UnboundedReceiver<Vec<Moved>>,
     stop: CancellationToken,
@@ -177,7 +177,7 @@ pub fn spawn_sender(
                 _ = tick.tick() => {}
             }
             // Every peer at once: one that does not answer delays no other.
-            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &state, &stats));
+            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &daemon, &stats));
             let last_error = futures::future::join_all(rounds).await.into_iter().flatten().last();
             let mut s = stats.lock().expect("stats");
             s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.len())).filter(|(_, n)| *n > 0).collect();
@@ -194,14 +194,7 @@ pub fn spawn_sender(
 }
 
 /// Sends a peer its queued batches, oldest first, until one fails (kept for the next round).
-async fn deliver(
-    peer: SocketAddr,
-    node: &str,
-    key: &[u8],
-    q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>,
-    state: &Arc<Mutex<State>>,
-    stats: &Arc<Mutex<Stats>>,
-) -> Option<String> {
+async fn deliver(peer: SocketAddr, node: &str, key: &[u8], q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>, daemon: &Daemon, stats: &Arc<Mutex<Stats>>) -> Option<String> {
     q.retain(|(at, _)| at.elapsed() < KEEP);
     while let Some((at, flows)) = q.front() {
         // Ages grow while a batch waits.
@@ -212,8 +205,8 @@ async fn deliver(
                 // A flow the peer still receives moved back there after this node adopted it
                 // (the router rehashed again): this node's entry is the stale one.
                 Ok(answer) => {
-                    let (released, _, _, _) = settle(state, &answer.active);
-                    let closed = release_closed(state, &answer.closed);
+                    let (released, _, _, _) = settle(daemon, &answer.active);
+                    let closed = release_closed(daemon, &answer.closed);
                     stats.lock().expect("stats").released += released + closed;
                 }
                 Err(e) => return Some(format!("peer {peer}: {e}")),
@@ -251,7 +244,7 @@ async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<Answer, Str
 
 #[derive(Clone)]
 struct Receiver {
-    state: Arc<Mutex<State>>,
+    daemon: Daemon,
     key: Arc<Vec<u8>>,
     stats: Arc<Mutex<Stats>>,
     /// MACs of the messages taken within the skew window, with their `sent_ms`: the same
@@ -260,11 +253,11 @@ struct Receiver {
 }
 
 /// Serves `/v1/peer/moved` on `listen` until `stop`.
-pub async fn serve(listen: SocketAddr, key: Vec<u8>, state: Arc<Mutex<State>>, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
+pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
     let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver {
-        state,
+        daemon,
         key: Arc::new(key),
         stats,
         seen: Arc::default(),
@@ -299,7 +292,7 @@ async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -
             return refuse(StatusCode::CONFLICT, "the same message again: a replay".into());
         }
     }
-    let (released, ignored, active, closed) = settle(&r.state, &msg.flows);
+    let (released, ignored, active, closed) = settle(&r.daemon, &msg.flows);
     let mut s = r.stats.lock().expect("stats");
     s.released += released;
     s.ignored += ignored;
@@ -330,12 +323,12 @@ pub struct Answer {
 /// is here and its last packet here is not newer, it has moved away: release its slot and free
 /// its way (the GC's compare-and-swaps: exactly once, whoever gets there first). Returns
 /// (released, not here, still arriving here with their idle times here, closed here).
-fn settle(state: &Arc<Mutex<State>>, flows: &[Moved]) -> (u64, u64, Vec<Moved>, Vec<Moved>) {
-    let st = state.lock().expect("state lock");
+fn settle(daemon: &Daemon, flows: &[Moved]) -> (u64, u64, Vec<Moved>, Vec<Moved>) {
+    let st = daemon.lock();
     let now_ns = gc::now_coarse_ns();
     let (mut released, mut ignored, mut active, mut closed) = (0u64, 0u64, Vec::new(), Vec::new());
     for m in flows {
-        let Some(e) = st.flows.get(&m.key()) else {
+        let Some(e) = st.flows().get(&m.key()) else {
             ignored += 1;
             continue;
         };
@@ -344,8 +337,8 @@ fn settle(state: &Arc<Mutex<State>>, flows: &[Moved]) -> (u64, u64, Vec<Moved>, 
         // for a retry included); the transit (a send times out after 3 s) is not counted, so
         // the hosts' wall clocks do not enter the rule. 100 ms for the coarse timestamps.
         if idle_ms + 100 >= m.ago_ms {
-            let gave = st.flows.release(&e, &st.conns);
-            st.flows.remove(&e);
+            let gave = st.flows().release(&e, st.conns());
+            st.flows().remove(&e);
             released += u64::from(gave);
             if e.flow.state == lb_common::FLOW_CLOSING {
                 closed.push(*m);
@@ -359,14 +352,14 @@ fn settle(state: &Arc<Mutex<State>>, flows: &[Moved]) -> (u64, u64, Vec<Moved>, 
 
 /// The sender's side of an answer: flows that closed at the peer, which this node adopted from
 /// a late packet, give their slot back here.
-fn release_closed(state: &Arc<Mutex<State>>, flows: &[Moved]) -> u64 {
-    let st = state.lock().expect("state lock");
+fn release_closed(daemon: &Daemon, flows: &[Moved]) -> u64 {
+    let st = daemon.lock();
     flows
         .iter()
-        .filter_map(|m| st.flows.get(&m.key()))
+        .filter_map(|m| st.flows().get(&m.key()))
         .map(|e| {
-            let gave = st.flows.release(&e, &st.conns);
-            st.flows.remove(&e);
+            let gave = st.flows().release(&e, st.conns());
+            st.flows().remove(&e);
             u64::from(gave)
         })
         .sum()

@@ -137,7 +137,7 @@ fn next_generation() -> u64 {
 /// One line of what an apply changed, for the journal and `config apply`'s diff, and the
 /// config key it is about, named as the file says it (`service "web" backend 10.0.0.11
 /// max_conns`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Change {
     pub what: String,
     pub key: String,

@@ -102,7 +102,7 @@ async fn deliver_webhook(w: WebhookCfg, mut rx: mpsc::Receiver<Notification>) {
     while let Some(n) = rx.recv().await {
         let body = serde_json::to_vec(&vec![alertmanager_json(&n)]).expect("json");
         if let Err(e) = post(&w, &body).await {
-            tracing::error!(alert = n.alertname, "webhook delivery failed: {e}");
+            tracing::error!(alert = %n.alertname, "webhook delivery failed: {e}");
         }
     }
 }
@@ -115,7 +115,7 @@ async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>
         };
         let run = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
-            .env("SLUICE_ALERT", n.alertname)
+            .env("SLUICE_ALERT", n.alertname.as_ref())
             .env("SLUICE_ALERT_STATUS", status)
             .env("SLUICE_ALERT_SUMMARY", &n.summary)
             .env("SLUICE_ALERT_DESCRIPTION", &n.description)
@@ -126,9 +126,9 @@ async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>
             .status();
         match tokio::time::timeout(Duration::from_secs(10), run).await {
             Ok(Ok(s)) if s.success() => {}
-            Ok(Ok(s)) => tracing::error!(alert = n.alertname, "alert command {argv:?} exited with {s}"),
-            Ok(Err(e)) => tracing::error!(alert = n.alertname, "alert command {argv:?}: {e}"),
-            Err(_) => tracing::error!(alert = n.alertname, "alert command {argv:?} timed out"),
+            Ok(Ok(s)) => tracing::error!(alert = %n.alertname, "alert command {argv:?} exited with {s}"),
+            Ok(Err(e)) => tracing::error!(alert = %n.alertname, "alert command {argv:?}: {e}"),
+            Err(_) => tracing::error!(alert = %n.alertname, "alert command {argv:?} timed out"),
         }
     }
 }
@@ -171,8 +171,8 @@ mod tests {
             [("alertname", "SluiceBackendAtLimit"), ("service", "web"), ("backend", "10.0.0.11")].into_iter().map(|(a, b)| (a.into(), b.into())).collect();
         Notification {
             status,
-            alertname: "SluiceBackendAtLimit",
-            severity: "critical",
+            alertname: "SluiceBackendAtLimit".into(),
+            severity: "critical".into(),
             labels,
             summary: "s".into(),
             description: "d".into(),

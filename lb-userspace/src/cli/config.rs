@@ -75,7 +75,7 @@ pub fn run(cmd: &Command, socket: &std::path::Path) -> i32 {
 }
 
 fn review(socket: &std::path::Path, json: bool) -> i32 {
-    let v = match crate::client::block_on(crate::client::ok(socket, hyper::Method::GET, "/v1/review", None)) {
+    let v = match crate::client::block_on(crate::client::Client::new(socket).review()) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("sluice: error: {e}");
@@ -88,42 +88,37 @@ fn review(socket: &std::path::Path, json: bool) -> i32 {
     }
     println!("{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}", "SERVICE", "BACKEND", "MAX_CONNS", "OPEN", "PEAK 1H", "PEAK 24H", "PEAK 30D", "HEADROOM", "SUGGESTED");
     let mut flagged = 0;
-    for s in v["services"].as_array().into_iter().flatten() {
-        for b in s["backends"].as_array().into_iter().flatten() {
-            let flag = b["flag"].as_str().unwrap_or("");
-            flagged += usize::from(!flag.is_empty());
+    for s in &v.services {
+        for b in &s.backends {
+            flagged += usize::from(!b.flag.is_empty());
             println!(
                 "{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}{}",
-                s["name"].as_str().unwrap_or(""),
-                b["address"].as_str().unwrap_or(""),
-                b["max_conns"],
-                b["open"],
-                b["peak_1h"]["open"],
-                b["peak_24h"]["open"],
-                b["peak_30d"]["open"],
-                b["headroom"].as_i64().map_or("—".into(), |h| h.to_string()),
-                b["suggested"],
-                if flag.is_empty() { String::new() } else { format!("  {flag}") }
+                s.name,
+                b.address.to_string(),
+                b.max_conns,
+                b.open,
+                b.peak_1h.open,
+                b.peak_24h.open,
+                b.peak_30d.open,
+                b.headroom,
+                b.suggested,
+                if b.flag.is_empty() { String::new() } else { format!("  {}", b.flag) }
             );
         }
         println!(
             "  service \"{}\": admits {}, peak load {} (24 h); N-1 (without its largest backend) admits {}: {}",
-            s["name"].as_str().unwrap_or(""),
-            s["capacity"],
-            s["peak_24h"]["open"],
-            s["n_minus_1"],
-            s["n_minus_1_verdict"].as_str().unwrap_or("")
+            s.name, s.capacity, s.peak_24h.open, s.n_minus_1, s.n_minus_1_verdict
         );
     }
-    println!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v["headroom"]);
+    println!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v.headroom);
     0
 }
 
 fn apply(socket: &std::path::Path, file: &std::path::Path, dry_run: bool, force: bool) -> i32 {
     // The daemon reads the file itself: send an absolute path.
     let path = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
-    let body = serde_json::json!({ "path": path, "dry_run": dry_run, "force": force });
-    match crate::client::block_on(crate::client::ok(socket, hyper::Method::POST, "/v1/config/apply", Some(&body))) {
+    let req = crate::api::ApplyRequest { path: Some(path), toml: None, dry_run, force };
+    match crate::client::block_on(crate::client::Client::new(socket).apply(&req)) {
         Ok(v) => {
             super::ctl::print_changes(&v);
             0

@@ -2,10 +2,12 @@
 
 use std::{net::SocketAddr, path::Path};
 
-use hyper::Method;
-use serde_json::{json, Value};
-
-use crate::{api::ServiceReport, client, Error};
+use crate::{
+    api::{ApplyResponse, BackendRequest, DrainRequest, EventsQuery, ExplainQuery, RaiseRequest, ServiceReport},
+    client::{self, Client},
+    config::Proto,
+    Error,
+};
 
 #[derive(clap::Subcommand)]
 pub enum ServiceCmd {
@@ -56,17 +58,12 @@ pub enum BackendCmd {
     },
 }
 
-/// The services as `GET /v1/services` (or `/v1/status`'s `services`) returns them.
-pub fn services_of(v: &Value) -> Result<Vec<ServiceReport>, Error> {
-    serde_json::from_value(v.clone()).map_err(|e| Error::other("reading the daemon's services (is the daemon of another version?)", e))
-}
-
 pub fn print_services(services: &[ServiceReport]) {
     println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
     for s in services {
         let proto = match s.proto {
-            crate::config::Proto::Tcp => "tcp",
-            crate::config::Proto::Udp => "udp",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
         };
         let vip = format!("{}:{} {proto}", s.vip, s.port);
         for b in &s.backends {
@@ -94,35 +91,32 @@ pub fn print_services(services: &[ServiceReport]) {
 
 pub fn service(socket: &Path, cmd: &ServiceCmd) -> Result<(), Error> {
     let ServiceCmd::List { json } = cmd;
-    let v = client::block_on(client::ok(socket, Method::GET, "/v1/services", None))?;
+    let services = client::block_on(Client::new(socket).services())?;
     if *json {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        println!("{}", serde_json::to_string_pretty(&services).expect("json"));
     } else {
-        print_services(&services_of(&v)?);
+        print_services(&services);
     }
     Ok(())
 }
 
-pub fn print_changes(v: &Value) {
-    let changes = v["changes"].as_array().cloned().unwrap_or_default();
-    if changes.is_empty() {
+pub fn print_changes(r: &ApplyResponse) {
+    if r.changes.is_empty() {
         println!("no changes");
     }
-    let verb = if v["applied"].as_bool() == Some(true) { "applied" } else { "would apply" };
-    for c in changes {
-        println!("{verb}: {}", c["what"].as_str().unwrap_or(""));
+    let verb = if r.applied { "applied" } else { "would apply" };
+    for c in &r.changes {
+        println!("{verb}: {}", c.what);
     }
-    for w in v["warnings"].as_array().into_iter().flatten() {
-        println!("warning: {}: {}", w["key"].as_str().unwrap_or(""), w["message"].as_str().unwrap_or(""));
+    for w in &r.warnings {
+        println!("warning: {}: {}", w.key, w.message);
     }
-    let g = &v["guard"];
-    let forced = g["forced"].as_bool() == Some(true);
-    for r in g["refused"].as_array().into_iter().flatten() {
-        let what = if forced { "FORCED past the guard" } else { "the guard would refuse it" };
-        println!("{what}: {}", r.as_str().unwrap_or(""));
+    for refused in &r.guard.refused {
+        let what = if r.guard.forced { "FORCED past the guard" } else { "the guard would refuse it" };
+        println!("{what}: {refused}");
     }
-    for w in g["warnings"].as_array().into_iter().flatten() {
-        println!("guard warning: {}", w.as_str().unwrap_or(""));
+    for w in &r.guard.warnings {
+        println!("guard warning: {w}");
     }
 }
 
@@ -137,47 +131,36 @@ pub struct HistoryArgs {
 /// `sluice history SERVICE [BACKEND]`: peaks of open connections and refusals per hour (30 d)
 /// and per minute (the last hour; `--json` has every minute of 24 h).
 pub fn history(socket: &Path, a: &HistoryArgs) -> Result<(), Error> {
-    let path = match a.backend {
-        Some(b) => format!("/v1/history/{}/{b}", a.service),
-        None => format!("/v1/history/{}", a.service),
-    };
-    let v = client::block_on(client::ok(socket, Method::GET, &path, None))?;
+    let h = client::block_on(Client::new(socket).history(&a.service, a.backend))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        println!("{}", serde_json::to_string_pretty(&h).expect("json"));
         return Ok(());
     }
-    let now = v["now"].as_u64().unwrap_or(0);
-    for b in v["backends"].as_array().into_iter().flatten() {
-        println!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b["address"].as_str().unwrap_or(""), b["peak_24h"]["open"], b["peak_30d"]["open"]);
-        let show = |what: &str, slots: &Value| {
+    for b in &h.backends {
+        println!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b.address, b.peak_24h.open, b.peak_30d.open);
+        let show = |what: &str, slots: &[(u64, crate::history::Slot)]| {
             let rows: Vec<String> = slots
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|s| s[1]["peak"].as_u64().unwrap_or(0) > 0 || s[1]["refused"].as_u64().unwrap_or(0) > 0)
-                .map(|s| format!("{} peak {} refused {}", crate::history::clock(s[0].as_u64().unwrap_or(0), now), s[1]["peak"], s[1]["refused"]))
+                .iter()
+                .filter(|(_, s)| s.peak > 0 || s.refused > 0)
+                .map(|(at, s)| format!("{} peak {} refused {}", crate::history::clock(*at, h.now), s.peak, s.refused))
                 .collect();
             println!("  per {what} ({} with load): {}", rows.len(), if rows.is_empty() { "none".to_owned() } else { rows.join(", ") });
         };
-        show("hour, 30 d", &b["hours"]);
-        let minutes = b["minutes"].as_array().map(|m| Value::from(m[m.len().saturating_sub(60)..].to_vec())).unwrap_or_default();
-        show("minute, last hour", &minutes);
+        show("hour, 30 d", &b.hours);
+        show("minute, last hour", &b.minutes[b.minutes.len().saturating_sub(60)..]);
     }
     Ok(())
 }
 
 pub fn backend(socket: &Path, cmd: &BackendCmd) -> Result<(), Error> {
-    let (service, address, action, body) = match cmd {
-        BackendCmd::Add { service, address, max_conns, weight } => (service, address, "add", json!({ "max_conns": max_conns, "weight": weight })),
-        BackendCmd::Remove { service, address, force } => (service, address, "remove", json!({ "force": force })),
-        BackendCmd::Drain { service, address, force } => (service, address, "drain", json!({ "force": force })),
-        BackendCmd::Undrain { service, address } => (service, address, "undrain", Value::Null),
-        BackendCmd::SetLimit { service, address, max_conns, force } => (service, address, "set-limit", json!({ "max_conns": max_conns, "force": force })),
+    let (service, address, action, req) = match cmd {
+        BackendCmd::Add { service, address, max_conns, weight } => (service, address, "add", BackendRequest { max_conns: Some(*max_conns), weight: *weight, force: false }),
+        BackendCmd::Remove { service, address, force } => (service, address, "remove", BackendRequest { force: *force, ..Default::default() }),
+        BackendCmd::Drain { service, address, force } => (service, address, "drain", BackendRequest { force: *force, ..Default::default() }),
+        BackendCmd::Undrain { service, address } => (service, address, "undrain", BackendRequest::default()),
+        BackendCmd::SetLimit { service, address, max_conns, force } => (service, address, "set-limit", BackendRequest { max_conns: Some(*max_conns), weight: None, force: *force }),
     };
-    let path = format!("/v1/services/{service}/backends/{address}/{action}");
-    let body = if body.is_null() { json!({}) } else { body };
-    let v = client::block_on(client::ok(socket, Method::POST, &path, Some(&body)))?;
-    print_changes(&v);
+    print_changes(&client::block_on(Client::new(socket).backend(service, *address, action, &req))?);
     Ok(())
 }
 
@@ -200,20 +183,22 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<(), Error> {
         .parse()
         .or_else(|_| a.src.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 40000)))
         .map_err(|_| Error::other("explain", anyhow::anyhow!("\"{}\" is not an address (write 10.0.0.1, 10.0.0.1:40000 or [2001:db8::1]:40000)", a.src)))?;
-    if !matches!(a.proto.as_str(), "tcp" | "udp") {
-        return Err(Error::other("explain", anyhow::anyhow!("protocol must be tcp or udp, not \"{}\"", a.proto)));
-    }
-    let path = format!("/v1/explain?src={src}&dst={}&proto={}", a.dst, a.proto).replace('[', "%5B").replace(']', "%5D");
-    let v = client::block_on(client::ok(socket, Method::GET, &path, None))?;
+    let proto = match a.proto.as_str() {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        other => return Err(Error::other("explain", anyhow::anyhow!("protocol must be tcp or udp, not \"{other}\""))),
+    };
+    let e = client::block_on(Client::new(socket).explain(&ExplainQuery { src, dst: a.dst, proto }))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        println!("{}", serde_json::to_string_pretty(&e).expect("json"));
         return Ok(());
     }
-    println!("{}", v["summary"].as_str().unwrap_or(""));
-    if let Some(svc) = v["service"].as_str() {
-        println!("service \"{svc}\", flow hash {:#010x}, ring slot {}", v["hash"].as_u64().unwrap_or(0), v["ring_slot"]);
-        for (i, c) in v["candidates"].as_array().into_iter().flatten().enumerate() {
-            println!("  candidate {}: {} ({}, {} open, max_conns = {})", i + 1, c["backend"].as_str().unwrap_or(""), c["state"].as_str().unwrap_or(""), c["open"], c["max_conns"]);
+    println!("{}", e.summary);
+    if let Some(svc) = &e.service {
+        let slot = e.ring_slot.map_or_else(|| "null".to_owned(), |s| s.to_string());
+        println!("service \"{svc}\", flow hash {:#010x}, ring slot {slot}", e.hash);
+        for (i, c) in e.candidates.iter().enumerate() {
+            println!("  candidate {}: {} ({}, {} open, max_conns = {})", i + 1, c.backend, c.state, c.open, c.max_conns);
         }
     }
     Ok(())
@@ -230,25 +215,17 @@ pub struct EventsArgs {
 
 /// `sluice events`: sampled refusal events (time, 5-tuple, service, backend, reason).
 pub fn events(socket: &Path, a: &EventsArgs) -> Result<(), Error> {
+    let daemon = Client::new(socket);
     client::block_on(async {
         let mut after = 0u64;
         loop {
-            let v = client::ok(socket, Method::GET, &format!("/v1/events?after={after}&limit=1000"), None).await?;
-            for e in v.as_array().into_iter().flatten() {
-                after = after.max(e["seq"].as_u64().unwrap_or(after));
+            for e in daemon.events(&EventsQuery { after, limit: 1000 }).await? {
+                after = after.max(e.seq);
                 if a.json {
-                    println!("{e}");
+                    println!("{}", serde_json::to_string(&e).expect("json"));
                 } else {
-                    println!(
-                        "{} {} {} -> {} service \"{}\" backend {} REFUSED {}",
-                        e["time"].as_str().unwrap_or(""),
-                        e["proto"].as_str().unwrap_or(""),
-                        e["client"].as_str().unwrap_or(""),
-                        e["vip"].as_str().unwrap_or(""),
-                        e["service"].as_str().unwrap_or(""),
-                        e["backend"].as_str().unwrap_or("-"),
-                        e["reason"].as_str().unwrap_or("")
-                    );
+                    let backend = e.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
+                    println!("{} {} {} -> {} service \"{}\" backend {backend} REFUSED {}", e.time, e.proto, e.client, e.vip, e.service, e.reason);
                 }
             }
             if !a.follow {
@@ -274,9 +251,8 @@ pub enum LimitCmd {
 
 pub fn limit(socket: &Path, cmd: &LimitCmd) -> Result<(), Error> {
     let LimitCmd::Raise { service, backend, max_conns, ttl } = cmd;
-    let body = json!({ "service": service, "backend": backend, "max_conns": max_conns, "ttl": ttl });
-    let v = client::block_on(client::ok(socket, Method::POST, "/v1/limits/raise", Some(&body)))?;
-    print_changes(&v);
+    let req = RaiseRequest { service: service.clone(), backend: *backend, max_conns: *max_conns, ttl: ttl.clone() };
+    print_changes(&client::block_on(Client::new(socket).raise(&req))?);
     println!("reverts by itself after {ttl}");
     Ok(())
 }
@@ -340,17 +316,16 @@ pub enum ClusterCmd {
 
 pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
     let ClusterCmd::Status { json } = cmd;
-    let v = client::block_on(client::ok(socket, Method::GET, "/v1/status", None))?;
+    let st = client::block_on(Client::new(socket).status())?;
     if *json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "cluster": v["cluster"], "limits": v["limits"], "peers": v["peers"] })).expect("json"));
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cluster": st.cluster, "limits": st.limits, "peers": st.peers })).expect("json"));
         return Ok(());
     }
-    if let Ok(Some(c)) = serde_json::from_value::<Option<crate::announce::Status>>(v["cluster"].clone()) {
-        println!("{}", c.line());
-    } else {
+    let Some(c) = &st.cluster else {
         return Err(Error::other("cluster status", anyhow::anyhow!("this daemon has no [cluster] section: it is a single node")));
-    }
-    let Ok(Some(l)) = serde_json::from_value::<Option<crate::limits::Status>>(v["limits"].clone()) else {
+    };
+    println!("{}", c.line());
+    let Some(l) = st.limits else {
         println!("no cluster-wide limits ([cluster.limits]): each node enforces max_conns on its own");
         return Ok(());
     };
@@ -389,12 +364,11 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
 pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
     match cmd {
         NodeCmd::Drain { timeout, json } => {
-            let v = client::block_on(client::ok(socket, Method::POST, "/v1/node/drain", Some(&json!({ "timeout": timeout }))))?;
+            let r = client::block_on(Client::new(socket).drain(&DrainRequest { timeout: Some(timeout.clone()) }))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
                 return Ok(());
             }
-            let r: crate::api::DrainReport = serde_json::from_value(v).map_err(|e| Error::other("drain report", e))?;
             let vips = r.withdrawn.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             match r.withdraw_ms {
                 Some(ms) => println!("node \"{}\": withdrew {} from BIRD in {ms} ms", r.node, if vips.is_empty() { "nothing (no VIP was announced)".into() } else { vips }),
@@ -414,9 +388,7 @@ pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
             }
         }
         NodeCmd::Undrain => {
-            let v = client::block_on(client::ok(socket, Method::POST, "/v1/node/undrain", None))?;
-            let s: crate::announce::Status = serde_json::from_value(v).map_err(|e| Error::other("node status", e))?;
-            println!("{}", s.line());
+            println!("{}", client::block_on(Client::new(socket).undrain())?.line());
             Ok(())
         }
     }

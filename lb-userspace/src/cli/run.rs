@@ -36,11 +36,10 @@ pub fn run(args: &Args) -> Result<(), Error> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::other("starting the runtime", e))?;
     rt.block_on(async {
         if let Some(cfg) = &args.config {
-            let state = daemon::start(cfg).await?;
+            let daemon = daemon::Daemon::start(cfg).await?;
             tracing::info!(config = %cfg.display(), "sluice daemon running");
-            daemon::run(state.clone(), CancellationToken::new(), true).await?;
-            let st = std::sync::Arc::try_unwrap(state).map_err(|_| Error::other("shutdown", anyhow::anyhow!("state still shared")))?;
-            st.into_inner().expect("state lock").dp.leave_running();
+            daemon.run(CancellationToken::new(), true).await?;
+            daemon.leave_running()?;
             tracing::info!("stopped; the datapath keeps forwarding and the next `sluice run` adopts it (`sluice detach` removes it)");
             return Ok(());
         }

@@ -16,31 +16,25 @@ pub struct Args {
 /// pinned counters alone.
 pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
     if socket.exists() {
-        let v = crate::client::block_on(crate::client::ok(socket, hyper::Method::GET, "/v1/status", None))?;
+        let st = crate::client::block_on(crate::client::Client::new(socket).status())?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            println!("{}", serde_json::to_string_pretty(&st).expect("json"));
             return Ok(());
         }
-        println!("sluice on {} (config {}), {} flows of {}", v["interface"].as_str().unwrap_or(""), v["config"].as_str().unwrap_or(""), v["flows"], v["flow_capacity"]);
-        if let Ok(Some(c)) = serde_json::from_value::<Option<crate::announce::Status>>(v["cluster"].clone()) {
+        println!("sluice on {} (config {}), {} flows of {}", st.interface, st.config.display(), st.flows, st.flow_capacity);
+        if let Some(c) = &st.cluster {
             println!("{}", c.line());
         }
-        super::ctl::print_services(&super::ctl::services_of(&v["services"])?);
-        for a in v["alerts_firing"].as_array().into_iter().flatten() {
-            println!("ALERT {} [{}]: {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or(""));
-            println!("      {}", a["description"].as_str().unwrap_or(""));
+        super::ctl::print_services(&st.services);
+        for a in &st.alerts_firing {
+            println!("ALERT {} [{}]: {}", a.alertname, a.severity, a.summary);
+            println!("      {}", a.description);
         }
-        for d in v["last_drift"].as_array().into_iter().flatten() {
-            println!(
-                "drift: backend id {} counter {} vs {} flows{}",
-                d["backend_id"],
-                d["counter"],
-                d["flows"],
-                if d["corrected"].as_bool() == Some(true) { " (corrected)" } else { "" }
-            );
+        for d in &st.last_drift {
+            println!("drift: backend id {} counter {} vs {} flows{}", d.backend_id, d.counter, d.flows, if d.corrected { " (corrected)" } else { "" });
         }
         println!();
-        print_outcomes(&serde_json::from_value(v["outcomes"].clone()).map_err(|e| Error::other("status", e))?, false);
+        print_outcomes(&st.outcomes, false);
         return Ok(());
     }
     let map = stats::open(&args.pin.pin_dir)?;

@@ -4,12 +4,16 @@
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
+use crate::{
+    api::StatusReport,
+    client::{self, Client},
+    Error,
+};
 use crossterm::{
     event::{self, Event, KeyCode},
     execute,
     terminal::{disable_raw_mode, enable_raw_mode, EnterAlternateScreen, LeaveAlternateScreen},
 };
-use hyper::Method;
 use ratatui::{
     backend::{Backend, CrosstermBackend},
     layout::{Constraint, Layout},
@@ -18,9 +22,6 @@ use ratatui::{
     widgets::{Block, Borders, Paragraph, Row, Table},
     Terminal,
 };
-use serde_json::Value;
-
-use crate::{client, Error};
 
 /// Per-backend rates between two status samples.
 #[derive(Default)]
@@ -34,17 +35,15 @@ fn bar(ratio: f64, width: usize) -> String {
 }
 
 /// Draws one frame from a `/v1/status` document (`secs` since the previous one).
-pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rates, secs: f64) -> std::io::Result<()> {
+pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &StatusReport, rates: &mut Rates, secs: f64) -> std::io::Result<()> {
     let mut rows = Vec::new();
     let mut next = BTreeMap::new();
-    for s in status["services"].as_array().into_iter().flatten() {
-        for b in s["backends"].as_array().into_iter().flatten() {
-            let key = format!("{}/{}", s["name"].as_str().unwrap_or(""), b["address"].as_str().unwrap_or(""));
-            let open = b["open"].as_u64().unwrap_or(0);
-            let max = b["max_conns"].as_u64().unwrap_or(0);
+    for s in &status.services {
+        for b in &s.backends {
+            let key = format!("{}/{}", s.name, b.address);
+            let (open, max) = (b.open, u64::from(b.max_conns));
             let ratio = if max == 0 { 1.0 } else { open as f64 / max as f64 };
-            let new_flows = b["new_flows"].as_u64().unwrap_or(0);
-            let refused: BTreeMap<String, u64> = b["refused"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect()).unwrap_or_default();
+            let (new_flows, refused) = (b.new_flows, b.refused.clone());
             let (flows_s, refused_s) = match rates.prev.get(&key) {
                 Some((pf, pr)) if secs > 0.0 => {
                     let fs = new_flows.saturating_sub(*pf) as f64 / secs;
@@ -69,9 +68,9 @@ pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rate
             };
             rows.push(
                 Row::new(vec![
-                    s["name"].as_str().unwrap_or("").to_owned(),
-                    b["address"].as_str().unwrap_or("").to_owned(),
-                    b["state"].as_str().unwrap_or("").to_owned(),
+                    s.name.clone(),
+                    b.address.to_string(),
+                    b.state.clone(),
                     format!("{open}/{max}"),
                     format!("{} {:>3.0}%", bar(ratio, 20), ratio * 100.0),
                     flows_s,
@@ -82,18 +81,8 @@ pub fn draw<B: Backend>(term: &mut Terminal<B>, status: &Value, rates: &mut Rate
         }
     }
     rates.prev = next;
-    let alerts: Vec<Line> = status["alerts_firing"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            Line::styled(
-                format!("{} [{}] {}", a["alertname"].as_str().unwrap_or(""), a["severity"].as_str().unwrap_or(""), a["summary"].as_str().unwrap_or("")),
-                Style::default().fg(Color::Red),
-            )
-        })
-        .collect();
-    let title = format!(" sluice top — {} — {} flows of {} — q quits ", status["interface"].as_str().unwrap_or(""), status["flows"], status["flow_capacity"]);
+    let alerts: Vec<Line> = status.alerts_firing.iter().map(|a| Line::styled(format!("{} [{}] {}", a.alertname, a.severity, a.summary), Style::default().fg(Color::Red))).collect();
+    let title = format!(" sluice top — {} — {} flows of {} — q quits ", status.interface, status.flows, status.flow_capacity);
     term.draw(|f| {
         let [top, bottom] = Layout::vertical([Constraint::Min(5), Constraint::Length(8)]).areas(f.area());
         let header = Row::new(["SERVICE", "BACKEND", "STATE", "OPEN/MAX", "SATURATION", "NEW/S", "REFUSED/S"]).style(Style::default().add_modifier(Modifier::BOLD));
@@ -118,9 +107,9 @@ pub struct Args {
 }
 
 /// One frame as text lines (trailing blanks trimmed).
-fn render_once(status: &[Value; 2], width: u16) -> std::io::Result<String> {
-    let rows = status[1]["services"].as_array().into_iter().flatten().map(|s| s["backends"].as_array().map_or(0, Vec::len)).sum::<usize>();
-    let alerts = status[1]["alerts_firing"].as_array().map_or(0, Vec::len);
+fn render_once(status: &[StatusReport; 2], width: u16) -> std::io::Result<String> {
+    let rows = status[1].services.iter().map(|s| s.backends.len()).sum::<usize>();
+    let alerts = status[1].alerts_firing.len();
     let height = u16::try_from(rows + 4 + alerts.max(1) + 2).unwrap_or(u16::MAX).max(13);
     let mut term = Terminal::new(ratatui::backend::TestBackend::new(width, height))?;
     let mut rates = Rates::default();
@@ -137,18 +126,19 @@ fn render_once(status: &[Value; 2], width: u16) -> std::io::Result<String> {
 }
 
 pub fn run(socket: &Path, a: &Args) -> Result<(), Error> {
+    let daemon = Client::new(socket);
     if a.once {
         return client::block_on(async {
-            let first = client::ok(socket, Method::GET, "/v1/status", None).await?;
+            let first = daemon.status().await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let second = client::ok(socket, Method::GET, "/v1/status", None).await?;
+            let second = daemon.status().await?;
             print!("{}", render_once(&[first, second], a.width).map_err(|e| Error::other("drawing", e))?);
             Ok(())
         });
     }
     client::block_on(async {
         // Fail before touching the terminal if the daemon is not there.
-        let mut status = client::ok(socket, Method::GET, "/v1/status", None).await?;
+        let mut status = daemon.status().await?;
         enable_raw_mode().map_err(|e| Error::other("terminal", e))?;
         let mut out = std::io::stdout();
         execute!(out, EnterAlternateScreen).map_err(|e| Error::other("terminal", e))?;
@@ -165,7 +155,7 @@ pub fn run(socket: &Path, a: &Args) -> Result<(), Error> {
                     }
                 }
             }
-            match client::ok(socket, Method::GET, "/v1/status", None).await {
+            match daemon.status().await {
                 Ok(s) => status = s,
                 Err(e) => break Err(e),
             }
@@ -184,15 +174,23 @@ mod tests {
 
     #[test]
     fn renders_saturation_rates_and_alerts() {
-        let status = |flows: u64, refused: u64| {
-            serde_json::json!({
-                "interface": "eth0", "flows": 12, "flow_capacity": 1000,
-                "services": [{ "name": "web", "backends": [
-                    { "address": "10.0.0.11", "state": "active", "open": 5, "max_conns": 5, "new_flows": flows, "refused": { "backend_limit": refused } },
-                    { "address": "10.0.0.12", "state": "draining", "open": 1, "max_conns": 10, "new_flows": 0, "refused": {} }
+        let status = |flows: u64, refused: u64| -> StatusReport {
+            let backend = |address: &str, state: &str, open: u64, max_conns: u32, new_flows: u64, refused: serde_json::Value| {
+                serde_json::json!({ "address": address, "id": 0, "state": state, "open": open, "max_conns": max_conns, "limit": max_conns,
+                    "weight": 1, "removed": false, "new_flows": new_flows, "refused": refused })
+            };
+            serde_json::from_value(serde_json::json!({
+                "interface": "eth0", "config": "/etc/sluice/sluice.toml", "flows": 12, "flow_capacity": 1000,
+                "services": [{ "name": "web", "vip": "10.0.0.1", "port": 80, "proto": "tcp", "mode": "nat", "backends": [
+                    backend("10.0.0.11", "active", 5, 5, flows, serde_json::json!({ "backend_limit": refused })),
+                    backend("10.0.0.12", "draining", 1, 10, 0, serde_json::json!({})),
                 ]}],
-                "alerts_firing": [{ "alertname": "SluiceBackendAtLimit", "severity": "critical", "summary": "Sluice load balancer lb-1: backend 10.0.0.11 of service \"web\" is at its connection limit (5 of 5 open)" }]
-            })
+                "last_sweep": { "scanned": 0, "expired": 0, "released": 0 }, "last_drift": [], "drift_corrected": 0, "break_glass": [],
+                "outcomes": { "outcomes": [], "total_packets": 0, "total_bytes": 0 },
+                "alerts_firing": [{ "status": "firing", "alertname": "SluiceBackendAtLimit", "severity": "critical", "labels": {}, "description": "", "runbook_url": "",
+                    "summary": "Sluice load balancer lb-1: backend 10.0.0.11 of service \"web\" is at its connection limit (5 of 5 open)" }]
+            }))
+            .expect("a status report")
         };
         let mut term = Terminal::new(TestBackend::new(140, 20)).expect("terminal");
         let mut rates = Rates::default();

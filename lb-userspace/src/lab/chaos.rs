@@ -23,7 +23,6 @@ use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::Signal;
 use rand::{rngs::StdRng, seq::SliceRandom as _, Rng as _, SeedableRng as _};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -35,6 +34,7 @@ use super::{
     topo::{BackendConf, ServiceOpts},
     vip, Lab, PORT,
 };
+use crate::api::{BackendReport, StatusReport};
 
 pub const BACKENDS: u8 = 3;
 /// Short flow timeouts, so that "no leaked flows after timeouts" is seconds, not hours away.
@@ -179,16 +179,15 @@ pub struct Report {
 /// what the clients hold to backend `n`.
 pub(super) fn end_state(lab: &Lab, clients: impl Fn(u8) -> u64) -> Result<Vec<BackendEnd>> {
     let bs = backends(&status(lab)?);
-    let ids: Vec<u32> = bs.iter().filter_map(|b| b["id"].as_u64()).map(|i| i as u32).collect();
+    let ids: Vec<u32> = bs.iter().map(|b| b.id).collect();
     let t = tables(&lab.pin_dir(), &ids)?;
     Ok(bs
         .iter()
         .map(|b| {
-            let id = b["id"].as_u64().unwrap_or(0) as u32;
-            let backend: IpAddr = b["address"].as_str().and_then(|a| a.parse().ok()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+            let (id, backend) = (b.id, b.address);
             let n = (1..=super::MAX_BACKENDS).find(|n| IpAddr::V4(backend4(*n)) == backend);
             let (counter, flows) = (t.counters.get(&id).copied().unwrap_or(0), t.holding.get(&id).copied().unwrap_or(0));
-            BackendEnd { id, backend, clients: n.map_or(0, &clients), counter, flows, daemon: b["open"].as_u64().unwrap_or(0) }
+            BackendEnd { id, backend, clients: n.map_or(0, &clients), counter, flows, daemon: b.open }
         })
         .collect())
 }
@@ -453,17 +452,17 @@ pub(super) async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Opt
     out
 }
 
-pub(super) fn status(lab: &Lab) -> Result<Value> {
-    crate::client::block_on(crate::client::ok(&lab.socket(), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("{e}"))
+pub(super) fn status(lab: &Lab) -> Result<StatusReport> {
+    crate::client::block_on(crate::client::Client::new(lab.socket()).status()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The "web" service's backends in the daemon's status.
-pub(super) fn backends(st: &Value) -> Vec<Value> {
-    st["services"].as_array().into_iter().flatten().filter(|s| s["name"] == "web").flat_map(|s| s["backends"].as_array().cloned().unwrap_or_default()).collect()
+pub(super) fn backends(st: &StatusReport) -> Vec<BackendReport> {
+    st.services.iter().filter(|s| s.name == "web").flat_map(|s| s.backends.iter().cloned()).collect()
 }
 
-pub(super) fn refused_total(st: &Value) -> u64 {
-    backends(st).iter().map(|b| b["refused"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>())).sum()
+pub(super) fn refused_total(st: &StatusReport) -> u64 {
+    backends(st).iter().map(|b| b.refused.values().sum::<u64>()).sum()
 }
 
 /// The attached XDP program's id (`prog/xdp id N` in `ip link show`).
@@ -538,10 +537,8 @@ impl Injector<'_> {
         self.lab.wait("the daemon to show the new limits", Duration::from_secs(5), || {
             let st = status(self.lab)?;
             Ok(backends(&st).iter().all(|b| {
-                let n = (1..=BACKENDS).find(|n| b["address"].as_str() == Some(&backend4(*n).to_string()));
-                n.is_some_and(|n| {
-                    b["max_conns"].as_u64() == Some(u64::from(self.limits[usize::from(n - 1)])) && b["weight"].as_u64() == Some(u64::from(self.weights[usize::from(n - 1)]))
-                })
+                let n = (1..=BACKENDS).find(|n| b.address == IpAddr::V4(backend4(*n)));
+                n.is_some_and(|n| b.max_conns == self.limits[usize::from(n - 1)] && b.weight == self.weights[usize::from(n - 1)])
             }))
         })
     }
@@ -580,7 +577,7 @@ impl Injector<'_> {
             Kind::DaemonRestart | Kind::DaemonCrash | Kind::DaemonUpgrade => {
                 let sig = if kind == Kind::DaemonCrash { Signal::SIGKILL } else { Signal::SIGTERM };
                 // Corrections the daemon made so far (they live in its memory).
-                self.drift_corrected += status(self.lab).map_or(0, |st| st["drift_corrected"].as_u64().unwrap_or(0));
+                self.drift_corrected += status(self.lab).map_or(0, |st| st.drift_corrected);
                 if !self.lab.stop("daemon", sig) {
                     bail!("the daemon was not running");
                 }
@@ -764,7 +761,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     }
     let agreed = agreement("after one reconciliation period, counters = flows = what the clients hold", &end);
     let st = status(lab)?;
-    let drift_corrected = inj.drift_corrected + st["drift_corrected"].as_u64().unwrap_or(0);
+    let drift_corrected = inj.drift_corrected + st.drift_corrected;
     let refused_by_sluice = refused_total(&st) - refused_before;
 
     let kills: Vec<(f64, u8)> = faults.iter().filter(|f| f.kind == Kind::BackendCrash && !f.undo).filter_map(|f| Some((f.t, f.backend?))).collect();

@@ -28,7 +28,6 @@ use std::{
 use anyhow::{bail, Result};
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{
     chaos::{self, Check, Conn, Fate, Release, Shared, Verdict},
@@ -304,8 +303,13 @@ impl Cluster<'_> {
         converge(self.lab, self.max, &self.up, since)
     }
 
-    pub(super) fn status(&self, k: u8) -> Result<Value> {
-        crate::client::block_on(crate::client::ok(&self.socket(k), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("node {k}: {e}"))
+    pub(super) fn status(&self, k: u8) -> Result<crate::api::StatusReport> {
+        crate::client::block_on(self.client(k).status()).map_err(|e| anyhow::anyhow!("node {k}: {e}"))
+    }
+
+    /// Node `k`'s daemon.
+    pub(super) fn client(&self, k: u8) -> crate::client::Client {
+        crate::client::Client::new(self.socket(k))
     }
 
     /// New flows admitted so far, per running node.
@@ -314,7 +318,7 @@ impl Cluster<'_> {
             .filter(|k| self.socket(*k).exists())
             .filter_map(|k| {
                 let st = self.status(k).ok()?;
-                Some((k, chaos::backends(&st).iter().filter_map(|b| b["new_flows"].as_u64()).sum()))
+                Some((k, chaos::backends(&st).iter().map(|b| b.new_flows).sum()))
             })
             .collect()
     }
@@ -429,15 +433,17 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         step(format!("scale out: node {new} joins"), all.clone(), &mut cl, &mut |cl| cl.start_node(new).map(|()| String::new()))?;
         let drained = 1;
         step(format!("drain node {drained}"), without(&all, drained), &mut cl, &mut |cl| {
-            let v = crate::client::block_on(crate::client::ok(&cl.socket(drained), hyper::Method::POST, "/v1/node/drain", Some(&serde_json::json!({ "timeout": "20s" }))))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v = crate::client::block_on(cl.client(drained).drain(&crate::api::DrainRequest { timeout: Some("20s".into()) })).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(format!(
                 "withdrawn in {} ms; {} new flows reached it after, the last {} ms after the withdrawal; then none: {}",
-                v["withdraw_ms"], v["new_flows_after"], v["last_new_flow_ms"], v["quiet"]
+                v.withdraw_ms.map_or_else(|| "(unconfirmed)".to_owned(), |ms| ms.to_string()),
+                v.new_flows_after,
+                v.last_new_flow_ms,
+                v.quiet
             ))
         })?;
         step(format!("undrain node {drained}"), all.clone(), &mut cl, &mut |cl| {
-            crate::client::block_on(crate::client::ok(&cl.socket(drained), hyper::Method::POST, "/v1/node/undrain", None)).map_err(|e| anyhow::anyhow!("{e}"))?;
+            crate::client::block_on(cl.client(drained).undrain()).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(String::new())
         })?;
         let restarted = 2;
@@ -481,7 +487,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         // Only the held connections are open now. Every node counts only the flows it carries
         // once its peers told it which moved (about a second, plus the sender's retries).
         let by_node = || -> BTreeMap<String, u64> {
-            (1..=cl.max).filter_map(|k| Some((format!("n{k}"), chaos::backends(&cl.status(k).ok()?).iter().filter_map(|b| b["open"].as_u64()).sum::<u64>()))).collect()
+            (1..=cl.max).filter_map(|k| Some((format!("n{k}"), chaos::backends(&cl.status(k).ok()?).iter().map(|b| b.open).sum::<u64>()))).collect()
         };
         let counted = || by_node().values().sum::<u64>();
         let open_now = held as u64;
@@ -490,7 +496,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         open_by_node = by_node();
         counted_open = open_by_node.values().sum();
         settle_ms = t_stop.elapsed().as_millis() as u64;
-        peer_stats = (1..=cl.max).filter_map(|k| Some((format!("n{k}"), serde_json::from_value(cl.status(k).ok()?["peers"].clone()).ok()?))).collect();
+        peer_stats = (1..=cl.max).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?.peers?))).collect();
         drop(release);
         say("load stopped; closing the held connections".into());
         let mut conns = Vec::new();

@@ -266,7 +266,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let st = chaos::status(lab)?;
 
     let (flood_start, flood_end) = flood_span;
-    let new_flows = |v: &serde_json::Value| chaos::backends(v).iter().filter_map(|b| b["new_flows"].as_u64()).sum::<u64>();
+    let new_flows = |v: &crate::api::StatusReport| chaos::backends(v).iter().map(|b| b.new_flows).sum::<u64>();
     let probes = &seen.probes;
     let count = |from: f64, to: f64, ok: bool| probes.iter().filter(|(t, o)| *t >= from && *t < to && (!ok || *o)).count() as u64;
     // Every probe from this moment on got through.

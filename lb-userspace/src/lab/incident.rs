@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::{alerts::Notification, api::StatusReport};
 use anyhow::{Context as _, Result};
-use serde_json::Value;
 
 use super::{
     load::{self, Counters, LoadSpec},
@@ -56,8 +56,8 @@ impl Narrator {
     }
 }
 
-fn status(lab: &Lab) -> Result<Value> {
-    crate::client::block_on(crate::client::ok(&lab.socket(), hyper::Method::GET, "/v1/status", None)).map_err(|e| anyhow::anyhow!("{e}"))
+fn status(lab: &Lab) -> Result<StatusReport> {
+    crate::client::block_on(crate::client::Client::new(lab.socket()).status()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `sluice --socket S args…` as an operator would type it: (command line, output).
@@ -70,15 +70,12 @@ fn sluice(lab: &Lab, args: &[&str]) -> (String, String, bool) {
     }
 }
 
-fn sample(lab: &Lab, t: f64) -> Option<(Point, Value)> {
+fn sample(lab: &Lab, t: f64) -> Option<(Point, StatusReport)> {
     let s = status(lab).ok()?;
     let mut p = Point { t, ..Point::default() };
-    for svc in s["services"].as_array().into_iter().flatten() {
-        for b in svc["backends"].as_array().into_iter().flatten() {
-            let name = b["address"].as_str().unwrap_or("").to_owned();
-            p.backends.insert(name, (b["open"].as_u64().unwrap_or(0), b["max_conns"].as_u64().unwrap_or(0)));
-            p.refused += b["refused"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum::<u64>());
-        }
+    for b in s.services.iter().flat_map(|svc| &svc.backends) {
+        p.backends.insert(b.address.to_string(), (b.open, u64::from(b.max_conns)));
+        p.refused += b.refused.values().sum::<u64>();
     }
     Some((p, s))
 }
@@ -107,7 +104,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     let points: Arc<Mutex<Vec<Point>>> = Arc::default();
     let marks: Arc<Mutex<Vec<(f64, String)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let first_alert: Arc<Mutex<Option<(f64, Value)>>> = Arc::default();
+    let first_alert: Arc<Mutex<Option<(f64, Notification)>>> = Arc::default();
     let mark = |label: &str| marks.lock().expect("marks").push((n.t0.elapsed().as_secs_f64(), label.to_owned()));
 
     std::thread::scope(|s| -> Result<()> {
@@ -122,8 +119,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
                     let mut fa = first_alert.lock().expect("alert");
                     if fa.is_none() {
                         // The alert about refusals (not, say, a saturation forecast from the ramp).
-                        let about_refusals = |a: &&Value| matches!(a["alertname"].as_str(), Some("SluiceRefusingConnections" | "SluiceBackendAtLimit" | "SluiceServiceSaturated"));
-                        if let Some(a) = st["alerts_firing"].as_array().and_then(|a| a.iter().find(about_refusals)) {
+                        let about_refusals = |a: &&Notification| matches!(a.alertname.as_ref(), "SluiceRefusingConnections" | "SluiceBackendAtLimit" | "SluiceServiceSaturated");
+                        if let Some(a) = st.alerts_firing.iter().find(about_refusals) {
                             *fa = Some((t, a.clone()));
                         }
                     }
@@ -213,11 +210,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         let alert = first_alert.lock().expect("alert").clone();
         if let Some((t, a)) = &alert {
             mark("alert fires");
-            n.say(format!("  ALERT {} after {:.1} s:", a["alertname"].as_str().unwrap_or(""), t - first_refusal));
-            n.block(&format!("{}\n{}", a["summary"].as_str().unwrap_or(""), a["description"].as_str().unwrap_or("")));
+            n.say(format!("  ALERT {} after {:.1} s:", a.alertname, t - first_refusal));
+            n.block(&format!("{}\n{}", a.summary, a.description));
         }
         let alert_ok = alert.as_ref().is_some_and(|(t, a)| {
-            let text = a.to_string();
+            let text = format!("{}\n{}", a.summary, a.description);
             *t - first_refusal <= 5.0 && text.contains("Sluice load balancer lab-lb") && text.contains("max_conns")
         });
         checks.push(Check { what: "an alert naming the load balancer and max_conns fires within 5 s of the first refusal", ok: alert_ok, detail: format!("{alert:?}") });
@@ -232,8 +229,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
             detail: head.clone(),
         });
         let (_, ev, _) = sluice(lab, &["events", "--json"]);
-        let refused_client =
-            ev.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).find(|e| e["reason"] == "backend_limit").and_then(|e| e["client"].as_str().map(str::to_owned));
+        let refused_client = ev.lines().filter_map(|l| serde_json::from_str::<crate::events::Event>(l).ok()).find(|e| e.reason == "backend_limit").map(|e| e.client.to_string());
         if let Some(client) = &refused_client {
             let (line, out, _) = sluice(lab, &["explain", client, &format!("{}:80", super::VIP4)]);
             n.block(&format!("{line}\n{}", out.trim_end()));
@@ -273,7 +269,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut resolved = false;
         while Instant::now() < deadline {
-            if status(lab).is_ok_and(|s| s["alerts_firing"].as_array().is_some_and(Vec::is_empty)) {
+            if status(lab).is_ok_and(|s| s.alerts_firing.is_empty()) {
                 resolved = true;
                 break;
             }

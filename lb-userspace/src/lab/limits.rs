@@ -26,7 +26,6 @@ use std::{
 use anyhow::{bail, Result};
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use serde_json::Value;
 
 use super::{
     chaos::{Check, Verdict},
@@ -34,6 +33,7 @@ use super::{
     cluster::{node_addr, node_ns, Cluster, ROUTER4},
     Lab, PORT, VIP4,
 };
+use crate::api::StatusReport;
 
 const ETCD_PORT: u16 = 2379;
 /// The lease the nodes are configured with (`write_node`).
@@ -103,7 +103,7 @@ pub struct Report {
     /// Per client: admitted, refused, failed.
     pub clients: BTreeMap<String, (u64, u64, u64)>,
     /// Per node: etcd requests and bytes, grants applied, over the run (its `Traffic`).
-    pub traffic: BTreeMap<String, Value>,
+    pub traffic: BTreeMap<String, crate::limits::Traffic>,
     pub run_s: f64,
     pub checks: Vec<Check>,
     /// Every sample: each node's open connections and limit.
@@ -139,7 +139,7 @@ impl Verdict for Report {
             let _ = writeln!(
                 t,
                 "- etcd traffic of {n}: {} requests, {} B sent, {} B received, {} reports, {} grants written, {} applied in {} rounds",
-                tr["requests"], tr["bytes_sent"], tr["bytes_received"], tr["reports"], tr["grants_written"], tr["grants_applied"], tr["rounds"]
+                tr.requests, tr.bytes_sent, tr.bytes_received, tr.reports, tr.grants_written, tr.grants_applied, tr.rounds
             );
         }
         for c in &self.checks {
@@ -191,14 +191,24 @@ async fn client(load: Arc<Load>, hold: Duration, stop: Arc<AtomicBool>) {
     tokio::time::sleep(hold + Duration::from_millis(100)).await;
 }
 
-fn node_sample(v: &Value) -> Option<NodeSample> {
-    let b = v["services"].as_array()?.first()?["backends"].as_array()?.first()?.clone();
+fn node_sample(v: &StatusReport) -> Option<NodeSample> {
+    let b = v.services.first()?.backends.first()?;
     Some(NodeSample {
-        open: b["open"].as_u64()?,
-        limit: b["limit"].as_u64()?,
-        fallback: v["limits"]["fallback"].as_bool().unwrap_or(false),
-        etcd_alert: v["alerts_firing"].as_array().is_some_and(|a| a.iter().any(|x| x["alertname"] == "SluiceLimitsWithoutEtcd")),
+        open: b.open,
+        limit: u64::from(b.limit),
+        fallback: v.limits.as_ref().is_some_and(|l| l.fallback),
+        etcd_alert: v.alerts_firing.iter().any(|x| x.alertname == "SluiceLimitsWithoutEtcd"),
     })
+}
+
+/// Whether the node reaches etcd now.
+fn etcd_connected(v: &StatusReport) -> bool {
+    v.limits.as_ref().is_some_and(|l| l.connected)
+}
+
+/// A lease id as etcd prints it, or "none".
+fn lease(v: Option<i64>) -> String {
+    v.map_or_else(|| "none".to_owned(), |l| format!("{l:x}"))
 }
 
 fn start_etcd(lab: &Lab) -> Result<()> {
@@ -248,7 +258,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     }
     cl.converge(Instant::now())?;
     lab.wait("every node to join the cluster's limits", Duration::from_secs(20), || {
-        Ok((1..=opts.nodes).all(|k| cl.status(k).is_ok_and(|v| v["limits"]["connected"] == true && v["limits"]["leader"].is_string())))
+        Ok((1..=opts.nodes).all(|k| cl.status(k).is_ok_and(|v| etcd_connected(&v) && v.limits.as_ref().is_some_and(|l| l.leader.is_some()))))
     })?;
     let say = |line: String| eprintln!("[{:>6.1}s] {line}", t0.elapsed().as_secs_f64());
     say(format!("{} nodes joined; etcd on the router", opts.nodes));
@@ -270,7 +280,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     // With etcd stopped, at the last sample: the nodes whose alert fired, those in safe shares.
     let mut etcd_lost: (Vec<u8>, Vec<u8>) = Default::default();
     // n1's restart: its lease before and after, its limit before and as it started.
-    let mut restart: (Value, Value, u64, u64) = (Value::Null, Value::Null, 0, 0);
+    let mut restart: (Option<i64>, Option<i64>, u64, u64) = (None, None, 0, 0);
 
     std::thread::scope(|s| -> Result<()> {
         let mut clients = Vec::new();
@@ -336,10 +346,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             lab.stop("daemon-n1", Signal::SIGTERM);
             cl.start_daemon(1)?;
             let after = cl.status(1)?;
-            let limit = |v: &Value| node_sample(v).map_or(0, |n| n.limit);
-            restart = (before["limits"]["lease"].clone(), after["limits"]["lease"].clone(), limit(&before), limit(&after));
-            lab.wait("n1 to reach etcd again", Duration::from_secs(10), || Ok(cl.status(1).is_ok_and(|v| v["limits"]["connected"] == true)))?;
-            let resumed = cl.status(1)?["limits"]["lease"].clone();
+            let limit = |v: &StatusReport| node_sample(v).map_or(0, |n| n.limit);
+            let lease_of = |v: &StatusReport| v.limits.as_ref().and_then(|l| l.lease);
+            restart = (lease_of(&before), lease_of(&after), limit(&before), limit(&after));
+            lab.wait("n1 to reach etcd again", Duration::from_secs(10), || Ok(cl.status(1).is_ok_and(|v| etcd_connected(&v))))?;
+            let resumed = lease_of(&cl.status(1)?);
             let step = measure(
                 "n1's daemon restarts".into(),
                 since,
@@ -347,7 +358,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                 target,
                 &all,
                 &|_| true,
-                format!("lease {} before, {resumed} after; limit {} before, {} as it started", restart.0, restart.2, restart.3),
+                format!("lease {} before, {} after; limit {} before, {} as it started", lease(restart.0), lease(resumed), restart.2, restart.3),
             );
             restart.1 = resumed;
             say(format!("{}: {}", step.what, step.detail));
@@ -425,7 +436,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let samples = samples.into_inner().expect("samples");
     let samples_taken = samples.clone();
     let max_sum = samples.iter().map(Sample::sum).max().unwrap_or(0);
-    let traffic = (1..opts.nodes).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?["limits"]["traffic"].clone()))).collect();
+    let traffic = (1..opts.nodes).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?.limits?.traffic))).collect();
     let mut report = Report {
         nodes: opts.nodes,
         max_conns: opts.max_conns,
@@ -450,7 +461,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     for s in &report.steps[..n] {
         check(&format!("{}: 95 % of the limit within 5 s", s.what), s.reached_ms.is_some_and(|ms| ms <= 5000), format!("{:?} ms", s.reached_ms));
     }
-    check("a daemon restart resumes its lease and keeps its share", restart.0.is_i64() && restart.0 == restart.1 && restart.2 == restart.3, report.steps[n].detail.clone());
+    check("a daemon restart resumes its lease and keeps its share", restart.0.is_some() && restart.0 == restart.1 && restart.2 == restart.3, report.steps[n].detail.clone());
     let n = n + 1;
     let fail = &report.steps[n];
     let bound = LEASE_TTL + Duration::from_secs(1);

@@ -44,16 +44,16 @@ fn main() {
         skew_ms.extend(report.steps[..3].iter().filter_map(|s| s.reached_ms));
         // n2 runs through the whole lab (n1 restarts, n3 fails): its counters cover the run.
         if let Some(t) = report.traffic.get("n2") {
-            let per_s = |k: &str| t[k].as_f64().unwrap_or(0.0) / report.run_s;
+            let per_s = |n: u64| n as f64 / report.run_s;
             writeln!(
                 traffic,
                 "| {run} | {:.1} | {:.0} B | {:.0} B | {:.1} | {:.2} | {:.2} |",
-                per_s("requests"),
-                per_s("bytes_sent"),
-                per_s("bytes_received"),
-                per_s("reports"),
-                per_s("grants_written"),
-                per_s("grants_applied")
+                per_s(t.requests),
+                per_s(t.bytes_sent),
+                per_s(t.bytes_received),
+                per_s(t.reports),
+                per_s(t.grants_written),
+                per_s(t.grants_applied)
             )
             .expect("w");
         }

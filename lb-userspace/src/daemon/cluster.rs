@@ -1,0 +1,149 @@
+//! This node's part in a cluster (`[cluster]`): what it announces through BIRD, its drain, the
+//! peer channel and the cluster-wide limits' status, as the daemon keeps them.
+
+use std::{
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{announce, config, Error};
+
+use super::State;
+
+/// A cluster node's announcement state, kept by the daemon; `announce.rs` keeps BIRD in step.
+pub struct Cluster {
+    pub(super) cfg: config::ClusterCfg,
+    pub(super) status: Arc<Mutex<announce::Status>>,
+    /// Withdrawn on purpose (`sluice node drain`); kept across restarts by a marker file.
+    pub(super) drained: bool,
+    pub(super) wanted: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
+    pub(super) wanted_rx: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
+    /// The peer channel, with `cluster.peers` or `cluster.peer_listen`.
+    pub(super) peers: Option<Peers>,
+    /// Cluster-wide limits through etcd, with `[cluster.limits]` (`limits.rs`).
+    pub(super) limits: Option<Arc<Mutex<crate::limits::Status>>>,
+}
+
+/// This node's side of the peer channel (`peers.rs`).
+pub struct Peers {
+    pub(super) stats: Arc<Mutex<crate::peers::Stats>>,
+    pub(super) key: Vec<u8>,
+    pub(super) tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
+    pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<crate::peers::Moved>>>,
+    /// Adopted flows entered since this coarse-clock time are reported next.
+    pub(super) since_ns: u64,
+}
+
+impl Cluster {
+    /// This node's name (`cluster.node`).
+    pub fn node(&self) -> &str {
+        &self.cfg.node
+    }
+    /// What it announces, as the announcer last reported.
+    pub fn status(&self) -> announce::Status {
+        self.status.lock().expect("status").clone()
+    }
+    /// The peer channel's counts, with `cluster.peers` or `cluster.peer_listen`.
+    pub fn peer_stats(&self) -> Option<crate::peers::Stats> {
+        self.peers.as_ref().map(|p| p.stats.lock().expect("stats").clone())
+    }
+    /// The cluster-wide limits' status, with `[cluster.limits]`.
+    pub fn limits(&self) -> Option<crate::limits::Status> {
+        self.limits.as_ref().map(|l| l.lock().expect("limits status").clone())
+    }
+}
+
+/// The cluster state from `[cluster]`: its directory made, a drain kept from before.
+pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
+    let Some(c) = &cfg.cluster else { return Ok(None) };
+    // 0755 and files 0644: BIRD runs as its own user and reads them.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&c.announce_dir)
+        .map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", c.announce_dir.display()), e))?;
+    // BIRD refuses a config whose included files are missing: make them (empty) before this
+    // daemon serves, so BIRD may start any time after it.
+    for f in <[PathBuf; 2]>::from(announce::files(&c.announce_dir)) {
+        if !f.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&f)
+                .map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", f.display()), e))?;
+        }
+    }
+    let drained = announce::drained_marker(&c.announce_dir).exists();
+    if drained {
+        tracing::warn!(node = %c.node, "this node was drained (`sluice node drain`) and stays so until `sluice node undrain`");
+    }
+    let (wanted, wanted_rx) = tokio::sync::watch::channel(Default::default());
+    let status = announce::Status { node: c.node.clone(), drained, ..Default::default() };
+    let peers = match &c.peer_key_file {
+        Some(path) if !c.peers.is_empty() || c.peer_listen.is_some() => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            // From 0: the first report holds every adopted flow in the table, those the datapath
+            // adopted while no daemon ran (a restart, an upgrade) included; peers ignore the
+            // ones they do not hold.
+            Some(Peers { stats: Arc::default(), key: crate::peers::read_key(path)?, tx, rx: Some(rx), since_ns: 0 })
+        }
+        _ => None,
+    };
+    let limits = c.limits.as_ref().map(|l| {
+        Arc::new(Mutex::new(crate::limits::Status {
+            node: c.node.clone(),
+            etcd: l.etcd.clone(),
+            prefix: l.prefix.clone(),
+            lease_ttl_s: l.lease_ttl.as_secs(),
+            ..Default::default()
+        }))
+    });
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers, limits }))
+}
+
+impl State {
+    /// Tells the announcer which VIPs this node should announce now.
+    pub(super) fn publish_wanted(&mut self) {
+        let servable = announce::servable(&self.applied);
+        if let Some(c) = &mut self.cluster {
+            let wanted = if c.drained { Default::default() } else { servable };
+            {
+                let mut s = c.status.lock().expect("status");
+                s.wanted.clone_from(&wanted);
+                s.drained = c.drained;
+            }
+            c.wanted.send_if_modified(|w| {
+                let changed = *w != wanted;
+                *w = wanted;
+                changed
+            });
+        }
+    }
+
+    /// Drains (true) or undrains this node: withdraws or announces its VIPs.
+    pub(super) fn set_drained(&mut self, drained: bool) -> Result<(), Error> {
+        let c = self
+            .cluster
+            .as_mut()
+            .ok_or_else(|| Error::other("node drain", anyhow::anyhow!("this daemon has no [cluster] section: a single node announces nothing to withdraw")))?;
+        let marker = announce::drained_marker(&c.cfg.announce_dir);
+        let written = if drained {
+            std::fs::write(&marker, b"drained by `sluice node drain`\n")
+        } else {
+            std::fs::remove_file(&marker).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        };
+        written.map_err(|e| Error::other(format!("recording the drain in {}", marker.display()), e))?;
+        c.drained = drained;
+        let node = c.cfg.node.clone();
+        let what = if drained { "drained: withdrawing its VIPs, forwarding what still arrives" } else { "undrained: announcing its VIPs again" };
+        tracing::warn!(node = %node, "node {what}");
+        self.journal.record("cluster", format!("node \"{node}\" {what}"), vec![]);
+        self.publish_wanted();
+        Ok(())
+    }
+}

@@ -1,0 +1,377 @@
+//! What the daemon owns ([`State`]) and the one path by which its running config changes
+//! ([`State::change`]). The fields are private to `daemon/`: other modules read them through
+//! the getters below, under [`super::Daemon::lock`], and change the state only through
+//! [`super::Daemon`]'s methods.
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::{
+    alerts,
+    config::{Config, Mode},
+    conns::ConnCounters,
+    datapath::Datapath,
+    flowtab::FlowTable,
+    gc::{self, Drift, Reconciler, Sweep},
+    health, neigh,
+    reconcile::{Applied, Change},
+    tables::Tables,
+    Error,
+};
+
+use super::cluster::Cluster;
+
+/// How often the reconciliation pass runs, in ticks (one per second).
+pub(super) const RECONCILE_EVERY: u64 = 10;
+/// Refusal events trigger an evaluation at most this often (events are rate-limited already);
+/// the periodic evaluations do not count, so the first refusal after a quiet spell is always
+/// evaluated at once.
+pub(super) const MIN_EVAL_GAP: Duration = Duration::from_millis(100);
+/// GC waits this many times as long as its last sweep took (at least a second).
+const GC_DUTY_INVERSE: u32 = 20;
+const TICK_SLACK: Duration = Duration::from_millis(100);
+
+/// A temporary `max_conns` for one backend.
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub max_conns: u32,
+    pub until: Instant,
+    /// When it reverts, RFC 3339.
+    pub until_wall: String,
+}
+
+/// The config with break-glass limits laid over it.
+fn effective(cfg: &Config, overrides: &std::collections::BTreeMap<(String, IpAddr), Override>) -> Config {
+    let mut c = cfg.clone();
+    for s in &mut c.services {
+        for b in &mut s.backends {
+            if let Some(o) = overrides.get(&(s.name.clone(), b.address)) {
+                b.max_conns = o.max_conns;
+            }
+        }
+    }
+    c
+}
+
+/// MACs of the `l2dsr` backends whose config gives none, from the neighbour table.
+async fn backend_macs(cfg: &Config) -> Result<std::collections::HashMap<IpAddr, [u8; 6]>, Error> {
+    let need: Vec<IpAddr> = cfg.services.iter().filter(|s| s.mode == Mode::L2dsr).flat_map(|s| s.backends.iter().filter(|b| b.mac.is_none()).map(|b| b.address)).collect();
+    if need.is_empty() {
+        return Ok(Default::default());
+    }
+    neigh::resolve(&need, Duration::from_secs(3)).await
+}
+
+/// What a change applies: the next config, and what to do once it is applied.
+pub struct Next {
+    pub cfg: Config,
+    /// Runs after a successful apply, in the same turn.
+    pub then: Option<Then>,
+}
+
+/// A change's follow-up, run once its config is applied.
+pub type Then = Box<dyn FnOnce(&mut State) -> Result<(), Error> + Send>;
+
+impl From<Config> for Next {
+    fn from(cfg: Config) -> Self {
+        Self { cfg, then: None }
+    }
+}
+
+/// Everything the daemon owns, shared by its loops and the control API.
+pub struct State {
+    pub(super) cfg_path: PathBuf,
+    pub(super) cfg: Config,
+    pub(super) dp: Datapath,
+    pub(super) conns: ConnCounters,
+    /// The memory-mapped flow table (GC, reconciliation, status).
+    pub(super) flows: FlowTable,
+    pub(super) applied: Applied,
+    pub(super) reconciler: Reconciler,
+    pub(super) last_sweep: Sweep,
+    pub(super) next_gc: Instant,
+    /// The time between two GC sweeps (the next sweep's horizon for half-open flows).
+    pub(super) gc_gap: Duration,
+    pub(super) last_drift: Vec<Drift>,
+    pub(super) checks: health::Checks,
+    pub(super) alerts: alerts::Engine,
+    pub(super) sinks: crate::sinks::Sinks,
+    pub(super) events: Option<crate::events::Events>,
+    /// Break-glass limits (`sluice limit raise --ttl`): laid over the config until they expire.
+    pub(super) overrides: std::collections::BTreeMap<(String, IpAddr), Override>,
+    pub(super) journal: crate::journal::Journal,
+    /// Alerts firing now, as last notified.
+    pub(super) firing: Vec<alerts::Notification>,
+    /// The last evaluation refusal events triggered.
+    pub(super) last_event_eval: Option<Instant>,
+    /// Refusals arrived within MIN_EVAL_GAP of the last such evaluation: evaluate when it has
+    /// passed. Whoever drains (the main loop, an API call) wakes the main loop through
+    /// `eval_wakeup`, so a deferred evaluation is never left to the next tick.
+    pub(super) eval_pending: bool,
+    pub(super) eval_wakeup: Arc<tokio::sync::Notify>,
+    pub(super) health_tx: mpsc::UnboundedSender<health::Transition>,
+    pub(super) health_rx: Option<mpsc::UnboundedReceiver<health::Transition>>,
+    /// This node's part in a cluster (`[cluster]`): what it announces through BIRD.
+    pub(super) cluster: Option<Cluster>,
+    /// What the change in progress altered beside the config (a backend's health, a
+    /// break-glass limit), to undo if its apply fails.
+    #[expect(clippy::type_complexity, reason = "one boxed closure")]
+    pub(super) pending_undo: Option<Box<dyn FnOnce(&mut State) + Send>>,
+    /// Held for the whole of one change (edit, MAC resolution, write), so that changes of the
+    /// running config are applied one after the other, each to the result of the one before.
+    pub(super) turn: Arc<tokio::sync::Mutex<()>>,
+    /// Per backend, peaks of open connections and refusals (`history.rs`), for the guard.
+    pub(super) history: crate::history::History,
+    /// What the alert sample names each backend by, made once per apply.
+    pub(super) names: alerts::Names,
+    /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
+    pub(super) change_refused: Option<String>,
+}
+
+impl State {
+    /// The one path by which the running config changes (API, CLI, SIGHUP, health checks,
+    /// break-glass limits and their expiry): waits its turn, lets `edit` derive the next config
+    /// from the state as the previous change left it (and change the state beside it: a
+    /// backend's health, an override), applies it, then runs the edit's follow-up (e.g. putting
+    /// the edited config file in place), all in the same turn. No two changes interleave, so none
+    /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
+    pub(super) async fn change<E: From<Error>>(state: &Arc<Mutex<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
+        let turn = state.lock().expect("state lock").turn.clone();
+        let _turn = turn.lock().await;
+        let next = edit(&mut state.lock().expect("state lock"))?;
+        let changes = match Self::apply(state, next.cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                let mut st = state.lock().expect("state lock");
+                if let Some(undo) = st.pending_undo.take() {
+                    undo(&mut st);
+                }
+                return Err(e.into());
+            }
+        };
+        state.lock().expect("state lock").pending_undo = None;
+        if let Some(then) = next.then {
+            then(&mut state.lock().expect("state lock"))?;
+        }
+        Ok(changes)
+    }
+
+    /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need. Only
+    /// [`State::change`] calls it, holding the turn.
+    async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
+        let macs = backend_macs(&cfg).await?;
+        let mut st = state.lock().expect("state lock");
+        let st = &mut *st;
+        let resolver = |ip: IpAddr| macs.get(&ip).copied();
+        let eff = effective(&cfg, &st.overrides);
+        let changes = st.applied.apply(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
+        if !changes.is_empty() {
+            st.journal.record("config", format!("configuration applied: {} change(s)", changes.len()), changes.iter().map(|c| c.what.clone()).collect());
+        }
+        st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
+        if cfg.alerts != st.cfg.alerts {
+            st.alerts = alerts::Engine::new(cfg.alerts.clone());
+            st.sinks = crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone());
+            st.firing.clear();
+        }
+        st.cfg = cfg;
+        st.publish_wanted();
+        Ok(changes)
+    }
+
+    /// The guard's verdict on changing the running config to `next` (`guard.rs`).
+    pub(super) fn guard(&self, next: &Config) -> crate::guard::Verdict {
+        let open = |svc: &str, a: IpAddr| self.applied.backend(svc, a).map_or(0, |b| self.conns.get(b.id));
+        crate::guard::check(&self.cfg, next, &self.history, &open, crate::history::unix_now(), self.cfg.guard.window)
+    }
+
+    /// What to undo if the change in progress fails to apply (inside [`State::change`]'s edit).
+    pub(super) fn set_undo(&mut self, undo: Box<dyn FnOnce(&mut State) + Send>) {
+        self.pending_undo = Some(undo);
+    }
+
+    /// What applying `cfg` would change (no writes).
+    pub(super) async fn plan(state: &Arc<Mutex<Self>>, cfg: &Config) -> Result<Vec<Change>, Error> {
+        let macs = backend_macs(cfg).await?;
+        let mut st = state.lock().expect("state lock");
+        let st = &mut *st;
+        let resolver = |ip: IpAddr| macs.get(&ip).copied();
+        let eff = effective(cfg, &st.overrides);
+        st.applied.plan(&eff, &resolver, |id| st.conns.get(id)).map(|p| p.changes)
+    }
+
+    /// Moves queued refusal events into the window and, if there were any, evaluates the alerts
+    /// now rather than at the next tick (the first refusal reaches the sinks in milliseconds).
+    /// Every reader drains through here, so whoever sees a refusal first triggers the evaluation.
+    pub(super) fn drain_events(&mut self) -> Result<usize, Error> {
+        let n = self.events.as_mut().map_or(0, |ev| ev.drain(&self.applied));
+        if n > 0 {
+            if self.last_event_eval.is_none_or(|t| t.elapsed() >= MIN_EVAL_GAP) {
+                self.last_event_eval = Some(Instant::now());
+                self.evaluate_alerts()?;
+            } else {
+                self.eval_pending = true;
+                self.eval_wakeup.notify_one();
+            }
+        }
+        Ok(n)
+    }
+
+    /// Samples the counters, evaluates the alert rules and delivers what changed (log sink).
+    pub(super) fn evaluate_alerts(&mut self) -> Result<(), Error> {
+        self.eval_pending = false;
+        let limits = self.cluster.as_ref().and_then(|c| c.limits.as_ref()).map(|l| l.lock().expect("limits status").clone());
+        self.names.refresh(&self.applied, &mut self.history);
+        let stats = self.dp.tables().backend_stats_upto(self.names.ids_end())?;
+        // The load history the guard judges changes by: every backend, every evaluation.
+        let now_unix = crate::history::unix_now();
+        for b in self.applied.services.values().flat_map(|s| s.backends.values()).filter(|b| !b.removed) {
+            if let Some(n) = self.names.get(b.id) {
+                self.history.observe_at(n.history, now_unix, self.conns.get(b.id), stats[b.id as usize].refused.total());
+            }
+        }
+        self.history.save_if_due();
+        // BIRD behind for a few seconds (not the instant of a change) while a VIP should be up.
+        let not_announcing = self.cluster.as_ref().and_then(|c| {
+            let s = c.status.lock().expect("status");
+            let missing: Vec<String> = s.wanted.difference(&s.announced).map(ToString::to_string).collect();
+            (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty())
+                .then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
+        });
+        let sample = alerts::sample(&alerts::Inputs {
+            applied: &self.applied,
+            names: &self.names,
+            stats: &stats,
+            conns: &self.conns,
+            limits,
+            corrections: &self.reconciler.corrections,
+            flows: (self.flows.len(), self.flows.capacity()),
+            config_file: &self.cfg_path,
+            not_announcing,
+            change_refused: self.change_refused.clone(),
+            services: &self.cfg.services,
+        });
+        for n in self.alerts.evaluate(Instant::now(), sample) {
+            match n.status {
+                alerts::Status::Firing => {
+                    tracing::warn!(alert = %n.alertname, severity = %n.severity, "FIRING: {} — {}", n.summary, n.description);
+                    self.journal.record("alert", format!("alert {} FIRING: {}", n.alertname, n.summary), vec![n.description.clone()]);
+                    self.sinks.send(&n);
+                    self.firing.push(n);
+                }
+                alerts::Status::Resolved => {
+                    tracing::info!(alert = %n.alertname, "{}", n.summary);
+                    self.journal.record("alert", format!("alert {} resolved", n.alertname), vec![n.summary.clone()]);
+                    self.sinks.send(&n);
+                    self.firing.retain(|f| !(f.alertname == n.alertname && f.labels == n.labels));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops expired break-glass limits; true if the config must be applied again.
+    pub(super) fn expire_overrides(&mut self) -> bool {
+        let now = Instant::now();
+        let before = self.overrides.len();
+        self.overrides.retain(|(svc, be), o| {
+            let keep = o.until > now;
+            if !keep {
+                tracing::warn!(service = %svc, backend = %be, "break-glass limit max_conns = {} expired; back to the config's value", o.max_conns);
+                self.journal.record("limit", format!("break-glass limit expired: service \"{svc}\" backend {be} back to its configured max_conns"), vec![]);
+            }
+            keep
+        });
+        self.overrides.len() != before
+    }
+
+    pub(super) fn tick(&mut self, n: u64) -> Result<(), Error> {
+        let now = Instant::now();
+        if now >= self.next_gc {
+            self.last_sweep = gc::sweep(&self.flows, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns(), self.gc_gap);
+            // Keep GC under ~5 % of a core: a sweep that took T waits at least 20 T.
+            let took = now.elapsed();
+            self.gc_gap = (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
+            // Ticks come once a second but not to the microsecond: without the slack a
+            // one-second gap would often be missed by a hair and become two.
+            self.next_gc = (now + self.gc_gap).checked_sub(TICK_SLACK).unwrap();
+            if self.last_sweep.expired > 0 {
+                tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
+            }
+        }
+        self.drain_events()?;
+        if let Some(p) = self.cluster.as_mut().and_then(|c| c.peers.as_mut()) {
+            // Flows adopted since the last tick: tell the peers (the node each left releases it).
+            let now = gc::now_coarse_ns();
+            let moved = crate::peers::adopted_since(&self.flows, p.since_ns, now);
+            // The next walk looks a second back too: a flow adopted during this walk, in a
+            // bucket already passed, is reported then. Duplicates are ignored by the peers.
+            p.since_ns = now.saturating_sub(1_000_000_000);
+            if !moved.is_empty() {
+                p.stats.lock().expect("stats").reported += moved.len() as u64;
+                let _ = p.tx.send(moved);
+            }
+        }
+        if n.is_multiple_of(RECONCILE_EVERY) {
+            let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
+            self.last_drift = self.reconciler.pass(&self.flows, &self.conns, ids);
+            for d in self.last_drift.iter().filter(|d| d.corrected) {
+                tracing::warn!(backend_id = d.backend_id, counter = d.counter, flows = d.flows, "open-connection counter drifted from the flow table; corrected");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reading the state (under [`super::Daemon::lock`]).
+impl State {
+    /// The running config (break-glass limits not laid over it).
+    pub fn cfg(&self) -> &Config {
+        &self.cfg
+    }
+    /// The file a reload reads and runtime changes are written into.
+    pub fn cfg_path(&self) -> &std::path::Path {
+        &self.cfg_path
+    }
+    /// What the datapath was last written with.
+    pub fn applied(&self) -> &Applied {
+        &self.applied
+    }
+    /// The exact open-connection counters (`CONNS`).
+    pub fn conns(&self) -> &ConnCounters {
+        &self.conns
+    }
+    /// The flow table, memory-mapped.
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+    /// The datapath's maps, to read counters (every write goes through the apply path).
+    pub fn tables(&mut self) -> Tables<'_> {
+        self.dp.tables()
+    }
+    /// Alerts firing now, as last notified.
+    pub fn firing(&self) -> &[alerts::Notification] {
+        &self.firing
+    }
+    /// What the guard said of the last reload it refused, while no change has gone through since.
+    pub fn change_refused(&self) -> Option<&str> {
+        self.change_refused.as_deref()
+    }
+    /// Connections corrected by reconciliation, per backend id.
+    pub fn corrections(&self) -> &std::collections::BTreeMap<u32, u64> {
+        &self.reconciler.corrections
+    }
+    /// This node's part in a cluster, with `[cluster]`.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+    pub fn journal(&self) -> &crate::journal::Journal {
+        &self.journal
+    }
+}
