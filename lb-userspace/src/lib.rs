@@ -25,7 +25,6 @@ pub mod guard;
 pub mod health;
 pub mod history;
 pub mod journal;
-pub mod lab;
 pub mod limits;
 pub mod maglev;
 pub mod metrics;

@@ -1,12 +1,10 @@
-//! Labs for tests: `lb_userspace::lab` topologies named like the harness's namespaces, and
+//! Labs for tests: `sluice_lab` topologies named like the harness's namespaces, and
 //! the check that one left nothing behind.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use lb_userspace::{
-    config::Mode,
-    lab::{Lab, Spec},
-};
+use lb_userspace::config::Mode;
+use sluice_lab::{Lab, Spec};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 

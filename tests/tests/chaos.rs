@@ -1,4 +1,4 @@
-//! Chaos in the lab (`lb_userspace::lab::chaos`, also `sluice lab chaos`): under continuous
+//! Chaos in the lab (`sluice_lab::chaos`, also `sluice lab chaos`): under continuous
 //! load, seeded random backend crashes and restarts, daemon restarts, crashes and upgrades,
 //! config reloads that change limits and weights, and drains; then no connection may have broken
 //! except by its own backend's crash, the counters, the flow table and the clients' open
@@ -8,10 +8,8 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use lb_userspace::{
-    config::Mode,
-    lab::chaos::{self, Options, Verdict as _, BACKENDS},
-};
+use lb_userspace::config::Mode;
+use sluice_lab::chaos::{self, Options, Verdict as _, BACKENDS};
 use sluice_tests::labs::{down_and_check, lab};
 
 // The two runs share two CPUs with their load: one at a time.

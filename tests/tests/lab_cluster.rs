@@ -1,4 +1,4 @@
-//! The cluster lab (`lb_userspace::lab::cluster`, also `sluice lab cluster`), shortened: two
+//! The cluster lab (`sluice_lab::cluster`, also `sluice lab cluster`), shortened: two
 //! nodes behind a router running real BIRD with kernel ECMP, a third joining, under continuous
 //! load with held connections; a drain and undrain, a daemon restart, a node failing (BIRD
 //! killed, link down) and coming back. No connection may break (a flow the router moves is
@@ -8,12 +8,10 @@
 
 use std::time::Duration;
 
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        chaos::Verdict as _,
-        cluster::{self, Options, BACKENDS},
-    },
+use lb_userspace::config::Mode;
+use sluice_lab::{
+    chaos::Verdict as _,
+    cluster::{self, Options, BACKENDS},
 };
 use sluice_tests::labs::{down_and_check, lab};
 

@@ -1,4 +1,4 @@
-//! One limit for the whole cluster (`lb_userspace::lab::limits`, also `sluice lab cluster
+//! One limit for the whole cluster (`sluice_lab::limits`, also `sluice lab cluster
 //! --limits`): three nodes behind a router running real BIRD, a backend whose `max_conns` (60)
 //! is cluster-wide, shares leased through a real etcd started in the router's namespace. The
 //! skew moves between the nodes, a daemon restarts, a node fails, etcd stops and comes back.
@@ -7,12 +7,10 @@
 //! skew; a failed node's share must be used again within its lease TTL + 1 s; without etcd
 //! every node must alert and hold at most its safe share.
 
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        chaos::Verdict as _,
-        limits::{self, Options},
-    },
+use lb_userspace::config::Mode;
+use sluice_lab::{
+    chaos::Verdict as _,
+    limits::{self, Options},
 };
 use sluice_tests::labs::{down_and_check, lab};
 

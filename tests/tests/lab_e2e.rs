@@ -1,4 +1,4 @@
-//! End to end through `sluice lab`'s own topology code (`lb_userspace::lab`): namespaces for
+//! End to end through `sluice lab`'s own topology code (`sluice_lab`): namespaces for
 //! clients, the load balancer and backends on a bridge, the built-in HTTP backends, the real
 //! daemon, real TCP. Each test builds its own lab and checks that nothing is left behind.
 //! The tests in this file run one at a time (they share two CPUs with their load).
@@ -10,16 +10,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        self, incident,
-        load::{self, Counters, LoadSpec},
-        topo::{BackendConf, ServiceOpts},
-        Lab,
-    },
-};
+use lb_userspace::config::Mode;
 use serde_json::Value;
+use sluice_lab::{
+    incident,
+    load::{self, Counters, LoadSpec},
+    topo::{BackendConf, ServiceOpts},
+    Lab,
+};
 use sluice_tests::labs::{down_and_check, lab};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -63,7 +61,7 @@ fn get(s: &mut TcpStream) -> std::io::Result<String> {
 /// Connects from client `c` to the VIP and asks once; keeps the connection.
 fn connect(lab: &Lab, c: u8, v6: bool) -> std::io::Result<(String, TcpStream)> {
     lab.run_in(&format!("cl{c}"), || {
-        let mut s = TcpStream::connect_timeout(&SocketAddr::new(lab::vip(v6), lab::PORT), Duration::from_secs(3))?;
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(sluice_lab::vip(v6), sluice_lab::PORT), Duration::from_secs(3))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
         let name = get(&mut s)?;
         Ok((name, s))
@@ -191,7 +189,7 @@ fn draining_keeps_open_connections_and_takes_no_new_ones() {
             break s;
         }
     };
-    let (ok, out) = ctl(&lab, &["backend", "drain", "web", &lab::backend4(1).to_string()]);
+    let (ok, out) = ctl(&lab, &["backend", "drain", "web", &sluice_lab::backend4(1).to_string()]);
     assert!(ok, "{out}");
     assert_eq!(get(&mut on1).expect("the open connection still works"), "backend-1");
     let r = quick_load(&lab, 100, false);
@@ -210,7 +208,7 @@ fn a_killed_backend_leaves_the_ring_and_clients_go_elsewhere() {
     assert!(r.ok == 100 && r.backends.len() == 3, "{r:?}");
     assert!(lab.kill_server(2));
     lab.wait("backend-2 to be marked down", Duration::from_secs(10), || {
-        status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().any(|b| b["address"] == lab::backend4(2).to_string() && b["state"] == "down"))
+        status(&lab)[0]["backends"].as_array().is_some_and(|b| b.iter().any(|b| b["address"] == sluice_lab::backend4(2).to_string() && b["state"] == "down"))
     })
     .expect("down");
     let r = quick_load(&lab, 200, false);
@@ -262,8 +260,8 @@ fn daemon_restart_under_1000_open_connections_loses_none() {
             .run_in(&format!("cl{c}"), || {
                 (0..500)
                     .map(|i| {
-                        let mut s =
-                            TcpStream::connect_timeout(&SocketAddr::new(lab::vip(false), lab::PORT), Duration::from_secs(3)).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                        let mut s = TcpStream::connect_timeout(&SocketAddr::new(sluice_lab::vip(false), sluice_lab::PORT), Duration::from_secs(3))
+                            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
                         s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
                         (get(&mut s).unwrap_or_else(|e| panic!("connection {i}: {e}")), s)
                     })

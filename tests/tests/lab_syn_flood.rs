@@ -1,15 +1,13 @@
-//! A spoofed-source SYN flood in the lab (`lb_userspace::lab::flood`, also `sluice lab flood`):
+//! A spoofed-source SYN flood in the lab (`sluice_lab::flood`, also `sluice lab flood`):
 //! 20,000 SYNs a second for 3 s from one client namespace, raw frames at the load balancer,
 //! while the other client holds 40 connections and opens a new one every 100 ms through the
 //! running daemon. No held connection may break, the flood must be refused once it holds the
 //! free slots, and new clients must get through again within the SYN timeout of its end.
 
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        chaos::Verdict as _,
-        flood::{self, Options, BACKENDS},
-    },
+use lb_userspace::config::Mode;
+use sluice_lab::{
+    chaos::Verdict as _,
+    flood::{self, Options, BACKENDS},
 };
 use sluice_tests::labs::{down_and_check, lab};
 

@@ -10,15 +10,13 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        topo::{BackendConf, ServiceOpts},
-        Lab,
-    },
-};
+use lb_userspace::config::Mode;
 use rand::{rngs::StdRng, Rng as _, SeedableRng as _};
 use serde_json::Value;
+use sluice_lab::{
+    topo::{BackendConf, ServiceOpts},
+    Lab,
+};
 use sluice_tests::labs::{down_and_check, lab};
 
 /// One raw HTTP/1.1 request on the control socket: (status, body). Status 0 if the daemon

@@ -184,9 +184,9 @@ fn build(release: bool) -> Result<()> {
         bail!("building the XDP object failed (see above)");
     }
     println!("build: XDP object {}", ebpf_object(&bpf_target).display());
-    println!("build: the sluice binary");
+    println!("build: the sluice and sluice-lab binaries");
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "lb-userspace", "--bins"]);
+    cmd.args(["build", "--package", "lb-userspace", "--package", "sluice-lab", "--bins"]);
     if release {
         cmd.arg("--release");
     }
@@ -226,7 +226,7 @@ fn test(extra: &[String]) -> Result<()> {
     lint()?;
     build(false)?;
     let mut cmd = cargo();
-    cmd.args(["test", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-tests"]);
+    cmd.args(["test", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-lab", "--package", "sluice-tests"]);
     cmd.args(extra);
     // The tests find the sluice binary here.
     cmd.env("SLUICE_BIN", env_target_dir().join("debug/sluice"));

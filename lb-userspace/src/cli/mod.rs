@@ -62,9 +62,9 @@ pub enum Command {
     Detach(PinDir),
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
     Decap(decap::Args),
-    /// A whole deployment in network namespaces: demos, training, the incident replay.
-    #[command(subcommand)]
-    Lab(lab::LabCmd),
+    /// A whole deployment in network namespaces: demos, training, the incident replay (runs
+    /// `sluice-lab`, installed beside this binary).
+    Lab(lab::Args),
     /// Work with config files.
     #[command(subcommand)]
     Config(config::Command),
@@ -137,7 +137,7 @@ pub fn main() -> i32 {
         Command::Timeline(a) => ctl::timeline(&a),
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
-        Command::Lab(c) => lab::run(&c),
+        Command::Lab(a) => lab::run(&a),
         Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
     };
     match result {

@@ -79,7 +79,7 @@ fn main() {
     let svg_dir = out_path.parent().unwrap_or(std::path::Path::new(".")).join("docs/bench");
     std::fs::create_dir_all(&svg_dir).expect("docs/bench");
     let curve = |f: &dyn Fn(&Cost) -> f64| costs.iter().map(|c| (f64::from(c.backends), f(c))).collect::<Vec<_>>();
-    lb_userspace::lab::plot::lines(
+    sluice_lab::plot::lines(
         &svg_dir.join("alerts-cpu.svg"),
         "Daemon CPU against the number of backends (alerts every 1 s)",
         "backends",
@@ -87,7 +87,7 @@ fn main() {
         &[("idle".into(), curve(&|c| c.cpu * 100.0)), ("with a scrape every 15 s".into(), curve(&|c| c.cpu_scraped * 100.0))],
     )
     .expect("plot");
-    lb_userspace::lab::plot::lines(
+    sluice_lab::plot::lines(
         &svg_dir.join("alerts-scrape.svg"),
         "/metrics scrape time against the number of backends",
         "backends",

@@ -1,7 +1,7 @@
 //! `cargo xtask bench e2e`: Sluice against what users would pick instead for per-backend
 //! connection limits, HAProxy (`mode tcp`, `maxconn` per server) and nginx (`stream`,
 //! `max_conns`), in turn on the same `sluice lab` topology: the same namespaces, backends
-//! (`sluice lab serve`), load generator (`lab::load`) and per-backend limits. Plus a baseline
+//! (`sluice lab serve`), load generator (`sluice_lab::load`) and per-backend limits. Plus a baseline
 //! without a load balancer (clients straight to the backends, round robin).
 //!
 //! For each load balancer, at rising offered connection rates: connections completed per
@@ -25,15 +25,13 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use lb_userspace::{
-    config::Mode,
-    lab::{
-        self, backend4,
-        load::{self, Counters, LoadSpec, Report},
-        plot,
-        topo::{BackendConf, ServiceOpts},
-        Lab, Spec,
-    },
+use lb_userspace::config::Mode;
+use sluice_lab::{
+    backend4,
+    load::{self, Counters, LoadSpec, Report},
+    plot,
+    topo::{BackendConf, ServiceOpts},
+    Lab, Spec,
 };
 
 const BACKENDS: u8 = 3;
@@ -162,7 +160,7 @@ fn backends(limit: u32) -> Vec<BackendConf> {
 /// succeed through it.
 fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
     let dir = &lab.spec.dir;
-    let vip = lab::vip(false).to_string();
+    let vip = sluice_lab::vip(false).to_string();
     let vip_on_lo = |add: bool| -> Result<()> {
         let out = std::process::Command::new("ip").args(["-n", &lab.ns("lb"), "addr", if add { "replace" } else { "del" }, &format!("{vip}/32"), "dev", "lo"]).output()?;
         if add && !out.status.success() {
@@ -185,10 +183,10 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
                  # beyond a server's maxconn, connections wait in the queue this long, then are closed\n  timeout queue 1s\n\
                  frontend web\n  bind {vip}:{port}\n  maxconn 9000\n  default_backend web\n\
                  backend web\n  balance roundrobin\n",
-                port = lab::PORT
+                port = sluice_lab::PORT
             );
             for n in 1..=BACKENDS {
-                writeln!(cfg, "  server be{n} {}:{} maxconn {limit}", backend4(n), lab::PORT)?;
+                writeln!(cfg, "  server be{n} {}:{} maxconn {limit}", backend4(n), sluice_lab::PORT)?;
             }
             let path = dir.join("haproxy.cfg");
             std::fs::write(&path, cfg)?;
@@ -198,7 +196,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
             vip_on_lo(true)?;
             let mut upstream = String::new();
             for n in 1..=BACKENDS {
-                writeln!(upstream, "    server {}:{} max_conns={limit};", backend4(n), lab::PORT)?;
+                writeln!(upstream, "    server {}:{} max_conns={limit};", backend4(n), sluice_lab::PORT)?;
             }
             let cfg = format!(
                 "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\nworker_rlimit_nofile 20000;\n\
@@ -206,7 +204,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
                  events {{ worker_connections 18000; }}\n\
                  stream {{\n  upstream web {{\n{upstream}  }}\n  server {{\n    listen {vip}:{port} backlog=4096;\n    proxy_pass web;\n    proxy_connect_timeout 2s;\n    proxy_timeout 60s;\n  }}\n}}\n",
                 d = dir.display(),
-                port = lab::PORT
+                port = sluice_lab::PORT
             );
             let path = dir.join("nginx.conf");
             std::fs::write(&path, cfg)?;
@@ -251,7 +249,7 @@ fn stop(lab: &Lab, lb: Lb) {
 }
 
 fn spec(lb: Lb, rate: f64, duration: Duration, hold: Duration) -> LoadSpec {
-    let targets = if lb == Lb::Direct { (1..=BACKENDS).map(|n| SocketAddr::new(IpAddr::V4(backend4(n)), lab::PORT)).collect() } else { Vec::new() };
+    let targets = if lb == Lb::Direct { (1..=BACKENDS).map(|n| SocketAddr::new(IpAddr::V4(backend4(n)), sluice_lab::PORT)).collect() } else { Vec::new() };
     LoadSpec { rate, concurrency: 20_000, duration, hold, delay_ms: DELAY_MS, timeout: Duration::from_secs(3), v6: false, targets }
 }
 
@@ -451,7 +449,7 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
          round-robin/Maglev spreading. HAProxy: `mode tcp`, `maxconn {LIMIT}` per server, `timeout queue 1s`;\n\
          nginx: `stream`, `max_conns={LIMIT}`, `worker_processes auto`; both on the VIP as a local address.\n\
          Sluice: `sluice run` with the lab's config (`l2dsr`, and `ipip` with `sluice decap` on the backends).\n\
-         The load: `lab::load` from both clients, open loop, each connection one `GET /?delay_ms={DELAY_MS}` answered\n\
+         The load: `sluice_lab::load` from both clients, open loop, each connection one `GET /?delay_ms={DELAY_MS}` answered\n\
          after {DELAY_MS} ms, {}s per offered rate, 3 s timeout. *completed*: answers received ÷ {}s.\n\
          *CPU, whole lab*: busy time of all CPUs (/proc/stat: all but idle and iowait) during the step ÷\n\
          completed connections; *over baseline*: minus the same figure without a load balancer at the same\n\

@@ -8,10 +8,8 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
-use lb_userspace::{
-    config::Mode,
-    lab::limits::{self, Options, LEASE_TTL},
-};
+use lb_userspace::config::Mode;
+use sluice_lab::limits::{self, Options, LEASE_TTL};
 use sluice_tests::labs::{down_and_check, lab};
 
 const RUNS: usize = 3;

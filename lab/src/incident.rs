@@ -13,8 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{alerts::Notification, api::StatusReport};
 use anyhow::{Context as _, Result};
+use lb_userspace::{alerts::Notification, api::StatusReport};
 
 use super::{
     load::{self, Counters, LoadSpec},
@@ -57,7 +57,7 @@ impl Narrator {
 }
 
 fn status(lab: &Lab) -> Result<StatusReport> {
-    crate::client::block_on(crate::client::Client::new(lab.socket()).status()).map_err(|e| anyhow::anyhow!("{e}"))
+    lb_userspace::client::block_on(lb_userspace::client::Client::new(lab.socket()).status()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// `sluice --socket S args…` as an operator would type it: (command line, output).
@@ -229,7 +229,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
             detail: head.clone(),
         });
         let (_, ev, _) = sluice(lab, &["events", "--json"]);
-        let refused_client = ev.lines().filter_map(|l| serde_json::from_str::<crate::events::Event>(l).ok()).find(|e| e.reason == "backend_limit").map(|e| e.client.to_string());
+        let refused_client =
+            ev.lines().filter_map(|l| serde_json::from_str::<lb_userspace::events::Event>(l).ok()).find(|e| e.reason == "backend_limit").map(|e| e.client.to_string());
         if let Some(client) = &refused_client {
             let (line, out, _) = sluice(lab, &["explain", client, &format!("{}:80", super::VIP4)]);
             n.block(&format!("{line}\n{}", out.trim_end()));
@@ -284,8 +285,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     })?;
 
     lab.stop_daemon();
-    let entries = crate::journal::read(&lab.journal(), Duration::from_hours(1)).unwrap_or_default();
-    let timeline = crate::journal::markdown(&entries);
+    let entries = lb_userspace::journal::read(&lab.journal(), Duration::from_hours(1)).unwrap_or_default();
+    let timeline = lb_userspace::journal::markdown(&entries);
     println!("\n{timeline}");
     let order = ["refused by the guard", "max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
     let positions: Vec<Option<usize>> = order.iter().map(|w| timeline.find(w)).collect();

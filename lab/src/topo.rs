@@ -13,11 +13,27 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use nix::sched::{setns, CloneFlags};
 use serde::{Deserialize, Serialize};
 
 use super::{backend4, backend6, client4, client6, LB4, LB6, MAX_BACKENDS, MAX_CLIENTS, PORT, VIP4, VIP6};
-use crate::config::Mode;
+use lb_userspace::config::Mode;
+
+use crate::netns::{self, ip, run};
+
+/// Short flow timeouts, so that "no leaked flows after timeouts" is seconds, not hours away.
+pub const SYN_TIMEOUT: Duration = Duration::from_secs(3);
+pub const ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CLOSING_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The config's `[flows.timeouts]` with the short timeouts above.
+pub fn short_timeouts() -> String {
+    format!(
+        "[flows.timeouts]\nsyn = \"{}\"\nestablished = \"{}\"\nclosing = \"{}\"\nudp = \"10s\"\n",
+        humantime::format_duration(SYN_TIMEOUT),
+        humantime::format_duration(ESTABLISHED_TIMEOUT),
+        humantime::format_duration(CLOSING_TIMEOUT)
+    )
+}
 
 /// What to build.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,19 +82,6 @@ pub struct Lab {
 struct StateFile {
     spec: Spec,
     supervisor: u32,
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {}", cmd.get_program().to_string_lossy()))?;
-    if !out.status.success() {
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
-        bail!("{} {}: {}", cmd.get_program().to_string_lossy(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
 }
 
 /// The pid of another process that built the lab in `dir` and still runs.
@@ -188,31 +191,17 @@ impl Lab {
     }
 
     pub(crate) fn ns_ip(&self, short: &str, args: &[&str]) -> Result<()> {
-        let ns = self.ns(short);
-        let mut a = vec!["-n", ns.as_str()];
-        a.extend_from_slice(args);
-        ip(&a)
+        netns::ip_in(&self.ns(short), args)
     }
 
-    /// A command in namespace `short`: only the network namespace changes (`nsenter --net`;
-    /// `ip netns exec` would also remount /sys and hide /sys/fs/bpf).
+    /// A command in namespace `short` (`netns::command_in`).
     pub fn command(&self, short: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.ns(short))).arg("--").arg(program);
-        c
+        netns::command_in(&self.ns(short), program)
     }
 
     /// Runs `f` on a thread inside namespace `short`: sockets it creates live there.
     pub fn run_in<T: Send>(&self, short: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.ns(short))).with_context(|| format!("namespace {}", self.ns(short)))?;
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        netns::run_in(&self.ns(short), f)
     }
 
     pub(crate) fn sysctl(&self, short: &str, kv: &[&str]) -> Result<()> {
@@ -222,15 +211,11 @@ impl Lab {
     }
 
     pub(crate) fn veth(&self, a_ns: &str, a: &str, b_ns: &str, b: &str, mtu: u32) -> Result<()> {
-        let (na, nb) = (self.ns(a_ns), self.ns(b_ns));
-        ip(&["link", "add", a, "mtu", &mtu.to_string(), "netns", &na, "type", "veth", "peer", "name", b, "mtu", &mtu.to_string(), "netns", &nb])?;
-        self.ns_ip(a_ns, &["link", "set", a, "up"])?;
-        self.ns_ip(b_ns, &["link", "set", b, "up"])
+        netns::veth_pair(&self.ns(a_ns), a, &self.ns(b_ns), b, Some(mtu))
     }
 
     pub(crate) fn add_ns(&self, short: &str) -> Result<()> {
-        ip(&["netns", "add", &self.ns(short)])?;
-        self.ns_ip(short, &["link", "set", "lo", "up"])
+        netns::add(&self.ns(short))
     }
 
     fn build(&self) -> Result<()> {

@@ -1,5 +1,14 @@
-//! `sluice lab`: a whole deployment in network namespaces on one host — for demos, training,
-//! end-to-end tests and benchmarks.
+//! Sluice's lab (`sluice-lab`, also run as `sluice lab`): a whole deployment in network
+//! namespaces on one host — for demos, training, end-to-end tests and benchmarks. Its own
+//! crate, so that the production `sluice` binary carries no load generator, SYN flooder or
+//! fault injector.
+//!
+//! - `netns.rs`: the namespace primitives everything here is built from;
+//! - `topo.rs`: the lab's topology ([`Lab`]); `l2lab.rs`: the tests' small `l2dsr` deployment;
+//! - `probe.rs`: clients that probe the VIP and record each connection's fate;
+//!   `report.rs`: the end state (the daemon's view, the pinned maps) and the checks;
+//! - the scenarios: `incident.rs`, `chaos.rs`, `flood.rs`, `cluster.rs`, `limits.rs`; `load.rs`
+//!   (`sluice lab load`), `serve.rs` (the backends' HTTP server), `plot.rs`; `cli.rs`.
 //!
 //! ```text
 //!   client 1..C ─┐                      ┌─ backend 1..N  (VIP on lo; `l2dsr`: replies
@@ -14,18 +23,63 @@
 //! into a veth is delivered only if the peer has an XDP program.
 
 pub mod chaos;
+pub mod cli;
 pub mod cluster;
 pub mod flood;
 pub mod incident;
+pub mod l2lab;
 pub mod limits;
 pub mod load;
+pub mod netns;
 pub mod plot;
+pub mod probe;
+pub mod report;
 pub mod serve;
 pub mod topo;
 
 pub use topo::{cleanup as topo_cleanup, Lab, Spec};
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// The `sluice` binary the lab runs (the daemon, `sluice decap`): `$SLUICE_BIN` (`sluice lab`
+/// and `cargo xtask test` set it), else the one beside this executable, else the workspace's
+/// debug build.
+pub fn sluice_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return p.into();
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("sluice"))).filter(|p| p.exists());
+    beside.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sluice"))
+}
+
+static NEXT_PIN: AtomicU32 = AtomicU32::new(0);
+
+/// A private pin directory under /sys/fs/bpf; removed (with its pins) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new() -> Self {
+        let p = PathBuf::from(format!("/sys/fs/bpf/sluice-test-{}-{}", std::process::id(), NEXT_PIN.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&p);
+        Self(p)
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Sets the flag however a scope is left (an early `?` included), so that the threads watching
 /// it stop and the scope does not wait for them for ever.
@@ -33,7 +87,7 @@ pub(crate) struct SetOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
 
 impl Drop for SetOnDrop<'_> {
     fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

@@ -235,7 +235,7 @@ impl Lab {
                 // Until the body is complete (content-length).
                 while let Ok(n @ 1..) = c.read(&mut buf) {
                     body.extend_from_slice(&buf[..n]);
-                    if lb_userspace::lab::load::http_message(&body).is_some() {
+                    if crate::load::http_message(&body).is_some() {
                         break;
                     }
                 }

@@ -21,8 +21,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::{
-    chaos::{self, BackendEnd, Check, Verdict},
-    topo::{BackendConf, ServiceOpts},
+    probe,
+    report::{self, BackendEnd, Check, Verdict},
+    topo::{self, BackendConf, ServiceOpts},
     vip, Lab, PORT, VIP4,
 };
 
@@ -88,7 +89,7 @@ impl Verdict for Report {
         for (k, v) in rows {
             let _ = writeln!(s, "| {k} | {v} |");
         }
-        chaos::end_and_checks_markdown(&mut s, &self.end, &self.checks);
+        report::end_and_checks_markdown(&mut s, &self.end, &self.checks);
         s
     }
 }
@@ -160,7 +161,7 @@ fn send_flood(iface: &str, dst_mac: [u8; 6], opts: &Options) -> Result<u64> {
 /// A new connection and one request.
 async fn probe(addr: SocketAddr) -> bool {
     let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await else { return false };
-    matches!(tokio::time::timeout(Duration::from_secs(1), chaos::request(&mut s)).await, Ok(Ok(_)))
+    matches!(tokio::time::timeout(Duration::from_secs(1), probe::request(&mut s)).await, Ok(Ok(_)))
 }
 
 /// What the legitimate client saw.
@@ -178,7 +179,7 @@ async fn legit(addr: SocketAddr, t0: Instant, opened: Arc<AtomicBool>, stop: Arc
     let mut held = Vec::new();
     for _ in 0..HELD {
         let mut s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await.context("held connection: connect timed out")?.context("held connection")?;
-        let name = chaos::request(&mut s).await.map_err(|e| anyhow::anyhow!("held connection: {e}"))?;
+        let name = probe::request(&mut s).await.map_err(|e| anyhow::anyhow!("held connection: {e}"))?;
         let n: u8 = name.strip_prefix("backend-").and_then(|n| n.parse().ok()).context("backend name")?;
         held.push((n, s));
     }
@@ -192,7 +193,7 @@ async fn legit(addr: SocketAddr, t0: Instant, opened: Arc<AtomicBool>, stop: Arc
             while !stop.load(Ordering::Relaxed) {
                 let mut next = Vec::new();
                 for (n, mut s) in held.drain(..) {
-                    match tokio::time::timeout(Duration::from_secs(2), chaos::request(&mut s)).await {
+                    match tokio::time::timeout(Duration::from_secs(2), probe::request(&mut s)).await {
                         Ok(Ok(_)) => next.push((n, s)),
                         _ => broken += 1,
                     }
@@ -227,9 +228,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         bail!("the flood needs a lab with {BACKENDS} backends and 2 clients");
     }
     let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: LIMIT, weight: 1 }).collect();
-    lab.write_config(&lab.config_text(&conf, &ServiceOpts::default(), &chaos::short_timeouts()))?;
+    lab.write_config(&lab.config_text(&conf, &ServiceOpts::default(), &topo::short_timeouts()))?;
     lab.start_daemon()?;
-    let syn_timeout = chaos::SYN_TIMEOUT;
+    let syn_timeout = topo::SYN_TIMEOUT;
     let lb_mac = lab.run_in("lb", || link("lb0"))??.0;
     let t0 = Instant::now();
     let (opened, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
@@ -249,11 +250,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         lab.wait("the held connections", Duration::from_secs(20), || opened.load(Ordering::Relaxed))?;
         // A baseline of new connections, then the flood, then watch recovery.
         std::thread::sleep(Duration::from_secs(1));
-        let before = chaos::status(lab)?;
+        let before = report::status(lab)?;
         let flood_start = t0.elapsed().as_secs_f64();
         let sent = lab.run_in("cl2", || send_flood("cl0", lb_mac, opts))??;
         let flood_end = t0.elapsed().as_secs_f64();
-        let during = chaos::status(lab)?;
+        let during = report::status(lab)?;
         std::thread::sleep(syn_timeout + Duration::from_secs(2));
         stop.store(true, Ordering::Relaxed);
         let seen = client.join().unwrap_or_else(|p| std::panic::resume_unwind(p))??;
@@ -262,11 +263,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
 
     // The flood's half-open flows are gone; probes are done: what is left is the held connections.
     std::thread::sleep(syn_timeout + Duration::from_secs(1));
-    let end = chaos::end_state(lab, |n| seen.alive.iter().filter(|(b, _)| *b == n).count() as u64)?;
-    let st = chaos::status(lab)?;
+    let end = report::end_state(lab, |n| seen.alive.iter().filter(|(b, _)| *b == n).count() as u64)?;
+    let st = report::status(lab)?;
 
     let (flood_start, flood_end) = flood_span;
-    let new_flows = |v: &crate::api::StatusReport| chaos::backends(v).iter().map(|b| b.new_flows).sum::<u64>();
+    let new_flows = |v: &lb_userspace::api::StatusReport| report::backends(v).iter().map(|b| b.new_flows).sum::<u64>();
     let probes = &seen.probes;
     let count = |from: f64, to: f64, ok: bool| probes.iter().filter(|(t, o)| *t >= from && *t < to && (!ok || *o)).count() as u64;
     // Every probe from this moment on got through.
@@ -276,7 +277,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         flood_s: flood_end - flood_start,
         syn_timeout_s: syn_timeout.as_secs_f64(),
         admitted: new_flows(&during) - new_flows(&before),
-        refused_by_sluice: chaos::refused_total(&st) - chaos::refused_total(&before),
+        refused_by_sluice: report::refused_total(&st) - report::refused_total(&before),
         held: HELD as u64,
         held_broken: seen.broken,
         probes_before_ok: count(0.0, flood_start, true),
@@ -307,7 +308,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         report.recovered_after_s <= bound,
         format!("after {:.2} s (SYN timeout {:.0} s; allowed {bound:.1} s with the probe interval and timer slack)", report.recovered_after_s, report.syn_timeout_s),
     );
-    checks.push(chaos::agreement("afterwards counters = flows = what the clients hold", &report.end));
+    checks.push(report::agreement("afterwards counters = flows = what the clients hold", &report.end));
     report.checks = checks;
     drop(seen);
     Ok(report)

@@ -1,11 +1,14 @@
-//! Network-namespace topology helpers: namespaces, veth pairs, bridges, addresses, routes,
-//! processes and sockets inside a namespace. Every object is owned by a guard whose `Drop`
-//! removes it, so a panicking test tears down too. Links live inside the test's own
-//! namespaces, so deleting a namespace deletes them; nothing touches the host's interfaces.
+//! Network namespaces: the primitives every topology here is built from — the lab's
+//! (`topo.rs`, named after its prefix and kept until `sluice lab down`), the tests' small
+//! deployment (`l2lab.rs`) and the tests' own — and [`Netns`], a namespace owned by a guard.
 //!
-//! Namespace names carry the test process's pid (`slc-<pid>-<n>-<label>`); creating a
-//! namespace first sweeps `slc-*` namespaces whose process is gone (a test killed by SIGKILL
-//! cannot run its destructors).
+//! Links live inside the namespaces, so deleting a namespace deletes them; nothing touches the
+//! host's interfaces. A command runs in a namespace through `nsenter --net`: `ip netns exec`
+//! would also remount /sys and hide /sys/fs/bpf, where the pins are.
+//!
+//! [`Netns`] names carry the process's pid (`slc-<pid>-<n>-<label>`); creating one first sweeps
+//! `slc-*` namespaces whose process is gone (a test killed by SIGKILL cannot run its
+//! destructors). Its methods panic on failure: it is for tests, which must fail loudly.
 
 use std::{
     fs::File,
@@ -15,15 +18,82 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{bail, Context as _, Result};
 use nix::sched::{setns, CloneFlags};
 
 const PREFIX: &str = "slc-";
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Runs `ip` with `args`, panicking with its stderr on failure.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip (install iproute2)");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+/// Panics unless running as root: BPF and netns tests must run, not skip.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads BPF programs / creates network namespaces and needs root; run the \
+         suite as root with `cargo xtask test` (it is not skipped: a skipped privileged test \
+         would hide a broken datapath)"
+    );
+}
+
+/// Runs `cmd`; an error carries its stderr.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {}", cmd.get_program().to_string_lossy()))?;
+    if !out.status.success() {
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+        bail!("{} {}: {}", cmd.get_program().to_string_lossy(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// `ip args…`.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// `ip -n NS args…`.
+pub fn ip_in(ns: &str, args: &[&str]) -> Result<()> {
+    let mut a = vec!["-n", ns];
+    a.extend_from_slice(args);
+    ip(&a)
+}
+
+/// Creates namespace `ns` with `lo` up.
+pub fn add(ns: &str) -> Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip_in(ns, &["link", "set", "lo", "up"])
+}
+
+/// A command run in namespace `ns` (only the network namespace changes).
+pub fn command_in(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(program);
+    c
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`: sockets it creates live there.
+pub fn run_in<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = File::open(format!("/run/netns/{ns}")).with_context(|| format!("namespace {ns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// A veth pair `a` (in `ns_a`) ↔ `b` (in `ns_b`), both up, with `mtu` if given.
+pub fn veth_pair(ns_a: &str, a: &str, ns_b: &str, b: &str, mtu: Option<u32>) -> Result<()> {
+    let mtu = mtu.map(|m| m.to_string());
+    let mtu_args: Vec<&str> = mtu.as_deref().map(|m| vec!["mtu", m]).unwrap_or_default();
+    let mut args = vec!["link", "add", a];
+    args.extend(&mtu_args);
+    args.extend(["netns", ns_a, "type", "veth", "peer", "name", b]);
+    args.extend(&mtu_args);
+    args.extend(["netns", ns_b]);
+    ip(&args)?;
+    ip_in(ns_a, &["link", "set", a, "up"])?;
+    ip_in(ns_b, &["link", "set", b, "up"])
 }
 
 /// A network namespace, deleted on drop.
@@ -34,13 +104,11 @@ pub struct Netns {
 impl Netns {
     /// A new, empty namespace with `lo` up. `label` shows in `ip netns list` (keep it short).
     pub fn new(label: &str) -> Self {
-        crate::require_root();
+        require_root();
         sweep_stale();
         let name = format!("{PREFIX}{}-{}-{label}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        ip(&["netns", "add", &name]);
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        add(&name).unwrap_or_else(|e| panic!("{e:#}"));
+        Self { name }
     }
 
     pub fn name(&self) -> &str {
@@ -53,9 +121,7 @@ impl Netns {
 
     /// `ip -n NAME args…`
     pub fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", self.name.as_str()];
-        a.extend_from_slice(args);
-        ip(&a);
+        ip_in(&self.name, args).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     pub fn addr_add(&self, dev: &str, cidr: &str) {
@@ -83,9 +149,7 @@ impl Netns {
     /// A command run inside this namespace. Only the network namespace changes (nsenter
     /// --net), unlike `ip netns exec`, which also remounts /sys and would hide /sys/fs/bpf.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
-        c
+        command_in(&self.name, program)
     }
 
     pub fn output(&self, program: &str, args: &[&str]) -> Output {
@@ -104,15 +168,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace: sockets it creates live here.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let file = File::open(self.path()).expect("open netns");
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-                f()
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        run_in(&self.name, f).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// The MAC address of `dev` in this namespace.
@@ -146,9 +202,7 @@ pub fn parse_mac(s: &str) -> [u8; 6] {
 
 /// A veth pair `a` (in `ns_a`) ↔ `b` (in `ns_b`), both up. Deleted with either namespace.
 pub fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) {
-    ip(&["link", "add", a, "netns", ns_a.name(), "type", "veth", "peer", "name", b, "netns", ns_b.name()]);
-    ns_a.link_up(a);
-    ns_b.link_up(b);
+    veth_pair(ns_a.name(), a, ns_b.name(), b, None).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// Deletes `slc-<pid>-…` namespaces whose test process no longer exists.

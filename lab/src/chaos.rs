@@ -12,10 +12,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc,
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -23,30 +20,19 @@ use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::Signal;
 use rand::{rngs::StdRng, seq::SliceRandom as _, Rng as _, SeedableRng as _};
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
 
-use super::{
+pub use crate::report::{BackendEnd, Check, Verdict};
+use crate::{
     backend4,
-    load::http_message,
-    topo::{BackendConf, ServiceOpts},
+    probe::{self, Conn, Fate, Release, Shared},
+    report::{agreement, backends, end_and_checks_markdown, end_state, refused_total, status, tables},
+    topo::{short_timeouts, BackendConf, ServiceOpts, CLOSING_TIMEOUT, ESTABLISHED_TIMEOUT, SYN_TIMEOUT},
     vip, Lab, PORT,
 };
-use crate::api::{BackendReport, StatusReport};
 
 pub const BACKENDS: u8 = 3;
-/// Short flow timeouts, so that "no leaked flows after timeouts" is seconds, not hours away.
-pub(super) const SYN_TIMEOUT: Duration = Duration::from_secs(3);
-const ESTABLISHED_TIMEOUT: Duration = Duration::from_secs(10);
-const CLOSING_TIMEOUT: Duration = Duration::from_secs(3);
 /// The daemon's reconciliation period (`daemon::RECONCILE_EVERY` ticks of one second).
 const RECONCILE_PERIOD: Duration = Duration::from_secs(10);
-/// Held connections ask again this often (which also keeps their flows fresh).
-const PING: Duration = Duration::from_millis(500);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Limits and weights the reloads choose from; survivors and the short connections' share
 /// are of the same order, so some reloads put a backend below what it holds.
 const LIMITS: (u32, u32) = (25, 150);
@@ -114,28 +100,6 @@ impl Fault {
     }
 }
 
-/// One backend at the end of the run, after the timeouts and one reconciliation period.
-#[derive(Clone, Debug, Serialize)]
-pub struct BackendEnd {
-    pub id: u32,
-    pub backend: IpAddr,
-    /// Connections the clients still hold to it.
-    pub clients: u64,
-    /// Its shared open-connection counter (`CONNS`, read from the pinned map).
-    pub counter: u64,
-    /// Flows in the pinned flow table holding one of its slots.
-    pub flows: u64,
-    /// What the daemon's status says is open.
-    pub daemon: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Check {
-    pub what: String,
-    pub ok: bool,
-    pub detail: String,
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub seed: u64,
@@ -173,54 +137,6 @@ pub struct Report {
     pub leaked_flows: u64,
     pub leaked_slots: u64,
     pub checks: Vec<Check>,
-}
-
-/// Per backend of "web": the pinned counter and flows and the daemon's view; `clients(n)` is
-/// what the clients hold to backend `n`.
-pub(super) fn end_state(lab: &Lab, clients: impl Fn(u8) -> u64) -> Result<Vec<BackendEnd>> {
-    let bs = backends(&status(lab)?);
-    let ids: Vec<u32> = bs.iter().map(|b| b.id).collect();
-    let t = tables(&lab.pin_dir(), &ids)?;
-    Ok(bs
-        .iter()
-        .map(|b| {
-            let (id, backend) = (b.id, b.address);
-            let n = (1..=super::MAX_BACKENDS).find(|n| IpAddr::V4(backend4(*n)) == backend);
-            let (counter, flows) = (t.counters.get(&id).copied().unwrap_or(0), t.holding.get(&id).copied().unwrap_or(0));
-            BackendEnd { id, backend, clients: n.map_or(0, &clients), counter, flows, daemon: b.open }
-        })
-        .collect())
-}
-
-/// The check that counters, flows, the daemon and the clients agree on every backend.
-pub(super) fn agreement(what: &str, end: &[BackendEnd]) -> Check {
-    Check {
-        what: what.into(),
-        ok: end.iter().all(|b| b.clients == b.counter && b.counter == b.flows && b.flows == b.daemon),
-        detail: end.iter().map(|b| format!("{}: clients {} counter {} flows {} daemon {}", b.backend, b.clients, b.counter, b.flows, b.daemon)).collect::<Vec<_>>().join("; "),
-    }
-}
-
-/// A report's end-state table and its checks, in markdown.
-pub(super) fn end_and_checks_markdown(s: &mut String, end: &[BackendEnd], checks: &[Check]) {
-    use std::fmt::Write as _;
-    let _ = writeln!(s, "\n| backend | clients hold | counter | flows holding a slot | daemon says |\n|---|---|---|---|---|");
-    for b in end {
-        let _ = writeln!(s, "| {} | {} | {} | {} | {} |", b.backend, b.clients, b.counter, b.flows, b.daemon);
-    }
-    let _ = writeln!(s, "\nChecks:\n");
-    for c in checks {
-        let _ = writeln!(s, "- {} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.what, c.detail);
-    }
-}
-
-/// A lab run's report: a verdict and a printable account.
-pub trait Verdict: Serialize {
-    fn checks(&self) -> &[Check];
-    fn markdown(&self) -> String;
-    fn passed(&self) -> bool {
-        self.checks().iter().all(|c| c.ok)
-    }
 }
 
 impl Verdict for Report {
@@ -268,238 +184,12 @@ impl Verdict for Report {
     }
 }
 
-/// What happened to one connection, as its client saw it.
-#[derive(Clone, Debug)]
-pub(super) enum Fate {
-    Completed,
-    Survived,
-    Refused,
-    ConnectFailed(String),
-    Broken(String),
-}
-
-impl Fate {
-    pub(super) fn why(&self) -> &str {
-        match self {
-            Self::ConnectFailed(e) | Self::Broken(e) => e,
-            _ => "",
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(super) struct Conn {
-    pub(super) held: bool,
-    pub(super) start: f64,
-    pub(super) end: f64,
-    /// The backend that answered (`backend-N`), once one did.
-    pub(super) backend: Option<u8>,
-    pub(super) answers: u32,
-    pub(super) fate: Fate,
-}
-
-/// What the clients and the fault injector share.
-pub(super) struct Shared {
-    pub(super) t0: Instant,
-    /// Held connections that got their first answer (or failed).
-    pub(super) opened: AtomicUsize,
-    /// Start the short connections; stop them at `load_until_ms` after `t0`.
-    pub(super) go: AtomicBool,
-    pub(super) load_until_ms: AtomicU64,
-    /// Clients whose short connections have all finished.
-    pub(super) short_done: AtomicUsize,
-    /// Close the held connections.
-    pub(super) close: AtomicBool,
-}
-
-impl Shared {
-    pub(super) fn new() -> Arc<Self> {
-        Arc::new(Self {
-            t0: Instant::now(),
-            opened: AtomicUsize::new(0),
-            go: AtomicBool::new(false),
-            load_until_ms: AtomicU64::new(0),
-            short_done: AtomicUsize::new(0),
-            close: AtomicBool::new(false),
-        })
-    }
-
-    pub(super) fn now(&self) -> f64 {
-        self.t0.elapsed().as_secs_f64()
-    }
-}
-
-/// However a run's scope is left (an early `?` included), its clients are released, or the scope
-/// would wait for them for ever: the load ends (they read its end every round) and the held
-/// connections close.
-pub(super) struct Release<'a>(pub(super) &'a Shared);
-
-impl Drop for Release<'_> {
-    fn drop(&mut self) {
-        self.0.load_until_ms.store(1, Ordering::Relaxed);
-        self.0.go.store(true, Ordering::Relaxed);
-        self.0.close.store(true, Ordering::Relaxed);
-    }
-}
-
-pub(super) async fn request(s: &mut TcpStream) -> Result<String, String> {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: sluice-lab\r\n\r\n").await.map_err(|e| format!("send: {e}"))?;
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
-    loop {
-        let n = s.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("closed by the peer".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some((head, body)) = http_message(&buf) {
-            if !head.starts_with("HTTP/1.1 200") {
-                return Err(head.lines().next().unwrap_or("").to_owned());
-            }
-            return Ok(body.trim().to_owned());
-        }
-    }
-}
-
-/// One connection: connect, ask, and ask again every `PING` until `keep` has passed (or, for a
-/// held connection, until the run closes it).
-async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duration) -> Conn {
-    let start = sh.now();
-    let mut c = Conn { held, start, end: start, backend: None, answers: 0, fate: Fate::Completed };
-    let connected = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(Fate::Refused),
-        // Linux reports a RST to the SYN as ECONNREFUSED; ECONNRESET means the handshake had
-        // completed and the peer reset the connection before `connect` returned (a backend
-        // killed with it in its accept queue). A broken connection, judged like the others.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Err(Fate::Broken(format!("reset right after the handshake: {e}"))),
-        Ok(Err(e)) => Err(Fate::ConnectFailed(e.to_string())),
-        Err(_) => Err(Fate::ConnectFailed(format!("no answer to the SYN within {CONNECT_TIMEOUT:?}"))),
-    };
-    let mut s = match connected {
-        Ok(s) => s,
-        Err(fate) => {
-            c.fate = fate;
-            c.end = sh.now();
-            sh.opened.fetch_add(usize::from(held), Ordering::Relaxed);
-            return c;
-        }
-    };
-    let until = tokio::time::Instant::now() + keep;
-    let mut first = true;
-    loop {
-        match tokio::time::timeout(REQUEST_TIMEOUT, request(&mut s)).await {
-            Ok(Ok(name)) => {
-                c.answers += 1;
-                c.backend = name.strip_prefix("backend-").and_then(|n| n.parse().ok());
-            }
-            Ok(Err(e)) => c.fate = Fate::Broken(e),
-            Err(_) => c.fate = Fate::Broken(format!("no answer within {REQUEST_TIMEOUT:?}")),
-        }
-        if held && first {
-            sh.opened.fetch_add(1, Ordering::Relaxed);
-            first = false;
-        }
-        if matches!(c.fate, Fate::Broken(_)) {
-            break;
-        }
-        if held && sh.close.load(Ordering::Relaxed) {
-            c.fate = Fate::Survived;
-            break;
-        }
-        if !held && tokio::time::Instant::now() >= until {
-            break;
-        }
-        tokio::time::sleep(PING).await;
-    }
-    c.end = sh.now();
-    c
-}
-
-/// One client namespace: its held connections, then short connections at `rate` until the
-/// load ends; then it waits for the held ones to be closed.
-pub(super) async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Options, share: f64) -> Vec<Conn> {
-    let mut long_lived = tokio::task::JoinSet::new();
-    for _ in 0..opts.held_per_client {
-        long_lived.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    while !sh.go.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut rng = StdRng::seed_from_u64(opts.seed ^ (u64::from(idx) << 32));
-    let gap = Duration::from_secs_f64(share / opts.rate.max(0.1));
-    let mut short = tokio::task::JoinSet::new();
-    let mut out = Vec::new();
-    let mut next = tokio::time::Instant::now();
-    // Read each round: a run may end the load earlier than it first said (`lab cluster`).
-    while sh.t0.elapsed() < Duration::from_millis(sh.load_until_ms.load(Ordering::Relaxed)) {
-        tokio::time::sleep_until(next).await;
-        next += gap;
-        let hold = Duration::from_millis(rng.random_range(0..=1500));
-        short.spawn(connection(addr, sh.clone(), false, hold));
-        while let Some(Ok(c)) = short.try_join_next() {
-            out.push(c);
-        }
-    }
-    while let Some(r) = short.join_next().await {
-        out.extend(r.ok());
-    }
-    sh.short_done.fetch_add(1, Ordering::Relaxed);
-    while let Some(r) = long_lived.join_next().await {
-        out.extend(r.ok());
-    }
-    out
-}
-
-pub(super) fn status(lab: &Lab) -> Result<StatusReport> {
-    crate::client::block_on(crate::client::Client::new(lab.socket()).status()).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// The "web" service's backends in the daemon's status.
-pub(super) fn backends(st: &StatusReport) -> Vec<BackendReport> {
-    st.services.iter().filter(|s| s.name == "web").flat_map(|s| s.backends.iter().cloned()).collect()
-}
-
-pub(super) fn refused_total(st: &StatusReport) -> u64 {
-    backends(st).iter().map(|b| b.refused.values().sum::<u64>()).sum()
-}
-
 /// The attached XDP program's id (`prog/xdp id N` in `ip link show`).
 fn xdp_prog_id(lab: &Lab) -> Option<u64> {
     let out = std::process::Command::new("ip").args(["-n", &lab.ns("lb"), "link", "show", "lb0"]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let rest = &text[text.find("prog/xdp id ")? + "prog/xdp id ".len()..];
     rest.split_whitespace().next()?.parse().ok()
-}
-
-/// The pinned maps, read without the daemon.
-pub(super) struct Tables {
-    /// Flows in the table.
-    pub flows: u64,
-    /// Flows holding a slot, per backend id.
-    pub holding: BTreeMap<u32, u64>,
-    /// `CONNS` per backend id.
-    pub counters: BTreeMap<u32, u64>,
-}
-
-pub(super) fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
-    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
-    let table = crate::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let (total, holding) = (table.len(), crate::gc::count_flows(&table));
-    let conns = crate::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
-}
-
-/// The config's `[flows.timeouts]` with the short timeouts above.
-pub(super) fn short_timeouts() -> String {
-    format!(
-        "[flows.timeouts]\nsyn = \"{}\"\nestablished = \"{}\"\nclosing = \"{}\"\nudp = \"10s\"\n",
-        humantime::format_duration(SYN_TIMEOUT),
-        humantime::format_duration(ESTABLISHED_TIMEOUT),
-        humantime::format_duration(CLOSING_TIMEOUT)
-    )
 }
 
 /// The fault injector's view of the lab.
@@ -677,11 +367,11 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         let release = Release(&sh);
         let handles: Vec<_> = (1..=clients)
             .map(|c| {
-                let (sh, opts) = (sh.clone(), opts.clone());
+                let (sh, load) = (sh.clone(), probe::Load { rate: opts.rate, held_per_client: opts.held_per_client, seed: opts.seed });
                 s.spawn(move || {
                     lab.run_in(&format!("cl{c}"), move || {
                         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                        anyhow::Ok(rt.block_on(client(c, addr, sh, opts, f64::from(clients))))
+                        anyhow::Ok(rt.block_on(probe::client(c, addr, sh, load, f64::from(clients))))
                     })
                 })
             })

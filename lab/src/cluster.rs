@@ -30,7 +30,8 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use super::{
-    chaos::{self, Check, Conn, Fate, Release, Shared, Verdict},
+    probe::{self, Conn, Fate, Release, Shared},
+    report::{self, Check, Verdict},
     topo::{BackendConf, ServiceOpts},
     vip, Lab, LB4, PORT, VIP4,
 };
@@ -109,7 +110,7 @@ pub struct Report {
     /// From the end of the load until the counters equalled the held connections (ms).
     pub counters_settled_ms: u64,
     /// Each node's peer channel: flows reported, released, ignored.
-    pub peers: BTreeMap<String, crate::peers::Stats>,
+    pub peers: BTreeMap<String, lb_userspace::peers::Stats>,
     /// Open connections each node counts at the end.
     pub open_by_node: BTreeMap<String, u64>,
     pub checks: Vec<Check>,
@@ -303,13 +304,13 @@ impl Cluster<'_> {
         converge(self.lab, self.max, &self.up, since)
     }
 
-    pub(super) fn status(&self, k: u8) -> Result<crate::api::StatusReport> {
-        crate::client::block_on(self.client(k).status()).map_err(|e| anyhow::anyhow!("node {k}: {e}"))
+    pub(super) fn status(&self, k: u8) -> Result<lb_userspace::api::StatusReport> {
+        lb_userspace::client::block_on(self.client(k).status()).map_err(|e| anyhow::anyhow!("node {k}: {e}"))
     }
 
     /// Node `k`'s daemon.
-    pub(super) fn client(&self, k: u8) -> crate::client::Client {
-        crate::client::Client::new(self.socket(k))
+    pub(super) fn client(&self, k: u8) -> lb_userspace::client::Client {
+        lb_userspace::client::Client::new(self.socket(k))
     }
 
     /// New flows admitted so far, per running node.
@@ -318,7 +319,7 @@ impl Cluster<'_> {
             .filter(|k| self.socket(*k).exists())
             .filter_map(|k| {
                 let st = self.status(k).ok()?;
-                Some((k, chaos::backends(&st).iter().map(|b| b.new_flows).sum()))
+                Some((k, report::backends(&st).iter().map(|b| b.new_flows).sum()))
             })
             .collect()
     }
@@ -382,19 +383,19 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let half = opts.window / 2;
     let mut steps = Vec::new();
     let (mut counted_open, mut clients_hold_counted, mut settle_ms) = (0u64, 0u64, 0u64);
-    let mut peer_stats: BTreeMap<String, crate::peers::Stats> = BTreeMap::new();
+    let mut peer_stats: BTreeMap<String, lb_userspace::peers::Stats> = BTreeMap::new();
     let mut open_by_node: BTreeMap<String, u64> = BTreeMap::new();
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
         let release = Release(&sh);
-        let load = chaos::Options { rate: opts.rate, held_per_client: opts.held_per_client, ..chaos::Options::default() };
+        let load = probe::Load { rate: opts.rate, held_per_client: opts.held_per_client, seed: 1 };
         let handles: Vec<_> = (1..=clients)
             .map(|c| {
-                let (sh, load) = (sh.clone(), load.clone());
+                let sh = sh.clone();
                 s.spawn(move || {
                     lab.run_in(&format!("cl{c}"), move || {
                         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                        anyhow::Ok(rt.block_on(chaos::client(c, addr, sh, load, f64::from(clients))))
+                        anyhow::Ok(rt.block_on(probe::client(c, addr, sh, load, f64::from(clients))))
                     })
                 })
             })
@@ -433,7 +434,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         step(format!("scale out: node {new} joins"), all.clone(), &mut cl, &mut |cl| cl.start_node(new).map(|()| String::new()))?;
         let drained = 1;
         step(format!("drain node {drained}"), without(&all, drained), &mut cl, &mut |cl| {
-            let v = crate::client::block_on(cl.client(drained).drain(&crate::api::DrainRequest { timeout: Some("20s".into()) })).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let v =
+                lb_userspace::client::block_on(cl.client(drained).drain(&lb_userspace::api::DrainRequest { timeout: Some("20s".into()) })).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(format!(
                 "withdrawn in {} ms; {} new flows reached it after, the last {} ms after the withdrawal; then none: {}",
                 v.withdraw_ms.map_or_else(|| "(unconfirmed)".to_owned(), |ms| ms.to_string()),
@@ -443,7 +445,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             ))
         })?;
         step(format!("undrain node {drained}"), all.clone(), &mut cl, &mut |cl| {
-            crate::client::block_on(cl.client(drained).undrain()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            lb_userspace::client::block_on(cl.client(drained).undrain()).map_err(|e| anyhow::anyhow!("{e}"))?;
             Ok(String::new())
         })?;
         let restarted = 2;
@@ -487,7 +489,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         // Only the held connections are open now. Every node counts only the flows it carries
         // once its peers told it which moved (about a second, plus the sender's retries).
         let by_node = || -> BTreeMap<String, u64> {
-            (1..=cl.max).filter_map(|k| Some((format!("n{k}"), chaos::backends(&cl.status(k).ok()?).iter().map(|b| b.open).sum::<u64>()))).collect()
+            (1..=cl.max).filter_map(|k| Some((format!("n{k}"), report::backends(&cl.status(k).ok()?).iter().map(|b| b.open).sum::<u64>()))).collect()
         };
         let counted = || by_node().values().sum::<u64>();
         let open_now = held as u64;

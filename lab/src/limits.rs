@@ -28,12 +28,12 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 
 use super::{
-    chaos::{Check, Verdict},
     client4,
     cluster::{node_addr, node_ns, Cluster, ROUTER4},
+    report::{Check, Verdict},
     Lab, PORT, VIP4,
 };
-use crate::api::StatusReport;
+use lb_userspace::api::StatusReport;
 
 const ETCD_PORT: u16 = 2379;
 /// The lease the nodes are configured with (`write_node`).
@@ -103,7 +103,7 @@ pub struct Report {
     /// Per client: admitted, refused, failed.
     pub clients: BTreeMap<String, (u64, u64, u64)>,
     /// Per node: etcd requests and bytes, grants applied, over the run (its `Traffic`).
-    pub traffic: BTreeMap<String, crate::limits::Traffic>,
+    pub traffic: BTreeMap<String, lb_userspace::limits::Traffic>,
     pub run_s: f64,
     pub checks: Vec<Check>,
     /// Every sample: each node's open connections and limit.
