@@ -365,17 +365,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
         let release = Release(&sh);
-        let handles: Vec<_> = (1..=clients)
-            .map(|c| {
-                let (sh, load) = (sh.clone(), probe::Load { rate: opts.rate, held_per_client: opts.held_per_client, seed: opts.seed });
-                s.spawn(move || {
-                    lab.run_in(&format!("cl{c}"), move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                        anyhow::Ok(rt.block_on(probe::client(c, addr, sh, load, f64::from(clients))))
-                    })
-                })
-            })
-            .collect();
+        let load = probe::Load { rate: opts.rate, held_per_client: opts.held_per_client, seed: opts.seed };
+        let running = probe::start(s, lab, clients, addr, &sh, load);
         let held = opts.held_per_client * usize::from(clients);
         lab.wait("the held connections to open", Duration::from_secs(30), || sh.opened.load(Ordering::Relaxed) >= held)?;
         say(format!(
@@ -427,10 +418,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         let ids: Vec<u32> = end.iter().map(|b| b.id).collect();
         drop(release);
         say("closing the held connections".into());
-        let mut conns = Vec::new();
-        for h in handles {
-            conns.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))??);
-        }
+        let conns = running.join()?;
         // Closed connections release their slots at once; their flows go after the closing
         // timeout (and SYN_SEEN ones of refused SYNs after the SYN timeout) at the next sweep.
         let deadline = Instant::now() + CLOSING_TIMEOUT.max(SYN_TIMEOUT) + Duration::from_secs(5);

@@ -389,17 +389,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
         let release = Release(&sh);
         let load = probe::Load { rate: opts.rate, held_per_client: opts.held_per_client, seed: 1 };
-        let handles: Vec<_> = (1..=clients)
-            .map(|c| {
-                let sh = sh.clone();
-                s.spawn(move || {
-                    lab.run_in(&format!("cl{c}"), move || {
-                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                        anyhow::Ok(rt.block_on(probe::client(c, addr, sh, load, f64::from(clients))))
-                    })
-                })
-            })
-            .collect();
+        let running = probe::start(s, lab, clients, addr, &sh, load);
         let held = opts.held_per_client * usize::from(clients);
         lab.wait("the held connections to open", Duration::from_secs(30), || sh.opened.load(Ordering::Relaxed) >= held)?;
         // The load runs until every step is done (a generous bound; it is cut when they are).
@@ -501,10 +491,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         peer_stats = (1..=cl.max).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?.peers?))).collect();
         drop(release);
         say("load stopped; closing the held connections".into());
-        let mut conns = Vec::new();
-        for h in handles {
-            conns.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))??);
-        }
+        let conns = running.join()?;
         clients_hold_counted = conns.iter().filter(|c| matches!(c.fate, Fate::Survived)).count() as u64;
         Ok(conns)
     })?;

@@ -17,7 +17,9 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::load::http_message;
+use anyhow::Result;
+
+use crate::{load::http_message, Lab};
 
 /// Held connections ask again this often (which also keeps their flows fresh).
 const PING: Duration = Duration::from_millis(500);
@@ -33,6 +35,38 @@ pub struct Load {
     pub held_per_client: usize,
     /// Seeds each client's choice of how long its short connections stay.
     pub seed: u64,
+}
+
+/// The client namespaces' threads, each running [`client`].
+pub struct Clients<'scope>(Vec<std::thread::ScopedJoinHandle<'scope, Result<Result<Vec<Conn>>>>>);
+
+/// Starts `clients` clients (in namespaces `cl1`…), each on a thread of `scope` with a runtime
+/// of its own, sharing `load` equally.
+pub fn start<'scope>(scope: &'scope std::thread::Scope<'scope, '_>, lab: &'scope Lab, clients: u8, addr: SocketAddr, sh: &Arc<Shared>, load: Load) -> Clients<'scope> {
+    Clients(
+        (1..=clients)
+            .map(|c| {
+                let sh = sh.clone();
+                scope.spawn(move || {
+                    lab.run_in(&format!("cl{c}"), move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                        anyhow::Ok(rt.block_on(client(c, addr, sh, load, f64::from(clients))))
+                    })
+                })
+            })
+            .collect(),
+    )
+}
+
+impl Clients<'_> {
+    /// Every client's connections, once each has finished (the run must have released them).
+    pub fn join(self) -> Result<Vec<Conn>> {
+        let mut conns = Vec::new();
+        for h in self.0 {
+            conns.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))??);
+        }
+        Ok(conns)
+    }
 }
 
 /// What happened to one connection, as its client saw it.
@@ -185,7 +219,7 @@ async fn connection(addr: SocketAddr, sh: Arc<Shared>, held: bool, keep: Duratio
 
 /// One client namespace: its held connections, then short connections at `rate` until the
 /// load ends; then it waits for the held ones to be closed.
-pub async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Load, share: f64) -> Vec<Conn> {
+async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Load, share: f64) -> Vec<Conn> {
     let mut long_lived = tokio::task::JoinSet::new();
     for _ in 0..opts.held_per_client {
         long_lived.spawn(connection(addr, sh.clone(), true, Duration::ZERO));
