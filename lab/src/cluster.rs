@@ -113,6 +113,9 @@ pub struct Report {
     pub peers: BTreeMap<String, lb_userspace::peers::Stats>,
     /// Open connections each node counts at the end.
     pub open_by_node: BTreeMap<String, u64>,
+    /// When the counts disagree: the flows holding a slot on more than one node, as each
+    /// node's pinned flow table has them.
+    pub held_twice: Vec<String>,
     pub checks: Vec<Check>,
 }
 
@@ -148,6 +151,9 @@ impl Verdict for Report {
                 p.refused,
                 self.open_by_node.get(n).copied().unwrap_or(0)
             );
+        }
+        for f in &self.held_twice {
+            let _ = writeln!(t, "- held on several nodes: {f}");
         }
         for e in &self.broken_examples {
             let _ = writeln!(t, "- {e}");
@@ -255,7 +261,7 @@ impl Cluster<'_> {
                     lab.spec.dir.join("peer.key").display()
                 ),
             )
-            .replace(&lab.pin_dir().display().to_string(), &format!("/sys/fs/bpf/{}-{}", lab.spec.prefix, node_ns(k)))
+            .replace(&lab.pin_dir().display().to_string(), &self.pin_dir(k).display().to_string())
             .replace(&lab.socket().display().to_string(), &self.socket(k).display().to_string())
             .replace(&lab.journal().display().to_string(), &dir.join("journal.jsonl").display().to_string());
         std::fs::write(dir.join("sluice.toml"), text)?;
@@ -311,6 +317,23 @@ impl Cluster<'_> {
     /// Node `k`'s daemon.
     pub(super) fn client(&self, k: u8) -> lb_userspace::client::Client {
         lb_userspace::client::Client::new(self.socket(k))
+    }
+
+    /// Node `k`'s pin directory.
+    pub(super) fn pin_dir(&self, k: u8) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-{}", self.lab.spec.prefix, node_ns(k)))
+    }
+
+    /// The flows holding a slot on more than one node: one line each, with every node's view.
+    fn held_on_several_nodes(&self) -> Vec<String> {
+        let mut by_flow: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for k in 1..=self.max {
+            for f in report::held_flows(&self.pin_dir(k)).unwrap_or_default() {
+                let how = if f.adopted { "adopted" } else { "entered" };
+                by_flow.entry(f.flow).or_default().push(format!("n{k} ({how} {} ms ago, idle {} ms)", f.age_ms, f.idle_ms));
+            }
+        }
+        by_flow.into_iter().filter(|(_, on)| on.len() > 1).map(|(f, on)| format!("{f}: {}", on.join(", "))).collect()
     }
 
     /// New flows admitted so far, per running node.
@@ -385,6 +408,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let (mut counted_open, mut clients_hold_counted, mut settle_ms) = (0u64, 0u64, 0u64);
     let mut peer_stats: BTreeMap<String, lb_userspace::peers::Stats> = BTreeMap::new();
     let mut open_by_node: BTreeMap<String, u64> = BTreeMap::new();
+    let mut held_twice = Vec::new();
 
     let conns: Vec<Conn> = std::thread::scope(|s| -> Result<Vec<Conn>> {
         let release = Release(&sh);
@@ -488,6 +512,9 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         open_by_node = by_node();
         counted_open = open_by_node.values().sum();
         settle_ms = t_stop.elapsed().as_millis() as u64;
+        if counted_open != open_now {
+            held_twice = cl.held_on_several_nodes();
+        }
         peer_stats = (1..=cl.max).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?.peers?))).collect();
         drop(release);
         say("load stopped; closing the held connections".into());
@@ -516,6 +543,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         counters_settled_ms: settle_ms,
         peers: peer_stats,
         open_by_node,
+        held_twice,
         steps,
         checks: Vec::new(),
     };

@@ -92,6 +92,41 @@ pub fn refused_total(st: &StatusReport) -> u64 {
     backends(st).iter().map(|b| b.refused.values().sum::<u64>()).sum()
 }
 
+/// A flow holding a slot, as the pinned flow table has it.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeldFlow {
+    /// `client:port → vip:port`.
+    pub flow: String,
+    pub adopted: bool,
+    /// Since it was entered, and since its last packet (ms).
+    pub age_ms: u64,
+    pub idle_ms: u64,
+}
+
+/// The flows holding a slot in the pinned flow table in `pin_dir`.
+pub fn held_flows(pin_dir: &Path) -> Result<Vec<HeldFlow>> {
+    let table = flow_table(pin_dir)?;
+    let now = lb_userspace::gc::now_coarse_ns();
+    let mut out = Vec::new();
+    table.for_each(|e| {
+        if e.holds_slot() {
+            let k = &e.key;
+            // An IPv4 address is the key's first 4 bytes, the rest zero (`reconcile::addr16`).
+            let addr = |a: &[u8; 16], port: [u8; 2]| {
+                let ip = if a[4..].iter().all(|b| *b == 0) { IpAddr::from([a[0], a[1], a[2], a[3]]) } else { IpAddr::from(*a) };
+                std::net::SocketAddr::new(ip, u16::from_be_bytes(port))
+            };
+            out.push(HeldFlow {
+                flow: format!("{} → {}", addr(&k.src, k.sport_be), addr(&k.dst, k.dport_be)),
+                adopted: e.flow.adopted != 0,
+                age_ms: now.saturating_sub(e.flow.created_ns) / 1_000_000,
+                idle_ms: now.saturating_sub(e.flow.last_seen_ns) / 1_000_000,
+            });
+        }
+    });
+    Ok(out)
+}
+
 /// The pinned maps, read without the daemon.
 pub struct Tables {
     /// Flows in the table.
@@ -102,10 +137,15 @@ pub struct Tables {
     pub counters: BTreeMap<u32, u64>,
 }
 
+fn flow_table(pin_dir: &Path) -> Result<lb_userspace::flowtab::FlowTable> {
+    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
+    lb_userspace::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 pub fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
     let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
-    let table = lb_userspace::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let table = flow_table(pin_dir)?;
     let (total, holding) = (table.len(), lb_userspace::gc::count_flows(&table));
     let conns = lb_userspace::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
