@@ -17,10 +17,17 @@ use std::{
 
 use crate::{
     netns::{veth, ChildGuard, Netns},
-    sluice_bin, PinDir,
+    PinDir,
 };
 
 pub const VIP: &str = "10.70.0.100";
+
+/// The `sluice` binary under test ([`crate::sluice_bin`]), which must exist.
+pub fn sluice_bin() -> PathBuf {
+    let p = crate::sluice_bin();
+    assert!(p.exists(), "sluice binary not found at {}; run the tests with `cargo xtask test`", p.display());
+    p
+}
 
 /// A backend namespace and its server thread (stoppable, restartable).
 pub struct Backend {

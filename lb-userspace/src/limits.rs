@@ -458,7 +458,7 @@ impl Node {
         let st = &mut *guard;
         // A failed read counts as no traffic this round (the next one reads again).
         let end = st.applied().backend_ids_end();
-        let all_stats = st.tables().backend_stats_upto(end).unwrap_or_default();
+        let all_stats = st.backend_stats_upto(end).unwrap_or_default();
         let now = Instant::now();
         let mut backends = BTreeMap::new();
         let mut rates = BTreeMap::new();

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse as _, Response};
 use lb_common::{Reason, TrafficStats};
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{daemon::Daemon, stats, Error};
+use crate::{daemon::Daemon, Error};
 
 fn int_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -84,8 +84,8 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
         firing.with_label_values(&values).set(1);
     }
     let end = st.applied().backend_ids_end();
-    let all_stats = st.tables().backend_stats_upto(end)?;
-    let snapshot = stats::read(&st.tables().stats_map()?)?;
+    let all_stats = st.backend_stats_upto(end)?;
+    let snapshot = st.outcomes()?;
     for o in &snapshot.outcomes {
         dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
         dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
@@ -99,7 +99,7 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
     // Refusals with no backend to charge them to (no_backend, fragment, malformed) are counted
     // on the service only: report what its backends do not account for.
     let ids: Vec<u32> = st.applied().services.values().map(|s| s.id).collect();
-    let svc_stats = ids.into_iter().map(|id| st.tables().service_stats(id)).collect::<Result<Vec<_>, _>>()?;
+    let svc_stats = ids.into_iter().map(|id| st.service_stats(id)).collect::<Result<Vec<_>, _>>()?;
     let (applied, conns, corrections) = (st.applied(), st.conns(), st.corrections());
     for (s, svc) in applied.services.values().zip(svc_stats) {
         let mut on_backends = lb_common::Refusals::default();

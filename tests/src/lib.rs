@@ -12,17 +12,9 @@ pub mod labs;
 pub mod packet;
 pub mod testrun;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use sluice_lab::{l2lab, netns, netns::require_root, PinDir};
-
-/// The `sluice` binary under test: `$SLUICE_BIN` (set by `cargo xtask test`), else the
-/// workspace's debug build.
-pub fn sluice_bin() -> PathBuf {
-    let p = sluice_lab::sluice_bin();
-    assert!(p.exists(), "sluice binary not found at {}; run the tests with `cargo xtask test`", p.display());
-    p
-}
+pub use sluice_lab::{l2lab, l2lab::sluice_bin, netns, netns::require_root, PinDir};
 
 /// Replaces the section between `<!-- NAME:begin -->` and `<!-- NAME:end -->` of a markdown
 /// file (BENCHMARKS.md) with `body`, or appends it; text outside the markers is kept.

@@ -17,7 +17,7 @@ impl Daemon {
     pub fn status(&self) -> Result<StatusReport, Error> {
         let mut st = self.lock();
         let services = services(&mut st)?;
-        let outcomes = crate::stats::read(&st.tables().stats_map()?)?;
+        let outcomes = st.outcomes()?;
         let cluster = st.cluster();
         Ok(StatusReport {
             interface: st.cfg.daemon.interface.clone(),

@@ -351,9 +351,22 @@ impl State {
     pub fn flows(&self) -> &FlowTable {
         &self.flows
     }
-    /// The datapath's maps, to read counters (every write goes through the apply path).
-    pub fn tables(&mut self) -> Tables<'_> {
+    /// The datapath's maps, read and written; only `daemon/` has them (writes go through the
+    /// apply path).
+    pub(super) fn tables(&mut self) -> Tables<'_> {
         self.dp.tables()
+    }
+    /// Every backend's counters, for ids below `end` (one batched lookup).
+    pub fn backend_stats_upto(&mut self, end: u32) -> Result<Vec<lb_common::TrafficStats>, Error> {
+        self.dp.tables().backend_stats_upto(end)
+    }
+    /// A service's counters (refusals no backend is charged with included).
+    pub fn service_stats(&mut self, id: u32) -> Result<lb_common::TrafficStats, Error> {
+        self.dp.tables().service_stats(id)
+    }
+    /// The datapath's packet outcomes.
+    pub fn outcomes(&mut self) -> Result<crate::stats::Snapshot, Error> {
+        crate::stats::read(&self.dp.tables().stats_map()?)
     }
     /// Alerts firing now, as last notified.
     pub fn firing(&self) -> &[alerts::Notification] {
