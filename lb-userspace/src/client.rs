@@ -49,7 +49,7 @@ async fn ok(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> 
     if (200..300).contains(&status) {
         Ok(value)
     } else {
-        let msg = value.get("error").and_then(Value::as_str).map_or_else(|| value.to_string(), str::to_owned);
+        let msg = serde_json::from_value::<api::ApiErrorBody>(value.clone()).map_or_else(|_| value.to_string(), |b| b.error);
         Err(Error::other("the daemon refused the request", anyhow::anyhow!("{msg}")))
     }
 }
