@@ -137,16 +137,19 @@ pub struct Tables {
     pub counters: BTreeMap<u32, u64>,
 }
 
+fn pinned(pin_dir: &Path, name: &str) -> Result<aya::maps::MapData> {
+    aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"))
+}
+
 fn flow_table(pin_dir: &Path) -> Result<lb_userspace::flowtab::FlowTable> {
-    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
+    let open = |name: &str| pinned(pin_dir, name);
     lb_userspace::flowtab::FlowTable::map(&open(lb_common::maps::FLOWS)?, &open(lb_common::maps::FLOW_TAGS)?, &open(lb_common::maps::FLOW_COUNT)?)
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 pub fn tables(pin_dir: &Path, ids: &[u32]) -> Result<Tables> {
-    let open = |name: &str| aya::maps::MapData::from_pin(pin_dir.join(name)).with_context(|| format!("opening the pinned {name}"));
     let table = flow_table(pin_dir)?;
     let (total, holding) = (table.len(), lb_userspace::gc::count_flows(&table));
-    let conns = lb_userspace::conns::ConnCounters::map(&open(lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let conns = lb_userspace::conns::ConnCounters::map(&pinned(pin_dir, lb_common::maps::CONNS)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Tables { flows: total, holding, counters: ids.iter().map(|id| (*id, conns.get(*id))).collect() })
 }

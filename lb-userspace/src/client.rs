@@ -95,11 +95,7 @@ impl Client {
     }
 
     pub async fn explain(&self, q: &api::ExplainQuery) -> Result<Explanation, Error> {
-        let proto = match q.proto {
-            crate::config::Proto::Tcp => "tcp",
-            crate::config::Proto::Udp => "udp",
-        };
-        self.get(&format!("/v1/explain?src={}&dst={}&proto={proto}", q.src, q.dst).replace('[', "%5B").replace(']', "%5D")).await
+        self.get(&format!("/v1/explain?src={}&dst={}&proto={}", q.src, q.dst, q.proto.name()).replace('[', "%5B").replace(']', "%5D")).await
     }
 
     pub async fn events(&self, q: &api::EventsQuery) -> Result<Vec<crate::events::Event>, Error> {

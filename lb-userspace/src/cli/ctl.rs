@@ -61,11 +61,7 @@ pub enum BackendCmd {
 pub fn print_services(services: &[ServiceReport]) {
     println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
     for s in services {
-        let proto = match s.proto {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        };
-        let vip = format!("{}:{} {proto}", s.vip, s.port);
+        let vip = format!("{}:{} {}", s.vip, s.port, s.proto.name());
         for b in &s.backends {
             let (open, max, limit) = (b.open, u64::from(b.max_conns), u64::from(b.limit));
             // With cluster-wide limits: this node's share and the cluster's open connections.
