@@ -1,5 +1,6 @@
 //! `cargo xtask`: toolchain bootstrap and orchestration for Sluice.
 
+mod requirements;
 mod setup;
 
 use std::{
@@ -129,7 +130,7 @@ fn run(cli: Cli) -> Result<()> {
                     "bench-e2e"
                 }
             };
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let root = workspace_root();
             // The benchmarks start the sluice binary (the daemon): build it first, in release.
             build(true)?;
             let status = cargo()
@@ -150,9 +151,10 @@ fn run(cli: Cli) -> Result<()> {
 /// The environment every cargo invocation that builds the eBPF object needs.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    // lb-userspace's build script runs `rustup run debian-bpf cargo build -Z build-std=core`
-    // for bpfel; RUSTC_BOOTSTRAP=1 lets Debian's stable compiler accept -Z.
-    cmd.env("RUSTC_BOOTSTRAP", "1");
+    // No RUSTC_BOOTSTRAP here: cargo fingerprints it, so host builds with it would not reuse the
+    // dependencies `cargo xtask` itself was built with (~30 s on every call). The eBPF build,
+    // the one that needs `-Z build-std`, sets it on its own command (ebpf_build.rs).
+    cmd.env_remove("RUSTC_BOOTSTRAP");
     cmd.env("PATH", path_with_cargo_bin());
     cmd
 }
@@ -176,7 +178,7 @@ fn build(release: bool) -> Result<()> {
     // The XDP object first, with cargo's own progress lines: built inside lb-userspace's build
     // script, they could only surface as `warning:` lines. The build script then finds it built.
     println!("build: the XDP object (lb-ebpf for bpfel-unknown-none)");
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = workspace_root();
     let toolchain = std::env::var("SLUICE_BPF_TOOLCHAIN").unwrap_or_else(|_| "debian-bpf".into());
     let bpf_target = env_target_dir().join("bpf");
     let status = ebpf_build_command(&toolchain, &root, &bpf_target).env("PATH", path_with_cargo_bin()).status().context("running the eBPF build")?;
@@ -226,7 +228,7 @@ fn test(extra: &[String]) -> Result<()> {
     lint()?;
     build(false)?;
     let mut cmd = cargo();
-    cmd.args(["test", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-lab", "--package", "sluice-tests"]);
+    cmd.args(["test", "--package", "xtask", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-lab", "--package", "sluice-tests"]);
     cmd.args(extra);
     // The tests find the sluice binary here.
     cmd.env("SLUICE_BIN", env_target_dir().join("debug/sluice"));
@@ -265,6 +267,11 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The workspace's root, without a `..` in it: paths printed for the user read as they are.
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
 fn env_target_dir() -> std::path::PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), std::path::PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), std::path::PathBuf::from)
 }

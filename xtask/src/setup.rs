@@ -11,35 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-/// Debian packages the build and the tests need.
-/// rustc-web/cargo-web/rust-web-src: a compiler with matching library source, for
-/// `-Z build-std=core` on bpfel (rustup's nightly has no rust-src here).
-/// llvm-22-dev, libpolly-22-dev, libzstd-dev: to build bpf-linker against LLVM 22.
-/// bpftool, iproute2, ethtool, util-linux (nsenter): operating and testing the datapath.
-/// prometheus: for `promtool check metrics` in the tests.
-pub const PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "rust-web-src",
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "libzstd-dev",
-    "bpftool",
-    "iproute2",
-    "ethtool",
-    "util-linux",
-    "prometheus",
-    // BIRD 2: the cluster's BGP speaker (announcing VIPs), run for real by the cluster test.
-    "bird2",
-    // etcd: where the nodes of a cluster lease their shares of a cluster-wide limit; started by
-    // the cluster tests and `sluice lab cluster --limits` (etcdctl for operators and the docs).
-    "etcd-server",
-    "etcd-client",
-    // protoc: the etcd-client crate generates its gRPC code at build time.
-    "protobuf-compiler",
-    // amtool: checks the shipped Alertmanager routing (deploy/alertmanager) in the tests.
-    "prometheus-alertmanager",
-];
+use crate::requirements::{BENCH_PACKAGES, PACKAGES, TOOLS};
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's compiler is linked; lb-userspace's build.rs uses it.
@@ -73,6 +45,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     toolchain_link()?;
     bpffs()?;
+    verify()?;
     println!("setup: complete in {:.2}s", total.elapsed().as_secs_f64());
     Ok(())
 }
@@ -125,7 +98,7 @@ pub fn peer_load_balancers() -> Result<()> {
         std::fs::write(POLICY, "#!/bin/sh\nexit 101\n").context("writing policy-rc.d")?;
         std::fs::set_permissions(POLICY, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
-    let res = ensure_packages("haproxy and nginx", &["haproxy", "nginx", "libnginx-mod-stream"]);
+    let res = ensure_packages("haproxy and nginx", BENCH_PACKAGES);
     if ours {
         let _ = std::fs::remove_file(POLICY);
     }
@@ -189,6 +162,51 @@ fn bpffs() -> Result<()> {
     }
     sh(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]), "mount -t bpf bpf /sys/fs/bpf")?;
     step.done(&format!("mounted {BPFFS}"));
+    Ok(())
+}
+
+/// Checks that what setup promises works, so a missing piece fails here, naming its package,
+/// and not twenty minutes later inside a build script or a test.
+fn verify() -> Result<()> {
+    let step = Step::new("verify");
+    let mut broken = Vec::new();
+    for t in TOOLS.iter().filter(|t| !t.probe.is_empty()) {
+        let ok = Command::new(t.program).args(t.probe).output().is_ok_and(|o| o.status.success());
+        if !ok {
+            broken.push(format!("`{} {}` does not answer: install the Debian package {}", t.program, t.probe.join(" "), t.package.unwrap_or("(base system)")));
+        }
+    }
+    let linker = cargo_bin_dir().join("bpf-linker");
+    if !Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        broken.push(format!("`{} --version` does not answer: run `cargo xtask setup` again (it builds bpf-linker)", linker.display()));
+    }
+    if !Command::new("rustup").args(["run", BPF_TOOLCHAIN, "rustc", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        broken.push(format!("`rustup run {BPF_TOOLCHAIN} rustc --version` fails: install rustc-web, cargo-web and rust-web-src"));
+    }
+    if let Err(e) = protoc_well_known() {
+        broken.push(format!(
+            "protoc cannot compile a file that imports google/protobuf/descriptor.proto ({e:#}): install the Debian package libprotobuf-dev (etcd-client's build script needs it)"
+        ));
+    }
+    if !broken.is_empty() {
+        bail!("setup installed everything but these do not work:\n  {}", broken.join("\n  "));
+    }
+    step.done(&format!("{} tools, protoc, bpf-linker, {BPF_TOOLCHAIN} answer", TOOLS.iter().filter(|t| !t.probe.is_empty()).count()));
+    Ok(())
+}
+
+/// What etcd-client's build script does: compile a proto that imports a well-known one.
+fn protoc_well_known() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("sluice-setup-protoc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let proto = dir.join("check.proto");
+    std::fs::write(&proto, "syntax = \"proto3\";\nimport \"google/protobuf/descriptor.proto\";\nmessage Check { google.protobuf.FileDescriptorProto f = 1; }\n")?;
+    let out = Command::new("protoc").arg("-I").arg(&dir).arg(format!("--descriptor_set_out={}", dir.join("check.pb").display())).arg(&proto).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.context("running protoc")?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
     Ok(())
 }
 
