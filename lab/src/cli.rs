@@ -136,6 +136,9 @@ pub enum LabCmd {
         /// the nodes (sampled every 100 ms) never exceeded the limit and every step held.
         #[arg(long)]
         limits: bool,
+        /// With --limits: the service's `overflow.spill` (the example config's is true).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        spill: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -322,14 +325,14 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             lab.down();
             verdict("chaos run", &report.map_err(lab_err)?, *json)
         }
-        LabCmd::Cluster { nodes, mode, limits: true, json, .. } => {
+        LabCmd::Cluster { nodes, mode, limits: true, json, spill, .. } => {
             cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
             let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, 1, *nodes, *mode)).map_err(lab_err)?;
-            let report = crate::limits::run(&lab, &crate::limits::Options { nodes: *nodes, ..crate::limits::Options::default() });
+            let report = crate::limits::run(&lab, &crate::limits::Options { nodes: *nodes, spill: *spill, ..crate::limits::Options::default() });
             lab.down();
             verdict("cluster limits run", &report.map_err(lab_err)?, *json)
         }
-        LabCmd::Cluster { nodes, mode, duration, rate, json, limits: false } => {
+        LabCmd::Cluster { nodes, mode, duration, rate, json, limits: false, .. } => {
             cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
             let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, cluster::BACKENDS, 2, *mode)).map_err(lab_err)?;
             let opts = cluster::Options { nodes: *nodes, window: (*duration / 6).max(Duration::from_secs(2)), rate: *rate, ..cluster::Options::default() };

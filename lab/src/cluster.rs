@@ -174,6 +174,8 @@ pub(super) struct Cluster<'a> {
     /// With cluster-wide limits (`--limits`): the nodes' `[cluster.limits]` and their backend's
     /// `max_conns` (one backend).
     pub(super) limits: Option<(String, u32)>,
+    /// The service's `overflow.spill`.
+    pub(super) spill: bool,
 }
 
 impl Cluster<'_> {
@@ -239,7 +241,7 @@ impl Cluster<'_> {
     }
 
     /// Node `k`'s config (the lab's service, its own paths, `[cluster]`) and BIRD config.
-    fn write_node(&self, k: u8) -> Result<()> {
+    pub(super) fn write_node(&self, k: u8) -> Result<()> {
         let lab = self.lab;
         let dir = self.dir(k);
         std::fs::create_dir_all(&dir)?;
@@ -251,7 +253,7 @@ impl Cluster<'_> {
         let text = lab
             .config_text(
                 &conf,
-                &ServiceOpts::default(),
+                &ServiceOpts { spill: self.spill, ..ServiceOpts::default() },
                 &format!(
                     "[alerts]\nname = \"lab-n{k}\"\n\n[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\npeer_key_file = \"{}\"\n{limits}",
                     dir.join("bird.ctl").display(),
@@ -389,7 +391,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             bail!("`{tool}` is missing: install bird2 (`cargo xtask setup` does)");
         }
     }
-    let mut cl = Cluster { lab, up: BTreeSet::new(), max: opts.nodes + 1, limits: None };
+    let mut cl = Cluster { lab, up: BTreeSet::new(), max: opts.nodes + 1, limits: None, spill: false };
     cl.build()?;
     for k in 1..=opts.nodes {
         cl.start_node(k)?;
@@ -551,6 +553,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let mut check = |what: &str, ok: bool, detail: String| checks.push(Check { what: what.into(), ok, detail });
     check("no connection broken", report.broken == 0, format!("{} broken of {} connections ({} held through every step)", report.broken, report.connections, report.held));
     check("every SYN answered", report.connect_failed == 0, format!("{} connects failed", report.connect_failed));
+    let refused = count(&|c| matches!(c.fate, Fate::Refused));
+    check("no connection refused (no RST from the load balancer)", refused == 0, format!("{refused} connects refused"));
     let slow: Vec<String> = report.steps.iter().filter(|s| s.converged_ms.is_none_or(|ms| ms > 10_000)).map(|s| s.what.clone()).collect();
     check("the router converged after every change (within 10 s)", slow.is_empty(), if slow.is_empty() { "all steps".into() } else { slow.join(", ") });
     let joined = report.steps.first().and_then(|s| s.new_flows_after.get(&format!("n{}", opts.nodes + 1))).copied().unwrap_or(0);

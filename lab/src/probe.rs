@@ -239,16 +239,26 @@ async fn client(idx: u8, addr: SocketAddr, sh: Arc<Shared>, opts: Load, share: f
         next += gap;
         let hold = Duration::from_millis(rng.random_range(0..=1500));
         short.spawn(connection(addr, sh.clone(), false, hold));
-        while let Some(Ok(c)) = short.try_join_next() {
-            out.push(c);
+        while let Some(r) = short.try_join_next() {
+            out.push(joined(r));
         }
     }
     while let Some(r) = short.join_next().await {
-        out.extend(r.ok());
+        out.push(joined(r));
     }
     sh.short_done.fetch_add(1, Ordering::Relaxed);
     while let Some(r) = long_lived.join_next().await {
-        out.extend(r.ok());
+        out.push(joined(r));
     }
     out
+}
+
+/// A connection task's outcome. One that panicked takes its client down with it (and the run,
+/// through [`Clients::join`]): a crashed client must not count as no connection at all.
+fn joined(r: Result<Conn, tokio::task::JoinError>) -> Conn {
+    match r {
+        Ok(c) => c,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("a connection task did not finish: {e}"),
+    }
 }

@@ -153,7 +153,8 @@ macro_rules! reasons {
 reasons! {
     /// The chosen backend is at its `max_conns`.
     BackendLimit = 0, backend_limit, "backend_limit";
-    /// `spill` is on and every candidate tried was refused.
+    /// `spill` is on and every candidate tried was refused at its own limit, draining or down
+    /// (one refused only for lack of this node's share makes it `share_exhausted`).
     ServiceSaturated = 1, service_saturated, "service_saturated";
     /// The chosen backend is down (failed health checks).
     BackendDown = 2, backend_down, "backend_down";

@@ -24,6 +24,11 @@ pub fn has_room(svc: &Service, hash: u32) -> bool {
 
 /// Admits a new flow: `Ok(backend)` holding one slot on it, or `Err((reason, backend))`
 /// naming the backend the refusal is charged to (the first choice; 0 if none).
+///
+/// A spill that finds every candidate full is `service_saturated`, unless one of them refused
+/// only for lack of this node's share of a cluster-wide limit: then more share would have
+/// admitted it, and it is `share_exhausted`, the demand the allocator grants share for. (As
+/// `service_saturated` it was no demand, and a cluster whose shares were all 0 stayed so.)
 #[inline(always)]
 pub fn admit(svc: &Service, hash: u32) -> Result<u32, (Reason, u32)> {
     let first = ring_pick(svc, hash, 0);
@@ -41,6 +46,7 @@ pub fn admit(svc: &Service, hash: u32) -> Result<u32, (Reason, u32)> {
     // Spill: the next distinct backends of this flow's probe sequence, at most `spill` of
     // them, within MAX_PROBES ring positions.
     let mut tried = [first, 0, 0, 0];
+    let mut share_short = first_reason == Reason::ShareExhausted;
     let mut n = 1usize;
     let mut i = 1;
     while i < MAX_PROBES {
@@ -49,8 +55,9 @@ pub fn admit(svc: &Service, hash: u32) -> Result<u32, (Reason, u32)> {
         if b == 0 || b == tried[0] || b == tried[1] || b == tried[2] || b == tried[3] {
             continue;
         }
-        if slots::take(b).is_ok() {
-            return Ok(b);
+        match slots::take(b) {
+            Ok(()) => return Ok(b),
+            Err(r) => share_short |= r == Reason::ShareExhausted,
         }
         if n < tried.len() {
             tried[n] = b;
@@ -60,5 +67,5 @@ pub fn admit(svc: &Service, hash: u32) -> Result<u32, (Reason, u32)> {
             break;
         }
     }
-    Err((Reason::ServiceSaturated, first))
+    Err((if share_short { Reason::ShareExhausted } else { Reason::ServiceSaturated }, first))
 }

@@ -140,6 +140,8 @@ pub struct Sample {
     pub change_refused: Option<String>,
     /// Each service's own alert labels (`service.labels`).
     pub service_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Backends whose health checks cannot run for a cause on this node: (service, backend, cause).
+    pub health_local: Vec<(String, String, String)>,
 }
 
 /// Per backend id, what the sample names it by and its load history's handle, made once per
@@ -212,6 +214,7 @@ pub struct Inputs<'a> {
     pub not_announcing: Option<(String, Vec<String>, String)>,
     pub change_refused: Option<String>,
     pub services: &'a [crate::config::ServiceCfg],
+    pub health_local: &'a BTreeMap<(String, std::net::IpAddr), String>,
 }
 
 /// One sample of everything the rules look at.
@@ -245,6 +248,7 @@ pub fn sample(i: &Inputs<'_>) -> Sample {
         limits: i.limits.clone(),
         change_refused: i.change_refused.clone(),
         service_labels: i.services.iter().filter(|s| !s.labels.is_empty()).map(|s| (s.name.clone(), s.labels.clone())).collect(),
+        health_local: i.health_local.iter().map(|((s, a), d)| (s.clone(), a.to_string(), d.clone())).collect(),
     }
 }
 
@@ -435,7 +439,15 @@ impl Engine {
                         format!(
                             "All {} active backends are full ({}); every new connection is refused by the load balancer. Next: raise max_conns in {file} or add backends.",
                             active.len(),
-                            active.iter().map(|b| format!("{} {}/{}", b.backend, b.open, b.max_conns)).collect::<Vec<_>>().join(", ")
+                            // A cluster-wide limit: the cluster's open against max_conns, and this node's part.
+                            active
+                                .iter()
+                                .map(|b| match &b.cluster {
+                                    Some(c) => format!("{} {}/{} over the cluster, {} here", b.backend, c.cluster_open, b.max_conns, b.open),
+                                    None => format!("{} {}/{}", b.backend, b.open, b.max_conns),
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     ),
                 );
@@ -461,6 +473,13 @@ impl Engine {
                 format!("The router sends this node no traffic for those VIPs; the datapath forwards what arrives. BIRD: {error}. Next: check BIRD (`birdc show protocols`) and cluster.bird_socket; the daemon retries every second."),
             ));
         }
+        if let Some((_, _, cause)) = s.health_local.first() {
+            let which: Vec<String> = s.health_local.iter().map(|(svc, b, _)| format!("{b} of \"{svc}\"")).collect();
+            push("SluiceHealthChecksCannotRun", "critical", Vec::new(), (
+                format!("Sluice load balancer {lb}: health checks of {} backends cannot run from this node", which.len()),
+                format!("A cause on this node, not the backends: {cause}. Backends {} keep their place in the ring (no verdict without a check). Next: check this node's link, routes and open-file limit.", which.join(", ")),
+            ));
+        }
         if let Some(refused) = &s.change_refused {
             push("SluiceConfigChangeRefused", "warning", Vec::new(), (
                 format!("Sluice load balancer {lb}: a reload of {file} was refused by the guard; the previous config still runs"),
@@ -470,7 +489,9 @@ impl Engine {
         if let Some(l) = s.limits.as_ref().filter(|l| !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0)) {
             let shares: Vec<String> =
                 l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
-            let state = if l.fallback {
+            let state = if l.fenced {
+                "its peers reach etcd, so it has fenced itself: its VIPs are withdrawn and it admits nothing until etcd answers and grants it shares again".to_owned()
+            } else if l.fallback {
                 format!("its lease ({} s) has run out, so it enforces the smaller of each share and its safe share", l.lease_ttl_s)
             } else {
                 format!("it keeps its shares until its lease ({} s) would run out, then falls back to its safe shares", l.lease_ttl_s)
@@ -478,7 +499,7 @@ impl Engine {
             push("SluiceLimitsWithoutEtcd", "critical", vec![("node".to_owned(), l.node.clone())], (
                 format!("Sluice load balancer {lb} (node \"{}\") cannot reach etcd ({}): cluster-wide limits are not rebalanced", l.node, l.etcd.join(", ")),
                 format!(
-                    "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd: with etcd down for all, the cluster stays within max_conns. If only this node is cut off, the others are granted its share once its lease runs out, and its open connections above its safe share count on top until they close. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
+                    "etcd out of reach for {:.0} s ({}); {state}. No node raises a limit without etcd: with etcd down for all, the cluster stays within max_conns. If only this node is cut off, the allocator keeps reserving what it may hold, and it fences itself after 2 × the lease while its peers reach etcd. Shares: {}. Next: bring etcd back (`etcdctl endpoint health`); the node joins again by itself.",
                     l.lost_for_s.unwrap_or(0.0),
                     l.error.as_deref().unwrap_or("no answer"),
                     shares.join("; ")
@@ -596,6 +617,7 @@ mod tests {
             limits: None,
             change_refused: None,
             service_labels: BTreeMap::new(),
+            health_local: Vec::new(),
         }
     }
 

@@ -32,6 +32,9 @@ use crate::{cfgfile::Staged, config::ClusterCfg, daemon::Daemon, reconcile::Appl
 pub struct Status {
     pub node: String,
     pub drained: bool,
+    /// Withdrawn: cut off from etcd while its peers are not (`limits.rs`).
+    #[serde(default)]
+    pub fenced: bool,
     /// VIPs this node should announce now.
     pub wanted: BTreeSet<IpAddr>,
     /// VIPs in BIRD's config as of the last successful `configure`.

@@ -130,11 +130,23 @@ pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: Sock
         )
     } else {
         let first = &candidates[0];
-        let reason = if svc.cfg.overflow.spill.candidates() > 0 { Reason::ServiceSaturated } else { refusing[0].unwrap_or(Reason::BackendLimit) };
+        // As the datapath decides (lb-ebpf/src/admission.rs): a spill that found a candidate
+        // short only of this node's share is share_exhausted, demand for more share.
+        let spill = svc.cfg.overflow.spill.candidates() > 0;
+        let short_of_share = refusing.contains(&Some(Reason::ShareExhausted));
+        let reason = match (spill, short_of_share) {
+            (true, true) => Reason::ShareExhausted,
+            (true, false) => Reason::ServiceSaturated,
+            (false, _) => refusing[0].unwrap_or(Reason::BackendLimit),
+        };
         let why = match reason {
             Reason::ServiceSaturated => format!("every candidate ({}) is full, draining or down", candidates.iter().map(|c| c.backend.to_string()).collect::<Vec<_>>().join(", ")),
             Reason::BackendDraining => format!("backend {} is draining", first.backend),
             Reason::BackendDown => format!("backend {} is down", first.backend),
+            Reason::ShareExhausted if spill => format!(
+                "every candidate ({}) is at this node's share of its cluster-wide limit, and the cluster has room: the allocator grants more share to a node that refuses (`sluice cluster status`)",
+                candidates.iter().map(|c| format!("{} {} open", c.backend, c.open)).collect::<Vec<_>>().join(", ")
+            ),
             Reason::ShareExhausted => format!(
                 "backend {} has {} open connections, this node's share of the cluster-wide limit (service \"{name}\" backend {} max_conns, `sluice cluster status`)",
                 first.backend, first.open, first.backend

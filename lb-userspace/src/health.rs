@@ -2,6 +2,12 @@
 //! an expected status, with rise/fall thresholds. Transitions are sent to the daemon, which
 //! takes an unhealthy backend out of its service's ring (state `down`: its open flows keep
 //! going) and puts it back when it is healthy again.
+//!
+//! A check that cannot run for a cause on this node — no route from it (its link is down),
+//! no file descriptor or buffer left — is no verdict on the backend: it counts neither way,
+//! the backend keeps its place in the ring, and the daemon alerts instead
+//! (`SluiceHealthChecksCannotRun`). Taking every backend out of the ring because this node's
+//! link went down would move flows to the wrong backend when it comes back.
 
 use std::{
     collections::BTreeMap,
@@ -18,7 +24,7 @@ use tokio::{
 
 use crate::config::{Config, Health, HealthKind};
 
-/// A backend changed health.
+/// A backend changed health, or its checks stopped or started running again for a local cause.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub service: String,
@@ -26,14 +32,56 @@ pub struct Transition {
     pub healthy: bool,
     /// What the last check saw, for the log and the journal.
     pub detail: String,
+    pub kind: Kind,
 }
 
-/// One check. `Ok` with a description, or `Err` with what failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// `healthy` is a verdict on the backend (rise or fall checks in a row).
+    Verdict,
+    /// The checks cannot run for a cause on this node (`detail`); `healthy` is unchanged.
+    LocalFailure,
+    /// They run again.
+    LocalRecovered,
+}
+
+/// What one check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok(String),
+    Failed(String),
+    /// It could not run for a cause on this node: no verdict on the backend.
+    Local(String),
+}
+
+/// Errors of this node, not of the backend: no route (the node's link down), no file
+/// descriptor, no buffer or memory, no local address.
+fn local_cause(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL))
+}
+
+/// One check. `Ok` with a description, or `Err` with what failed (a local cause included).
 pub async fn check(target: SocketAddr, h: &Health) -> Result<String, String> {
+    match check_outcome(target, h).await {
+        Outcome::Ok(d) => Ok(d),
+        Outcome::Failed(d) | Outcome::Local(d) => Err(d),
+    }
+}
+
+/// One check, with a failure of this node told apart from the backend's.
+pub async fn check_outcome(target: SocketAddr, h: &Health) -> Outcome {
+    match check_inner(target, h).await {
+        Ok(d) => Outcome::Ok(d),
+        Err((d, Some(e))) if local_cause(&e) => Outcome::Local(format!("{d} (a cause on this node)")),
+        Err((d, _)) => Outcome::Failed(d),
+    }
+}
+
+async fn check_inner(target: SocketAddr, h: &Health) -> Result<String, (String, Option<std::io::Error>)> {
     let connect = tokio::time::timeout(h.timeout, TcpStream::connect(target)).await;
     let mut stream = match connect {
-        Err(_) => return Err(format!("TCP connect to {target} timed out after {:?}", h.timeout)),
-        Ok(Err(e)) => return Err(format!("TCP connect to {target}: {e}")),
+        Err(_) => return Err((format!("TCP connect to {target} timed out after {:?}", h.timeout), None)),
+        Ok(Err(e)) => return Err((format!("TCP connect to {target}: {e}"), Some(e))),
         Ok(Ok(s)) => s,
     };
     if h.kind == HealthKind::Tcp {
@@ -48,15 +96,15 @@ pub async fn check(target: SocketAddr, h: &Health) -> Result<String, String> {
         Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
     let head = match tokio::time::timeout(h.timeout, exchange).await {
-        Err(_) => return Err(format!("HTTP GET {path} on {target} timed out after {:?}", h.timeout)),
-        Ok(Err(e)) => return Err(format!("HTTP GET {path} on {target}: {e}")),
+        Err(_) => return Err((format!("HTTP GET {path} on {target} timed out after {:?}", h.timeout), None)),
+        Ok(Err(e)) => return Err((format!("HTTP GET {path} on {target}: {e}"), None)),
         Ok(Ok(s)) => s,
     };
     let status: Option<u16> = head.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
     match status {
         Some(s) if s == h.expect_status => Ok(format!("HTTP GET {path} on {target}: {s}")),
-        Some(s) => Err(format!("HTTP GET {path} on {target}: status {s}, expected {}", h.expect_status)),
-        None => Err(format!("HTTP GET {path} on {target}: no HTTP status line in the answer")),
+        Some(s) => Err((format!("HTTP GET {path} on {target}: status {s}, expected {}", h.expect_status), None)),
+        None => Err((format!("HTTP GET {path} on {target}: no HTTP status line in the answer"), None)),
     }
 }
 
@@ -107,24 +155,41 @@ impl Drop for Checks {
 
 async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, mut healthy: bool, tx: mpsc::UnboundedSender<Transition>) {
     let (mut ok_run, mut fail_run) = (0u32, 0u32);
+    let mut local = false;
     let mut tick = tokio::time::interval(h.interval.max(Duration::from_millis(10)));
+    let send = |healthy: bool, detail: String, kind: Kind| {
+        let _ = tx.send(Transition { service: service.clone(), address, healthy, detail, kind });
+    };
     loop {
         tick.tick().await;
-        match check(target, &h).await {
-            Ok(detail) => {
+        let outcome = check_outcome(target, &h).await;
+        if local && !matches!(outcome, Outcome::Local(_)) {
+            local = false;
+            // The run before the local failure is stale: the verdict starts again.
+            (ok_run, fail_run) = (0, 0);
+            send(healthy, "health checks run again".into(), Kind::LocalRecovered);
+        }
+        match outcome {
+            Outcome::Ok(detail) => {
                 fail_run = 0;
                 ok_run += 1;
                 if !healthy && ok_run >= h.rise {
                     healthy = true;
-                    let _ = tx.send(Transition { service: service.clone(), address, healthy, detail });
+                    send(healthy, detail, Kind::Verdict);
                 }
             }
-            Err(detail) => {
+            Outcome::Failed(detail) => {
                 ok_run = 0;
                 fail_run += 1;
                 if healthy && fail_run >= h.fall {
                     healthy = false;
-                    let _ = tx.send(Transition { service: service.clone(), address, healthy, detail });
+                    send(healthy, detail, Kind::Verdict);
+                }
+            }
+            Outcome::Local(detail) => {
+                if !local {
+                    local = true;
+                    send(healthy, detail, Kind::LocalFailure);
                 }
             }
         }

@@ -13,8 +13,24 @@
 //! Without etcd a node never raises a limit: it keeps its shares until its lease would have
 //! expired (counted from the last keep-alive it sent that etcd answered), then enforces the
 //! smaller of each share and its safe share, alerts, and joins again with a new lease once etcd
-//! answers. A restarted daemon resumes its lease (kept in a file beside the control socket)
-//! if it is still alive, so a restart moves no capacity.
+//! answers. A restarted daemon resumes its lease (kept in its state directory, in a file named
+//! by the node) if it is still alive and no other node's report holds it, so a restart moves
+//! no capacity.
+//!
+//! **A node that cannot coordinate cannot push the cluster over** (docs/ARCHITECTURE.md):
+//! - every node keeps, without a lease, what it may hold per backend (`<prefix>/holds/<node>`:
+//!   `max(open, applied)`). When its lease is gone the allocator keeps reserving that (or its
+//!   last grant, if larger) instead of granting it to the others;
+//! - a node cut off from etcd for `2 × lease_ttl` while a peer says (over the peer channel) that
+//!   it reaches etcd *fences* itself: it withdraws its VIPs from BIRD and admits nothing, so its
+//!   flows move to nodes that count them. It announces again once it is granted shares;
+//! - the allocator releases a gone node's reservation `2 × lease_ttl` after it first saw the
+//!   lease gone: by then a node still running has fenced itself (it lost etcd at least a
+//!   `lease_ttl` before its lease expired), and a crashed one holds nothing. So a crashed node's
+//!   capacity is back after `3 × lease_ttl` at most (lease expiry, then the release).
+//!
+//! When every node loses etcd, none is fenced (no peer reaches etcd): each keeps the smaller of
+//! its share and its safe share, which sum to at most the limit.
 
 use std::{
     collections::BTreeMap,
@@ -36,9 +52,21 @@ use crate::{
     config::{ClusterCfg, LimitsCfg},
     daemon::Daemon,
     reconcile::Share,
-    shares::{self, Demand, Grant, Report},
+    shares::{self, Demand, Grant, Holds, Report},
     Error,
 };
+
+/// What the limits task shares with the rest of the cluster's tasks.
+#[derive(Clone, Default)]
+pub struct Links {
+    /// Set after each round: whether etcd answered (the peer channel tells the peers).
+    pub etcd_ok: Arc<AtomicBool>,
+    /// The peer channel's state: which peers said lately that they reach etcd.
+    pub peers: Option<Arc<Mutex<crate::peers::Stats>>>,
+}
+
+/// A peer's word that it reaches etcd counts this long (it repeats it every second).
+const PEER_WORD: Duration = Duration::from_secs(3);
 
 /// How often a node reports, reads the grants and (leading) allocates.
 pub const ROUND: Duration = Duration::from_millis(200);
@@ -73,6 +101,13 @@ pub struct Status {
     pub leader: Option<String>,
     /// Enforcing safe shares: etcd was lost for longer than the lease.
     pub fallback: bool,
+    /// Withdrawn and admitting nothing: cut off from etcd while a peer reaches it.
+    #[serde(default)]
+    pub fenced: bool,
+    /// Nodes whose lease is gone and what the allocator still reserves for them (as the
+    /// allocator last computed it; empty on the other nodes).
+    #[serde(default)]
+    pub reserved: BTreeMap<String, Holds>,
     /// Seconds since etcd last answered, while it does not.
     pub lost_for_s: Option<f64>,
     pub error: Option<String>,
@@ -110,6 +145,9 @@ fn key_grants(prefix: &str) -> String {
 fn key_leader(prefix: &str) -> String {
     format!("{prefix}/leader")
 }
+fn key_holds(prefix: &str) -> String {
+    format!("{prefix}/holds/")
+}
 
 /// This node's state between rounds.
 struct Node {
@@ -118,6 +156,12 @@ struct Node {
     /// How many nodes the safe share divides by.
     nodes: u32,
     lease_file: PathBuf,
+    links: Links,
+    /// What this node last wrote under `holds/` (written again only when it changes).
+    holds_written: Option<Holds>,
+    /// Leading: when each node whose lease is gone was first seen so.
+    gone_since: BTreeMap<String, Instant>,
+    fenced: bool,
     client: Option<Client>,
     lease: Option<i64>,
     /// The lease's keep-alive task, and what it found: when the request of the last keep-alive
@@ -158,7 +202,7 @@ fn safe_share(cfg: &crate::config::BackendCfg, nodes: u32) -> u32 {
 }
 
 /// Runs the node's rounds until `stop`.
-pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: Arc<Mutex<Status>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: Arc<Mutex<Status>>, links: Links, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     let cfg = cluster.limits.clone().expect("spawned with [cluster.limits]");
     let nodes = cluster.limit_nodes();
     let mut node = Node {
@@ -166,6 +210,10 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: 
         name: cluster.node.clone(),
         nodes,
         lease_file,
+        links,
+        holds_written: None,
+        gone_since: BTreeMap::new(),
+        fenced: false,
         client: None,
         lease: None,
         keepalive: None,
@@ -211,6 +259,7 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: 
                 watch = node.watch().await.ok();
             }
             let lost = result.is_err();
+            node.links.etcd_ok.store(!lost, Ordering::Relaxed);
             if let Err(e) = &result {
                 let mut s = status.lock().expect("limits status");
                 if s.connected || s.error.is_none() {
@@ -234,8 +283,19 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: 
                     node.fallback = true;
                 }
             }
+            if lost && !node.fenced && since.elapsed() >= 2 * node.cfg.lease_ttl {
+                let peers = node.links.peers.as_ref().map(|p| p.lock().expect("peer stats").peers_with_etcd(PEER_WORD)).unwrap_or_default();
+                if !peers.is_empty() {
+                    let why = format!("etcd out of reach for {:.1} s while peers {} reach it", since.elapsed().as_secs_f64(), peers.join(", "));
+                    match node.fence(&daemon, &why).await {
+                        Ok(()) => node.fenced = true,
+                        Err(e) => tracing::error!("fencing this node: {e}"),
+                    }
+                }
+            }
             let mut s = status.lock().expect("limits status");
             s.fallback = node.fallback;
+            s.fenced = node.fenced;
             s.lease = node.lease;
             s.applied_seq = node.applied_seq;
             s.lost_for_s = s.lost_since.map(|t| t.elapsed().as_secs_f64());
@@ -328,10 +388,21 @@ impl Node {
             return Ok(l);
         }
         let sent = Instant::now();
-        let kept = std::fs::read_to_string(&self.lease_file).ok().and_then(|s| s.trim().parse::<i64>().ok());
+        // "<node> <lease>": a lease this node's name wrote, and no other node's report holds.
+        let kept = std::fs::read_to_string(&self.lease_file).ok().and_then(|s| {
+            let mut words = s.split_whitespace();
+            (words.next() == Some(self.name.as_str())).then(|| words.next()?.parse::<i64>().ok()).flatten()
+        });
         if let Some(id) = kept {
             self.traffic.requests += 1;
             let alive = c.lease_time_to_live(id, None).await.map_err(|e| Error::other("asking etcd for the lease", e))?.ttl() > 0;
+            self.traffic.requests += 1;
+            let reports = c.get(key_nodes(&self.cfg.prefix), Some(GetOptions::new().with_prefix())).await.map_err(|e| Error::other("reading the nodes' reports from etcd", e))?;
+            let other = reports.kvs().iter().find(|kv| kv.lease() == id && kv.key_str().ok() != Some(format!("{}{}", key_nodes(&self.cfg.prefix), self.name).as_str()));
+            if let Some(kv) = other.filter(|_| alive) {
+                tracing::error!(node = %self.name, lease = id, "not resuming lease {id:x} of {}: another node's report holds it; joining with a new lease", kv.key_str().unwrap_or_default());
+                return self.new_lease(c, daemon).await;
+            }
             if alive && !self.fallback {
                 tracing::info!(node = %self.name, lease = id, "resumed the lease of the daemon before (its shares stay)");
                 self.hold(c, id, sent);
@@ -344,12 +415,17 @@ impl Node {
                 let _ = c.lease_revoke(id).await;
             }
         }
+        self.new_lease(c, daemon).await
+    }
+
+    async fn new_lease(&mut self, c: &mut Client, daemon: &Daemon) -> Result<i64, Error> {
+        let sent = Instant::now();
         self.traffic.requests += 1;
         let ttl = self.cfg.lease_ttl.as_secs().max(1) as i64;
         let id = c.lease_grant(ttl, None).await.map_err(|e| Error::other("granting a lease on etcd", e))?.id();
         self.hold(c, id, sent);
         self.applied_seq = 0;
-        if let Err(e) = std::fs::write(&self.lease_file, format!("{id}\n")) {
+        if let Err(e) = std::fs::write(&self.lease_file, format!("{} {id}\n", self.name)) {
             tracing::warn!("keeping the etcd lease in {}: {e} (a restart will join as a new node)", self.lease_file.display());
         }
         let what = if self.fallback { "etcd answers again: joined with a new lease; safe shares until granted more" } else { "joined the cluster's limits with a new lease" };
@@ -380,6 +456,7 @@ impl Node {
         self.traffic.requests += 1;
         let resp = c.get(format!("{prefix}/"), Some(GetOptions::new().with_prefix())).await.map_err(|e| Error::other("reading the cluster's limits from etcd", e))?;
         let (mut leader, mut reports, mut grants) = (None, BTreeMap::new(), BTreeMap::new());
+        let mut holds: BTreeMap<String, Holds> = BTreeMap::new();
         let mut unreadable = Vec::new();
         for kv in resp.kvs() {
             self.traffic.bytes_received += (kv.key().len() + kv.value().len()) as u64;
@@ -390,6 +467,13 @@ impl Node {
                 match serde_json::from_slice::<Report>(kv.value()) {
                     Ok(r) => {
                         reports.insert(n.to_owned(), r);
+                    }
+                    Err(e) => unreadable.push(format!("{k}: {e}")),
+                }
+            } else if let Some(n) = k.strip_prefix(&key_holds(&prefix)) {
+                match serde_json::from_slice::<Holds>(kv.value()) {
+                    Ok(h) => {
+                        holds.insert(n.to_owned(), h);
                     }
                     Err(e) => unreadable.push(format!("{k}: {e}")),
                 }
@@ -425,7 +509,15 @@ impl Node {
             // nothing until every report reads (another version writing them, say).
             tracing::error!(node = %self.name, "not allocating: unreadable keys: {}", unreadable.join("; "));
         } else if leading {
-            self.allocate(&mut c, lease, &reports, &grants, void.keys().filter(|n| !grants.contains_key(*n))).await?;
+            let (reserved, released) = self.reservations(daemon, &reports, &holds, &void);
+            // Void grants of nodes back with a new lease go (they get grants of their own); a
+            // gone node's stays reserved until it is released.
+            let stale: Vec<String> = void.keys().filter(|n| reports.contains_key(*n) && !grants.contains_key(*n)).chain(released.iter()).cloned().collect();
+            self.allocate(&mut c, lease, &reports, &grants, &reserved, &stale, &released).await?;
+            status.lock().expect("limits status").reserved = reserved;
+        } else {
+            self.gone_since.clear();
+            status.lock().expect("limits status").reserved.clear();
         }
         // This node's grant: apply a newer one, then acknowledge it at once.
         // A change that fails to apply is not etcd's failure: logged, retried next round (the
@@ -487,15 +579,18 @@ impl Node {
                     None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
                 };
                 let open = st.conns().get(b.id);
+                // Fenced, it takes no traffic and so refuses nothing: it asks for its safe share,
+                // and announces again once granted (its view of the cluster is whole again).
+                let fenced_wants = if self.fenced { (b.max_conns / self.nodes.max(1)).max(1) } else { 0 };
                 backends.insert(
                     k.clone(),
                     Demand {
                         max_conns: b.max_conns,
                         open,
                         applied: b.limit,
-                        wants: shares::wants(open, r.refused_per_s, r.admitted_per_s),
+                        wants: shares::wants(open, r.refused_per_s, r.admitted_per_s).max(fenced_wants),
                         // Refusing at a share below the limit: more share would admit more.
-                        refusing: r.refused_per_s >= 0.2 && b.limit < b.max_conns,
+                        refusing: (r.refused_per_s >= 0.2 && b.limit < b.max_conns) || self.fenced,
                         refused_per_s: r.refused_per_s,
                         admitted_per_s: r.admitted_per_s,
                     },
@@ -521,27 +616,39 @@ impl Node {
         c.put(format!("{}{}", key_nodes(&self.cfg.prefix), self.name), body, Some(PutOptions::new().with_lease(lease)))
             .await
             .map_err(|e| Error::other("publishing this node's report on etcd", e))?;
+        // What it may hold, kept past its lease (see the module's comment).
+        let holds: Holds = report.backends.iter().map(|(k, d)| (k.clone(), d.open.max(u64::from(d.applied)))).collect();
+        if self.holds_written.as_ref() != Some(&holds) {
+            let body = serde_json::to_vec(&holds).map_err(|e| Error::other("encoding what this node holds", e))?;
+            self.traffic.requests += 1;
+            self.traffic.bytes_sent += body.len() as u64;
+            c.put(format!("{}{}", key_holds(&self.cfg.prefix), self.name), body, None).await.map_err(|e| Error::other("publishing what this node holds on etcd", e))?;
+            self.holds_written = Some(holds);
+        }
         self.published = Some((shape, report.applied_seq, Instant::now()));
         Ok(())
     }
 
     /// Leading: the grants that change, written in one transaction that holds only while
     /// this node leads; `void` grants (for a lease that is gone) are deleted.
-    async fn allocate<'a>(
+    #[expect(clippy::too_many_arguments, reason = "one round's view of etcd, passed as read")]
+    async fn allocate(
         &mut self,
         c: &mut Client,
         lease: i64,
         reports: &BTreeMap<String, Report>,
         grants: &BTreeMap<String, Grant>,
-        void: impl Iterator<Item = &'a String>,
+        reserved: &BTreeMap<String, Holds>,
+        void: &[String],
+        released: &[String],
     ) -> Result<(), Error> {
-        let mut next = shares::allocate(reports, grants, &self.name);
+        let mut next = shares::allocate(reports, grants, reserved, &self.name);
         for (n, g) in &mut next {
             g.lease = reports.get(n).map_or(0, |r| r.lease);
         }
         // A node that came back with a new lease gets a grant of its own below, over the void one.
-        let stale: Vec<String> = void.filter(|n| !next.contains_key(*n)).cloned().collect();
-        if next.is_empty() && stale.is_empty() {
+        let stale: Vec<&String> = void.iter().filter(|n| !next.contains_key(*n)).collect();
+        if next.is_empty() && stale.is_empty() && released.is_empty() {
             return Ok(());
         }
         let mut ops = Vec::new();
@@ -553,6 +660,9 @@ impl Node {
         for n in &stale {
             ops.push(TxnOp::delete(format!("{}{n}", key_grants(&self.cfg.prefix)), None));
         }
+        for n in released {
+            ops.push(TxnOp::delete(format!("{}{n}", key_holds(&self.cfg.prefix)), None));
+        }
         let lk = key_leader(&self.cfg.prefix);
         let txn = Txn::new().when([Compare::value(lk.clone(), CompareOp::Equal, self.name.clone()), Compare::lease(lk, CompareOp::Equal, lease)]).and_then(ops);
         self.traffic.requests += 1;
@@ -563,6 +673,43 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Leading: what the nodes whose lease is gone may still hold (their `holds`, or their last
+    /// grant if larger), and the nodes released now (gone for `2 × lease_ttl`: see the module's
+    /// comment), whose keys go.
+    fn reservations(
+        &mut self,
+        daemon: &Daemon,
+        reports: &BTreeMap<String, Report>,
+        holds: &BTreeMap<String, Holds>,
+        void: &BTreeMap<String, Grant>,
+    ) -> (BTreeMap<String, Holds>, Vec<String>) {
+        let gone: std::collections::BTreeSet<&String> = holds.keys().chain(void.keys()).filter(|n| !reports.contains_key(*n)).collect();
+        self.gone_since.retain(|n, _| gone.contains(n));
+        let (mut reserved, mut released) = (BTreeMap::new(), Vec::new());
+        let release_after = 2 * self.cfg.lease_ttl;
+        for n in gone {
+            let since = *self.gone_since.entry(n.clone()).or_insert_with(Instant::now);
+            let mut h = holds.get(n).cloned().unwrap_or_default();
+            for (k, share) in void.get(n).map(|g| g.shares.clone()).unwrap_or_default() {
+                let e = h.entry(k).or_default();
+                *e = (*e).max(u64::from(share));
+            }
+            if since.elapsed() >= release_after {
+                let held: Vec<String> = h.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}: {v}")).collect();
+                tracing::warn!(node = %self.name, gone = %n, "released what node {n} may hold ({}): its lease is gone for {release_after:?}", held.join(", "));
+                daemon.journal(
+                    "limits",
+                    format!("released node \"{n}\"'s reservation: its lease has been gone for {release_after:?} (a node still running has fenced itself by then)"),
+                    held,
+                );
+                released.push(n.clone());
+            } else {
+                reserved.insert(n.clone(), h);
+            }
+        }
+        (reserved, released)
     }
 
     /// Whether the cluster has room beyond this node's share of each backend (the refusal
@@ -604,6 +751,10 @@ impl Node {
             daemon.journal("limits", format!("node \"{}\" granted shares again (seq {} by {})", self.name, g.seq, g.by), vec![]);
         }
         self.fallback = false;
+        if self.fenced {
+            daemon.set_fenced(false, &format!("etcd answers again and granted shares (seq {} by {})", g.seq, g.by)).await;
+            self.fenced = false;
+        }
         self.applied_seq = g.seq;
         self.traffic.grants_applied += 1;
         Ok(())
@@ -628,6 +779,19 @@ impl Node {
             Some(n) => Self::set_shares(daemon, n).await,
             None => Ok(()),
         }
+    }
+
+    /// Cut off from etcd while a peer reaches it: admits nothing and withdraws its VIPs, so its
+    /// flows move to nodes that count them (the allocator stops reserving for it soon).
+    async fn fence(&mut self, daemon: &Daemon, why: &str) -> Result<(), Error> {
+        let shares = {
+            let st = daemon.lock();
+            st.cfg().services.iter().flat_map(|s| s.backends.iter().map(|b| ((s.name.clone(), b.address), Share { limit: 0, room: false }))).collect()
+        };
+        Self::set_shares(daemon, shares).await?;
+        daemon.set_fenced(true, why).await;
+        tracing::error!(node = %self.name, "fenced: {why}");
+        Ok(())
     }
 
     /// Lost etcd for longer than the lease: each backend's limit becomes the smaller of what

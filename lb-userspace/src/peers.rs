@@ -70,6 +70,9 @@ struct Message {
     /// Wall clock at sending, ms since the epoch (replay and skew check).
     sent_ms: u64,
     flows: Vec<Moved>,
+    /// The sender reaches etcd (its last round of `[cluster.limits]` succeeded).
+    #[serde(default)]
+    etcd: bool,
 }
 
 /// What the peer channel reports (status, metrics).
@@ -88,6 +91,17 @@ pub struct Stats {
     /// Batches not delivered yet, per peer.
     pub pending: Vec<(String, usize)>,
     pub last_error: Option<String>,
+    /// When each peer last said (in a signed message) that it reaches etcd: a node cut off
+    /// from etcd while its peers are not fences itself (`limits.rs`).
+    #[serde(skip)]
+    pub etcd_seen: std::collections::BTreeMap<String, std::time::Instant>,
+}
+
+impl Stats {
+    /// Peers that said within `within` that they reach etcd.
+    pub fn peers_with_etcd(&self, within: Duration) -> Vec<String> {
+        self.etcd_seen.iter().filter(|(_, at)| at.elapsed() < within).map(|(n, _)| n.clone()).collect()
+    }
 }
 
 fn now_ms() -> u64 {
@@ -148,12 +162,14 @@ pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u
 
 /// Sends each batch of adopted flows to every peer, keeping what a peer did not take for
 /// `KEEP` and trying again every second.
+#[expect(clippy::too_many_arguments, reason = "the sender's inputs, each from another part of the daemon")]
 pub fn spawn_sender(
     node: String,
     peers: Vec<SocketAddr>,
     key: Vec<u8>,
     daemon: Daemon,
     stats: Arc<Mutex<Stats>>,
+    etcd_ok: Arc<std::sync::atomic::AtomicBool>,
     mut rx: mpsc::UnboundedReceiver<Vec<Moved>>,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -177,10 +193,11 @@ pub fn spawn_sender(
                 _ = tick.tick() => {}
             }
             // Every peer at once: one that does not answer delays no other.
-            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &daemon, &stats));
+            let etcd = etcd_ok.load(std::sync::atomic::Ordering::Relaxed);
+            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &daemon, &stats, etcd));
             let last_error = futures::future::join_all(rounds).await.into_iter().flatten().last();
             let mut s = stats.lock().expect("stats");
-            s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.len())).filter(|(_, n)| *n > 0).collect();
+            s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.iter().filter(|(_, f)| !f.is_empty()).count())).filter(|(_, n)| *n > 0).collect();
             if let Some(e) = last_error {
                 if s.last_error.as_ref() != Some(&e) {
                     tracing::warn!("peer channel: {e} (kept for a minute and sent again)");
@@ -194,13 +211,27 @@ pub fn spawn_sender(
 }
 
 /// Sends a peer its queued batches, oldest first, until one fails (kept for the next round).
-async fn deliver(peer: SocketAddr, node: &str, key: &[u8], q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>, daemon: &Daemon, stats: &Arc<Mutex<Stats>>) -> Option<String> {
+/// With nothing queued, an empty message: the heartbeat that says whether this node reaches etcd.
+async fn deliver(
+    peer: SocketAddr,
+    node: &str,
+    key: &[u8],
+    q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>,
+    daemon: &Daemon,
+    stats: &Arc<Mutex<Stats>>,
+    etcd: bool,
+) -> Option<String> {
     q.retain(|(at, _)| at.elapsed() < KEEP);
+    if q.is_empty() {
+        q.push_back((std::time::Instant::now(), Vec::new()));
+    }
     while let Some((at, flows)) = q.front() {
         // Ages grow while a batch waits.
         let waited = at.elapsed().as_millis() as u64;
-        for chunk in flows.chunks(BATCH) {
-            let msg = Message { node: node.to_owned(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect() };
+        let empty: &[Moved] = &[];
+        let chunks: Vec<&[Moved]> = if flows.is_empty() { vec![empty] } else { flows.chunks(BATCH).collect() };
+        for chunk in chunks {
+            let msg = Message { node: node.to_owned(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect(), etcd };
             match send(peer, key, &msg).await {
                 // A flow the peer still receives moved back there after this node adopted it
                 // (the router rehashed again): this node's entry is the stale one.
@@ -294,6 +325,11 @@ async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -
     }
     let (released, ignored, active, closed) = settle(&r.daemon, &msg.flows);
     let mut s = r.stats.lock().expect("stats");
+    if msg.etcd {
+        s.etcd_seen.insert(msg.node.clone(), std::time::Instant::now());
+    } else {
+        s.etcd_seen.remove(&msg.node);
+    }
     s.released += released;
     s.ignored += ignored;
     s.still_here += active.len() as u64;

@@ -115,11 +115,22 @@ fn held(d: Option<&Demand>, granted: u32) -> u64 {
     open.max(u64::from(applied)).max(u64::from(granted))
 }
 
+/// What a node may hold per backend at most, `max(open, applied)`, kept in etcd without a lease
+/// (`<prefix>/holds/<node>`): when the node's lease is gone, the allocator reserves it (see
+/// `limits.rs` for how long).
+pub type Holds = BTreeMap<String, u64>;
+
 /// The grants to write: for each live node whose grant changes, its next one. `reports` are
 /// the live nodes' (their leases hold), `grants` what etcd holds now (those of nodes gone are
-/// ignored: their capacity is free again).
+/// ignored), `reserved` what nodes whose lease is gone may still hold (counted as held).
+///
+/// **Repair.** When a backend's holdings sum over its capacity (flows adopted from another
+/// node, a partition that healed, a lowered `max_conns`, a node back with old connections),
+/// nothing is granted for it and every node's grant falls to the smaller of its fair part and
+/// what it holds open: no node admits until its open connections fall below that, so the sum
+/// only falls, and grants resume once it is under.
 #[expect(clippy::many_single_char_names, reason = "the allocator's arithmetic: n(ode), d(emand), g(rant), h(eld), x (the new grant)")]
-pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>, by: &str) -> BTreeMap<String, Grant> {
+pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Grant>, reserved: &BTreeMap<String, Holds>, by: &str) -> BTreeMap<String, Grant> {
     let granted = |node: &str, k: &str| grants.get(node).and_then(|g| g.shares.get(k)).copied().unwrap_or(0);
     let in_flight = |node: &str| grants.get(node).is_some_and(|g| g.seq > reports.get(node).map_or(0, |r| r.applied_seq));
     let mut next: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
@@ -131,10 +142,24 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
         let capacity = u64::from(nodes.iter().map(|(_, d)| d.max_conns).min().unwrap_or(0));
         // Live nodes that still hold a grant for it though their config lost it count too.
         let holding: u64 = reports.iter().map(|(n, r)| held(r.backends.get(k), granted(n, k))).fold(0, u64::saturating_add);
+        let reserving: u64 = reserved.iter().filter(|(n, _)| !reports.contains_key(*n)).filter_map(|(_, h)| h.get(k)).fold(0, |a, b| a.saturating_add(*b));
+        let holding = holding.saturating_add(reserving);
+        // What the nodes gone may hold is not theirs to share out again.
+        let capacity_live = capacity.saturating_sub(reserving);
         let mut free = capacity.saturating_sub(holding);
         let wanted: Vec<u64> = nodes.iter().map(|(_, d)| u64::from(d.wants)).collect();
         let refusing: Vec<bool> = nodes.iter().map(|(_, d)| d.refusing).collect();
-        let targets = fair(capacity, &wanted, &refusing);
+        let targets = fair(capacity_live, &wanted, &refusing);
+        if holding > capacity {
+            for (i, (n, d)) in nodes.iter().enumerate() {
+                let g = granted(n, k);
+                let x = u64::from(g).min(d.open).min(targets[i]) as u32;
+                if x < g && !in_flight(n) {
+                    next.entry((*n).clone()).or_default().insert(k.clone(), x);
+                }
+            }
+            continue;
+        }
         let mut needy: Vec<(usize, u64)> = Vec::new();
         for (i, (n, d)) in nodes.iter().enumerate() {
             let g = u64::from(granted(n, k));
@@ -327,7 +352,7 @@ mod tests {
                 }
                 // The allocator runs now and then, on what it has.
                 if rng.random_bool(0.3) {
-                    for (name, g) in allocate(&published, &grants, "n1") {
+                    for (name, g) in allocate(&published, &grants, &BTreeMap::new(), "n1") {
                         wire.push((step + rng.random_range(0..8), name.clone(), g.clone()));
                         grants.insert(name, g);
                     }
@@ -353,10 +378,60 @@ mod tests {
             ("b".to_owned(), Grant { seq: 0, by: String::new(), lease: 0, shares: BTreeMap::new() }),
         ]
         .into();
-        let next = allocate(&reports, &grants, "a");
+        let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
         assert!(!next.contains_key("a"), "a has grant 2 in flight");
         // a holds max(2, 5, 8) = 8: b may have 2.
         assert_eq!(next["b"].shares["k"], 2);
         assert_eq!(next["b"].seq, 1);
+    }
+
+    fn node(open: u64, applied: u32, max_conns: u32, refusing: bool, seq: u64) -> Report {
+        let d = Demand { max_conns, open, applied, wants: if refusing { max_conns } else { open as u32 }, refusing, ..Demand::default() };
+        Report { node: String::new(), applied_seq: seq, backends: [("k".to_owned(), d)].into(), ..Report::default() }
+    }
+
+    fn grant(seq: u64, share: u32) -> Grant {
+        Grant { seq, by: "a".into(), lease: 0, shares: [("k".to_owned(), share)].into() }
+    }
+
+    /// `max_conns` lowered from 20 to 10 while each node holds 20: every grant falls to its fair
+    /// part (below what it holds, so nothing is admitted), and nothing is granted until the sum
+    /// is under again; then grants resume.
+    #[test]
+    fn an_over_committed_backend_is_repaired_by_revoking() {
+        let reports: BTreeMap<String, Report> = [("a".to_owned(), node(20, 20, 10, true, 1)), ("b".to_owned(), node(20, 20, 10, false, 1))].into();
+        let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(1, 20)), ("b".to_owned(), grant(1, 20))].into();
+        let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
+        assert_eq!(next["a"].shares["k"], 5, "{next:?}");
+        assert_eq!(next["b"].shares["k"], 5, "{next:?}");
+        // Applied; connections close, but the sum (4 + 9) is still over 10: no grant rises, and
+        // a grant above what its node holds open falls to it.
+        let reports: BTreeMap<String, Report> = [("a".to_owned(), node(4, 5, 10, true, 2)), ("b".to_owned(), node(9, 5, 10, false, 2))].into();
+        let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(2, 5)), ("b".to_owned(), grant(2, 5))].into();
+        let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
+        assert_eq!(next.get("a").map(|g| g.shares["k"]), Some(4), "{next:?}");
+        assert!(!next.contains_key("b"), "b is above its fair part already: {next:?}");
+        // Under again (4 + 5 ≤ 10): a, refusing, is granted what is free.
+        let reports: BTreeMap<String, Report> = [("a".to_owned(), node(4, 4, 10, true, 3)), ("b".to_owned(), node(5, 5, 10, false, 2))].into();
+        let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(3, 4)), ("b".to_owned(), grant(2, 5))].into();
+        let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
+        assert_eq!(next["a"].shares["k"], 5, "{next:?}");
+    }
+
+    /// A node whose lease is gone (cut off from etcd, still serving) keeps what it may hold: the
+    /// live nodes are granted only the rest.
+    #[test]
+    fn what_a_node_gone_may_hold_is_not_granted_again() {
+        let reports: BTreeMap<String, Report> = [("a".to_owned(), node(10, 10, 20, true, 1))].into();
+        let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(1, 10)), ("b".to_owned(), grant(4, 10))].into();
+        let reserved: BTreeMap<String, Holds> = [("b".to_owned(), [("k".to_owned(), 10)].into())].into();
+        assert!(allocate(&reports, &grants, &reserved, "a").is_empty(), "b may hold 10 of 20: a keeps 10");
+        // Released (back, forgotten, or fenced for long enough): a may have it all.
+        assert_eq!(allocate(&reports, &grants, &BTreeMap::new(), "a")["a"].shares["k"], 20);
+        // A node that is live again counts by its report, not its reservation.
+        let mut back = reports.clone();
+        back.insert("b".to_owned(), node(2, 0, 20, false, 0));
+        let next = allocate(&back, &BTreeMap::new(), &reserved, "a");
+        assert!(next["a"].shares["k"] >= 10 && next["a"].shares["k"] <= 18, "{next:?}");
     }
 }

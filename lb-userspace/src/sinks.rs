@@ -180,19 +180,49 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_dead_webhook_does_not_delay_the_command_sink() {
-        let file = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
-        let _ = std::fs::remove_file(&file);
-        let dead = WebhookCfg { url: "http://127.0.0.1:9/alerts".into(), timeout: Duration::from_secs(2), retries: 3 };
-        let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_ALERT $SLUICE_ALERT_STATUS\" >> {}", file.display())];
-        let sinks = Sinks::start(vec![dead], Some(cmd));
-        let started = std::time::Instant::now();
-        sinks.send(&n(Status::Firing));
-        while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains("SluiceBackendAtLimit firing")) {
-            assert!(started.elapsed() < Duration::from_secs(2), "the command sink waited for the dead webhook");
+    /// Polls `f` until it holds; a generous deadline only turns a hang into a failure.
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A receiver that accepts connections, holds them and never answers; counts them.
+    async fn hanging_receiver() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let a = accepted.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = l.accept().await {
+                a.fetch_add(1, Ordering::Relaxed);
+                held.push(c);
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_hanging_webhook_does_not_delay_the_command_sink() {
+        let file = std::env::temp_dir().join(format!("sluice-sink-{}", std::process::id()));
+        let _ = std::fs::remove_file(&file);
+        // Its timeout is far beyond the test's deadline: a sink queued behind it never runs.
+        let (addr, accepted) = hanging_receiver().await;
+        let hanging = WebhookCfg { url: format!("http://{addr}/alerts"), timeout: Duration::from_hours(1), retries: 3 };
+        let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_ALERT $SLUICE_ALERT_STATUS\" >> {}", file.display())];
+        let sinks = Sinks::start(vec![hanging], Some(cmd));
+        let says = |what: &str| std::fs::read_to_string(&file).is_ok_and(|t| t.contains(what));
+        // The first notification: the webhook hangs on it.
+        sinks.send(&n(Status::Firing));
+        eventually("the webhook to hang on the first notification", || accepted.load(Ordering::Relaxed) == 1).await;
+        // The second, while it hangs: the command sink runs both, whichever order a serial
+        // delivery would have taken.
+        sinks.send(&n(Status::Resolved));
+        eventually("the command sink to run both notifications", || says("SluiceBackendAtLimit firing") && says("SluiceBackendAtLimit resolved")).await;
+        assert_eq!(accepted.load(Ordering::Relaxed), 1, "the webhook is still on its first attempt");
         let _ = std::fs::remove_file(&file);
     }
 
@@ -230,11 +260,7 @@ mod tests {
         let sinks = Sinks::start(Vec::new(), Some(cmd));
         sinks.send(&at_limit);
         let want = format!("netops checkout {}", at_limit.runbook_url);
-        let started = std::time::Instant::now();
-        while !std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&want)) {
-            assert!(started.elapsed() < Duration::from_secs(5), "the command did not get the labels: {:?}", std::fs::read_to_string(&file));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually("the command to get the labels", || std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&want))).await;
         let _ = std::fs::remove_file(&file);
     }
 
@@ -273,11 +299,16 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(got[1].starts_with("POST /api/v2/alerts") && got[1].contains("SluiceBackendAtLimit"), "{}", got[1]);
 
-        // Nobody listening: fails after its retries, within the timeouts.
+        // Nobody listening: fails after its retries (the outer deadline only turns a hang into a
+        // failure).
         let dead = WebhookCfg { url: "http://127.0.0.1:9/x".into(), timeout: Duration::from_millis(200), retries: 1 };
-        let started = std::time::Instant::now();
-        let e = post(&dead, &body).await.expect_err("dead receiver");
-        assert!(e.contains("after 2 attempts"), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(3));
+        let e = tokio::time::timeout(Duration::from_secs(30), post(&dead, &body)).await.expect("post gives up").expect_err("dead receiver");
+        assert!(e.contains("after 2 attempts") && e.contains("connect"), "{e}");
+        // A receiver that never answers: each attempt ends at the timeout, then the next one.
+        let (addr, accepted) = hanging_receiver().await;
+        let hanging = WebhookCfg { url: format!("http://{addr}/x"), timeout: Duration::from_millis(200), retries: 1 };
+        let e = tokio::time::timeout(Duration::from_secs(30), post(&hanging, &body)).await.expect("post gives up").expect_err("hanging receiver");
+        assert!(e.contains("timed out after 200ms") && e.contains("after 2 attempts"), "{e}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 2, "one connection per attempt");
     }
 }

@@ -1,10 +1,10 @@
-//! Labs for tests: `sluice_lab` topologies named like the harness's namespaces, and
-//! the check that one left nothing behind.
+//! Labs for tests: `sluice_lab` topologies named like the harness's namespaces, the check
+//! that one left nothing behind, and the assertion of a lab report's checks.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use lb_userspace::config::Mode;
-use sluice_lab::{Lab, Spec};
+use sluice_lab::{report::Verdict, Lab, Spec};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -28,4 +28,20 @@ pub fn down_and_check(lab: Lab) {
         std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
     assert!(pins.is_empty(), "pins left: {pins:?}");
     assert!(!dir.exists(), "{} left", dir.display());
+}
+
+/// Asserts a lab report's checks, all but those named in `timed`: checks of a wall-clock bound.
+/// On a loaded 2-core machine such a bound flakes or passes a slow regression; the figure is
+/// printed here (and belongs in `cargo xtask bench`), and the test asserts on its own that the
+/// event it times happened. A check named in `timed` must exist, so a renamed one is noticed.
+pub fn assert_checks_but_timings(report: &impl Verdict, timed: &[&str]) {
+    let checks = report.checks();
+    for t in timed {
+        assert!(checks.iter().any(|c| c.what == *t), "no check {t:?} in the report (renamed?):\n{}", report.markdown());
+    }
+    for c in checks.iter().filter(|c| timed.contains(&c.what.as_str())) {
+        println!("figure, not asserted here: {} ({}): {}", c.what, if c.ok { "within its bound" } else { "OVER its bound" }, c.detail);
+    }
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok && !timed.contains(&c.what.as_str())).map(|c| c.what.as_str()).collect();
+    assert!(failed.is_empty(), "checks failed: {failed:?}\n{}", report.markdown());
 }

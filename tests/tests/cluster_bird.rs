@@ -3,21 +3,24 @@
 //! which announces the VIP through its BIRD's control socket. Checked: a daemon started before
 //! its BIRD says so, alerts (`SluiceNotAnnouncing`) and catches up; both nodes announce (two
 //! next hops on the router); a node whose only active backend fails withdraws and announces
-//! again when it recovers; `sluice node drain`
-//! withdraws, measures that no new flows arrive, and survives a daemon restart until `undrain`;
-//! a daemon restart withdraws nothing (the router keeps the node's next hop throughout); the
-//! peer channel refuses a forged, a stale and a replayed message and takes a signed one; and
-//! both nodes, configured with the backends in different orders, pick the same backend for
-//! every one of a thousand random flows (`explain`).
+//! again when it recovers; `sluice node drain`, while a client behind the router opens new
+//! flows, withdraws, measures that no new flows arrive (both nodes took the client's flows
+//! before; after it, n2 takes them all), and survives a daemon restart until `undrain` (the
+//! router hears nothing from the node in between); a daemon restart withdraws nothing (the
+//! router keeps the node's next hop throughout and its BIRD receives no update or withdrawal
+//! from the node); the peer channel refuses a forged, a stale and a replayed message and takes
+//! a signed one; and both nodes, configured with the backends in different orders, admit every
+//! one of a thousand random flows to the same backend (`explain`).
 
 use std::{
+    collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::TcpListener,
+    net::{SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixStream,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -46,6 +49,8 @@ struct Node {
     pins: PinDir,
     /// The health-checked backend's stand-in: a listener inside the node's namespace.
     server: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    /// Connections it accepted: the daemon's health checks, as the backend sees them.
+    checks: Arc<AtomicU64>,
 }
 
 impl Node {
@@ -64,10 +69,12 @@ impl Node {
         let listener = self.ns.run(|| TcpListener::bind("10.81.9.1:80").expect("bind"));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let (s, checks) = (stop.clone(), self.checks.clone());
         let t = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                drop(listener.accept());
+                if listener.accept().is_ok() {
+                    checks.fetch_add(1, Ordering::Relaxed);
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
@@ -117,6 +124,24 @@ impl Node {
         serde_json::from_str::<Value>(&out).expect("json")["cluster"].clone()
     }
 
+    /// New flows its datapath admitted, over the service's backends.
+    fn new_flows(&self) -> u64 {
+        let (code, out, err) = self.ctl(&["service", "list", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).expect("json");
+        v[0]["backends"].as_array().expect("backends").iter().map(|b| b["new_flows"].as_u64().expect("new_flows")).sum()
+    }
+
+    /// Its daemon, started after the backend had seen `checks_before` health checks, is past
+    /// its first decisions: two health checks done, and BIRD has the VIP it wants.
+    fn settled(&self, checks_before: u64) -> bool {
+        if self.checks.load(Ordering::Relaxed) < checks_before + 2 {
+            return false;
+        }
+        let c = self.cluster_status();
+        c["error"].is_null() && c["wanted"] == c["announced"] && c["announced"].as_array().is_some_and(|a| a.len() == 1)
+    }
+
     /// `GET /v1/explain` over the control socket (a process per flow would take minutes).
     fn explain(&self, src: &str) -> Value {
         let mut s = UnixStream::connect(self.socket()).expect("control socket");
@@ -134,6 +159,30 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop_server();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the router's BIRD received from node `node`'s session: (updates, withdrawals), from
+/// `show protocols all`.
+fn received_from(rctl: &Path, node: &str) -> (u64, u64) {
+    let out = Command::new("birdc").arg("-s").arg(rctl).args(["show", "protocols", "all", node]).output().expect("birdc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = |label: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {label:?} in:\n{text}"))
+    };
+    (received("Import updates:"), received("Import withdraws:"))
+}
+
+/// Sets the flag when dropped, a panic's unwinding included (a scope waits for its threads).
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -216,7 +265,7 @@ fn node(router: &Netns, n: u8, backend_order: &[&str]) -> Node {
         }
     }
     std::fs::write(dir.join("sluice.toml"), cfg).expect("config");
-    let mut node = Node { name, ns, dir, pins, server: None };
+    let mut node = Node { name, ns, dir, pins, server: None, checks: Arc::default() };
     node.start_server();
     node
 }
@@ -277,23 +326,53 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     let journal = std::fs::read_to_string(n1.dir.join("journal.jsonl")).expect("journal");
     assert!(journal.contains(&format!("node \\\"n1\\\" withdrew VIP {VIP}")) && journal.contains(&format!("node \\\"n1\\\" announced VIP {VIP}")), "{journal}");
 
-    // Drain: withdrawn, measured quiet (no client traffic here), and kept across a restart.
-    let (code, out, err) = n1.ctl(&["node", "drain", "--timeout", "20s"]);
-    assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains(&format!("withdrew {VIP} from BIRD")) && out.contains("no new flows"), "{out}");
-    assert_eq!(next_hops(&router), ["10.81.2.2"], "the router forgot n1 once BIRD withdrew");
+    // Drain, while a client behind the router opens new flows to the VIP (a SYN from a new port
+    // every few tens of ms; the router's ECMP spreads them over the nodes by their ports): both
+    // nodes take them before, the drain withdraws and measures quiet, then n2 takes them all.
+    let client = Netns::new("cl");
+    veth(&router, "rt-cl", &client, "eth0");
+    router.addr_add("rt-cl", "10.81.100.1/24");
+    client.addr_add("eth0", "10.81.100.2/24");
+    client.ip(&["route", "add", "default", "via", "10.81.100.1"]);
+    let stop_client = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let _stop = SetOnDrop(&stop_client);
+        let (client, stop_client) = (&client, &stop_client);
+        let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+        s.spawn(move || {
+            client.run(|| {
+                while !stop_client.load(Ordering::Relaxed) {
+                    // Nothing answers (the backends are stand-ins): the SYN is the flow.
+                    drop(TcpStream::connect_timeout(&vip, Duration::from_millis(20)));
+                    std::thread::sleep(Duration::from_millis(30));
+                }
+            });
+        });
+        let (f1, f2) = (n1.new_flows(), n2.new_flows());
+        wait_for("both nodes to take the client's new flows", || n1.new_flows() >= f1 + 5 && n2.new_flows() >= f2 + 5);
+        let (code, out, err) = n1.ctl(&["node", "drain", "--timeout", "20s"]);
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(out.contains(&format!("withdrew {VIP} from BIRD")) && out.contains("no new flows"), "{out}");
+        assert_eq!(next_hops(&router), ["10.81.2.2"], "the router forgot n1 once BIRD withdrew");
+        // Were n1 still a next hop, about half of the next 60 flows would reach it.
+        let (f1, f2) = (n1.new_flows(), n2.new_flows());
+        wait_for("n2 to take 60 more of the client's new flows", || n2.new_flows() >= f2 + 60);
+        assert_eq!(n1.new_flows(), f1, "a new flow reached the drained node");
+    });
+    drop(client);
+    // Kept across a restart: the router hears nothing from n1 until `undrain` announces it.
+    let heard = received_from(&rctl, "n1");
     let out = d1.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut d1 = n1.start_daemon();
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(n1.cluster_status()["drained"], true, "a restart keeps the drain");
-    assert_eq!(next_hops(&router), ["10.81.2.2"]);
     let (code, out, err) = n1.ctl(&["node", "undrain"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("announcing"), "{out}");
     wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "n1 back after undrain");
+    assert_eq!(received_from(&rctl, "n1"), (heard.0 + 1, heard.1), "(updates, withdrawals) from n1: only undrain's announcement since the drain");
     let metrics = n1.ns.run(|| {
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9477").expect("metrics");
+        let mut s = TcpStream::connect("127.0.0.1:9477").expect("metrics");
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request");
         let mut m = String::new();
         s.read_to_string(&mut m).expect("response");
@@ -319,14 +398,17 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     b1 = n1.start_bird();
     wait_hops(&router, &["10.81.1.2", "10.81.2.2"], "n1 announced by the BIRD started after the flaps");
 
-    // A daemon restart withdraws nothing: n1 stays a next hop throughout.
-    let watching = Arc::new(AtomicBool::new(true));
+    // A daemon restart withdraws nothing: n1 stays a next hop throughout, watched until the new
+    // daemon is past its first decisions (two health checks, BIRD in step); the router's BIRD
+    // hears no update or withdrawal from n1 (checked again at the end, for one still in flight).
+    let heard = received_from(&rctl, "n1");
+    let stop_watching = AtomicBool::new(false);
     let lost = std::thread::scope(|s| {
-        let w = watching.clone();
+        let w = &stop_watching;
         let router = &router;
         let watcher = s.spawn(move || {
             let mut lost = 0u32;
-            while w.load(Ordering::Relaxed) {
+            while !w.load(Ordering::Relaxed) {
                 if !next_hops(router).contains(&"10.81.1.2".to_owned()) {
                     lost += 1;
                 }
@@ -334,19 +416,22 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
             }
             lost
         });
+        let _stop = SetOnDrop(&stop_watching);
         let out = d1.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
-        assert!(out.status.success());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let checks = n1.checks.load(Ordering::Relaxed);
         d1 = n1.start_daemon();
-        std::thread::sleep(Duration::from_millis(1500));
-        watching.store(false, Ordering::Relaxed);
+        wait_for("n1's new daemon to settle", || n1.settled(checks));
+        stop_watching.store(true, Ordering::Relaxed);
         watcher.join().expect("watcher")
     });
     assert_eq!(lost, 0, "the router lost n1's next hop during a daemon restart");
+    assert_eq!(received_from(&rctl, "n1"), heard, "(updates, withdrawals) from n1 across its daemon's restart");
 
     // The peer channel answers only what is signed with the shared key, and fresh.
     let post = |body: &str, mac: &str| -> (u16, String) {
         router.run(|| {
-            let mut s = std::net::TcpStream::connect("10.81.1.2:9478").expect("peer channel");
+            let mut s = TcpStream::connect("10.81.1.2:9478").expect("peer channel");
             write!(
                 s,
                 "POST /v1/peer/moved HTTP/1.1\r\nHost: n1\r\nContent-Type: application/json\r\n{}: {mac}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -376,13 +461,26 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
     assert_eq!((st["peers"]["refused"].as_u64(), st["peers"]["ignored"].as_u64()), (Some(3), Some(1)), "{}", st["peers"]);
 
     // Identical choice: same config, backends listed in another order, same backend per flow.
+    // Each node admits each flow to a backend of the service (an error or a refusal on both
+    // would be equal too), and over the flows every backend is picked.
     let mut rng = StdRng::seed_from_u64(17);
+    let mut picked = BTreeSet::new();
     for i in 0..FLOWS {
         let src = format!("{}.{}.{}.{}:{}", rng.random_range(1..=223u8), rng.random::<u8>(), rng.random::<u8>(), rng.random_range(1..=254u8), rng.random_range(1024..=65535u16));
         let (a, b) = (n1.explain(&src), n2.explain(&src));
-        let pick = |v: &Value| (v["ring_slot"].clone(), v["candidates"].as_array().map(|c| c.iter().map(|x| x["backend"].clone()).collect::<Vec<_>>()));
+        let pick = |v: &Value| (v["ring_slot"].clone(), v["candidates"].as_array().map(|c| c.iter().map(|x| x["backend"].clone()).collect::<Vec<_>>()), v["backend"].clone());
+        for (node, v) in [("n1", &a), ("n2", &b)] {
+            let backend = v["backend"].as_str().unwrap_or_default();
+            assert!(
+                v["verdict"] == "admitted" && v["ring_slot"].is_u64() && BACKENDS.contains(&backend) && v["candidates"][0]["backend"] == backend,
+                "flow {i} from {src}: {node} did not admit it to a backend of the service: {v}"
+            );
+        }
         assert_eq!(pick(&a), pick(&b), "flow {i} from {src}: n1 {a} vs n2 {b}");
+        picked.insert(a["backend"].as_str().unwrap_or_default().to_owned());
     }
+    assert_eq!(picked.len(), BACKENDS.len(), "backends picked over {FLOWS} flows: {picked:?}");
+    assert_eq!(received_from(&rctl, "n1"), heard, "(updates, withdrawals) from n1 since before its daemon's restart");
     drop(d2);
     drop(d1);
     drop(b1);
@@ -395,7 +493,7 @@ fn two_nodes_announce_withdraw_drain_and_choose_alike() {
 /// The BIRD configs in deploy/bird parse (`bird -p`), the node's with its included files.
 #[test]
 fn deploy_bird_configs_parse() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bird");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/bird");
     let out = Command::new("bird").arg("-p").arg("-c").arg(root.join("router.conf")).output().expect("bird (install bird2: cargo xtask setup)");
     assert!(out.status.success(), "router.conf: {}", String::from_utf8_lossy(&out.stderr));
     let dir = std::env::temp_dir().join(format!("sluice-bird-parse-{}", std::process::id()));

@@ -160,7 +160,11 @@ fn daemon_balances_limits_explains_and_drains_on_reload() {
     };
     lab.write_config_with(&[(2, "max_conns = 100"), (3, "max_conns = 2")], &alerts);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), Signal::SIGHUP).expect("SIGHUP");
-    std::thread::sleep(Duration::from_millis(500));
+    sluice_tests::l2lab::wait_for("the reload to take backend-1 out", || {
+        let (_, out, _) = lab.ctl(&["service", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v[0]["backends"].as_array().into_iter().flatten().any(|b| b["address"] == "10.70.0.11" && b["removed"] == true)
+    });
     for _ in 0..30 {
         match lab.connect() {
             Ok((name, s)) => {

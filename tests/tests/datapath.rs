@@ -636,6 +636,19 @@ fn rows() -> Vec<Row> {
         }),
     );
     row(
+        "spill exhausted with every share at 0 (a cluster-wide limit): share_exhausted, the allocator's demand",
+        Box::new(|fx| {
+            let mut s = web4(three4(0).into_iter().map(|b| B { at_limit: lb_common::AT_LIMIT_SHARE, ..b }).collect());
+            s.spill = 3;
+            fx.install(&s);
+            let key = fkey(&c4(40023), &v4dst(), PROTO_TCP);
+            let first = fx.first(1, &key);
+            fx.expect(&Pkt::tcp4(&c4(40023), &v4dst()).build(), XDP_TX, Stat::RefusedRst);
+            assert_eq!(fx.refused(1, first, Reason::ShareExhausted), (1, 1));
+            assert_eq!(fx.refused(1, first, Reason::ServiceSaturated), (0, 0));
+        }),
+    );
+    row(
         "draining backend takes no new flow (no spill): backend_draining",
         Box::new(|fx| {
             fx.install(&web4(three4(100)));

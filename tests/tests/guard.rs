@@ -105,7 +105,8 @@ fn changes_below_the_load_are_refused_unless_forced_and_the_history_survives_a_r
 
     // The history survives a restart (saved when the daemon stops, loaded when it starts).
     drop(held);
-    daemon.signal_and_wait(Signal::SIGTERM, std::time::Duration::from_secs(10));
+    let out = daemon.signal_and_wait(Signal::SIGTERM, std::time::Duration::from_secs(10));
+    assert!(out.status.success(), "the daemon's exit on SIGTERM: {} {}", out.status, String::from_utf8_lossy(&out.stderr));
     let daemon = lab.start_daemon();
     let h = json(&lab, &["history", "web", "10.70.0.11", "--json"]);
     assert_eq!(h["backends"][0]["peak_24h"]["open"].as_u64(), Some(b1), "{h}");

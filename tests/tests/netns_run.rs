@@ -123,12 +123,31 @@ fn logs_under_systemd_are_journald_lines_and_the_help_tells_the_modes_apart() {
     }
     let out = run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sluice run exit: {} {log}", out.status);
     assert!(log.lines().count() >= 2, "{log}");
+    assert!(has_date_time("2026-12-05T14:15:00.123456Z  INFO sluice: attached") && !has_date_time("<6>sluice: attached to lb0 at 10:15"), "the timestamp matcher");
     for line in log.lines() {
         assert!(line.starts_with("<6>") || line.starts_with("<4>") || line.starts_with("<3>"), "not a journald line: {line:?}");
         assert!(!line.contains('\u{1b}'), "colour codes: {line:?}");
+        // `<6>target: message`: the event's target right after the priority, no time or level.
+        let target = line[3..].split_once(": ").map_or("", |(t, _)| t);
+        assert!(!target.is_empty() && target.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "not `<N>target: message`: {line:?}");
+        assert!(!has_date_time(line), "a timestamp: {line:?}");
     }
     let help = Command::new(sluice_bin()).args(["run", "--help"]).output().expect("help");
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("the datapath keeps forwarding") && help.contains("detached and its pins removed"), "{help}");
+}
+
+/// Whether `line` holds a date and time as loggers write them (`2026-12-05T14:15:00`,
+/// `2026-12-05 14:15:00`).
+fn has_date_time(line: &str) -> bool {
+    let shape = b"dddd-dd-dd?dd:dd";
+    line.as_bytes().windows(shape.len()).any(|w| {
+        w.iter().zip(shape).all(|(c, s)| match s {
+            b'd' => c.is_ascii_digit(),
+            b'?' => *c == b'T' || *c == b' ',
+            s => c == s,
+        })
+    })
 }

@@ -330,7 +330,12 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
     } else {
         format!("etcd {} OUT OF REACH for {:.1} s: {}", l.etcd.join(", "), l.lost_for_s.unwrap_or(0.0), l.error.as_deref().unwrap_or(""))
     };
-    println!("{conn}; shares allocated by {}{}", l.leader.as_deref().unwrap_or("(nobody yet)"), if l.fallback { "; THIS NODE ENFORCES ITS SAFE SHARES" } else { "" });
+    println!(
+        "{conn}; shares allocated by {}{}{}",
+        l.leader.as_deref().unwrap_or("(nobody yet)"),
+        if l.fallback { "; THIS NODE ENFORCES ITS SAFE SHARES" } else { "" },
+        if l.fenced { "; THIS NODE IS FENCED (VIPs withdrawn, admitting nothing: cut off from etcd while its peers are not)" } else { "" }
+    );
     println!("{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}", "NODE", "GRANT", "BACKEND", "OPEN", "SHARE", "WANTS", "REFUSING");
     for (name, r) in &l.nodes {
         let seq = l.grants.get(name).map_or(0, |g| g.seq);
@@ -350,6 +355,10 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
                 if r.fallback { "  (safe shares)" } else { "" }
             );
         }
+    }
+    for (node, holds) in &l.reserved {
+        let held: Vec<String> = holds.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("reserved for node {node} (its lease is gone; what it may still hold): {}", held.join(", "));
     }
     for (k, b) in &l.backends {
         println!("{k}: {} open over the cluster of max_conns {}; this node {} open, share {}, safe share {}", b.cluster_open, b.max_conns, b.open, b.share, b.safe_share);

@@ -197,6 +197,22 @@ impl Daemon {
 
     /// A health check changed a backend's verdict: in or out of the ring.
     pub(super) async fn health_changed(&self, t: health::Transition) {
+        if t.kind != health::Kind::Verdict {
+            // No verdict on the backend: said, alerted on, and the ring is left as it is.
+            let mut st = self.lock();
+            let key = (t.service.clone(), t.address);
+            let summary = if t.kind == health::Kind::LocalFailure {
+                tracing::error!(service = %t.service, backend = %t.address, "health checks cannot run from this node: {}; the backend keeps its place in the ring", t.detail);
+                st.health_local.insert(key, t.detail.clone());
+                format!("service \"{}\" backend {}: health checks cannot run from this node (no verdict, the ring is unchanged)", t.service, t.address)
+            } else {
+                tracing::warn!(service = %t.service, backend = %t.address, "health checks run again");
+                st.health_local.remove(&key);
+                format!("service \"{}\" backend {}: health checks run again", t.service, t.address)
+            };
+            st.journal.record("backend", summary, vec![t.detail]);
+            return;
+        }
         let word = if t.healthy { "healthy again: back in the ring" } else { "unhealthy: out of the ring (open connections continue)" };
         tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
         let changed = State::change(&self.state, |st| {
@@ -296,6 +312,13 @@ impl Daemon {
     pub async fn undrain(&self) -> Result<crate::announce::Status, Refused> {
         self.set_drained(false).await?;
         Ok(self.lock().cluster.as_ref().expect("set_drained checked").status())
+    }
+
+    /// Fences this node out (withdraws its VIPs) or lets it back, in the change path's turn.
+    pub async fn set_fenced(&self, fenced: bool, why: &str) {
+        let turn = self.lock().turn.clone();
+        let _turn = turn.lock().await;
+        self.lock().set_fenced(fenced, why);
     }
 
     /// Drains or undrains, in the change path's turn (it changes what the node announces).

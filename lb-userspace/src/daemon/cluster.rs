@@ -20,6 +20,11 @@ pub struct Cluster {
     pub(super) status: Arc<Mutex<announce::Status>>,
     /// Withdrawn on purpose (`sluice node drain`); kept across restarts by a marker file.
     pub(super) drained: bool,
+    /// Withdrawn because this node cannot coordinate its share of the cluster-wide limits
+    /// while its peers can (`limits.rs`); announced again once it is granted shares.
+    pub(super) fenced: bool,
+    /// This node's last round on etcd succeeded: told to the peers, who fence without it.
+    pub(super) etcd_ok: Arc<std::sync::atomic::AtomicBool>,
     pub(super) wanted: tokio::sync::watch::Sender<std::collections::BTreeSet<IpAddr>>,
     pub(super) wanted_rx: Option<tokio::sync::watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
     /// The peer channel, with `cluster.peers` or `cluster.peer_listen`.
@@ -103,7 +108,7 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             ..Default::default()
         }))
     });
-    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, wanted, wanted_rx: Some(wanted_rx), peers, limits }))
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, fenced: false, etcd_ok: Arc::default(), wanted, wanted_rx: Some(wanted_rx), peers, limits }))
 }
 
 impl State {
@@ -111,11 +116,12 @@ impl State {
     pub(super) fn publish_wanted(&mut self) {
         let servable = announce::servable(&self.applied);
         if let Some(c) = &mut self.cluster {
-            let wanted = if c.drained { Default::default() } else { servable };
+            let wanted = if c.drained || c.fenced { Default::default() } else { servable };
             {
                 let mut s = c.status.lock().expect("status");
                 s.wanted.clone_from(&wanted);
                 s.drained = c.drained;
+                s.fenced = c.fenced;
             }
             c.wanted.send_if_modified(|w| {
                 let changed = *w != wanted;
@@ -123,6 +129,21 @@ impl State {
                 changed
             });
         }
+    }
+
+    /// Fences (true) this node out of the cluster or lets it back: withdraws or announces its
+    /// VIPs (a drain stays a drain either way).
+    pub(super) fn set_fenced(&mut self, fenced: bool, why: &str) {
+        let Some(c) = self.cluster.as_mut() else { return };
+        if c.fenced == fenced {
+            return;
+        }
+        c.fenced = fenced;
+        let node = c.cfg.node.clone();
+        let what = if fenced { "fenced: withdrawing its VIPs" } else { "no longer fenced: announcing its VIPs again" };
+        tracing::warn!(node = %node, "node {what}: {why}");
+        self.journal.record("cluster", format!("node \"{node}\" {what}"), vec![why.to_owned()]);
+        self.publish_wanted();
     }
 
     /// Drains (true) or undrains this node: withdraws or announces its VIPs.

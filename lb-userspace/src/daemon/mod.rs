@@ -107,6 +107,13 @@ fn attach_mode(m: XdpMode) -> AttachMode {
     }
 }
 
+/// The etcd lease of this node (`[cluster.limits]`), in its state directory beside the journal
+/// and named by the node: two daemons never share one, whatever their sockets' directories.
+pub fn lease_path(cfg: &Config) -> PathBuf {
+    let node = cfg.cluster.as_ref().map_or("", |c| c.node.as_str());
+    cfg.daemon.journal.parent().unwrap_or(Path::new("/var/lib/sluice")).join(format!("etcd-lease.{node}"))
+}
+
 /// The load history's file: beside the journal (`daemon.journal`).
 pub fn history_path(cfg: &Config) -> PathBuf {
     cfg.daemon.journal.parent().unwrap_or(Path::new("/var/lib/sluice")).join("history.bin")
@@ -172,6 +179,7 @@ impl Daemon {
             eval_wakeup: Arc::default(),
             health_tx,
             health_rx: Some(health_rx),
+            health_local: std::collections::BTreeMap::new(),
             cluster: cluster::cluster(&cfg)?,
             pending_undo: None,
             turn: Arc::default(),
@@ -234,7 +242,6 @@ impl Daemon {
         let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
         let listener = crate::api::bind(&socket)?;
         let api_stop = shutdown.child_token();
-        let lease_file = socket.parent().unwrap_or(Path::new("/run/sluice")).join("etcd-lease");
         let api = tokio::spawn(crate::api::serve(listener, socket, self.clone(), api_stop.clone()));
         let metrics_addr = state.lock().expect("state lock").cfg.daemon.metrics_listen;
         let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, self.clone(), api_stop.clone()));
@@ -254,15 +261,17 @@ impl Daemon {
                 Some((c.cfg.clone(), p.key.clone(), p.stats.clone(), p.rx.take().expect("run once")))
             })
         };
-        let limits = {
+        let (limits, etcd_ok, lease_file) = {
             let st = state.lock().expect("state lock");
-            st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?)))
+            let limits = st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?, c.peers.as_ref().map(|p| p.stats.clone()))));
+            (limits, st.cluster.as_ref().map(|c| c.etcd_ok.clone()).unwrap_or_default(), lease_path(&st.cfg))
         };
-        let limits = limits.map(|(cfg, status)| crate::limits::spawn(&cfg, lease_file, self.clone(), status, api_stop.clone()));
+        let limits = limits
+            .map(|(cfg, status, peers)| crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers }, api_stop.clone()));
         let mut peer_handles = Vec::new();
         if let Some((cfg, key, stats, rx)) = peer_tasks {
             if !cfg.peers.is_empty() {
-                peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), self.clone(), stats.clone(), rx, api_stop.clone()));
+                peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), self.clone(), stats.clone(), etcd_ok.clone(), rx, api_stop.clone()));
             }
             if let Some(listen) = cfg.peer_listen {
                 let (daemon, stop) = (self.clone(), api_stop.clone());

@@ -132,6 +132,9 @@ pub struct State {
     pub(super) names: alerts::Names,
     /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
     pub(super) change_refused: Option<String>,
+    /// Backends whose health checks cannot run for a cause on this node, with that cause
+    /// (`SluiceHealthChecksCannotRun` fires while any is): no verdict, the ring is left alone.
+    pub(super) health_local: std::collections::BTreeMap<(String, IpAddr), String>,
 }
 
 impl State {
@@ -256,6 +259,7 @@ impl State {
             not_announcing,
             change_refused: self.change_refused.clone(),
             services: &self.cfg.services,
+            health_local: &self.health_local,
         });
         for n in self.alerts.evaluate(Instant::now(), sample) {
             match n.status {
