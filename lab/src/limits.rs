@@ -12,7 +12,8 @@
 //! (no overshoot, the alert fires on every node, each holds at most its safe share); etcd comes
 //! back (the shares rebalance); n1 is cut off from etcd by an nftables drop at the router while
 //! the clients churn (it must fence itself: withdraw and admit nothing; no overshoot), then
-//! reaches etcd again (it must come back); `max_conns` is halved on every node with `config
+//! reaches etcd again (it must come back); n2 is drained and undrained while its client's flows
+//! follow the router's ECMP (its flows move to the others, adopted and counted once); `max_conns` is halved on every node with `config
 //! apply --force` while the backend holds the old limit (the shares must be revoked: the
 //! backend falls under the new limit and stays there).
 //!
@@ -537,6 +538,32 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             );
             say(format!("{}: reached {target} with n1 back after {:?} ms", step.what, step.reached_ms));
             steps.push(step);
+            // Drain and undrain under load: client 2's flows follow the router's ECMP (its source
+            // route removed), so draining n2 moves its open flows to the others, which adopt and
+            // count them while n2 gives back their slots and its share.
+            let table = "102";
+            lab.ns_ip("rt", &["rule", "del", "from", &client4(2).to_string(), "table", table, "priority", table])?;
+            std::thread::sleep(opts.phase / 2);
+            let since = now_ms();
+            let drain = lb_userspace::client::block_on(cl.client(2).drain(&lb_userspace::api::DrainRequest { timeout: Some("5s".into()) }))
+                .map_err(|e| anyhow::anyhow!("node 2: drain: {e}"))?;
+            let step = measure(
+                "n2 drained under load (its client's flows follow the router's ECMP)".into(),
+                since,
+                Duration::from_secs(2),
+                0,
+                &survivors,
+                &|_| true,
+                format!("withdrawn in {} ms; {} new flows reached it after; quiet: {}", drain.withdraw_ms.unwrap_or(0), drain.new_flows_after, drain.quiet),
+            );
+            say(format!("{}: {}; at most {} at the backend", step.what, step.detail, step.backend_max));
+            steps.push(step);
+            let since = now_ms();
+            lb_userspace::client::block_on(cl.client(2).undrain()).map_err(|e| anyhow::anyhow!("node 2: undrain: {e}"))?;
+            let step = measure("n2 undrained under load".into(), since, opts.phase, target, &survivors, &|_| true, String::new());
+            say(format!("{}: reached {target} after {:?} ms; at most {} at the backend", step.what, step.reached_ms, step.backend_max));
+            steps.push(step);
+            lab.ns_ip("rt", &["rule", "add", "from", &client4(2).to_string(), "table", table, "priority", table])?;
             // max_conns halved on every node while the backend holds about the old limit: the
             // shares are revoked and nothing is admitted until the backend is under the new one.
             let lowered = opts.max_conns / 2;

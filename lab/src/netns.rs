@@ -6,15 +6,29 @@
 //! host's interfaces. A command runs in a namespace through `nsenter --net`: `ip netns exec`
 //! would also remount /sys and hide /sys/fs/bpf, where the pins are.
 //!
-//! [`Netns`] names carry the process's pid (`slc-<pid>-<n>-<label>`); creating one first sweeps
-//! `slc-*` namespaces whose process is gone (a test killed by SIGKILL cannot run its
-//! destructors). Its methods panic on failure: it is for tests, which must fail loudly.
+//! [`Netns`] names carry the process's pid (`slc-<pid>-<n>-<label>`). Its methods panic on
+//! failure: it is for tests, which must fail loudly.
+//!
+//! Nothing outlives a killed test (SIGKILL runs no destructor), by two means:
+//! - every long-running child ([`Netns::spawn`], the lab's `Lab::spawn`) is started by
+//!   [`spawn_tied`] with `PR_SET_PDEATHSIG` = SIGKILL, from one thread that lives as long as the
+//!   process (the signal fires when the *thread* that forked the child ends, so a child forked
+//!   by a short-lived thread — a scoped one, a test's — would die with that thread);
+//! - [`sweep_stale`] (run by every [`Netns::new`] and by the tests' labs) finds what a dead
+//!   process left: in each `slc-<pid>-…` namespace whose process is gone it kills every process
+//!   (those PDEATHSIG does not reach: a child's own children, anything started otherwise),
+//!   then deletes the namespace, and removes that pid's pins and temporary files.
 
 use std::{
+    collections::BTreeSet,
     fs::File,
-    path::PathBuf,
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    path::{Path, PathBuf},
     process::{Child, Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -103,6 +117,7 @@ pub struct Netns {
 
 impl Netns {
     /// A new, empty namespace with `lo` up. `label` shows in `ip netns list` (keep it short).
+    /// First removes what dead test processes left ([`sweep_stale`]).
     pub fn new(label: &str) -> Self {
         require_root();
         sweep_stale();
@@ -156,13 +171,14 @@ impl Netns {
         self.command(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"))
     }
 
-    /// Spawns a process in this namespace; it is killed when the guard drops. Its output
-    /// goes to files (a pipe nobody reads could fill and block it).
+    /// Spawns a process in this namespace; it is killed when the guard drops, and when this
+    /// process ends however it ends ([`spawn_tied`]). Its output goes to files (a pipe nobody
+    /// reads could fill and block it).
     pub fn spawn(&self, cmd: &mut Command) -> ChildGuard {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let base = std::env::temp_dir().join(format!("sluice-test-{}-{n}", std::process::id()));
         let (out, err) = (base.with_extension("out"), base.with_extension("err"));
-        let child = cmd.stdout(File::create(&out).expect("stdout file")).stderr(File::create(&err).expect("stderr file")).spawn().expect("spawning in netns");
+        let child = spawn_tied(cmd.stdout(File::create(&out).expect("stdout file")).stderr(File::create(&err).expect("stderr file"))).expect("spawning in netns");
         ChildGuard { child: Some(child), out, err }
     }
 
@@ -205,17 +221,155 @@ pub fn veth(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) {
     veth_pair(ns_a.name(), a, ns_b.name(), b, None).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-/// Deletes `slc-<pid>-…` namespaces whose test process no longer exists.
-fn sweep_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+/// What the tests name after their pid besides namespaces: pin directories under /sys/fs/bpf
+/// (`slc-<pid>-…` of the tests' labs, [`crate::PinDir`]'s `sluice-test-<pid>-…`) and entries of
+/// the temporary directory ([`Netns::spawn`]'s output files, `l2lab`'s and the tests' labs'
+/// directories, the cluster tests' BIRD directories).
+const PIN_PREFIXES: &[&str] = &[PREFIX, "sluice-test-"];
+const TEMP_PREFIXES: &[&str] = &["sluice-test-", "sluice-lab-test-", "sluice-lab-", "sluice-cluster-"];
+
+/// The pid in `name` if it is `<one of prefixes><pid>` followed by `-`, `.` or nothing.
+fn owner_pid(name: &str, prefixes: &[&str]) -> Option<u32> {
+    prefixes.iter().find_map(|p| {
+        let rest = name.strip_prefix(p)?;
+        let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        (end > 0 && matches!(rest[end..].chars().next(), None | Some('-' | '.'))).then(|| rest[..end].parse().ok())?
+    })
+}
+
+fn is_dead(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes what test processes that no longer exist (killed by SIGKILL, which runs no
+/// destructor) left: in each `slc-<pid>-…` namespace of a dead pid, kills every process (and
+/// waits, up to 5 s, until none is left), then deletes the namespace; then that pid's pins and
+/// temporary files. Namespaces, pins and files of a live process are never touched.
+pub fn sweep_stale() {
+    let stale: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| owner_pid(n, &[PREFIX]).is_some_and(is_dead))
+        .collect();
+    if !stale.is_empty() {
+        let inodes: BTreeSet<u64> = stale.iter().filter_map(|n| netns_inode(n)).collect();
+        kill_all_in(&inodes, Duration::from_secs(5));
+        for name in &stale {
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }
     }
+    for (dir, prefixes) in [(PathBuf::from("/sys/fs/bpf"), PIN_PREFIXES), (std::env::temp_dir(), TEMP_PREFIXES)] {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if owner_pid(&e.file_name().to_string_lossy(), prefixes).is_some_and(is_dead) {
+                let p = e.path();
+                let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+            }
+        }
+    }
+}
+
+/// The inode of namespace `name` (`/run/netns/NAME`): what `/proc/PID/ns/net` of a process
+/// inside shows, also once the name is deleted.
+pub fn netns_inode(name: &str) -> Option<u64> {
+    std::fs::metadata(format!("/run/netns/{name}")).ok().map(|m| m.ino())
+}
+
+/// The processes (pid, command name) whose network namespace is one of `inodes` (what
+/// `ip netns pids` lists, also for a namespace whose name is gone). Zombies have none.
+pub fn processes_in(inodes: &BTreeSet<u64>) -> Vec<(i32, String)> {
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| inodes.contains(&m.ino())))
+        .map(|pid| (pid, std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()))
+        .collect()
+}
+
+/// SIGKILLs every process in the namespaces `inodes` until none is left or `timeout` passes;
+/// returns what was killed.
+pub fn kill_all_in(inodes: &BTreeSet<u64>, timeout: Duration) -> Vec<(i32, String)> {
+    let deadline = Instant::now() + timeout;
+    let mut killed: Vec<(i32, String)> = Vec::new();
+    loop {
+        let left = processes_in(inodes);
+        if left.is_empty() || Instant::now() > deadline {
+            return killed;
+        }
+        for (pid, comm) in left {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            if !killed.iter().any(|(p, _)| *p == pid) {
+                killed.push((pid, comm));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A request to the spawner thread: the command, the caller thread's network namespace, where
+/// to answer (the command comes back with the child).
+struct SpawnRequest {
+    cmd: Command,
+    net: File,
+    reply: mpsc::Sender<(Command, std::io::Result<Child>)>,
+}
+
+/// The thread that forks every [`spawn_tied`] child: it runs as long as the process (its
+/// channel's sender is a static), so PR_SET_PDEATHSIG fires when the process ends, not before.
+fn spawner() -> &'static mpsc::Sender<SpawnRequest> {
+    static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("sluice-spawner".into())
+            .spawn(move || {
+                for mut r in rx {
+                    // The child starts in the caller's network namespace, as if it had forked it.
+                    let child = setns(&r.net, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from).and_then(|()| r.cmd.spawn());
+                    let _ = r.reply.send((r.cmd, child));
+                }
+            })
+            .expect("starting the spawner thread");
+        tx
+    })
+}
+
+/// Spawns `cmd` so that its process is SIGKILLed when this process ends, however it ends
+/// (SIGKILL included): `PR_SET_PDEATHSIG`, set between fork and exec (it survives the exec of
+/// `nsenter` and nsenter's own exec of the program, which do not fork; it does not pass to the
+/// program's children, nor survive the exec of a set-uid or file-capability binary: those are
+/// [`sweep_stale`]'s). The fork happens on one long-lived thread ([`spawner`]), because the
+/// signal fires when the forking *thread* ends: spawned from a test's or a scoped thread, the
+/// child would die with that thread.
+pub fn spawn_tied(cmd: &mut Command) -> std::io::Result<Child> {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl and
+    // getppid (async-signal-safe) and builds errors without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent ended between fork and prctl: no signal will come, so do not run.
+            if libc::getppid().cast_unsigned() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let net = File::open("/proc/thread-self/ns/net")?;
+    let (reply, answer) = mpsc::channel();
+    let req = SpawnRequest { cmd: std::mem::replace(cmd, Command::new("")), net, reply };
+    spawner().send(req).expect("the spawner thread runs as long as the process");
+    let (back, child) = answer.recv().expect("the spawner thread answers");
+    *cmd = back;
+    child
 }
 
 /// A child process killed (SIGKILL) and reaped on drop unless it was already waited for;

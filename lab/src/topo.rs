@@ -90,14 +90,15 @@ fn running_supervisor(dir: &Path) -> Option<u32> {
     (st.supervisor != std::process::id() && Path::new(&format!("/proc/{}", st.supervisor)).exists()).then_some(st.supervisor)
 }
 
-/// Whether `pid` is still a `sluice` (or a cluster lab's `bird`) process (a pid file may outlive its process, and the pid be
-/// reused by something else).
+/// Whether `pid` is still one the lab starts — `sluice`, a cluster lab's `bird` or `etcd` — (a
+/// pid file may outlive its process, and the pid be reused by something else).
 fn is_ours(pid: i32) -> bool {
-    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("sluice") || f == "bird"))
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p.file_name().is_some_and(|f| f.to_string_lossy().starts_with("sluice") || f == "bird" || f == "etcd"))
 }
 
-/// Removes what a lab with this prefix left: its processes (from the state file), namespaces
-/// (which takes their links and XDP programs along), pins, and files in `dir`.
+/// Removes what a lab with this prefix left: its processes (from the pid files, then whatever
+/// still runs in its namespaces: etcd, BIRD, a daemon's children, anything started by hand),
+/// namespaces (which takes their links and XDP programs along), pins, and files in `dir`.
 pub fn cleanup(prefix: &str, dir: &Path) -> Vec<String> {
     let mut removed = Vec::new();
     if let Ok(text) = std::fs::read_to_string(dir.join("lab.json")) {
@@ -123,9 +124,15 @@ pub fn cleanup(prefix: &str, dir: &Path) -> Vec<String> {
         }
     }
     let ours = |name: &str| name.strip_prefix(prefix).is_some_and(|r| r.starts_with('-'));
-    for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if ours(&name) && ip(&["netns", "del", &name]).is_ok() {
+    let namespaces: Vec<String> =
+        std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| ours(n)).collect();
+    // A process left inside would keep its namespace (and XDP program) alive once the name is gone.
+    let inodes = namespaces.iter().filter_map(|n| netns::netns_inode(n)).collect();
+    for (pid, comm) in netns::kill_all_in(&inodes, Duration::from_secs(10)) {
+        removed.push(format!("killed {comm} (pid {pid}) in the lab's namespaces"));
+    }
+    for name in namespaces {
+        if ip(&["netns", "del", &name]).is_ok() {
             removed.push(format!("namespace {name}"));
         }
     }
@@ -284,10 +291,12 @@ impl Lab {
         Command::new("ip").args(["-n", &self.ns(short), "link", "show", iface]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("xdp"))
     }
 
-    /// Starts a process whose output goes to `DIR/KEY.log` and whose pid to `DIR/KEY.pid`.
+    /// Starts a process whose output goes to `DIR/KEY.log` and whose pid to `DIR/KEY.pid`; it is
+    /// SIGKILLed when this process ends ([`netns::spawn_tied`]).
     pub fn spawn(&self, key: &str, cmd: &mut Command) -> Result<u32> {
         let log = File::create(self.spec.dir.join(format!("{key}.log"))).context("log file")?;
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().with_context(|| format!("starting {key}"))?;
+        // Tied to this process: a killed `lab up` (or test) leaves no process behind.
+        let child = netns::spawn_tied(cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log)).with_context(|| format!("starting {key}"))?;
         let pid = child.id();
         std::fs::write(self.spec.dir.join(format!("{key}.pid")), pid.to_string())?;
         if let Some(mut old) = self.children.lock().expect("children").insert(key.to_owned(), child) {

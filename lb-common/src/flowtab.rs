@@ -115,8 +115,9 @@ const _: () = assert!(size_of::<FlowCount>() == 16);
 /// Buckets of a flow table for `capacity` flows: 3 of a bucket's 7 ways in use on average
 /// when full. Filling an empty table to capacity (simulated with random hashes), ~0.6 % of the
 /// flows find their home bucket full and live in their other one, and ~0.01 % find both full
-/// and are refused `flow_table_full` before the table is (all of them near the end): the
-/// price of reading one cache line per lookup.
+/// and are refused `flow_table_full` before the table is: none below half full, ~0.08 % of
+/// the new flows past 90 % (docs/ARCHITECTURE.md). The price of reading one cache line per
+/// lookup; `capacity` is the most the table holds, not a promise that every flow under it fits.
 pub const fn flow_table_buckets(capacity: u32) -> u32 {
     // At least 64: a small table's few buckets would fill unevenly.
     let b = capacity.div_ceil(3);

@@ -7,7 +7,7 @@ use lb_userspace::{
     maglev::{self, RingBackend},
 };
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use crate::{
     packet::{tcp, Pkt, PROTO_TCP},
@@ -42,8 +42,44 @@ pub fn opts(flows: u32) -> LoadOptions {
     LoadOptions { config: Config { has_gateway: 1, gateway_mac: [2, 0, 0, 0, 0, 0xaa], ..Config::DEFAULT }, flow_capacity: flows, ring_slots: 4 * 65537 }
 }
 
-/// Service `id` on 10.0.0.100:`port`/TCP with backend 10.0.1.`id`, a 65537-slot ring.
+/// `SLUICE_BENCH_SHORT=1`: the test suite's short form of a benchmark (`tests/tests/benches.rs`):
+/// one round, few frames, the smallest sizes. It shows that the benchmark runs and that what it
+/// measures happened (the same checks as a full run); its timings mean nothing and nothing
+/// asserts them.
+pub fn short() -> bool {
+    std::env::var("SLUICE_BENCH_SHORT").is_ok_and(|v| v == "1")
+}
+
+/// `full` in a benchmark's run, `short` in its short form ([`short`]).
+pub fn pick<T>(full: T, short_form: T) -> T {
+    if short() {
+        short_form
+    } else {
+        full
+    }
+}
+
+/// The file a benchmark writes its section to: its first argument, else `BENCHMARKS.md`. A
+/// short run must be given a file, and one that is not `BENCHMARKS.md`: its figures are no
+/// record.
+pub fn out_path() -> PathBuf {
+    let arg = std::env::args().nth(1).map(PathBuf::from);
+    if !short() {
+        return arg.unwrap_or_else(|| "BENCHMARKS.md".into());
+    }
+    let path = arg.expect("a short run (SLUICE_BENCH_SHORT=1) writes to the file given as its argument, never BENCHMARKS.md");
+    assert!(path.file_name().is_none_or(|n| n != "BENCHMARKS.md"), "a short run (SLUICE_BENCH_SHORT=1) must not rewrite {}", path.display());
+    path
+}
+
+/// Service `id` on 10.0.0.100:`port`/TCP with backend 10.0.1.`id`, a 65537-slot ring; a
+/// refusal answered with a RST.
 pub fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) {
+    install_with(x, port, mode, max_conns, id, REJECT_RST);
+}
+
+/// [`install`] with the service's refusal: `REJECT_RST` or `REJECT_DROP`.
+pub fn install_with(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32, reject: u8) {
     let mut t = x.tables();
     let mut addr = [0u8; 16];
     addr[..4].copy_from_slice(&[10, 0, 1, id as u8]);
@@ -54,7 +90,7 @@ pub fn install(x: &mut XdpRunner, port: u16, mode: u8, max_conns: u32, id: u32) 
     t.write_ring(base, &ring).expect("ring");
     let mut vip = [0u8; 16];
     vip[..4].copy_from_slice(&[10, 0, 0, 100]);
-    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject: REJECT_RST, spill: 0, half: 0 };
+    let svc = Service { id, ring_base: base, ring_size: 65537, mode, reject, spill: 0, half: 0 };
     t.set_service(&ServiceKey { addr: vip, port_be: port.to_be_bytes(), proto: PROTO_TCP, _pad: 0 }, &svc).expect("service");
 }
 

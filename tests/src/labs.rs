@@ -1,28 +1,45 @@
 //! Labs for tests: `sluice_lab` topologies named like the harness's namespaces, the check
 //! that one left nothing behind, and the assertion of a lab report's checks.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    collections::BTreeSet,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use lb_userspace::config::Mode;
 use sluice_lab::{report::Verdict, Lab, Spec};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// A lab named like the harness's namespaces (`slc-<pid>-…`, swept if the test is killed).
+/// A lab named like the harness's namespaces (`slc-<pid>-…`, swept if the test is killed: its
+/// processes die with the test, [`crate::netns::sweep_stale`] removes the rest).
 pub fn lab(backends: u8, clients: u8, mode: Mode) -> Lab {
     crate::require_root();
+    crate::netns::sweep_stale();
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let prefix = format!("slc-{}-l{n}", std::process::id());
     let dir = std::env::temp_dir().join(format!("sluice-lab-test-{}-{n}", std::process::id()));
     Lab::up(Spec { prefix, backends, clients, mode, servers: true, dir, sluice: crate::sluice_bin() }).expect("lab up")
 }
 
-/// Drops the lab and checks it left no namespace, pin or file.
+/// The lab's namespaces (`PREFIX-…`) and their inodes.
+fn namespaces(prefix: &str) -> (Vec<String>, BTreeSet<u64>) {
+    let names: Vec<String> =
+        std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(prefix)).collect();
+    let inodes = names.iter().filter_map(|n| crate::netns::netns_inode(n)).collect();
+    (names, inodes)
+}
+
+/// Drops the lab and checks it left no process (in its namespaces, also once their names are
+/// gone), namespace, pin or file.
 pub fn down_and_check(lab: Lab) {
     let (prefix, dir) = (format!("{}-", lab.spec.prefix), lab.spec.dir.clone());
+    let (_, inodes) = namespaces(&prefix);
+    assert!(!inodes.is_empty(), "the lab has no namespace {prefix}*");
     drop(lab);
-    let netns: Vec<String> =
-        std::fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();
+    let procs = crate::netns::processes_in(&inodes);
+    assert!(procs.is_empty(), "processes left in the lab's namespaces: {procs:?}");
+    let (netns, _) = namespaces(&prefix);
     assert!(netns.is_empty(), "namespaces left: {netns:?}");
     let pins: Vec<String> =
         std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect();

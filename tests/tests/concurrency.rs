@@ -17,10 +17,9 @@ const LIMIT: u32 = 700;
 const PER_THREAD: u16 = 2000;
 const BACKEND_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 1];
 
-#[test]
-fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
-    let cpus = aya::util::online_cpus().expect("online cpus");
-    assert!(cpus.len() >= 2, "this test needs two CPUs to race; the machine has {}", cpus.len());
+/// One race: both threads' SYNs at once; returns (admitted, refused) per CPU after checking
+/// that exactly the limit was admitted.
+fn race(cpus: &[u32]) -> Vec<(u32, u32)> {
     let mut x = XdpRunner::balancer_with(&LoadOptions { config: Config::DEFAULT, flow_capacity: 2 * u32::from(PER_THREAD) + 16, ring_slots: 64 });
     x.install_one(&OneBackend::new(1, 80, LIMIT));
     let prog: &Xdp = x.ebpf.program(PROG_BALANCER).expect("program").try_into().expect("xdp");
@@ -58,7 +57,26 @@ fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
     let total_rst: u32 = admitted.iter().map(|a| a.1).sum();
     assert_eq!(total_ok, LIMIT, "admitted per CPU: {admitted:?}");
     assert_eq!(total_ok + total_rst, 2 * u32::from(PER_THREAD));
-    assert!(admitted.iter().all(|a| a.0 > 0), "both CPUs must have admitted some flows for the race to mean anything: {admitted:?}");
     assert_eq!(x.tables().conns(1).expect("conns"), u64::from(LIMIT), "open connections = limit");
     assert_eq!(x.tables().flows().expect("flows").len(), LIMIT as usize, "one flow per admitted SYN");
+    admitted
+}
+
+#[test]
+fn two_cpus_hammering_one_backend_admit_exactly_the_limit() {
+    let cpus = aya::util::online_cpus().expect("online cpus");
+    assert!(cpus.len() >= 2, "this test needs two CPUs to race; the machine has {}", cpus.len());
+    // Exactly the limit every time. For the race to mean anything both CPUs must admit some
+    // flows, which a CPU busy with something else (the rest of the suite) can prevent in one
+    // run: try a few, and require it of at least one.
+    let mut runs = Vec::new();
+    for _ in 0..8 {
+        let admitted = race(&cpus);
+        let raced = admitted.iter().all(|a| a.0 > 0);
+        runs.push(admitted);
+        if raced {
+            return;
+        }
+    }
+    panic!("in no run did both CPUs admit flows, so the race never happened: {runs:?}");
 }

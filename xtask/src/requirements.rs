@@ -52,7 +52,8 @@ pub const PACKAGES: &[&str] = &[
     "prometheus-alertmanager",
 ];
 
-/// Installed by `cargo xtask bench e2e` only: the peers Sluice is measured against.
+/// The peers Sluice is measured against in `bench e2e` (whose short form the suite runs):
+/// installed by setup without starting their services (`setup::peer_load_balancers`).
 pub const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream"];
 
 pub const TOOLS: &[Tool] = &[
@@ -74,13 +75,16 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "etcdctl", package: Some("etcd-client"), probe: &["version"] },
     Tool { program: "nft", package: Some("nftables"), probe: &["--version"] },
     Tool { program: "protoc", package: Some("protobuf-compiler"), probe: &["--version"] },
-    Tool { program: "haproxy", package: Some("haproxy"), probe: &[] },
-    Tool { program: "nginx", package: Some("nginx"), probe: &[] },
+    Tool { program: "haproxy", package: Some("haproxy"), probe: &["-v"] },
+    Tool { program: "nginx", package: Some("nginx"), probe: &["-v"] },
     Tool { program: "cargo", package: None, probe: &[] },
     Tool { program: "rustup", package: None, probe: &[] },
     Tool { program: "apt-get", package: None, probe: &[] },
     Tool { program: "dpkg-query", package: None, probe: &[] },
     Tool { program: "id", package: None, probe: &[] },
+    // coreutils and dash: every Debian system has them (the cleanup test's stray processes).
+    Tool { program: "sh", package: None, probe: &[] },
+    Tool { program: "sleep", package: None, probe: &[] },
 ];
 
 #[cfg(test)]
@@ -108,7 +112,8 @@ mod tests {
                             let args = &args[..end];
                             let arg = if last_arg { args.rsplit(',').next() } else { args.split(',').next() };
                             let arg = arg.unwrap_or_default().trim();
-                            if let Some(program) = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')) {
+                            // An empty one is a placeholder (`mem::replace(cmd, Command::new(""))`).
+                            if let Some(program) = arg.strip_prefix('"').and_then(|a| a.strip_suffix('"')).filter(|p| !p.is_empty()) {
                                 found.insert((program.to_string(), path.strip_prefix(root).unwrap().display().to_string()));
                             }
                         }
@@ -124,7 +129,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let started = started_programs(root);
         // The scan itself must see the programs we know are started, or it proves nothing.
-        for known in ["ip", "bird", "etcd", "bpftool", "ping"] {
+        for known in ["ip", "bird", "etcd", "bpftool", "ping", "nft", "ss"] {
             assert!(started.iter().any(|(p, _)| p == known), "the source scan no longer finds `{known}`: fix the scan");
         }
         let mut missing = Vec::new();

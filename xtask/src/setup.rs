@@ -42,6 +42,7 @@ pub fn run() -> Result<()> {
         );
     }
     packages()?;
+    peer_load_balancers()?;
     bpf_linker()?;
     toolchain_link()?;
     bpffs()?;
@@ -58,9 +59,8 @@ fn installed(pkg: &str) -> bool {
     Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-/// Installs the Debian packages in `list` that are missing. Shared with the benchmarks, which
-/// need HAProxy and nginx.
-pub fn ensure_packages(step_name: &'static str, list: &[&str]) -> Result<()> {
+/// Installs the Debian packages in `list` that are missing.
+fn ensure_packages(step_name: &'static str, list: &[&str]) -> Result<()> {
     let step = Step::new(step_name);
     let missing: Vec<&str> = list.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
@@ -88,9 +88,10 @@ pub fn ensure_packages(step_name: &'static str, list: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// HAProxy and nginx for `bench e2e`, installed without starting their system services (the
-/// benchmark runs its own instances inside the lab's namespaces).
-pub fn peer_load_balancers() -> Result<()> {
+/// HAProxy and nginx for `bench e2e` (whose short form runs in the test suite), installed
+/// without starting their system services (the benchmark runs its own instances inside the
+/// lab's namespaces).
+fn peer_load_balancers() -> Result<()> {
     const POLICY: &str = "/usr/sbin/policy-rc.d";
     let ours = !Path::new(POLICY).exists();
     if ours {

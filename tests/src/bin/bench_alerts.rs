@@ -9,7 +9,8 @@
 //!   interval, idle traffic: utime + stime from /proc over 20 s; the same with a `/metrics`
 //!   scrape every 15 s (Prometheus' default interval); the scrape's time and size; RssAnon.
 //!
-//! Writes its section of BENCHMARKS.md.
+//! Writes its section of BENCHMARKS.md. `SLUICE_BENCH_SHORT=1` (the test suite): one trial, 100
+//! backends, 1 s windows.
 
 use std::{
     fmt::Write as _,
@@ -18,15 +19,17 @@ use std::{
 };
 
 use sluice_tests::{
+    bench,
     l2lab::{wait_for, Lab},
     netns::{veth, Netns},
     sluice_bin, PinDir,
 };
 
-const TRIALS: usize = 20;
-const CPU_WINDOW: Duration = Duration::from_secs(20);
-/// Backends configured for the CPU figures (services of 100 backends each).
-const SIZES: &[u32] = &[100, 1_000, 3_000, 10_000];
+/// Latency trials; the window CPU is measured over; the backends configured for the CPU figures
+/// (services of 100 backends each).
+fn plan() -> (usize, Duration, &'static [u32]) {
+    bench::pick((20, Duration::from_secs(20), &[100, 1_000, 3_000, 10_000]), (1, Duration::from_secs(1), &[100]))
+}
 /// Prometheus' default scrape interval.
 const SCRAPE_EVERY: Duration = Duration::from_secs(15);
 
@@ -44,9 +47,14 @@ struct Cost {
 }
 
 fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let out_path: PathBuf = bench::out_path();
+    let (trials, cpu_window, sizes) = plan();
     let latencies = alert_latency();
-    let costs: Vec<Cost> = SIZES.iter().map(|&n| daemon_cost(n)).collect();
+    assert_eq!(latencies.len(), trials, "a latency per trial");
+    let costs: Vec<Cost> = sizes.iter().map(|&n| daemon_cost(n)).collect();
+    for c in &costs {
+        assert!(c.scrape_bytes > 0 && c.rss_anon_kib > 0, "{} backends: a scrape of {} bytes, RssAnon {} KiB", c.backends, c.scrape_bytes, c.rss_anon_kib);
+    }
     let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
@@ -58,9 +66,9 @@ fn main() {
     let median = sorted[sorted.len() / 2];
     let worst = *sorted.last().expect("trials");
     let mut table = String::from("| measurement | result |\n|---|---:|\n");
-    writeln!(table, "| alert latency, first refusal → webhook delivery, median of {TRIALS} | {:.1} ms |", ms(median)).expect("w");
-    writeln!(table, "| alert latency, worst of {TRIALS} | {:.1} ms |", ms(worst)).expect("w");
-    writeln!(table, "| trials under 10 ms | {} of {TRIALS} |", latencies.iter().filter(|d| **d < Duration::from_millis(10)).count()).expect("w");
+    writeln!(table, "| alert latency, first refusal → webhook delivery, median of {trials} | {:.1} ms |", ms(median)).expect("w");
+    writeln!(table, "| alert latency, worst of {trials} | {:.1} ms |", ms(worst)).expect("w");
+    writeln!(table, "| trials under 10 ms | {} of {trials} |", latencies.iter().filter(|d| **d < Duration::from_millis(10)).count()).expect("w");
     let mut cost = String::from("| backends | daemon CPU, idle | with a scrape every 15 s | slowest scrape | scrape size | RssAnon |\n|---:|---:|---:|---:|---:|---:|\n");
     for c in &costs {
         writeln!(
@@ -102,7 +110,7 @@ fn main() {
          Latency: the test lab's namespaces, the real daemon, real TCP; one refused connection per\n\
          trial, from the client's `ECONNREFUSED` to the webhook receiver reading the POST of the\n\
          firing `SluiceRefusingConnections` alert (default `refusals_fire_after = 0s`).\n\n{table}\n\
-         All {TRIALS} latencies (ms, in order): {}\n\n\
+         All {trials} latencies (ms, in order): {}\n\n\
          What watching costs: the real `sluice run --config` with services of 100 backends, no\n\
          traffic, no health checks, `alerts.interval = 1s`, the default flow table (1M flows: its\n\
          GC sweep is in these figures); utime + stime from `/proc/PID/stat` over {}s, without and\n\
@@ -110,22 +118,30 @@ fn main() {
          [CPU](docs/bench/alerts-cpu.svg), [scrape time](docs/bench/alerts-scrape.svg).\n\n{cost}",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         all.join(", "),
-        CPU_WINDOW.as_secs()
+        cpu_window.as_secs()
     );
     sluice_tests::write_section(&out_path, "bench-alerts", &body);
     println!("wrote {}", out_path.display());
 }
 
 fn alert_latency() -> Vec<Duration> {
+    let (trials, ..) = plan();
     let lab = Lab::new(1);
     let (port, posts) = lab.webhook_receiver();
     let alerts = format!("[alerts]\nname = \"bench\"\nresolve_after = \"1s\"\nwebhook = {{ url = \"http://127.0.0.1:{port}/api/v2/alerts\", timeout = \"1s\", retries = 1 }}\n");
     lab.write_config_with(&[(1, "max_conns = 1")], &alerts);
     let mut daemon = lab.start_daemon();
     let (_, held) = lab.connect().expect("the one allowed connection");
+    // The engine's first evaluation after the start is its baseline: a refusal before it is
+    // counted in the baseline and never alerted. Under load the start's first evaluation can
+    // come after the first trial's refusal (which then timed out), so wait for an evaluation
+    // that saw the backend: the at-limit alert (1 of 1 open) firing.
+    wait_for("the at-limit alert (the engine has evaluated the backend)", || {
+        posts.0.lock().expect("posts").iter().any(|(_, b)| b.contains("SluiceBackendAtLimit") && b.contains("\"status\":\"firing\""))
+    });
     let count = |status: &str| posts.0.lock().expect("posts").iter().filter(|(_, b)| b.contains("SluiceRefusingConnections") && b.contains(status)).count();
     let mut out = Vec::new();
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         let before = count("\"status\":\"firing\"");
         let e = lab.connect().expect_err("refused: the backend is at max_conns = 1");
         let refused_at = Instant::now();
@@ -199,15 +215,16 @@ fn daemon_cost(backends: u32) -> Cost {
         during();
         (ticks(d.id()) - c0) as f64 / hz / t0.elapsed().as_secs_f64()
     };
-    let cpu = share(&|| std::thread::sleep(CPU_WINDOW));
+    let (_, window, _) = plan();
+    let cpu = share(&|| std::thread::sleep(window));
     let scrapes = std::sync::Mutex::new(Vec::new());
     let cpu_scraped = share(&|| {
         let start = Instant::now();
-        while start.elapsed() < CPU_WINDOW {
+        while start.elapsed() < window {
             let t0 = Instant::now();
             let body = lb.run(|| scrape("127.0.0.1:19477"));
             scrapes.lock().expect("scrapes").push((t0.elapsed(), body.len()));
-            std::thread::sleep(SCRAPE_EVERY.min(CPU_WINDOW.saturating_sub(start.elapsed())));
+            std::thread::sleep(SCRAPE_EVERY.min(window.saturating_sub(start.elapsed())));
         }
     });
     let scrapes = scrapes.into_inner().expect("scrapes");

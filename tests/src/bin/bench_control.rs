@@ -7,7 +7,8 @@
 //! - the real `sluice run` with the 100 × 100 config in a namespace: from its start until a SYN
 //!   sent on its interface is forwarded, and its resident memory.
 //!
-//! Writes its section of BENCHMARKS.md.
+//! Writes its section of BENCHMARKS.md. `SLUICE_BENCH_SHORT=1` (the test suite): small configs
+//! (5 × 5, 20 × 2, 2 × 20) and a table of 20,000 flows, one load.
 
 use std::{
     fmt::Write as _,
@@ -23,6 +24,7 @@ use lb_userspace::{
     reconcile::Applied,
 };
 use sluice_tests::{
+    bench,
     netns::{veth, Netns},
     packet::Pkt,
     sluice_bin,
@@ -30,10 +32,15 @@ use sluice_tests::{
     PinDir,
 };
 
-const SERVICES: u32 = 100;
-const BACKENDS: u32 = 100;
-const RING: u32 = 10_007;
-const FLOWS: u32 = 1_000_000;
+/// The main config's services, backends per service and ring size; the flow table's capacity.
+fn plan() -> (u32, u32, u32, u32) {
+    bench::pick((100, 100, 10_007, 1_000_000), (5, 5, 503, 20_000))
+}
+
+/// The other shapes: (services, backends, ring) many services, and many backends.
+fn shapes() -> [(u32, u32, u32); 2] {
+    bench::pick([(1000, 10, 1009), (10, 1000, 10_007)], [(20, 2, 211), (2, 20, 2003)])
+}
 
 fn socket_path() -> PathBuf {
     std::env::temp_dir().join(format!("sluice-bench-{}.sock", std::process::id()))
@@ -43,8 +50,9 @@ fn socket_path() -> PathBuf {
 /// `limit_first`.
 #[expect(clippy::many_single_char_names, reason = "the address octets x.y.z of backend g")]
 fn config_text(services: u32, backends: u32, ring: u32, limit_first: u32, pins: &str) -> String {
+    let (.., flows) = plan();
     let mut t = format!(
-        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n[flows]\ncapacity = {FLOWS}\n",
+        "[daemon]\ninterface = \"lb0\"\npin_dir = \"{pins}\"\ncontrol_socket = \"{}\"\njournal = \"{}\"\n[flows]\ncapacity = {flows}\n",
         socket_path().display(),
         socket_path().with_extension("journal").display()
     );
@@ -66,7 +74,8 @@ fn apply_and_change(services: u32, backends: u32, ring: u32) -> (Duration, Durat
     let file = std::path::Path::new("bench.toml");
     let (cfg, _) = config::parse(file, &config_text(services, backends, ring, 1000, "/sys/fs/bpf/unused")).unwrap_or_else(|e| panic!("{e}"));
     let ring_slots = 4 * services * ring;
-    let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: FLOWS, ring_slots, ..LoadOptions::default() });
+    let (.., flows) = plan();
+    let mut x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: flows, ring_slots, ..LoadOptions::default() });
     let mut applied = Applied::new(ring_slots);
     let t0 = Instant::now();
     let changes = applied.apply(&mut x.tables(), &cfg, &|_| None, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
@@ -94,12 +103,14 @@ fn apply_and_change(services: u32, backends: u32, ring: u32) -> (Duration, Durat
 }
 
 fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let out_path: PathBuf = bench::out_path();
+    let (services, backends, ring, flows) = plan();
+    let loads_n = bench::pick(5, 1);
     // 0. Loading the object: maps created, programs verified (median of 5).
-    let mut loads: Vec<Duration> = (0..5)
+    let mut loads: Vec<Duration> = (0..loads_n)
         .map(|_| {
             let t0 = Instant::now();
-            let x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: FLOWS, ..LoadOptions::default() });
+            let x = XdpRunner::balancer_with(&LoadOptions { flow_capacity: flows, ..LoadOptions::default() });
             let took = t0.elapsed();
             drop(x);
             took
@@ -109,9 +120,10 @@ fn main() {
     let load = loads[loads.len() / 2];
 
     // 1, 2. Other shapes first, then 100 × 100, whose runner the GC figures reuse.
-    let wide = apply_and_change(1000, 10, 1009);
-    let deep = apply_and_change(10, 1000, 10_007);
-    let (full_apply, one_change, mut x) = apply_and_change(SERVICES, BACKENDS, RING);
+    let [(ws, wb, wr), (ds, db, dr)] = shapes();
+    let wide = apply_and_change(ws, wb, wr);
+    let deep = apply_and_change(ds, db, dr);
+    let (full_apply, one_change, mut x) = apply_and_change(services, backends, ring);
     // The GC's flows name backend 1 (any backend of the config).
     let target = 1u32;
     assert_ne!(x.tables().backend(target).expect("backend").family, 0);
@@ -122,7 +134,7 @@ fn main() {
     // Filling to capacity: the last few find both their buckets full (flow_table_full).
     let mut refused = 0u64;
     {
-        for i in 0..FLOWS - 1 {
+        for i in 0..flows - 1 {
             let mut k = FlowKey { proto: 6, sport_be: ((i % 60000) as u16).to_be_bytes(), dport_be: 80u16.to_be_bytes(), ..FlowKey::default() };
             k.src[..4].copy_from_slice(&(0x0a00_0000 + i / 60000).to_be_bytes());
             k.dst[..4].copy_from_slice(&[10, 1, 0, 1]);
@@ -131,7 +143,7 @@ fn main() {
         }
     }
     let held = table.len();
-    assert_eq!(held + refused, u64::from(FLOWS), "every flow inserted or refused");
+    assert_eq!(held + refused, u64::from(flows), "every flow inserted or refused");
     let conns = x.tables().conn_counters().expect("conns");
     let t0 = Instant::now();
     let scan = gc::sweep(&table, &conns, &Timeouts::default(), gc::now_coarse_ns(), Duration::ZERO);
@@ -152,15 +164,15 @@ fn main() {
     let mut table = String::new();
     table.push_str("| measurement | result |\n|---|---:|\n");
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    writeln!(table, "| loading the XDP object: maps created, programs verified (median of 5) | {:.0} ms |", ms(load)).expect("w");
-    writeln!(table, "| apply {SERVICES} services × {BACKENDS} backends from scratch (rings of {RING}) | {:.0} ms |", ms(full_apply)).expect("w");
-    writeln!(table, "| one `max_conns` change at {SERVICES} × {BACKENDS}: apply call → a SYN through the program is refused | {:.2} ms |", ms(one_change)).expect("w");
-    writeln!(table, "| apply 1000 services × 10 backends from scratch (rings of 1009) | {:.0} ms |", ms(wide.0)).expect("w");
-    writeln!(table, "| one `max_conns` change at 1000 × 10 | {:.2} ms |", ms(wide.1)).expect("w");
-    writeln!(table, "| apply 10 services × 1000 backends from scratch (rings of 10007) | {:.0} ms |", ms(deep.0)).expect("w");
-    writeln!(table, "| one `max_conns` change at 10 × 1000 | {:.2} ms |", ms(deep.1)).expect("w");
-    writeln!(table, "| `sluice run` with {SERVICES} × {BACKENDS}: start → the first SYN on its interface forwarded | {:.0} ms |", ms(started)).expect("w");
-    writeln!(table, "| filling a table of {FLOWS} flows: refused `flow_table_full` before it was full | {refused} |").expect("w");
+    writeln!(table, "| loading the XDP object: maps created, programs verified (median of {loads_n}) | {:.0} ms |", ms(load)).expect("w");
+    writeln!(table, "| apply {services} services × {backends} backends from scratch (rings of {ring}) | {:.0} ms |", ms(full_apply)).expect("w");
+    writeln!(table, "| one `max_conns` change at {services} × {backends}: apply call → a SYN through the program is refused | {:.2} ms |", ms(one_change)).expect("w");
+    writeln!(table, "| apply {ws} services × {wb} backends from scratch (rings of {wr}) | {:.0} ms |", ms(wide.0)).expect("w");
+    writeln!(table, "| one `max_conns` change at {ws} × {wb} | {:.2} ms |", ms(wide.1)).expect("w");
+    writeln!(table, "| apply {ds} services × {db} backends from scratch (rings of {dr}) | {:.0} ms |", ms(deep.0)).expect("w");
+    writeln!(table, "| one `max_conns` change at {ds} × {db} | {:.2} ms |", ms(deep.1)).expect("w");
+    writeln!(table, "| `sluice run` with {services} × {backends}: start → the first SYN on its interface forwarded | {:.0} ms |", ms(started)).expect("w");
+    writeln!(table, "| filling a table of {flows} flows: refused `flow_table_full` before it was full | {refused} |").expect("w");
     writeln!(table, "| GC sweep of {held} flows, nothing idle (a walk of the mapped table) | {:.0} ms |", scan_time.as_secs_f64() * 1e3).expect("w");
     writeln!(table, "| GC sweep of {held} flows, all idle (the walk + two compare-and-swaps each) | {:.0} ms |", expire_time.as_secs_f64() * 1e3).expect("w");
     writeln!(table, "| daemon resident memory with that config (VmRSS, with the mapped flow table) | {:.1} MiB |", rss.0 as f64 / 1024.0).expect("w");
@@ -186,6 +198,7 @@ fn main() {
 /// maps the daemon memory-maps (the flow table: kernel memory, mapped, not the daemon's own);
 /// RssAnon is its own heap and stacks.
 fn daemon_start_and_rss() -> (Duration, (u64, u64)) {
+    let (services, backends, ring, _) = plan();
     let lb = Netns::new("benchlb");
     let peer = Netns::new("benchpeer");
     veth(&lb, "lb0", &peer, "p0");
@@ -193,7 +206,7 @@ fn daemon_start_and_rss() -> (Duration, (u64, u64)) {
     let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let cfg = dir.join("bench.toml");
-    std::fs::write(&cfg, config_text(SERVICES, BACKENDS, RING, 1000, pins.0.to_str().expect("utf-8"))).expect("write");
+    std::fs::write(&cfg, config_text(services, backends, ring, 1000, pins.0.to_str().expect("utf-8"))).expect("write");
     let t0 = Instant::now();
     let mut d = lb.spawn(lb.command(sluice_bin()).arg("run").arg("--config").arg(&cfg));
     // SYNs to svc0 from the peer, one every 2 ms, until the pinned counters show one forwarded.
@@ -221,14 +234,16 @@ fn daemon_start_and_rss() -> (Duration, (u64, u64)) {
         std::thread::sleep(Duration::from_millis(100));
     }
     // The daemon applies the config after it starts serving: measure once its memory has
-    // stayed within 1 MiB for two seconds (an early reading misses the apply).
+    // stayed within 1 MiB for two seconds (an early reading misses the apply; a short run: for
+    // half a second).
+    let settle = bench::pick(Duration::from_secs(2), Duration::from_millis(500));
     let read = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", d.id())).unwrap_or_default();
         let kib = |key: &str| -> u64 { status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0) };
         (kib("VmRSS:"), kib("RssAnon:"))
     };
     let (mut rss, mut stable_since) = (read(), Instant::now());
-    while stable_since.elapsed() < Duration::from_secs(2) && Instant::now() < deadline + Duration::from_mins(1) {
+    while stable_since.elapsed() < settle && Instant::now() < deadline + Duration::from_mins(1) {
         std::thread::sleep(Duration::from_millis(250));
         let now = read();
         if now.0.abs_diff(rss.0) > 1024 {
@@ -240,5 +255,6 @@ fn daemon_start_and_rss() -> (Duration, (u64, u64)) {
     let _ = std::process::Command::new(sluice_bin()).arg("detach").arg("--pin-dir").arg(&pins.0).output();
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(sock.with_extension("journal"));
     (started, rss)
 }

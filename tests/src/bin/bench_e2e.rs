@@ -14,6 +14,9 @@
 //!   utime+stime; for Sluice the XDP program's own run time (BPF_ENABLE_STATS) plus its daemon's.
 //!
 //! Then, with 5,000 idle connections held open through each: the load balancer's memory.
+//!
+//! `SLUICE_BENCH_SHORT=1` (the test suite): one offered rate (500/s) for 1 s, 200 idle
+//! connections, the lab named like the harness's namespaces (`slc-<pid>-…`, swept if killed).
 
 use std::{
     collections::BTreeMap,
@@ -40,11 +43,31 @@ const CLIENTS: u8 = 2;
 const LIMIT: u32 = 50;
 /// The backend answers after this long: connections overlap, so limits matter at high rates.
 const DELAY_MS: u64 = 10;
-const STEP: Duration = Duration::from_secs(4);
-const RATES: [f64; 6] = [500.0, 1000.0, 2000.0, 4000.0, 6000.0, 8000.0];
-const IDLE_CONNS: usize = 5000;
-const DIR: &str = "/run/sluice-bench-e2e";
-const PREFIX: &str = "sbe";
+/// How long each offered rate lasts.
+fn step_time() -> Duration {
+    sluice_tests::bench::pick(Duration::from_secs(4), Duration::from_secs(1))
+}
+
+fn rates() -> &'static [f64] {
+    sluice_tests::bench::pick(&[500.0, 1000.0, 2000.0, 4000.0, 6000.0, 8000.0], &[500.0])
+}
+
+/// Idle connections held open for the memory figures: how many, opened at what rate over how
+/// long, held how long.
+fn idle_plan() -> (usize, f64, Duration, Duration) {
+    sluice_tests::bench::pick((5000, 2500.0, Duration::from_secs(2), Duration::from_secs(12)), (200, 400.0, Duration::from_millis(500), Duration::from_secs(2)))
+}
+
+/// The lab's name prefix and directory: a short run's are named like the test harness's (its
+/// namespaces are swept if it is killed).
+fn lab_names() -> (String, PathBuf) {
+    if sluice_tests::bench::short() {
+        let pid = std::process::id();
+        (format!("slc-{pid}-e2e"), std::env::temp_dir().join(format!("sluice-bench-e2e-{pid}")))
+    } else {
+        ("sbe".into(), "/run/sluice-bench-e2e".into())
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Lb {
@@ -94,7 +117,7 @@ struct Memory {
 }
 
 fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let out_path: PathBuf = sluice_tests::bench::out_path();
     if let Err(e) = run(&out_path) {
         eprintln!("bench-e2e: {e:#}");
         std::process::exit(1);
@@ -116,14 +139,15 @@ fn run(out_path: &Path) -> Result<()> {
         if std::env::var("BENCH_E2E_ONLY").is_ok_and(|o| !o.contains("sluice")) && mode == Mode::Ipip {
             continue;
         }
-        let lab = Lab::up(Spec { prefix: PREFIX.into(), backends: BACKENDS, clients: CLIENTS, mode, servers: true, dir: DIR.into(), sluice: sluice_tests::sluice_bin() })?;
+        let (prefix, dir) = lab_names();
+        let lab = Lab::up(Spec { prefix, backends: BACKENDS, clients: CLIENTS, mode, servers: true, dir, sluice: sluice_tests::sluice_bin() })?;
         let lbs: &[Lb] = if mode == Mode::Ipip { &[Lb::SluiceIpip] } else { &[Lb::Direct, Lb::SluiceL2dsr, Lb::Haproxy, Lb::Nginx] };
         // `BENCH_E2E_ONLY=haproxy,nginx`: a subset, for working on one of them.
         let only = std::env::var("BENCH_E2E_ONLY").unwrap_or_default();
         for &lb in lbs.iter().filter(|lb| only.is_empty() || only.split(',').any(|o| lb.name().to_lowercase().starts_with(o))) {
             eprintln!("== {}", lb.name());
             start(&lab, lb, LIMIT)?;
-            for &rate in &RATES {
+            for &rate in rates() {
                 let step = measure(&lab, lb, rate)?;
                 eprintln!(
                     "  {rate:>6} conn/s offered: ok {} refused {} timeout {} error {} p50 {:.2} ms p99 {:.2} ms; whole lab {:.0} ms/1k, attributable {:.1} ms/1k",
@@ -136,6 +160,9 @@ fn run(out_path: &Path) -> Result<()> {
                     step.per_1k(step.busy_ms),
                     step.per_1k(step.lb_ms)
                 );
+                if step.report.ok == 0 {
+                    bail!("{}: no connection completed at {rate}/s offered: {:?}\n{}", lb.name(), step.report, lab.log_tail(key(lb)));
+                }
                 steps.push(step);
             }
             stop(&lab, lb);
@@ -316,7 +343,7 @@ fn lb_ms(lab: &Lab, lb: Lb) -> f64 {
 
 fn measure(lab: &Lab, lb: Lb, rate: f64) -> Result<Step> {
     let (busy0, lb0) = (busy_ms(), lb_ms(lab, lb));
-    let report = load::run(lab, &spec(lb, rate, STEP, Duration::ZERO), &Arc::default())?;
+    let report = load::run(lab, &spec(lb, rate, step_time(), Duration::ZERO), &Arc::default())?;
     let (busy1, lb1) = (busy_ms(), lb_ms(lab, lb));
     Ok(Step { lb, rate, report, busy_ms: busy1 - busy0, lb_ms: lb1 - lb0 })
 }
@@ -340,15 +367,16 @@ fn rss_kib(pid: u32) -> u64 {
     vm.saturating_sub(mapped)
 }
 
-/// Opens `IDLE_CONNS` connections through `lb`, holds them, and reads its memory meanwhile.
+/// Opens `idle_plan().0` connections through `lb`, holds them, and reads its memory meanwhile.
 fn idle_memory(lab: &Lab, lb: Lb) -> Result<Memory> {
+    let (idle_conns, rate, opening, hold) = idle_plan();
     let counters = Arc::new(Counters::default());
     let before: u64 = lb_pids(lab, lb).into_iter().map(rss_kib).sum();
     std::thread::scope(|s| {
         let c = counters.clone();
-        let load = s.spawn(move || load::run(lab, &spec(lb, 2500.0, Duration::from_secs(2), Duration::from_secs(12)), &c));
+        let load = s.spawn(move || load::run(lab, &spec(lb, rate, opening, hold), &c));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while counters.open.load(Ordering::Relaxed) < IDLE_CONNS as u64 && Instant::now() < deadline {
+        while counters.open.load(Ordering::Relaxed) < idle_conns as u64 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -360,8 +388,8 @@ fn idle_memory(lab: &Lab, lb: Lb) -> Result<Memory> {
             format!("all its processes' RSS, {before} KiB before; kernel socket buffers not included")
         };
         let r = load.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-        if open < IDLE_CONNS as u64 {
-            bail!("{}: only {open} of {IDLE_CONNS} connections held open ({r:?})", lb.name());
+        if open < idle_conns as u64 {
+            bail!("{}: only {open} of {idle_conns} connections held open ({r:?})", lb.name());
         }
         Ok(Memory { lb, open, rss_kib: rss, note })
     })
@@ -375,7 +403,7 @@ fn flows_memory(lab: &Lab) -> String {
         serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["bytes_memlock"].as_u64()
     };
     match (memlock(lb_common::maps::FLOWS), memlock(lb_common::maps::FLOW_TAGS)) {
-        (Some(a), Some(b)) => format!("{} KiB memlock (FLOWS + FLOW_TAGS), the same with 0 or 5,000 connections", (a + b) / 1024),
+        (Some(a), Some(b)) => format!("{} KiB memlock (FLOWS + FLOW_TAGS), the same with 0 or {} connections", (a + b) / 1024, idle_plan().0),
         _ => "size unknown (bpftool failed)".into(),
     }
 }
@@ -400,7 +428,7 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
             "| {} | {} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.0} | {over_s} | {attr} |",
             s.lb.name(),
             s.rate,
-            r.ok as f64 / STEP.as_secs_f64(),
+            r.ok as f64 / step_time().as_secs_f64(),
             r.p50_ms,
             r.p99_ms,
             r.refused,
@@ -414,9 +442,9 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
     let mut headline = String::from(
         "| offered /s | Sluice l2dsr ÷ HAProxy, over baseline | Sluice l2dsr ÷ HAProxy, attributable | Sluice ipip ÷ HAProxy, attributable |\n|---:|---:|---:|---:|\n",
     );
-    for &rate in &RATES {
+    for &rate in rates() {
         // The same constant the steps were run at: exact equality is meant.
-        #[expect(clippy::float_cmp, reason = "rates are copied from RATES, never computed")]
+        #[expect(clippy::float_cmp, reason = "rates are copied from rates(), never computed")]
         let find = |lb: Lb| steps.iter().find(|s| s.lb == lb && s.rate == rate);
         if let (Some(h), Some(l2), Some(ip)) = (find(Lb::Haproxy), find(Lb::SluiceL2dsr), find(Lb::SluiceIpip)) {
             writeln!(headline, "| {rate} | {:.2} | {:.3} | {:.3} |", over(l2) / over(h), l2.per_1k(l2.lb_ms) / h.per_1k(h.lb_ms), ip.per_1k(ip.lb_ms) / h.per_1k(h.lb_ms))?;
@@ -436,7 +464,7 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
         "Connections completed per second",
         "offered connections/s",
         "completed/s",
-        &series(&|s| s.report.ok as f64 / STEP.as_secs_f64(), true),
+        &series(&|s| s.report.ok as f64 / step_time().as_secs_f64(), true),
     )?;
     plot::lines(&svg_dir.join("e2e-p99.svg"), "p99 latency of one HTTP exchange", "offered connections/s", "ms", &series(&|s| s.report.p99_ms, true))?;
     plot::lines(&svg_dir.join("e2e-cpu.svg"), "CPU per 1,000 connections, whole lab over the no-balancer baseline", "offered connections/s", "ms", &series(&over, false))?;
@@ -458,11 +486,12 @@ fn report(out_path: &Path, steps: &[Step], memory: &[Memory]) -> Result<()> {
          utime+stime; for Sluice its XDP program's run time (BPF_ENABLE_STATS) plus its daemon's utime+stime.\n\n\
          {table}\n\
          Sluice's CPU per connection as a share of HAProxy's at the same offered rate (target ≤ 0.20):\n\n{headline}\n\
-         Memory with {IDLE_CONNS} idle connections held open through each load balancer (limits raised to 4000 per backend):\n\n{mem}\n\
+         Memory with {idle_conns} idle connections held open through each load balancer (limits raised to 4000 per backend):\n\n{mem}\n\
          Plots: [throughput](docs/bench/e2e-throughput.svg), [p99 latency](docs/bench/e2e-p99.svg),\n\
          [CPU per connection](docs/bench/e2e-cpu.svg).\n",
-        STEP.as_secs(),
-        STEP.as_secs(),
+        step_time().as_secs(),
+        step_time().as_secs(),
+        idle_conns = idle_plan().0,
         hv = version("haproxy", &["-v"]),
         nv = version("nginx", &["-v"]),
     );

@@ -5,14 +5,18 @@
 //! after etcd comes back, and each node's etcd traffic. The floors they are set against: a
 //! node's open connections only free capacity as they close (each held 2 s), and a failed node's
 //! share only once its lease (3 s) expires. Writes its section of BENCHMARKS.md.
+//! `SLUICE_BENCH_SHORT=1` (the test suite): one run of the lab's short form (`Options::short`:
+//! the skews, the partition and the lowered limit; no restart, failure or etcd stop), phases of
+//! 5 s instead of 7 (a skew reaches 95 % in ~1–2.5 s: the 2 s hold time is its floor).
 
-use std::{fmt::Write as _, path::PathBuf};
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use lb_userspace::config::Mode;
 use sluice_lab::limits::{self, Options, LEASE_TTL};
-use sluice_tests::labs::{down_and_check, lab};
-
-const RUNS: usize = 3;
+use sluice_tests::{
+    bench,
+    labs::{down_and_check, lab},
+};
 
 fn cpu() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -22,24 +26,46 @@ fn cpu() -> String {
 }
 
 fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
-    let opts = Options::default();
+    let out_path: PathBuf = bench::out_path();
+    let runs = bench::pick(3, 1);
+    let opts = bench::pick(Options::default(), Options { short: true, phase: Duration::from_secs(5), ..Options::default() });
     let mut rows =
         String::from("| run | skew → n1 | skew → n2 | skew → n3 | n1 restarts | n3 fails | etcd back | most open / 60 | checks |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
     let mut traffic = String::new();
     let mut fail_ms = Vec::new();
     let mut skew_ms = Vec::new();
-    for run in 1..=RUNS {
+    for run in 1..=runs {
         let lab = lab(1, opts.nodes, Mode::L2dsr);
         let report = limits::run(&lab, &opts);
         down_and_check(lab);
         let report = report.expect("cluster limits run");
-        let ms = |i: usize| report.steps.get(i).and_then(|s| s.reached_ms).map_or("—".into(), |m| format!("{m} ms"));
+        // Steps by name: the short form has no restart, failure or etcd stop.
+        let reached = |what: &str| report.steps.iter().find(|s| s.what.starts_with(what)).and_then(|s| s.reached_ms);
+        let ms = |what: &str| reached(what).map_or("—".into(), |m| format!("{m} ms"));
+        let skews: Vec<String> = (1..=opts.nodes).map(|k| format!("skew: most new connections to n{k}")).collect();
+        assert!(
+            skews.iter().all(|s| reached(s).is_some()),
+            "run {run}: a skew never reached 95 % of the limit: {:?}",
+            report.steps.iter().map(|s| (&s.what, s.reached_ms)).collect::<Vec<_>>()
+        );
+        assert!(report.max_sum > 0 && !report.checks.is_empty(), "run {run}: no connections or no checks");
         let passed = report.checks.iter().filter(|c| c.ok).count();
-        writeln!(rows, "| {run} | {} | {} | {} | {} | {} | {} | {} | {passed} of {} held |", ms(0), ms(1), ms(2), ms(3), ms(4), ms(6), report.max_sum, report.checks.len())
-            .expect("w");
-        fail_ms.extend(report.steps.get(4).and_then(|s| s.reached_ms));
-        skew_ms.extend(report.steps[..3].iter().filter_map(|s| s.reached_ms));
+        let failed = format!("n{} fails", opts.nodes);
+        writeln!(
+            rows,
+            "| {run} | {} | {} | {} | {} | {} | {} | {} | {passed} of {} held |",
+            ms(&skews[0]),
+            ms(&skews[1]),
+            ms(&skews[2]),
+            ms("n1's daemon restarts"),
+            ms(&failed),
+            ms("etcd back"),
+            report.max_sum,
+            report.checks.len()
+        )
+        .expect("w");
+        fail_ms.extend(reached(&failed));
+        skew_ms.extend(skews.iter().filter_map(|s| reached(s)));
         // n2 runs through the whole lab (n1 restarts, n3 fails): its counters cover the run.
         if let Some(t) = report.traffic.get("n2") {
             let per_s = |n: u64| n as f64 / report.run_s;
@@ -63,7 +89,7 @@ fn main() {
     let ratio = |v: &[u64], floor: f64| v.last().map_or("—".into(), |m| format!("{:.2}–{:.2}", v[0] as f64 / floor, *m as f64 / floor));
     let body = format!(
         "## Cluster-wide limits (`cargo xtask bench limits`)\n\n\
-         {RUNS} runs of `sluice lab cluster --limits` on {} (2 CPUs): three nodes behind a router\n\
+         {runs} runs of `sluice lab cluster --limits` on {} (2 CPUs): three nodes behind a router\n\
          (BIRD, ECMP), one backend with `max_conns = 60` for the whole cluster, shares leased\n\
          through etcd 3.4 in the router's namespace, rounds every 200 ms plus a watch; each\n\
          client's flows steered to one node, {:.0} new connections/s from the hot node's client and\n\

@@ -8,6 +8,14 @@
 //! (`floor_vary`) sit behind the same rewrite of the IPv4 source address: frame i comes from
 //! `base + i % modulo`. Every measurement checks that each frame reached the intended outcome
 //! (forwarded, and for new flows a new flow in the table), so a broken setup cannot pass as fast.
+//!
+//! Live-frames mode recycles a frame's page without restoring its bytes: a frame the program
+//! rewrites in place (a refusal's RST) would come back as a later frame. So the bench's services
+//! refuse by dropping (the frame stays as it was), and its flow table is twice the flows it holds,
+//! because the table refuses a few new flows in 10,000 once past half full (`flows.capacity` in
+//! README.md).
+//!
+//! `SLUICE_BENCH_SHORT=1` (the test suite): one round, 1,000 flows, few frames.
 
 use std::{fmt::Write as _, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -15,7 +23,7 @@ use aya::{
     maps::Array,
     programs::{xdp::XdpMode, TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::{Stat, MODE_IPIP, MODE_L2DSR};
+use lb_common::{Reason, Stat, MODE_IPIP, MODE_L2DSR, REJECT_DROP};
 use lb_userspace::{config::Proto, explain::flow_key};
 use sluice_tests::{
     bench,
@@ -24,9 +32,11 @@ use sluice_tests::{
     testrun::XdpRunner,
 };
 
-const ROUNDS: usize = 5;
-/// Frames per established-flow measurement.
-const EST_FRAMES: u32 = 2_000_000;
+/// Rounds; frames per established-flow measurement; the least new flows per round; the table
+/// sizes (established flows per service).
+fn plan() -> (usize, u32, u32, &'static [u32]) {
+    bench::pick((5, 2_000_000, 10_000, &[10_000, 1_000_000]), (1, 20_000, 1_000, &[1_000]))
+}
 /// Frames a test run hands the program per batch (the kernel's maximum is 256).
 const BATCH: u32 = 64;
 const VIP: &str = "10.0.0.100";
@@ -60,16 +70,25 @@ fn set_vary(x: &mut XdpRunner, seq: u32, modulo: u32, base: u32) {
     }
 }
 
-fn forwarded(x: &XdpRunner) -> u64 {
-    x.stats().get(Stat::Forwarded).packets
-}
-
-/// One measurement of Sluice: the frames all forwarded, or the bench stops.
+/// One measurement of Sluice: the frames all forwarded, or the bench stops and says what
+/// happened to the others (the run's outcomes, the services' refusals by reason).
 fn sluice(x: &mut XdpRunner, frame: &[u8], ifindex: u32, repeat: u32, what: &str) -> Duration {
-    let before = forwarded(x);
+    let before = x.stats();
     let d = live(x, frame, ifindex, repeat);
-    let got = forwarded(x) - before;
-    assert_eq!(got, u64::from(repeat), "{what}: {got} of {repeat} frames forwarded (see `sluice status`-style outcomes: {:?})", x.stats());
+    let after = x.stats();
+    let got = after.get(Stat::Forwarded).packets - before.get(Stat::Forwarded).packets;
+    if got != u64::from(repeat) {
+        let outcomes: Vec<String> =
+            after.outcomes.iter().zip(&before.outcomes).filter(|(a, b)| a.packets != b.packets).map(|(a, b)| format!("{} {}", a.outcome, a.packets - b.packets)).collect();
+        let refusals: Vec<String> = [1, 2]
+            .iter()
+            .flat_map(|&id| {
+                let r = x.tables().service_stats(id).expect("SVC_STATS").refused;
+                Reason::ALL.iter().filter(move |&&why| r.get(why) > 0).map(move |&why| format!("service {id}: {} {}", why.name(), r.get(why)))
+            })
+            .collect();
+        panic!("{what}: {got} of {repeat} frames forwarded; this run's outcomes: {}; refusals so far: {}", outcomes.join(", "), refusals.join(", "));
+    }
     d
 }
 
@@ -102,7 +121,8 @@ struct Row {
 }
 
 fn main() {
-    let out_path: PathBuf = std::env::args().nth(1).map_or_else(|| "BENCHMARKS.md".into(), PathBuf::from);
+    let out_path: PathBuf = bench::out_path();
+    let (rounds, est_frames, _, sizes) = plan();
     let ns = Netns::new("bxdp");
     netns::veth(&ns, "bx0", &ns, "bx1");
     let (rows, cpu) = ns.run(|| {
@@ -114,13 +134,17 @@ fn main() {
         let sink_prog: &mut Xdp = sink.prog();
         let _link = sink_prog.attach("bx1", XdpMode::Driver).expect("attaching floor_drop to bx1");
         let mut rows = Vec::new();
-        for flows in [10_000u32, 1_000_000] {
+        for &flows in sizes {
             rows.extend(table(flows, ifindex));
         }
         (rows, cpu)
     });
     drop(ns);
 
+    assert_eq!(rows.len(), 5 + 3 * (sizes.len() - 1), "a row per case");
+    for r in &rows {
+        assert!(r.sluice_pps > 0.0 && r.floor_pps > 0.0 && r.ratio.is_finite(), "{}: {} and {} pps", r.case, r.sluice_pps, r.floor_pps);
+    }
     let mut table = String::from("| case | sluice Mpps | floor Mpps | sluice ÷ floor | target |\n|---|---:|---:|---:|---|\n");
     for r in &rows {
         let target = if r.case.contains("established") { format!("≥ 0.70 — {}", if r.ratio >= 0.70 { "met" } else { "missed" }) } else { String::new() };
@@ -133,11 +157,13 @@ fn main() {
          One core (CPU {cpu}); frames injected with `BPF_PROG_TEST_RUN` in live-frames mode, batches of {BATCH}:\n\
          XDP_TX really transmits, out of a veth whose peer drops with an XDP program, in the bench's own\n\
          namespace. 118-byte TCP frames (64 bytes of payload). Rates are the kernel's time per frame,\n\
-         median of {ROUNDS} rounds, cases interleaved; *floor* is the MAC-swap + XDP_TX program behind the same\n\
+         median of {rounds} rounds, cases interleaved; *floor* is the MAC-swap + XDP_TX program behind the same\n\
          source-address rewrite as Sluice (`floor_vary` / `bench_vary`), so the ratio is the rate Sluice keeps.\n\
-         *established*: {EST_FRAMES} frames walking round-robin over N established flows of the service;\n\
+         *established*: {est_frames} frames walking round-robin over N established flows of the service;\n\
          *new*: SYNs from fresh sources, each admitted and inserted (the round's new flows are removed\n\
-         after it, so the table holds N flows per service again). Every frame is checked forwarded.\n\n{table}"
+         after it, so the table holds N flows per service again). The table's `flows.capacity` is twice\n\
+         the flows it holds at most (2 N + the round's new flows; past half full it refuses a few in\n\
+         10,000). Every frame is checked forwarded.\n\n{table}"
     );
     sluice_tests::write_section(&out_path, "bench-xdp", &body);
     println!("wrote {}", out_path.display());
@@ -146,11 +172,16 @@ fn main() {
 /// Every case with `flows` established flows per service in the table.
 #[expect(clippy::many_single_char_names, reason = "short names for the rows' parts")]
 fn table(flows: u32, ifindex: u32) -> Vec<Row> {
-    let new_frames = (flows / 10).clamp(10_000, 100_000);
-    let capacity = 2 * flows + new_frames + 1024;
+    let (rounds, est_frames, least_new, _) = plan();
+    let new_frames = (flows / 10).clamp(least_new, 100_000);
+    // Twice the most flows it will hold: fuller, a few new flows in 10,000 would find both of
+    // their buckets full and be refused (flow_table_full) before the table is.
+    let capacity = 2 * (2 * flows + new_frames);
     let mut x = XdpRunner::program(&bench::opts(capacity), "bench_vary");
-    bench::install(&mut x, 80, MODE_L2DSR, u32::MAX, 1);
-    bench::install(&mut x, 8080, MODE_IPIP, u32::MAX, 2);
+    // Refusals drop: a RST is written into the frame's page, which live-frames mode hands the
+    // program again, unrestored, as a later frame.
+    bench::install_with(&mut x, 80, MODE_L2DSR, u32::MAX, 1, REJECT_DROP);
+    bench::install_with(&mut x, 8080, MODE_IPIP, u32::MAX, 2, REJECT_DROP);
     let mut swap = XdpRunner::program(&bench::opts(1), "floor_macswap");
     let mut floor = XdpRunner::program(&bench::opts(1), "floor_vary");
 
@@ -172,23 +203,23 @@ fn table(flows: u32, ifindex: u32) -> Vec<Row> {
 
     let mut samples: Vec<Vec<(f64, f64)>> = vec![Vec::new(); 5];
     let mut new_seq = 0u32;
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         // One flow, the frame as built: the plain floor.
         set_vary(&mut x, 0, 0, 0);
-        let f = pps(live(&mut swap, &ack80, ifindex, EST_FRAMES));
-        samples[0].push((pps(sluice(&mut x, &ack80, ifindex, EST_FRAMES, "one flow, l2dsr")), f));
-        let f_ipip = pps(live(&mut swap, &ack8080, ifindex, EST_FRAMES));
-        samples[1].push((pps(sluice(&mut x, &ack8080, ifindex, EST_FRAMES, "one flow, ipip")), f_ipip));
+        let f = pps(live(&mut swap, &ack80, ifindex, est_frames));
+        samples[0].push((pps(sluice(&mut x, &ack80, ifindex, est_frames, "one flow, l2dsr")), f));
+        let f_ipip = pps(live(&mut swap, &ack8080, ifindex, est_frames));
+        samples[1].push((pps(sluice(&mut x, &ack8080, ifindex, est_frames, "one flow, ipip")), f_ipip));
 
         // N flows: both programs behind the source rewrite.
         set_vary(&mut floor, 0, flows, BASE_L2);
-        let f = pps(live(&mut floor, &ack80, ifindex, EST_FRAMES));
+        let f = pps(live(&mut floor, &ack80, ifindex, est_frames));
         set_vary(&mut x, 0, flows, BASE_L2);
-        samples[2].push((pps(sluice(&mut x, &ack80, ifindex, EST_FRAMES, "established l2dsr")), f));
+        samples[2].push((pps(sluice(&mut x, &ack80, ifindex, est_frames, "established l2dsr")), f));
         set_vary(&mut floor, 0, flows, BASE_IPIP);
-        let f = pps(live(&mut floor, &ack8080, ifindex, EST_FRAMES));
+        let f = pps(live(&mut floor, &ack8080, ifindex, est_frames));
         set_vary(&mut x, 0, flows, BASE_IPIP);
-        samples[3].push((pps(sluice(&mut x, &ack8080, ifindex, EST_FRAMES, "established ipip")), f));
+        samples[3].push((pps(sluice(&mut x, &ack8080, ifindex, est_frames, "established ipip")), f));
 
         // New flows: fresh sources, admitted and inserted, then removed again.
         set_vary(&mut floor, new_seq, u32::MAX, BASE_NEW);
@@ -218,7 +249,8 @@ fn table(flows: u32, ifindex: u32) -> Vec<Row> {
         format!("established, {} flows, ipip", human(flows)),
         format!("new flows (SYN, admission, insert), ipip, table of {}", human(flows)),
     ];
-    let skip = if flows == 10_000 { 0 } else { 2 };
+    // The one-flow cases once, with the first table.
+    let skip = if flows == plan().3[0] { 0 } else { 2 };
     names
         .into_iter()
         .zip(samples)
