@@ -71,10 +71,16 @@ pub fn draw(path: &Path, title: &str, points: &[Point], marks: &[(f64, String)])
 pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
+    // Points that are not finite are left out: plotters loops or overflows on such a range (a
+    // bench's short run can divide by a zero baseline).
+    let series: Vec<(String, Vec<(f64, f64)>)> = series.iter().map(|(n, p)| (n.clone(), p.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect())).collect();
+    let series = &series[..];
     let all = || series.iter().flat_map(|(_, p)| p.iter());
     let x_max = all().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-    let y_max = all().map(|p| p.1).fold(0.0, f64::max).max(1e-9) * 1.15;
-    let mut chart = ChartBuilder::on(&root).caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(36).y_label_area_size(64).build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    let y_min = all().map(|p| p.1).fold(0.0, f64::min) * 1.15;
+    let y_max = (all().map(|p| p.1).fold(0.0, f64::max) * 1.15).max(y_min + 1e-3);
+    let mut chart =
+        ChartBuilder::on(&root).caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(36).y_label_area_size(64).build_cartesian_2d(0.0..x_max, y_min..y_max)?;
     chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw()?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -86,4 +92,19 @@ pub fn lines(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[(St
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).position(SeriesLabelPosition::UpperLeft).draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod line_tests {
+    /// A bench's short run draws from one point, zeros or a value that is not finite: the plot
+    /// is drawn, not a panic inside plotters.
+    #[test]
+    fn degenerate_series_draw() {
+        let dir = std::env::temp_dir().join(format!("sluice-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for (i, points) in [vec![(500.0, 0.0)], vec![(500.0, f64::INFINITY)], vec![(500.0, f64::NAN), (600.0, 3.0)], vec![(0.0, -2.0)], vec![]].into_iter().enumerate() {
+            super::lines(&dir.join(format!("{i}.svg")), "t", "x", "y", &[("s".to_owned(), points)]).expect("drawn");
+        }
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }
