@@ -228,8 +228,15 @@ fn node_sample(v: &StatusReport) -> Option<NodeSample> {
 }
 
 /// The backend's established connections from the clients: what it really holds (the nodes'
-/// health checks come from the nodes' addresses and are not counted).
+/// health checks come from the nodes' addresses and are not counted). Two dumps back to back,
+/// the smaller count: a socket dump walks the kernel's table while connections come and go, so
+/// one that closes and one that opens during the walk can both be counted, a connection more
+/// than the backend ever held at once. A real excess lasts longer than the two dumps.
 fn backend_sockets(lab: &Lab, nodes: u8) -> Option<u64> {
+    Some(backend_dump(lab, nodes)?.min(backend_dump(lab, nodes)?))
+}
+
+fn backend_dump(lab: &Lab, nodes: u8) -> Option<u64> {
     let out = lab.command("be1", "ss").args(["-Htn", "state", "established", &format!("( sport = :{PORT} )")]).output().ok()?;
     if !out.status.success() {
         return None;
@@ -591,12 +598,17 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             {
                 let all = samples.lock().expect("samples");
                 let window: Vec<&Sample> = all.iter().filter(|x| x.t_ms >= since).collect();
-                let under = |x: &Sample| x.backend <= u64::from(lowered) && x.sum() <= u64::from(lowered);
-                let repaired = window.iter().position(|x| under(x));
+                // The truth is the backend's; the nodes' counters are read one node after the
+                // other, so their sum can mix moments (it is reported, not judged, here).
+                let repaired = window.iter().position(|x| x.backend <= u64::from(lowered));
                 step.repaired_ms = repaired.map(|i| window[i].t_ms - since);
                 let after: Vec<&&Sample> = repaired.map_or_else(Vec::new, |i| window[i..].iter().collect());
-                let worst_after = after.iter().map(|x| x.backend.max(x.sum())).max().unwrap_or(0);
-                step.detail = format!("under {lowered} after {:?} ms; at most {worst_after} after that (backend or nodes)", step.repaired_ms);
+                let worst_after = after.iter().map(|x| x.backend).max().unwrap_or(0);
+                let nodes_after = after.iter().map(|x| x.sum()).max().unwrap_or(0);
+                step.detail = format!(
+                    "the backend under {lowered} after {:?} ms; at most {worst_after} at the backend after that ({nodes_after} over the nodes' counters)",
+                    step.repaired_ms
+                );
                 lowered_check = (step.repaired_ms, worst_after, since);
             }
             say(format!("{}: {}", step.what, step.detail));
@@ -686,7 +698,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     check(
         "max_conns lowered: never over the new limit once repaired",
         repaired_ms.is_some() && worst_after <= lowered,
-        format!("repaired after {repaired_ms:?} ms; at most {worst_after} after that (backend or nodes), limit {lowered}"),
+        format!("repaired after {repaired_ms:?} ms; at most {worst_after} at the backend after that, limit {lowered}"),
     );
     report.checks = checks;
     Ok(report)
