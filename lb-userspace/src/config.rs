@@ -64,6 +64,10 @@ pub struct ClusterCfg {
     /// The key every node shares to authenticate the peer channel (HMAC-SHA256), 16+ bytes.
     #[serde(default)]
     pub peer_key_file: Option<PathBuf>,
+    /// Connections the peer channel serves at once; more are closed at once and counted
+    /// (`listen.rs`): a flood on `peer_listen` cannot take the daemon's file descriptors.
+    #[serde(default = "default_peer_max_connections")]
+    pub peer_max_connections: u32,
     /// `[cluster.limits]`: every backend's `max_conns` is for the whole cluster, each node
     /// enforcing a share of it leased through etcd (`limits.rs`). Without it, each node
     /// enforces `max_conns` on its own and no etcd is needed.
@@ -105,6 +109,10 @@ impl ClusterCfg {
     }
 }
 
+fn default_peer_max_connections() -> u32 {
+    64
+}
+
 fn default_bird_socket() -> PathBuf {
     PathBuf::from("/run/bird/bird.ctl")
 }
@@ -132,7 +140,38 @@ pub struct Daemon {
     pub journal: PathBuf,
     #[serde(default = "default_journal_max")]
     pub journal_max_bytes: u64,
+    /// Connections `/metrics` serves at once; more are closed at once and counted (`listen.rs`).
+    #[serde(default = "default_metrics_max_connections")]
+    pub metrics_max_connections: u32,
+    /// Connections the control socket serves at once.
+    #[serde(default = "default_control_max_connections")]
+    pub control_max_connections: u32,
+    /// Every listener (`/metrics`, the peer channel, the control socket): a request's head must
+    /// be complete within this from the connection's opening or its previous answer; a silent
+    /// connection, or one trickling its headers, is closed past it.
+    #[serde(default = "default_http_header_timeout", deserialize_with = "duration")]
+    pub http_header_timeout: Duration,
+    /// The TCP listeners (`/metrics`, the peer channel): after its head, a request's body and
+    /// answer within this, and no write of the answer waiting longer (a client that stops
+    /// reading); past it the connection is closed.
+    #[serde(default = "default_http_request_timeout", deserialize_with = "duration")]
+    pub http_request_timeout: Duration,
 }
+
+fn default_metrics_max_connections() -> u32 {
+    32
+}
+fn default_control_max_connections() -> u32 {
+    64
+}
+fn default_http_header_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_http_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+/// The most connections a listener may be configured to serve at once.
+pub const MAX_LISTENER_CONNECTIONS: u32 = 100_000;
 
 fn default_journal() -> PathBuf {
     PathBuf::from("/var/lib/sluice/journal.jsonl")
@@ -564,6 +603,25 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if cfg.daemon.interface.trim().is_empty() {
         err("daemon.interface".into(), "must name the interface to attach to".into());
     }
+    let listeners = [
+        Some(("daemon.metrics_max_connections", cfg.daemon.metrics_max_connections)),
+        Some(("daemon.control_max_connections", cfg.daemon.control_max_connections)),
+        cfg.cluster.as_ref().map(|c| ("cluster.peer_max_connections", c.peer_max_connections)),
+    ];
+    for (key, n) in listeners.into_iter().flatten() {
+        if n == 0 {
+            err(key.into(), "must be at least 1 (connections served at once; more are closed at once and counted)".into());
+        } else if n > MAX_LISTENER_CONNECTIONS {
+            err(key.into(), format!("{n} is above {MAX_LISTENER_CONNECTIONS}: each connection holds a file descriptor and up to 64 KiB of buffers"));
+        }
+    }
+    let (header, request) = (cfg.daemon.http_header_timeout, cfg.daemon.http_request_timeout);
+    if header < Duration::from_millis(100) || header > Duration::from_mins(5) {
+        err("daemon.http_header_timeout".into(), format!("{header:?}: between 100ms and 5m (how long a connection may stay silent or trickle a request's head)"));
+    }
+    if request < Duration::from_secs(1) || request > Duration::from_hours(1) {
+        err("daemon.http_request_timeout".into(), format!("{request:?}: between 1s and 1h (a request's body and answer)"));
+    }
     if let Some(c) = &cfg.cluster {
         if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
             err("cluster.node".into(), format!("\"{}\" must be a name without spaces (this node's, e.g. \"lb1\")", c.node));
@@ -576,6 +634,12 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
         }
         if c.peer_listen.is_some_and(|l| c.peers.contains(&l)) {
             err("cluster.peers".into(), "lists this node's own cluster.peer_listen; list the other nodes only".into());
+        }
+        if c.peer_listen.is_some() && (1..=MAX_LISTENER_CONNECTIONS).contains(&c.peer_max_connections) && (c.peer_max_connections as usize) < c.peers.len() {
+            warn(
+                "cluster.peer_max_connections".into(),
+                format!("{} is below the {} peers: when they all report at once, some are refused and retry a second later", c.peer_max_connections, c.peers.len()),
+            );
         }
         if let Some(l) = &c.limits {
             if l.etcd.is_empty() {
@@ -814,6 +878,11 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
         assert_eq!(cfg.services[0].overflow.spill.candidates(), MAX_SPILL as u8);
         assert_eq!(cfg.flows.timeouts.udp, Duration::from_mins(1));
         assert_eq!(cfg.services[0].ring_size, 65537);
+        let d = &cfg.daemon;
+        assert_eq!(
+            (d.metrics_max_connections, d.control_max_connections, d.http_header_timeout, d.http_request_timeout),
+            (32, 64, Duration::from_secs(5), Duration::from_secs(30))
+        );
     }
 
     const CLUSTER: &str = "[cluster]\nnode = \"lb1\"\n\n[cluster.limits]\netcd = [\"http://10.0.0.1:2379\"]\nnodes = 3\n";
@@ -824,6 +893,11 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
         let c = cfg.cluster.expect("cluster");
         let l = c.limits.as_ref().expect("limits");
         assert_eq!((l.prefix.as_str(), l.lease_ttl, c.limit_nodes()), ("/sluice", Duration::from_secs(3), 3));
+        assert_eq!(c.peer_max_connections, 64);
+        // Fewer peer connections than peers: a warning, not an error.
+        let few = format!("{GOOD}\n[cluster]\nnode = \"lb1\"\npeers = [\"10.0.0.2:9478\", \"10.0.0.3:9478\"]\npeer_listen = \"10.0.0.1:9478\"\npeer_key_file = \"/k\"\npeer_max_connections = 1\n");
+        let (_, warnings) = check(&few).expect("warnings only");
+        assert_eq!(warnings.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(), ["cluster.peer_max_connections"], "{warnings:?}");
         let cases: &[(&str, &str, &str, &str)] = &[
             ("etcd = [\"http://10.0.0.1:2379\"]", "etcd = []", "cluster.limits.etcd", "must list"),
             ("etcd = [\"http://10.0.0.1:2379\"]", "etcd = [\"10.0.0.1:2379\"]", "cluster.limits.etcd[0]", "http://host:port"),
@@ -832,6 +906,7 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
             ("nodes = 3", "", "cluster.limits.nodes", "how many nodes"),
             ("nodes = 3", "nodes = 0", "cluster.limits.nodes", "at least 1"),
             ("nodes = 3", "nodes = 3\nttl = \"3s\"", "cluster.limits", "unknown field"),
+            ("node = \"lb1\"", "node = \"lb1\"\npeer_max_connections = 0", "cluster.peer_max_connections", "at least 1"),
         ];
         for (from, to, key, reason) in cases {
             let text = format!("{GOOD}\n{}", CLUSTER.replacen(from, to, 1));
@@ -869,6 +944,12 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
             ("interface = \"eth0\"", "interface = \"\"", "daemon.interface", "must name"),
             ("url = \"http://127.0.0.2:9093", "url = \"https://127.0.0.2:9093", "alerts.webhooks[1].url", "only http://"),
             ("[alerts]", "[alerts]\ncommand = []", "alerts.command", "must name a program"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nmetrics_max_connections = 0", "daemon.metrics_max_connections", "at least 1"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\ncontrol_max_connections = 100001", "daemon.control_max_connections", "above 100000"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nmetrics_max_connections = -1", "daemon.metrics_max_connections", "invalid value"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_header_timeout = \"10ms\"", "daemon.http_header_timeout", "between 100ms and 5m"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_request_timeout = \"2h\"", "daemon.http_request_timeout", "between 1s and 1h"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_request_timeout = \"soon\"", "daemon.http_request_timeout", "not a duration"),
         ];
         for (from, to, key, reason) in cases {
             assert!(GOOD.contains(from), "bad case: {from}");

@@ -51,9 +51,8 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
     let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
     let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
     let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
-    let refused_change = int_gauge(&r, "sluice_config_change_refused", "1 while the last reload was refused by the guard (the previous config runs).", &[]);
     let mut st = daemon.lock();
-    refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused().is_some()));
+    daemon_families(&r, &st);
     let limits = st.cluster().and_then(crate::daemon::Cluster::limits);
     if let Some(l) = &limits {
         let n = [l.node.as_str()];
@@ -130,6 +129,47 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
     let mut out = String::from_utf8(out).expect("text format is UTF-8");
     write_backends(&mut out, &services, &rows);
     Ok(out)
+}
+
+/// The daemon's own: a refused reload, the listeners' bounds and counts, and the open files
+/// (`listen.rs`, `openfiles.rs`).
+fn daemon_families(r: &Registry, st: &crate::daemon::State) {
+    let refused_change = int_gauge(r, "sluice_config_change_refused", "1 while the last reload was refused by the guard (the previous config runs).", &[]);
+    refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused().is_some()));
+    let l_open = int_gauge(r, "sluice_listener_connections_open", "Connections a listener (control, metrics, peer) serves now.", &["listener"]);
+    let l_max =
+        int_gauge(r, "sluice_listener_max_connections", "The most connections a listener serves at once (daemon.*_max_connections, cluster.peer_max_connections).", &["listener"]);
+    let l_accepted = counter(r, "sluice_listener_connections_accepted_total", "Connections a listener took to serve.", &["listener"]);
+    let l_refused = counter(r, "sluice_listener_connections_refused_total", "Connections a listener closed at once because it served its maximum.", &["listener"]);
+    let l_timed_out = counter(
+        r,
+        "sluice_listener_connections_timed_out_total",
+        "Connections a listener closed for silence or slowness (daemon.http_header_timeout, daemon.http_request_timeout).",
+        &["listener"],
+    );
+    let l_errors = counter(r, "sluice_listener_accept_errors_total", "Accepts that failed (e.g. no file descriptor left); the listener retries.", &["listener"]);
+    let fds_open = int_gauge(r, "process_open_fds", "Number of open file descriptors.", &[]);
+    let fds_max = int_gauge(r, "process_max_fds", "Maximum number of open file descriptors (the soft limit, raised to the hard one at start).", &[]);
+    let fds_needed = int_gauge(
+        r,
+        "sluice_open_files_needed",
+        "File descriptors the config may need at once (listeners' limits, health checks, and the rest); the daemon warns at start when process_max_fds is below.",
+        &[],
+    );
+    for l in st.listeners() {
+        let n = [l.name.as_str()];
+        l_open.with_label_values(&n).set(l.open as i64);
+        l_max.with_label_values(&n).set(i64::from(l.max_connections));
+        l_accepted.with_label_values(&n).inc_by(l.accepted);
+        l_refused.with_label_values(&n).inc_by(l.refused);
+        l_timed_out.with_label_values(&n).inc_by(l.timed_out);
+        l_errors.with_label_values(&n).inc_by(l.accept_errors);
+    }
+    if let Some(f) = st.open_files() {
+        fds_open.with_label_values::<&str>(&[]).set(f.open as i64);
+        fds_max.with_label_values::<&str>(&[]).set(f.limit as i64);
+        fds_needed.with_label_values::<&str>(&[]).set(f.needed as i64);
+    }
 }
 
 /// One backend's numbers at the scrape.
@@ -224,12 +264,14 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Serves `/metrics` on `addr` until `shutdown`.
-pub async fn serve(addr: SocketAddr, daemon: Daemon, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+/// Serves `/metrics` on `addr` within `me`'s bounds (`listen.rs`) until `shutdown`.
+pub async fn serve(addr: SocketAddr, daemon: Daemon, me: std::sync::Arc<crate::listen::Listener>, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(daemon);
+    // A scrape is a GET: no body worth buffering.
+    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).layer(axum::extract::DefaultBodyLimit::max(4096)).with_state(daemon);
     tracing::info!(%addr, "metrics on /metrics");
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await.map_err(|e| Error::other("metrics endpoint", e))
+    crate::listen::serve(listener, app, me, shutdown).await;
+    Ok(())
 }
 
 async fn scrape(axum::extract::State(daemon): axum::extract::State<Daemon>) -> Response {

@@ -283,8 +283,9 @@ struct Receiver {
     seen: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
-/// Serves `/v1/peer/moved` on `listen` until `stop`.
-pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<Mutex<Stats>>, stop: CancellationToken) -> Result<(), Error> {
+/// Serves `/v1/peer/moved` on `listen` within `me`'s bounds (`listen.rs`: a flood of idle or
+/// slow connections is refused and timed out, counted) until `stop`.
+pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<Mutex<Stats>>, me: Arc<crate::listen::Listener>, stop: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
     let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver {
@@ -293,7 +294,8 @@ pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<
         stats,
         seen: Arc::default(),
     });
-    axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await.map_err(|e| Error::other("peer channel", e))
+    crate::listen::serve(listener, app, me, stop).await;
+    Ok(())
 }
 
 async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {

@@ -113,7 +113,13 @@ async fn deliver_command(argv: Vec<String>, mut rx: mpsc::Receiver<Notification>
             Status::Firing => "firing",
             Status::Resolved => "resolved",
         };
-        let run = tokio::process::Command::new(&argv[0])
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        // The open-file limit the daemon started with, not the one it raised (`openfiles.rs`).
+        // SAFETY: restore_for_child makes one async-signal-safe call (setrlimit).
+        unsafe {
+            cmd.pre_exec(crate::openfiles::restore_for_child);
+        }
+        let run = cmd
             .args(&argv[1..])
             .env("SLUICE_ALERT", n.alertname.as_ref())
             .env("SLUICE_ALERT_STATUS", status)

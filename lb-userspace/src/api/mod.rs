@@ -153,14 +153,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     bound
 }
 
-/// Serves the API on `listener` until `shutdown`, then removes the socket.
-pub async fn serve(listener: UnixListener, path: PathBuf, daemon: Daemon, shutdown: tokio_util::sync::CancellationToken) {
+/// Serves the API on `listener` within `me`'s bounds (`listen.rs`) until `shutdown`, then
+/// removes the socket.
+pub async fn serve(listener: UnixListener, path: PathBuf, daemon: Daemon, me: std::sync::Arc<crate::listen::Listener>, shutdown: tokio_util::sync::CancellationToken) {
     tracing::info!(socket = %path.display(), "control API listening");
-    let result = axum::serve(listener, router(daemon)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    crate::listen::serve(listener, router(daemon), me, shutdown).await;
     let _ = std::fs::remove_file(&path);
-    if let Err(e) = result {
-        tracing::error!("control API: {e}");
-    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,13 @@ pub struct StatusReport {
     pub peers: Option<crate::peers::Stats>,
     /// Cluster-wide limits, with `[cluster.limits]`.
     pub limits: Option<crate::limits::Status>,
+    /// The listeners (control socket, `/metrics`, peer channel): their bounds and what they
+    /// refused and timed out (`listen.rs`).
+    #[serde(default)]
+    pub listeners: Vec<crate::listen::ListenerReport>,
+    /// Descriptors open, the open-file limit, and what the config may need (`openfiles.rs`).
+    #[serde(default)]
+    pub open_files: Option<crate::openfiles::OpenFiles>,
 }
 
 /// `POST /v1/config/apply`.

@@ -26,6 +26,9 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
             println!("{}", c.line());
         }
         super::ctl::print_services(&st.services);
+        if let Some(line) = listeners_line(&st.listeners, st.open_files.as_ref()) {
+            println!("{line}");
+        }
         for a in &st.alerts_firing {
             println!("ALERT {} [{}]: {}", a.alertname, a.severity, a.summary);
             println!("      {}", a.description);
@@ -41,6 +44,37 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
     let snap = stats::read(&map)?;
     print_outcomes(&snap, args.json);
     Ok(())
+}
+
+/// One line: each listener's connections of its maximum, what it refused and timed out, and
+/// the open files.
+fn listeners_line(listeners: &[crate::listen::ListenerReport], files: Option<&crate::openfiles::OpenFiles>) -> Option<String> {
+    let parts: Vec<String> = listeners
+        .iter()
+        .map(|l| {
+            let mut extra = Vec::new();
+            if l.refused > 0 {
+                extra.push(format!("{} refused at the limit", l.refused));
+            }
+            if l.timed_out > 0 {
+                extra.push(format!("{} timed out", l.timed_out));
+            }
+            if l.accept_errors > 0 {
+                extra.push(format!("{} failed accepts", l.accept_errors));
+            }
+            let extra = if extra.is_empty() { String::new() } else { format!(" ({})", extra.join(", ")) };
+            format!("{} {}/{}{extra}", l.name, l.open, l.max_connections)
+        })
+        .collect();
+    if parts.is_empty() && files.is_none() {
+        return None;
+    }
+    let mut line = format!("listeners: {}", parts.join(", "));
+    if let Some(f) = files {
+        let low = if f.limit < f.needed { format!(", BELOW the {} the config may need", f.needed) } else { String::new() };
+        line.push_str(&format!("; open files {} of {}{low}", f.open, f.limit));
+    }
+    Some(line)
 }
 
 fn print_outcomes(snap: &stats::Snapshot, json: bool) {

@@ -127,6 +127,19 @@ impl Daemon {
         for w in &warnings {
             tracing::warn!("{}: {w}", cfg_path.display());
         }
+        // Before anything opens a descriptor in numbers: listeners, health checks, maps.
+        let nofile = match crate::openfiles::raise() {
+            Ok(l) => {
+                if l.soft > l.before {
+                    tracing::info!("raised the open-file limit from {} to {} (the hard limit)", l.before, l.soft);
+                }
+                Some(l)
+            }
+            Err(e) => {
+                tracing::warn!("reading or raising the open-file limit (RLIMIT_NOFILE): {e}");
+                None
+            }
+        };
         let opts = load_options(&cfg);
         let (mut dp, started) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
         let conns = dp.tables().conn_counters()?;
@@ -186,12 +199,18 @@ impl Daemon {
             history: crate::history::History::load(&history_path(&cfg)),
             names: alerts::Names::default(),
             change_refused: None,
+            listeners: Vec::new(),
+            nofile,
         }));
         {
             let st = state.lock().expect("state lock");
             let how = if adopted { "adopted the running datapath (flows and counters kept)" } else { "loaded a fresh datapath" };
             let details = std::iter::once(format!("config {}", cfg_path.display())).chain(started.relinked.clone()).collect();
             st.journal.record("daemon", format!("Sluice daemon started on {}: {how}", cfg.daemon.interface), details);
+            if let Some(w) = nofile.and_then(|l| crate::openfiles::warning(&l, &cfg)) {
+                tracing::warn!("{w}");
+                st.journal.record("daemon", format!("open-file limit too low: {w}"), vec![]);
+            }
         }
         let changes = State::change(&state, |_| Ok::<_, Error>(cfg.into())).await?;
         for c in &changes {
@@ -239,12 +258,22 @@ impl Daemon {
         let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::other("SIGHUP handler", e))?;
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
-        let socket = state.lock().expect("state lock").cfg.daemon.control_socket.clone();
+        let (d, peer) = {
+            let st = state.lock().expect("state lock");
+            (st.cfg.daemon.clone(), st.cfg.cluster.as_ref().and_then(|c| Some((c.peer_listen?, c.peer_max_connections))))
+        };
+        // Every listener bounded (`listen.rs`): no flood on one takes the descriptors the
+        // health checks, the journal and the control socket need.
+        let bounds = |max_connections, request_timeout| crate::listen::Limits { max_connections, header_timeout: d.http_header_timeout, request_timeout };
+        let control = crate::listen::Listener::new("control", d.control_socket.display().to_string(), bounds(d.control_max_connections, None));
+        let metrics_listener = crate::listen::Listener::new("metrics", d.metrics_listen.to_string(), bounds(d.metrics_max_connections, Some(d.http_request_timeout)));
+        let peer_listener = peer.map(|(addr, max)| crate::listen::Listener::new("peer", addr.to_string(), bounds(max, Some(d.http_request_timeout))));
+        state.lock().expect("state lock").listeners = [Some(control.clone()), Some(metrics_listener.clone()), peer_listener.clone()].into_iter().flatten().collect();
+        let socket = d.control_socket.clone();
         let listener = crate::api::bind(&socket)?;
         let api_stop = shutdown.child_token();
-        let api = tokio::spawn(crate::api::serve(listener, socket, self.clone(), api_stop.clone()));
-        let metrics_addr = state.lock().expect("state lock").cfg.daemon.metrics_listen;
-        let metrics = tokio::spawn(crate::metrics::serve(metrics_addr, self.clone(), api_stop.clone()));
+        let api = tokio::spawn(crate::api::serve(listener, socket, self.clone(), control, api_stop.clone()));
+        let metrics = tokio::spawn(crate::metrics::serve(d.metrics_listen, self.clone(), metrics_listener, api_stop.clone()));
         let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
         let announcer = {
             let mut st = state.lock().expect("state lock");
@@ -273,10 +302,10 @@ impl Daemon {
             if !cfg.peers.is_empty() {
                 peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), self.clone(), stats.clone(), etcd_ok.clone(), rx, api_stop.clone()));
             }
-            if let Some(listen) = cfg.peer_listen {
+            if let (Some(listen), Some(me)) = (cfg.peer_listen, peer_listener) {
                 let (daemon, stop) = (self.clone(), api_stop.clone());
                 peer_handles.push(tokio::spawn(async move {
-                    if let Err(e) = crate::peers::serve(listen, key, daemon, stats, stop).await {
+                    if let Err(e) = crate::peers::serve(listen, key, daemon, stats, me, stop).await {
                         tracing::error!("{e}");
                     }
                 }));

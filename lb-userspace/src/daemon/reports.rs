@@ -34,6 +34,8 @@ impl Daemon {
             cluster: cluster.map(super::Cluster::status),
             peers: cluster.and_then(super::Cluster::peer_stats),
             limits: cluster.and_then(super::Cluster::limits),
+            listeners: st.listeners(),
+            open_files: st.open_files(),
         })
     }
 

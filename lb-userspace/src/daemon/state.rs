@@ -135,6 +135,10 @@ pub struct State {
     /// Backends whose health checks cannot run for a cause on this node, with that cause
     /// (`SluiceHealthChecksCannotRun` fires while any is): no verdict, the ring is left alone.
     pub(super) health_local: std::collections::BTreeMap<(String, IpAddr), String>,
+    /// The listeners being served (control socket, `/metrics`, peer channel), with their counts.
+    pub(super) listeners: Vec<Arc<crate::listen::Listener>>,
+    /// The open-file limit as the daemon set it at start (`openfiles.rs`).
+    pub(super) nofile: Option<crate::openfiles::Limit>,
 }
 
 impl State {
@@ -410,5 +414,15 @@ impl State {
     }
     pub fn journal(&self) -> &crate::journal::Journal {
         &self.journal
+    }
+    /// The listeners' bounds and counts.
+    pub fn listeners(&self) -> Vec<crate::listen::ListenerReport> {
+        self.listeners.iter().map(|l| l.report()).collect()
+    }
+    /// Descriptors open now, the open-file limit, and what the config may need.
+    pub fn open_files(&self) -> Option<crate::openfiles::OpenFiles> {
+        let limit = self.nofile?;
+        let limit = crate::openfiles::soft_now().unwrap_or(limit.soft);
+        Some(crate::openfiles::OpenFiles { open: crate::openfiles::open_now(), limit, needed: crate::openfiles::needed(&self.cfg).0 })
     }
 }
