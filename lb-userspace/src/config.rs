@@ -84,8 +84,9 @@ pub struct LimitsCfg {
     /// The cluster's keys live under this prefix (several clusters may share one etcd).
     #[serde(default = "default_etcd_prefix")]
     pub prefix: String,
-    /// This node's etcd lease: a node gone this long has its shares reclaimed; a node that
-    /// lost etcd this long falls back to its safe share.
+    /// This node's etcd lease: a node that lost etcd this long falls back to its safe share,
+    /// twice this long it fences itself (while its peers reach etcd); what a gone node may hold
+    /// is reserved for 2 × this after its lease expired, then freed (`limits.rs`).
     #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
     pub lease_ttl: Duration,
     /// The cluster's nodes, for the safe share `floor(max_conns / nodes)` a node falls back to
