@@ -165,8 +165,9 @@ async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, mu
         let outcome = check_outcome(target, &h).await;
         if local && !matches!(outcome, Outcome::Local(_)) {
             local = false;
-            // The run before the local failure is stale: the verdict starts again.
-            (ok_run, fail_run) = (0, 0);
+            // A good run before the local failure is stale; failures still count (checks that
+            // alternate between a local failure and a real one must still reach `fall`).
+            ok_run = 0;
             send(healthy, "health checks run again".into(), Kind::LocalRecovered);
         }
         match outcome {

@@ -425,6 +425,8 @@ impl Node {
         let id = c.lease_grant(ttl, None).await.map_err(|e| Error::other("granting a lease on etcd", e))?.id();
         self.hold(c, id, sent);
         self.applied_seq = 0;
+        // Written again under the new lease: the allocator may have released (deleted) it.
+        self.holds_written = None;
         if let Err(e) = std::fs::write(&self.lease_file, format!("{} {id}\n", self.name)) {
             tracing::warn!("keeping the etcd lease in {}: {e} (a restart will join as a new node)", self.lease_file.display());
         }

@@ -152,9 +152,11 @@ pub fn allocate(reports: &BTreeMap<String, Report>, grants: &BTreeMap<String, Gr
         let targets = fair(capacity_live, &wanted, &refusing);
         if holding > capacity {
             for (i, (n, d)) in nodes.iter().enumerate() {
-                let g = granted(n, k);
-                let x = u64::from(g).min(d.open).min(targets[i]) as u32;
-                if x < g && !in_flight(n) {
+                // What it may admit up to: its grant, or what it enforces without one (a node
+                // back with a new lease enforces its old or safe share, and has no grant yet).
+                let cur = granted(n, k).max(d.applied);
+                let x = u64::from(cur).min(d.open).min(targets[i]) as u32;
+                if x < cur && !in_flight(n) {
                     next.entry((*n).clone()).or_default().insert(k.clone(), x);
                 }
             }
@@ -416,6 +418,19 @@ mod tests {
         let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(3, 4)), ("b".to_owned(), grant(2, 5))].into();
         let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
         assert_eq!(next["a"].shares["k"], 5, "{next:?}");
+    }
+
+    /// A node back with a new lease has no grant yet but enforces the share it had (or its safe
+    /// share): repair lowers it too, or it would go on admitting while the sum is over.
+    #[test]
+    fn repair_reaches_a_node_without_a_grant() {
+        let reports: BTreeMap<String, Report> = [("a".to_owned(), node(12, 12, 20, false, 1)), ("b".to_owned(), node(8, 10, 20, false, 0))].into();
+        let grants: BTreeMap<String, Grant> = [("a".to_owned(), grant(1, 12))].into();
+        // a holds 12, b enforces 10 without a grant: 22 over 20.
+        let next = allocate(&reports, &grants, &BTreeMap::new(), "a");
+        assert_eq!(next.get("b").map(|g| g.shares["k"]), Some(8), "{next:?}");
+        // Fair parts over the demands (12, 8): a keeps its 12.
+        assert!(!next.contains_key("a"), "{next:?}");
     }
 
     /// A node whose lease is gone (cut off from etcd, still serving) keeps what it may hold: the

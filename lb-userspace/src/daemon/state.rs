@@ -202,6 +202,8 @@ impl State {
             st.journal.record("config", format!("configuration applied: {} change(s)", changes.len()), changes.iter().map(|c| c.what.clone()).collect());
         }
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
+        // A backend no longer checked (removed, or its health table gone) has no local failure.
+        st.health_local.retain(|(svc, addr), _| cfg.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr && b.health.is_some())));
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
             st.sinks = crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone());
