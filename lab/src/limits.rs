@@ -86,8 +86,9 @@ pub struct NodeSample {
 pub struct Sample {
     pub t_ms: u64,
     pub nodes: BTreeMap<u8, NodeSample>,
-    /// The backend's established connections from the clients (`ss` in its namespace).
-    pub backend: u64,
+    /// The backend's established connections from the clients (`ss` in its namespace); `None`
+    /// when `ss` failed: no reading, never a 0 that would pass for "under the limit".
+    pub backend: Option<u64>,
 }
 
 impl Sample {
@@ -379,7 +380,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                 let at = Instant::now();
                 let nodes: Vec<u8> = live.lock().expect("live").clone();
                 let got: BTreeMap<u8, NodeSample> = nodes.iter().filter_map(|k| Some((*k, node_sample(&cl.status(*k).ok()?)?))).collect();
-                let backend = backend_sockets(lab, opts.nodes).unwrap_or(0);
+                let backend = backend_sockets(lab, opts.nodes);
                 samples.lock().expect("samples").push(Sample { t_ms: t0.elapsed().as_millis() as u64, nodes: got, backend });
                 std::thread::sleep(Duration::from_millis(100).saturating_sub(at.elapsed()));
             }
@@ -395,7 +396,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                 let reached = window.iter().find(|x| sum(x) >= want && extra(x)).map(|x| x.t_ms - since_ms);
                 let max_sum = window.iter().map(|x| x.sum()).max().unwrap_or(0);
                 let mean_sum = window.iter().map(|x| x.sum() as f64).sum::<f64>() / window.len().max(1) as f64;
-                let backend_max = window.iter().map(|x| x.backend).max().unwrap_or(0);
+                let backend_max = window.iter().filter_map(|x| x.backend).max().unwrap_or(0);
                 Step { what, reached_ms: reached, target: want, max_sum, mean_sum, backend_max, repaired_ms: None, detail }
             };
             let now_ms = || t0.elapsed().as_millis() as u64;
@@ -600,10 +601,10 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                 let window: Vec<&Sample> = all.iter().filter(|x| x.t_ms >= since).collect();
                 // The truth is the backend's; the nodes' counters are read one node after the
                 // other, so their sum can mix moments (it is reported, not judged, here).
-                let repaired = window.iter().position(|x| x.backend <= u64::from(lowered));
+                let repaired = window.iter().position(|x| x.backend.is_some_and(|b| b <= u64::from(lowered)));
                 step.repaired_ms = repaired.map(|i| window[i].t_ms - since);
                 let after: Vec<&&Sample> = repaired.map_or_else(Vec::new, |i| window[i..].iter().collect());
-                let worst_after = after.iter().map(|x| x.backend).max().unwrap_or(0);
+                let worst_after = after.iter().filter_map(|x| x.backend).max().unwrap_or(0);
                 let nodes_after = after.iter().map(|x| x.sum()).max().unwrap_or(0);
                 step.detail = format!(
                     "the backend under {lowered} after {:?} ms; at most {worst_after} at the backend after that ({nodes_after} over the nodes' counters)",
@@ -630,7 +631,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let (repaired_ms, worst_after, lowered_at) = lowered_check;
     let before: Vec<&Sample> = samples.iter().filter(|x| x.t_ms < lowered_at || lowered_at == 0).collect();
     let max_sum = before.iter().map(|x| x.sum()).max().unwrap_or(0);
-    let backend_max = before.iter().map(|x| x.backend).max().unwrap_or(0);
+    let backend_max = before.iter().filter_map(|x| x.backend).max().unwrap_or(0);
+    let backend_read = before.iter().filter(|x| x.backend.is_some()).count();
     let traffic = (1..=opts.nodes).filter_map(|k| Some((format!("n{k}"), cl.status(k).ok()?.limits?.traffic))).collect();
     let mut report = Report {
         nodes: opts.nodes,
@@ -657,8 +659,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     check("never over the limit (the nodes' counters)", max_sum <= cap, format!("at most {max_sum} open over the nodes in {} samples, max_conns {cap}", before.len()));
     check(
         "never over the limit (the backend's sockets)",
-        backend_max <= cap && before.iter().any(|x| x.backend > 0),
-        format!("at most {backend_max} established at the backend in {} samples, max_conns {cap}", before.len()),
+        backend_max <= cap && backend_max > 0 && backend_read * 10 >= before.len() * 9,
+        format!("at most {backend_max} established at the backend in {backend_read} readings of {} samples, max_conns {cap}", before.len()),
     );
     for s in report.steps.iter().filter(|s| s.what.starts_with("skew")) {
         check(&format!("{}: 95 % of the limit within 5 s", s.what), s.reached_ms.is_some_and(|ms| ms <= 5000), format!("{:?} ms", s.reached_ms));
