@@ -28,3 +28,18 @@ pub fn write_section(path: &Path, name: &str, body: &str) {
     };
     std::fs::write(path, updated).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
+
+/// Asserts that `metrics` is valid Prometheus text, by the real `promtool check metrics`.
+pub fn promtool_check(metrics: &str) {
+    use std::io::Write as _;
+    let mut p = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus; `cargo xtask setup` installs it)");
+    p.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+    let out = p.wait_with_output().expect("promtool");
+    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}

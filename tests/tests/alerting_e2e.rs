@@ -8,7 +8,6 @@
 //! change and then the alert.
 
 use std::{
-    io::Write as _,
     net::{TcpListener, TcpStream},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -120,16 +119,7 @@ fn limit_of_5_with_8_clients_refuses_3_alerts_and_resolves() {
         assert!(m.lines().any(|l| l == line), "missing {line}:\n{m}");
     }
     assert!(m.contains("sluice_alerts_firing{alertname=\"SluiceBackendAtLimit\""), "{m}");
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    promtool.stdin.take().expect("stdin").write_all(m.as_bytes()).expect("write");
-    let out = promtool.wait_with_output().expect("promtool");
-    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    sluice_tests::promtool_check(&m);
 
     // `sluice top` renders the saturated backend and the alert.
     let (code, frame, err) = lab.ctl(&["top", "--once", "--width", "150"]);

@@ -28,7 +28,7 @@ use serde_json::Value;
 use sluice_tests::{
     l2lab::{wait_for, Lab},
     netns::{ChildGuard, Netns},
-    sluice_bin,
+    promtool_check, sluice_bin,
 };
 
 const HEALTH: &str = "max_conns = 100\nhealth = { kind = \"tcp\", interval = \"200ms\", timeout = \"150ms\", rise = 2, fall = 2 }";
@@ -264,19 +264,6 @@ fn scrape(lab: &Lab) -> String {
             String::new()
         }
     })
-}
-
-fn promtool_check(m: &str) {
-    let mut p = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool");
-    p.stdin.take().expect("stdin").write_all(m.as_bytes()).expect("write");
-    let out = p.wait_with_output().expect("promtool");
-    assert!(out.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 /// The lab's config with `/metrics` on every address and a `[cluster]` whose peer channel
