@@ -47,7 +47,7 @@ enum Cmd {
     },
     /// Set up, build, and run every test (privileged tests included; needs root).
     Test {
-        /// Extra arguments passed to `cargo test` (after `--` they reach the test binaries).
+        /// Extra arguments passed to `cargo nextest run` (e.g. `-E 'binary(lab_cluster_limits)'`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
