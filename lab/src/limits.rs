@@ -258,24 +258,14 @@ const FAULT_TABLE: &str = "sluice_lab_fault";
 
 /// Drops node `k`'s traffic to etcd at the router (each `nft` call on its own: see TOOLCHAIN).
 fn cut_from_etcd(lab: &Lab, k: u8) -> Result<()> {
-    let nft = |args: &[&str]| -> Result<()> {
-        let out = lab.command("rt", "nft").args(args).output()?;
-        if !out.status.success() {
-            bail!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(())
-    };
+    let nft = |args: &[&str]| crate::netns::run(lab.command("rt", "nft").args(args));
     nft(&["add", "table", "inet", FAULT_TABLE])?;
     nft(&["add", "chain", "inet", FAULT_TABLE, "in", "{ type filter hook input priority 0; }"])?;
     nft(&["add", "rule", "inet", FAULT_TABLE, "in", "ip", "saddr", &node_addr(k).to_string(), "tcp", "dport", &ETCD_PORT.to_string(), "drop"])
 }
 
 fn heal(lab: &Lab) -> Result<()> {
-    let out = lab.command("rt", "nft").args(["delete", "table", "inet", FAULT_TABLE]).output()?;
-    if !out.status.success() {
-        bail!("nft delete table: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    crate::netns::run(lab.command("rt", "nft").args(["delete", "table", "inet", FAULT_TABLE]))
 }
 
 /// Whether the node reaches etcd now.
@@ -359,7 +349,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     // n1's restart: its lease before and after, its limit before and as it started.
     let mut restart: (Option<i64>, Option<i64>, u64, u64) = (None, None, 0, 0);
     // When n1 fenced itself after its cut from etcd (ms).
-    let mut partition: (Option<u64>,) = (None,);
+    let mut fenced_after: Option<u64> = None;
     // The lowered limit: repaired after (ms), the most held after that, when it was lowered (ms).
     let mut lowered_check: (Option<u64>, u64, u64) = (None, 0, 0);
 
@@ -531,7 +521,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
             let fenced_ms = samples.lock().expect("samples").iter().filter(|x| x.t_ms >= since).find(|x| x.nodes.get(&1).is_some_and(|n| n.fenced)).map(|x| x.t_ms - since);
             step.detail = format!("n1 fenced itself after {fenced_ms:?} ms (bound: {} s without etcd while a peer reaches it)", 2 * LEASE_TTL.as_secs());
             say(format!("{}: {}; at most {} at the backend", step.what, step.detail, step.backend_max));
-            partition.0 = fenced_ms;
+            fenced_after = fenced_ms;
             steps.push(step);
             let since = now_ms();
             heal(lab)?;
@@ -686,8 +676,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let fence_bound = 2 * LEASE_TTL + Duration::from_secs(2);
     check(
         "cut off from etcd while its peers reach it, a node fences itself",
-        partition.0.is_some_and(|ms| u128::from(ms) <= fence_bound.as_millis()),
-        format!("fenced after {:?} ms (bound {} ms)", partition.0, fence_bound.as_millis()),
+        fenced_after.is_some_and(|ms| u128::from(ms) <= fence_bound.as_millis()),
+        format!("fenced after {fenced_after:?} ms (bound {} ms)", fence_bound.as_millis()),
     );
     let healed = step("n1 reaches etcd again").and_then(|s| s.reached_ms);
     check("etcd reachable again: n1 admits again and the cluster fills 95 % within 5 s", healed.is_some_and(|ms| ms <= 5000), format!("{healed:?} ms"));

@@ -60,16 +60,8 @@ fn local_cause(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL))
 }
 
-/// One check. `Ok` with a description, or `Err` with what failed (a local cause included).
-pub async fn check(target: SocketAddr, h: &Health) -> Result<String, String> {
-    match check_outcome(target, h).await {
-        Outcome::Ok(d) => Ok(d),
-        Outcome::Failed(d) | Outcome::Local(d) => Err(d),
-    }
-}
-
 /// One check, with a failure of this node told apart from the backend's.
-pub async fn check_outcome(target: SocketAddr, h: &Health) -> Outcome {
+pub async fn check(target: SocketAddr, h: &Health) -> Outcome {
     match check_inner(target, h).await {
         Ok(d) => Outcome::Ok(d),
         Err((d, Some(e))) if local_cause(&e) => Outcome::Local(format!("{d} (a cause on this node)")),
@@ -162,7 +154,7 @@ async fn run(service: String, address: IpAddr, target: SocketAddr, h: Health, mu
     };
     loop {
         tick.tick().await;
-        let outcome = check_outcome(target, &h).await;
+        let outcome = check(target, &h).await;
         if local && !matches!(outcome, Outcome::Local(_)) {
             local = false;
             // A good run before the local failure is stale; failures still count (checks that
@@ -225,23 +217,24 @@ mod tests {
     #[tokio::test]
     async fn http_checks_expect_the_status_on_the_path() {
         let ok = http_server("200 OK");
-        check(ok, &health(HealthKind::Http, Some("/healthz"))).await.expect("200 on /healthz");
-        let e = check(ok, &health(HealthKind::Http, Some("/other"))).await.expect_err("404");
+        assert!(matches!(check(ok, &health(HealthKind::Http, Some("/healthz"))).await, Outcome::Ok(_)), "200 on /healthz");
+        let Outcome::Failed(e) = check(ok, &health(HealthKind::Http, Some("/other"))).await else { panic!("404 is a failure") };
         assert!(e.contains("status 404, expected 200"), "{e}");
         let failing = http_server("503 Service Unavailable");
-        let e = check(failing, &health(HealthKind::Http, Some("/healthz"))).await.expect_err("503");
+        let Outcome::Failed(e) = check(failing, &health(HealthKind::Http, Some("/healthz"))).await else { panic!("503 is a failure") };
         assert!(e.contains("503"), "{e}");
     }
 
     #[tokio::test]
     async fn tcp_checks_need_a_listener() {
         let ok = http_server("200 OK");
-        check(ok, &health(HealthKind::Tcp, None)).await.expect("connect");
+        assert!(matches!(check(ok, &health(HealthKind::Tcp, None)).await, Outcome::Ok(_)), "connect");
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
-        let e = check(closed, &health(HealthKind::Tcp, None)).await.expect_err("refused");
+        // Refused is the backend's answer, not a cause on this node.
+        let Outcome::Failed(e) = check(closed, &health(HealthKind::Tcp, None)).await else { panic!("refused is a failure") };
         assert!(e.contains("TCP connect"), "{e}");
     }
 }

@@ -583,7 +583,11 @@ impl Node {
                 let open = st.conns().get(b.id);
                 // Fenced, it takes no traffic and so refuses nothing: it asks for its safe share,
                 // and announces again once granted (its view of the cluster is whole again).
-                let fenced_wants = if self.fenced { (b.max_conns / self.nodes.max(1)).max(1) } else { 0 };
+                let fenced_wants = if self.fenced {
+                    s.cfg.backends.iter().find(|c| c.address == b.address).map_or(b.max_conns / self.nodes.max(1), |c| safe_share(c, self.nodes)).max(1)
+                } else {
+                    0
+                };
                 backends.insert(
                     k.clone(),
                     Demand {
