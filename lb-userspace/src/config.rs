@@ -141,6 +141,10 @@ pub struct Daemon {
     pub journal: PathBuf,
     #[serde(default = "default_journal_max")]
     pub journal_max_bytes: u64,
+    /// The exporter toolkit's web configuration file (`tls_server_config`, bcrypt
+    /// `basic_auth_users`) for `/metrics` (`webconfig.rs`); without it, plain HTTP.
+    #[serde(default)]
+    pub metrics_web_config: Option<PathBuf>,
     /// Connections `/metrics` serves at once; more are closed at once and counted (`listen.rs`).
     #[serde(default = "default_metrics_max_connections")]
     pub metrics_max_connections: u32,

@@ -37,5 +37,7 @@ pub mod shares;
 pub mod sinks;
 pub mod stats;
 pub mod tables;
+pub mod tls;
+pub mod webconfig;
 
 pub use error::Error;

@@ -76,9 +76,11 @@ pub struct Listener {
     refused: AtomicU64,
     timed_out: AtomicU64,
     accept_errors: AtomicU64,
-    /// When a failed accept, and a refusal, were last logged.
+    handshake_failures: AtomicU64,
+    /// When a failed accept, a refusal and a failed handshake were last logged.
     last_logged: Mutex<Option<Instant>>,
     refusal_logged: Mutex<Option<Instant>>,
+    handshake_logged: Mutex<Option<Instant>>,
 }
 
 /// A listener's counts (`sluice status --json`, `/metrics`).
@@ -98,6 +100,9 @@ pub struct ListenerReport {
     pub timed_out: u64,
     /// Accepts that failed (e.g. EMFILE: no file descriptor left).
     pub accept_errors: u64,
+    /// TLS handshakes that failed: no certificate, one from another CA, expired, or not TLS.
+    #[serde(default)]
+    pub handshake_failures: u64,
 }
 
 impl Listener {
@@ -111,8 +116,10 @@ impl Listener {
             refused: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
             last_logged: Mutex::new(None),
             refusal_logged: Mutex::new(None),
+            handshake_logged: Mutex::new(None),
         })
     }
 
@@ -127,6 +134,7 @@ impl Listener {
             refused: get(&self.refused),
             timed_out: get(&self.timed_out),
             accept_errors: get(&self.accept_errors),
+            handshake_failures: get(&self.handshake_failures),
         }
     }
 
@@ -140,6 +148,20 @@ impl Listener {
                 address = %self.address,
                 "serving its maximum of {} connections: closing more at once (counted in sluice_listener_connections_refused_total; logged at most every {LOG_EVERY:?})",
                 self.limits.max_connections
+            );
+        }
+    }
+
+    fn handshake_failed(&self, e: &io::Error) {
+        self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        let mut last = self.handshake_logged.lock().expect("handshake_logged");
+        if last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            *last = Some(Instant::now());
+            let reason = crate::tls::reason_in(e).unwrap_or_else(|| e.to_string());
+            tracing::warn!(
+                listener = self.name,
+                address = %self.address,
+                "a TLS handshake failed: {reason}; the connection is closed (counted in sluice_listener_tls_handshake_failures_total; logged at most every {LOG_EVERY:?})"
             );
         }
     }
@@ -183,7 +205,10 @@ fn gone_before_accept(e: &io::Error) -> bool {
 
 /// Serves `app` on `listener` within `me`'s bounds until `stop`; then closes idle connections,
 /// lets those in a request finish, and returns once every connection is closed.
-pub async fn serve<A: Accept>(listener: A, app: Router, me: Arc<Listener>, stop: CancellationToken) {
+/// With `tls`, every connection is a TLS one (its handshake within the header timeout; a
+/// failed one is counted and logged with its reason).
+pub async fn serve<A: Accept>(listener: A, app: Router, me: Arc<Listener>, tls: Option<Arc<rustls::ServerConfig>>, stop: CancellationToken) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let permits = Arc::new(tokio::sync::Semaphore::new(me.limits.max_connections as usize));
     let app = match me.limits.request_timeout {
         Some(t) => with_request_timeout(app, t, me.clone()),
@@ -216,24 +241,27 @@ pub async fn serve<A: Accept>(listener: A, app: Router, me: Arc<Listener>, stop:
         };
         me.accepted.fetch_add(1, Ordering::Relaxed);
         me.open.fetch_add(1, Ordering::Relaxed);
-        let (http, app, me, stop) = (http.clone(), app.clone(), me.clone(), stop.clone());
+        let (http, app, me, stop, tls) = (http.clone(), app.clone(), me.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
             let _open = Open(&me, permit);
             let io = Stalls::new(io, me.limits.request_timeout);
-            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            let Some(tls) = tls else {
+                return connection(io, &http, app, &me, &stop).await;
             };
-            if let Err(e) = result {
-                if e.is_timeout() || stalled(&e) {
+            // The handshake is bounded like a request head: a client that opens and stays
+            // silent, or trickles its hello, is closed at the header timeout.
+            match tokio::time::timeout(me.limits.header_timeout, tls.accept(io)).await {
+                Ok(Ok(io)) => {
+                    let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| PeerCert(c.clone().into_owned()));
+                    let app = match cert {
+                        Some(cert) => app.layer(axum::Extension(cert)),
+                        None => app,
+                    };
+                    connection(io, &http, app, &me, &stop).await;
+                }
+                Ok(Err(e)) => me.handshake_failed(&e),
+                Err(_) => {
                     me.timed_out.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    tracing::debug!(listener = me.name, "connection: {e}");
                 }
             }
         });
@@ -241,6 +269,31 @@ pub async fn serve<A: Accept>(listener: A, app: Router, me: Arc<Listener>, stop:
     // Every connection gives its permit back when it closes.
     let _ = permits.acquire_many(me.limits.max_connections).await;
 }
+
+/// Serves one connection until it closes, or gracefully at `stop`.
+async fn connection<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: Io, http: &hyper::server::conn::http1::Builder, app: Router, me: &Listener, stop: &CancellationToken) {
+    let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() || stalled(&e) {
+            me.timed_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tracing::debug!(listener = me.name, "connection: {e}");
+        }
+    }
+}
+
+/// The certificate a TLS client presented (verified against the listener's CA), in each
+/// request's extensions: the peer channel ties a node's messages to its certificate.
+#[derive(Clone, Debug)]
+pub struct PeerCert(pub rustls::pki_types::CertificateDer<'static>);
 
 /// A connection being served: counted open, holding its permit, until dropped (also when its
 /// task is aborted).
@@ -384,7 +437,7 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let me = Listener::new("test", addr.to_string(), limits);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(l, app(), me.clone(), stop.clone()));
+        let task = tokio::spawn(serve(l, app(), me.clone(), None, stop.clone()));
         (addr, me, stop, task)
     }
 
@@ -488,7 +541,7 @@ mod tests {
         let addr = l.local_addr().expect("addr");
         let me = Listener::new("test", addr.to_string(), LIMITS);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(Failing(l, 0.into()), app(), me.clone(), stop.clone()));
+        let task = tokio::spawn(serve(Failing(l, 0.into()), app(), me.clone(), None, stop.clone()));
         assert!(get(addr, "/").await.ends_with("hello"));
         assert_eq!(me.report().accept_errors, 3);
         stop.cancel();

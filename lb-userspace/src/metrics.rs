@@ -148,6 +148,12 @@ fn daemon_families(r: &Registry, st: &crate::daemon::State) {
         &["listener"],
     );
     let l_errors = counter(r, "sluice_listener_accept_errors_total", "Accepts that failed (e.g. no file descriptor left); the listener retries.", &["listener"]);
+    let l_handshakes = counter(
+        r,
+        "sluice_listener_tls_handshake_failures_total",
+        "TLS handshakes a listener failed (no certificate, another CA, expired, not TLS); the connection is closed.",
+        &["listener"],
+    );
     let fds_open = int_gauge(r, "process_open_fds", "Number of open file descriptors.", &[]);
     let fds_max = int_gauge(r, "process_max_fds", "Maximum number of open file descriptors (the soft limit, raised to the hard one at start).", &[]);
     let fds_needed = int_gauge(
@@ -164,6 +170,7 @@ fn daemon_families(r: &Registry, st: &crate::daemon::State) {
         l_refused.with_label_values(&n).inc_by(l.refused);
         l_timed_out.with_label_values(&n).inc_by(l.timed_out);
         l_errors.with_label_values(&n).inc_by(l.accept_errors);
+        l_handshakes.with_label_values(&n).inc_by(l.handshake_failures);
     }
     if let Some(f) = st.open_files() {
         fds_open.with_label_values::<&str>(&[]).set(f.open as i64);
@@ -265,12 +272,25 @@ fn escape(v: &str) -> String {
 }
 
 /// Serves `/metrics` on `addr` within `me`'s bounds (`listen.rs`) until `shutdown`.
-pub async fn serve(addr: SocketAddr, daemon: Daemon, me: std::sync::Arc<crate::listen::Listener>, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+/// With `web` (`daemon.metrics_web_config`), over TLS and/or behind basic authentication.
+pub async fn serve(
+    addr: SocketAddr,
+    daemon: Daemon,
+    web: Option<crate::webconfig::WebConfig>,
+    me: std::sync::Arc<crate::listen::Listener>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
     // A scrape is a GET: no body worth buffering.
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).layer(axum::extract::DefaultBodyLimit::max(4096)).with_state(daemon);
-    tracing::info!(%addr, "metrics on /metrics");
-    crate::listen::serve(listener, app, me, shutdown).await;
+    let mut app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).layer(axum::extract::DefaultBodyLimit::max(4096)).with_state(daemon);
+    let mut tls = None;
+    if let Some(web) = web {
+        app = web.guard(app);
+        tls = web.tls;
+    }
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(%addr, "metrics on {scheme}://{addr}/metrics");
+    crate::listen::serve(listener, app, me, tls, shutdown).await;
     Ok(())
 }
 

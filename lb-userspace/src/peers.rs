@@ -294,7 +294,7 @@ pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<
         stats,
         seen: Arc::default(),
     });
-    crate::listen::serve(listener, app, me, stop).await;
+    crate::listen::serve(listener, app, me, None, stop).await;
     Ok(())
 }
 

@@ -157,7 +157,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
 /// removes the socket.
 pub async fn serve(listener: UnixListener, path: PathBuf, daemon: Daemon, me: std::sync::Arc<crate::listen::Listener>, shutdown: tokio_util::sync::CancellationToken) {
     tracing::info!(socket = %path.display(), "control API listening");
-    crate::listen::serve(listener, router(daemon), me, shutdown).await;
+    crate::listen::serve(listener, router(daemon), me, None, shutdown).await;
     let _ = std::fs::remove_file(&path);
 }
 

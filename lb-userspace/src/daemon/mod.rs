@@ -273,7 +273,9 @@ impl Daemon {
         let listener = crate::api::bind(&socket)?;
         let api_stop = shutdown.child_token();
         let api = tokio::spawn(crate::api::serve(listener, socket, self.clone(), control, api_stop.clone()));
-        let metrics = tokio::spawn(crate::metrics::serve(d.metrics_listen, self.clone(), metrics_listener, api_stop.clone()));
+        // Read before anything is served: a bad file stops the start, naming the key and why.
+        let web = d.metrics_web_config.as_deref().map(crate::webconfig::WebConfig::load).transpose()?;
+        let metrics = tokio::spawn(crate::metrics::serve(d.metrics_listen, self.clone(), web, metrics_listener, api_stop.clone()));
         let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
         let announcer = {
             let mut st = state.lock().expect("state lock");
