@@ -213,6 +213,8 @@ impl Cluster<'_> {
         // The key the nodes' peer channel shares.
         let key: String = (0..32).map(|_| char::from(b'a' + rand::random::<u8>() % 26)).collect();
         std::fs::write(lab.spec.dir.join("peer.key"), key)?;
+        // A secret: the daemon refuses one others may read.
+        std::fs::set_permissions(lab.spec.dir.join("peer.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let rdir = lab.spec.dir.join("router");
         std::fs::create_dir_all(&rdir)?;
         let mut conf = format!(

@@ -64,6 +64,10 @@ pub struct ClusterCfg {
     /// The key every node shares to authenticate the peer channel (HMAC-SHA256), 16+ bytes.
     #[serde(default)]
     pub peer_key_file: Option<PathBuf>,
+    /// Mutual TLS on the peer channel (`peers.rs`): this node's certificate (a DNS name that is
+    /// `node`, an IP address that is `peer_listen`'s), its key, and the cluster's CA.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Connections the peer channel serves at once; more are closed at once and counted
     /// (`listen.rs`): a flood on `peer_listen` cannot take the daemon's file descriptors.
     #[serde(default = "default_peer_max_connections")]
@@ -79,8 +83,18 @@ pub struct ClusterCfg {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsCfg {
-    /// etcd's client URLs (`http://host:2379`), tried in turn.
+    /// etcd's client URLs (`http://host:2379`, or `https://` with `tls`), tried in turn.
     pub etcd: Vec<String>,
+    /// TLS to etcd (`https://` endpoints): the CA that signs etcd's certificate and, for an
+    /// etcd started with `--client-cert-auth`, this node's certificate and key.
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+    /// An etcd user (etcd's RBAC), with its password in `password_file` (readable by its owner
+    /// only).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// The cluster's keys live under this prefix (several clusters may share one etcd).
     #[serde(default = "default_etcd_prefix")]
     pub prefix: String,
@@ -94,6 +108,19 @@ pub struct LimitsCfg {
     /// `cluster.peers`.
     #[serde(default)]
     pub nodes: Option<u32>,
+}
+
+/// `cluster.limits.tls`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdTls {
+    /// The CA etcd's certificate must chain to (its `--trusted-ca-file` CA, usually).
+    pub ca: PathBuf,
+    /// This node's client certificate and key, for `--client-cert-auth`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 fn default_etcd_prefix() -> String {
@@ -631,8 +658,8 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
         if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
             err("cluster.node".into(), format!("\"{}\" must be a name without spaces (this node's, e.g. \"lb1\")", c.node));
         }
-        if (!c.peers.is_empty() || c.peer_listen.is_some()) && c.peer_key_file.is_none() {
-            err("cluster.peer_key_file".into(), "the peer channel (cluster.peers, cluster.peer_listen) needs a shared key file".into());
+        if (!c.peers.is_empty() || c.peer_listen.is_some()) && c.peer_key_file.is_none() && c.tls.is_none() {
+            err("cluster.tls".into(), "the peer channel (cluster.peers, cluster.peer_listen) needs mutual TLS (cluster.tls = { ca, cert, key }) or a shared key file (cluster.peer_key_file)".into());
         }
         if !c.peers.is_empty() && c.peer_listen.is_none() {
             err("cluster.peer_listen".into(), "with cluster.peers, this node must listen for its peers too (e.g. \"10.0.0.11:9478\")".into());
@@ -652,8 +679,19 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
             }
             for (i, u) in l.etcd.iter().enumerate() {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: an etcd client URL, http://host:port"));
+                    err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: an etcd client URL, http://host:port or https://host:port"));
+                } else if u.starts_with("https://") != l.tls.is_some() {
+                    let why = if l.tls.is_some() { "plain http:// while cluster.limits.tls is set: use https://" } else { "https:// needs cluster.limits.tls = { ca = \"…\" } (and cert, key for --client-cert-auth)" };
+                    err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: {why}"));
                 }
+            }
+            if let Some(t) = &l.tls {
+                if t.cert.is_some() != t.key.is_some() {
+                    err("cluster.limits.tls".into(), "cert and key go together (a client certificate and its private key)".into());
+                }
+            }
+            if l.username.is_some() != l.password_file.is_some() {
+                err("cluster.limits.username".into(), "username and password_file go together (an etcd user and a file holding its password)".into());
             }
             if !l.prefix.starts_with('/') || l.prefix.ends_with('/') || l.prefix.contains(char::is_whitespace) {
                 err("cluster.limits.prefix".into(), format!("{:?}: a key prefix like \"/sluice\" (leading slash, none at the end)", l.prefix));
@@ -689,8 +727,8 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if cfg.guard.window < Duration::from_mins(1) || cfg.guard.window > Duration::from_hours(720) {
         err("guard.window".into(), format!("{:?}: between 1m and 30d (the history keeps minutes for 24 h, hours for 30 days)", cfg.guard.window));
     }
-    if !cfg.daemon.metrics_listen.ip().is_loopback() {
-        warn("daemon.metrics_listen".into(), format!("{} is reachable from the network; metrics reveal backends and limits", cfg.daemon.metrics_listen));
+    if !cfg.daemon.metrics_listen.ip().is_loopback() && cfg.daemon.metrics_web_config.is_none() {
+        warn("daemon.metrics_listen".into(), format!("{} is reachable from the network without daemon.metrics_web_config (TLS, basic auth); metrics reveal backends and limits", cfg.daemon.metrics_listen));
     }
     let a = &cfg.alerts;
     if !(0.0..1.0).contains(&a.near_limit_ratio) || a.near_limit_ratio == 0.0 {

@@ -56,6 +56,51 @@ use crate::{
     Error,
 };
 
+/// How this node connects to etcd: TLS and a user, read and checked at start
+/// (`cluster.limits.tls`, `username`, `password_file`).
+#[derive(Clone, Default)]
+pub struct Connect {
+    tls: Option<etcd_client::TlsOptions>,
+    user: Option<(String, String)>,
+    /// The files, named in errors: a refused certificate says which to look at.
+    files: Option<String>,
+}
+
+impl Connect {
+    pub fn load(cfg: &LimitsCfg) -> Result<Self, Error> {
+        let mut c = Self::default();
+        if let Some(t) = &cfg.tls {
+            // Read with the checks every TLS file gets (`tls.rs`): a clear error at start, not
+            // an opaque one at the first request.
+            crate::tls::read_roots(&t.ca, "cluster.limits.tls.ca")?;
+            let pem = |p: &std::path::Path, key: &str| std::fs::read(p).map_err(|e| Error::other(format!("reading {key} {}", p.display()), e));
+            let mut opts = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(pem(&t.ca, "cluster.limits.tls.ca")?));
+            let mut files = format!("ca {}", t.ca.display());
+            if let (Some(cert), Some(key)) = (&t.cert, &t.key) {
+                crate::tls::read_certs(cert, "cluster.limits.tls.cert")?;
+                crate::tls::read_key(key, "cluster.limits.tls.key")?;
+                opts = opts.identity(etcd_client::Identity::from_pem(pem(cert, "cluster.limits.tls.cert")?, pem(key, "cluster.limits.tls.key")?));
+                files.push_str(&format!(", cert {}", cert.display()));
+            }
+            c.tls = Some(opts);
+            c.files = Some(files);
+        }
+        if let (Some(user), Some(file)) = (&cfg.username, &cfg.password_file) {
+            c.user = Some((user.clone(), crate::tls::read_secret(file, "cluster.limits.password_file")?));
+        }
+        Ok(c)
+    }
+
+    /// An etcd error, with the TLS reason (and the files to look at) when there is one: tonic's
+    /// own message says only "transport error".
+    fn explain(&self, e: &Error) -> String {
+        match crate::tls::reason_in(e) {
+            Some(reason) => format!("{e}: TLS: {reason} (cluster.limits.tls: {})", self.files.as_deref().unwrap_or("none")),
+            None => e.to_string(),
+        }
+    }
+}
+
 /// What the limits task shares with the rest of the cluster's tasks.
 #[derive(Clone, Default)]
 pub struct Links {
@@ -63,6 +108,8 @@ pub struct Links {
     pub etcd_ok: Arc<AtomicBool>,
     /// The peer channel's state: which peers said lately that they reach etcd.
     pub peers: Option<Arc<Mutex<crate::peers::Stats>>>,
+    /// TLS and a user for etcd.
+    pub connect: Connect,
 }
 
 /// A peer's word that it reaches etcd counts this long (it repeats it every second).
@@ -262,11 +309,12 @@ pub fn spawn(cluster: &ClusterCfg, lease_file: PathBuf, daemon: Daemon, status: 
             node.links.etcd_ok.store(!lost, Ordering::Relaxed);
             if let Err(e) = &result {
                 let mut s = status.lock().expect("limits status");
+                let e = node.links.connect.explain(e);
                 if s.connected || s.error.is_none() {
                     tracing::error!(node = %node.name, "etcd: {e}; shares kept until the lease would expire");
                 }
                 s.connected = false;
-                s.error = Some(e.to_string());
+                s.error = Some(e);
                 s.lost_since.get_or_insert_with(Instant::now);
                 // A fresh connection next round, not the old one's reconnection back-off.
                 node.client = None;
@@ -367,7 +415,13 @@ impl Node {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        let mut opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+        if let Some(tls) = &self.links.connect.tls {
+            opts = opts.with_tls(tls.clone());
+        }
+        if let Some((user, password)) = &self.links.connect.user {
+            opts = opts.with_user(user, password);
+        }
         let c = Client::connect(&self.cfg.etcd, Some(opts)).await.map_err(|e| Error::other(format!("connecting to etcd ({})", self.cfg.etcd.join(", ")), e))?;
         self.client = Some(c.clone());
         Ok(c)

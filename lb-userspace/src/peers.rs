@@ -9,10 +9,20 @@
 //! its last packet there came before the adoption (the flow has moved; a flow that still arrives
 //! there is left alone). The GC's own compare-and-swaps make it exact: a slot is given back once.
 //!
-//! The channel: HTTP POST `/v1/peer/moved` on `cluster.peer_listen`, JSON, authenticated with
-//! HMAC-SHA256 over the body and a key every node shares (`cluster.peer_key_file`), with a
-//! timestamp checked against replays. A peer that cannot be reached gets the batch again each
-//! second for a minute (a node restarting or coming back learns what moved meanwhile).
+//! The channel: HTTP POST `/v1/peer/moved` on `cluster.peer_listen`, JSON, with a timestamp
+//! and a message identity checked against replays, authenticated by either or both of:
+//! - mutual TLS (`cluster.tls`): each node has its own certificate from the cluster's CA; a
+//!   sender's message must name a node its certificate is for (a DNS name in its subject
+//!   alternative names), and a sender checks the receiver's certificate against the address it
+//!   connects to (an IP address in its names). Encrypted: the 5-tuples are not in clear, and a
+//!   message cannot be captured on the wire to be replayed.
+//! - HMAC-SHA256 over the body and a key every node shares (`cluster.peer_key_file`): plaintext,
+//!   for a lab or a trusted network. With TLS it adds a second, independent check (a node must
+//!   also hold the cluster's key, not only a certificate from a CA that may sign other things);
+//!   it is optional there.
+//!
+//! A peer that cannot be reached gets the batch again each second for a minute (a node
+//! restarting or coming back learns what moved meanwhile).
 
 use std::{
     collections::VecDeque,
@@ -108,8 +118,27 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Reads the shared key (at least 16 bytes; a trailing newline is not part of it).
+/// How this node authenticates the peer channel: the shared key, mutual TLS, or both.
+#[derive(Clone)]
+pub struct Credentials {
+    pub key: Option<Arc<Vec<u8>>>,
+    pub tls: Option<crate::tls::Mutual>,
+}
+
+impl Credentials {
+    /// Reads `cluster.peer_key_file` and `cluster.tls` (checked private).
+    pub fn load(cfg: &crate::config::ClusterCfg) -> Result<Self, Error> {
+        Ok(Self {
+            key: cfg.peer_key_file.as_deref().map(read_key).transpose()?.map(Arc::new),
+            tls: cfg.tls.as_ref().map(|t| crate::tls::Mutual::load(t, "cluster.tls")).transpose()?,
+        })
+    }
+}
+
+/// Reads the shared key (at least 16 bytes; a trailing newline is not part of it); refused if
+/// others than its owner may read it.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
+    crate::tls::check_private(path, "cluster.peer_key_file")?;
     let key = std::fs::read(path).map_err(|e| Error::other(format!("reading cluster.peer_key_file {}", path.display()), e))?;
     let key = key.strip_suffix(b"\n").unwrap_or(&key).to_vec();
     if key.len() < 16 {
@@ -166,7 +195,7 @@ pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u
 pub fn spawn_sender(
     node: String,
     peers: Vec<SocketAddr>,
-    key: Vec<u8>,
+    creds: Credentials,
     daemon: Daemon,
     stats: Arc<Mutex<Stats>>,
     etcd_ok: Arc<std::sync::atomic::AtomicBool>,
@@ -194,7 +223,7 @@ pub fn spawn_sender(
             }
             // Every peer at once: one that does not answer delays no other.
             let etcd = etcd_ok.load(std::sync::atomic::Ordering::Relaxed);
-            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &key, q, &daemon, &stats, etcd));
+            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &creds, q, &daemon, &stats, etcd));
             let last_error = futures::future::join_all(rounds).await.into_iter().flatten().last();
             let mut s = stats.lock().expect("stats");
             s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.iter().filter(|(_, f)| !f.is_empty()).count())).filter(|(_, n)| *n > 0).collect();
@@ -215,7 +244,7 @@ pub fn spawn_sender(
 async fn deliver(
     peer: SocketAddr,
     node: &str,
-    key: &[u8],
+    creds: &Credentials,
     q: &mut VecDeque<(std::time::Instant, Vec<Moved>)>,
     daemon: &Daemon,
     stats: &Arc<Mutex<Stats>>,
@@ -232,7 +261,7 @@ async fn deliver(
         let chunks: Vec<&[Moved]> = if flows.is_empty() { vec![empty] } else { flows.chunks(BATCH).collect() };
         for chunk in chunks {
             let msg = Message { node: node.to_owned(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect(), etcd };
-            match send(peer, key, &msg).await {
+            match send(peer, creds, &msg).await {
                 // A flow the peer still receives moved back there after this node adopted it
                 // (the router rehashed again): this node's entry is the stale one.
                 Ok(answer) => {
@@ -248,18 +277,36 @@ async fn deliver(
     None
 }
 
-async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<Answer, String> {
-    use http_body_util::BodyExt as _;
+async fn send(peer: SocketAddr, creds: &Credentials, msg: &Message) -> Result<Answer, String> {
     let body = serde_json::to_vec(msg).map_err(|e| e.to_string())?;
-    let req = hyper::Request::post("/v1/peer/moved")
-        .header("host", peer.to_string())
-        .header("content-type", "application/json")
-        .header(HEADER, sign(key, &body))
-        .body(http_body_util::Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
+    let mut req = hyper::Request::post("/v1/peer/moved").header("host", peer.to_string()).header("content-type", "application/json");
+    if let Some(key) = &creds.key {
+        req = req.header(HEADER, sign(key, &body));
+    }
+    let req = req.body(http_body_util::Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(peer).await.map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        match &creds.tls {
+            None => exchange(stream, req).await,
+            Some(tls) => {
+                // The receiver's certificate must be for the address this node connects to.
+                let name = rustls::pki_types::ServerName::IpAddress(peer.ip().into());
+                let stream = tokio_rustls::TlsConnector::from(tls.client.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS: {}", crate::tls::reason_in(&e).unwrap_or_else(|| e.to_string())))?;
+                exchange(stream, req).await
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), exchange).await.map_err(|_| "no answer within 3 s".to_owned())?
+}
+
+/// One request on a fresh connection, and its answer.
+async fn exchange<Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(io: Io, req: hyper::Request<http_body_util::Full<Bytes>>) -> Result<Answer, String> {
+    use http_body_util::BodyExt as _;
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
@@ -269,49 +316,64 @@ async fn send(peer: SocketAddr, key: &[u8], msg: &Message) -> Result<Answer, Str
         } else {
             Err(format!("{status}: {text}"))
         }
-    };
-    tokio::time::timeout(Duration::from_secs(3), exchange).await.map_err(|_| "no answer within 3 s".to_owned())?
+    }
 }
 
 #[derive(Clone)]
 struct Receiver {
     daemon: Daemon,
-    key: Arc<Vec<u8>>,
+    creds: Credentials,
     stats: Arc<Mutex<Stats>>,
-    /// MACs of the messages taken within the skew window, with their `sent_ms`: the same
-    /// message twice is a replay (a retry is a new message: its timestamp differs).
+    /// Identities (the MAC, or the body's SHA-256) of the messages taken within the skew
+    /// window, with their `sent_ms`: the same message twice is a replay (a retry is a new
+    /// message: its timestamp differs).
     seen: Arc<Mutex<std::collections::HashMap<String, u64>>>,
 }
 
 /// Serves `/v1/peer/moved` on `listen` within `me`'s bounds (`listen.rs`: a flood of idle or
 /// slow connections is refused and timed out, counted) until `stop`.
-pub async fn serve(listen: SocketAddr, key: Vec<u8>, daemon: Daemon, stats: Arc<Mutex<Stats>>, me: Arc<crate::listen::Listener>, stop: CancellationToken) -> Result<(), Error> {
+pub async fn serve(listen: SocketAddr, creds: Credentials, daemon: Daemon, stats: Arc<Mutex<Stats>>, me: Arc<crate::listen::Listener>, stop: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
     let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver {
         daemon,
-        key: Arc::new(key),
+        creds: creds.clone(),
         stats,
         seen: Arc::default(),
     });
-    crate::listen::serve(listener, app, me, None, stop).await;
+    crate::listen::serve(listener, app, me, creds.tls.map(|t| t.server), stop).await;
     Ok(())
 }
 
-async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+async fn moved(AxState(r): AxState<Receiver>, cert: Option<axum::Extension<crate::listen::PeerCert>>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
     let refuse = |code: StatusCode, why: String| {
         r.stats.lock().expect("stats").refused += 1;
         tracing::warn!("peer channel: refused a message: {why}");
         (code, why)
     };
-    let Some(tag) = headers.get(HEADER).and_then(|v| v.to_str().ok()) else { return refuse(StatusCode::UNAUTHORIZED, format!("no {HEADER} header")) };
-    if !verify(&r.key, &body, tag) {
-        return refuse(StatusCode::UNAUTHORIZED, "the HMAC does not match (another cluster.peer_key_file?)".into());
-    }
+    let id = match &r.creds.key {
+        Some(key) => {
+            let Some(tag) = headers.get(HEADER).and_then(|v| v.to_str().ok()) else { return refuse(StatusCode::UNAUTHORIZED, format!("no {HEADER} header")) };
+            if !verify(key, &body, tag) {
+                return refuse(StatusCode::UNAUTHORIZED, "the HMAC does not match (another cluster.peer_key_file?)".into());
+            }
+            tag.to_owned()
+        }
+        None => sign(b"message identity", &body),
+    };
     let msg: Message = match serde_json::from_slice(&body) {
         Ok(m) => m,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("malformed: {e}")),
     };
+    if r.creds.tls.is_some() {
+        // The TLS layer verified the certificate against the cluster's CA; it must also be
+        // this node's: a node cannot speak for another.
+        match &cert {
+            Some(c) if crate::tls::cert_is_for(&c.0 .0, &msg.node) => {}
+            Some(_) => return refuse(StatusCode::FORBIDDEN, format!("the message says it is from node {:?}, and the client certificate is not for that name", msg.node)),
+            None => return refuse(StatusCode::UNAUTHORIZED, "no client certificate (cluster.tls)".into()),
+        }
+    }
     let now = now_ms();
     let window = MAX_SKEW.as_millis() as u64;
     if now.abs_diff(msg.sent_ms) > window {
@@ -320,7 +382,7 @@ async fn moved(AxState(r): AxState<Receiver>, headers: HeaderMap, body: Bytes) -
     {
         let mut seen = r.seen.lock().expect("seen");
         seen.retain(|_, sent| now.abs_diff(*sent) <= 2 * window);
-        if seen.insert(tag.to_owned(), msg.sent_ms).is_some() {
+        if seen.insert(id, msg.sent_ms).is_some() {
             drop(seen);
             return refuse(StatusCode::CONFLICT, "the same message again: a replay".into());
         }
@@ -421,10 +483,16 @@ mod tests {
     fn keys_are_read_and_checked() {
         let dir = std::env::temp_dir().join(format!("sluice-peers-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
+        use std::os::unix::fs::PermissionsExt as _;
+        let private = |f: &str| std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).expect("chmod");
         std::fs::write(dir.join("short"), "abc\n").expect("write");
+        private("short");
         let e = read_key(&dir.join("short")).expect_err("too short").to_string();
         assert!(e.contains("3 bytes") && e.contains("peer_key_file"), "{e}");
         std::fs::write(dir.join("good"), "0123456789abcdef0123\n").expect("write");
+        let e = read_key(&dir.join("good")).expect_err("0644: readable by others").to_string();
+        assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
+        private("good");
         assert_eq!(read_key(&dir.join("good")).expect("key"), b"0123456789abcdef0123");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }

@@ -157,6 +157,24 @@ pub fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>, what: 
     Ok(Arc::new(config))
 }
 
+/// Both sides of a mutual-TLS channel (the peer channel): every node serves and connects with
+/// its own certificate, and trusts the cluster's CA only.
+#[derive(Clone)]
+pub struct Mutual {
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+impl Mutual {
+    /// Reads `files`; `key` names the config table in errors (`cluster.tls`).
+    pub fn load(files: &TlsFiles, key: &str) -> Result<Self, Error> {
+        Ok(Self {
+            server: server_config(&files.cert, &files.key, Some(&files.ca), key)?,
+            client: client_config(Some(&files.ca), Some((&files.cert, &files.key)), key)?,
+        })
+    }
+}
+
 /// Whether `cert` (already verified against the CA) is valid for `name` (its DNS or IP
 /// subject alternative names): the peer channel ties a node's messages to its certificate.
 pub fn cert_is_for(cert: &CertificateDer<'_>, name: &str) -> bool {

@@ -258,6 +258,7 @@ fn node(router: &Netns, n: u8, backend_order: &[&str]) -> Node {
         dir.display()
     );
     std::fs::write(dir.join("peer.key"), PEER_KEY).expect("peer.key");
+    std::fs::set_permissions(dir.join("peer.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod 600");
     for b in backend_order {
         cfg.push_str(&format!("[[service.backend]]\naddress = \"{b}\"\nmax_conns = 100\n"));
         if *b == "10.81.9.1" {

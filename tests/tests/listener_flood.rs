@@ -271,6 +271,7 @@ fn scrape(lab: &Lab) -> String {
 fn write_config(lab: &Lab) {
     let key = lab.dir.join("peer.key");
     std::fs::write(&key, "sixteen-or-more-bytes-of-key\n").expect("key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod 600");
     let cluster = format!(
         "[cluster]\nnode = \"lb1\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{LB}:{PEER_PORT}\"\npeer_key_file = \"{}\"\n",
         lab.dir.join("bird.ctl").display(),

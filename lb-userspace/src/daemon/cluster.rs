@@ -31,12 +31,14 @@ pub struct Cluster {
     pub(super) peers: Option<Peers>,
     /// Cluster-wide limits through etcd, with `[cluster.limits]` (`limits.rs`).
     pub(super) limits: Option<Arc<Mutex<crate::limits::Status>>>,
+    /// How to reach etcd (TLS, a user), read at start.
+    pub(super) etcd_connect: crate::limits::Connect,
 }
 
 /// This node's side of the peer channel (`peers.rs`).
 pub struct Peers {
     pub(super) stats: Arc<Mutex<crate::peers::Stats>>,
-    pub(super) key: Vec<u8>,
+    pub(super) creds: crate::peers::Credentials,
     pub(super) tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
     pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<crate::peers::Moved>>>,
     /// Adopted flows entered since this coarse-clock time are reported next.
@@ -89,16 +91,17 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
     }
     let (wanted, wanted_rx) = tokio::sync::watch::channel(Default::default());
     let status = announce::Status { node: c.node.clone(), drained, ..Default::default() };
-    let peers = match &c.peer_key_file {
-        Some(path) if !c.peers.is_empty() || c.peer_listen.is_some() => {
+    let peers = match () {
+        () if (c.peer_key_file.is_some() || c.tls.is_some()) && (!c.peers.is_empty() || c.peer_listen.is_some()) => {
             let (tx, rx) = mpsc::unbounded_channel();
             // From 0: the first report holds every adopted flow in the table, those the datapath
             // adopted while no daemon ran (a restart, an upgrade) included; peers ignore the
             // ones they do not hold.
-            Some(Peers { stats: Arc::default(), key: crate::peers::read_key(path)?, tx, rx: Some(rx), since_ns: 0 })
+            Some(Peers { stats: Arc::default(), creds: crate::peers::Credentials::load(c)?, tx, rx: Some(rx), since_ns: 0 })
         }
         _ => None,
     };
+    let etcd_connect = c.limits.as_ref().map(crate::limits::Connect::load).transpose()?.unwrap_or_default();
     let limits = c.limits.as_ref().map(|l| {
         Arc::new(Mutex::new(crate::limits::Status {
             node: c.node.clone(),
@@ -108,7 +111,7 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             ..Default::default()
         }))
     });
-    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, fenced: false, etcd_ok: Arc::default(), wanted, wanted_rx: Some(wanted_rx), peers, limits }))
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, fenced: false, etcd_ok: Arc::default(), wanted, wanted_rx: Some(wanted_rx), peers, limits, etcd_connect }))
 }
 
 impl State {

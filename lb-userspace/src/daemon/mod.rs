@@ -289,25 +289,25 @@ impl Daemon {
             let mut st = state.lock().expect("state lock");
             st.cluster.as_mut().and_then(|c| {
                 let p = c.peers.as_mut()?;
-                Some((c.cfg.clone(), p.key.clone(), p.stats.clone(), p.rx.take().expect("run once")))
+                Some((c.cfg.clone(), p.creds.clone(), p.stats.clone(), p.rx.take().expect("run once")))
             })
         };
         let (limits, etcd_ok, lease_file) = {
             let st = state.lock().expect("state lock");
-            let limits = st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?, c.peers.as_ref().map(|p| p.stats.clone()))));
+            let limits = st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?, c.peers.as_ref().map(|p| p.stats.clone()), c.etcd_connect.clone())));
             (limits, st.cluster.as_ref().map(|c| c.etcd_ok.clone()).unwrap_or_default(), lease_path(&st.cfg))
         };
         let limits = limits
-            .map(|(cfg, status, peers)| crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers }, api_stop.clone()));
+            .map(|(cfg, status, peers, connect)| crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers, connect }, api_stop.clone()));
         let mut peer_handles = Vec::new();
-        if let Some((cfg, key, stats, rx)) = peer_tasks {
+        if let Some((cfg, creds, stats, rx)) = peer_tasks {
             if !cfg.peers.is_empty() {
-                peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), key.clone(), self.clone(), stats.clone(), etcd_ok.clone(), rx, api_stop.clone()));
+                peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), creds.clone(), self.clone(), stats.clone(), etcd_ok.clone(), rx, api_stop.clone()));
             }
             if let (Some(listen), Some(me)) = (cfg.peer_listen, peer_listener) {
                 let (daemon, stop) = (self.clone(), api_stop.clone());
                 peer_handles.push(tokio::spawn(async move {
-                    if let Err(e) = crate::peers::serve(listen, key, daemon, stats, me, stop).await {
+                    if let Err(e) = crate::peers::serve(listen, creds, daemon, stats, me, stop).await {
                         tracing::error!("{e}");
                     }
                 }));
