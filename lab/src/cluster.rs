@@ -179,6 +179,11 @@ pub(super) struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
+    /// The cluster's certificates: `sluice-lab-ca.pem`, `n<k>.pem`, `n<k>-key.pem`, `etcd.pem`.
+    pub(super) fn pki_dir(&self) -> PathBuf {
+        self.lab.spec.dir.join("pki")
+    }
+
     pub(super) fn dir(&self, k: u8) -> PathBuf {
         self.lab.spec.dir.join(format!("node{k}"))
     }
@@ -210,11 +215,14 @@ impl Cluster<'_> {
                 let _ = lab.command(&ns, "ping").args(["-c1", "-W1", &super::backend4(n).to_string()]).output();
             }
         }
-        // The key the nodes' peer channel shares.
-        let key: String = (0..32).map(|_| char::from(b'a' + rand::random::<u8>() % 26)).collect();
-        std::fs::write(lab.spec.dir.join("peer.key"), key)?;
-        // A secret: the daemon refuses one others may read.
-        std::fs::set_permissions(lab.spec.dir.join("peer.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        // The cluster's CA, and each node's certificate for mutual TLS on the peer channel and
+        // TLS to etcd: a DNS name that is the node's name, an IP address that is its peer
+        // address; etcd's for the router's address.
+        let ca = crate::pki::Ca::new(&self.pki_dir(), "sluice-lab-ca");
+        for k in 1..=self.max {
+            ca.issue(&format!("n{k}"), &[&format!("n{k}"), &node_addr(k).to_string()]);
+        }
+        ca.issue("etcd", &[&ROUTER4.to_string()]);
         let rdir = lab.spec.dir.join("router");
         std::fs::create_dir_all(&rdir)?;
         let mut conf = format!(
@@ -251,18 +259,23 @@ impl Cluster<'_> {
             Some((_, max_conns)) => vec![BackendConf { n: 1, max_conns: *max_conns, weight: 1 }],
             None => (1..=lab.spec.backends).map(|n| BackendConf { n, max_conns: 10_000, weight: 1 }).collect(),
         };
-        let limits = self.limits.as_ref().map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\n"));
+        let pki = self.pki_dir();
+        let (ca, cert, key) = (pki.join("sluice-lab-ca.pem"), pki.join(format!("n{k}.pem")), pki.join(format!("n{k}-key.pem")));
+        let tls = format!("{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}", ca.display(), cert.display(), key.display());
+        let limits = self
+            .limits
+            .as_ref()
+            .map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\ntls = {tls}\n"));
         let text = lab
             .config_text(
                 &conf,
                 &ServiceOpts { spill: self.spill, ..ServiceOpts::default() },
                 &format!(
-                    "[alerts]\nname = \"lab-n{k}\"\n\n[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\npeer_key_file = \"{}\"\n{limits}",
+                    "[alerts]\nname = \"lab-n{k}\"\n\n[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\ntls = {tls}\n{limits}",
                     dir.join("bird.ctl").display(),
                     dir.display(),
                     node_addr(k),
                     (1..=self.max).filter(|p| *p != k).map(|p| format!("\"{}:{PEER_PORT}\"", node_addr(p))).collect::<Vec<_>>().join(", "),
-                    lab.spec.dir.join("peer.key").display()
                 ),
             )
             .replace(&lab.pin_dir().display().to_string(), &self.pin_dir(k).display().to_string())

@@ -31,6 +31,7 @@ pub mod l2lab;
 pub mod limits;
 pub mod load;
 pub mod netns;
+pub mod pki;
 pub mod plot;
 pub mod probe;
 pub mod report;

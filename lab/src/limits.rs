@@ -278,15 +278,25 @@ fn lease(v: Option<i64>) -> String {
     v.map_or_else(|| "none".to_owned(), |l| format!("{l:x}"))
 }
 
-fn start_etcd(lab: &Lab) -> Result<()> {
-    let url = format!("http://{ROUTER4}:{ETCD_PORT}");
+/// etcd as production runs it: TLS, and only clients with a certificate from the cluster's CA
+/// (`--client-cert-auth`).
+fn start_etcd(lab: &Lab, pki: &std::path::Path) -> Result<()> {
+    let url = format!("https://{ROUTER4}:{ETCD_PORT}");
     let data = lab.spec.dir.join("etcd");
+    let (ca, cert, key) = (pki.join("sluice-lab-ca.pem"), pki.join("etcd.pem"), pki.join("etcd-key.pem"));
     lab.spawn(
         "etcd",
         lab.command("rt", "etcd")
             .args(["--name", "lab", "--data-dir"])
             .arg(&data)
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .arg("--cert-file")
+            .arg(&cert)
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--client-cert-auth")
             .args(["--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
             .args(["--initial-cluster", "lab=http://127.0.0.1:2380", "--log-level", "warn"]),
     )?;
@@ -294,7 +304,19 @@ fn start_etcd(lab: &Lab) -> Result<()> {
         if let Some(log) = lab.exited("etcd") {
             return Err(anyhow::anyhow!("etcd exited:\n{log}"));
         }
-        Ok(lab.command("rt", "etcdctl").args(["--endpoints", &url, "--command-timeout=1s", "endpoint", "health"]).output().is_ok_and(|o| o.status.success()))
+        // etcd's own certificate serves as etcdctl's client certificate (same CA, both usages).
+        Ok(lab
+            .command("rt", "etcdctl")
+            .args(["--endpoints", &url, "--command-timeout=1s"])
+            .arg("--cacert")
+            .arg(&ca)
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .args(["endpoint", "health"])
+            .output()
+            .is_ok_and(|o| o.status.success()))
     })
 }
 
@@ -309,10 +331,10 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         }
     }
     let t0 = Instant::now();
-    let etcd_url = format!("http://{ROUTER4}:{ETCD_PORT}");
+    let etcd_url = format!("https://{ROUTER4}:{ETCD_PORT}");
     let mut cl = Cluster { lab, up: Default::default(), max: opts.nodes, limits: Some((etcd_url, opts.max_conns)), spill: opts.spill };
     cl.build()?;
-    start_etcd(lab)?;
+    start_etcd(lab, &cl.pki_dir())?;
     // Client k's flows go to node k (source routes at the router, before its ECMP route).
     for k in 1..=opts.nodes {
         let table = (100 + u32::from(k)).to_string();
@@ -496,7 +518,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
                     r[usize::from(failed) - 1] = 0.0;
                     r
                 });
-                start_etcd(lab)?;
+                start_etcd(lab, &cl.pki_dir())?;
                 let since = now_ms();
                 let step = measure("etcd back".into(), since, opts.phase, target, &survivors, &|x: &Sample| x.nodes.values().all(|n| !n.fallback), String::new());
                 say(format!("{}: reached {target} after {:?} ms", step.what, step.reached_ms));

@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod labs;
 pub mod packet;
+pub mod pki;
 pub mod testrun;
 
 use std::path::Path;
