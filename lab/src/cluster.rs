@@ -262,10 +262,8 @@ impl Cluster<'_> {
         let pki = self.pki_dir();
         let (ca, cert, key) = (pki.join("sluice-lab-ca.pem"), pki.join(format!("n{k}.pem")), pki.join(format!("n{k}-key.pem")));
         let tls = format!("{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}", ca.display(), cert.display(), key.display());
-        let limits = self
-            .limits
-            .as_ref()
-            .map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\ntls = {tls}\n"));
+        let limits =
+            self.limits.as_ref().map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\ntls = {tls}\n"));
         let text = lab
             .config_text(
                 &conf,

@@ -62,8 +62,8 @@ impl Ca {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let now = std::time::SystemTime::now();
-        params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
-        params.not_after = (now + std::time::Duration::from_secs(365 * 86_400)).into();
+        params.not_before = (now - std::time::Duration::from_hours(24)).into();
+        params.not_after = (now + std::time::Duration::from_hours(365 * 24)).into();
         tweak(&mut params);
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");

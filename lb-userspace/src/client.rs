@@ -16,16 +16,65 @@ use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{api, explain::Explanation, Error};
 
-/// Sends one request; returns the HTTP status and the JSON body.
-async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), Error> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
+/// The read-only socket's name beside the root one (`daemon.read_socket`, e.g.
+/// `/run/sluice/sluice-read.sock`): where a user the root socket refuses is connected instead.
+pub const READ_SOCKET_NAME: &str = "sluice-read.sock";
+
+/// Connects to `socket`; if it refuses this user (EACCES) and a read-only socket
+/// ([`READ_SOCKET_NAME`]) is beside it, to that one instead, saying nothing: reads answer as
+/// on the root socket, a change is refused by the daemon with a message naming the root socket.
+async fn connect(socket: &Path) -> Result<UnixStream, Error> {
+    let denied = |e: &std::io::Error| e.kind() == std::io::ErrorKind::PermissionDenied;
+    let e = match UnixStream::connect(socket).await {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let read = socket.with_file_name(READ_SOCKET_NAME);
+    if !denied(&e) || read == socket || !read.exists() {
+        return Err(connect_error(socket, e));
+    }
+    match UnixStream::connect(&read).await {
+        Ok(s) => Ok(s),
+        Err(r) if denied(&r) => Err(Error::other(
+            format!("permission denied while connecting to the control socket {} (root only) and to the read-only socket {}", socket.display(), read.display()),
+            anyhow::anyhow!("run sluice as root, or for reads as a member of {}", group_of(&read)),
+        )),
+        Err(r) => Err(connect_error(&read, r)),
+    }
+}
+
+/// The group a socket admits (`daemon.read_socket_group`), by name if it has one.
+fn group_of(socket: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(socket).map_or_else(
+        |_| "its group (daemon.read_socket_group)".to_owned(),
+        |m| format!("the group {}", nix::unistd::Group::from_gid(m.gid().into()).ok().flatten().map_or_else(|| m.gid().to_string(), |g| g.name)),
+    )
+}
+
+/// One sentence for a failed connection to `socket`.
+fn connect_error(socket: &Path, e: std::io::Error) -> Error {
+    use std::os::unix::fs::MetadataExt as _;
+    match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => Error::other(
             "the Sluice daemon is not running",
             anyhow::anyhow!("no control socket at {} (start it with `sluice run --config FILE`, or pass --socket)", socket.display()),
         ),
+        // A socket open to a group (or named so) is a read-only one: say which group it admits.
+        std::io::ErrorKind::PermissionDenied if socket.file_name().is_some_and(|n| n == READ_SOCKET_NAME) || std::fs::metadata(socket).is_ok_and(|m| m.mode() & 0o060 != 0) => {
+            Error::other(
+                format!("permission denied while connecting to the read-only socket {}", socket.display()),
+                anyhow::anyhow!("it admits root and {} only: run sluice as root, or as a member of that group", group_of(socket)),
+            )
+        }
         std::io::ErrorKind::PermissionDenied => Error::Permission { action: "connecting to the control socket" },
         _ => Error::other(format!("connecting to {}", socket.display()), e),
-    })?;
+    }
+}
+
+/// Sends one request; returns the HTTP status and the JSON body.
+async fn call(socket: &Path, method: Method, path: &str, body: Option<&Value>) -> Result<(u16, Value), Error> {
+    let stream = connect(socket).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| Error::other("control API handshake", e))?;
     tokio::spawn(conn);
     let bytes = body.map(|b| serde_json::to_vec(b).expect("json")).unwrap_or_default();

@@ -188,6 +188,14 @@ pub struct Daemon {
     /// reading); past it the connection is closed.
     #[serde(default = "default_http_request_timeout", deserialize_with = "duration")]
     pub http_request_timeout: Duration,
+    /// A second, read-only control socket (e.g. `/run/sluice/sluice-read.sock`) for monitoring
+    /// users: mode 0660, group-owned by `read_socket_group`; every GET of the API answers on it,
+    /// every change is refused (403) naming the root socket.
+    #[serde(default)]
+    pub read_socket: Option<PathBuf>,
+    /// The group whose members may use `read_socket` (it must exist); required with it.
+    #[serde(default)]
+    pub read_socket_group: Option<String>,
 }
 
 fn default_metrics_max_connections() -> u32 {
@@ -654,12 +662,33 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     if request < Duration::from_secs(1) || request > Duration::from_hours(1) {
         err("daemon.http_request_timeout".into(), format!("{request:?}: between 1s and 1h (a request's body and answer)"));
     }
+    match (&cfg.daemon.read_socket, &cfg.daemon.read_socket_group) {
+        (Some(_), None) => err("daemon.read_socket_group".into(), "required with daemon.read_socket: the group whose members may read through it (e.g. \"sluice-read\")".into()),
+        (None, Some(_)) => err("daemon.read_socket_group".into(), "set without daemon.read_socket (the read-only socket it opens to the group)".into()),
+        (Some(path), Some(group)) => {
+            if *path == cfg.daemon.control_socket {
+                err(
+                    "daemon.read_socket".into(),
+                    format!("{} is daemon.control_socket's path: give the read-only socket its own (e.g. /run/sluice/sluice-read.sock)", path.display()),
+                );
+            }
+            match nix::unistd::Group::from_name(group) {
+                Ok(Some(_)) => {}
+                Ok(None) => err("daemon.read_socket_group".into(), format!("no group named \"{group}\" on this machine: create it (`groupadd {group}`) or name an existing one")),
+                Err(e) => err("daemon.read_socket_group".into(), format!("looking up the group \"{group}\": {e}")),
+            }
+        }
+        (None, None) => {}
+    }
     if let Some(c) = &cfg.cluster {
         if c.node.trim().is_empty() || c.node.contains(char::is_whitespace) {
             err("cluster.node".into(), format!("\"{}\" must be a name without spaces (this node's, e.g. \"lb1\")", c.node));
         }
         if (!c.peers.is_empty() || c.peer_listen.is_some()) && c.peer_key_file.is_none() && c.tls.is_none() {
-            err("cluster.tls".into(), "the peer channel (cluster.peers, cluster.peer_listen) needs mutual TLS (cluster.tls = { ca, cert, key }) or a shared key file (cluster.peer_key_file)".into());
+            err(
+                "cluster.tls".into(),
+                "the peer channel (cluster.peers, cluster.peer_listen) needs mutual TLS (cluster.tls = { ca, cert, key }) or a shared key file (cluster.peer_key_file)".into(),
+            );
         }
         if !c.peers.is_empty() && c.peer_listen.is_none() {
             err("cluster.peer_listen".into(), "with cluster.peers, this node must listen for its peers too (e.g. \"10.0.0.11:9478\")".into());
@@ -681,7 +710,11 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: an etcd client URL, http://host:port or https://host:port"));
                 } else if u.starts_with("https://") != l.tls.is_some() {
-                    let why = if l.tls.is_some() { "plain http:// while cluster.limits.tls is set: use https://" } else { "https:// needs cluster.limits.tls = { ca = \"…\" } (and cert, key for --client-cert-auth)" };
+                    let why = if l.tls.is_some() {
+                        "plain http:// while cluster.limits.tls is set: use https://"
+                    } else {
+                        "https:// needs cluster.limits.tls = { ca = \"…\" } (and cert, key for --client-cert-auth)"
+                    };
                     err(format!("cluster.limits.etcd[{i}]"), format!("{u:?}: {why}"));
                 }
             }
@@ -728,7 +761,10 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
         err("guard.window".into(), format!("{:?}: between 1m and 30d (the history keeps minutes for 24 h, hours for 30 days)", cfg.guard.window));
     }
     if !cfg.daemon.metrics_listen.ip().is_loopback() && cfg.daemon.metrics_web_config.is_none() {
-        warn("daemon.metrics_listen".into(), format!("{} is reachable from the network without daemon.metrics_web_config (TLS, basic auth); metrics reveal backends and limits", cfg.daemon.metrics_listen));
+        warn(
+            "daemon.metrics_listen".into(),
+            format!("{} is reachable from the network without daemon.metrics_web_config (TLS, basic auth); metrics reveal backends and limits", cfg.daemon.metrics_listen),
+        );
     }
     let a = &cfg.alerts;
     if !(0.0..1.0).contains(&a.near_limit_ratio) || a.near_limit_ratio == 0.0 {
@@ -742,11 +778,11 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     }
     for (i, w) in a.webhook.iter().chain(&a.webhooks).enumerate() {
         let key = if a.webhook.is_some() && i == 0 { "alerts.webhook".to_owned() } else { format!("alerts.webhooks[{}]", i - usize::from(a.webhook.is_some())) };
-        if crate::sinks::parse_url(&w.url).is_none() {
-            err(format!("{key}.url"), format!("{:?}: only http://host[:port]/path URLs are supported", w.url));
-        }
-        if w.timeout.is_zero() {
-            err(format!("{key}.timeout"), "must be longer than 0s".into());
+        for f in crate::sinks::validate(w, &key) {
+            match f.severity {
+                Severity::Error => err(f.key, f.message),
+                Severity::Warning => warn(f.key, f.message),
+            }
         }
     }
     if a.command.as_ref().is_some_and(Vec::is_empty) {
@@ -985,7 +1021,7 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
             ("overflow = { spill = true", "overflow = { spill = 9", "service[0].overflow.spill", "at most"),
             ("max_conns = 100\nweight = 1", "max_conns = 100\nweigth = 1", "service[0].backend[0]", "unknown field"),
             ("interface = \"eth0\"", "interface = \"\"", "daemon.interface", "must name"),
-            ("url = \"http://127.0.0.2:9093", "url = \"https://127.0.0.2:9093", "alerts.webhooks[1].url", "only http://"),
+            ("url = \"http://127.0.0.2:9093", "url = \"ftp://127.0.0.2:9093", "alerts.webhooks[1].url", "only http://"),
             ("[alerts]", "[alerts]\ncommand = []", "alerts.command", "must name a program"),
             ("interface = \"eth0\"", "interface = \"eth0\"\nmetrics_max_connections = 0", "daemon.metrics_max_connections", "at least 1"),
             ("interface = \"eth0\"", "interface = \"eth0\"\ncontrol_max_connections = 100001", "daemon.control_max_connections", "above 100000"),
@@ -993,6 +1029,20 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
             ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_header_timeout = \"10ms\"", "daemon.http_header_timeout", "between 100ms and 5m"),
             ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_request_timeout = \"2h\"", "daemon.http_request_timeout", "between 1s and 1h"),
             ("interface = \"eth0\"", "interface = \"eth0\"\nhttp_request_timeout = \"soon\"", "daemon.http_request_timeout", "not a duration"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nread_socket = \"/run/sluice/sluice-read.sock\"", "daemon.read_socket_group", "required with daemon.read_socket"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nread_socket_group = \"root\"", "daemon.read_socket_group", "without daemon.read_socket"),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nread_socket = \"/r.sock\"\nread_socket_group = \"no-such-group-sluice\"",
+                "daemon.read_socket_group",
+                "no group named \"no-such-group-sluice\"",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nread_socket = \"/run/sluice/sluice.sock\"\nread_socket_group = \"root\"",
+                "daemon.read_socket",
+                "control_socket's path",
+            ),
         ];
         for (from, to, key, reason) in cases {
             assert!(GOOD.contains(from), "bad case: {from}");
@@ -1005,6 +1055,15 @@ webhooks = [{ url = "http://127.0.0.1:9093/api/v2/alerts" }, { url = "http://127
             let shown = rejected.to_string();
             assert!(shown.contains("sluice.toml") && shown.contains(key), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_read_socket_with_an_existing_group_parses() {
+        let text = GOOD.replacen("interface = \"eth0\"", "interface = \"eth0\"\nread_socket = \"/run/sluice/sluice-read.sock\"\nread_socket_group = \"root\"", 1);
+        let (cfg, warnings) = check(&text).expect("valid");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!((cfg.daemon.read_socket.as_deref(), cfg.daemon.read_socket_group.as_deref()), (Some(Path::new("/run/sluice/sluice-read.sock")), Some("root")));
+        assert_eq!(check(GOOD).expect("valid").0.daemon.read_socket, None, "off by default");
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Connect {
     user: Option<(String, String)>,
     /// The files, named in errors: a refused certificate says which to look at.
     files: Option<String>,
+    /// This node's certificate and the CA, to say why etcd may refuse it.
+    own: Option<(PathBuf, PathBuf)>,
 }
 
 impl Connect {
@@ -81,6 +83,7 @@ impl Connect {
                 crate::tls::read_key(key, "cluster.limits.tls.key")?;
                 opts = opts.identity(etcd_client::Identity::from_pem(pem(cert, "cluster.limits.tls.cert")?, pem(key, "cluster.limits.tls.key")?));
                 files.push_str(&format!(", cert {}", cert.display()));
+                c.own = Some((cert.clone(), t.ca.clone()));
             }
             c.tls = Some(opts);
             c.files = Some(files);
@@ -94,9 +97,17 @@ impl Connect {
     /// An etcd error, with the TLS reason (and the files to look at) when there is one: tonic's
     /// own message says only "transport error".
     fn explain(&self, e: &Error) -> String {
-        match crate::tls::reason_in(e) {
-            Some(reason) => format!("{e}: TLS: {reason} (cluster.limits.tls: {})", self.files.as_deref().unwrap_or("none")),
-            None => e.to_string(),
+        let reason = crate::tls::reason_in(e);
+        // A refused client certificate says little on the wire (with TLS 1.3 the connection
+        // just closes after the handshake): look at this node's certificate.
+        let own = self.own.as_ref().and_then(|(cert, ca)| crate::tls::diagnose_own(cert, ca));
+        match (reason, own) {
+            (None, None) => e.to_string(),
+            (reason, own) => {
+                let own = own.map_or(String::new(), |d| format!("cluster.limits.tls.cert {d}, so an etcd trusting that CA refuses it; "));
+                let reason = reason.map_or(String::new(), |r| format!("{r}; "));
+                format!("{e}: TLS: {reason}{own}(cluster.limits.tls: {})", self.files.as_deref().unwrap_or("none"))
+            }
         }
     }
 }

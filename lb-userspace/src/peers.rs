@@ -332,7 +332,14 @@ struct Receiver {
 
 /// Serves `/v1/peer/moved` on `listen` within `me`'s bounds (`listen.rs`: a flood of idle or
 /// slow connections is refused and timed out, counted) until `stop`.
-pub async fn serve(listen: SocketAddr, creds: Credentials, daemon: Daemon, stats: Arc<Mutex<Stats>>, me: Arc<crate::listen::Listener>, stop: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    listen: SocketAddr,
+    creds: Credentials,
+    daemon: Daemon,
+    stats: Arc<Mutex<Stats>>,
+    me: Arc<crate::listen::Listener>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| Error::other(format!("binding the peer channel on {listen} (cluster.peer_listen)"), e))?;
     tracing::info!(%listen, "peer channel listening");
     let app = Router::new().route("/v1/peer/moved", post(moved)).layer(axum::extract::DefaultBodyLimit::max(4 << 20)).with_state(Receiver {
@@ -483,8 +490,7 @@ mod tests {
     fn keys_are_read_and_checked() {
         let dir = std::env::temp_dir().join(format!("sluice-peers-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        use std::os::unix::fs::PermissionsExt as _;
-        let private = |f: &str| std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let private = |f: &str| std::fs::set_permissions(dir.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
         std::fs::write(dir.join("short"), "abc\n").expect("write");
         private("short");
         let e = read_key(&dir.join("short")).expect_err("too short").to_string();

@@ -1,9 +1,10 @@
 //! Alert delivery beyond the log: a webhook (HTTP POST of Alertmanager API v2 JSON, with a
-//! timeout and retries) and a command to exec. Both run on their own task behind a bounded
-//! queue, so a dead receiver never blocks the daemon; what cannot be queued is dropped and
-//! counted.
+//! timeout and retries; over TLS for `https://`, with basic auth or a bearer token) and a
+//! command to exec. Both run on their own task behind a bounded queue, so a dead receiver never
+//! blocks the daemon; what cannot be queued is dropped and counted.
 
 use std::{
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -12,24 +13,60 @@ use std::{
 };
 
 use http_body_util::Full;
-use hyper::{body::Bytes, Request};
+use hyper::{body::Bytes, header::HeaderValue, Request};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::{net::TcpStream, sync::mpsc};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::mpsc,
+};
 
-use crate::alerts::{Notification, Status};
+use crate::{
+    alerts::{Notification, Status},
+    config::{Finding, Severity},
+};
 
-/// `[alerts.webhook]`.
+/// `[alerts.webhook]`, an entry of `alerts.webhooks`.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookCfg {
-    /// `http://host:port/path` (plain HTTP; e.g. Alertmanager's `/api/v2/alerts`).
+    /// `http://host:port/path` or `https://host:port/path` (e.g. Alertmanager's
+    /// `/api/v2/alerts`). Over https the receiver's certificate must be valid for `host`.
     pub url: String,
     #[serde(default = "d_timeout", deserialize_with = "crate::config::duration")]
     pub timeout: Duration,
     #[serde(default = "d_retries")]
     pub retries: u32,
+    /// The CA the receiver's certificate must chain to (`https://`); default: the system's CAs.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// HTTP basic auth (Alertmanager's `basic_auth_users`); the password is read from its file
+    /// at each delivery (a rotated one is picked up).
+    #[serde(default)]
+    pub basic_auth: Option<BasicAuth>,
+    /// A file holding a bearer token (`Authorization: Bearer …`), read at each delivery.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+}
+
+/// `basic_auth = { username = "…", password_file = "…" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    /// Readable by its owner only; a trailing newline is not part of the password.
+    pub password_file: PathBuf,
+}
+
+impl WebhookCfg {
+    /// A receiver at `url` with the default timeout and retries and no TLS settings or
+    /// credentials.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), timeout: d_timeout(), retries: d_retries(), ca_file: None, basic_auth: None, bearer_token_file: None }
+    }
 }
 
 fn d_timeout() -> Duration {
@@ -55,39 +92,228 @@ pub fn alertmanager_json(n: &Notification) -> Value {
     a
 }
 
-/// Splits `http://host:port/path` into (authority, path).
-pub(crate) fn parse_url(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let (auth, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-    let auth = if auth.contains(':') { auth.to_owned() } else { format!("{auth}:80") };
-    Some((auth, path))
+/// Where a webhook URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub https: bool,
+    /// The host as written, without an IPv6 address's brackets: a DNS name or an IP address
+    /// (the TLS server name).
+    pub host: String,
+    pub port: u16,
+    /// `host:port` (`[v6]:port`): what is connected to, and the Host header.
+    pub authority: String,
+    /// The path and query, from the `/`.
+    pub path: String,
 }
 
-async fn post_once(auth: &str, path: &str, body: &[u8]) -> Result<u16, String> {
-    let stream = TcpStream::connect(auth).await.map_err(|e| format!("connect {auth}: {e}"))?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+const URL_FORMS: &str = "http://host[:port]/path or https://host[:port]/path";
+
+/// Parses `http[s]://host[:port]/path`; the error says why not.
+pub(crate) fn parse_url(url: &str) -> Result<Target, String> {
+    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("only {URL_FORMS} URLs are supported"));
+    };
+    let (auth, path) = rest.find('/').map_or((rest, "/".to_owned()), |i| (&rest[..i], rest[i..].to_owned()));
+    if auth.contains('@') {
+        return Err("credentials in the URL are not supported (they would show in logs): use basic_auth or bearer_token_file".into());
+    }
+    if auth.contains(['?', '#', ' ']) {
+        return Err(format!("{auth:?} is not a host[:port] ({URL_FORMS})"));
+    }
+    let (host, port) = if let Some(v6) = auth.strip_prefix('[') {
+        let (host, after) = v6.split_once(']').ok_or("an IPv6 address's closing ] is missing")?;
+        (host, if after.is_empty() { None } else { Some(after.strip_prefix(':').ok_or_else(|| format!("{auth:?} is not [address]:port"))?) })
+    } else {
+        match auth.split_once(':') {
+            Some((_, p)) if p.contains(':') => return Err(format!("{auth:?}: an IPv6 address goes in brackets, [2001:db8::1]:9093")),
+            Some((h, p)) => (h, Some(p)),
+            None => (auth, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("the URL has no host".into());
+    }
+    let port = match port {
+        None => {
+            if https {
+                443
+            } else {
+                80
+            }
+        }
+        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"))?,
+    };
+    if https && ServerName::try_from(host).is_err() {
+        return Err(format!("{host:?} is neither a DNS name nor an IP address (the name the receiver's certificate must be valid for)"));
+    }
+    let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+    Ok(Target { https, host: host.to_owned(), port, authority, path })
+}
+
+/// A secret file's problem as a config finding reads it: the file and the reason (the key is
+/// the finding's).
+fn secret_problem(path: &Path, e: &crate::Error) -> String {
+    match e {
+        crate::Error::Other { source, .. } => format!("{}: {source:#}", path.display()),
+        other => other.to_string(),
+    }
+}
+
+/// The checks of one webhook, `key` naming it (`alerts.webhooks[0]`): the URL, the TLS and
+/// credential settings, and the secret files (that they exist, hold something and only their
+/// owner may read them: a daemon refuses to start with a permissive one).
+pub(crate) fn validate(w: &WebhookCfg, key: &str) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut err = |k: String, message: String| out.push(Finding { severity: Severity::Error, key: k, message });
+    let target = match parse_url(&w.url) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            err(format!("{key}.url"), format!("{:?}: {e}", w.url));
+            None
+        }
+    };
+    if w.timeout.is_zero() {
+        err(format!("{key}.timeout"), "must be longer than 0s".into());
+    }
+    if w.basic_auth.is_some() && w.bearer_token_file.is_some() {
+        err(format!("{key}.bearer_token_file"), "set together with basic_auth: give one kind of credentials, basic_auth or bearer_token_file".into());
+    }
+    if let Some(b) = &w.basic_auth {
+        if b.username.is_empty() || b.username.contains(':') || b.username.chars().any(char::is_control) {
+            err(format!("{key}.basic_auth.username"), format!("{:?}: a user name, not empty, without ':' (basic auth joins user:password)", b.username));
+        }
+        let k = format!("{key}.basic_auth.password_file");
+        if let Err(e) = crate::tls::read_secret(&b.password_file, &k) {
+            err(k, secret_problem(&b.password_file, &e));
+        }
+    }
+    if let Some(f) = &w.bearer_token_file {
+        let k = format!("{key}.bearer_token_file");
+        match crate::tls::read_secret(f, &k) {
+            Err(e) => err(k, secret_problem(f, &e)),
+            Ok(t) if HeaderValue::from_str(&format!("Bearer {t}")).is_err() => err(k, format!("{}: the token has characters an HTTP header cannot carry", f.display())),
+            Ok(_) => {}
+        }
+    }
+    if let Some(ca) = &w.ca_file {
+        let k = format!("{key}.ca_file");
+        if target.as_ref().is_some_and(|t| !t.https) {
+            err(k, format!("{} is set for an http:// URL: a CA is for https:// receivers (use https://, or remove ca_file)", ca.display()));
+        } else if let Err(e) = crate::tls::read_roots(ca, &k) {
+            err(k, secret_problem(ca, &e));
+        }
+    }
+    if target.is_some_and(|t| !t.https) && (w.basic_auth.is_some() || w.bearer_token_file.is_some()) {
+        out.push(Finding {
+            severity: Severity::Warning,
+            key: format!("{key}.url"),
+            message: format!("{:?}: the credentials go over plain http:// readable on the network; use https://", w.url),
+        });
+    }
+    out
+}
+
+/// A webhook ready to deliver: its URL parsed and, for `https://`, its TLS client
+/// configuration built (once, not per post).
+pub struct Webhook {
+    cfg: WebhookCfg,
+    target: Target,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl Webhook {
+    pub fn new(cfg: WebhookCfg) -> Result<Self, String> {
+        let target = parse_url(&cfg.url).map_err(|e| format!("{}: {e}", cfg.url))?;
+        let tls = if target.https {
+            let config = crate::tls::client_config(cfg.ca_file.as_deref(), None, "webhook").map_err(|e| format!("{}: {e:#}", cfg.url))?;
+            let name = ServerName::try_from(target.host.clone()).map_err(|e| format!("{}: {e}", cfg.url))?;
+            Some((tokio_rustls::TlsConnector::from(config), name))
+        } else {
+            None
+        };
+        Ok(Self { cfg, target, tls })
+    }
+
+    /// The Authorization header, the secret read now (a rotated one is picked up); marked
+    /// sensitive. An error names the file, never the secret.
+    fn authorization(&self) -> Result<Option<HeaderValue>, String> {
+        let value = if let Some(b) = &self.cfg.basic_auth {
+            use base64::Engine as _;
+            let pw = crate::tls::read_secret(&b.password_file, "basic_auth.password_file").map_err(|e| e.to_string())?;
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{}:{pw}", b.username)))
+        } else if let Some(f) = &self.cfg.bearer_token_file {
+            format!("Bearer {}", crate::tls::read_secret(f, "bearer_token_file").map_err(|e| e.to_string())?)
+        } else {
+            return Ok(None);
+        };
+        let mut h = HeaderValue::from_str(&value).map_err(|_| "the credentials have characters an HTTP header cannot carry".to_owned())?;
+        h.set_sensitive(true);
+        Ok(Some(h))
+    }
+
+    async fn post_once(&self, body: &[u8], authorization: Option<&HeaderValue>) -> Result<u16, String> {
+        let auth = &self.target.authority;
+        let stream = TcpStream::connect(auth).await.map_err(|e| format!("connect {auth}: {e}"))?;
+        let mut req = Request::post(&self.target.path).header("host", auth).header("content-type", "application/json");
+        if let Some(a) = authorization {
+            req = req.header(hyper::header::AUTHORIZATION, a.clone());
+        }
+        let req = req.body(Full::new(Bytes::copy_from_slice(body))).map_err(|e| e.to_string())?;
+        match &self.tls {
+            None => send(stream, req).await,
+            Some((connector, name)) => {
+                let stream = connector.connect(name.clone(), stream).await.map_err(|e| {
+                    let reason = crate::tls::reason_in(&e).unwrap_or_else(|| e.to_string());
+                    let trusted = self.cfg.ca_file.as_ref().map_or_else(|| "the system's CAs".to_owned(), |c| format!("ca_file {}", c.display()));
+                    format!("TLS handshake with {auth} failed: {reason} (trusting {trusted})")
+                })?;
+                send(stream, req).await
+            }
+        }
+    }
+
+    /// Delivers: POST with a timeout, retried with backoff on failure or a non-2xx.
+    pub async fn post(&self, body: &[u8]) -> Result<(), String> {
+        let url = &self.cfg.url;
+        let authorization = self.authorization().map_err(|e| format!("{url}: {e}"))?;
+        let mut last = String::new();
+        for attempt in 0..=self.cfg.retries {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+            }
+            match tokio::time::timeout(self.cfg.timeout, self.post_once(body, authorization.as_ref())).await {
+                Ok(Ok(s)) if (200..300).contains(&s) => return Ok(()),
+                Ok(Ok(s @ (401 | 403))) => {
+                    let what =
+                        if authorization.is_some() { "refused the credentials (basic_auth, bearer_token_file)" } else { "wants credentials (basic_auth or bearer_token_file)" };
+                    last = format!("HTTP {s}: the receiver {what}");
+                }
+                Ok(Ok(s)) => last = format!("HTTP {s}"),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = format!("timed out after {:?}", self.cfg.timeout),
+            }
+        }
+        Err(format!("{url}: {last} (after {} attempts)", self.cfg.retries + 1))
+    }
+}
+
+/// One HTTP/1.1 request on `stream`; the status.
+async fn send<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, req: Request<Full<Bytes>>) -> Result<u16, String> {
+    let why = |e: hyper::Error| crate::tls::reason_in(&e).map_or_else(|| e.to_string(), |r| format!("TLS: {r}"));
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(why)?;
     tokio::spawn(conn);
-    let req = Request::post(path).header("host", auth).header("content-type", "application/json").body(Full::new(Bytes::copy_from_slice(body))).map_err(|e| e.to_string())?;
-    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
+    let resp = tx.send_request(req).await.map_err(why)?;
     Ok(resp.status().as_u16())
 }
 
-/// Delivers to a webhook: POST with a timeout, retried with backoff on failure or a non-2xx.
+/// Delivers once to a webhook ([`Webhook::post`]), building its TLS configuration for this
+/// call only: the sinks build a [`Webhook`] once and keep it.
 pub async fn post(cfg: &WebhookCfg, body: &[u8]) -> Result<(), String> {
-    let (auth, path) = parse_url(&cfg.url).ok_or_else(|| format!("{}: only http://host[:port]/path URLs are supported", cfg.url))?;
-    let mut last = String::new();
-    for attempt in 0..=cfg.retries {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
-        }
-        match tokio::time::timeout(cfg.timeout, post_once(&auth, &path, body)).await {
-            Ok(Ok(s)) if (200..300).contains(&s) => return Ok(()),
-            Ok(Ok(s)) => last = format!("HTTP {s}"),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = format!("timed out after {:?}", cfg.timeout),
-        }
-    }
-    Err(format!("{}: {last} (after {} attempts)", cfg.url, cfg.retries + 1))
+    Webhook::new(cfg.clone())?.post(body).await
 }
 
 /// The sinks: each has its own queue and task, so a dead webhook delays neither the daemon nor
@@ -98,10 +324,16 @@ pub struct Sinks {
     pub dropped: Arc<AtomicU64>,
 }
 
-async fn deliver_webhook(w: WebhookCfg, mut rx: mpsc::Receiver<Notification>) {
+async fn deliver_webhook(w: Result<Webhook, String>, mut rx: mpsc::Receiver<Notification>) {
+    if let Err(e) = &w {
+        tracing::error!("webhook unusable, its alerts will not be delivered: {e}");
+    }
     while let Some(n) = rx.recv().await {
         let body = serde_json::to_vec(&vec![alertmanager_json(&n)]).expect("json");
-        if let Err(e) = post(&w, &body).await {
+        if let Err(e) = match &w {
+            Ok(w) => w.post(&body).await,
+            Err(e) => Err(e.clone()),
+        } {
             tracing::error!(alert = %n.alertname, "webhook delivery failed: {e}");
         }
     }
@@ -144,7 +376,7 @@ impl Sinks {
         let mut queues = Vec::new();
         for w in webhooks {
             let (tx, rx) = mpsc::channel(256);
-            tokio::spawn(deliver_webhook(w, rx));
+            tokio::spawn(deliver_webhook(Webhook::new(w), rx));
             queues.push(tx);
         }
         if let Some(argv) = command.filter(|a| !a.is_empty()) {
@@ -217,7 +449,7 @@ mod tests {
         let _ = std::fs::remove_file(&file);
         // Its timeout is far beyond the test's deadline: a sink queued behind it never runs.
         let (addr, accepted) = hanging_receiver().await;
-        let hanging = WebhookCfg { url: format!("http://{addr}/alerts"), timeout: Duration::from_hours(1), retries: 3 };
+        let hanging = WebhookCfg { timeout: Duration::from_hours(1), retries: 3, ..WebhookCfg::new(format!("http://{addr}/alerts")) };
         let cmd = vec!["sh".into(), "-c".into(), format!("echo \"$SLUICE_ALERT $SLUICE_ALERT_STATUS\" >> {}", file.display())];
         let sinks = Sinks::start(vec![hanging], Some(cmd));
         let says = |what: &str| std::fs::read_to_string(&file).is_ok_and(|t| t.contains(what));
@@ -277,8 +509,214 @@ mod tests {
         assert!(f["startsAt"].is_string() && f.get("endsAt").is_none());
         let r = alertmanager_json(&n(Status::Resolved));
         assert!(r["endsAt"].is_string());
-        assert_eq!(parse_url("http://127.0.0.1:9093/api/v2/alerts"), Some(("127.0.0.1:9093".into(), "/api/v2/alerts".into())));
-        assert_eq!(parse_url("https://x/"), None);
+    }
+
+    #[test]
+    fn urls_parse_or_say_why_not() {
+        let t = |url: &str| parse_url(url).map(|t| (t.https, t.host, t.port, t.authority, t.path));
+        let ok = |https, host: &str, port, auth: &str, path: &str| Ok((https, host.to_owned(), port, auth.to_owned(), path.to_owned()));
+        assert_eq!(t("http://127.0.0.1:9093/api/v2/alerts"), ok(false, "127.0.0.1", 9093, "127.0.0.1:9093", "/api/v2/alerts"));
+        assert_eq!(t("http://am.example"), ok(false, "am.example", 80, "am.example:80", "/"));
+        assert_eq!(t("https://am.example/api/v2/alerts?x=1"), ok(true, "am.example", 443, "am.example:443", "/api/v2/alerts?x=1"));
+        assert_eq!(t("https://[2001:db8::1]:9093/a"), ok(true, "2001:db8::1", 9093, "[2001:db8::1]:9093", "/a"));
+        assert_eq!(t("https://[::1]/a"), ok(true, "::1", 443, "[::1]:443", "/a"));
+        for (url, why) in [
+            ("ftp://x/", "only http://"),
+            ("HTTPS://x/", "only http://"),
+            ("https://user:pw@x/", "credentials in the URL"),
+            ("http://x:0/", "not a port"),
+            ("http://x:99999/", "not a port"),
+            ("http://x:port/", "not a port"),
+            ("https:///a", "no host"),
+            ("http://:80/a", "no host"),
+            ("http://2001:db8::1/", "in brackets"),
+            ("https://[2001:db8::1/", "closing ]"),
+            ("https://[::1]9093/", "[address]:port"),
+            ("https://bad_name!/", "neither a DNS name nor an IP address"),
+        ] {
+            let e = parse_url(url).expect_err(url);
+            assert!(e.contains(why), "{url}: {e}");
+            assert!(!e.contains("pw"), "{url}: {e}");
+        }
+    }
+
+    /// A directory for one test's files, removed on drop.
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let d = std::env::temp_dir().join(format!("sluice-sinks-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).expect("dir");
+            Self(d)
+        }
+        /// Writes `text` to `name` with `mode`; its path.
+        fn file(&self, name: &str, text: &str, mode: u32) -> PathBuf {
+            use std::os::unix::fs::PermissionsExt as _;
+            let f = self.0.join(name);
+            std::fs::write(&f, text).expect("write");
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            f
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// The findings of a config whose `[alerts]` has `webhooks`: (severity, key, message).
+    fn findings(webhooks: &str) -> Vec<(Severity, String, String)> {
+        let text = format!("[daemon]\ninterface = \"eth0\"\n[alerts]\n{webhooks}\n");
+        let found = match crate::config::parse(Path::new("sluice.toml"), &text) {
+            Ok((_, warnings)) => warnings,
+            Err(r) => r.findings,
+        };
+        found.into_iter().map(|f| (f.severity, f.key, f.message)).collect()
+    }
+
+    #[test]
+    fn webhook_tls_and_credential_keys_are_validated_naming_the_key() {
+        let d = Dir::new("validate");
+        let pw = d.file("pw", "s3cret\n", 0o600);
+        let open_pw = d.file("pw-open", "s3cret\n", 0o644);
+        let token = d.file("token", "t0ken", 0o600);
+        let empty = d.file("empty", "", 0o600);
+        let not_a_ca = d.file("ca.pem", "not a certificate\n", 0o644);
+        let (pw, open_pw, token, empty, not_a_ca) = (pw.display(), open_pw.display(), token.display(), empty.display(), not_a_ca.display());
+        let missing = d.0.join("missing");
+        let missing = missing.display();
+
+        // Accepted: https with a bearer token (system CAs), https with basic auth.
+        assert_eq!(findings(&format!("webhooks = [{{ url = \"https://am.example/api/v2/alerts\", bearer_token_file = \"{token}\" }}]")), []);
+        let (cfg, _) = crate::config::parse(
+            Path::new("sluice.toml"),
+            &format!(
+                "[daemon]\ninterface = \"eth0\"\n[alerts]\nwebhook = {{ url = \"https://127.0.0.1:9093/\", basic_auth = {{ username = \"sluice\", password_file = \"{pw}\" }} }}\n"
+            ),
+        )
+        .expect("valid");
+        let w = cfg.alerts.webhook.expect("webhook");
+        assert_eq!(w.basic_auth, Some(BasicAuth { username: "sluice".into(), password_file: pw.to_string().into() }));
+        assert_eq!((w.timeout, w.retries, w.ca_file), (Duration::from_secs(2), 3, None));
+
+        let e = Severity::Error;
+        let cases: Vec<(String, Severity, &str, Vec<String>)> = vec![
+            (
+                format!("webhooks = [{{ url = \"https://x/\", basic_auth = {{ username = \"u\", password_file = \"{pw}\" }}, bearer_token_file = \"{token}\" }}]"),
+                e,
+                "alerts.webhooks[0].bearer_token_file",
+                vec!["one kind of credentials".into()],
+            ),
+            (
+                format!("webhooks = [{{ url = \"https://x/\" }}, {{ url = \"https://y/\", basic_auth = {{ username = \"u\", password_file = \"{open_pw}\" }} }}]"),
+                e,
+                "alerts.webhooks[1].basic_auth.password_file",
+                vec![open_pw.to_string(), "0644".into(), "chmod 600".into()],
+            ),
+            (
+                format!("webhooks = [{{ url = \"https://x/\", bearer_token_file = \"{missing}\" }}]"),
+                e,
+                "alerts.webhooks[0].bearer_token_file",
+                vec![missing.to_string(), "No such file".into()],
+            ),
+            (format!("webhooks = [{{ url = \"https://x/\", bearer_token_file = \"{empty}\" }}]"), e, "alerts.webhooks[0].bearer_token_file", vec!["empty".into()]),
+            (
+                format!("webhooks = [{{ url = \"https://x/\", basic_auth = {{ username = \"a:b\", password_file = \"{pw}\" }} }}]"),
+                e,
+                "alerts.webhooks[0].basic_auth.username",
+                vec!["without ':'".into()],
+            ),
+            (format!("webhooks = [{{ url = \"https://x/\", ca_file = \"{not_a_ca}\" }}]"), e, "alerts.webhooks[0].ca_file", vec![not_a_ca.to_string(), "no certificate".into()]),
+            (format!("webhooks = [{{ url = \"https://x/\", ca_file = \"{missing}\" }}]"), e, "alerts.webhooks[0].ca_file", vec![missing.to_string()]),
+            (format!("webhooks = [{{ url = \"http://x/\", ca_file = \"{not_a_ca}\" }}]"), e, "alerts.webhooks[0].ca_file", vec!["http:// URL".into()]),
+            ("webhook = { url = \"https://u:p@x/\" }".into(), e, "alerts.webhook.url", vec!["credentials in the URL".into()]),
+            // A password inline is no key (deny_unknown_fields).
+            (
+                "webhooks = [{ url = \"https://x/\", basic_auth = { username = \"u\", password = \"p\" } }]".into(),
+                e,
+                "alerts.webhooks[0].basic_auth.password",
+                vec!["unknown field `password`".into()],
+            ),
+            ("webhooks = [{ url = \"https://x/\", ca = \"/c\" }]".into(), e, "alerts.webhooks[0].ca", vec!["unknown field `ca`".into()]),
+            (format!("webhooks = [{{ url = \"http://x/\", bearer_token_file = \"{token}\" }}]"), Severity::Warning, "alerts.webhooks[0].url", vec!["plain http://".into()]),
+        ];
+        for (toml, severity, key, words) in cases {
+            let f = findings(&toml);
+            let hit = f.iter().find(|(s, k, _)| *s == severity && k == key).unwrap_or_else(|| panic!("{toml}: no {severity:?} at {key}: {f:?}"));
+            for w in &words {
+                assert!(hit.2.contains(w.as_str()), "{toml}: {:?} lacks {w:?}", hit.2);
+            }
+            assert!(f.iter().all(|(_, _, m)| !m.contains("s3cret") && !m.contains("t0ken")), "a secret in a finding: {f:?}");
+        }
+    }
+
+    /// A receiver that records each request and answers with the next of `statuses` (the last
+    /// one again when they run out).
+    async fn recording_receiver(statuses: &'static [&'static str]) -> (std::net::SocketAddr, Arc<tokio::sync::Mutex<Vec<String>>>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let got = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                let Ok((mut c, _)) = l.accept().await else { break };
+                let mut buf = vec![0u8; 8192];
+                let n = c.read(&mut buf).await.unwrap_or(0);
+                g.lock().await.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let status = statuses[i.min(statuses.len() - 1)];
+                let _ = c.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
+            }
+        });
+        (addr, got)
+    }
+
+    /// The credentials go in the Authorization header, read from their file at each delivery
+    /// (a rotated password is used at once); a refusal says so without the secret.
+    #[tokio::test]
+    async fn credentials_are_read_at_each_delivery_and_never_in_an_error() {
+        use base64::Engine as _;
+        let d = Dir::new("creds");
+        let pw = d.file("pw", "first-pw\n", 0o600);
+        let (addr, got) = recording_receiver(&["200 OK", "200 OK", "401 Unauthorized"]).await;
+        let cfg = WebhookCfg {
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            basic_auth: Some(BasicAuth { username: "sluice".into(), password_file: pw.clone() }),
+            ..WebhookCfg::new(format!("http://{addr}/api/v2/alerts"))
+        };
+        let hook = Webhook::new(cfg).expect("webhook");
+        let basic = |p: &str| base64::engine::general_purpose::STANDARD.encode(format!("sluice:{p}"));
+        hook.post(b"[]").await.expect("delivered");
+        d.file("pw", "second-pw\n", 0o600);
+        hook.post(b"[]").await.expect("delivered");
+        let e = hook.post(b"[]").await.expect_err("401");
+        assert!(e.contains("HTTP 401") && e.contains("refused the credentials"), "{e}");
+        assert!(!e.contains("second-pw") && !e.contains(&basic("second-pw")), "{e}");
+        let got = got.lock().await;
+        assert!(got[0].contains(&format!("authorization: Basic {}\r\n", basic("first-pw"))), "{}", got[0]);
+        assert!(got[1].contains(&format!("authorization: Basic {}\r\n", basic("second-pw"))), "{}", got[1]);
+        drop(got);
+        // A password file made readable by others since the config was checked: refused at
+        // delivery, naming the file, and nothing is sent.
+        d.file("pw", "second-pw\n", 0o644);
+        let e = hook.post(b"[]").await.expect_err("permissive file");
+        assert!(e.contains("0644") && e.contains(&pw.display().to_string()) && !e.contains("second-pw"), "{e}");
+
+        // A bearer token.
+        let token = d.file("token", "tok-1\n", 0o600);
+        let (addr, got) = recording_receiver(&["200 OK"]).await;
+        let hook = Webhook::new(WebhookCfg { bearer_token_file: Some(token), ..WebhookCfg::new(format!("http://{addr}/")) }).expect("webhook");
+        hook.post(b"[]").await.expect("delivered");
+        assert!(got.lock().await[0].to_lowercase().contains("authorization: bearer tok-1"));
+    }
+
+    /// https:// to a receiver that does not speak TLS: the handshake fails and says so.
+    #[tokio::test]
+    async fn https_to_a_plain_receiver_fails_the_handshake() {
+        let (addr, _) = recording_receiver(&["200 OK"]).await;
+        let cfg = WebhookCfg { timeout: Duration::from_secs(2), retries: 0, ..WebhookCfg::new(format!("https://{addr}/")) };
+        let e = tokio::time::timeout(Duration::from_secs(30), post(&cfg, b"[]")).await.expect("gives up").expect_err("not TLS");
+        assert!(e.contains(&format!("TLS handshake with {addr} failed")) && e.contains("the system's CAs"), "{e}");
     }
 
     #[tokio::test]
@@ -298,7 +736,7 @@ mod tests {
                 let _ = c.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
             }
         });
-        let cfg = WebhookCfg { url: format!("http://{addr}/api/v2/alerts"), timeout: Duration::from_secs(1), retries: 2 };
+        let cfg = WebhookCfg { timeout: Duration::from_secs(1), retries: 2, ..WebhookCfg::new(format!("http://{addr}/api/v2/alerts")) };
         let body = serde_json::to_vec(&vec![alertmanager_json(&n(Status::Firing))]).expect("json");
         post(&cfg, &body).await.expect("delivered on the retry");
         let got = got.lock().await;
@@ -307,12 +745,12 @@ mod tests {
 
         // Nobody listening: fails after its retries (the outer deadline only turns a hang into a
         // failure).
-        let dead = WebhookCfg { url: "http://127.0.0.1:9/x".into(), timeout: Duration::from_millis(200), retries: 1 };
+        let dead = WebhookCfg { timeout: Duration::from_millis(200), retries: 1, ..WebhookCfg::new("http://127.0.0.1:9/x") };
         let e = tokio::time::timeout(Duration::from_secs(30), post(&dead, &body)).await.expect("post gives up").expect_err("dead receiver");
         assert!(e.contains("after 2 attempts") && e.contains("connect"), "{e}");
         // A receiver that never answers: each attempt ends at the timeout, then the next one.
         let (addr, accepted) = hanging_receiver().await;
-        let hanging = WebhookCfg { url: format!("http://{addr}/x"), timeout: Duration::from_millis(200), retries: 1 };
+        let hanging = WebhookCfg { timeout: Duration::from_millis(200), retries: 1, ..WebhookCfg::new(format!("http://{addr}/x")) };
         let e = tokio::time::timeout(Duration::from_secs(30), post(&hanging, &body)).await.expect("post gives up").expect_err("hanging receiver");
         assert!(e.contains("timed out after 200ms") && e.contains("after 2 attempts"), "{e}");
         assert_eq!(accepted.load(Ordering::Relaxed), 2, "one connection per attempt");

@@ -118,9 +118,7 @@ pub fn server_config_with(cert: &Path, key: &Path, client_ca: Option<&Path>, wha
     let builder = match client_ca {
         Some(ca) => {
             let roots = read_roots(ca, &format!("{what} CA"))?;
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| Error::other(format!("{what} CA {}", ca.display()), e))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|e| Error::other(format!("{what} CA {}", ca.display()), e))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -140,10 +138,7 @@ pub fn client_config(ca: Option<&Path>, identity: Option<(&Path, &Path)>, what: 
         None => system_roots(),
     };
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider()).build().map_err(|e| Error::other(format!("{what} CA"), e))?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::other("TLS", e))?
-        .with_webpki_verifier(verifier);
+    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().map_err(|e| Error::other("TLS", e))?.with_webpki_verifier(verifier);
     let config = match identity {
         Some((cert, key)) => {
             let chain = read_certs(cert, &format!("{what} certificate"))?;
@@ -168,10 +163,11 @@ pub struct Mutual {
 impl Mutual {
     /// Reads `files`; `key` names the config table in errors (`cluster.tls`).
     pub fn load(files: &TlsFiles, key: &str) -> Result<Self, Error> {
-        Ok(Self {
-            server: server_config(&files.cert, &files.key, Some(&files.ca), key)?,
-            client: client_config(Some(&files.ca), Some((&files.cert, &files.key)), key)?,
-        })
+        // Said at start, not only as refused handshakes later; the datapath forwards either way.
+        if let Some(why) = diagnose_own(&files.cert, &files.ca) {
+            tracing::error!("{key}.cert: {why}: the peers will refuse this node's certificate");
+        }
+        Ok(Self { server: server_config(&files.cert, &files.key, Some(&files.ca), key)?, client: client_config(Some(&files.ca), Some((&files.cert, &files.key)), key)? })
     }
 }
 
@@ -189,12 +185,33 @@ pub fn describe(e: &rustls::Error) -> String {
         E::InvalidCertificate(C::UnknownIssuer) => "the certificate is signed by an unknown CA (not the configured ca)".into(),
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => "the certificate has expired".into(),
         E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => "the certificate is not valid yet (check the clocks)".into(),
-        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => "the certificate is not valid for this name or address (its subject alternative names)".into(),
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the certificate is not valid for this name or address (its subject alternative names)".into()
+        }
         E::InvalidCertificate(C::BadSignature) => "the certificate's signature does not verify".into(),
         E::InvalidCertificate(C::Revoked) => "the certificate is revoked".into(),
         E::NoCertificatesPresented => "the other side presented no certificate".into(),
+        E::AlertReceived(a) => format!("the other side refused the handshake (TLS alert {a:?}): usually this side's certificate (from a CA it does not trust, expired, or none)"),
         E::InconsistentKeys(_) => "the key does not belong to the certificate".into(),
         other => other.to_string(),
+    }
+}
+
+/// Why the other side may refuse this side's certificate `cert`, checked against `ca` now: it
+/// expired, is not valid yet, or does not chain to `ca`. `None` if it verifies.
+pub fn diagnose_own(cert: &Path, ca: &Path) -> Option<String> {
+    let chain = read_certs(cert, "certificate").ok()?;
+    let roots = read_roots(ca, "CA").ok()?;
+    let leaf = webpki::EndEntityCert::try_from(chain.first()?).ok()?;
+    let algs = provider().signature_verification_algorithms.all;
+    let verdict = leaf.verify_for_usage(algs, &roots.roots, &chain[1..], rustls::pki_types::UnixTime::now(), webpki::KeyUsage::client_auth(), None, None);
+    let when = |t: &rustls::pki_types::UnixTime| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.as_secs()));
+    match verdict {
+        Ok(_) => None,
+        Err(webpki::Error::CertExpired { not_after, .. }) => Some(format!("{} expired at {}", cert.display(), when(&not_after))),
+        Err(webpki::Error::CertNotValidYet { not_before, .. }) => Some(format!("{} is not valid before {} (check the clocks)", cert.display(), when(&not_before))),
+        Err(webpki::Error::UnknownIssuer) => Some(format!("{} is not signed by the CA {}", cert.display(), ca.display())),
+        Err(e) => Some(format!("{}: {e}", cert.display())),
     }
 }
 

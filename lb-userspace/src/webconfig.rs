@@ -133,7 +133,8 @@ impl Auth {
     async fn allows(&self, credentials: Option<(String, String)>) -> bool {
         let Some((user, password)) = credentials else { return false };
         let hash = self.users.get(&user).cloned();
-        let digest: [u8; 32] = Sha256::new().chain_update(&user).chain_update([0]).chain_update(&password).chain_update([0]).chain_update(hash.as_deref().unwrap_or("")).finalize().into();
+        let digest: [u8; 32] =
+            Sha256::new().chain_update(&user).chain_update([0]).chain_update(&password).chain_update([0]).chain_update(hash.as_deref().unwrap_or("")).finalize().into();
         if hash.is_some() && self.verified.lock().expect("verified").contains(&digest) {
             return true;
         }

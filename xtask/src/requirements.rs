@@ -33,8 +33,11 @@ pub const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "iputils-ping",
-    // promtool: `promtool check metrics` on /metrics in the tests.
+    // promtool: `promtool check metrics` on /metrics in the tests; Prometheus itself scrapes
+    // /metrics over TLS with basic auth in the tls test.
     "prometheus",
+    // curl: the TLS tests speak HTTPS with client certificates to /metrics and the peer channel.
+    "curl",
     // BIRD 2: the cluster's BGP speaker (announcing VIPs), run for real by the cluster tests.
     "bird2",
     // etcd: where the nodes of a cluster lease their shares of a cluster-wide limit; started by
@@ -48,8 +51,12 @@ pub const PACKAGES: &[&str] = &[
     // nft: the cluster's fault tests and `sluice lab cluster --limits` cut a node off from etcd
     // or its peers with an nftables drop inside a namespace.
     "nftables",
-    // amtool: checks the shipped Alertmanager routing (deploy/alertmanager) in the tests.
+    // amtool: checks the shipped Alertmanager routing (deploy/alertmanager) in the tests; the
+    // Alertmanager itself receives the alert webhooks over TLS in alertmanager_tls.
     "prometheus-alertmanager",
+    // groupadd/groupdel: the read-only socket's test makes a throwaway group (Debian marks
+    // passwd "required", so this only states it).
+    "passwd",
 ];
 
 /// The peers Sluice is measured against in `bench e2e` (whose short form the suite runs):
@@ -67,13 +74,19 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "sysctl", package: Some("procps"), probe: &["--version"] },
     Tool { program: "ping", package: Some("iputils-ping"), probe: &["-V"] },
     Tool { program: "promtool", package: Some("prometheus"), probe: &["--version"] },
+    Tool { program: "prometheus", package: Some("prometheus"), probe: &["--version"] },
+    Tool { program: "curl", package: Some("curl"), probe: &["--version"] },
     Tool { program: "amtool", package: Some("prometheus-alertmanager"), probe: &["--version"] },
+    // The real Alertmanager: the TLS and basic-auth receiver of the alert webhook tests.
+    Tool { program: "prometheus-alertmanager", package: Some("prometheus-alertmanager"), probe: &["--version"] },
     Tool { program: "bird", package: Some("bird2"), probe: &["--version"] },
     // birdc has no --version; -h prints its usage... and exits non-zero, so `bird` stands for both.
     Tool { program: "birdc", package: Some("bird2"), probe: &[] },
     Tool { program: "etcd", package: Some("etcd-server"), probe: &["--version"] },
     Tool { program: "etcdctl", package: Some("etcd-client"), probe: &["version"] },
     Tool { program: "nft", package: Some("nftables"), probe: &["--version"] },
+    Tool { program: "groupadd", package: Some("passwd"), probe: &["--help"] },
+    Tool { program: "groupdel", package: Some("passwd"), probe: &["--help"] },
     Tool { program: "protoc", package: Some("protobuf-compiler"), probe: &["--version"] },
     Tool { program: "haproxy", package: Some("haproxy"), probe: &["-v"] },
     Tool { program: "nginx", package: Some("nginx"), probe: &["-v"] },

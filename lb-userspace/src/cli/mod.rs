@@ -16,7 +16,9 @@ use lb_common::DEFAULT_PIN_DIR;
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "Sluice: an XDP layer-4 load balancer whose connection limits are never silent")]
 pub struct Cli {
-    /// The daemon's control socket.
+    /// The daemon's control socket. If it refuses this user and a read-only socket
+    /// (`daemon.read_socket`) named `sluice-read.sock` is beside it, that one is used: reads
+    /// answer as on the root socket, changes are refused.
     #[arg(long, global = true, default_value = "/run/sluice/sluice.sock", env = "SLUICE_SOCKET")]
     pub socket: PathBuf,
     #[command(subcommand)]

@@ -99,7 +99,7 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             // ones they do not hold.
             Some(Peers { stats: Arc::default(), creds: crate::peers::Credentials::load(c)?, tx, rx: Some(rx), since_ns: 0 })
         }
-        _ => None,
+        () => None,
     };
     let etcd_connect = c.limits.as_ref().map(crate::limits::Connect::load).transpose()?.unwrap_or_default();
     let limits = c.limits.as_ref().map(|l| {
@@ -111,7 +111,18 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             ..Default::default()
         }))
     });
-    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, fenced: false, etcd_ok: Arc::default(), wanted, wanted_rx: Some(wanted_rx), peers, limits, etcd_connect }))
+    Ok(Some(Cluster {
+        cfg: c.clone(),
+        status: Arc::new(Mutex::new(status)),
+        drained,
+        fenced: false,
+        etcd_ok: Arc::default(),
+        wanted,
+        wanted_rx: Some(wanted_rx),
+        peers,
+        limits,
+        etcd_connect,
+    }))
 }
 
 impl State {

@@ -127,6 +127,9 @@ impl Daemon {
         for w in &warnings {
             tracing::warn!("{}: {w}", cfg_path.display());
         }
+        // Read before anything is attached: a bad file or a key others may read stops the start,
+        // naming the key and why.
+        let metrics_web = cfg.daemon.metrics_web_config.as_deref().map(crate::webconfig::WebConfig::load).transpose()?;
         // Before anything opens a descriptor in numbers: listeners, health checks, maps.
         let nofile = match crate::openfiles::raise() {
             Ok(l) => {
@@ -200,6 +203,7 @@ impl Daemon {
             names: alerts::Names::default(),
             change_refused: None,
             listeners: Vec::new(),
+            metrics_web,
             nofile,
         }));
         {
@@ -268,13 +272,26 @@ impl Daemon {
         let control = crate::listen::Listener::new("control", d.control_socket.display().to_string(), bounds(d.control_max_connections, None));
         let metrics_listener = crate::listen::Listener::new("metrics", d.metrics_listen.to_string(), bounds(d.metrics_max_connections, Some(d.http_request_timeout)));
         let peer_listener = peer.map(|(addr, max)| crate::listen::Listener::new("peer", addr.to_string(), bounds(max, Some(d.http_request_timeout))));
-        state.lock().expect("state lock").listeners = [Some(control.clone()), Some(metrics_listener.clone()), peer_listener.clone()].into_iter().flatten().collect();
+        // The read-only socket (`daemon.read_socket`): bounded as the control socket, its own count.
+        let read_listener = d.read_socket.as_ref().map(|p| crate::listen::Listener::new("read", p.display().to_string(), bounds(d.control_max_connections, None)));
+        state.lock().expect("state lock").listeners =
+            [Some(control.clone()), read_listener.clone(), Some(metrics_listener.clone()), peer_listener.clone()].into_iter().flatten().collect();
         let socket = d.control_socket.clone();
         let listener = crate::api::bind(&socket)?;
+        let read = match (&d.read_socket, &d.read_socket_group, read_listener) {
+            (Some(path), Some(group), Some(me)) => match crate::api::bind_read(path, group, &socket) {
+                Ok(l) => Some((l, path.clone(), me)),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&socket);
+                    return Err(e);
+                }
+            },
+            _ => None,
+        };
         let api_stop = shutdown.child_token();
-        let api = tokio::spawn(crate::api::serve(listener, socket, self.clone(), control, api_stop.clone()));
-        // Read before anything is served: a bad file stops the start, naming the key and why.
-        let web = d.metrics_web_config.as_deref().map(crate::webconfig::WebConfig::load).transpose()?;
+        let api = tokio::spawn(crate::api::serve(listener, socket.clone(), self.clone(), control, api_stop.clone()));
+        let read_api = read.map(|(l, path, me)| tokio::spawn(crate::api::serve_read(l, path, socket, self.clone(), me, api_stop.clone())));
+        let web = state.lock().expect("state lock").metrics_web.take();
         let metrics = tokio::spawn(crate::metrics::serve(d.metrics_listen, self.clone(), web, metrics_listener, api_stop.clone()));
         let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
         let announcer = {
@@ -297,12 +314,22 @@ impl Daemon {
             let limits = st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?, c.peers.as_ref().map(|p| p.stats.clone()), c.etcd_connect.clone())));
             (limits, st.cluster.as_ref().map(|c| c.etcd_ok.clone()).unwrap_or_default(), lease_path(&st.cfg))
         };
-        let limits = limits
-            .map(|(cfg, status, peers, connect)| crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers, connect }, api_stop.clone()));
+        let limits = limits.map(|(cfg, status, peers, connect)| {
+            crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers, connect }, api_stop.clone())
+        });
         let mut peer_handles = Vec::new();
         if let Some((cfg, creds, stats, rx)) = peer_tasks {
             if !cfg.peers.is_empty() {
-                peer_handles.push(crate::peers::spawn_sender(cfg.node.clone(), cfg.peers.clone(), creds.clone(), self.clone(), stats.clone(), etcd_ok.clone(), rx, api_stop.clone()));
+                peer_handles.push(crate::peers::spawn_sender(
+                    cfg.node.clone(),
+                    cfg.peers.clone(),
+                    creds.clone(),
+                    self.clone(),
+                    stats.clone(),
+                    etcd_ok.clone(),
+                    rx,
+                    api_stop.clone(),
+                ));
             }
             if let (Some(listen), Some(me)) = (cfg.peer_listen, peer_listener) {
                 let (daemon, stop) = (self.clone(), api_stop.clone());
@@ -381,6 +408,9 @@ impl Daemon {
         }
         api_stop.cancel();
         let _ = api.await;
+        if let Some(r) = read_api {
+            let _ = r.await;
+        }
         if let Some(a) = announcer {
             let _ = a.await;
         }

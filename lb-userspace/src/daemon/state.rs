@@ -137,6 +137,8 @@ pub struct State {
     pub(super) health_local: std::collections::BTreeMap<(String, IpAddr), String>,
     /// The listeners being served (control socket, `/metrics`, peer channel), with their counts.
     pub(super) listeners: Vec<Arc<crate::listen::Listener>>,
+    /// `daemon.metrics_web_config`, read at start; taken when `/metrics` is served.
+    pub(super) metrics_web: Option<crate::webconfig::WebConfig>,
     /// The open-file limit as the daemon set it at start (`openfiles.rs`).
     pub(super) nofile: Option<crate::openfiles::Limit>,
 }
