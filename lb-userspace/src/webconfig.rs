@@ -59,7 +59,7 @@ impl WebConfig {
     pub fn load(path: &Path) -> Result<Self, Error> {
         let ctx = |what: &str| format!("daemon.metrics_web_config {}: {what}", path.display());
         let text = std::fs::read_to_string(path).map_err(|e| Error::other(ctx("reading"), e))?;
-        let file: File = serde_yaml_ng::from_str(&text).map_err(|e| Error::other(ctx("not a web configuration"), e))?;
+        let file = parse(&text).map_err(|e| Error::other(ctx(&e.0), anyhow::anyhow!("{}", e.1)))?;
         // Relative paths are relative to the file, as in the exporter toolkit.
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let tls = match file.tls_server_config {
@@ -87,11 +87,6 @@ impl WebConfig {
                 Some(config)
             }
         };
-        for (user, hash) in &file.basic_auth_users {
-            if hash.parse::<bcrypt::HashParts>().is_err() {
-                return Err(Error::other(ctx(&format!("basic_auth_users.{user}")), anyhow::anyhow!("not a bcrypt hash (make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)")));
-            }
-        }
         Ok(Self { tls, users: file.basic_auth_users })
     }
 
@@ -113,6 +108,17 @@ impl WebConfig {
             }
         }))
     }
+}
+
+/// The file's keys, its bcrypt hashes checked: (the key at fault, why) on error.
+fn parse(text: &str) -> Result<File, (String, String)> {
+    let file: File = serde_yaml_ng::from_str(text).map_err(|e| ("not a web configuration".to_owned(), e.to_string()))?;
+    for (user, hash) in &file.basic_auth_users {
+        if hash.parse::<bcrypt::HashParts>().is_err() {
+            return Err((format!("basic_auth_users.{user}"), "not a bcrypt hash (make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)".to_owned()));
+        }
+    }
+    Ok(file)
 }
 
 struct Auth {
@@ -165,4 +171,20 @@ fn basic_credentials(req: &Request) -> Option<(String, String)> {
 
 fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"sluice\"")], "authentication required (daemon.metrics_web_config: basic_auth_users)\n").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_web_config_parses_and_unknown_keys_are_refused_by_name() {
+        let shipped = include_str!("../../deploy/web.yml");
+        let f = parse(shipped).expect("deploy/web.yml");
+        assert!(f.tls_server_config.is_some() && bcrypt::verify("change-me", &f.basic_auth_users["prometheus"]).expect("bcrypt"));
+        let e = parse("tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites: [x]\n").expect_err("unsupported key");
+        assert!(e.1.contains("cipher_suites"), "{e:?}");
+        let e = parse("basic_auth_users:\n  alice: plain-text\n").expect_err("not a hash");
+        assert_eq!(e.0, "basic_auth_users.alice");
+    }
 }
