@@ -10,7 +10,8 @@
 //!   (counted);
 //! - the real etcd with `--client-cert-auth`: the node with the right certificate gets its
 //!   shares; started again with a certificate from another CA it is refused, and it says why
-//!   (status, the alert naming `cluster.limits.tls`) while the datapath keeps forwarding.
+//!   (status, the alert naming `cluster.limits.tls`) while the datapath keeps forwarding;
+//! - a certificate that expired or comes from another CA is diagnosed naming the file.
 
 use std::{
     io::{Read as _, Write as _},
@@ -330,4 +331,29 @@ fn etcd_with_client_certificates_takes_the_cluster_s_node_and_refuses_another_ca
     assert_eq!(&buf, b"still there?");
     let _ = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
     lab.detach();
+}
+
+/// Why a peer or etcd may refuse this node's certificate, said before anyone refuses it: an
+/// expired certificate and one from another CA are named with the file; the node's own
+/// certificate is for its name and address, not another node's.
+#[test]
+fn a_certificate_is_diagnosed_expired_or_from_another_ca() {
+    let dir = std::env::temp_dir().join(format!("sluice-tls-diagnose-{}", std::process::id()));
+    let ca = Ca::new(&dir.join("a"), "ca-a");
+    let other = Ca::new(&dir.join("b"), "ca-b");
+    let good = ca.issue("lb1", &["lb1", "10.0.0.11"]);
+    let expired = ca.issue_expired("old", &["lb1"]);
+    let stranger = other.issue("lb1-b", &["lb1"]);
+    assert_eq!(lb_userspace::tls::diagnose_own(&good.cert, &ca.cert), None);
+    let said = lb_userspace::tls::diagnose_own(&expired.cert, &ca.cert).expect("expired");
+    assert!(said.contains("expired at 2021-01-01") && said.contains(&expired.cert.display().to_string()), "{said}");
+    let said = lb_userspace::tls::diagnose_own(&stranger.cert, &ca.cert).expect("another CA");
+    assert!(said.contains("is not signed by the CA") && said.contains(&ca.cert.display().to_string()), "{said}");
+    let der = lb_userspace::tls::read_certs(&good.cert, "cert").expect("read").remove(0);
+    assert!(lb_userspace::tls::cert_is_for(&der, "lb1") && lb_userspace::tls::cert_is_for(&der, "10.0.0.11"));
+    assert!(!lb_userspace::tls::cert_is_for(&der, "lb2") && !lb_userspace::tls::cert_is_for(&der, "10.0.0.12"));
+    // Both sides of the peer channel load from these files.
+    let files = lb_userspace::tls::TlsFiles { ca: ca.cert.clone(), cert: good.cert.clone(), key: good.key.clone() };
+    assert!(lb_userspace::tls::Mutual::load(&files, "cluster.tls").is_ok());
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
