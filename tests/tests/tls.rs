@@ -11,6 +11,8 @@
 //! - the real etcd with `--client-cert-auth`: the node with the right certificate gets its
 //!   shares; started again with a certificate from another CA it is refused, and it says why
 //!   (status, the alert naming `cluster.limits.tls`) while the datapath keeps forwarding;
+//! - etcd with RBAC: the node's user with its password from a 0600 file joins; a wrong password
+//!   is refused and said, and no password appears in the log, status or journal;
 //! - a certificate that expired or comes from another CA is diagnosed naming the file.
 
 use std::{
@@ -356,4 +358,76 @@ fn a_certificate_is_diagnosed_expired_or_from_another_ca() {
     let files = lb_userspace::tls::TlsFiles { ca: ca.cert.clone(), cert: good.cert.clone(), key: good.key.clone() };
     assert!(lb_userspace::tls::Mutual::load(&files, "cluster.tls").is_ok());
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// etcd with RBAC (`auth enable`): the node's user, its password from a 0600 file, reads and
+/// writes its prefix and gets a lease; with a wrong password it is refused, says so, and the
+/// password appears nowhere.
+#[test]
+fn etcd_with_rbac_takes_the_node_s_user_and_refuses_a_wrong_password() {
+    let lab = Lab::new(1);
+    let url = "http://127.0.0.1:23791";
+    let _etcd = lab.lb.spawn(
+        lab.lb
+            .command("etcd")
+            .args(["--name", "rbac-test", "--data-dir"])
+            .arg(lab.dir.join("etcd"))
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", "http://127.0.0.1:23801", "--initial-advertise-peer-urls", "http://127.0.0.1:23801"])
+            .args(["--initial-cluster", "rbac-test=http://127.0.0.1:23801", "--log-level", "warn"]),
+    );
+    let etcdctl = |args: &[&str]| {
+        let mut all = vec!["--endpoints", url, "--command-timeout=2s"];
+        all.extend_from_slice(args);
+        lab.lb.output("etcdctl", &all)
+    };
+    wait_for("etcd to answer", || etcdctl(&["endpoint", "health"]).status.success());
+    for step in [
+        &["user", "add", "root:root-pw-1"][..],
+        &["user", "add", "sluice:node-pw-1"],
+        &["role", "add", "sluice"],
+        &["role", "grant-permission", "sluice", "--prefix=true", "readwrite", "/sluice"],
+        &["user", "grant-role", "sluice", "sluice"],
+        &["auth", "enable"],
+    ] {
+        let o = etcdctl(step);
+        assert!(o.status.success(), "etcdctl {step:?}: {}", text(&o));
+    }
+    let password = lab.dir.join("etcd.password");
+    let write_password = |pw: &str| {
+        std::fs::write(&password, format!("{pw}\n")).expect("password");
+        std::fs::set_permissions(&password, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    };
+    write_password("node-pw-1");
+    let ca = Ca::new(&lab.dir.join("pki"), "cluster-ca");
+    let lb1 = ca.issue("lb1", &["lb1", LB]);
+    let limits = format!("[cluster.limits]\netcd = [\"{url}\"]\nnodes = 2\nlease_ttl = \"2s\"\nusername = \"sluice\"\npassword_file = \"{}\"\n", password.display());
+    lab.write_config_with(&[(1, "max_conns = 50")], &cluster_table(&lab, &ca, &lb1, &limits));
+    let mut daemon = lab.start_daemon();
+    wait_long("the node to join etcd as its user", 30, || {
+        let l = status(&lab)["limits"].clone();
+        if l["connected"] == true && l["lease"].is_u64() && l["nodes"]["lb1"].is_object() {
+            Ok(())
+        } else {
+            Err(l.to_string())
+        }
+    });
+    let _ = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+
+    write_password("not-the-password");
+    let mut daemon = lab.start_daemon();
+    let mut last = Value::Null;
+    wait_long("the refusal, said", 30, || {
+        last = status(&lab)["limits"].clone();
+        let error = last["error"].as_str().unwrap_or("");
+        if last["connected"] == false && error.contains("authentication failed") {
+            Ok(())
+        } else {
+            Err(last.to_string())
+        }
+    });
+    let out = daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10));
+    let everything = format!("{}{last}{}", text(&out), std::fs::read_to_string(lab.journal()).unwrap_or_default());
+    assert!(!everything.contains("not-the-password") && !everything.contains("node-pw-1"), "a password in the log, status or journal");
+    lab.detach();
 }
