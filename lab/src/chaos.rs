@@ -357,7 +357,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let sh = Shared::new();
     let clients = lab.spec.clients;
     let addr = SocketAddr::new(vip(false), PORT);
-    let say = |line: String| println!("[{:>6.1}s] {line}", sh.now());
+    // Progress on stderr: stdout carries the report (JSON with --json).
+    let say = |line: String| eprintln!("[{:>6.1}s] {line}", sh.now());
     let mut faults: Vec<Fault> = Vec::new();
     let mut end = Vec::new();
     let (mut leaked_flows, mut leaked_slots) = (0, 0);

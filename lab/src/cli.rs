@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use lb_userspace::{config::Mode, Error};
+use lb_userspace::{config::Mode, outln, Error};
 
 use crate::{chaos, cluster, flood, incident, load, topo::BackendConf, Lab, Spec};
 
@@ -22,6 +22,14 @@ const CLUSTER_DIR: &str = "/run/sluice-lab-cluster";
 const CHAOS_PREFIX: &str = "slabc";
 const FLOOD_DIR: &str = "/run/sluice-lab-flood";
 const FLOOD_PREFIX: &str = "slabf";
+
+/// A line of `sluice lab up`'s banner. The lab stays up after it (this process owns it until
+/// Ctrl-C), so a reader that went away must not end the process: the line is dropped.
+macro_rules! banner {
+    ($($arg:tt)*) => {
+        let _ = lb_userspace::cli::out::try_write(format_args!($($arg)*), true);
+    };
+}
 
 /// The `sluice-lab` command line.
 #[derive(Parser)]
@@ -155,6 +163,11 @@ pub enum LabCmd {
         #[arg(long)]
         json: bool,
     },
+    /// A training drill: a lab under load, one fault injected without saying which, and only
+    /// what users report; find the cause with the ordinary tools (`sluice lab drill answer
+    /// CAUSE` from another terminal), fix it, get the score. `--auto`: a scripted responder
+    /// that uses only the CLI's --json output solves it (without a scenario: every one).
+    Drill(crate::drill::Args),
     /// (internal) The lab's backend HTTP server.
     #[command(hide = true)]
     Serve {
@@ -196,6 +209,14 @@ fn cleanup_on_signal(prefix: &'static str, dir: &'static str) {
     let _ = rx.recv_timeout(Duration::from_secs(5));
 }
 
+/// Where a self-contained run (incident, chaos, cluster, flood) builds its lab: its own prefix
+/// and directory, or `SLUICE_LAB_PREFIX` and `SLUICE_LAB_DIR` when set — so a test can run
+/// `sluice lab chaos` under names its harness sweeps, beside a lab someone else runs.
+fn place(prefix: &'static str, dir: &'static str) -> (&'static str, &'static str) {
+    let var = |name: &str, default: &'static str| -> &'static str { std::env::var(name).ok().filter(|v| !v.is_empty()).map_or(default, |v| Box::leak(v.into_boxed_str())) };
+    (var("SLUICE_LAB_PREFIX", prefix), var("SLUICE_LAB_DIR", dir))
+}
+
 fn parse_mode(s: &str) -> Result<Mode, String> {
     match s {
         "l2dsr" => Ok(Mode::L2dsr),
@@ -211,9 +232,9 @@ fn spec(prefix: &str, dir: &str, backends: u8, clients: u8, mode: Mode) -> Spec 
 /// Prints a checked run's report (markdown or JSON); an error unless every check held.
 fn verdict(what: &str, report: &impl chaos::Verdict, json: bool) -> Result<(), Error> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(report).expect("json"));
     } else {
-        println!("{}", report.markdown());
+        outln!("{}", report.markdown());
     }
     if report.passed() {
         Ok(())
@@ -231,17 +252,17 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
             lab.write_config(&lab.config_text(&conf, &crate::topo::ServiceOpts { v6: *ipv6, spill: false }, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
             lab.start_daemon().map_err(lab_err)?;
-            println!(
+            banner!(
                 "Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}",
                 crate::VIP4,
                 if *ipv6 { format!(" and [{}]:80", crate::VIP6) } else { String::new() }
             );
-            println!("  config      {}  (edit, then `sluice --socket {} config apply {}`)", lab.config_path().display(), lab.socket().display(), lab.config_path().display());
-            println!("  control     export SLUICE_SOCKET={}   # then: sluice status, sluice top, sluice explain …", lab.socket().display());
-            println!("  load        sluice lab load --rate 100 --concurrency 200 --duration 30s --hold 2s");
-            println!("  a client    nsenter --net=/run/netns/{} curl http://{}/", lab.ns("cl1"), crate::VIP4);
-            println!("  logs        {}/*.log", lab.spec.dir.display());
-            println!("Ctrl-C or `sluice lab down` removes it all.");
+            banner!("  config      {}  (edit, then `sluice --socket {} config apply {}`)", lab.config_path().display(), lab.socket().display(), lab.config_path().display());
+            banner!("  control     export SLUICE_SOCKET={}   # then: sluice status, sluice top, sluice explain …", lab.socket().display());
+            banner!("  load        sluice lab load --rate 100 --concurrency 200 --duration 30s --hold 2s");
+            banner!("  a client    nsenter --net=/run/netns/{} curl http://{}/", lab.ns("cl1"), crate::VIP4);
+            banner!("  logs        {}/*.log", lab.spec.dir.display());
+            banner!("Ctrl-C or `sluice lab down` removes it all.");
             // The signal thread removes the lab and exits the process.
             let _keep = lab;
             loop {
@@ -254,11 +275,12 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             removed.extend(crate::topo_cleanup(CHAOS_PREFIX, std::path::Path::new(CHAOS_DIR)));
             removed.extend(crate::topo_cleanup(CLUSTER_PREFIX, std::path::Path::new(CLUSTER_DIR)));
             removed.extend(crate::topo_cleanup(FLOOD_PREFIX, std::path::Path::new(FLOOD_DIR)));
+            removed.extend(crate::topo_cleanup(crate::drill::PREFIX, std::path::Path::new(crate::drill::DIR)));
             if removed.is_empty() {
-                println!("no lab found: nothing to remove");
+                outln!("no lab found: nothing to remove");
             }
             for what in removed {
-                println!("removed {what}");
+                outln!("removed {what}");
             }
             Ok(())
         }
@@ -284,9 +306,9 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             })
             .map_err(lab_err)?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+                outln!("{}", serde_json::to_string_pretty(&report).expect("json"));
             } else {
-                println!(
+                outln!(
                     "{} connections in {:.1} s: ok {}, refused (RST) {}, timeout {}, error {}\nlatency of ok: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms\nper backend: {:?}",
                     report.ok + report.refused + report.timeout + report.error,
                     report.elapsed_s,
@@ -301,51 +323,62 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
                     report.backends
                 );
                 for e in &report.errors {
-                    println!("error: {e}");
+                    outln!("error: {e}");
                 }
             }
             Ok(())
         }
         LabCmd::Incident { report } => {
-            cleanup_on_signal(INCIDENT_PREFIX, INCIDENT_DIR);
-            let lab = Lab::up(spec(INCIDENT_PREFIX, INCIDENT_DIR, 3, 2, Mode::L2dsr)).map_err(lab_err)?;
+            let (prefix, dir) = place(INCIDENT_PREFIX, INCIDENT_DIR);
+            cleanup_on_signal(prefix, dir);
+            let lab = Lab::up(spec(prefix, dir, 3, 2, Mode::L2dsr)).map_err(lab_err)?;
             let passed = incident::run(&lab, &incident::Options { report_dir: report.clone() });
             lab.down();
             if passed.map_err(lab_err)? {
-                println!("incident replay: every expectation held");
+                outln!("incident replay: every expectation held");
                 Ok(())
             } else {
                 Err(Error::other("incident replay", anyhow::anyhow!("some expectations did not hold (see above)")))
             }
         }
         LabCmd::Chaos { duration, seed, rate, mode, json } => {
-            cleanup_on_signal(CHAOS_PREFIX, CHAOS_DIR);
-            let lab = Lab::up(spec(CHAOS_PREFIX, CHAOS_DIR, chaos::BACKENDS, 2, *mode)).map_err(lab_err)?;
+            let (prefix, dir) = place(CHAOS_PREFIX, CHAOS_DIR);
+            cleanup_on_signal(prefix, dir);
+            let lab = Lab::up(spec(prefix, dir, chaos::BACKENDS, 2, *mode)).map_err(lab_err)?;
             let report = chaos::run(&lab, &chaos::Options { duration: *duration, seed: *seed, rate: *rate, ..chaos::Options::default() });
             lab.down();
             verdict("chaos run", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Cluster { nodes, mode, limits: true, json, spill, .. } => {
-            cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
-            let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, 1, *nodes, *mode)).map_err(lab_err)?;
+            let (prefix, dir) = place(CLUSTER_PREFIX, CLUSTER_DIR);
+            cleanup_on_signal(prefix, dir);
+            let lab = Lab::up(spec(prefix, dir, 1, *nodes, *mode)).map_err(lab_err)?;
             let report = crate::limits::run(&lab, &crate::limits::Options { nodes: *nodes, spill: *spill, ..crate::limits::Options::default() });
             lab.down();
             verdict("cluster limits run", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Cluster { nodes, mode, duration, rate, json, limits: false, .. } => {
-            cleanup_on_signal(CLUSTER_PREFIX, CLUSTER_DIR);
-            let lab = Lab::up(spec(CLUSTER_PREFIX, CLUSTER_DIR, cluster::BACKENDS, 2, *mode)).map_err(lab_err)?;
+            let (prefix, dir) = place(CLUSTER_PREFIX, CLUSTER_DIR);
+            cleanup_on_signal(prefix, dir);
+            let lab = Lab::up(spec(prefix, dir, cluster::BACKENDS, 2, *mode)).map_err(lab_err)?;
             let opts = cluster::Options { nodes: *nodes, window: (*duration / 6).max(Duration::from_secs(2)), rate: *rate, ..cluster::Options::default() };
             let report = cluster::run(&lab, &opts);
             lab.down();
             verdict("cluster run", &report.map_err(lab_err)?, *json)
         }
         LabCmd::Flood { pps, duration, json } => {
-            cleanup_on_signal(FLOOD_PREFIX, FLOOD_DIR);
-            let lab = Lab::up(spec(FLOOD_PREFIX, FLOOD_DIR, flood::BACKENDS, 2, Mode::L2dsr)).map_err(lab_err)?;
+            let (prefix, dir) = place(FLOOD_PREFIX, FLOOD_DIR);
+            cleanup_on_signal(prefix, dir);
+            let lab = Lab::up(spec(prefix, dir, flood::BACKENDS, 2, Mode::L2dsr)).map_err(lab_err)?;
             let report = flood::run(&lab, &flood::Options { pps: *pps, duration: *duration, ..flood::Options::default() });
             lab.down();
             verdict("SYN flood", &report.map_err(lab_err)?, *json)
+        }
+        LabCmd::Drill(a) => {
+            if a.builds_lab() {
+                cleanup_on_signal(crate::drill::PREFIX, crate::drill::DIR);
+            }
+            crate::drill::run(a)
         }
         LabCmd::Serve { name, port } => lb_userspace::client::block_on(async { crate::serve::serve(name.clone(), *port).await.map_err(|e| Error::other("lab serve", e)) }),
     }

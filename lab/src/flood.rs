@@ -99,7 +99,7 @@ impl Verdict for Report {
 }
 
 /// A link's MAC address and index, in the calling thread's namespace.
-fn link(name: &str) -> Result<([u8; 6], u32)> {
+pub(crate) fn link(name: &str) -> Result<([u8; 6], u32)> {
     let index = nix::net::if_::if_nametoindex(name).with_context(|| format!("no interface {name}"))?;
     let mac = nix::ifaddrs::getifaddrs()?
         .filter(|a| a.interface_name == name)
@@ -111,7 +111,7 @@ fn link(name: &str) -> Result<([u8; 6], u32)> {
 /// Sends `opts.pps` spoofed SYNs per second for `opts.duration` out of `iface` to `dst_mac`;
 /// returns how many were sent. Sources are unused addresses of the lab's subnet (.128–.254) and
 /// random ports, so the backends' SYN-ACKs go nowhere, as a real flood's do.
-fn send_flood(iface: &str, dst_mac: [u8; 6], opts: &Options) -> Result<u64> {
+pub(crate) fn send_flood(iface: &str, dst_mac: [u8; 6], opts: &Options) -> Result<u64> {
     let (src_mac, index) = link(iface)?;
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };

@@ -27,6 +27,14 @@ const GOOD_LIMIT: u32 = 200;
 const BAD_LIMIT: u32 = 10;
 const BACKENDS: u8 = 3;
 
+/// A line of the replay on stdout, where it is the command's output. A reader that went away
+/// (`sluice lab incident | head`) does not end the replay, which still has a lab to remove.
+macro_rules! progress_line {
+    ($($arg:tt)*) => {
+        let _ = lb_userspace::cli::out::try_write(format_args!($($arg)*), true);
+    };
+}
+
 pub struct Options {
     pub report_dir: PathBuf,
 }
@@ -40,14 +48,14 @@ struct Narrator {
 impl Narrator {
     fn say(&self, line: impl AsRef<str>) {
         let l = format!("[{:>6.1}s] {}", self.t0.elapsed().as_secs_f64(), line.as_ref());
-        println!("{l}");
+        progress_line!("{l}");
         let mut t = self.text.lock().expect("text");
         t.push_str(&l);
         t.push('\n');
     }
     fn block(&self, text: &str) {
         for l in text.lines() {
-            println!("           {l}");
+            progress_line!("           {l}");
         }
         let mut t = self.text.lock().expect("text");
         t.push_str("```\n");
@@ -293,7 +301,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     lab.stop_daemon();
     let entries = lb_userspace::journal::read(&lab.journal(), Duration::from_hours(1)).unwrap_or_default();
     let timeline = lb_userspace::journal::markdown(&entries);
-    println!("\n{timeline}");
+    progress_line!("\n{timeline}");
     let order = ["refused by the guard", "max_conns 200 -> 10", "alert Sluice", "max_conns 10 -> 200", "resolved"];
     let positions: Vec<Option<usize>> = order.iter().map(|w| timeline.find(w)).collect();
     checks.push(Check {
@@ -312,14 +320,14 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     }
     writeln!(md, "\n## What happened\n\n{}\n{timeline}", n.text.lock().expect("text"))?;
     std::fs::write(opts.report_dir.join("report.md"), md)?;
-    println!("checks:");
+    progress_line!("checks:");
     for c in &checks {
-        println!("  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.what);
+        progress_line!("  {} {}", if c.ok { "ok  " } else { "FAIL" }, c.what);
         if !c.ok {
-            println!("       {}", c.detail.replace('\n', "\n       "));
+            progress_line!("       {}", c.detail.replace('\n', "\n       "));
         }
     }
-    println!("report: {} (and incident.svg)", opts.report_dir.join("report.md").display());
+    progress_line!("report: {} (and incident.svg)", opts.report_dir.join("report.md").display());
     Ok(passed)
 }
 

@@ -8,7 +8,8 @@
 //! - `probe.rs`: clients that probe the VIP and record each connection's fate;
 //!   `report.rs`: the end state (the daemon's view, the pinned maps) and the checks;
 //! - the scenarios: `incident.rs`, `chaos.rs`, `flood.rs`, `cluster.rs`, `limits.rs`; `load.rs`
-//!   (`sluice lab load`), `serve.rs` (the backends' HTTP server), `plot.rs`; `cli.rs`.
+//!   (`sluice lab load`), `serve.rs` (the backends' HTTP server), `plot.rs`; `cli.rs`;
+//! - `drill/`: `sluice lab drill`, training — one fault, only what users report, a score.
 //!
 //! ```text
 //!   client 1..C ─┐                      ┌─ backend 1..N  (VIP on lo; `l2dsr`: replies
@@ -25,6 +26,7 @@
 pub mod chaos;
 pub mod cli;
 pub mod cluster;
+pub mod drill;
 pub mod flood;
 pub mod incident;
 pub mod l2lab;

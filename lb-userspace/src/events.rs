@@ -100,4 +100,9 @@ impl Events {
     pub fn after(&self, after: u64, limit: usize) -> Vec<Event> {
         self.window.iter().filter(|e| e.seq > after).take(limit).cloned().collect()
     }
+
+    /// The last `n` events, oldest first.
+    pub fn last(&self, n: usize) -> Vec<Event> {
+        self.window.iter().skip(self.window.len().saturating_sub(n)).cloned().collect()
+    }
 }

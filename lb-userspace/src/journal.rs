@@ -34,6 +34,11 @@ impl Journal {
         Self { path, max_bytes }
     }
 
+    /// The file it appends to (`daemon.journal`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Appends an entry; a journal that cannot be written is logged, never fatal.
     pub fn record(&self, kind: &str, summary: impl Into<String>, details: Vec<String>) {
         let e = Entry { time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(), kind: kind.into(), summary: summary.into(), details };
@@ -76,6 +81,43 @@ pub fn read(path: &Path, since: Duration) -> std::io::Result<Vec<Entry>> {
     Ok(out)
 }
 
+/// How much of a file's end [`tail`] reads: the last entries, not the whole (up to
+/// `daemon.journal_max_bytes`, 10 MiB) file.
+const TAIL_BYTES: u64 = 256 * 1024;
+
+/// The last `n` entries, oldest first (from the rotated file too when the current one has
+/// fewer), reading at most the last 256 KiB of each file: the status page asks every few
+/// seconds. A missing file is no entry.
+pub fn tail(path: &Path, n: usize) -> std::io::Result<Vec<Entry>> {
+    let mut out = tail_of(path, n)?;
+    if out.len() < n {
+        let mut rotated = path.to_path_buf().into_os_string();
+        rotated.push(".1");
+        let mut older = tail_of(Path::new(&rotated), n - out.len())?;
+        older.append(&mut out);
+        out = older;
+    }
+    Ok(out)
+}
+
+fn tail_of(path: &Path, n: usize) -> std::io::Result<Vec<Entry>> {
+    use std::io::{Read as _, Seek as _};
+    let mut f = match fs::File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r?,
+    };
+    let start = f.metadata()?.len().saturating_sub(TAIL_BYTES);
+    f.seek(std::io::SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(TAIL_BYTES).read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    // Started mid-file: the first line may be the end of one.
+    let lines: Vec<&str> = text.lines().skip(usize::from(start > 0)).collect();
+    let mut out: Vec<Entry> = lines.iter().rev().filter_map(|l| serde_json::from_str(l).ok()).take(n).collect();
+    out.reverse();
+    Ok(out)
+}
+
 /// The postmortem's "Timeline" section.
 pub fn markdown(entries: &[Entry]) -> String {
     let mut s = String::from("## Timeline\n\n");
@@ -109,6 +151,10 @@ mod tests {
         let all = read(&dir.join("journal.jsonl"), Duration::from_hours(1)).expect("read");
         assert_eq!(all.len(), 3, "both generations read, in order");
         assert_eq!(all[0].summary, "Sluice daemon started");
+        let last = tail(&dir.join("journal.jsonl"), 2).expect("tail");
+        assert_eq!(last, all[1..], "the last two, oldest first, across the rotation");
+        assert_eq!(tail(&dir.join("journal.jsonl"), 10).expect("tail"), all, "no more than there are");
+        assert!(tail(&dir.join("nothing.jsonl"), 5).expect("missing file").is_empty());
         let md = markdown(&all);
         assert!(md.starts_with("## Timeline") && md.contains("UTC** — FIRING SluiceBackendAtLimit") && md.contains("  - service \"web\""), "{md}");
         let _ = fs::remove_dir_all(&dir);

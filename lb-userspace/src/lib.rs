@@ -36,6 +36,7 @@ pub mod reconcile;
 pub mod shares;
 pub mod sinks;
 pub mod stats;
+pub mod statuspage;
 pub mod tables;
 pub mod tls;
 pub mod webconfig;

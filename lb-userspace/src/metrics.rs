@@ -51,6 +51,7 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
     let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
     let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
     let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
+    lock_families(&r, &daemon.lock_report());
     let mut st = daemon.lock();
     daemon_families(&r, &st);
     let limits = st.cluster().and_then(crate::daemon::Cluster::limits);
@@ -133,6 +134,22 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
 
 /// The daemon's own: a refused reload, the listeners' bounds and counts, and the open files
 /// (`listen.rs`, `openfiles.rs`).
+/// How long the daemon's one lock is held (`daemon/lock.rs`): a long hold stalls the API, the
+/// scrapes and every change.
+fn lock_families(r: &Registry, l: &crate::daemon::LockReport) {
+    let one = |name: &str, help: &str| counter(r, name, help, &[]);
+    one("sluice_state_lock_holds_total", "Times the daemon's state lock was taken.").with_label_values::<&str>(&[]).inc_by(l.holds);
+    one("sluice_state_lock_holds_over_10ms_total", "Holds of the daemon's state lock longer than 10 ms.").with_label_values::<&str>(&[]).inc_by(l.over_10ms);
+    one("sluice_state_lock_holds_over_100ms_total", "Holds of the daemon's state lock longer than 100 ms.").with_label_values::<&str>(&[]).inc_by(l.over_100ms);
+    let g = prometheus::GaugeVec::new(
+        Opts::new("sluice_state_lock_longest_hold_seconds", "The longest hold of the daemon's state lock since the start (sluice status names the code that took it)."),
+        &[],
+    )
+    .expect("gauge");
+    r.register(Box::new(g.clone())).expect("register");
+    g.with_label_values::<&str>(&[]).set(l.longest_ms / 1e3);
+}
+
 fn daemon_families(r: &Registry, st: &crate::daemon::State) {
     let refused_change = int_gauge(r, "sluice_config_change_refused", "1 while the last reload was refused by the guard (the previous config runs).", &[]);
     refused_change.with_label_values::<&str>(&[]).set(i64::from(st.change_refused().is_some()));
@@ -271,7 +288,8 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Serves `/metrics` on `addr` within `me`'s bounds (`listen.rs`) until `shutdown`.
+/// Serves `/metrics` and the status page (`statuspage.rs`) on `addr` within `me`'s bounds
+/// (`listen.rs`) until `shutdown`.
 /// With `web` (`daemon.metrics_web_config`), over TLS and/or behind basic authentication.
 pub async fn serve(
     addr: SocketAddr,
@@ -281,15 +299,17 @@ pub async fn serve(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
-    // A scrape is a GET: no body worth buffering.
-    let mut app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).layer(axum::extract::DefaultBodyLimit::max(4096)).with_state(daemon);
+    // A scrape is a GET: no body worth buffering. The status page (`/`, `/status.json`) is
+    // added before the web config's guard, so it is served exactly as `/metrics` is.
+    let mut app =
+        axum::Router::new().route("/metrics", axum::routing::get(scrape)).merge(crate::statuspage::routes()).layer(axum::extract::DefaultBodyLimit::max(4096)).with_state(daemon);
     let mut tls = None;
     if let Some(web) = web {
         app = web.guard(app);
         tls = web.tls;
     }
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(%addr, "metrics on {scheme}://{addr}/metrics");
+    tracing::info!(%addr, "metrics on {scheme}://{addr}/metrics, status page on {scheme}://{addr}/");
     crate::listen::serve(listener, app, me, tls, shutdown).await;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: toolchain bootstrap and orchestration for Sluice.
 
+mod package;
 mod requirements;
 mod setup;
 
@@ -45,6 +46,9 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Set up, build in release, and make the Debian package
+    /// target/debian/sluice_<version>-1_amd64.deb (checked with lintian).
+    Package,
     /// Set up, build, and run every test (privileged tests included; needs root).
     Test {
         /// Extra arguments passed to `cargo nextest run` (e.g. `-E 'binary(lab_cluster_limits)'`).
@@ -85,6 +89,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Build { release } => {
             setup::run()?;
             build(release)
+        }
+        Cmd::Package => {
+            setup::run()?;
+            package::run(true, true).map(|_| ())
         }
         Cmd::Test { args } => {
             setup::run()?;
@@ -225,6 +233,9 @@ fn test(extra: &[String]) -> Result<()> {
     lint()?;
     build(false)?;
     // Doc examples first (nextest does not run them).
+    // The Debian package, which tests/tests/package.rs unpacks and checks (lintian included),
+    // made around the debug binary just built: a release build would add minutes.
+    let deb = package::run(false, false)?;
     let status = cargo().args(["test", "--doc", "--package", "lb-common", "--package", "lb-userspace", "--package", "sluice-lab"]).status().context("running the doc tests")?;
     if !status.success() {
         bail!("doc tests failed");
@@ -236,6 +247,7 @@ fn test(extra: &[String]) -> Result<()> {
     cmd.args(extra);
     // The tests find the sluice binary here.
     cmd.env("SLUICE_BIN", env_target_dir().join("debug/sluice"));
+    cmd.env("SLUICE_DEB", &deb);
     cmd.stderr(Stdio::piped());
     let mut child = cmd.spawn().context("running cargo nextest (cargo install cargo-nextest if it is missing)")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);

@@ -57,6 +57,19 @@ pub const PACKAGES: &[&str] = &[
     // groupadd/groupdel: the read-only socket's test makes a throwaway group (Debian marks
     // passwd "required", so this only states it).
     "passwd",
+    // `cargo xtask package` and its test (tests/tests/package.rs): dpkg-shlibdeps (dpkg-dev)
+    // for the package's Depends, strip (binutils), lintian on the .deb, `man -l` on its pages
+    // (man-db), `systemd-analyze verify` on its unit (systemd; nothing is started by it).
+    "dpkg-dev",
+    "binutils",
+    "lintian",
+    "man-db",
+    "systemd",
+    // chromium: the status page's test opens it in a real browser (headless) and saves a
+    // screenshot.
+    "chromium",
+    // tmux: the drill's test runs `sluice lab drill` in a terminal and answers from another.
+    "tmux",
 ];
 
 /// The peers Sluice is measured against in `bench e2e` (whose short form the suite runs):
@@ -88,16 +101,28 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "groupadd", package: Some("passwd"), probe: &["--help"] },
     Tool { program: "groupdel", package: Some("passwd"), probe: &["--help"] },
     Tool { program: "protoc", package: Some("protobuf-compiler"), probe: &["--version"] },
+    Tool { program: "tmux", package: Some("tmux"), probe: &["-V"] },
+    Tool { program: "chromium", package: Some("chromium"), probe: &["--version"] },
     Tool { program: "haproxy", package: Some("haproxy"), probe: &["-v"] },
     Tool { program: "nginx", package: Some("nginx"), probe: &["-v"] },
+    Tool { program: "dpkg-shlibdeps", package: Some("dpkg-dev"), probe: &["--version"] },
+    Tool { program: "strip", package: Some("binutils"), probe: &["--version"] },
+    Tool { program: "lintian", package: Some("lintian"), probe: &["--version"] },
+    Tool { program: "man", package: Some("man-db"), probe: &["--version"] },
+    Tool { program: "systemd-analyze", package: Some("systemd"), probe: &["--version"] },
     Tool { program: "cargo", package: None, probe: &[] },
     Tool { program: "rustup", package: None, probe: &[] },
     Tool { program: "apt-get", package: None, probe: &[] },
     Tool { program: "dpkg-query", package: None, probe: &[] },
+    Tool { program: "dpkg-deb", package: None, probe: &[] },
     Tool { program: "id", package: None, probe: &[] },
     // coreutils and dash: every Debian system has them (the cleanup test's stray processes).
     Tool { program: "sh", package: None, probe: &[] },
     Tool { program: "sleep", package: None, probe: &[] },
+    Tool { program: "bash", package: None, probe: &[] },
+    Tool { program: "gzip", package: None, probe: &[] },
+    Tool { program: "md5sum", package: None, probe: &[] },
+    Tool { program: "date", package: None, probe: &[] },
 ];
 
 #[cfg(test)]

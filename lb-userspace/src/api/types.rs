@@ -85,6 +85,9 @@ pub struct StatusReport {
     /// Descriptors open, the open-file limit, and what the config may need (`openfiles.rs`).
     #[serde(default)]
     pub open_files: Option<crate::openfiles::OpenFiles>,
+    /// How long the daemon's state lock was held: the longest hold and where (`daemon/lock.rs`).
+    #[serde(default)]
+    pub state_lock: crate::daemon::LockReport,
 }
 
 /// `POST /v1/config/apply`.

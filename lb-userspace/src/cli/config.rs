@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::config::{self, Finding, Severity};
+use crate::{
+    config::{self, Finding, Severity},
+    outln,
+};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -56,16 +59,16 @@ pub fn run(cmd: &Command, socket: &std::path::Path) -> i32 {
     let errors = findings.iter().any(|f| f.severity == Severity::Error);
     if *json {
         let report = Report { file, ok: !errors, findings: &findings };
-        println!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
+        outln!("{}", serde_json::to_string_pretty(&report).expect("serializable"));
     } else {
         for f in &findings {
-            println!("{}: {f}", file.display());
+            outln!("{}: {f}", file.display());
         }
         let (e, w) = findings.iter().fold((0, 0), |(e, w), f| match f.severity {
             Severity::Error => (e + 1, w),
             Severity::Warning => (e, w + 1),
         });
-        println!("{}: {e} error(s), {w} warning(s){}", file.display(), if errors { "; it would be refused" } else { "" });
+        outln!("{}: {e} error(s), {w} warning(s){}", file.display(), if errors { "; it would be refused" } else { "" });
     }
     if errors {
         2
@@ -83,15 +86,15 @@ fn review(socket: &std::path::Path, json: bool) -> i32 {
         }
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return 0;
     }
-    println!("{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}", "SERVICE", "BACKEND", "MAX_CONNS", "OPEN", "PEAK 1H", "PEAK 24H", "PEAK 30D", "HEADROOM", "SUGGESTED");
+    outln!("{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}", "SERVICE", "BACKEND", "MAX_CONNS", "OPEN", "PEAK 1H", "PEAK 24H", "PEAK 30D", "HEADROOM", "SUGGESTED");
     let mut flagged = 0;
     for s in &v.services {
         for b in &s.backends {
             flagged += usize::from(!b.flag.is_empty());
-            println!(
+            outln!(
                 "{:<10} {:<18} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>10}{}",
                 s.name,
                 b.address.to_string(),
@@ -105,12 +108,16 @@ fn review(socket: &std::path::Path, json: bool) -> i32 {
                 if b.flag.is_empty() { String::new() } else { format!("  {}", b.flag) }
             );
         }
-        println!(
+        outln!(
             "  service \"{}\": admits {}, peak load {} (24 h); N-1 (without its largest backend) admits {}: {}",
-            s.name, s.capacity, s.peak_24h.open, s.n_minus_1, s.n_minus_1_verdict
+            s.name,
+            s.capacity,
+            s.peak_24h.open,
+            s.n_minus_1,
+            s.n_minus_1_verdict
         );
     }
-    println!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v.headroom);
+    outln!("{flagged} backend(s) flagged; suggested max_conns = peak (30 d) × {} rounded up", v.headroom);
     0
 }
 

@@ -6,7 +6,7 @@ use crate::{
     api::{ApplyResponse, BackendRequest, DrainRequest, EventsQuery, ExplainQuery, RaiseRequest, ServiceReport},
     client::{self, Client},
     config::Proto,
-    Error,
+    out, outln, Error,
 };
 
 #[derive(clap::Subcommand)]
@@ -59,7 +59,7 @@ pub enum BackendCmd {
 }
 
 pub fn print_services(services: &[ServiceReport]) {
-    println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
+    outln!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}", "SERVICE", "VIP", "MODE", "BACKEND", "STATE", "OPEN", "MAX_CONNS", "WEIGHT");
     for s in services {
         let vip = format!("{}:{} {}", s.vip, s.port, s.proto.name());
         for b in &s.backends {
@@ -80,7 +80,7 @@ pub fn print_services(services: &[ServiceReport]) {
                 String::new()
             };
             let state = if b.removed { "removing" } else { b.state.as_str() };
-            println!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}", s.name, vip, s.mode, b.address.to_string(), state, open, max, b.weight);
+            outln!("{:<14} {:<24} {:<6} {:<18} {:<10} {:>7} {:>9} {:>6}{full}", s.name, vip, s.mode, b.address.to_string(), state, open, max, b.weight);
         }
     }
 }
@@ -89,7 +89,7 @@ pub fn service(socket: &Path, cmd: &ServiceCmd) -> Result<(), Error> {
     let ServiceCmd::List { json } = cmd;
     let services = client::block_on(Client::new(socket).services())?;
     if *json {
-        println!("{}", serde_json::to_string_pretty(&services).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&services).expect("json"));
     } else {
         print_services(&services);
     }
@@ -98,21 +98,21 @@ pub fn service(socket: &Path, cmd: &ServiceCmd) -> Result<(), Error> {
 
 pub fn print_changes(r: &ApplyResponse) {
     if r.changes.is_empty() {
-        println!("no changes");
+        outln!("no changes");
     }
     let verb = if r.applied { "applied" } else { "would apply" };
     for c in &r.changes {
-        println!("{verb}: {}", c.what);
+        outln!("{verb}: {}", c.what);
     }
     for w in &r.warnings {
-        println!("warning: {}: {}", w.key, w.message);
+        outln!("warning: {}: {}", w.key, w.message);
     }
     for refused in &r.guard.refused {
         let what = if r.guard.forced { "FORCED past the guard" } else { "the guard would refuse it" };
-        println!("{what}: {refused}");
+        outln!("{what}: {refused}");
     }
     for w in &r.guard.warnings {
-        println!("guard warning: {w}");
+        outln!("guard warning: {w}");
     }
 }
 
@@ -129,18 +129,18 @@ pub struct HistoryArgs {
 pub fn history(socket: &Path, a: &HistoryArgs) -> Result<(), Error> {
     let h = client::block_on(Client::new(socket).history(&a.service, a.backend))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&h).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&h).expect("json"));
         return Ok(());
     }
     for b in &h.backends {
-        println!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b.address, b.peak_24h.open, b.peak_30d.open);
+        outln!("service \"{}\" backend {}: peak {} (24 h), {} (30 d)", a.service, b.address, b.peak_24h.open, b.peak_30d.open);
         let show = |what: &str, slots: &[(u64, crate::history::Slot)]| {
             let rows: Vec<String> = slots
                 .iter()
                 .filter(|(_, s)| s.peak > 0 || s.refused > 0)
                 .map(|(at, s)| format!("{} peak {} refused {}", crate::history::clock(*at, h.now), s.peak, s.refused))
                 .collect();
-            println!("  per {what} ({} with load): {}", rows.len(), if rows.is_empty() { "none".to_owned() } else { rows.join(", ") });
+            outln!("  per {what} ({} with load): {}", rows.len(), if rows.is_empty() { "none".to_owned() } else { rows.join(", ") });
         };
         show("hour, 30 d", &b.hours);
         show("minute, last hour", &b.minutes[b.minutes.len().saturating_sub(60)..]);
@@ -186,15 +186,15 @@ pub fn explain(socket: &Path, a: &ExplainArgs) -> Result<(), Error> {
     };
     let e = client::block_on(Client::new(socket).explain(&ExplainQuery { src, dst: a.dst, proto }))?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&e).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&e).expect("json"));
         return Ok(());
     }
-    println!("{}", e.summary);
+    outln!("{}", e.summary);
     if let Some(svc) = &e.service {
         let slot = e.ring_slot.map_or_else(|| "null".to_owned(), |s| s.to_string());
-        println!("service \"{svc}\", flow hash {:#010x}, ring slot {slot}", e.hash);
+        outln!("service \"{svc}\", flow hash {:#010x}, ring slot {slot}", e.hash);
         for (i, c) in e.candidates.iter().enumerate() {
-            println!("  candidate {}: {} ({}, {} open, max_conns = {})", i + 1, c.backend, c.state, c.open, c.max_conns);
+            outln!("  candidate {}: {} ({}, {} open, max_conns = {})", i + 1, c.backend, c.state, c.open, c.max_conns);
         }
     }
     Ok(())
@@ -218,13 +218,14 @@ pub fn events(socket: &Path, a: &EventsArgs) -> Result<(), Error> {
             for e in daemon.events(&EventsQuery { after, limit: 1000 }).await? {
                 after = after.max(e.seq);
                 if a.json {
-                    println!("{}", serde_json::to_string(&e).expect("json"));
+                    outln!("{}", serde_json::to_string(&e).expect("json"));
                 } else {
                     let backend = e.backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
-                    println!("{} {} {} -> {} service \"{}\" backend {backend} REFUSED {}", e.time, e.proto, e.client, e.vip, e.service, e.reason);
+                    outln!("{} {} {} -> {} service \"{}\" backend {backend} REFUSED {}", e.time, e.proto, e.client, e.vip, e.service, e.reason);
                 }
             }
-            if !a.follow {
+            // Following ends when the reader does (`sluice events --follow | grep -m1 …`).
+            if !a.follow || super::out::reader_gone() {
                 return Ok(());
             }
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -249,7 +250,7 @@ pub fn limit(socket: &Path, cmd: &LimitCmd) -> Result<(), Error> {
     let LimitCmd::Raise { service, backend, max_conns, ttl } = cmd;
     let req = RaiseRequest { service: service.clone(), backend: *backend, max_conns: *max_conns, ttl: ttl.clone() };
     print_changes(&client::block_on(Client::new(socket).raise(&req))?);
-    println!("reverts by itself after {ttl}");
+    outln!("reverts by itself after {ttl}");
     Ok(())
 }
 
@@ -270,13 +271,13 @@ pub fn timeline(a: &TimelineArgs) -> Result<(), Error> {
     let since = humantime::parse_duration(&a.since).map_err(|e| Error::other("--since", anyhow::anyhow!("\"{}\": {e} (write e.g. 3h)", a.since)))?;
     let entries = crate::journal::read(&a.journal, since).map_err(|e| Error::other(format!("reading {}", a.journal.display()), e))?;
     match a.format.as_str() {
-        "json" => println!("{}", serde_json::to_string_pretty(&entries).expect("json")),
-        "markdown" => print!("{}", crate::journal::markdown(&entries)),
+        "json" => outln!("{}", serde_json::to_string_pretty(&entries).expect("json")),
+        "markdown" => out!("{}", crate::journal::markdown(&entries)),
         _ => {
             for e in &entries {
-                println!("{} [{}] {}", e.time, e.kind, e.summary);
+                outln!("{} [{}] {}", e.time, e.kind, e.summary);
                 for d in &e.details {
-                    println!("    {d}");
+                    outln!("    {d}");
                 }
             }
         }
@@ -314,15 +315,15 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
     let ClusterCmd::Status { json } = cmd;
     let st = client::block_on(Client::new(socket).status())?;
     if *json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cluster": st.cluster, "limits": st.limits, "peers": st.peers })).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&serde_json::json!({ "cluster": st.cluster, "limits": st.limits, "peers": st.peers })).expect("json"));
         return Ok(());
     }
     let Some(c) = &st.cluster else {
         return Err(Error::other("cluster status", anyhow::anyhow!("this daemon has no [cluster] section: it is a single node")));
     };
-    println!("{}", c.line());
+    outln!("{}", c.line());
     let Some(l) = st.limits else {
-        println!("no cluster-wide limits ([cluster.limits]): each node enforces max_conns on its own");
+        outln!("no cluster-wide limits ([cluster.limits]): each node enforces max_conns on its own");
         return Ok(());
     };
     let conn = if l.connected {
@@ -330,20 +331,20 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
     } else {
         format!("etcd {} OUT OF REACH for {:.1} s: {}", l.etcd.join(", "), l.lost_for_s.unwrap_or(0.0), l.error.as_deref().unwrap_or(""))
     };
-    println!(
+    outln!(
         "{conn}; shares allocated by {}{}{}",
         l.leader.as_deref().unwrap_or("(nobody yet)"),
         if l.fallback { "; THIS NODE ENFORCES ITS SAFE SHARES" } else { "" },
         if l.fenced { "; THIS NODE IS FENCED (VIPs withdrawn, admitting nothing: cut off from etcd while its peers are not)" } else { "" }
     );
-    println!("{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}", "NODE", "GRANT", "BACKEND", "OPEN", "SHARE", "WANTS", "REFUSING");
+    outln!("{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}", "NODE", "GRANT", "BACKEND", "OPEN", "SHARE", "WANTS", "REFUSING");
     for (name, r) in &l.nodes {
         let seq = l.grants.get(name).map_or(0, |g| g.seq);
         let mark = if l.leader.as_deref() == Some(name) { "*" } else { "" };
         for (k, d) in &r.backends {
             let granted = l.grants.get(name).and_then(|g| g.shares.get(k)).copied();
             let share = if granted.is_some_and(|g| g != d.applied) { format!("{}→{}", d.applied, granted.unwrap_or(0)) } else { d.applied.to_string() };
-            println!(
+            outln!(
                 "{:<10} {:<6} {:<24} {:>6} {:>6} {:>6} {:>9}{}",
                 format!("{name}{mark}"),
                 format!("{}/{seq}", r.applied_seq),
@@ -358,10 +359,10 @@ pub fn cluster(socket: &Path, cmd: &ClusterCmd) -> Result<(), Error> {
     }
     for (node, holds) in &l.reserved {
         let held: Vec<String> = holds.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("reserved for node {node} (its lease is gone; what it may still hold): {}", held.join(", "));
+        outln!("reserved for node {node} (its lease is gone; what it may still hold): {}", held.join(", "));
     }
     for (k, b) in &l.backends {
-        println!("{k}: {} open over the cluster of max_conns {}; this node {} open, share {}, safe share {}", b.cluster_open, b.max_conns, b.open, b.share, b.safe_share);
+        outln!("{k}: {} open over the cluster of max_conns {}; this node {} open, share {}, safe share {}", b.cluster_open, b.max_conns, b.open, b.share, b.safe_share);
     }
     Ok(())
 }
@@ -371,21 +372,21 @@ pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
         NodeCmd::Drain { timeout, json } => {
             let r = client::block_on(Client::new(socket).drain(&DrainRequest { timeout: Some(timeout.clone()) }))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+                outln!("{}", serde_json::to_string_pretty(&r).expect("json"));
                 return Ok(());
             }
             let vips = r.withdrawn.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             match r.withdraw_ms {
-                Some(ms) => println!("node \"{}\": withdrew {} from BIRD in {ms} ms", r.node, if vips.is_empty() { "nothing (no VIP was announced)".into() } else { vips }),
-                None => println!("node \"{}\": BIRD did not confirm the withdrawal: {}", r.node, r.error.as_deref().unwrap_or("no answer")),
+                Some(ms) => outln!("node \"{}\": withdrew {} from BIRD in {ms} ms", r.node, if vips.is_empty() { "nothing (no VIP was announced)".into() } else { vips }),
+                None => outln!("node \"{}\": BIRD did not confirm the withdrawal: {}", r.node, r.error.as_deref().unwrap_or("no answer")),
             }
-            println!(
+            outln!(
                 "{} new flow(s) arrived after the withdrawal{}; {}",
                 r.new_flows_after,
                 if r.new_flows_after > 0 { format!(", the last {} ms after it", r.last_new_flow_ms) } else { String::new() },
                 if r.quiet { "then none for 2 s: the router sends this node no new flows" } else { "new flows were still arriving when the timeout ran out" }
             );
-            println!("open connections keep being forwarded; `sluice node undrain` announces again");
+            outln!("open connections keep being forwarded; `sluice node undrain` announces again");
             if r.quiet {
                 Ok(())
             } else {
@@ -393,7 +394,7 @@ pub fn node(socket: &Path, cmd: &NodeCmd) -> Result<(), Error> {
             }
         }
         NodeCmd::Undrain => {
-            println!("{}", client::block_on(Client::new(socket).undrain())?.line());
+            outln!("{}", client::block_on(Client::new(socket).undrain())?.line());
             Ok(())
         }
     }

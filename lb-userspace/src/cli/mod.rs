@@ -1,9 +1,15 @@
 //! The `sluice` command line (clap derive), one module per subcommand.
+//!
+//! Command output goes through [`out`] (`outln!`): a reader that closes the pipe ends the
+//! command quietly. `println!` is refused here, so no command can panic on a closed stdout.
+#![deny(clippy::print_stdout)]
 
 mod config;
 mod ctl;
 mod decap;
+mod docs;
 mod lab;
+pub mod out;
 mod run;
 mod status;
 mod top;
@@ -65,11 +71,18 @@ pub enum Command {
     /// On a backend: strip `ipip` encapsulation in XDP (attach until SIGINT/SIGTERM).
     Decap(decap::Args),
     /// A whole deployment in network namespaces: demos, training, the incident replay (runs
-    /// `sluice-lab`, installed beside this binary).
+    /// `sluice-lab`, beside this binary or on PATH; built from source with `cargo xtask build`,
+    /// it is not in the Debian package: a production host needs no load generator).
     Lab(lab::Args),
     /// Work with config files.
     #[command(subcommand)]
     Config(config::Command),
+    /// Print a shell completion script: `sluice completions bash > /etc/bash_completion.d/sluice`
+    /// (the Debian package installs those for bash, zsh and fish).
+    Completions(docs::CompletionsArgs),
+    /// (packaging) Write the man pages, sluice.8 and one per subcommand, into a directory.
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 /// Where the maps are pinned; every command that touches the datapath takes it.
@@ -140,7 +153,12 @@ pub fn main() -> i32 {
         Command::Config(c) => return config::run(&c, &cli.socket),
         Command::Decap(a) => decap::run(&a),
         Command::Lab(a) => lab::run(&a),
-        Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| println!("detached; pins removed from {}", p.pin_dir.display())),
+        Command::Detach(p) => crate::datapath::detach(&p.pin_dir).map(|()| crate::outln!("detached; pins removed from {}", p.pin_dir.display())),
+        Command::Completions(a) => {
+            docs::completions(&a);
+            Ok(())
+        }
+        Command::Man(a) => docs::man(&a),
     };
     match result {
         Ok(()) => 0,

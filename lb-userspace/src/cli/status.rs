@@ -1,7 +1,7 @@
 //! `sluice status`: the datapath's counters by outcome.
 
 use super::PinDir;
-use crate::{stats, Error};
+use crate::{outln, stats, Error};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -18,25 +18,25 @@ pub fn run(args: &Args, socket: &std::path::Path) -> Result<(), Error> {
     if socket.exists() {
         let st = crate::client::block_on(crate::client::Client::new(socket).status())?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&st).expect("json"));
+            outln!("{}", serde_json::to_string_pretty(&st).expect("json"));
             return Ok(());
         }
-        println!("sluice on {} (config {}), {} flows of {}", st.interface, st.config.display(), st.flows, st.flow_capacity);
+        outln!("sluice on {} (config {}), {} flows of {}", st.interface, st.config.display(), st.flows, st.flow_capacity);
         if let Some(c) = &st.cluster {
-            println!("{}", c.line());
+            outln!("{}", c.line());
         }
         super::ctl::print_services(&st.services);
         if let Some(line) = listeners_line(&st.listeners, st.open_files.as_ref()) {
-            println!("{line}");
+            outln!("{line}");
         }
         for a in &st.alerts_firing {
-            println!("ALERT {} [{}]: {}", a.alertname, a.severity, a.summary);
-            println!("      {}", a.description);
+            outln!("ALERT {} [{}]: {}", a.alertname, a.severity, a.summary);
+            outln!("      {}", a.description);
         }
         for d in &st.last_drift {
-            println!("drift: backend id {} counter {} vs {} flows{}", d.backend_id, d.counter, d.flows, if d.corrected { " (corrected)" } else { "" });
+            outln!("drift: backend id {} counter {} vs {} flows{}", d.backend_id, d.counter, d.flows, if d.corrected { " (corrected)" } else { "" });
         }
-        println!();
+        outln!();
         print_outcomes(&st.outcomes, false);
         return Ok(());
     }
@@ -79,13 +79,13 @@ fn listeners_line(listeners: &[crate::listen::ListenerReport], files: Option<&cr
 
 fn print_outcomes(snap: &stats::Snapshot, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(snap).expect("serializable"));
+        outln!("{}", serde_json::to_string_pretty(snap).expect("serializable"));
         return;
     }
-    println!("{:<16} {:>14} {:>16}", "OUTCOME", "PACKETS", "BYTES");
+    outln!("{:<16} {:>14} {:>16}", "OUTCOME", "PACKETS", "BYTES");
     for o in &snap.outcomes {
         let mark = if o.malformed && o.packets > 0 { "  (malformed)" } else { "" };
-        println!("{:<16} {:>14} {:>16}{mark}", o.outcome, o.packets, o.bytes);
+        outln!("{:<16} {:>14} {:>16}{mark}", o.outcome, o.packets, o.bytes);
     }
-    println!("{:<16} {:>14} {:>16}", "total", snap.total_packets, snap.total_bytes);
+    outln!("{:<16} {:>14} {:>16}", "total", snap.total_packets, snap.total_bytes);
 }

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use crate::{
     api::StatusReport,
     client::{self, Client},
-    Error,
+    out, Error,
 };
 use crossterm::{
     event::{self, Event, KeyCode},
@@ -132,7 +132,7 @@ pub fn run(socket: &Path, a: &Args) -> Result<(), Error> {
             let first = daemon.status().await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let second = daemon.status().await?;
-            print!("{}", render_once(&[first, second], a.width).map_err(|e| Error::other("drawing", e))?);
+            out!("{}", render_once(&[first, second], a.width).map_err(|e| Error::other("drawing", e))?);
             Ok(())
         });
     }

@@ -10,12 +10,13 @@
 
 mod changes;
 mod cluster;
+mod lock;
 mod reports;
 mod state;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -30,6 +31,7 @@ use self::state::MIN_EVAL_GAP;
 pub use self::{
     changes::Refused,
     cluster::Cluster,
+    lock::LockReport,
     state::{Override, State},
 };
 use crate::{
@@ -45,14 +47,20 @@ use crate::{
 /// The running daemon, as its tasks and the control API hold it. Cheap to clone.
 #[derive(Clone)]
 pub struct Daemon {
-    state: Arc<Mutex<State>>,
+    state: Arc<lock::Timed<State>>,
 }
 
 impl Daemon {
     /// The state, locked, to read (its getters). Hold it briefly: the main loop, the API and
     /// the scrapes all wait for it.
-    pub fn lock(&self) -> MutexGuard<'_, State> {
+    #[track_caller]
+    pub fn lock(&self) -> lock::Guard<'_, State> {
         self.state.lock().expect("state lock")
+    }
+
+    /// How long the lock was held (`lock.rs`), read without taking it.
+    pub fn lock_report(&self) -> LockReport {
+        self.state.report()
     }
 
     /// Leaves the datapath attached and forwarding once the daemon has stopped (the next `sluice
@@ -171,7 +179,7 @@ impl Daemon {
             applied.shares = Some(Default::default());
         }
         let (health_tx, health_rx) = mpsc::unbounded_channel();
-        let state = Arc::new(Mutex::new(State {
+        let state = Arc::new(lock::Timed::new(State {
             cfg_path: cfg_path.to_owned(),
             cfg: cfg.clone(),
             dp,

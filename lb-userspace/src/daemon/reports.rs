@@ -36,6 +36,7 @@ impl Daemon {
             limits: cluster.and_then(super::Cluster::limits),
             listeners: st.listeners(),
             open_files: st.open_files(),
+            state_lock: self.lock_report(),
         })
     }
 
@@ -135,6 +136,16 @@ impl Daemon {
             tracing::error!("{e}");
         }
         st.events.as_ref().map(|e| e.after(q.after, q.limit)).unwrap_or_default()
+    }
+
+    /// The last `n` refusal events, oldest first (drained first, as [`Daemon::events`]): the
+    /// status page's.
+    pub fn recent_events(&self, n: usize) -> Vec<crate::events::Event> {
+        let mut st = self.lock();
+        if let Err(e) = st.drain_events() {
+            tracing::error!("{e}");
+        }
+        st.events.as_ref().map(|e| e.last(n)).unwrap_or_default()
     }
 }
 

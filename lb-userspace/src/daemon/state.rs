@@ -6,7 +6,7 @@
 use std::{
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -150,7 +150,7 @@ impl State {
     /// backend's health, an override), applies it, then runs the edit's follow-up (e.g. putting
     /// the edited config file in place), all in the same turn. No two changes interleave, so none
     /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
-    pub(super) async fn change<E: From<Error>>(state: &Arc<Mutex<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
+    pub(super) async fn change<E: From<Error>>(state: &Arc<super::lock::Timed<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
         let turn = state.lock().expect("state lock").turn.clone();
         let _turn = turn.lock().await;
         let next = edit(&mut state.lock().expect("state lock"))?;
@@ -173,7 +173,7 @@ impl State {
 
     /// Applies `cfg` (already validated), resolving the MACs `l2dsr` backends need. Only
     /// [`State::change`] calls it, holding the turn.
-    async fn apply(state: &Arc<Mutex<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
+    async fn apply(state: &Arc<super::lock::Timed<Self>>, cfg: Config) -> Result<Vec<Change>, Error> {
         let macs = backend_macs(&cfg).await?;
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
@@ -228,7 +228,7 @@ impl State {
     }
 
     /// What applying `cfg` would change (no writes).
-    pub(super) async fn plan(state: &Arc<Mutex<Self>>, cfg: &Config) -> Result<Vec<Change>, Error> {
+    pub(super) async fn plan(state: &Arc<super::lock::Timed<Self>>, cfg: &Config) -> Result<Vec<Change>, Error> {
         let macs = backend_macs(cfg).await?;
         let mut st = state.lock().expect("state lock");
         let st = &mut *st;
