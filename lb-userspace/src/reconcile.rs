@@ -155,6 +155,16 @@ pub struct Plan {
     removed_services: Vec<Arc<AppliedService>>,
 }
 
+/// A health check in a change's line: `tcp :80 every 1s` or `http :8080/healthz every 1s`.
+fn health_text(h: Option<&crate::config::Health>, service_port: u16) -> String {
+    let Some(h) = h else { return "none".into() };
+    let kind = match h.kind {
+        crate::config::HealthKind::Tcp => "tcp",
+        crate::config::HealthKind::Http => "http",
+    };
+    format!("{kind} :{}{} every {:?}", h.port.unwrap_or(service_port), h.path.as_deref().unwrap_or(""), h.interval)
+}
+
 fn change(key: impl Into<String>, what: impl Into<String>) -> Change {
     Change { what: what.into(), key: key.into() }
 }
@@ -403,6 +413,18 @@ impl Applied {
             let s = Arc::make_mut(next.get_mut(&c.name).expect("inserted"));
             if !fresh && s.cfg.mode != c.mode {
                 changes.push(change(key_of(&c.name, None, "mode"), format!("service \"{}\": mode {:?} -> {:?}", c.name, s.cfg.mode, c.mode)));
+            }
+            // A health check's settings are no datapath change, but a wrong one takes backends
+            // out of the ring: said in the apply's diff and the journal like any other change.
+            if !fresh {
+                for bc in &c.backends {
+                    if let Some(was) = s.cfg.backends.iter().find(|b| b.address == bc.address).filter(|b| b.health != bc.health) {
+                        changes.push(change(
+                            key_of(&c.name, Some(bc.address), "health"),
+                            format!("service \"{}\" backend {}: health check {} -> {}", c.name, bc.address, health_text(was.health.as_ref(), c.port), health_text(bc.health.as_ref(), c.port)),
+                        ));
+                    }
+                }
             }
             s.cfg = c.clone();
             let listed: BTreeSet<IpAddr> = c.backends.iter().map(|b| b.address).collect();
@@ -674,6 +696,18 @@ mod tests {
         now.services = plan.next.clone();
         let plan = now.plan(&cfg(257, 99), &mac, |_| 0).expect("plan");
         assert_eq!(plan.changes.iter().map(|c| c.key.as_str()).collect::<Vec<_>>(), ["service \"web\" backend 10.0.1.1 max_conns"]);
+
+        // A health check moved to another port changes no map, and is said all the same: a
+        // wrong one takes backends out of the ring.
+        let mut checked = cfg(257, 10);
+        let check = |port| crate::config::Health { port: Some(port), ..toml::from_str("kind = \"tcp\"").expect("health") };
+        checked.services[0].backends[0].health = Some(check(80));
+        let mut was = Applied::new(8 * 257);
+        was.services = applied.plan(&checked, &mac, |_| 0).expect("plan").next;
+        checked.services[0].backends[0].health = Some(check(8080));
+        let plan = was.plan(&checked, &mac, |_| 0).expect("plan");
+        let said: Vec<(&str, &str)> = plan.changes.iter().map(|c| (c.key.as_str(), c.what.as_str())).collect();
+        assert_eq!(said, [("service \"web\" backend 10.0.1.1 health", "service \"web\" backend 10.0.1.1: health check tcp :80 every 1s -> tcp :8080 every 1s")]);
 
         // Rings that do not fit RINGS: refused before anything is written, naming the service.
         let e = applied.plan(&cfg(4099, 10), &mac, |_| 0).expect_err("no room for the ring");

@@ -205,6 +205,8 @@ pub struct EventsArgs {
     /// Keep printing new events as they come (until interrupted).
     #[arg(long)]
     pub follow: bool,
+    /// One JSON object per event and line (JSON Lines), so that `--follow` streams; nothing
+    /// when there is no event.
     #[arg(long)]
     pub json: bool,
 }
