@@ -487,8 +487,11 @@ impl Engine {
             ));
         }
         if let Some(l) = s.limits.as_ref().filter(|l| !l.connected && l.lost_for_s.is_some_and(|t| t >= 1.0)) {
-            let shares: Vec<String> =
+            let mut shares: Vec<String> =
                 l.backends.iter().map(|(k, b)| format!("{k}: share {} (safe share {}, max_conns {}), {} open here", b.share, b.safe_share, b.max_conns, b.open)).collect();
+            if shares.is_empty() {
+                shares.push("none read yet (this daemon has not reached etcd since it started; the journal has the safe shares it enforces)".into());
+            }
             let state = if l.fenced {
                 "its peers reach etcd, so it has fenced itself: its VIPs are withdrawn and it admits nothing until etcd answers and grants it shares again".to_owned()
             } else if l.fallback {
