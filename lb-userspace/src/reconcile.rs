@@ -421,7 +421,13 @@ impl Applied {
                     if let Some(was) = s.cfg.backends.iter().find(|b| b.address == bc.address).filter(|b| b.health != bc.health) {
                         changes.push(change(
                             key_of(&c.name, Some(bc.address), "health"),
-                            format!("service \"{}\" backend {}: health check {} -> {}", c.name, bc.address, health_text(was.health.as_ref(), c.port), health_text(bc.health.as_ref(), c.port)),
+                            format!(
+                                "service \"{}\" backend {}: health check {} -> {}",
+                                c.name,
+                                bc.address,
+                                health_text(was.health.as_ref(), c.port),
+                                health_text(bc.health.as_ref(), c.port)
+                            ),
                         ));
                     }
                 }
