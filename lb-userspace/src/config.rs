@@ -723,6 +723,9 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
                     err("cluster.limits.tls".into(), "cert and key go together (a client certificate and its private key)".into());
                 }
             }
+            if l.username.is_some() && l.tls.is_none() {
+                warn("cluster.limits.password_file".into(), "etcd's password goes over plain http:// readable on the network; use https:// with cluster.limits.tls".into());
+            }
             if l.username.is_some() != l.password_file.is_some() {
                 err("cluster.limits.username".into(), "username and password_file go together (an etcd user and a file holding its password)".into());
             }

@@ -123,6 +123,9 @@ fn now_ms() -> u64 {
 pub struct Credentials {
     pub key: Option<Arc<Vec<u8>>>,
     pub tls: Option<crate::tls::Mutual>,
+    /// The peers' addresses (`cluster.peers`): with TLS, a sender's certificate must name one,
+    /// so a certificate the same CA gave another host (etcd's, say) cannot speak as a node.
+    pub peers: Arc<Vec<std::net::IpAddr>>,
 }
 
 impl Credentials {
@@ -131,6 +134,7 @@ impl Credentials {
         Ok(Self {
             key: cfg.peer_key_file.as_deref().map(read_key).transpose()?.map(Arc::new),
             tls: cfg.tls.as_ref().map(|t| crate::tls::Mutual::load(t, "cluster.tls")).transpose()?,
+            peers: Arc::new(cfg.peers.iter().map(SocketAddr::ip).collect()),
         })
     }
 }
@@ -364,7 +368,8 @@ async fn moved(AxState(r): AxState<Receiver>, cert: Option<axum::Extension<crate
             if !verify(key, &body, tag) {
                 return refuse(StatusCode::UNAUTHORIZED, "the HMAC does not match (another cluster.peer_key_file?)".into());
             }
-            tag.to_owned()
+            // As verify reads it: a tag in other letter case is the same message.
+            tag.to_ascii_lowercase()
         }
         None => sign(b"message identity", &body),
     };
@@ -376,8 +381,13 @@ async fn moved(AxState(r): AxState<Receiver>, cert: Option<axum::Extension<crate
         // The TLS layer verified the certificate against the cluster's CA; it must also be
         // this node's: a node cannot speak for another.
         match &cert {
-            Some(c) if crate::tls::cert_is_for(&c.0 .0, &msg.node) => {}
-            Some(_) => return refuse(StatusCode::FORBIDDEN, format!("the message says it is from node {:?}, and the client certificate is not for that name", msg.node)),
+            Some(c) if !crate::tls::cert_is_for(&c.0 .0, &msg.node) => {
+                return refuse(StatusCode::FORBIDDEN, format!("the message says it is from node {:?}, and the client certificate is not for that name", msg.node))
+            }
+            Some(c) if !r.creds.peers.iter().any(|ip| crate::tls::cert_is_for(&c.0 .0, &ip.to_string())) => {
+                return refuse(StatusCode::FORBIDDEN, format!("the client certificate of {:?} names none of cluster.peers' addresses: not a peer of this node", msg.node))
+            }
+            Some(_) => {}
             None => return refuse(StatusCode::UNAUTHORIZED, "no client certificate (cluster.tls)".into()),
         }
     }

@@ -95,7 +95,7 @@ impl WebConfig {
         if self.users.is_empty() {
             return app;
         }
-        let auth = Arc::new(Auth { users: self.users.clone(), verified: Mutex::default(), hashing: tokio::sync::Semaphore::new(2) });
+        let auth = Arc::new(Auth { users: self.users.clone(), verified: Mutex::default(), hashing: Arc::new(tokio::sync::Semaphore::new(2)) });
         app.layer(axum::middleware::from_fn(move |req: Request, next: Next| {
             let auth = auth.clone();
             async move {
@@ -128,7 +128,7 @@ struct Auth {
     verified: Mutex<HashSet<[u8; 32]>>,
     /// bcrypt runs off the async workers, two at a time: a flood of wrong passwords cannot take
     /// the blocking pool.
-    hashing: tokio::sync::Semaphore,
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 /// A hash no password matches, verified for an unknown user so that the answer takes as long as
@@ -144,10 +144,18 @@ impl Auth {
         if hash.is_some() && self.verified.lock().expect("verified").contains(&digest) {
             return true;
         }
-        let Ok(_turn) = self.hashing.acquire().await else { return false };
+        // The turn goes into the blocking task: a request cancelled (timed out) mid-hash does
+        // not free it while its hash still runs.
+        let Ok(turn) = self.hashing.clone().acquire_owned().await else { return false };
         let known = hash.is_some();
         let check = hash.unwrap_or_else(|| DUMMY.to_owned());
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &check).unwrap_or(false)).await.unwrap_or(false) && known;
+        let ok = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            bcrypt::verify(password, &check).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+            && known;
         if ok {
             let mut v = self.verified.lock().expect("verified");
             // Bounded: a handful of users and passwords.

@@ -170,9 +170,10 @@ fn metrics_over_tls_with_basic_auth_are_scraped_by_prometheus_and_refused_withou
 
 /// The `[cluster]` table of a node named lb1 whose peer channel listens on the lab's address
 /// with mutual TLS (no BIRD runs: the announcer retries, which is fine here).
+/// Its one peer is n2 at the client's address (nothing listens there: the sender retries).
 fn cluster_table(lab: &Lab, ca: &Ca, node: &sluice_tests::pki::Files, limits: &str) -> String {
     format!(
-        "[cluster]\nnode = \"lb1\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{LB}:{PEER_PORT}\"\n\
+        "[cluster]\nnode = \"lb1\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{LB}:{PEER_PORT}\"\npeers = [\"10.70.0.2:{PEER_PORT}\"]\n\
          tls = {{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}\n{limits}",
         lab.dir.join("bird.ctl").display(),
         lab.dir.join("bird").display(),
@@ -188,6 +189,8 @@ fn the_peer_channel_takes_only_the_cluster_s_certificates_for_their_own_node() {
     let ca = Ca::new(&lab.dir.join("pki"), "cluster-ca");
     let lb1 = ca.issue("lb1", &["lb1", LB]);
     let n2 = ca.issue("n2", &["n2", "10.70.0.2"]);
+    // From the cluster's CA, for a host that is no peer (etcd's, say).
+    let not_a_peer = ca.issue("n3", &["n3", "10.70.0.3"]);
     let stranger_ca = Ca::new(&lab.dir.join("pki-other"), "other-ca");
     let stranger = stranger_ca.issue("n2-other", &["n2", "10.70.0.2"]);
     lab.write_config_with(&[(1, "max_conns = 50")], &cluster_table(&lab, &ca, &lb1, ""));
@@ -218,6 +221,9 @@ fn the_peer_channel_takes_only_the_cluster_s_certificates_for_their_own_node() {
     let (code, said) = post(Some(&n2), &format!("{{\"node\":\"n3\",\"sent_ms\":{},\"flows\":[],\"etcd\":true}}", now_ms()));
     assert_eq!(code, "403", "n2's certificate cannot speak for n3: {said}");
     assert!(said.contains("n3"), "{said}");
+    let (code, said) = post(Some(&not_a_peer), &format!("{{\"node\":\"n3\",\"sent_ms\":{},\"flows\":[],\"etcd\":true}}", now_ms()));
+    assert_eq!(code, "403", "a certificate of the cluster's CA for a host that is not in cluster.peers: {said}");
+    assert!(said.contains("cluster.peers"), "{said}");
     let before = listener(&status(&lab), "peer")["handshake_failures"].as_u64().expect("count");
     let fresh = || format!("{{\"node\":\"n2\",\"sent_ms\":{},\"flows\":[],\"etcd\":true}}", now_ms());
     let (code, said) = post(None, &fresh());
@@ -227,7 +233,7 @@ fn the_peer_channel_takes_only_the_cluster_s_certificates_for_their_own_node() {
     let st = status(&lab);
     let peer = listener(&st, "peer");
     assert!(peer["handshake_failures"].as_u64().expect("count") >= before + 2, "both failed handshakes counted: {peer}");
-    assert_eq!(st["peers"]["refused"].as_u64(), Some(2), "the replay and the message for another node: {}", st["peers"]);
+    assert_eq!(st["peers"]["refused"].as_u64(), Some(3), "the replay, the message for another node, the host that is no peer: {}", st["peers"]);
     let log = text(&daemon.signal_and_wait(Signal::SIGTERM, Duration::from_secs(10)));
     // Logged at most every 10 s per listener: the first failure's reason.
     assert!(log.contains("a TLS handshake failed: the other side presented no certificate"), "the log names why: {log}");
