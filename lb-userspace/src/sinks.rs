@@ -310,12 +310,6 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S, req
     Ok(resp.status().as_u16())
 }
 
-/// Delivers once to a webhook ([`Webhook::post`]), building its TLS configuration for this
-/// call only: the sinks build a [`Webhook`] once and keep it.
-pub async fn post(cfg: &WebhookCfg, body: &[u8]) -> Result<(), String> {
-    Webhook::new(cfg.clone())?.post(body).await
-}
-
 /// The sinks: each has its own queue and task, so a dead webhook delays neither the daemon nor
 /// the command sink. `send` never waits.
 #[derive(Clone)]
@@ -403,6 +397,11 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+
+    /// One delivery through a webhook made for it.
+    async fn post(cfg: &WebhookCfg, body: &[u8]) -> Result<(), String> {
+        Webhook::new(cfg.clone())?.post(body).await
+    }
 
     fn n(status: Status) -> Notification {
         let labels: BTreeMap<String, String> =

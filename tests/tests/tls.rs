@@ -240,27 +240,26 @@ fn the_peer_channel_takes_only_the_cluster_s_certificates_for_their_own_node() {
     lab.detach();
 }
 
+/// A one-member etcd in the load balancer's namespace, its clients on `url`, its data in the
+/// lab's directory.
+fn etcd_command(lab: &Lab, url: &str) -> std::process::Command {
+    let mut c = lab.lb.command("etcd");
+    c.args(["--name", "test", "--data-dir"])
+        .arg(lab.dir.join("etcd"))
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args(["--listen-peer-urls", "http://127.0.0.1:23800", "--initial-advertise-peer-urls", "http://127.0.0.1:23800"])
+        .args(["--initial-cluster", "test=http://127.0.0.1:23800", "--log-level", "warn"]);
+    c
+}
+
 /// etcd in the load balancer's namespace on loopback, TLS only, clients need a certificate
 /// from `ca` (as etcd's security guide runs it).
 fn start_etcd(lab: &Lab, ca: &Ca) -> sluice_tests::netns::ChildGuard {
     let server = ca.issue("etcd", &["127.0.0.1"]);
     let url = "https://127.0.0.1:23790";
-    let etcd = lab.lb.spawn(
-        lab.lb
-            .command("etcd")
-            .args(["--name", "tls-test", "--data-dir"])
-            .arg(lab.dir.join("etcd"))
-            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
-            .args(["--listen-peer-urls", "http://127.0.0.1:23800", "--initial-advertise-peer-urls", "http://127.0.0.1:23800"])
-            .args(["--initial-cluster", "tls-test=http://127.0.0.1:23800", "--log-level", "warn"])
-            .arg("--cert-file")
-            .arg(&server.cert)
-            .arg("--key-file")
-            .arg(&server.key)
-            .arg("--trusted-ca-file")
-            .arg(&ca.cert)
-            .arg("--client-cert-auth"),
-    );
+    let etcd = lab
+        .lb
+        .spawn(etcd_command(lab, url).arg("--cert-file").arg(&server.cert).arg("--key-file").arg(&server.key).arg("--trusted-ca-file").arg(&ca.cert).arg("--client-cert-auth"));
     let ca_path = ca.cert.display().to_string();
     let (cert, key) = (server.cert.display().to_string(), server.key.display().to_string());
     wait_for("etcd to answer over TLS", || {
@@ -373,15 +372,7 @@ fn a_certificate_is_diagnosed_expired_or_from_another_ca() {
 fn etcd_with_rbac_takes_the_node_s_user_and_refuses_a_wrong_password() {
     let lab = Lab::new(1);
     let url = "http://127.0.0.1:23791";
-    let _etcd = lab.lb.spawn(
-        lab.lb
-            .command("etcd")
-            .args(["--name", "rbac-test", "--data-dir"])
-            .arg(lab.dir.join("etcd"))
-            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
-            .args(["--listen-peer-urls", "http://127.0.0.1:23801", "--initial-advertise-peer-urls", "http://127.0.0.1:23801"])
-            .args(["--initial-cluster", "rbac-test=http://127.0.0.1:23801", "--log-level", "warn"]),
-    );
+    let _etcd = lab.lb.spawn(&mut etcd_command(&lab, url));
     let etcdctl = |args: &[&str]| {
         let mut all = vec!["--endpoints", url, "--command-timeout=2s"];
         all.extend_from_slice(args);
