@@ -132,6 +132,9 @@ pub struct Report {
     pub broken_examples: Vec<String>,
     /// Connections the daemon's reconciliation corrected during the run.
     pub drift_corrected: u64,
+    /// The daemon's state lock over every daemon of the run (each restart starts its counts
+    /// again): the longest hold and where, the holds over 10 ms and 100 ms.
+    pub state_lock: lb_userspace::daemon::LockReport,
     pub end: Vec<BackendEnd>,
     /// Flows / slots left after the clients closed and the timeouts passed. Must be 0.
     pub leaked_flows: u64,
@@ -152,7 +155,7 @@ impl Verdict for Report {
         let _ = writeln!(s, "| figure | value |\n|---|---|");
         let kinds: Vec<String> =
             self.faults_by_kind.iter().map(|(k, n)| format!("{n} {}", serde_json::to_value(k).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default())).collect();
-        let rows: [(&str, String); 14] = [
+        let rows: [(&str, String); 15] = [
             ("faults injected", format!("{} ({})", self.faults.len(), kinds.join(", "))),
             ("connections opened", self.connections.to_string()),
             ("connections carried (answered at least once)", self.carried.to_string()),
@@ -165,6 +168,13 @@ impl Verdict for Report {
             ("broken by a backend crash", self.broken_by_backend_crash.to_string()),
             ("**broken otherwise (Sluice)**", format!("**{}**", self.broken)),
             ("drift corrected by reconciliation during the run", self.drift_corrected.to_string()),
+            (
+                "the daemons' state lock",
+                format!(
+                    "longest hold {:.1} ms ({}), {} holds over 10 ms and {} over 100 ms of {}",
+                    self.state_lock.longest_ms, self.state_lock.longest_at, self.state_lock.over_10ms, self.state_lock.over_100ms, self.state_lock.holds
+                ),
+            ),
             ("leaked flows after the timeouts", self.leaked_flows.to_string()),
             ("leaked connection slots", self.leaked_slots.to_string()),
         ];
@@ -204,6 +214,7 @@ struct Injector<'a> {
     upgraded: PathBuf,
     /// Counter corrections by the daemons stopped so far.
     drift_corrected: u64,
+    state_lock: lb_userspace::daemon::LockReport,
 }
 
 impl Injector<'_> {
@@ -267,7 +278,10 @@ impl Injector<'_> {
             Kind::DaemonRestart | Kind::DaemonCrash | Kind::DaemonUpgrade => {
                 let sig = if kind == Kind::DaemonCrash { Signal::SIGKILL } else { Signal::SIGTERM };
                 // Corrections the daemon made so far (they live in its memory).
-                self.drift_corrected += status(self.lab).map_or(0, |st| st.drift_corrected);
+                if let Ok(st) = status(self.lab) {
+                    self.drift_corrected += st.drift_corrected;
+                    add_lock(&mut self.state_lock, &st.state_lock);
+                }
                 if !self.lab.stop("daemon", sig) {
                     bail!("the daemon was not running");
                 }
@@ -350,6 +364,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         drained: Vec::new(),
         upgraded: lab.spec.dir.join("sluice-upgraded"),
         drift_corrected: 0,
+        state_lock: Default::default(),
     };
     lab.write_config(&inj.config())?;
     lab.start_daemon()?;
@@ -441,6 +456,8 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     let agreed = agreement("after one reconciliation period, counters = flows = what the clients hold", &end);
     let st = status(lab)?;
     let drift_corrected = inj.drift_corrected + st.drift_corrected;
+    let mut state_lock = inj.state_lock.clone();
+    add_lock(&mut state_lock, &st.state_lock);
     let refused_by_sluice = refused_total(&st) - refused_before;
 
     let kills: Vec<(f64, u8)> = faults.iter().filter(|f| f.kind == Kind::BackendCrash && !f.undo).filter_map(|f| Some((f.t, f.backend?))).collect();
@@ -486,6 +503,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         broken: count(&|c| matches!(c.fate, Fate::Broken(_)) && !by_crash(c)),
         broken_examples,
         drift_corrected,
+        state_lock,
         end,
         leaked_flows,
         leaked_slots,
@@ -509,4 +527,15 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
     check("no flow or slot left after the timeouts", report.leaked_flows == 0 && report.leaked_slots == 0, format!("{} flows, {} slots", report.leaked_flows, report.leaked_slots));
     report.checks = checks;
     Ok(report)
+}
+
+/// One daemon's lock counts added to the run's.
+fn add_lock(run: &mut lb_userspace::daemon::LockReport, one: &lb_userspace::daemon::LockReport) {
+    if one.longest_ms > run.longest_ms {
+        run.longest_ms = one.longest_ms;
+        run.longest_at.clone_from(&one.longest_at);
+    }
+    run.holds += one.holds;
+    run.over_10ms += one.over_10ms;
+    run.over_100ms += one.over_100ms;
 }

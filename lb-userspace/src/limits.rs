@@ -24,10 +24,14 @@
 //! - a node cut off from etcd for `2 × lease_ttl` while a peer says (over the peer channel) that
 //!   it reaches etcd *fences* itself: it withdraws its VIPs from BIRD and admits nothing, so its
 //!   flows move to nodes that count them. It announces again once it is granted shares;
-//! - the allocator releases a gone node's reservation `2 × lease_ttl` after it first saw the
-//!   lease gone: by then a node still running has fenced itself (it lost etcd at least a
-//!   `lease_ttl` before its lease expired), and a crashed one holds nothing. So a crashed node's
-//!   capacity is back after `3 × lease_ttl` at most (lease expiry, then the release).
+//! - a node whose lease is gone but whose peer channel still speaks (cut off from etcd only)
+//!   says in each heartbeat what it may hold (`max(open, limit)` per backend, a number that only
+//!   falls without etcd): the allocator reserves exactly that, and releases it when the node
+//!   says it holds nothing (fenced, its connections closed or moved), however long they last;
+//! - a node not heard from: the allocator releases its reservation `2 × lease_ttl` after it
+//!   first saw the lease gone: by then a node still running has fenced itself (it lost etcd at
+//!   least a `lease_ttl` before its lease expired), and a crashed one holds nothing. So a crashed
+//!   node's capacity is back after `3 × lease_ttl` at most (lease expiry, then the release).
 //!
 //! When every node loses etcd, none is fenced (no peer reaches etcd): each keeps the smaller of
 //! its share and its safe share, which sum to at most the limit.
@@ -478,6 +482,10 @@ impl Node {
                 // this one's keys (its old report, the allocator's seat) would linger a TTL.
                 self.traffic.requests += 1;
                 let _ = c.lease_revoke(id).await;
+            } else {
+                // The lab's restart check reads this line: a restart slower than the lease
+                // cannot resume it.
+                tracing::warn!(node = %self.name, lease = id, "the lease of the daemon before ({id:x}) expired before this daemon asked etcd: joining with a new lease");
             }
         }
         self.new_lease(c, daemon).await
@@ -760,8 +768,23 @@ impl Node {
         self.gone_since.retain(|n, _| gone.contains(n));
         let (mut reserved, mut released) = (BTreeMap::new(), Vec::new());
         let release_after = 2 * self.cfg.lease_ttl;
+        let peers = self.links.peers.as_ref().map(|p| p.lock().expect("peer stats").clone());
         for n in gone {
             let since = *self.gone_since.entry(n.clone()).or_insert_with(Instant::now);
+            // Its own word over the peer channel, if fresh, is the evidence: what it may hold
+            // from now on (it only falls without etcd). A fenced node's connections end or
+            // move; its reservation goes when it says it holds nothing, not on a timer that
+            // cannot know how long its connections last.
+            if let Some(h) = peers.as_ref().and_then(|p| p.holds_of(n, PEER_WORD)) {
+                if h.values().all(|v| *v == 0) {
+                    tracing::info!(node = %self.name, gone = %n, "released node {n}'s reservation: it says over the peer channel that it holds nothing");
+                    daemon.journal("limits", format!("released node \"{n}\"'s reservation: its lease is gone and it says (peer channel) that it holds nothing"), vec![]);
+                    released.push(n.clone());
+                } else {
+                    reserved.insert(n.clone(), h.clone());
+                }
+                continue;
+            }
             let mut h = holds.get(n).cloned().unwrap_or_default();
             for (k, share) in void.get(n).map(|g| g.shares.clone()).unwrap_or_default() {
                 let e = h.entry(k).or_default();

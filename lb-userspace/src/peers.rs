@@ -83,6 +83,12 @@ struct Message {
     /// The sender reaches etcd (its last round of `[cluster.limits]` succeeded).
     #[serde(default)]
     etcd: bool,
+    /// Per backend, the most connections the sender may hold from now on: its open ones or
+    /// its limit, whichever is larger. Without etcd a node never raises a limit, so the number
+    /// only falls; the allocator reserves it for a node whose lease is gone (`limits.rs`).
+    /// `None` from a version that does not say.
+    #[serde(default)]
+    holds: Option<crate::shares::Holds>,
 }
 
 /// What the peer channel reports (status, metrics).
@@ -105,6 +111,9 @@ pub struct Stats {
     /// from etcd while its peers are not fences itself (`limits.rs`).
     #[serde(skip)]
     pub etcd_seen: std::collections::BTreeMap<String, std::time::Instant>,
+    /// What each peer last said it may hold, and when that arrived.
+    #[serde(skip)]
+    pub holds_seen: std::collections::BTreeMap<String, (std::time::Instant, crate::shares::Holds)>,
 }
 
 impl Stats {
@@ -112,6 +121,23 @@ impl Stats {
     pub fn peers_with_etcd(&self, within: Duration) -> Vec<String> {
         self.etcd_seen.iter().filter(|(_, at)| at.elapsed() < within).map(|(n, _)| n.clone()).collect()
     }
+
+    /// What `node` said within `within` that it may hold.
+    pub fn holds_of(&self, node: &str, within: Duration) -> Option<&crate::shares::Holds> {
+        self.holds_seen.get(node).filter(|(at, _)| at.elapsed() < within).map(|(_, h)| h)
+    }
+}
+
+/// Per backend, the most connections this node may hold from now on: `max(open, limit)`.
+fn holds_now(daemon: &Daemon) -> crate::shares::Holds {
+    let st = daemon.lock();
+    let mut out = crate::shares::Holds::new();
+    for s in st.applied().services.values() {
+        for b in s.backends.values().filter(|b| !b.removed) {
+            out.insert(crate::shares::key(&s.name, b.address), st.conns().get(b.id).max(u64::from(b.limit)));
+        }
+    }
+    out
 }
 
 fn now_ms() -> u64 {
@@ -227,7 +253,10 @@ pub fn spawn_sender(
             }
             // Every peer at once: one that does not answer delays no other.
             let etcd = etcd_ok.load(std::sync::atomic::Ordering::Relaxed);
-            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &creds, q, &daemon, &stats, etcd));
+            // Read before sending: it only falls while this node lacks etcd, so the peers get
+            // an upper bound however long the message takes.
+            let holds = holds_now(&daemon);
+            let rounds = peers.iter().zip(queues.iter_mut()).map(|(peer, q)| deliver(*peer, &node, &creds, q, &daemon, &stats, etcd, &holds));
             let last_error = futures::future::join_all(rounds).await.into_iter().flatten().last();
             let mut s = stats.lock().expect("stats");
             s.pending = peers.iter().zip(&queues).map(|(p, q)| (p.to_string(), q.iter().filter(|(_, f)| !f.is_empty()).count())).filter(|(_, n)| *n > 0).collect();
@@ -244,7 +273,9 @@ pub fn spawn_sender(
 }
 
 /// Sends a peer its queued batches, oldest first, until one fails (kept for the next round).
-/// With nothing queued, an empty message: the heartbeat that says whether this node reaches etcd.
+/// With nothing queued, an empty message: the heartbeat that says whether this node reaches etcd
+/// and what it may hold.
+#[expect(clippy::too_many_arguments, reason = "one delivery's inputs, each from the sender's loop")]
 async fn deliver(
     peer: SocketAddr,
     node: &str,
@@ -253,6 +284,7 @@ async fn deliver(
     daemon: &Daemon,
     stats: &Arc<Mutex<Stats>>,
     etcd: bool,
+    holds: &crate::shares::Holds,
 ) -> Option<String> {
     q.retain(|(at, _)| at.elapsed() < KEEP);
     if q.is_empty() {
@@ -264,7 +296,13 @@ async fn deliver(
         let empty: &[Moved] = &[];
         let chunks: Vec<&[Moved]> = if flows.is_empty() { vec![empty] } else { flows.chunks(BATCH).collect() };
         for chunk in chunks {
-            let msg = Message { node: node.to_owned(), sent_ms: now_ms(), flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect(), etcd };
+            let msg = Message {
+                node: node.to_owned(),
+                sent_ms: now_ms(),
+                flows: chunk.iter().map(|m| Moved { ago_ms: m.ago_ms + waited, ..*m }).collect(),
+                etcd,
+                holds: Some(holds.clone()),
+            };
             match send(peer, creds, &msg).await {
                 // A flow the peer still receives moved back there after this node adopted it
                 // (the router rehashed again): this node's entry is the stale one.
@@ -410,6 +448,9 @@ async fn moved(AxState(r): AxState<Receiver>, cert: Option<axum::Extension<crate
         s.etcd_seen.insert(msg.node.clone(), std::time::Instant::now());
     } else {
         s.etcd_seen.remove(&msg.node);
+    }
+    if let Some(h) = msg.holds {
+        s.holds_seen.insert(msg.node.clone(), (std::time::Instant::now(), h));
     }
     s.released += released;
     s.ignored += ignored;

@@ -1,5 +1,6 @@
 //! `cargo xtask`: toolchain bootstrap and orchestration for Sluice.
 
+mod layers;
 mod package;
 mod requirements;
 mod setup;
@@ -55,6 +56,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Check lb-userspace's modules against its layers (issue 29): no new arrow upwards, no
+    /// new file over 500 lines. Part of the lints `cargo xtask test` runs.
+    Layers {
+        /// Also list every arrow upwards with the lines that make it (what to cut).
+        #[arg(long)]
+        arrows: bool,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -86,6 +94,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup::run(),
+        Cmd::Layers { arrows } => layers::run(arrows),
         Cmd::Build { release } => {
             setup::run()?;
             build(release)
@@ -208,7 +217,7 @@ fn build(release: bool) -> Result<()> {
 /// The lints every change passes, as aya's CI runs them: formatting, and clippy with warnings
 /// as errors on the host crates. lb-ebpf gets rustc's lints as errors in its own build (see
 /// `ebpf_build.rs`): a clippy for bpfel-unknown-none needs the toolchain that builds `core` for
-/// it, which has none here.
+/// it, which has none here. Last, lb-userspace's module layers (layers.rs).
 fn lint() -> Result<()> {
     let started = Instant::now();
     let status = cargo().args(["fmt", "--all", "--check"]).status().context("running cargo fmt")?;
@@ -224,7 +233,8 @@ fn lint() -> Result<()> {
     if !status.success() {
         bail!("clippy found warnings (above)");
     }
-    println!("lint: cargo fmt --check and clippy -D warnings clean in {:.1}s", started.elapsed().as_secs_f64());
+    layers::run(false)?;
+    println!("lint: cargo fmt --check, clippy -D warnings and layers clean in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -41,8 +41,6 @@ pub struct Peers {
     pub(super) creds: crate::peers::Credentials,
     pub(super) tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
     pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<crate::peers::Moved>>>,
-    /// Adopted flows entered since this coarse-clock time are reported next.
-    pub(super) since_ns: u64,
 }
 
 impl Cluster {
@@ -97,7 +95,7 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             // From 0: the first report holds every adopted flow in the table, those the datapath
             // adopted while no daemon ran (a restart, an upgrade) included; peers ignore the
             // ones they do not hold.
-            Some(Peers { stats: Arc::default(), creds: crate::peers::Credentials::load(c)?, tx, rx: Some(rx), since_ns: 0 })
+            Some(Peers { stats: Arc::default(), creds: crate::peers::Credentials::load(c)?, tx, rx: Some(rx) })
         }
         () => None,
     };

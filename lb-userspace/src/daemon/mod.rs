@@ -10,6 +10,7 @@
 
 mod changes;
 mod cluster;
+mod housekeeping;
 mod lock;
 mod reports;
 mod state;
@@ -38,7 +39,7 @@ use crate::{
     alerts, announce,
     config::{self, parse_mac, Config, Fragments, IcmpEcho, XdpMode},
     datapath::{AttachMode, Datapath, LoadOptions},
-    gc::{Reconciler, Sweep},
+    gc::Sweep,
     health,
     reconcile::{Applied, Change},
     Error,
@@ -153,8 +154,8 @@ impl Daemon {
         };
         let opts = load_options(&cfg);
         let (mut dp, started) = Datapath::start_persistent(&cfg.daemon.interface, &cfg.daemon.pin_dir, attach_mode(cfg.daemon.xdp_mode), &opts)?;
-        let conns = dp.tables().conn_counters()?;
-        let flows = dp.tables().flow_table()?;
+        let conns = Arc::new(dp.tables().conn_counters()?);
+        let flows = Arc::new(dp.tables().flow_table()?);
         let events = match dp.take_map(maps::EVENTS) {
             Some(m) => Some(crate::events::Events::new(aya::maps::RingBuf::try_from(m).map_err(|e| Error::other("EVENTS", e))?)),
             None => None,
@@ -186,11 +187,9 @@ impl Daemon {
             conns,
             flows,
             applied,
-            reconciler: Reconciler::default(),
             last_sweep: Sweep::default(),
-            next_gc: Instant::now(),
-            gc_gap: Duration::from_secs(1),
             last_drift: Vec::new(),
+            corrections: std::collections::BTreeMap::new(),
             checks: health::Checks::default(),
             alerts: alerts::Engine::new(cfg.alerts.clone()),
             sinks: crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone()),
@@ -348,6 +347,8 @@ impl Daemon {
                 }));
             }
         }
+        // The flow table's GC, adoption walk and reconciliation, off the state lock.
+        let housekeeping = self.spawn_housekeeping(api_stop.clone());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut eval_every = state.lock().expect("state lock").cfg.alerts.interval;
         let mut eval_tick = tokio::time::interval(eval_every);
@@ -355,7 +356,6 @@ impl Daemon {
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open and unchanged while registered.
         let wakeup = wakeup.and_then(|fd| unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok());
         let eval_wakeup = state.lock().expect("state lock").eval_wakeup.clone();
-        let mut n = 0u64;
         loop {
             let configured = state.lock().expect("state lock").cfg.alerts.interval;
             if configured != eval_every {
@@ -406,8 +406,7 @@ impl Daemon {
                     }
                 }
                 _ = tick.tick() => {
-                    n += 1;
-                    if let Err(e) = state.lock().expect("state lock").tick(n) {
+                    if let Err(e) = state.lock().expect("state lock").drain_events() {
                         tracing::error!("{e}");
                     }
                     self.expire_overrides().await;
@@ -416,6 +415,7 @@ impl Daemon {
         }
         api_stop.cancel();
         let _ = api.await;
+        let _ = housekeeping.await;
         if let Some(r) = read_api {
             let _ = r.await;
         }

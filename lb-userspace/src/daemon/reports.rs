@@ -27,7 +27,7 @@ impl Daemon {
             flow_capacity: st.cfg.flows.capacity,
             last_sweep: st.last_sweep,
             last_drift: st.last_drift.clone(),
-            drift_corrected: st.reconciler.corrections.values().sum(),
+            drift_corrected: st.corrections.values().sum(),
             alerts_firing: st.firing.clone(),
             break_glass: st.overrides.iter().map(|((s, b), o)| BreakGlass { service: s.clone(), backend: *b, max_conns: o.max_conns, until: o.until_wall.clone() }).collect(),
             outcomes,

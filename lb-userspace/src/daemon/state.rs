@@ -18,7 +18,7 @@ use crate::{
     conns::ConnCounters,
     datapath::Datapath,
     flowtab::FlowTable,
-    gc::{self, Drift, Reconciler, Sweep},
+    gc::{Drift, Sweep},
     health, neigh,
     reconcile::{Applied, Change},
     tables::Tables,
@@ -27,15 +27,10 @@ use crate::{
 
 use super::cluster::Cluster;
 
-/// How often the reconciliation pass runs, in ticks (one per second).
-pub(super) const RECONCILE_EVERY: u64 = 10;
 /// Refusal events trigger an evaluation at most this often (events are rate-limited already);
 /// the periodic evaluations do not count, so the first refusal after a quiet spell is always
 /// evaluated at once.
 pub(super) const MIN_EVAL_GAP: Duration = Duration::from_millis(100);
-/// GC waits this many times as long as its last sweep took (at least a second).
-const GC_DUTY_INVERSE: u32 = 20;
-const TICK_SLACK: Duration = Duration::from_millis(100);
 
 /// A temporary `max_conns` for one backend.
 #[derive(Clone, Debug)]
@@ -89,16 +84,16 @@ pub struct State {
     pub(super) cfg_path: PathBuf,
     pub(super) cfg: Config,
     pub(super) dp: Datapath,
-    pub(super) conns: ConnCounters,
+    /// Shared with the housekeeping task (`housekeeping.rs`), which works on them off the lock.
+    pub(super) conns: Arc<ConnCounters>,
     /// The memory-mapped flow table (GC, reconciliation, status).
-    pub(super) flows: FlowTable,
+    pub(super) flows: Arc<FlowTable>,
     pub(super) applied: Applied,
-    pub(super) reconciler: Reconciler,
+    /// What the housekeeping task found last: the GC sweep, the reconciliation's drift and its
+    /// corrections per backend id since the start.
     pub(super) last_sweep: Sweep,
-    pub(super) next_gc: Instant,
-    /// The time between two GC sweeps (the next sweep's horizon for half-open flows).
-    pub(super) gc_gap: Duration,
     pub(super) last_drift: Vec<Drift>,
+    pub(super) corrections: std::collections::BTreeMap<u32, u64>,
     pub(super) checks: health::Checks,
     pub(super) alerts: alerts::Engine,
     pub(super) sinks: crate::sinks::Sinks,
@@ -281,7 +276,7 @@ impl State {
             stats: &stats,
             conns: &self.conns,
             limits,
-            corrections: &self.reconciler.corrections,
+            corrections: &self.corrections,
             flows: (self.flows.len(), self.flows.capacity()),
             config_file: &self.cfg_path,
             not_announcing,
@@ -321,43 +316,6 @@ impl State {
             keep
         });
         self.overrides.len() != before
-    }
-
-    pub(super) fn tick(&mut self, n: u64) -> Result<(), Error> {
-        let now = Instant::now();
-        if now >= self.next_gc {
-            self.last_sweep = gc::sweep(&self.flows, &self.conns, &self.cfg.flows.timeouts, gc::now_coarse_ns(), self.gc_gap);
-            // Keep GC under ~5 % of a core: a sweep that took T waits at least 20 T.
-            let took = now.elapsed();
-            self.gc_gap = (took * GC_DUTY_INVERSE).max(Duration::from_secs(1));
-            // Ticks come once a second but not to the microsecond: without the slack a
-            // one-second gap would often be missed by a hair and become two.
-            self.next_gc = (now + self.gc_gap).checked_sub(TICK_SLACK).unwrap();
-            if self.last_sweep.expired > 0 {
-                tracing::debug!(expired = self.last_sweep.expired, released = self.last_sweep.released, ?took, "flow GC");
-            }
-        }
-        self.drain_events()?;
-        if let Some(p) = self.cluster.as_mut().and_then(|c| c.peers.as_mut()) {
-            // Flows adopted since the last tick: tell the peers (the node each left releases it).
-            let now = gc::now_coarse_ns();
-            let moved = crate::peers::adopted_since(&self.flows, p.since_ns, now);
-            // The next walk looks a second back too: a flow adopted during this walk, in a
-            // bucket already passed, is reported then. Duplicates are ignored by the peers.
-            p.since_ns = now.saturating_sub(1_000_000_000);
-            if !moved.is_empty() {
-                p.stats.lock().expect("stats").reported += moved.len() as u64;
-                let _ = p.tx.send(moved);
-            }
-        }
-        if n.is_multiple_of(RECONCILE_EVERY) {
-            let ids: Vec<u32> = self.applied.services.values().flat_map(|s| s.backends.values().map(|b| b.id)).collect();
-            self.last_drift = self.reconciler.pass(&self.flows, &self.conns, ids);
-            for d in self.last_drift.iter().filter(|d| d.corrected) {
-                tracing::warn!(backend_id = d.backend_id, counter = d.counter, flows = d.flows, "open-connection counter drifted from the flow table; corrected");
-            }
-        }
-        Ok(())
     }
 }
 
@@ -410,7 +368,7 @@ impl State {
     }
     /// Connections corrected by reconciliation, per backend id.
     pub fn corrections(&self) -> &std::collections::BTreeMap<u32, u64> {
-        &self.reconciler.corrections
+        &self.corrections
     }
     /// This node's part in a cluster, with `[cluster]`.
     pub fn cluster(&self) -> Option<&Cluster> {
