@@ -8,104 +8,12 @@ use std::borrow::Cow;
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::{history::History, reconcile::Applied};
-
-/// `[alerts]` in the config file.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertsCfg {
-    /// Name of this load balancer in messages (default: the host name).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// How often the rules are evaluated (refusal events also trigger an evaluation).
-    #[serde(default = "d_interval", deserialize_with = "crate::config::duration")]
-    pub interval: Duration,
-    #[serde(default = "d_fire", deserialize_with = "crate::config::duration")]
-    pub fire_after: Duration,
-    /// Refusals are not a gauge near a threshold but clients already failing: they fire after
-    /// this (default at once; the daemon evaluates as soon as a refusal event arrives).
-    #[serde(default, deserialize_with = "crate::config::duration")]
-    pub refusals_fire_after: Duration,
-    #[serde(default = "d_resolve", deserialize_with = "crate::config::duration")]
-    pub resolve_after: Duration,
-    /// A backend is "near its limit" at this share of max_conns.
-    #[serde(default = "d_near")]
-    pub near_limit_ratio: f64,
-    /// The flow table is "near full" at this share of its capacity.
-    #[serde(default = "d_table")]
-    pub flow_table_ratio: f64,
-    /// Warn when the open-connection trend reaches max_conns within this horizon.
-    #[serde(default = "d_horizon", deserialize_with = "crate::config::duration")]
-    pub forecast_horizon: Duration,
-    /// POST each firing/resolved alert (Alertmanager API v2 JSON).
-    #[serde(default)]
-    pub webhook: Option<crate::sinks::WebhookCfg>,
-    /// More receivers, e.g. every member of an Alertmanager HA pair (each gets every alert).
-    #[serde(default)]
-    pub webhooks: Vec<crate::sinks::WebhookCfg>,
-    /// Run this command for each firing/resolved alert (SLUICE_ALERT* in its environment).
-    #[serde(default)]
-    pub command: Option<Vec<String>>,
-    /// Labels on every alert (e.g. `{ team = "netops" }`), for routing to the owning team; a
-    /// service's `labels` add to them for its alerts.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// Each alert's `runbook_url` annotation is this with `#` and the alert's name in lower case
-    /// appended (the sections of `docs/RUNBOOK.md`).
-    #[serde(default = "d_runbook")]
-    pub runbook_url: String,
-}
-
-fn d_runbook() -> String {
-    "https://sluice.example/docs/RUNBOOK.md".into()
-}
-
-/// Label names Sluice sets itself; configured labels may not take them.
-pub const RESERVED_LABELS: &[&str] = &["alertname", "severity", "service", "backend", "reason", "node", "instance", "component"];
-
-fn d_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn d_fire() -> Duration {
-    Duration::from_secs(2)
-}
-fn d_resolve() -> Duration {
-    Duration::from_secs(10)
-}
-fn d_near() -> f64 {
-    0.8
-}
-fn d_table() -> f64 {
-    0.9
-}
-fn d_horizon() -> Duration {
-    Duration::from_mins(5)
-}
-
-impl Default for AlertsCfg {
-    fn default() -> Self {
-        Self {
-            name: None,
-            interval: d_interval(),
-            fire_after: d_fire(),
-            refusals_fire_after: Duration::ZERO,
-            resolve_after: d_resolve(),
-            near_limit_ratio: d_near(),
-            flow_table_ratio: d_table(),
-            forecast_horizon: d_horizon(),
-            webhook: None,
-            webhooks: Vec::new(),
-            command: None,
-            labels: BTreeMap::new(),
-            runbook_url: d_runbook(),
-        }
-    }
-}
+use crate::{config::AlertsCfg, history::History, reconcile::Applied};
 
 /// One backend at one moment.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,7 +27,7 @@ pub struct BackendSample {
     /// Refusals charged to this backend so far, by reason name.
     pub refused: lb_common::Refusals,
     /// With cluster-wide limits: this node's share and the cluster's open connections.
-    pub cluster: Option<crate::limits::BackendLimit>,
+    pub cluster: Option<crate::limits_status::BackendLimit>,
 }
 
 /// What the engine looks at each interval.
@@ -135,7 +43,7 @@ pub struct Sample {
     /// A cluster node whose BIRD lacks VIPs it should announce: (node, VIPs, BIRD's error).
     pub not_announcing: Option<(String, Vec<String>, String)>,
     /// With cluster-wide limits: this node's view of etcd and its shares.
-    pub limits: Option<crate::limits::Status>,
+    pub limits: Option<crate::limits_status::Status>,
     /// A reload the guard refused (what it said), until a reload or an apply goes through.
     pub change_refused: Option<String>,
     /// Each service's own alert labels (`service.labels`).
@@ -205,7 +113,7 @@ pub struct Inputs<'a> {
     /// `BACKEND_STATS` by id, summed over CPUs.
     pub stats: &'a [lb_common::TrafficStats],
     pub conns: &'a crate::conns::ConnCounters,
-    pub limits: Option<crate::limits::Status>,
+    pub limits: Option<crate::limits_status::Status>,
     /// Connections reconciliation corrected, by backend id.
     pub corrections: &'a BTreeMap<u32, u64>,
     /// Flows in the table, and its capacity.
@@ -566,7 +474,7 @@ impl Engine {
     }
 
     /// The receivers of `webhook` and `webhooks`.
-    pub fn all_webhooks(cfg: &AlertsCfg) -> Vec<crate::sinks::WebhookCfg> {
+    pub fn all_webhooks(cfg: &AlertsCfg) -> Vec<crate::config::WebhookCfg> {
         cfg.webhook.iter().chain(&cfg.webhooks).cloned().collect()
     }
 
@@ -599,6 +507,8 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn sample(open: u64, refused: u64) -> Sample {

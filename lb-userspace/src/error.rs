@@ -54,7 +54,7 @@ pub enum Error {
     },
 
     #[error("{0}")]
-    Config(crate::config::Rejected),
+    Config(Rejected),
 
     #[error(
         "the datapath pinned in {dir} has schema version {found}, this sluice speaks {want}: it \
@@ -89,4 +89,52 @@ pub(crate) fn is_permission(err: &(dyn std::error::Error + 'static)) -> bool {
         cur = e.source();
     }
     false
+}
+
+/// How bad a finding in a config file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Warning,
+    Error,
+}
+
+/// One problem in a config file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Key path, e.g. `service[0].backend[1].max_conns` (empty for the whole file).
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        if self.key.is_empty() {
+            write!(f, "{sev}: {}", self.message)
+        } else {
+            write!(f, "{sev}: {}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Why a config file was refused: its path and every finding (errors first).
+#[derive(Debug)]
+pub struct Rejected {
+    pub file: PathBuf,
+    pub findings: Vec<Finding>,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} was refused and nothing of it applied:", self.file.display())?;
+        for x in self.findings.iter().filter(|x| x.severity == Severity::Error) {
+            write!(f, "\n  {}: {}", self.file.display(), x)?;
+        }
+        Ok(())
+    }
 }

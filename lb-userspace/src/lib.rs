@@ -26,6 +26,7 @@ pub mod health;
 pub mod history;
 pub mod journal;
 pub mod limits;
+pub mod limits_status;
 pub mod listen;
 pub mod maglev;
 pub mod metrics;

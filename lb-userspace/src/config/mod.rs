@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashSet,
-    fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
@@ -31,10 +30,10 @@ pub struct Config {
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceCfg>,
     #[serde(default)]
-    pub alerts: crate::alerts::AlertsCfg,
+    pub alerts: AlertsCfg,
     /// Changes that lower what a service admits, judged against the load (`guard.rs`).
     #[serde(default)]
-    pub guard: crate::guard::GuardCfg,
+    pub guard: GuardCfg,
     /// Several nodes behind a router's ECMP: VIPs announced through BIRD. Without it, one node
     /// and no BIRD.
     #[serde(default)]
@@ -535,52 +534,18 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Warning,
-    Error,
-}
+// The findings' vocabulary lives in `error.rs` (the bottom layer: `Error::Config` holds a
+// `Rejected`); re-exported so that it reads as the config's.
+pub use crate::error::{Finding, Rejected, Severity};
 
-/// One problem in a config file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Finding {
-    pub severity: Severity,
-    /// Key path, e.g. `service[0].backend[1].max_conns` (empty for the whole file).
-    pub key: String,
-    pub message: String,
-}
+mod alerts;
+mod guard;
 
-impl fmt::Display for Finding {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sev = match self.severity {
-            Severity::Error => "error",
-            Severity::Warning => "warning",
-        };
-        if self.key.is_empty() {
-            write!(f, "{sev}: {}", self.message)
-        } else {
-            write!(f, "{sev}: {}: {}", self.key, self.message)
-        }
-    }
-}
-
-/// Why a config file was refused: its path and every finding (errors first).
-#[derive(Debug)]
-pub struct Rejected {
-    pub file: PathBuf,
-    pub findings: Vec<Finding>,
-}
-
-impl fmt::Display for Rejected {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} was refused and nothing of it applied:", self.file.display())?;
-        for x in self.findings.iter().filter(|x| x.severity == Severity::Error) {
-            write!(f, "\n  {}: {}", self.file.display(), x)?;
-        }
-        Ok(())
-    }
-}
+pub(crate) use self::alerts::{parse_url, Target};
+pub use self::{
+    alerts::{AlertsCfg, BasicAuth, WebhookCfg, RESERVED_LABELS},
+    guard::GuardCfg,
+};
 
 /// Parses `text` (from `file`, for messages) and validates it. `Ok` carries the config and its
 /// warnings; `Err` every finding when there is at least one error.
@@ -753,7 +718,7 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     for (at, k) in labels {
         if !label_ok(k) {
             err(format!("{at}.{k}"), format!("\"{k}\" is not a label name (letters, digits, _; not starting with a digit)"));
-        } else if crate::alerts::RESERVED_LABELS.contains(&k.as_str()) {
+        } else if RESERVED_LABELS.contains(&k.as_str()) {
             err(format!("{at}.{k}"), format!("\"{k}\" is set by Sluice itself; choose another name"));
         }
     }
@@ -781,7 +746,7 @@ pub fn validate(cfg: &Config) -> Vec<Finding> {
     }
     for (i, w) in a.webhook.iter().chain(&a.webhooks).enumerate() {
         let key = if a.webhook.is_some() && i == 0 { "alerts.webhook".to_owned() } else { format!("alerts.webhooks[{}]", i - usize::from(a.webhook.is_some())) };
-        for f in crate::sinks::validate(w, &key) {
+        for f in alerts::validate_webhook(w, &key) {
             match f.severity {
                 Severity::Error => err(f.key, f.message),
                 Severity::Warning => warn(f.key, f.message),
