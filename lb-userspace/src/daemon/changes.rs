@@ -77,24 +77,27 @@ impl Daemon {
         }
         let mut warnings = Vec::new();
         let mut verdict = Verdict::default();
-        let changes = State::change(&self.state, |running| {
-            let (cfg, found, file) = read(&req)?;
-            restart_only(&cfg, &running.cfg, &file)?;
-            let what = format!("config apply {}", file.display());
-            verdict = guarded(running, &cfg, req.force, &what)?;
-            warnings = found;
-            let forced = forced_then(&verdict, what);
-            // The applied file becomes the one a reload reads and runtime changes are written to.
-            let path = req.path.clone();
-            let then: Then = Box::new(move |st: &mut State| {
-                if let Some(p) = path {
-                    st.cfg_path = p;
-                }
-                st.change_refused = None;
-                forced(st)
-            });
-            Ok::<_, Refused>(Next { cfg, then: Some(then) })
-        })
+        let changes = State::change_with(
+            &self.state,
+            |_| read(&req),
+            |running, (cfg, found, file)| {
+                restart_only(&cfg, &running.cfg, &file)?;
+                let what = format!("config apply {}", file.display());
+                verdict = guarded(running, &cfg, req.force, &what)?;
+                warnings = found;
+                let forced = forced_then(&verdict, what);
+                // The applied file becomes the one a reload reads and runtime changes are written to.
+                let path = req.path.clone();
+                let then: Then = Box::new(move |st: &mut State| {
+                    if let Some(p) = path {
+                        st.cfg_path = p;
+                    }
+                    st.change_refused = None;
+                    forced(st)
+                });
+                Ok::<_, Refused>(Next { cfg, then: Some(then) })
+            },
+        )
         .await?;
         Ok(ApplyResponse { applied: true, changes, warnings, guard: verdict })
     }

@@ -233,32 +233,37 @@ impl Daemon {
     /// Reloads the config file; a refused file changes nothing. The file is read in the change's
     /// turn, so it holds every runtime change made before (they are written back into it).
     pub async fn reload(&self) -> Result<Vec<Change>, Error> {
-        State::change(&self.state, |st| {
-            let (cfg, warnings) = config::load(&st.cfg_path).map_err(Error::Config)?;
-            if let Some(what) = config::restart_only_change(&cfg, &st.cfg) {
-                return Err(Error::other(
-                    format!("{}", st.cfg_path.display()),
-                    anyhow::anyhow!("{what} changed, and it takes effect on restart only: nothing applied; restart the daemon to use it (or undo that edit to reload the rest)"),
-                ));
-            }
-            for w in &warnings {
-                tracing::warn!("{}: {w}", st.cfg_path.display());
-            }
-            let verdict = st.guard(&cfg);
-            for w in &verdict.warnings {
-                tracing::warn!("{}: {w}", st.cfg_path.display());
-            }
-            if !verdict.refused.is_empty() {
-                // Nothing changes; said in the log, the journal and by an alert until a reload or
-                // an apply goes through.
-                let message = format!("{} (to apply it: `sluice config apply {} --force`)", verdict.refused.join("; "), st.cfg_path.display());
-                st.journal.record("config", format!("reload of {} refused by the guard: nothing changed", st.cfg_path.display()), verdict.refused.clone());
-                st.change_refused = Some(message.clone());
-                return Err(Error::other(format!("{}: refused by the guard, nothing changed", st.cfg_path.display()), anyhow::anyhow!("{message}")));
-            }
-            st.change_refused = None;
-            Ok(cfg.into())
-        })
+        State::change_with(
+            &self.state,
+            |path| config::load(path).map_err(Error::Config),
+            |st, (cfg, warnings)| {
+                if let Some(what) = config::restart_only_change(&cfg, &st.cfg) {
+                    return Err(Error::other(
+                        format!("{}", st.cfg_path.display()),
+                        anyhow::anyhow!(
+                            "{what} changed, and it takes effect on restart only: nothing applied; restart the daemon to use it (or undo that edit to reload the rest)"
+                        ),
+                    ));
+                }
+                for w in &warnings {
+                    tracing::warn!("{}: {w}", st.cfg_path.display());
+                }
+                let verdict = st.guard(&cfg);
+                for w in &verdict.warnings {
+                    tracing::warn!("{}: {w}", st.cfg_path.display());
+                }
+                if !verdict.refused.is_empty() {
+                    // Nothing changes; said in the log, the journal and by an alert until a reload or
+                    // an apply goes through.
+                    let message = format!("{} (to apply it: `sluice config apply {} --force`)", verdict.refused.join("; "), st.cfg_path.display());
+                    st.journal.record("config", format!("reload of {} refused by the guard: nothing changed", st.cfg_path.display()), verdict.refused.clone());
+                    st.change_refused = Some(message.clone());
+                    return Err(Error::other(format!("{}: refused by the guard, nothing changed", st.cfg_path.display()), anyhow::anyhow!("{message}")));
+                }
+                st.change_refused = None;
+                Ok(cfg.into())
+            },
+        )
         .await
     }
 

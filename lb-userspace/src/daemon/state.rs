@@ -146,9 +146,23 @@ impl State {
     /// the edited config file in place), all in the same turn. No two changes interleave, so none
     /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
     pub(super) async fn change<E: From<Error>>(state: &Arc<super::lock::Timed<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
+        Self::change_with(state, |_| Ok(()), |st, ()| edit(st)).await
+    }
+
+    /// [`State::change`] with a `prepare` that runs in the change's turn but without the state
+    /// lock, given the config file's path: a file read and parsed there (a reload, `config
+    /// apply`) holds up no status read, scrape or limits round while the disk answers, and still
+    /// sees every change written into the file before it.
+    pub(super) async fn change_with<P, E: From<Error>>(
+        state: &Arc<super::lock::Timed<Self>>,
+        prepare: impl FnOnce(&std::path::Path) -> Result<P, E>,
+        edit: impl FnOnce(&mut Self, P) -> Result<Next, E>,
+    ) -> Result<Vec<Change>, E> {
         let turn = state.lock().expect("state lock").turn.clone();
         let _turn = turn.lock().await;
-        let next = edit(&mut state.lock().expect("state lock"))?;
+        let path = state.lock().expect("state lock").cfg_path.clone();
+        let prepared = prepare(&path)?;
+        let next = edit(&mut state.lock().expect("state lock"), prepared)?;
         let changes = match Self::apply(state, next.cfg).await {
             Ok(c) => c,
             Err(e) => {
