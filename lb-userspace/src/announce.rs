@@ -16,50 +16,16 @@
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{cfgfile::Staged, config::ClusterCfg, daemon::Daemon, reconcile::Applied};
-
-/// What the announcer reports (status, metrics, alerts).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Status {
-    pub node: String,
-    pub drained: bool,
-    /// Withdrawn: cut off from etcd while its peers are not (`limits.rs`).
-    #[serde(default)]
-    pub fenced: bool,
-    /// VIPs this node should announce now.
-    pub wanted: BTreeSet<IpAddr>,
-    /// VIPs in BIRD's config as of the last successful `configure`.
-    pub announced: BTreeSet<IpAddr>,
-    /// Why BIRD does not have what is wanted (while it does not).
-    pub error: Option<String>,
-    /// Since when BIRD has differed from what is wanted.
-    #[serde(skip)]
-    pub behind_since: Option<Instant>,
-}
-
-/// The VIPs a node may announce: those with a service that has an active backend.
-pub fn servable(applied: &Applied) -> BTreeSet<IpAddr> {
-    applied.services.values().filter(|s| s.backends.values().any(|b| !b.removed && b.state == lb_common::BACKEND_ACTIVE)).map(|s| s.cfg.vip).collect()
-}
-
-/// Where the files BIRD includes live, and the marker that keeps a drained node drained across
-/// daemon restarts.
-pub fn files(dir: &Path) -> (PathBuf, PathBuf) {
-    (dir.join("vips4.conf"), dir.join("vips6.conf"))
-}
-
-pub fn drained_marker(dir: &Path) -> PathBuf {
-    dir.join("drained")
-}
+pub use crate::status::announce::{drained_marker, files, Status};
+use crate::{cfgfile::Staged, config::ClusterCfg, daemon::Daemon};
 
 fn render(vips: &BTreeSet<IpAddr>, v4: bool, node: &str) -> String {
     let mut t = format!("# Written by the sluice daemon on node \"{node}\": the VIPs it can serve now. Do not edit.\n");

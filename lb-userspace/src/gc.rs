@@ -130,3 +130,23 @@ impl Reconciler {
         out
     }
 }
+
+/// The adopted flows entered since `since_ns` (the datapath's coarse monotonic clock), with
+/// their age at `now_ns`.
+pub fn adopted_since(table: &FlowTable, since_ns: u64, now_ns: u64) -> Vec<crate::status::peers::Moved> {
+    let mut out = Vec::new();
+    table.for_each(|e| {
+        if e.flow.adopted != 0 && e.flow.created_ns > since_ns {
+            let k = &e.key;
+            out.push(crate::status::peers::Moved {
+                src: k.src,
+                dst: k.dst,
+                sport: u16::from_be_bytes(k.sport_be),
+                dport: u16::from_be_bytes(k.dport_be),
+                proto: k.proto,
+                ago_ms: now_ns.saturating_sub(e.flow.created_ns) / 1_000_000,
+            });
+        }
+    });
+    out
+}

@@ -136,7 +136,7 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Each etcd request gives up after this (a round never waits longer on a dead etcd).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub use crate::limits_status::{BackendLimit, Status, Traffic};
+pub use crate::status::limits::{BackendLimit, Status, Traffic};
 
 fn key_nodes(prefix: &str) -> String {
     format!("{prefix}/nodes/")

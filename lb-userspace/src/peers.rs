@@ -40,13 +40,16 @@ use axum::{
     Router,
 };
 use hmac::{Hmac, Mac as _};
-use lb_common::FlowKey;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{daemon::Daemon, gc, Error};
+pub use crate::{
+    gc::adopted_since,
+    status::peers::{Moved, Stats},
+};
 
 pub const HEADER: &str = "x-sluice-hmac";
 /// A message older (or newer) than this is refused: a replay, or clocks too far apart.
@@ -55,24 +58,6 @@ const MAX_SKEW: Duration = Duration::from_mins(1);
 const KEEP: Duration = Duration::from_mins(1);
 /// Flows per message.
 const BATCH: usize = 5000;
-
-/// One flow this node adopted, and how long before the message was sent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Moved {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    /// Milliseconds between the adoption and the message being sent.
-    pub ago_ms: u64,
-}
-
-impl Moved {
-    pub fn key(&self) -> FlowKey {
-        FlowKey { src: self.src, dst: self.dst, sport_be: self.sport.to_be_bytes(), dport_be: self.dport.to_be_bytes(), proto: self.proto, ..FlowKey::default() }
-    }
-}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Message {
@@ -89,43 +74,6 @@ struct Message {
     /// `None` from a version that does not say.
     #[serde(default)]
     holds: Option<crate::shares::Holds>,
-}
-
-/// What the peer channel reports (status, metrics).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Stats {
-    /// Adopted flows this node reported to its peers.
-    pub reported: u64,
-    /// Flows peers reported that were here and whose slots this node released.
-    pub released: u64,
-    /// Reported flows that were not here (each report goes to every peer).
-    pub ignored: u64,
-    /// Reported flows whose packets still arrive here (left alone).
-    pub still_here: u64,
-    /// Messages refused (bad MAC, stale, malformed).
-    pub refused: u64,
-    /// Batches not delivered yet, per peer.
-    pub pending: Vec<(String, usize)>,
-    pub last_error: Option<String>,
-    /// When each peer last said (in a signed message) that it reaches etcd: a node cut off
-    /// from etcd while its peers are not fences itself (`limits.rs`).
-    #[serde(skip)]
-    pub etcd_seen: std::collections::BTreeMap<String, std::time::Instant>,
-    /// What each peer last said it may hold, and when that arrived.
-    #[serde(skip)]
-    pub holds_seen: std::collections::BTreeMap<String, (std::time::Instant, crate::shares::Holds)>,
-}
-
-impl Stats {
-    /// Peers that said within `within` that they reach etcd.
-    pub fn peers_with_etcd(&self, within: Duration) -> Vec<String> {
-        self.etcd_seen.iter().filter(|(_, at)| at.elapsed() < within).map(|(n, _)| n.clone()).collect()
-    }
-
-    /// What `node` said within `within` that it may hold.
-    pub fn holds_of(&self, node: &str, within: Duration) -> Option<&crate::shares::Holds> {
-        self.holds_seen.get(node).filter(|(at, _)| at.elapsed() < within).map(|(_, h)| h)
-    }
 }
 
 /// Per backend, the most connections this node may hold from now on: `max(open, limit)`.
@@ -197,26 +145,6 @@ fn verify(key: &[u8], body: &[u8], hex: &str) -> bool {
     m.update(body);
     // Constant-time comparison.
     m.verify_slice(&tag).is_ok()
-}
-
-/// The adopted flows entered since `since_ns` (the datapath's coarse monotonic clock), with
-/// their age at `now_ns`.
-pub fn adopted_since(table: &crate::flowtab::FlowTable, since_ns: u64, now_ns: u64) -> Vec<Moved> {
-    let mut out = Vec::new();
-    table.for_each(|e| {
-        if e.flow.adopted != 0 && e.flow.created_ns > since_ns {
-            let k = &e.key;
-            out.push(Moved {
-                src: k.src,
-                dst: k.dst,
-                sport: u16::from_be_bytes(k.sport_be),
-                dport: u16::from_be_bytes(k.dport_be),
-                proto: k.proto,
-                ago_ms: now_ns.saturating_sub(e.flow.created_ns) / 1_000_000,
-            });
-        }
-    });
-    out
 }
 
 /// Sends each batch of adopted flows to every peer, keeping what a peer did not take for

@@ -194,6 +194,11 @@ impl<F: Fn(IpAddr) -> Option<[u8; 6]>> MacResolver for F {
 }
 
 impl Applied {
+    /// The VIPs a node may announce: those with a service that has an active backend.
+    pub fn servable(&self) -> BTreeSet<IpAddr> {
+        self.services.values().filter(|s| s.backends.values().any(|b| !b.removed && b.state == BACKEND_ACTIVE)).map(|s| s.cfg.vip).collect()
+    }
+
     /// A backend as applied, by service name and address.
     pub fn backend(&self, service: &str, address: IpAddr) -> Option<&AppliedBackend> {
         self.services.get(service).and_then(|s| s.backends.get(&address))

@@ -28,8 +28,7 @@ use crate::{
     Error,
 };
 
-mod types;
-pub use types::*;
+pub use crate::wire::*;
 
 /// An error response: status and a message that says what to do.
 pub struct ApiError(StatusCode, String);

@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<(), Error> {
         if let Some(cfg) = &args.config {
             let daemon = daemon::Daemon::start(cfg).await?;
             tracing::info!(config = %cfg.display(), "sluice daemon running");
-            daemon.run(CancellationToken::new(), true).await?;
+            crate::node::run(&daemon, CancellationToken::new(), true).await?;
             daemon.leave_running()?;
             tracing::info!("stopped; the datapath keeps forwarding and the next `sluice run` adopts it (`sluice detach` removes it)");
             return Ok(());

@@ -15,12 +15,12 @@ use super::{
     Daemon, Override, State,
 };
 use crate::{
-    api::{ApplyRequest, ApplyResponse, BackendRequest, DrainReport, DrainRequest, RaiseRequest},
     cfgfile::{self, BackendEdit, Staged},
     config::{self, BackendCfg, Config, Finding, Severity},
     guard::Verdict,
     health,
     reconcile::{Change, Share},
+    wire::{ApplyRequest, ApplyResponse, BackendRequest, DrainReport, DrainRequest, RaiseRequest},
     Error,
 };
 
@@ -312,7 +312,7 @@ impl Daemon {
     }
 
     /// `sluice node undrain`: announces this node's VIPs again.
-    pub async fn undrain(&self) -> Result<crate::announce::Status, Refused> {
+    pub async fn undrain(&self) -> Result<crate::status::announce::Status, Refused> {
         self.set_drained(false).await?;
         Ok(self.lock().cluster.as_ref().expect("set_drained checked").status())
     }

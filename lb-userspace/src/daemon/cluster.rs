@@ -10,7 +10,14 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{announce, config, Error};
+use crate::{
+    config,
+    status::{
+        announce::{self, drained_marker},
+        limits, peers,
+    },
+    Error,
+};
 
 use super::State;
 
@@ -30,17 +37,14 @@ pub struct Cluster {
     /// The peer channel, with `cluster.peers` or `cluster.peer_listen`.
     pub(super) peers: Option<Peers>,
     /// Cluster-wide limits through etcd, with `[cluster.limits]` (`limits.rs`).
-    pub(super) limits: Option<Arc<Mutex<crate::limits::Status>>>,
-    /// How to reach etcd (TLS, a user), read at start.
-    pub(super) etcd_connect: crate::limits::Connect,
+    pub(super) limits: Option<Arc<Mutex<limits::Status>>>,
 }
 
 /// This node's side of the peer channel (`peers.rs`).
 pub struct Peers {
-    pub(super) stats: Arc<Mutex<crate::peers::Stats>>,
-    pub(super) creds: crate::peers::Credentials,
-    pub(super) tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
-    pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<crate::peers::Moved>>>,
+    pub(super) stats: Arc<Mutex<peers::Stats>>,
+    pub(super) tx: mpsc::UnboundedSender<Vec<peers::Moved>>,
+    pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<peers::Moved>>>,
 }
 
 impl Cluster {
@@ -53,11 +57,11 @@ impl Cluster {
         self.status.lock().expect("status").clone()
     }
     /// The peer channel's counts, with `cluster.peers` or `cluster.peer_listen`.
-    pub fn peer_stats(&self) -> Option<crate::peers::Stats> {
+    pub fn peer_stats(&self) -> Option<peers::Stats> {
         self.peers.as_ref().map(|p| p.stats.lock().expect("stats").clone())
     }
     /// The cluster-wide limits' status, with `[cluster.limits]`.
-    pub fn limits(&self) -> Option<crate::limits::Status> {
+    pub fn limits(&self) -> Option<limits::Status> {
         self.limits.as_ref().map(|l| l.lock().expect("limits status").clone())
     }
 }
@@ -83,7 +87,7 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
                 .map_err(|e| Error::other(format!("creating {} (cluster.announce_dir)", f.display()), e))?;
         }
     }
-    let drained = announce::drained_marker(&c.announce_dir).exists();
+    let drained = drained_marker(&c.announce_dir).exists();
     if drained {
         tracing::warn!(node = %c.node, "this node was drained (`sluice node drain`) and stays so until `sluice node undrain`");
     }
@@ -95,38 +99,20 @@ pub(super) fn cluster(cfg: &config::Config) -> Result<Option<Cluster>, Error> {
             // From 0: the first report holds every adopted flow in the table, those the datapath
             // adopted while no daemon ran (a restart, an upgrade) included; peers ignore the
             // ones they do not hold.
-            Some(Peers { stats: Arc::default(), creds: crate::peers::Credentials::load(c)?, tx, rx: Some(rx) })
+            Some(Peers { stats: Arc::default(), tx, rx: Some(rx) })
         }
         () => None,
     };
-    let etcd_connect = c.limits.as_ref().map(crate::limits::Connect::load).transpose()?.unwrap_or_default();
     let limits = c.limits.as_ref().map(|l| {
-        Arc::new(Mutex::new(crate::limits::Status {
-            node: c.node.clone(),
-            etcd: l.etcd.clone(),
-            prefix: l.prefix.clone(),
-            lease_ttl_s: l.lease_ttl.as_secs(),
-            ..Default::default()
-        }))
+        Arc::new(Mutex::new(limits::Status { node: c.node.clone(), etcd: l.etcd.clone(), prefix: l.prefix.clone(), lease_ttl_s: l.lease_ttl.as_secs(), ..Default::default() }))
     });
-    Ok(Some(Cluster {
-        cfg: c.clone(),
-        status: Arc::new(Mutex::new(status)),
-        drained,
-        fenced: false,
-        etcd_ok: Arc::default(),
-        wanted,
-        wanted_rx: Some(wanted_rx),
-        peers,
-        limits,
-        etcd_connect,
-    }))
+    Ok(Some(Cluster { cfg: c.clone(), status: Arc::new(Mutex::new(status)), drained, fenced: false, etcd_ok: Arc::default(), wanted, wanted_rx: Some(wanted_rx), peers, limits }))
 }
 
 impl State {
     /// Tells the announcer which VIPs this node should announce now.
     pub(super) fn publish_wanted(&mut self) {
-        let servable = announce::servable(&self.applied);
+        let servable = self.applied.servable();
         if let Some(c) = &mut self.cluster {
             let wanted = if c.drained || c.fenced { Default::default() } else { servable };
             {
@@ -164,7 +150,7 @@ impl State {
             .cluster
             .as_mut()
             .ok_or_else(|| Error::other("node drain", anyhow::anyhow!("this daemon has no [cluster] section: a single node announces nothing to withdraw")))?;
-        let marker = announce::drained_marker(&c.cfg.announce_dir);
+        let marker = drained_marker(&c.cfg.announce_dir);
         let written = if drained {
             std::fs::write(&marker, b"drained by `sluice node drain`\n")
         } else {

@@ -44,8 +44,8 @@ struct Inputs {
 
 /// The peer channel's ends this task feeds (with `cluster.peers`).
 struct PeerFeed {
-    stats: Arc<Mutex<crate::peers::Stats>>,
-    tx: mpsc::UnboundedSender<Vec<crate::peers::Moved>>,
+    stats: Arc<Mutex<crate::status::peers::Stats>>,
+    tx: mpsc::UnboundedSender<Vec<crate::status::peers::Moved>>,
     /// Adopted flows entered since this coarse-clock time are reported next.
     since_ns: u64,
 }
@@ -86,7 +86,7 @@ impl Daemon {
                     let took = started.elapsed();
                     let moved = walk_peers.map(|since| {
                         let now = gc::now_coarse_ns();
-                        (crate::peers::adopted_since(&inputs.flows, since, now), now)
+                        (gc::adopted_since(&inputs.flows, since, now), now)
                     });
                     let drift = reconcile_due.then(|| reconciler.pass(&inputs.flows, &inputs.conns, inputs.ids));
                     (sweep, took, moved, drift, reconciler)

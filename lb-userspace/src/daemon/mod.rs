@@ -1,18 +1,21 @@
 //! The daemon (`sluice run --config FILE`): loads and attaches the datapath, applies the
-//! config, reloads it on SIGHUP, and runs GC and counter reconciliation every second.
+//! config, reloads it on SIGHUP, evaluates the alerts, and keeps the flow table
+//! (`housekeeping.rs`: GC, adopted flows, counter reconciliation, off the state lock).
 //!
 //! Everything else reaches it through a [`Daemon`] handle: the control API, the metrics
-//! endpoint, the announcer, the peer channel and the cluster-wide limits. Its state
-//! ([`State`], `state.rs`) is private to this module; every change of it is a `Daemon` method
-//! (`changes.rs`), and every change of the running config goes through one serialized path,
-//! [`State::change`]. What the API reports is built in `reports.rs`. It takes its shutdown
-//! signal as an argument, so tests can run it in-process.
+//! endpoint, the announcer, the peer channel and the cluster-wide limits, which `node.rs`
+//! starts around [`Daemon::serve`]; the daemon knows none of them, only the records they fill
+//! (`status/`). Its state ([`State`], `state.rs`) is private to this module; every change of it
+//! is a `Daemon` method (`changes.rs`), and every change of the running config goes through one
+//! serialized path, [`State::change`]. What the API reports is built in `reports.rs`. It takes
+//! its shutdown signal as an argument, so tests can run it in-process.
 
 mod changes;
 mod cluster;
 mod housekeeping;
 mod lock;
 mod reports;
+mod sample;
 mod state;
 
 use std::{
@@ -36,7 +39,7 @@ pub use self::{
     state::{Override, State},
 };
 use crate::{
-    alerts, announce,
+    alerts,
     config::{self, parse_mac, Config, Fragments, IcmpEcho, XdpMode},
     datapath::{AttachMode, Datapath, LoadOptions},
     gc::Sweep,
@@ -44,6 +47,28 @@ use crate::{
     reconcile::{Applied, Change},
     Error,
 };
+
+/// What the node's tasks take from the daemon when it starts serving ([`Daemon::take_parts`]).
+pub struct Parts {
+    pub daemon: config::Daemon,
+    /// `[cluster]`, if any.
+    pub cluster: Option<config::ClusterCfg>,
+    /// `daemon.metrics_web_config`, read at start.
+    pub metrics_web: Option<crate::webconfig::WebConfig>,
+    /// The announcer's record and the VIPs it should announce now (with `[cluster]`).
+    #[expect(clippy::type_complexity, reason = "a record and a receiver, handed over once")]
+    pub announce: Option<(Arc<std::sync::Mutex<crate::status::announce::Status>>, tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::IpAddr>>)>,
+    /// The peer channel's counts and the adopted flows the housekeeping reports (with a peer
+    /// channel).
+    #[expect(clippy::type_complexity, reason = "a record and a receiver, handed over once")]
+    pub peers: Option<(Arc<std::sync::Mutex<crate::status::peers::Stats>>, mpsc::UnboundedReceiver<Vec<crate::status::peers::Moved>>)>,
+    /// The cluster-wide limits' record (with `[cluster.limits]`).
+    pub limits: Option<Arc<std::sync::Mutex<crate::status::limits::Status>>>,
+    /// Set by the limits task after each round, told to the peers.
+    pub etcd_ok: Arc<std::sync::atomic::AtomicBool>,
+    /// Where the etcd lease is kept across restarts.
+    pub lease_file: PathBuf,
+}
 
 /// The running daemon, as its tasks and the control API hold it. Cheap to clone.
 #[derive(Clone)]
@@ -207,7 +232,7 @@ impl Daemon {
             pending_undo: None,
             turn: Arc::default(),
             history: crate::history::History::load(&history_path(&cfg)),
-            names: alerts::Names::default(),
+            names: sample::Names::default(),
             change_refused: None,
             listeners: Vec::new(),
             metrics_web,
@@ -267,93 +292,45 @@ impl Daemon {
         .await
     }
 
-    /// Runs until `shutdown` is cancelled (or SIGINT/SIGTERM when `signals`).
-    #[expect(clippy::too_many_lines, reason = "the main loop: one select over every source of work")]
-    pub async fn run(&self, shutdown: CancellationToken, signals: bool) -> Result<(), Error> {
+    /// What the node's tasks take from the daemon, once, when it starts serving (`node.rs`).
+    /// Panics if taken twice: the receivers in it have one owner.
+    pub fn take_parts(&self) -> Parts {
+        let mut st = self.lock();
+        let st = &mut *st;
+        let lease_file = lease_path(&st.cfg);
+        let daemon = st.cfg.daemon.clone();
+        let metrics_web = st.metrics_web.take();
+        let (cluster, announce, peers, limits, etcd_ok) = match st.cluster.as_mut() {
+            Some(c) => (
+                Some(c.cfg.clone()),
+                Some((c.status.clone(), c.wanted_rx.take().expect("run once"))),
+                c.peers.as_mut().map(|p| (p.stats.clone(), p.rx.take().expect("run once"))),
+                c.limits.clone(),
+                c.etcd_ok.clone(),
+            ),
+            None => (None, None, None, None, Arc::default()),
+        };
+        Parts { daemon, cluster, metrics_web, announce, peers, limits, etcd_ok, lease_file }
+    }
+
+    /// The listeners the node serves, for their counts in the status and metrics.
+    pub fn set_listeners(&self, listeners: Vec<Arc<crate::listen::Listener>>) {
+        self.lock().listeners = listeners;
+    }
+
+    /// The daemon's own loop, until `shutdown` is cancelled (or SIGINT/SIGTERM when
+    /// `signals`): reloads on SIGHUP, health transitions, alert evaluations, refusal events,
+    /// break-glass expiry, and the flow table's housekeeping beside it. The node's tasks
+    /// (`node.rs`) run around it.
+    pub async fn serve(&self, shutdown: CancellationToken, signals: bool) -> Result<(), Error> {
         let state = &self.state;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::other("SIGHUP handler", e))?;
         let mut term = signal(SignalKind::terminate()).map_err(|e| Error::other("SIGTERM handler", e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::other("SIGINT handler", e))?;
-        let (d, peer) = {
-            let st = state.lock().expect("state lock");
-            (st.cfg.daemon.clone(), st.cfg.cluster.as_ref().and_then(|c| Some((c.peer_listen?, c.peer_max_connections))))
-        };
-        // Every listener bounded (`listen.rs`): no flood on one takes the descriptors the
-        // health checks, the journal and the control socket need.
-        let bounds = |max_connections, request_timeout| crate::listen::Limits { max_connections, header_timeout: d.http_header_timeout, request_timeout };
-        let control = crate::listen::Listener::new("control", d.control_socket.display().to_string(), bounds(d.control_max_connections, None));
-        let metrics_listener = crate::listen::Listener::new("metrics", d.metrics_listen.to_string(), bounds(d.metrics_max_connections, Some(d.http_request_timeout)));
-        let peer_listener = peer.map(|(addr, max)| crate::listen::Listener::new("peer", addr.to_string(), bounds(max, Some(d.http_request_timeout))));
-        // The read-only socket (`daemon.read_socket`): bounded as the control socket, its own count.
-        let read_listener = d.read_socket.as_ref().map(|p| crate::listen::Listener::new("read", p.display().to_string(), bounds(d.control_max_connections, None)));
-        state.lock().expect("state lock").listeners =
-            [Some(control.clone()), read_listener.clone(), Some(metrics_listener.clone()), peer_listener.clone()].into_iter().flatten().collect();
-        let socket = d.control_socket.clone();
-        let listener = crate::api::bind(&socket)?;
-        let read = match (&d.read_socket, &d.read_socket_group, read_listener) {
-            (Some(path), Some(group), Some(me)) => match crate::api::bind_read(path, group, &socket) {
-                Ok(l) => Some((l, path.clone(), me)),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&socket);
-                    return Err(e);
-                }
-            },
-            _ => None,
-        };
-        let api_stop = shutdown.child_token();
-        let api = tokio::spawn(crate::api::serve(listener, socket.clone(), self.clone(), control, api_stop.clone()));
-        let read_api = read.map(|(l, path, me)| tokio::spawn(crate::api::serve_read(l, path, socket, self.clone(), me, api_stop.clone())));
-        let web = state.lock().expect("state lock").metrics_web.take();
-        let metrics = tokio::spawn(crate::metrics::serve(d.metrics_listen, self.clone(), web, metrics_listener, api_stop.clone()));
         let mut health_rx = state.lock().expect("state lock").health_rx.take().expect("run once");
-        let announcer = {
-            let mut st = state.lock().expect("state lock");
-            st.cluster.as_mut().map(|c| {
-                let rx = c.wanted_rx.take().expect("run once");
-                (c.cfg.clone(), c.status.clone(), rx)
-            })
-        };
-        let announcer = announcer.map(|(cfg, status, rx)| announce::spawn(cfg, self.clone(), status, rx, api_stop.clone()));
-        let peer_tasks = {
-            let mut st = state.lock().expect("state lock");
-            st.cluster.as_mut().and_then(|c| {
-                let p = c.peers.as_mut()?;
-                Some((c.cfg.clone(), p.creds.clone(), p.stats.clone(), p.rx.take().expect("run once")))
-            })
-        };
-        let (limits, etcd_ok, lease_file) = {
-            let st = state.lock().expect("state lock");
-            let limits = st.cluster.as_ref().and_then(|c| Some((c.cfg.clone(), c.limits.clone()?, c.peers.as_ref().map(|p| p.stats.clone()), c.etcd_connect.clone())));
-            (limits, st.cluster.as_ref().map(|c| c.etcd_ok.clone()).unwrap_or_default(), lease_path(&st.cfg))
-        };
-        let limits = limits.map(|(cfg, status, peers, connect)| {
-            crate::limits::spawn(&cfg, lease_file, self.clone(), status, crate::limits::Links { etcd_ok: etcd_ok.clone(), peers, connect }, api_stop.clone())
-        });
-        let mut peer_handles = Vec::new();
-        if let Some((cfg, creds, stats, rx)) = peer_tasks {
-            if !cfg.peers.is_empty() {
-                peer_handles.push(crate::peers::spawn_sender(
-                    cfg.node.clone(),
-                    cfg.peers.clone(),
-                    creds.clone(),
-                    self.clone(),
-                    stats.clone(),
-                    etcd_ok.clone(),
-                    rx,
-                    api_stop.clone(),
-                ));
-            }
-            if let (Some(listen), Some(me)) = (cfg.peer_listen, peer_listener) {
-                let (daemon, stop) = (self.clone(), api_stop.clone());
-                peer_handles.push(tokio::spawn(async move {
-                    if let Err(e) = crate::peers::serve(listen, creds, daemon, stats, me, stop).await {
-                        tracing::error!("{e}");
-                    }
-                }));
-            }
-        }
+        let stop = shutdown.child_token();
         // The flow table's GC, adoption walk and reconciliation, off the state lock.
-        let housekeeping = self.spawn_housekeeping(api_stop.clone());
+        let housekeeping = self.spawn_housekeeping(stop.clone());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut eval_every = state.lock().expect("state lock").cfg.alerts.interval;
         let mut eval_tick = tokio::time::interval(eval_every);
@@ -418,33 +395,17 @@ impl Daemon {
                 }
             }
         }
-        api_stop.cancel();
-        let _ = api.await;
+        stop.cancel();
         let _ = housekeeping.await;
-        if let Some(r) = read_api {
-            let _ = r.await;
-        }
-        if let Some(a) = announcer {
-            let _ = a.await;
-        }
-        if let Some(l) = limits {
-            let _ = l.await;
-            let nodes = state.lock().expect("state lock").cfg.cluster.as_ref().map_or(1, config::ClusterCfg::limit_nodes);
-            crate::limits::on_stop(self, nodes).await;
-        }
-        for h in peer_handles {
-            let _ = h.await;
-        }
-        {
-            let mut st = state.lock().expect("state lock");
-            if let Err(e) = st.history.save() {
-                tracing::warn!("saving the load history to {}: {e}", st.history.path.display());
-            }
-            st.journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
-        }
-        if let Ok(Err(e)) = metrics.await {
-            tracing::error!("{e}");
-        }
         Ok(())
+    }
+
+    /// After the loop and the node's tasks: the history saved, the stop in the journal.
+    pub fn stopped(&self) {
+        let mut st = self.lock();
+        if let Err(e) = st.history.save() {
+            tracing::warn!("saving the load history to {}: {e}", st.history.path.display());
+        }
+        st.journal.record("daemon", "Sluice daemon stopped (the datapath keeps forwarding)", vec![]);
     }
 }

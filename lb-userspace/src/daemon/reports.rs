@@ -5,10 +5,10 @@ use std::{net::IpAddr, time::Duration};
 
 use super::{Daemon, Refused, State};
 use crate::{
-    api::{BackendHistory, BackendReport, BreakGlass, EventsQuery, ExplainQuery, HistoryReport, Review, ReviewBackend, ReviewService, ServiceReport, StatusReport},
     explain::Explanation,
     history::unix_now,
     reconcile::state_name,
+    wire::{BackendHistory, BackendReport, BreakGlass, EventsQuery, ExplainQuery, HistoryReport, Review, ReviewBackend, ReviewService, ServiceReport, StatusReport},
     Error,
 };
 

@@ -124,7 +124,7 @@ pub struct State {
     /// Per backend, peaks of open connections and refusals (`history.rs`), for the guard.
     pub(super) history: crate::history::History,
     /// What the alert sample names each backend by, made once per apply.
-    pub(super) names: alerts::Names,
+    pub(super) names: super::sample::Names,
     /// A reload the guard refused: what it said (`SluiceConfigChangeRefused` fires while set).
     pub(super) change_refused: Option<String>,
     /// Backends whose health checks cannot run for a cause on this node, with that cause
@@ -284,7 +284,7 @@ impl State {
             (s.behind_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) && !missing.is_empty())
                 .then(|| (c.cfg.node.clone(), missing, s.error.clone().unwrap_or_default()))
         });
-        let sample = alerts::sample(&alerts::Inputs {
+        let sample = super::sample::sample(&super::sample::Inputs {
             applied: &self.applied,
             names: &self.names,
             stats: &stats,

@@ -1,4 +1,5 @@
-//! What the control API sends and takes: one definition for the server (`api`), its client
+//! What the control API sends and takes: one definition for the server (`api/`), the daemon
+//! that builds the answers (below it, so the daemon needs no part of the API), its client
 //! (`client.rs`, so the CLI) and the lab. Every type derives both `Serialize` and `Deserialize`.
 
 use std::{
@@ -27,7 +28,7 @@ pub struct BackendReport {
     /// What this node admits: `max_conns`, or its share of it with cluster-wide limits.
     pub limit: u32,
     /// With cluster-wide limits: this node's share, and the cluster's open connections.
-    pub cluster: Option<crate::limits::BackendLimit>,
+    pub cluster: Option<crate::status::limits::BackendLimit>,
     pub weight: u32,
     pub removed: bool,
     /// Totals since the datapath was loaded (rates are the reader's job).
@@ -73,11 +74,11 @@ pub struct StatusReport {
     pub break_glass: Vec<BreakGlass>,
     pub outcomes: crate::stats::Snapshot,
     /// This node's announcements, with a `[cluster]` section.
-    pub cluster: Option<crate::announce::Status>,
+    pub cluster: Option<crate::status::announce::Status>,
     /// The peer channel's counts, with `cluster.peers`.
-    pub peers: Option<crate::peers::Stats>,
+    pub peers: Option<crate::status::peers::Stats>,
     /// Cluster-wide limits, with `[cluster.limits]`.
-    pub limits: Option<crate::limits::Status>,
+    pub limits: Option<crate::status::limits::Status>,
     /// The listeners (control socket, `/metrics`, peer channel): their bounds and what they
     /// refused and timed out (`listen.rs`).
     #[serde(default)]
@@ -87,7 +88,7 @@ pub struct StatusReport {
     pub open_files: Option<crate::openfiles::OpenFiles>,
     /// How long the daemon's state lock was held: the longest hold and where (`daemon/lock.rs`).
     #[serde(default)]
-    pub state_lock: crate::daemon::LockReport,
+    pub state_lock: crate::status::lock::LockReport,
 }
 
 /// `POST /v1/config/apply`.

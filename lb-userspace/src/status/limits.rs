@@ -1,6 +1,5 @@
 //! What the cluster-wide limits report (`[cluster.limits]`): the records `limits.rs` keeps up
-//! to date and the status, the metrics, the status page and the alerts read. Below the daemon
-//! and its tasks, so that readers need not import the etcd task.
+//! to date and the status, the metrics, the status page and the alerts read.
 
 use std::{collections::BTreeMap, time::Instant};
 
