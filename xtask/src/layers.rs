@@ -37,7 +37,6 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[];
 const KNOWN_LONG: &[&str] = &[
     // issue 29: to be split.
     "alerts.rs",
-    "config/mod.rs",
     "limits.rs",
     "listen.rs",
     "reconcile.rs",
