@@ -45,7 +45,7 @@ use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{daemon::Daemon, gc, Error};
+use crate::{daemon::Daemon, Error};
 pub use crate::{
     gc::adopted_since,
     status::peers::{Moved, Stats},
@@ -235,8 +235,8 @@ async fn deliver(
                 // A flow the peer still receives moved back there after this node adopted it
                 // (the router rehashed again): this node's entry is the stale one.
                 Ok(answer) => {
-                    let (released, _, _, _) = settle(daemon, &answer.active);
-                    let closed = release_closed(daemon, &answer.closed);
+                    let (released, _, _, _) = daemon.settle_moved(&answer.active);
+                    let closed = daemon.release_closed(&answer.closed);
                     stats.lock().expect("stats").released += released + closed;
                 }
                 Err(e) => return Some(format!("peer {peer}: {e}")),
@@ -370,7 +370,7 @@ async fn moved(AxState(r): AxState<Receiver>, cert: Option<axum::Extension<crate
             return refuse(StatusCode::CONFLICT, "the same message again: a replay".into());
         }
     }
-    let (released, ignored, active, closed) = settle(&r.daemon, &msg.flows);
+    let (released, ignored, active, closed) = r.daemon.settle_moved(&msg.flows);
     let mut s = r.stats.lock().expect("stats");
     if msg.etcd {
         s.etcd_seen.insert(msg.node.clone(), std::time::Instant::now());
@@ -403,52 +403,6 @@ pub struct Answer {
     /// packet of a finished connection, and its entry must not hold a slot for 2 h.
     #[serde(default)]
     pub closed: Vec<Moved>,
-}
-
-/// For each flow another node saw `ago_ms` ago (adopted it, or its last packet there): if it
-/// is here and its last packet here is not newer, it has moved away: release its slot and free
-/// its way (the GC's compare-and-swaps: exactly once, whoever gets there first). Returns
-/// (released, not here, still arriving here with their idle times here, closed here).
-fn settle(daemon: &Daemon, flows: &[Moved]) -> (u64, u64, Vec<Moved>, Vec<Moved>) {
-    let st = daemon.lock();
-    let now_ns = gc::now_coarse_ns();
-    let (mut released, mut ignored, mut active, mut closed) = (0u64, 0u64, Vec::new(), Vec::new());
-    for m in flows {
-        let Some(e) = st.flows().get(&m.key()) else {
-            ignored += 1;
-            continue;
-        };
-        let idle_ms = now_ns.saturating_sub(e.flow.last_seen_ns) / 1_000_000;
-        // `ago_ms` is measured on the other node's clock up to the sending (time spent waiting
-        // for a retry included); the transit (a send times out after 3 s) is not counted, so
-        // the hosts' wall clocks do not enter the rule. 100 ms for the coarse timestamps.
-        if idle_ms + 100 >= m.ago_ms {
-            let gave = st.flows().release(&e, st.conns());
-            st.flows().remove(&e);
-            released += u64::from(gave);
-            if e.flow.state == lb_common::FLOW_CLOSING {
-                closed.push(*m);
-            }
-        } else {
-            active.push(Moved { ago_ms: idle_ms, ..*m });
-        }
-    }
-    (released, ignored, active, closed)
-}
-
-/// The sender's side of an answer: flows that closed at the peer, which this node adopted from
-/// a late packet, give their slot back here.
-fn release_closed(daemon: &Daemon, flows: &[Moved]) -> u64 {
-    let st = daemon.lock();
-    flows
-        .iter()
-        .filter_map(|m| st.flows().get(&m.key()))
-        .map(|e| {
-            let gave = st.flows().release(&e, st.conns());
-            st.flows().remove(&e);
-            u64::from(gave)
-        })
-        .sum()
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod changes;
 mod cluster;
 mod housekeeping;
 mod lock;
+mod moved;
 mod reports;
 mod sample;
 mod state;
