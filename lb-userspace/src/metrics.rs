@@ -291,14 +291,20 @@ fn escape(v: &str) -> String {
 /// Serves `/metrics` and the status page (`statuspage.rs`) on `addr` within `me`'s bounds
 /// (`listen.rs`) until `shutdown`.
 /// With `web` (`daemon.metrics_web_config`), over TLS and/or behind basic authentication.
+/// Binds `daemon.metrics_listen`: before the control socket exists, so that a daemon that
+/// answers on its socket is also listening here (and a port in use stops the start).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))
+}
+
 pub async fn serve(
+    listener: tokio::net::TcpListener,
     addr: SocketAddr,
     daemon: Daemon,
     web: Option<crate::webconfig::WebConfig>,
     me: std::sync::Arc<crate::listen::Listener>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::other(format!("binding the metrics endpoint {addr} (daemon.metrics_listen)"), e))?;
     // A scrape is a GET: no body worth buffering. The status page (`/`, `/status.json`) is
     // added before the web config's guard, so it is served exactly as `/metrics` is.
     let mut app =

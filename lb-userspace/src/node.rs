@@ -40,6 +40,7 @@ pub async fn run(daemon: &Daemon, shutdown: CancellationToken, signals: bool) ->
     // The read-only socket (`daemon.read_socket`): bounded as the control socket, its own count.
     let read_listener = d.read_socket.as_ref().map(|p| Listener::new("read", p.display().to_string(), bounds(d.control_max_connections, None)));
     daemon.set_listeners([Some(control.clone()), read_listener.clone(), Some(metrics_listener.clone()), peer_listener.clone()].into_iter().flatten().collect());
+    let metrics_socket = metrics::bind(d.metrics_listen).await?;
     let socket = d.control_socket.clone();
     let listener = api::bind(&socket)?;
     let read = match (&d.read_socket, &d.read_socket_group, read_listener) {
@@ -55,7 +56,7 @@ pub async fn run(daemon: &Daemon, shutdown: CancellationToken, signals: bool) ->
     let stop = shutdown.child_token();
     let api = tokio::spawn(api::serve(listener, socket.clone(), daemon.clone(), control, stop.clone()));
     let read_api = read.map(|(l, path, me)| tokio::spawn(api::serve_read(l, path, socket, daemon.clone(), me, stop.clone())));
-    let metrics = tokio::spawn(metrics::serve(d.metrics_listen, daemon.clone(), parts.metrics_web, metrics_listener, stop.clone()));
+    let metrics = tokio::spawn(metrics::serve(metrics_socket, d.metrics_listen, daemon.clone(), parts.metrics_web, metrics_listener, stop.clone()));
     let announcer = parts.cluster.clone().zip(parts.announce).map(|(cfg, (status, rx))| announce::spawn(cfg, daemon.clone(), status, rx, stop.clone()));
     let peer_stats = parts.peers.as_ref().map(|(s, _)| s.clone());
     let limits = parts.cluster.as_ref().zip(parts.limits).map(|(cfg, status)| {
