@@ -330,20 +330,7 @@ async fn https_to_a_plain_receiver_fails_the_handshake() {
 #[tokio::test]
 async fn webhook_retries_then_delivers_and_gives_up_on_a_dead_receiver() {
     // A receiver that fails the first request with 500, then accepts.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let got = Arc::new(tokio::sync::Mutex::new(Vec::new()));
-    let g = got.clone();
-    tokio::spawn(async move {
-        for i in 0.. {
-            let (mut c, _) = l.accept().await.expect("accept");
-            let mut buf = vec![0u8; 8192];
-            let n = c.read(&mut buf).await.unwrap_or(0);
-            g.lock().await.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            let status = if i == 0 { "500 Internal Server Error" } else { "200 OK" };
-            let _ = c.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
-        }
-    });
+    let (addr, got) = recording_receiver(&["500 Internal Server Error", "200 OK"]).await;
     let cfg = WebhookCfg { timeout: Duration::from_secs(1), retries: 2, ..WebhookCfg::new(format!("http://{addr}/api/v2/alerts")) };
     let body = serde_json::to_vec(&vec![alertmanager_json(&n(Status::Firing))]).expect("json");
     post(&cfg, &body).await.expect("delivered on the retry");
