@@ -188,26 +188,8 @@ impl State {
         let st = &mut *st;
         let resolver = |ip: IpAddr| macs.get(&ip).copied();
         let eff = effective(&cfg, &st.overrides);
-        // A cluster-wide max_conns lowered: this node admits nothing more on that backend (its
-        // share falls to what it holds open) until the allocator, which sees the lower limit in
-        // its next round, grants shares under it. Waiting for that round let every node go on
-        // admitting up to its old share meanwhile.
-        let lowered: Vec<((String, IpAddr), u32)> = cfg
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(move |b| (s, b)))
-            .filter(|(s, b)| {
-                st.cfg.services.iter().find(|o| o.name == s.name).and_then(|o| o.backends.iter().find(|x| x.address == b.address)).is_some_and(|o| b.max_conns < o.max_conns)
-            })
-            .map(|(s, b)| ((s.name.clone(), b.address), st.applied.backend(&s.name, b.address).map_or(0, |a| st.conns.get(a.id)).min(u64::from(u32::MAX)) as u32))
-            .collect();
-        if let Some(shares) = st.applied.shares.as_mut() {
-            for (key, open) in lowered {
-                if let Some(sh) = shares.get_mut(&key) {
-                    sh.limit = sh.limit.min(open);
-                }
-            }
-        }
+        // A cluster-wide max_conns lowered: the shares granted under the old one enforce 0
+        // from this change on (`Share::granted_under`) until the allocator grants under it.
         let changes = st.applied.apply(&mut st.dp.tables(), &eff, &resolver, |t, id| t.conns(id).unwrap_or(0))?;
         if !changes.is_empty() {
             st.journal.record("config", format!("configuration applied: {} change(s)", changes.len()), changes.iter().map(|c| c.what.clone()).collect());

@@ -137,11 +137,12 @@ impl Node {
                 for b in &s.backends {
                     let k = shares::key(&s.name, b.address);
                     // A backend the grant does not name keeps what it enforces (a new one: 0).
-                    let limit = match g.shares.get(&k) {
-                        Some(x) => *x,
+                    let limit = match g.share(&k, b.max_conns) {
+                        Some(x) => x,
                         None => st.applied().backend(&s.name, b.address).map_or(0, |a| a.limit),
                     };
-                    out.insert((s.name.clone(), b.address), Share { limit, room: self.room(reports, &k, limit, b.max_conns) });
+                    let room = self.room(reports, &k, limit, b.max_conns);
+                    out.insert((s.name.clone(), b.address), Share { limit, room, granted_under: b.max_conns });
                 }
             }
             out
@@ -187,7 +188,7 @@ impl Node {
     pub(super) async fn fence(&mut self, daemon: &Daemon, why: &str) -> Result<(), Error> {
         let shares = {
             let st = daemon.lock();
-            st.cfg().services.iter().flat_map(|s| s.backends.iter().map(|b| ((s.name.clone(), b.address), Share { limit: 0, room: false }))).collect()
+            st.cfg().services.iter().flat_map(|s| s.backends.iter().map(|b| ((s.name.clone(), b.address), Share { limit: 0, room: false, granted_under: b.max_conns }))).collect()
         };
         Self::set_shares(daemon, shares).await?;
         daemon.set_fenced(true, why).await;
@@ -219,7 +220,7 @@ pub(super) async fn safe_shares(daemon: &Daemon, nodes: u32) -> Result<Vec<Strin
                     let safe = safe_share(b, nodes);
                     let limit = now.min(safe);
                     details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
-                    out.insert((s.name.clone(), b.address), Share { limit, room: false });
+                    out.insert((s.name.clone(), b.address), Share { limit, room: false, granted_under: b.max_conns });
                 }
             }
             (out, details)

@@ -2,7 +2,7 @@
 //! (`ROUND`) it
 //! 1. keeps its lease alive (one lease per daemon; every key it writes is attached to it);
 //! 2. publishes its report under `<prefix>/nodes/<node>`: per backend its `max_conns`, open
-//!    connections, the limit it enforces, what it refused for lack of share (`shares.rs`);
+//!    connections, the limit it enforces, what it refused for lack of share (`shares/`);
 //! 3. reads the whole prefix in one request: the leader, every live node's report, the grants;
 //! 4. if no node leads, tries to (a key created only if absent, under its lease); if it leads,
 //!    runs the allocator and writes the grants that change in one transaction, which holds

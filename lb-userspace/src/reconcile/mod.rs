@@ -105,6 +105,10 @@ pub struct Share {
     /// Whether the cluster had room beyond this share when last heard: a refusal at the share
     /// is then `share_exhausted`, else `backend_limit`.
     pub room: bool,
+    /// The cluster-wide `max_conns` it was granted under: a config that lowers it below this
+    /// enforces 0 from the moment it is applied, until a share under the new limit comes (the
+    /// old share belongs to the old limit; the allocator repairs the backend first).
+    pub granted_under: u32,
 }
 
 /// What the daemon has written into the datapath.

@@ -22,6 +22,7 @@ impl Applied {
     fn limit_of(&self, service: &str, address: IpAddr, max_conns: u32, known: Option<u32>) -> (u32, u8) {
         let Some(shares) = &self.shares else { return (max_conns, AT_LIMIT_BACKEND) };
         match shares.get(&(service.to_owned(), address)) {
+            Some(sh) if sh.granted_under > max_conns => (0, AT_LIMIT_BACKEND),
             Some(sh) if sh.limit >= max_conns => (max_conns, AT_LIMIT_BACKEND),
             Some(sh) => (sh.limit, if sh.room { AT_LIMIT_SHARE } else { AT_LIMIT_BACKEND }),
             None => (known.unwrap_or(0).min(max_conns), AT_LIMIT_SHARE),
