@@ -96,16 +96,14 @@ pub fn spawn(cfg: ClusterCfg, daemon: Daemon, status: Arc<Mutex<Status>>, mut wa
             } else {
                 match push(&cfg, &want).await {
                     Ok(()) => {
-                        let st = daemon.lock();
                         for vip in want.difference(&in_bird) {
                             tracing::info!(vip = %vip, node = %cfg.node, "announced VIP {vip} through BIRD");
-                            st.journal().record("cluster", format!("node \"{}\" announced VIP {vip}", cfg.node), vec![]);
+                            daemon.journal("cluster", format!("node \"{}\" announced VIP {vip}", cfg.node), vec![]);
                         }
                         for vip in in_bird.difference(&want) {
                             tracing::warn!(vip = %vip, node = %cfg.node, "withdrew VIP {vip} through BIRD");
-                            st.journal().record("cluster", format!("node \"{}\" withdrew VIP {vip}", cfg.node), vec![]);
+                            daemon.journal("cluster", format!("node \"{}\" withdrew VIP {vip}", cfg.node), vec![]);
                         }
-                        drop(st);
                         in_bird.clone_from(&want);
                         force = false;
                         let mut s = status.lock().expect("status");

@@ -310,6 +310,11 @@ impl Datapath {
     pub fn tables(&mut self) -> crate::tables::Tables<'_> {
         crate::tables::Tables::new(&mut self.ebpf)
     }
+
+    /// The tables, read only.
+    pub fn read(&self) -> crate::tables::TablesRead<'_> {
+        crate::tables::TablesRead::new(&self.ebpf)
+    }
 }
 
 /// How [`Datapath::start_persistent`] found the datapath.

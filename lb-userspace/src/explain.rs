@@ -12,7 +12,7 @@ use crate::{
     config::Proto,
     maglev,
     reconcile::{addr16, ip_of, service_key, state_name, Applied, PROTO_TCP, PROTO_UDP},
-    tables::Tables,
+    tables::TablesRead,
     Error,
 };
 
@@ -69,7 +69,7 @@ pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: Proto) -> FlowKey {
 }
 
 /// Explains the flow `src → dst` over `proto`.
-pub fn explain(applied: &Applied, t: &mut Tables<'_>, src: SocketAddr, dst: SocketAddr, proto: Proto) -> Result<Explanation, Error> {
+pub fn explain(applied: &Applied, t: &TablesRead<'_>, src: SocketAddr, dst: SocketAddr, proto: Proto) -> Result<Explanation, Error> {
     let key = flow_key(src, dst, proto);
     let hash = flow_hash(&key);
     let skey = service_key(dst.ip(), dst.port(), proto);

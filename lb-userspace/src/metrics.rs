@@ -31,29 +31,87 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
     let dp_bytes = counter(&r, "sluice_datapath_bytes_total", "Bytes seen by the XDP program, by outcome.", &["outcome"]);
 
     // The configured alert labels are label names of their own (empty where an alert lacks one).
-    let custom: Vec<String> = {
-        let st = daemon.lock();
+    let custom: Vec<String> = daemon.read(|st| {
         let mut k: std::collections::BTreeSet<String> = st.cfg().alerts.labels.keys().cloned().collect();
         k.extend(st.cfg().services.iter().flat_map(|s| s.labels.keys().cloned()));
         k.into_iter().collect()
-    };
+    });
     let names: Vec<&str> = ["alertname", "service", "backend", "severity"].into_iter().chain(custom.iter().map(String::as_str)).collect();
     let firing = int_gauge(&r, "sluice_alerts_firing", "1 for each alert firing now (with its routing labels: alerts.labels, service.labels).", &names);
-    let announced = int_gauge(&r, "sluice_vip_announced", "1 if this node announces the VIP through BIRD now, 0 if it should and does not or has withdrawn it.", &["node", "vip"]);
-    let node_drained = int_gauge(&r, "sluice_node_drained", "1 while this node is drained (`sluice node drain`).", &["node"]);
-    let peer_reported = counter(&r, "sluice_peer_adopted_flows_reported_total", "Flows this node adopted after a rehash and reported to its peers.", &["node"]);
-    let peer_released = counter(&r, "sluice_peer_moved_flows_released_total", "Slots released here because a peer reported adopting the flow (it moved away).", &["node"]);
-    let peer_refused = counter(&r, "sluice_peer_messages_refused_total", "Peer-channel messages refused (bad HMAC, stale, malformed).", &["node"]);
-    let peer_pending = int_gauge(&r, "sluice_peer_pending_batches", "Batches of adopted flows not yet delivered, per peer (kept a minute).", &["node", "peer"]);
-    let etcd_up = int_gauge(&r, "sluice_limits_etcd_connected", "With cluster-wide limits: 1 if etcd answered this node's last round.", &["node"]);
-    let fallback =
-        int_gauge(&r, "sluice_limits_fallback", "With cluster-wide limits: 1 while this node enforces its safe shares (etcd lost for longer than the lease).", &["node"]);
-    let leader = int_gauge(&r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
-    let etcd_requests = counter(&r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
-    let grants_applied = counter(&r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
     lock_families(&r, &daemon.lock_report());
-    let mut st = daemon.lock();
-    daemon_families(&r, &st);
+    // The per-backend families (with 10,000 backends, ~200,000 series): the numbers are copied
+    // under the state lock and written out after it is released.
+    let (services, rows) = daemon.read(|st| -> Result<_, Error> {
+        daemon_families(&r, st);
+        cluster_families(&r, st);
+        let limits = st.cluster().and_then(crate::daemon::Cluster::limits);
+        for n in st.firing() {
+            let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
+            let values: Vec<String> = [n.alertname.to_string(), get("service"), get("backend"), n.severity.to_string()].into_iter().chain(custom.iter().map(|k| get(k))).collect();
+            firing.with_label_values(&values).set(1);
+        }
+        let end = st.applied().backend_ids_end();
+        let all_stats = st.backend_stats_upto(end)?;
+        let snapshot = st.outcomes()?;
+        for o in &snapshot.outcomes {
+            dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
+            dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
+        }
+        let (len, cap) = st.flow_usage();
+        flows.with_label_values::<&str>(&[]).set(len as i64);
+        capacity.with_label_values::<&str>(&[]).set(cap as i64);
+        let mut services = Vec::with_capacity(st.applied().services.len());
+        let mut rows = Vec::with_capacity(st.applied().services.values().map(|s| s.backends.len()).sum());
+        // Refusals with no backend to charge them to (no_backend, fragment, malformed) are counted
+        // on the service only: report what its backends do not account for.
+        let ids: Vec<u32> = st.applied().services.values().map(|s| s.id).collect();
+        let svc_stats = ids.into_iter().map(|id| st.service_stats(id)).collect::<Result<Vec<_>, _>>()?;
+        let (applied, corrections) = (st.applied(), st.corrections());
+        for (s, svc) in applied.services.values().zip(svc_stats) {
+            let mut on_backends = lb_common::Refusals::default();
+            for b in s.backends.values() {
+                let cl = limits.as_ref().and_then(|x| x.backends.get(&crate::shares::key(&s.name, b.address)));
+                let stats: TrafficStats = all_stats[b.id as usize];
+                on_backends.add(&stats.refused);
+                rows.push(BackendRow {
+                    service: services.len(),
+                    address: b.address.to_string(),
+                    open: st.open(b.id),
+                    max_conns: b.max_conns,
+                    share: cl.map(|c| (b.limit, c.cluster_open)),
+                    state: lb_common::BackendState::from_u8(b.state),
+                    stats,
+                    drift: corrections.get(&b.id).copied().unwrap_or(0),
+                });
+            }
+            let mut rest = lb_common::Refusals::default();
+            for &reason in Reason::ALL {
+                *rest.slot(reason) = svc.refused.get(reason).saturating_sub(on_backends.get(reason));
+            }
+            services.push((s.name.clone(), rest));
+        }
+        Ok((services, rows))
+    })?;
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| Error::other("encoding metrics", e))?;
+    let mut out = String::from_utf8(out).expect("text format is UTF-8");
+    write_backends(&mut out, &services, &rows);
+    Ok(out)
+}
+
+/// The cluster's: VIPs announced, drained, the peer channel, and the limits' etcd rounds.
+fn cluster_families(r: &Registry, st: &crate::daemon::State) {
+    let announced = int_gauge(r, "sluice_vip_announced", "1 if this node announces the VIP through BIRD now, 0 if it should and does not or has withdrawn it.", &["node", "vip"]);
+    let node_drained = int_gauge(r, "sluice_node_drained", "1 while this node is drained (`sluice node drain`).", &["node"]);
+    let peer_reported = counter(r, "sluice_peer_adopted_flows_reported_total", "Flows this node adopted after a rehash and reported to its peers.", &["node"]);
+    let peer_released = counter(r, "sluice_peer_moved_flows_released_total", "Slots released here because a peer reported adopting the flow (it moved away).", &["node"]);
+    let peer_refused = counter(r, "sluice_peer_messages_refused_total", "Peer-channel messages refused (bad HMAC, stale, malformed).", &["node"]);
+    let peer_pending = int_gauge(r, "sluice_peer_pending_batches", "Batches of adopted flows not yet delivered, per peer (kept a minute).", &["node", "peer"]);
+    let etcd_up = int_gauge(r, "sluice_limits_etcd_connected", "With cluster-wide limits: 1 if etcd answered this node's last round.", &["node"]);
+    let fallback = int_gauge(r, "sluice_limits_fallback", "With cluster-wide limits: 1 while this node enforces its safe shares (etcd lost for longer than the lease).", &["node"]);
+    let leader = int_gauge(r, "sluice_limits_allocator", "With cluster-wide limits: 1 if this node computes the cluster's shares now.", &["node"]);
+    let etcd_requests = counter(r, "sluice_limits_etcd_requests_total", "With cluster-wide limits: requests this node sent to etcd.", &["node"]);
+    let grants_applied = counter(r, "sluice_limits_grants_applied_total", "With cluster-wide limits: grants of shares this node applied.", &["node"]);
     let limits = st.cluster().and_then(crate::daemon::Cluster::limits);
     if let Some(l) = &limits {
         let n = [l.node.as_str()];
@@ -78,58 +136,6 @@ pub fn render(daemon: &Daemon) -> Result<String, Error> {
             }
         }
     }
-    for n in st.firing() {
-        let get = |k: &str| n.labels.get(k).cloned().unwrap_or_default();
-        let values: Vec<String> = [n.alertname.to_string(), get("service"), get("backend"), n.severity.to_string()].into_iter().chain(custom.iter().map(|k| get(k))).collect();
-        firing.with_label_values(&values).set(1);
-    }
-    let end = st.applied().backend_ids_end();
-    let all_stats = st.backend_stats_upto(end)?;
-    let snapshot = st.outcomes()?;
-    for o in &snapshot.outcomes {
-        dp_packets.with_label_values(&[o.outcome.as_str()]).inc_by(o.packets);
-        dp_bytes.with_label_values(&[o.outcome.as_str()]).inc_by(o.bytes);
-    }
-    flows.with_label_values::<&str>(&[]).set(st.flows().len() as i64);
-    capacity.with_label_values::<&str>(&[]).set(st.flows().capacity() as i64);
-    // The per-backend families (with 10,000 backends, ~200,000 series): the numbers are copied
-    // here under the state lock and written out after it is released.
-    let mut services = Vec::with_capacity(st.applied().services.len());
-    let mut rows = Vec::with_capacity(st.applied().services.values().map(|s| s.backends.len()).sum());
-    // Refusals with no backend to charge them to (no_backend, fragment, malformed) are counted
-    // on the service only: report what its backends do not account for.
-    let ids: Vec<u32> = st.applied().services.values().map(|s| s.id).collect();
-    let svc_stats = ids.into_iter().map(|id| st.service_stats(id)).collect::<Result<Vec<_>, _>>()?;
-    let (applied, conns, corrections) = (st.applied(), st.conns(), st.corrections());
-    for (s, svc) in applied.services.values().zip(svc_stats) {
-        let mut on_backends = lb_common::Refusals::default();
-        for b in s.backends.values() {
-            let cl = limits.as_ref().and_then(|x| x.backends.get(&crate::shares::key(&s.name, b.address)));
-            let stats: TrafficStats = all_stats[b.id as usize];
-            on_backends.add(&stats.refused);
-            rows.push(BackendRow {
-                service: services.len(),
-                address: b.address.to_string(),
-                open: conns.get(b.id),
-                max_conns: b.max_conns,
-                share: cl.map(|c| (b.limit, c.cluster_open)),
-                state: lb_common::BackendState::from_u8(b.state),
-                stats,
-                drift: corrections.get(&b.id).copied().unwrap_or(0),
-            });
-        }
-        let mut rest = lb_common::Refusals::default();
-        for &reason in Reason::ALL {
-            *rest.slot(reason) = svc.refused.get(reason).saturating_sub(on_backends.get(reason));
-        }
-        services.push((s.name.clone(), rest));
-    }
-    drop(st);
-    let mut out = Vec::new();
-    TextEncoder::new().encode(&r.gather(), &mut out).map_err(|e| Error::other("encoding metrics", e))?;
-    let mut out = String::from_utf8(out).expect("text format is UTF-8");
-    write_backends(&mut out, &services, &rows);
-    Ok(out)
 }
 
 /// The daemon's own: a refused reload, the listeners' bounds and counts, and the open files

@@ -78,14 +78,15 @@ struct Message {
 
 /// Per backend, the most connections this node may hold from now on: `max(open, limit)`.
 fn holds_now(daemon: &Daemon) -> crate::shares::Holds {
-    let st = daemon.lock();
-    let mut out = crate::shares::Holds::new();
-    for s in st.applied().services.values() {
-        for b in s.backends.values().filter(|b| !b.removed) {
-            out.insert(crate::shares::key(&s.name, b.address), st.conns().get(b.id).max(u64::from(b.limit)));
+    daemon.read(|st| {
+        let mut out = crate::shares::Holds::new();
+        for s in st.applied().services.values() {
+            for b in s.backends.values().filter(|b| !b.removed) {
+                out.insert(crate::shares::key(&s.name, b.address), st.open(b.id).max(u64::from(b.limit)));
+            }
         }
-    }
-    out
+        out
+    })
 }
 
 fn now_ms() -> u64 {

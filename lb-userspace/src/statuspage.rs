@@ -218,8 +218,7 @@ async fn json(State(daemon): State<Daemon>) -> Response {
 pub fn collect(daemon: &Daemon) -> Result<Page, Error> {
     let status = daemon.status()?;
     let events = daemon.recent_events(EVENTS);
-    let (name, near_limit_ratio, journal_path, change_refused, checked, totals) = {
-        let mut st = daemon.lock();
+    let (name, near_limit_ratio, journal_path, change_refused, checked, totals) = daemon.read(|st| -> Result<_, Error> {
         let cfg = st.cfg();
         let name = cfg
             .cluster
@@ -231,8 +230,8 @@ pub fn collect(daemon: &Daemon) -> Result<Page, Error> {
         let (near, path, refused) = (cfg.alerts.near_limit_ratio, st.journal().path().to_path_buf(), st.change_refused().map(str::to_owned));
         let ids: Vec<(String, u32)> = st.applied().services.values().map(|s| (s.name.clone(), s.id)).collect();
         let totals = ids.into_iter().map(|(n, id)| st.service_stats(id).map(|t| (n, t))).collect::<Result<BTreeMap<_, _>, _>>()?;
-        (name, near, path, refused, checked, totals)
-    };
+        Ok((name, near, path, refused, checked, totals))
+    })?;
     let (journal, journal_error) = match crate::journal::tail(&journal_path, JOURNAL) {
         Ok(j) => (j, None),
         Err(e) => (Vec::new(), Some(format!("reading {}: {e}", journal_path.display()))),

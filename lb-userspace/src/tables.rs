@@ -3,7 +3,10 @@
 //! and callers order them so the datapath never sees a ring pointing at a backend that is not
 //! written yet: backends first, then the ring, then the service that points at it.
 
-use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::{
+    borrow::{Borrow, BorrowMut},
+    os::fd::{AsFd as _, AsRawFd as _, RawFd},
+};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
@@ -25,27 +28,47 @@ fn err(what: &str, e: impl Into<anyhow::Error>) -> Error {
     Error::other(what.to_owned(), e)
 }
 
-/// The tables of one loaded balancer.
-pub struct Tables<'a> {
-    ebpf: &'a mut Ebpf,
+/// The tables of one loaded balancer: [`Tables`] to write them (the apply path, the GC),
+/// [`TablesRead`] to read them, which is all a getter hands out.
+pub struct Maps<E> {
+    ebpf: E,
 }
+
+/// The tables, read and written.
+pub type Tables<'a> = Maps<&'a mut Ebpf>;
+/// The tables, read only.
+pub type TablesRead<'a> = Maps<&'a Ebpf>;
 
 impl<'a> Tables<'a> {
     pub fn new(ebpf: &'a mut Ebpf) -> Self {
         Self { ebpf }
     }
 
-    fn array<V: Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, V>, Error> {
-        Array::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
+    /// A read-only view of the same tables.
+    pub fn read(&self) -> TablesRead<'_> {
+        Maps { ebpf: &*self.ebpf }
+    }
+}
+
+impl<'a> TablesRead<'a> {
+    pub fn new(ebpf: &'a Ebpf) -> Self {
+        Self { ebpf }
+    }
+}
+
+impl<E: Borrow<Ebpf>> Maps<E> {
+    fn data(&self, name: &str) -> Result<&MapData, Error> {
+        let map = self.ebpf.borrow().map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
+        map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))
     }
 
-    fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>, Error> {
-        HashMap::try_from(self.ebpf.map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
+    fn array_ro<V: Pod>(&self, name: &str) -> Result<Array<&MapData, V>, Error> {
+        Array::try_from(self.ebpf.borrow().map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
     }
 
     fn per_cpu_sum(&self, name: &str, index: u32) -> Result<TrafficStats, Error> {
         let map: PerCpuArray<&MapData, TrafficStats> =
-            PerCpuArray::try_from(self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))?;
+            PerCpuArray::try_from(self.ebpf.borrow().map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))?;
         let values = map.get(&index, 0).map_err(|e| err(name, e))?;
         let mut sum = TrafficStats::default();
         for v in values.iter() {
@@ -56,29 +79,105 @@ impl<'a> Tables<'a> {
 
     /// The raw fd of map `name`, for the batched syscalls in `sys`.
     pub fn fd(&self, name: &str) -> Result<RawFd, Error> {
-        let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
-        Ok(map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))?.fd().as_fd().as_raw_fd())
+        Ok(self.data(name)?.fd().as_fd().as_raw_fd())
     }
 
     /// A map's capacity as created (an adopted map keeps its own).
     pub fn max_entries(&self, name: &str) -> Result<u32, Error> {
-        let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
-        let data = map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))?;
-        Ok(data.info().map_err(|e| err(name, e))?.max_entries())
+        Ok(self.data(name)?.info().map_err(|e| err(name, e))?.max_entries())
     }
 
-    /// The memory-mapped connection counters.
+    pub fn backend(&self, id: u32) -> Result<Backend, Error> {
+        self.array_ro::<Backend>(maps::BACKENDS)?.get(&id, 0).map_err(|e| err("BACKENDS", e))
+    }
+
+    /// Every backend slot in use (family set), by id.
+    pub fn backends_all(&self) -> Result<Vec<(u32, Backend)>, Error> {
+        let arr = self.array_ro::<Backend>(maps::BACKENDS)?;
+        let mut out = Vec::new();
+        for id in 1..arr.len() {
+            let b = arr.get(&id, 0).map_err(|e| err("BACKENDS", e))?;
+            if b.family != 0 {
+                out.push((id, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry of `SERVICES`.
+    pub fn services_all(&self) -> Result<Vec<(ServiceKey, Service)>, Error> {
+        let m: HashMap<&MapData, ServiceKey, Service> =
+            HashMap::try_from(self.ebpf.borrow().map(maps::SERVICES).ok_or_else(|| err("SERVICES", anyhow::anyhow!("no such map")))?).map_err(|e| err("SERVICES", e))?;
+        m.iter().map(|r| r.map_err(|e| err("SERVICES", e))).collect()
+    }
+
+    /// `len` slots of `RINGS` from `base`.
+    pub fn ring(&self, base: u32, len: u32) -> Result<Vec<u32>, Error> {
+        let arr = self.array_ro::<u32>(maps::RINGS)?;
+        (base..base + len).map(|i| arr.get(&i, 0).map_err(|e| err("RINGS", e))).collect()
+    }
+
+    pub fn conns(&self, id: u32) -> Result<u64, Error> {
+        Ok(self.array_ro::<Conns>(maps::CONNS)?.get(&id, 0).map_err(|e| err("CONNS", e))?.open)
+    }
+
+    fn mapped_flows(&self) -> Result<FlowTable, Error> {
+        FlowTable::map(self.data(maps::FLOWS)?, self.data(maps::FLOW_TAGS)?, self.data(maps::FLOW_COUNT)?)
+    }
+
+    /// The flow of `key`, if it is in the table.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>, Error> {
+        Ok(self.mapped_flows()?.get(key).map(|e| e.flow))
+    }
+
+    /// Every flow in the table.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, Flow)>, Error> {
+        Ok(self.mapped_flows()?.entries().into_iter().map(|e| (e.key, e.flow)).collect())
+    }
+
+    /// The per-CPU outcome counters.
+    pub fn stats_map(&self) -> Result<PerCpuArray<&MapData, lb_common::Counter>, Error> {
+        PerCpuArray::try_from(self.ebpf.borrow().map(maps::STATS).ok_or_else(|| err("STATS", anyhow::anyhow!("no such map")))?).map_err(|e| err("STATS", e))
+    }
+
+    pub fn service_stats(&self, id: u32) -> Result<TrafficStats, Error> {
+        self.per_cpu_sum(maps::SVC_STATS, id)
+    }
+
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, Error> {
+        self.per_cpu_sum(maps::BACKEND_STATS, id)
+    }
+
+    /// Every backend's statistics with ids below `upto` (index = id), summed over CPUs, in
+    /// one `BPF_MAP_LOOKUP_BATCH` call instead of one lookup per backend: what alerting and
+    /// metrics read each time, for every backend.
+    pub fn backend_stats_upto(&self, upto: u32) -> Result<Vec<TrafficStats>, Error> {
+        let fd = self.fd(maps::BACKEND_STATS)?;
+        lookup_batch_per_cpu(fd, upto).map_err(|e| err("BACKEND_STATS (batched lookup)", e))
+    }
+}
+
+impl<E: BorrowMut<Ebpf>> Maps<E> {
+    fn array<V: Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, V>, Error> {
+        Array::try_from(self.ebpf.borrow_mut().map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
+    }
+
+    fn hash<K: Pod, V: Pod>(&mut self, name: &str) -> Result<HashMap<&mut MapData, K, V>, Error> {
+        HashMap::try_from(self.ebpf.borrow_mut().map_mut(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?).map_err(|e| err(name, e))
+    }
+
+    /// The memory-mapped connection counters (their `release` and `correct` write).
     pub fn conn_counters(&self) -> Result<ConnCounters, Error> {
-        let map = self.ebpf.map(maps::CONNS).ok_or_else(|| err("CONNS", anyhow::anyhow!("no such map")))?;
-        ConnCounters::map(map_data(map).ok_or_else(|| err("CONNS", anyhow::anyhow!("unexpected map kind")))?)
+        ConnCounters::map(self.data(maps::CONNS)?)
+    }
+
+    /// The memory-mapped flow table (its `release`, `remove` and `insert` write).
+    pub fn flow_table(&self) -> Result<FlowTable, Error> {
+        self.mapped_flows()
     }
 
     pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
         self.array::<Backend>(maps::BACKENDS)?.set(id, *backend, 0).map_err(|e| err("BACKENDS", e))
-    }
-
-    pub fn backend(&mut self, id: u32) -> Result<Backend, Error> {
-        self.array::<Backend>(maps::BACKENDS)?.get(&id, 0).map_err(|e| err("BACKENDS", e))
     }
 
     pub fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<(), Error> {
@@ -98,8 +197,7 @@ impl<'a> Tables<'a> {
     /// written into the half its service does not point at; the service's switch (a map
     /// update, a syscall: a full barrier) publishes it.
     pub fn write_ring(&mut self, base: u32, ring: &[u32]) -> Result<(), Error> {
-        let map = self.ebpf.map(maps::RINGS).ok_or_else(|| err("RINGS", anyhow::anyhow!("no such map")))?;
-        let data = map_data(map).ok_or_else(|| err("RINGS", anyhow::anyhow!("unexpected map kind")))?;
+        let data = self.data(maps::RINGS)?;
         let slots = data.info().map_err(|e| err("RINGS", e))?.max_entries() as usize;
         if base as usize + ring.len() > slots {
             return Err(err("RINGS", anyhow::anyhow!("slots {base}..{} beyond its {slots}", base as usize + ring.len())));
@@ -118,59 +216,11 @@ impl<'a> Tables<'a> {
         Ok(())
     }
 
-    /// Every backend slot in use (family set), by id.
-    pub fn backends_all(&mut self) -> Result<Vec<(u32, Backend)>, Error> {
-        let arr = self.array::<Backend>(maps::BACKENDS)?;
-        let mut out = Vec::new();
-        for id in 1..arr.len() {
-            let b = arr.get(&id, 0).map_err(|e| err("BACKENDS", e))?;
-            if b.family != 0 {
-                out.push((id, b));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every entry of `SERVICES`.
-    pub fn services_all(&mut self) -> Result<Vec<(ServiceKey, Service)>, Error> {
-        let m = self.hash::<ServiceKey, Service>(maps::SERVICES)?;
-        m.iter().map(|r| r.map_err(|e| err("SERVICES", e))).collect()
-    }
-
-    /// `len` slots of `RINGS` from `base`.
-    pub fn ring(&mut self, base: u32, len: u32) -> Result<Vec<u32>, Error> {
-        let arr = self.array::<u32>(maps::RINGS)?;
-        (base..base + len).map(|i| arr.get(&i, 0).map_err(|e| err("RINGS", e))).collect()
-    }
-
-    pub fn conns(&mut self, id: u32) -> Result<u64, Error> {
-        Ok(self.array::<Conns>(maps::CONNS)?.get(&id, 0).map_err(|e| err("CONNS", e))?.open)
-    }
-
     /// Overwrites a backend's open-connection counter (reconciliation, tests). Not atomic with
     /// the datapath's add/sub: only for a backend no packet is admitting to, or to correct
     /// drift measured against the flow table.
     pub fn set_conns(&mut self, id: u32, open: u64) -> Result<(), Error> {
         self.array::<Conns>(maps::CONNS)?.set(id, Conns { open }, 0).map_err(|e| err("CONNS", e))
-    }
-
-    /// The memory-mapped flow table.
-    pub fn flow_table(&self) -> Result<FlowTable, Error> {
-        let data = |name: &str| {
-            let map = self.ebpf.map(name).ok_or_else(|| err(name, anyhow::anyhow!("no such map")))?;
-            map_data(map).ok_or_else(|| err(name, anyhow::anyhow!("unexpected map kind")))
-        };
-        FlowTable::map(data(maps::FLOWS)?, data(maps::FLOW_TAGS)?, data(maps::FLOW_COUNT)?)
-    }
-
-    /// The flow of `key`, if it is in the table.
-    pub fn flow(&mut self, key: &FlowKey) -> Result<Option<Flow>, Error> {
-        Ok(self.flow_table()?.get(key).map(|e| e.flow))
-    }
-
-    /// Every flow in the table.
-    pub fn flows(&mut self) -> Result<Vec<(FlowKey, Flow)>, Error> {
-        Ok(self.flow_table()?.entries().into_iter().map(|e| (e.key, e.flow)).collect())
     }
 
     /// Removes a flow without giving its slot back (tests: a flow table that lost an entry).
@@ -180,28 +230,6 @@ impl<'a> Tables<'a> {
             Some(e) if table.remove(&e) => Ok(()),
             _ => Err(err("FLOWS", anyhow::anyhow!("no such flow"))),
         }
-    }
-
-    /// The per-CPU outcome counters.
-    pub fn stats_map(&self) -> Result<PerCpuArray<&MapData, lb_common::Counter>, Error> {
-        PerCpuArray::try_from(self.ebpf.map(maps::STATS).ok_or_else(|| err("STATS", anyhow::anyhow!("no such map")))?).map_err(|e| err("STATS", e))
-    }
-
-    pub fn service_stats(&self, id: u32) -> Result<TrafficStats, Error> {
-        self.per_cpu_sum(maps::SVC_STATS, id)
-    }
-
-    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats, Error> {
-        self.per_cpu_sum(maps::BACKEND_STATS, id)
-    }
-
-    /// Every backend's statistics with ids below `upto` (index = id), summed over CPUs, in
-    /// one `BPF_MAP_LOOKUP_BATCH` call instead of one lookup per backend: what alerting and
-    /// metrics read each time, for every backend.
-    pub fn backend_stats_upto(&self, upto: u32) -> Result<Vec<TrafficStats>, Error> {
-        let map = self.ebpf.map(maps::BACKEND_STATS).ok_or_else(|| err("BACKEND_STATS", anyhow::anyhow!("no such map")))?;
-        let data = map_data(map).ok_or_else(|| err("BACKEND_STATS", anyhow::anyhow!("unexpected map kind")))?;
-        lookup_batch_per_cpu(data.fd().as_fd().as_raw_fd(), upto).map_err(|e| err("BACKEND_STATS (batched lookup)", e))
     }
 }
 

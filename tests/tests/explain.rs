@@ -81,7 +81,7 @@ fn explain_predicts_the_datapath_for_3000_random_flows() {
         let r = rnd();
         let src: SocketAddr = format!("10.{}.{}.{}:{}", 20 + (r % 50), (r >> 8) % 256, (r >> 16) % 256, 1024 + (r >> 24) % 60000).parse().expect("src");
         let dst: SocketAddr = if r >> 40 & 1 == 0 { "10.0.0.100:80" } else { "10.0.0.101:443" }.parse().expect("dst");
-        let e = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain");
+        let e = explain(&applied, &x.tables().read(), src, dst, Proto::Tcp).expect("explain");
         if matches!(e.verdict, Verdict::ExistingFlow { .. }) {
             continue; // a random tuple repeated
         }
@@ -112,17 +112,17 @@ fn explain_predicts_the_datapath_for_3000_random_flows() {
     let src: SocketAddr = "10.99.0.1:5555".parse().expect("src");
     let dst: SocketAddr = "10.0.0.101:443".parse().expect("dst");
     x.run(&Pkt::tcp4(&src.to_string(), &dst.to_string()).flags(tcp::ACK).build()); // adopted
-    let e = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain");
+    let e = explain(&applied, &x.tables().read(), src, dst, Proto::Tcp).expect("explain");
     assert!(matches!(e.verdict, Verdict::ExistingFlow { .. }), "{e:?}");
-    let e = explain(&applied, &mut x.tables(), src, "10.0.0.102:80".parse().expect("dst"), Proto::Tcp).expect("explain");
+    let e = explain(&applied, &x.tables().read(), src, "10.0.0.102:80".parse().expect("dst"), Proto::Tcp).expect("explain");
     assert!(matches!(e.verdict, Verdict::NotService), "{e:?}");
 
     // With its service removed, the flow still goes to its backend, and explain says so.
-    let Verdict::ExistingFlow { backend, .. } = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain").verdict else { panic!("an existing flow") };
+    let Verdict::ExistingFlow { backend, .. } = explain(&applied, &x.tables().read(), src, dst, Proto::Tcp).expect("explain").verdict else { panic!("an existing flow") };
     let mut gone = cfg.clone();
     gone.services.retain(|s| s.port != 443);
     applied.apply(&mut x.tables(), &gone, &|_| None, |t, id| t.conns(id).expect("conns")).expect("remove a service");
-    let e = explain(&applied, &mut x.tables(), src, dst, Proto::Tcp).expect("explain");
+    let e = explain(&applied, &x.tables().read(), src, dst, Proto::Tcp).expect("explain");
     assert_eq!(e.verdict, Verdict::ExistingFlow { backend, state: lb_common::FLOW_ESTABLISHED }, "{}", e.summary);
     let out = x.run(&Pkt::tcp4(&src.to_string(), &dst.to_string()).flags(tcp::ACK).build());
     assert_eq!((out.verdict, out.data[5]), (XDP_TX, backend.to_string().rsplit('.').next().expect("octet").parse::<u8>().expect("octet")));

@@ -214,7 +214,7 @@ fn fuzzed_frames_never_abort_count_once_and_leave_counters_equal_to_flows() {
     }
 
     // Counters equal flows: every backend's CONNS is the number of flows holding its slot.
-    let mut t = x.tables();
+    let t = x.tables();
     let mut holding: BTreeMap<u32, u64> = BTreeMap::new();
     let flows = t.flows().expect("flows");
     for (_, f) in &flows {

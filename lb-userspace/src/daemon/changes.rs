@@ -79,7 +79,7 @@ impl Daemon {
         let mut verdict = Verdict::default();
         let changes = State::change_with(
             &self.state,
-            |_| read(&req),
+            |_, _| read(&req),
             |running, (cfg, found, file)| {
                 restart_only(&cfg, &running.cfg, &file)?;
                 let what = format!("config apply {}", file.display());
@@ -124,17 +124,23 @@ impl Daemon {
         };
         let mut warnings = Vec::new();
         let mut verdict = Verdict::default();
-        let changes = State::change(&self.state, |running| {
-            let cfg = edit_config(&running.cfg, service, address, &edit)?;
+        // The edit, its validation and the file staged with it (written and synced) happen in
+        // the change's turn, before the state lock; the guard judges it under the lock.
+        let prepare = |path: &Path, running: &Config| {
+            let cfg = edit_config(running, service, address, &edit)?;
             let findings = config::validate(&cfg);
             if let Some(e) = findings.iter().find(|f| f.severity == Severity::Error) {
                 return Err(Refused::Invalid(format!("refused, nothing changed: {e}")));
             }
+            let staged = write_back(path, running, &cfg, service, address, &edit)?;
+            Ok((cfg, findings, staged))
+        };
+        let changes = State::change_with(&self.state, prepare, |running, (cfg, findings, staged)| {
             let what = format!("backend {action} service \"{service}\" {address}");
             verdict = guarded(running, &cfg, body.force, &what)?;
             let forced = forced_then(&verdict, what);
             warnings = findings.into_iter().filter(|f| f.severity == Severity::Warning).collect();
-            let then: Then = match write_back(&running.cfg_path, &running.cfg, &cfg, service, address, &edit)? {
+            let then: Then = match staged {
                 Ok(staged) => Box::new(move |st: &mut State| {
                     forced(st)?;
                     let path = st.cfg_path.clone();

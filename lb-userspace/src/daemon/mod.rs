@@ -78,11 +78,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// The state, locked, to read (its getters). Hold it briefly: the main loop, the API and
-    /// the scrapes all wait for it.
+    /// The state, locked: only `daemon/` takes it (every change goes through
+    /// [`State::change`]); the tasks read through [`Daemon::read`].
     #[track_caller]
-    pub fn lock(&self) -> lock::Guard<'_, State> {
+    fn lock(&self) -> lock::Guard<'_, State> {
         self.state.lock().expect("state lock")
+    }
+
+    /// Reads the state under the lock: `f` sees it read only, through its getters. Keep `f`
+    /// short (the main loop, the API and the scrapes wait for it); copy out what is needed.
+    #[track_caller]
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.lock())
     }
 
     /// How long the lock was held (`lock.rs`), read without taking it.
@@ -261,7 +268,7 @@ impl Daemon {
     pub async fn reload(&self) -> Result<Vec<Change>, Error> {
         State::change_with(
             &self.state,
-            |path| config::load(path).map_err(Error::Config),
+            |path, _| config::load(path).map_err(Error::Config),
             |st, (cfg, warnings)| {
                 if let Some(what) = config::restart_only_change(&cfg, &st.cfg) {
                     return Err(Error::other(

@@ -123,9 +123,8 @@ impl Daemon {
 
     /// `GET /v1/explain`: which backend a flow goes to, admitted or refused and why.
     pub fn explain(&self, q: &ExplainQuery) -> Result<Explanation, Error> {
-        let mut st = self.lock();
-        let st = &mut *st;
-        crate::explain::explain(&st.applied, &mut st.dp.tables(), q.src, q.dst, q.proto)
+        let st = self.lock();
+        crate::explain::explain(&st.applied, &st.dp.read(), q.src, q.dst, q.proto)
     }
 
     /// `GET /v1/events`: refusal events after `q.after`. Drains the queue first, so a caller

@@ -146,22 +146,26 @@ impl State {
     /// the edited config file in place), all in the same turn. No two changes interleave, so none
     /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
     pub(super) async fn change<E: From<Error>>(state: &Arc<super::lock::Timed<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
-        Self::change_with(state, |_| Ok(()), |st, ()| edit(st)).await
+        Self::change_with(state, |_, _| Ok(()), |st, ()| edit(st)).await
     }
 
     /// [`State::change`] with a `prepare` that runs in the change's turn but without the state
-    /// lock, given the config file's path: a file read and parsed there (a reload, `config
-    /// apply`) holds up no status read, scrape or limits round while the disk answers, and still
-    /// sees every change written into the file before it.
+    /// lock, given the config file's path and the running config (which only a change alters,
+    /// so it holds for the whole turn): a file read and parsed there (a reload, `config apply`)
+    /// or written and synced (a backend edit's write-back) holds up no status read, scrape or
+    /// limits round while the disk answers, and still sees every change made before it.
     pub(super) async fn change_with<P, E: From<Error>>(
         state: &Arc<super::lock::Timed<Self>>,
-        prepare: impl FnOnce(&std::path::Path) -> Result<P, E>,
+        prepare: impl FnOnce(&std::path::Path, &Config) -> Result<P, E>,
         edit: impl FnOnce(&mut Self, P) -> Result<Next, E>,
     ) -> Result<Vec<Change>, E> {
         let turn = state.lock().expect("state lock").turn.clone();
         let _turn = turn.lock().await;
-        let path = state.lock().expect("state lock").cfg_path.clone();
-        let prepared = prepare(&path)?;
+        let (path, running) = {
+            let st = state.lock().expect("state lock");
+            (st.cfg_path.clone(), st.cfg.clone())
+        };
+        let prepared = prepare(&path, &running)?;
         let next = edit(&mut state.lock().expect("state lock"), prepared)?;
         let changes = match Self::apply(state, next.cfg).await {
             Ok(c) => c,
@@ -329,13 +333,15 @@ impl State {
     pub fn applied(&self) -> &Applied {
         &self.applied
     }
-    /// The exact open-connection counters (`CONNS`).
-    pub fn conns(&self) -> &ConnCounters {
-        &self.conns
+    /// Backend `id`'s open connections, exactly (`CONNS`). The counters and the flow table
+    /// are written only inside `daemon/` (the GC, the peer channel's releases, the apply path):
+    /// getters hand out numbers, not their handles.
+    pub fn open(&self, id: u32) -> u64 {
+        self.conns.get(id)
     }
-    /// The flow table, memory-mapped.
-    pub fn flows(&self) -> &FlowTable {
-        &self.flows
+    /// The flow table's entries and capacity.
+    pub fn flow_usage(&self) -> (u64, u64) {
+        (self.flows.len(), self.flows.capacity())
     }
     /// The datapath's maps, read and written; only `daemon/` has them (writes go through the
     /// apply path).
@@ -343,16 +349,16 @@ impl State {
         self.dp.tables()
     }
     /// Every backend's counters, for ids below `end` (one batched lookup).
-    pub fn backend_stats_upto(&mut self, end: u32) -> Result<Vec<lb_common::TrafficStats>, Error> {
-        self.dp.tables().backend_stats_upto(end)
+    pub fn backend_stats_upto(&self, end: u32) -> Result<Vec<lb_common::TrafficStats>, Error> {
+        self.dp.read().backend_stats_upto(end)
     }
     /// A service's counters (refusals no backend is charged with included).
-    pub fn service_stats(&mut self, id: u32) -> Result<lb_common::TrafficStats, Error> {
-        self.dp.tables().service_stats(id)
+    pub fn service_stats(&self, id: u32) -> Result<lb_common::TrafficStats, Error> {
+        self.dp.read().service_stats(id)
     }
     /// The datapath's packet outcomes.
-    pub fn outcomes(&mut self) -> Result<crate::stats::Snapshot, Error> {
-        crate::stats::read(&self.dp.tables().stats_map()?)
+    pub fn outcomes(&self) -> Result<crate::stats::Snapshot, Error> {
+        crate::stats::read(&self.dp.read().stats_map()?)
     }
     /// Alerts firing now, as last notified.
     pub fn firing(&self) -> &[alerts::Notification] {

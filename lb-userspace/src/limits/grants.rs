@@ -130,8 +130,7 @@ impl Node {
     }
 
     pub(super) async fn apply_grant(&mut self, daemon: &Daemon, g: &Grant, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
-        let shares = {
-            let st = daemon.lock();
+        let shares = daemon.read(|st| {
             let mut out = BTreeMap::new();
             for s in &st.cfg().services {
                 for b in &s.backends {
@@ -146,7 +145,7 @@ impl Node {
                 }
             }
             out
-        };
+        });
         Self::set_shares(daemon, shares).await?;
         if self.fallback {
             tracing::warn!(node = %self.name, "granted shares again: out of the safe shares");
@@ -164,9 +163,8 @@ impl Node {
 
     /// Updates the refusal reasons when the cluster's room changed.
     pub(super) async fn refresh_room(&mut self, daemon: &Daemon, reports: &BTreeMap<String, Report>) -> Result<(), Error> {
-        let next = {
-            let st = daemon.lock();
-            let Some(cur) = &st.applied().shares else { return Ok(()) };
+        let next = daemon.read(|st| {
+            let cur = st.applied().shares.as_ref()?;
             let mut next = cur.clone();
             for s in &st.cfg().services {
                 for b in &s.backends {
@@ -176,7 +174,7 @@ impl Node {
                 }
             }
             (next != *cur).then_some(next)
-        };
+        });
         match next {
             Some(n) => Self::set_shares(daemon, n).await,
             None => Ok(()),
@@ -186,10 +184,9 @@ impl Node {
     /// Cut off from etcd while a peer reaches it: admits nothing and withdraws its VIPs, so its
     /// flows move to nodes that count them (the allocator stops reserving for it soon).
     pub(super) async fn fence(&mut self, daemon: &Daemon, why: &str) -> Result<(), Error> {
-        let shares = {
-            let st = daemon.lock();
+        let shares = daemon.read(|st| {
             st.cfg().services.iter().flat_map(|s| s.backends.iter().map(|b| ((s.name.clone(), b.address), Share { limit: 0, room: false, granted_under: b.max_conns }))).collect()
-        };
+        });
         Self::set_shares(daemon, shares).await?;
         daemon.set_fenced(true, why).await;
         tracing::error!(node = %self.name, "fenced: {why}");
@@ -210,8 +207,7 @@ impl Node {
 /// change path); returns a line per backend.
 pub(super) async fn safe_shares(daemon: &Daemon, nodes: u32) -> Result<Vec<String>, Error> {
     {
-        let (shares, details) = {
-            let st = daemon.lock();
+        let (shares, details) = daemon.read(|st| {
             let mut out = BTreeMap::new();
             let mut details = Vec::new();
             for s in &st.cfg().services {
@@ -224,7 +220,7 @@ pub(super) async fn safe_shares(daemon: &Daemon, nodes: u32) -> Result<Vec<Strin
                 }
             }
             (out, details)
-        };
+        });
         Node::set_shares(daemon, shares).await?;
         Ok(details)
     }
@@ -246,26 +242,27 @@ pub async fn on_stop(daemon: &Daemon, nodes: u32) {
 impl Node {
     /// Per backend: this node's share, its open connections and the cluster's.
     pub(super) fn view(&self, daemon: &Daemon, reports: &BTreeMap<String, Report>) -> BTreeMap<String, BackendLimit> {
-        let st = daemon.lock();
-        let mut out = BTreeMap::new();
-        for s in &st.cfg().services {
-            for b in &s.backends {
-                let k = shares::key(&s.name, b.address);
-                let applied = st.applied().backend(&s.name, b.address);
-                let open = applied.map_or(0, |a| st.conns().get(a.id));
-                let others = self.others_open(reports, &k);
-                out.insert(
-                    k,
-                    BackendLimit {
-                        max_conns: b.max_conns,
-                        share: applied.map_or(0, |a| a.limit),
-                        open,
-                        cluster_open: others.saturating_add(open),
-                        safe_share: safe_share(b, self.nodes),
-                    },
-                );
+        daemon.read(|st| {
+            let mut out = BTreeMap::new();
+            for s in &st.cfg().services {
+                for b in &s.backends {
+                    let k = shares::key(&s.name, b.address);
+                    let applied = st.applied().backend(&s.name, b.address);
+                    let open = applied.map_or(0, |a| st.open(a.id));
+                    let others = self.others_open(reports, &k);
+                    out.insert(
+                        k,
+                        BackendLimit {
+                            max_conns: b.max_conns,
+                            share: applied.map_or(0, |a| a.limit),
+                            open,
+                            cluster_open: others.saturating_add(open),
+                            safe_share: safe_share(b, self.nodes),
+                        },
+                    );
+                }
             }
-        }
-        out
+            out
+        })
     }
 }

@@ -122,64 +122,64 @@ impl Node {
 
     /// The report of this node now (its counters read, their rates smoothed).
     pub(super) fn report(&mut self, daemon: &Daemon) -> Report {
-        let mut guard = daemon.lock();
-        let st = &mut *guard;
-        // A failed read counts as no traffic this round (the next one reads again).
-        let end = st.applied().backend_ids_end();
-        let all_stats = st.backend_stats_upto(end).unwrap_or_default();
-        let now = Instant::now();
-        let mut backends = BTreeMap::new();
-        let mut rates = BTreeMap::new();
-        for s in st.applied().services.values() {
-            for b in s.backends.values().filter(|b| !b.removed) {
-                let k = shares::key(&s.name, b.address);
-                let stats = all_stats.get(b.id as usize).copied().unwrap_or_default();
-                let refused = stats.refused.get(Reason::ShareExhausted) + stats.refused.get(Reason::BackendLimit);
-                let r = match self.rates.get(&k) {
-                    Some(p) => {
-                        let dt = now.duration_since(p.at).as_secs_f64().max(0.001);
-                        let ewma = |prev: f64, inst: f64, tau: Duration| prev + (1.0 - (-dt / tau.as_secs_f64()).exp()) * (inst - prev);
-                        let inst = |now: u64, then: u64| now.saturating_sub(then) as f64 / dt;
-                        let refused_now = inst(refused, p.refused);
-                        // Refusals that stop are forgotten fast: a node whose load moved away
-                        // must not keep asking for the share it no longer uses.
-                        let tau = if refused_now >= p.refused_per_s { SMOOTHING } else { SMOOTHING / 4 };
-                        Rates {
-                            refused,
-                            new_flows: stats.new_flows,
-                            at: now,
-                            refused_per_s: ewma(p.refused_per_s, refused_now, tau),
-                            admitted_per_s: ewma(p.admitted_per_s, inst(stats.new_flows, p.new_flows), SMOOTHING),
+        daemon.read(|st| {
+            // A failed read counts as no traffic this round (the next one reads again).
+            let end = st.applied().backend_ids_end();
+            let all_stats = st.backend_stats_upto(end).unwrap_or_default();
+            let now = Instant::now();
+            let mut backends = BTreeMap::new();
+            let mut rates = BTreeMap::new();
+            for s in st.applied().services.values() {
+                for b in s.backends.values().filter(|b| !b.removed) {
+                    let k = shares::key(&s.name, b.address);
+                    let stats = all_stats.get(b.id as usize).copied().unwrap_or_default();
+                    let refused = stats.refused.get(Reason::ShareExhausted) + stats.refused.get(Reason::BackendLimit);
+                    let r = match self.rates.get(&k) {
+                        Some(p) => {
+                            let dt = now.duration_since(p.at).as_secs_f64().max(0.001);
+                            let ewma = |prev: f64, inst: f64, tau: Duration| prev + (1.0 - (-dt / tau.as_secs_f64()).exp()) * (inst - prev);
+                            let inst = |now: u64, then: u64| now.saturating_sub(then) as f64 / dt;
+                            let refused_now = inst(refused, p.refused);
+                            // Refusals that stop are forgotten fast: a node whose load moved away
+                            // must not keep asking for the share it no longer uses.
+                            let tau = if refused_now >= p.refused_per_s { SMOOTHING } else { SMOOTHING / 4 };
+                            Rates {
+                                refused,
+                                new_flows: stats.new_flows,
+                                at: now,
+                                refused_per_s: ewma(p.refused_per_s, refused_now, tau),
+                                admitted_per_s: ewma(p.admitted_per_s, inst(stats.new_flows, p.new_flows), SMOOTHING),
+                            }
                         }
-                    }
-                    None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
-                };
-                let open = st.conns().get(b.id);
-                // Fenced, it takes no traffic and so refuses nothing: it asks for its safe share,
-                // and announces again once granted (its view of the cluster is whole again).
-                let fenced_wants = if self.fenced {
-                    s.cfg.backends.iter().find(|c| c.address == b.address).map_or(b.max_conns / self.nodes.max(1), |c| safe_share(c, self.nodes)).max(1)
-                } else {
-                    0
-                };
-                backends.insert(
-                    k.clone(),
-                    Demand {
-                        max_conns: b.max_conns,
-                        open,
-                        applied: b.limit,
-                        wants: shares::wants(open, r.refused_per_s, r.admitted_per_s).max(fenced_wants),
-                        // Refusing at a share below the limit: more share would admit more.
-                        refusing: (r.refused_per_s >= 0.2 && b.limit < b.max_conns) || self.fenced,
-                        refused_per_s: r.refused_per_s,
-                        admitted_per_s: r.admitted_per_s,
-                    },
-                );
-                rates.insert(k, r);
+                        None => Rates { refused, new_flows: stats.new_flows, at: now, refused_per_s: 0.0, admitted_per_s: 0.0 },
+                    };
+                    let open = st.open(b.id);
+                    // Fenced, it takes no traffic and so refuses nothing: it asks for its safe share,
+                    // and announces again once granted (its view of the cluster is whole again).
+                    let fenced_wants = if self.fenced {
+                        s.cfg.backends.iter().find(|c| c.address == b.address).map_or(b.max_conns / self.nodes.max(1), |c| safe_share(c, self.nodes)).max(1)
+                    } else {
+                        0
+                    };
+                    backends.insert(
+                        k.clone(),
+                        Demand {
+                            max_conns: b.max_conns,
+                            open,
+                            applied: b.limit,
+                            wants: shares::wants(open, r.refused_per_s, r.admitted_per_s).max(fenced_wants),
+                            // Refusing at a share below the limit: more share would admit more.
+                            refusing: (r.refused_per_s >= 0.2 && b.limit < b.max_conns) || self.fenced,
+                            refused_per_s: r.refused_per_s,
+                            admitted_per_s: r.admitted_per_s,
+                        },
+                    );
+                    rates.insert(k, r);
+                }
             }
-        }
-        self.rates = rates;
-        Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }
+            self.rates = rates;
+            Report { node: self.name.clone(), lease: self.lease.unwrap_or(0), applied_seq: self.applied_seq, fallback: self.fallback, backends }
+        })
     }
 
     pub(super) async fn publish(&mut self, c: &mut Client, lease: i64, daemon: &Daemon, now: bool) -> Result<(), Error> {
