@@ -111,11 +111,7 @@ pub fn held_flows(pin_dir: &Path) -> Result<Vec<HeldFlow>> {
     table.for_each(|e| {
         if e.holds_slot() {
             let k = &e.key;
-            // An IPv4 address is the key's first 4 bytes, the rest zero (`reconcile::addr16`).
-            let addr = |a: &[u8; 16], port: [u8; 2]| {
-                let ip = if a[4..].iter().all(|b| *b == 0) { IpAddr::from([a[0], a[1], a[2], a[3]]) } else { IpAddr::from(*a) };
-                std::net::SocketAddr::new(ip, u16::from_be_bytes(port))
-            };
+            let addr = |a: &[u8; 16], port: [u8; 2]| std::net::SocketAddr::new(lb_common::user::ip_from_key(a), u16::from_be_bytes(port));
             out.push(HeldFlow {
                 flow: format!("{} → {}", addr(&k.src, k.sport_be), addr(&k.dst, k.dport_be)),
                 adopted: e.flow.adopted != 0,

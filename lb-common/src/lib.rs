@@ -30,12 +30,38 @@ macro_rules! named_u8 {
 
         impl $ty {
             pub const ALL: &[Self] = &[$(Self::$variant,)+];
+            /// Every name, in the order of [`Self::ALL`].
+            pub const NAMES: &[&str] = &[$($name,)+];
             /// The name `sluice` prints and matches.
             pub const fn name(self) -> &'static str {
                 match self { $(Self::$variant => $name,)+ }
             }
             pub const fn from_u8(v: u8) -> Option<Self> {
                 match v { $($val => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        /// Its name.
+        #[cfg(feature = "user")]
+        impl core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        /// Written by its name (the config, the API, `--json`).
+        #[cfg(feature = "user")]
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        /// Read by its name; any other is refused with the names it may be.
+        #[cfg(feature = "user")]
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                crate::user::one_of(d, Self::ALL, Self::NAMES)
             }
         }
     };
@@ -48,7 +74,7 @@ mod flowtab;
 mod hash;
 mod tables;
 #[cfg(feature = "user")]
-mod user;
+pub mod user;
 
 pub use abi::*;
 pub use config::*;

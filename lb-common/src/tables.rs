@@ -33,6 +33,20 @@ named_u8! {
     }
 }
 
+/// A service's mode when its config names none.
+impl Default for Mode {
+    fn default() -> Self {
+        Self::L2dsr
+    }
+}
+
+/// A refusal's answer when the config names none: a reset, so a client fails at once.
+impl Default for Reject {
+    fn default() -> Self {
+        Self::Rst
+    }
+}
+
 /// Value of [`maps::SERVICES`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

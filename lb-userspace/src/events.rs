@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use lb_common::{Reason, RefusalEvent, FAMILY_V6};
+use lb_common::{user::ip_from, Proto, Reason, RefusalEvent};
 use serde::Serialize;
 
 use crate::reconcile::Applied;
@@ -35,14 +35,6 @@ pub struct Events {
     ring: RingBuf<MapData>,
     window: VecDeque<Event>,
     next_seq: u64,
-}
-
-fn addr(bytes: &[u8; 16], family: u8) -> IpAddr {
-    if family == FAMILY_V6 {
-        IpAddr::from(*bytes)
-    } else {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    }
 }
 
 fn monotonic_ns() -> u64 {
@@ -80,9 +72,9 @@ impl Events {
             self.window.push_back(Event {
                 seq: self.next_seq,
                 time: humantime::format_rfc3339_millis(when).to_string(),
-                client: SocketAddr::new(addr(&ev.src, ev.family), u16::from_be_bytes(ev.sport_be)),
-                vip: SocketAddr::new(addr(&ev.dst, ev.family), u16::from_be_bytes(ev.dport_be)),
-                proto: (if ev.proto == 6 { "tcp" } else { "udp" }).into(),
+                client: SocketAddr::new(ip_from(&ev.src, ev.family), u16::from_be_bytes(ev.sport_be)),
+                vip: SocketAddr::new(ip_from(&ev.dst, ev.family), u16::from_be_bytes(ev.dport_be)),
+                proto: Proto::from_u8(ev.proto).map_or("unknown", Proto::name).into(),
                 service: service.map_or_else(|| format!("#{}", ev.service_id), |s| s.name.clone()),
                 backend,
                 reason: Reason::from_u8(ev.reason).map_or("unknown", Reason::name).into(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     config::Proto,
     maglev,
-    reconcile::{addr16, ip_of, service_key, state_name, Applied, PROTO_TCP, PROTO_UDP},
+    reconcile::{addr16, ip_of, service_key, state_name, Applied},
     tables::TablesRead,
     Error,
 };
@@ -55,17 +55,7 @@ pub struct Explanation {
 }
 
 pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: Proto) -> FlowKey {
-    FlowKey {
-        src: addr16(src.ip()).0,
-        dst: addr16(dst.ip()).0,
-        sport_be: src.port().to_be_bytes(),
-        dport_be: dst.port().to_be_bytes(),
-        proto: match proto {
-            Proto::Tcp => PROTO_TCP,
-            Proto::Udp => PROTO_UDP,
-        },
-        ..FlowKey::default()
-    }
+    FlowKey { src: addr16(src.ip()).0, dst: addr16(dst.ip()).0, sport_be: src.port().to_be_bytes(), dport_be: dst.port().to_be_bytes(), proto: proto as u8, ..FlowKey::default() }
 }
 
 /// Explains the flow `src → dst` over `proto`.

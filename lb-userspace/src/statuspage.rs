@@ -257,7 +257,7 @@ pub fn collect(daemon: &Daemon) -> Result<Page, Error> {
                 vip: s.vip,
                 port: s.port,
                 proto: s.proto.name().to_owned(),
-                mode: s.mode,
+                mode: s.mode.name().to_owned(),
                 backends,
             }
         })

@@ -11,7 +11,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Finding, Proto},
+    config::{Finding, Mode, Proto},
     gc::{Drift, Sweep},
     history::{Peak, Slot},
     reconcile::Change,
@@ -44,7 +44,7 @@ pub struct ServiceReport {
     pub vip: IpAddr,
     pub port: u16,
     pub proto: Proto,
-    pub mode: String,
+    pub mode: Mode,
     pub backends: Vec<BackendReport>,
 }
 
@@ -131,7 +131,7 @@ pub struct BackendRequest {
 pub struct ExplainQuery {
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    #[serde(default = "tcp")]
+    #[serde(default = "tcp", deserialize_with = "crate::config::service_proto")]
     pub proto: Proto,
 }
 

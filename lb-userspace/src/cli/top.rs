@@ -181,7 +181,7 @@ mod tests {
             };
             serde_json::from_value(serde_json::json!({
                 "interface": "eth0", "config": "/etc/sluice/sluice.toml", "flows": 12, "flow_capacity": 1000,
-                "services": [{ "name": "web", "vip": "10.0.0.1", "port": 80, "proto": "tcp", "mode": "nat", "backends": [
+                "services": [{ "name": "web", "vip": "10.0.0.1", "port": 80, "proto": "tcp", "mode": "l2dsr", "backends": [
                     backend("10.0.0.11", "active", 5, 5, flows, serde_json::json!({ "backend_limit": refused })),
                     backend("10.0.0.12", "draining", 1, 10, 0, serde_json::json!({})),
                 ]}],

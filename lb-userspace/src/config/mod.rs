@@ -39,6 +39,7 @@ pub struct ServiceCfg {
     pub name: String,
     pub vip: IpAddr,
     pub port: u16,
+    #[serde(deserialize_with = "service_proto")]
     pub proto: Proto,
     #[serde(default)]
     pub mode: Mode,
@@ -57,29 +58,13 @@ fn default_ring_size() -> u32 {
     DEFAULT_RING_SIZE
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
+/// The datapath's names, one vocabulary: the config writes what the maps hold (`lb-common`).
+pub use lb_common::{Mode, Proto, Reject};
 
-impl Proto {
-    /// As the config file (and the control API) writes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Udp => "udp",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    L2dsr,
-    Ipip,
+/// A service's protocol: `tcp` or `udp`, the ones the datapath balances (the other names of
+/// [`Proto`] are refused as an unknown variant).
+pub fn service_proto<'de, D: Deserializer<'de>>(d: D) -> Result<Proto, D::Error> {
+    lb_common::user::one_of(d, &[Proto::Tcp, Proto::Udp], &["tcp", "udp"])
 }
 
 /// What happens when the chosen backend cannot take a new flow.
@@ -115,14 +100,6 @@ impl Spill {
             Self::Candidates(n) => n,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reject {
-    #[default]
-    Rst,
-    Drop,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -174,7 +174,7 @@ fn services(st: &mut State) -> Result<Vec<ServiceReport>, Error> {
                 }
             })
             .collect();
-        out.push(ServiceReport { name: s.name.clone(), vip: s.cfg.vip, port: s.cfg.port, proto: s.cfg.proto, mode: format!("{:?}", s.cfg.mode).to_lowercase(), backends });
+        out.push(ServiceReport { name: s.name.clone(), vip: s.cfg.vip, port: s.cfg.port, proto: s.cfg.proto, mode: s.cfg.mode, backends });
     }
     Ok(out)
 }

@@ -18,7 +18,7 @@ use std::{
     sync::Arc,
 };
 
-use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, FAMILY_V4, FAMILY_V6, MAX_BACKENDS};
+use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DOWN, MAX_BACKENDS};
 use serde::Serialize;
 
 use crate::{
@@ -34,23 +34,10 @@ mod write;
 pub use lb_common::{PROTO_TCP, PROTO_UDP};
 
 /// A 16-byte map address for `ip` and its family.
-pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
-    match ip {
-        IpAddr::V4(v) => {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&v.octets());
-            (a, FAMILY_V4)
-        }
-        IpAddr::V6(v) => (v.octets(), FAMILY_V6),
-    }
-}
+pub use lb_common::user::addr16;
 
 pub fn service_key(vip: IpAddr, port: u16, proto: Proto) -> ServiceKey {
-    let proto = match proto {
-        Proto::Tcp => PROTO_TCP,
-        Proto::Udp => PROTO_UDP,
-    };
-    ServiceKey { addr: addr16(vip).0, port_be: port.to_be_bytes(), proto, _pad: 0 }
+    ServiceKey { addr: addr16(vip).0, port_be: port.to_be_bytes(), proto: proto as u8, _pad: 0 }
 }
 
 /// A backend as the daemon applied it.
@@ -309,21 +296,13 @@ impl IdSet {
 }
 
 pub(crate) fn ip_of(b: &Backend) -> IpAddr {
-    if b.family == FAMILY_V6 {
-        IpAddr::from(b.addr)
-    } else {
-        IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
-    }
+    lb_common::user::ip_from(&b.addr, b.family)
 }
 
 /// A placeholder for a pinned service the config does not have (so it can be removed).
 fn orphan(key: &ServiceKey) -> Option<ServiceCfg> {
-    let vip = if key.addr[4..].iter().all(|b| *b == 0) { IpAddr::from([key.addr[0], key.addr[1], key.addr[2], key.addr[3]]) } else { IpAddr::from(key.addr) };
-    let proto = match key.proto {
-        PROTO_TCP => Proto::Tcp,
-        PROTO_UDP => Proto::Udp,
-        _ => return None,
-    };
+    let vip = lb_common::user::ip_from_key(&key.addr);
+    let proto = Proto::from_u8(key.proto).filter(|p| matches!(p, Proto::Tcp | Proto::Udp))?;
     let port = u16::from_be_bytes(key.port_be);
     Some(ServiceCfg {
         name: format!("(removed {vip}:{port})"),

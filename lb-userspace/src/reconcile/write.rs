@@ -2,11 +2,10 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use lb_common::{Backend, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING, MODE_IPIP, MODE_L2DSR, REJECT_DROP, REJECT_RST};
+use lb_common::{Backend, Service, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING};
 
 use super::{addr16, next_generation, service_key, Applied, AppliedService, Change, IdSet, Plan};
 use crate::{
-    config::{Mode, Reject},
     maglev::{self, RingBackend},
     tables::Tables,
     Error,
@@ -57,14 +56,8 @@ impl Applied {
                     id: s.id,
                     ring_base: s.ring_base(),
                     ring_size: if s.ring.iter().any(|id| *id != 0) { s.cfg.ring_size } else { 0 },
-                    mode: match s.cfg.mode {
-                        Mode::L2dsr => MODE_L2DSR,
-                        Mode::Ipip => MODE_IPIP,
-                    },
-                    reject: match s.cfg.overflow.reject {
-                        Reject::Rst => REJECT_RST,
-                        Reject::Drop => REJECT_DROP,
-                    },
+                    mode: s.cfg.mode as u8,
+                    reject: s.cfg.overflow.reject as u8,
                     spill: s.cfg.overflow.spill.candidates(),
                     half: s.half as u8,
                 };
