@@ -43,8 +43,8 @@ pub struct Cluster {
 /// This node's side of the peer channel (`peers.rs`).
 pub struct Peers {
     pub(super) stats: Arc<Mutex<peers::Stats>>,
-    pub(super) tx: mpsc::UnboundedSender<Vec<peers::Moved>>,
-    pub(super) rx: Option<mpsc::UnboundedReceiver<Vec<peers::Moved>>>,
+    pub(super) tx: mpsc::UnboundedSender<peers::Batch>,
+    pub(super) rx: Option<mpsc::UnboundedReceiver<peers::Batch>>,
 }
 
 impl Cluster {

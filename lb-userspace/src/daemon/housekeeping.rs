@@ -45,7 +45,7 @@ struct Inputs {
 /// The peer channel's ends this task feeds (with `cluster.peers`).
 struct PeerFeed {
     stats: Arc<Mutex<crate::status::peers::Stats>>,
-    tx: mpsc::UnboundedSender<Vec<crate::status::peers::Moved>>,
+    tx: mpsc::UnboundedSender<crate::status::peers::Batch>,
     /// Adopted flows entered since this coarse-clock time are reported next.
     since_ns: u64,
 }
@@ -85,8 +85,8 @@ impl Daemon {
                     let sweep = sweep_due.then(|| gc::sweep(&inputs.flows, &inputs.conns, &inputs.timeouts, gc::now_coarse_ns(), gc_gap));
                     let took = started.elapsed();
                     let moved = walk_peers.map(|since| {
-                        let now = gc::now_coarse_ns();
-                        (gc::adopted_since(&inputs.flows, since, now), now)
+                        let (now, at) = (gc::now_coarse_ns(), Instant::now());
+                        (gc::adopted_since(&inputs.flows, since, now), now, at)
                     });
                     let drift = reconcile_due.then(|| reconciler.pass(&inputs.flows, &inputs.conns, inputs.ids));
                     (sweep, took, moved, drift, reconciler)
@@ -105,13 +105,13 @@ impl Daemon {
                         tracing::debug!(expired = s.expired, released = s.released, ?took, "flow GC");
                     }
                 }
-                if let (Some(f), Some((moved, now))) = (feed.as_mut(), moved) {
+                if let (Some(f), Some((moved, now, at))) = (feed.as_mut(), moved) {
                     // The next walk looks a second back too: a flow adopted during this walk, in
                     // a bucket already passed, is reported then. Duplicates are ignored by the peers.
                     f.since_ns = now.saturating_sub(1_000_000_000);
                     if !moved.is_empty() {
                         f.stats.lock().expect("stats").reported += moved.len() as u64;
-                        let _ = f.tx.send(moved);
+                        let _ = f.tx.send((at, moved));
                     }
                 }
                 if let Some(d) = &drift {

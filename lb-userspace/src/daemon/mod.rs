@@ -61,8 +61,7 @@ pub struct Parts {
     pub announce: Option<(Arc<std::sync::Mutex<crate::status::announce::Status>>, tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::IpAddr>>)>,
     /// The peer channel's counts and the adopted flows the housekeeping reports (with a peer
     /// channel).
-    #[expect(clippy::type_complexity, reason = "a record and a receiver, handed over once")]
-    pub peers: Option<(Arc<std::sync::Mutex<crate::status::peers::Stats>>, mpsc::UnboundedReceiver<Vec<crate::status::peers::Moved>>)>,
+    pub peers: Option<(Arc<std::sync::Mutex<crate::status::peers::Stats>>, mpsc::UnboundedReceiver<crate::status::peers::Batch>)>,
     /// The cluster-wide limits' record (with `[cluster.limits]`).
     pub limits: Option<Arc<std::sync::Mutex<crate::status::limits::Status>>>,
     /// Set by the limits task after each round, told to the peers.

@@ -24,6 +24,12 @@ impl Moved {
     }
 }
 
+/// Flows adopted since the last walk, and the moment of that walk: each flow's `ago_ms` is as
+/// of then, and the time the batch waits before it is sent is added to it (a peer releases a
+/// slot only for a flow idle there since before the adoption, so an age too small would
+/// release one that moved back meanwhile).
+pub type Batch = (std::time::Instant, Vec<Moved>);
+
 /// What the peer channel reports (status, metrics).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
@@ -40,6 +46,9 @@ pub struct Stats {
     /// Batches not delivered yet, per peer.
     pub pending: Vec<(String, usize)>,
     pub last_error: Option<String>,
+    /// Each peer's last failure, until a delivery to it succeeds (`last_error` is the latest).
+    #[serde(skip)]
+    pub peer_errors: std::collections::BTreeMap<String, String>,
     /// When each peer last said (in a signed message) that it reaches etcd: a node cut off
     /// from etcd while its peers are not fences itself (`limits.rs`).
     #[serde(skip)]
