@@ -24,7 +24,7 @@ use std::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::status::announce::{drained_marker, files, Status};
+pub use crate::status::announce::{files, Status};
 use crate::{cfgfile::Staged, config::ClusterCfg, daemon::Daemon};
 
 fn render(vips: &BTreeSet<IpAddr>, v4: bool, node: &str) -> String {

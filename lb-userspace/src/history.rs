@@ -293,6 +293,7 @@ impl History {
         self.series[handle].1.observe(now, open, refused_total);
     }
 
+    #[cfg(test)]
     pub fn observe(&mut self, key: &str, now: u64, open: u64, refused_total: u64) {
         let h = self.handle(key);
         self.observe_at(h, now, open, refused_total);
@@ -302,6 +303,7 @@ impl History {
         self.index.get(key).map(|&i| &self.series[i].1)
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.series.is_empty()
     }

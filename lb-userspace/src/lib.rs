@@ -1,5 +1,10 @@
 //! Sluice's userspace: loading and pinning the XDP datapath, reading its counters, and the
 //! `sluice` command line. `main.rs` is a thin wrapper over [`cli::main`].
+//!
+//! Public: what the `sluice` binary, the lab (`lab/`) and the tests (`tests/`) use (the
+//! config, the daemon and its API, the datapath's tables, the cluster's peer channel and
+//! limits); every other module is private to the crate, so a test reaches the daemon through
+//! the same surface an operator's tools do, and `cargo xtask layers` sees the rest whole.
 
 // The flow table's lock-free protocol (lb-ebpf/src/flow.rs, flowtab.rs) relies on x86-64's
 // ordering of stores with stores and loads with loads; other architectures need barriers.
@@ -7,41 +12,41 @@
 compile_error!("Sluice's datapath is written for x86-64 memory ordering (see docs/ARCHITECTURE.md, \"The flow table\")");
 
 pub mod alerts;
-pub mod announce;
+mod announce;
 pub mod api;
-pub mod cfgfile;
+mod cfgfile;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod conns;
 pub mod daemon;
 pub mod datapath;
-pub mod error;
+mod error;
 pub mod events;
 pub mod explain;
 pub mod flowtab;
 pub mod gc;
-pub mod guard;
-pub mod health;
-pub mod history;
+mod guard;
+mod health;
+mod history;
 pub mod journal;
 pub mod limits;
-pub mod listen;
+mod listen;
 pub mod maglev;
-pub mod metrics;
-pub mod neigh;
-pub mod node;
-pub mod openfiles;
+mod metrics;
+mod neigh;
+mod node;
+mod openfiles;
 pub mod peers;
 pub mod reconcile;
-pub mod shares;
-pub mod sinks;
+mod shares;
+mod sinks;
 pub mod stats;
-pub mod status;
+mod status;
 pub mod statuspage;
 pub mod tables;
 pub mod tls;
-pub mod webconfig;
-pub mod wire;
+mod webconfig;
+mod wire;
 
 pub use error::Error;
