@@ -23,7 +23,7 @@ use crate::Error;
 
 /// A certificate, its key and the CA that signs the other side (`cluster.tls`,
 /// `cluster.limits.tls`): PEM files.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// The CA the other side's certificate must chain to.

@@ -9,27 +9,27 @@ use std::{
 
 use hyper::header::HeaderValue;
 use rustls::pki_types::ServerName;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Finding, Severity};
 
 /// `[alerts]` in the config file.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsCfg {
     /// Name of this load balancer in messages (default: the host name).
     #[serde(default)]
     pub name: Option<String>,
     /// How often the rules are evaluated (refusal events also trigger an evaluation).
-    #[serde(default = "d_interval", deserialize_with = "crate::config::duration")]
+    #[serde(default = "d_interval", with = "crate::config::humantime_str")]
     pub interval: Duration,
-    #[serde(default = "d_fire", deserialize_with = "crate::config::duration")]
+    #[serde(default = "d_fire", with = "crate::config::humantime_str")]
     pub fire_after: Duration,
     /// Refusals are not a gauge near a threshold but clients already failing: they fire after
     /// this (default at once; the daemon evaluates as soon as a refusal event arrives).
-    #[serde(default, deserialize_with = "crate::config::duration")]
+    #[serde(default, with = "crate::config::humantime_str")]
     pub refusals_fire_after: Duration,
-    #[serde(default = "d_resolve", deserialize_with = "crate::config::duration")]
+    #[serde(default = "d_resolve", with = "crate::config::humantime_str")]
     pub resolve_after: Duration,
     /// A backend is "near its limit" at this share of max_conns.
     #[serde(default = "d_near")]
@@ -38,7 +38,7 @@ pub struct AlertsCfg {
     #[serde(default = "d_table")]
     pub flow_table_ratio: f64,
     /// Warn when the open-connection trend reaches max_conns within this horizon.
-    #[serde(default = "d_horizon", deserialize_with = "crate::config::duration")]
+    #[serde(default = "d_horizon", with = "crate::config::humantime_str")]
     pub forecast_horizon: Duration,
     /// POST each firing/resolved alert (Alertmanager API v2 JSON).
     #[serde(default)]
@@ -106,13 +106,13 @@ impl Default for AlertsCfg {
 }
 
 /// `[alerts.webhook]`, an entry of `alerts.webhooks`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookCfg {
     /// `http://host:port/path` or `https://host:port/path` (e.g. Alertmanager's
     /// `/api/v2/alerts`). Over https the receiver's certificate must be valid for `host`.
     pub url: String,
-    #[serde(default = "d_timeout", deserialize_with = "crate::config::duration")]
+    #[serde(default = "d_timeout", with = "crate::config::humantime_str")]
     pub timeout: Duration,
     #[serde(default = "d_retries")]
     pub retries: u32,
@@ -129,7 +129,7 @@ pub struct WebhookCfg {
 }
 
 /// `basic_auth = { username = "…", password_file = "…" }`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BasicAuth {
     pub username: String,

@@ -2,12 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use serde::Deserialize;
-
-use super::duration;
+use serde::{Deserialize, Serialize};
 
 /// `[cluster]`: this node's part in a cluster (see `announce.rs`).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterCfg {
     /// This node's name, in logs, the journal, metrics and alerts.
@@ -45,7 +43,7 @@ pub struct ClusterCfg {
 }
 
 /// `[cluster.limits]`: cluster-wide connection limits, shares leased through etcd.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsCfg {
     /// etcd's client URLs (`http://host:2379`, or `https://` with `tls`), tried in turn.
@@ -66,7 +64,7 @@ pub struct LimitsCfg {
     /// This node's etcd lease: a node that lost etcd this long falls back to its safe share,
     /// twice this long it fences itself (while its peers reach etcd); what a gone node may hold
     /// is reserved for 2 × this after its lease expired, then freed (`limits.rs`).
-    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    #[serde(default = "default_lease_ttl", with = "crate::config::humantime_str")]
     pub lease_ttl: Duration,
     /// The cluster's nodes, for the safe share `floor(max_conns / nodes)` a node falls back to
     /// without etcd (unless a backend sets `safe_share`). Default: this node and its
@@ -76,7 +74,7 @@ pub struct LimitsCfg {
 }
 
 /// `cluster.limits.tls`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdTls {
     /// The CA etcd's certificate must chain to (its `--trusted-ca-file` CA, usually).

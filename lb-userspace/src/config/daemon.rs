@@ -4,11 +4,9 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use super::duration;
-
 use lb_common::DEFAULT_PIN_DIR;
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Daemon {
     /// The interface XDP attaches to.
@@ -39,12 +37,12 @@ pub struct Daemon {
     /// Every listener (`/metrics`, the peer channel, the control socket): a request's head must
     /// be complete within this from the connection's opening or its previous answer; a silent
     /// connection, or one trickling its headers, is closed past it.
-    #[serde(default = "default_http_header_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_http_header_timeout", with = "crate::config::humantime_str")]
     pub http_header_timeout: Duration,
     /// The TCP listeners (`/metrics`, the peer channel): after its head, a request's body and
     /// answer within this, and no write of the answer waiting longer (a client that stops
     /// reading); past it the connection is closed.
-    #[serde(default = "default_http_request_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_http_request_timeout", with = "crate::config::humantime_str")]
     pub http_request_timeout: Duration,
     /// A second, read-only control socket (e.g. `/run/sluice/sluice-read.sock`) for monitoring
     /// users: mode 0660, group-owned by `read_socket_group`; every GET of the API answers on it,

@@ -7,11 +7,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::duration;
-
 use lb_common::{DEFAULT_EVENTS_PER_SEC, DEFAULT_FLOW_CAPACITY};
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Flows {
     /// Flow table entries (the table never evicts: when full, new flows are refused).
@@ -32,16 +30,16 @@ impl Default for Flows {
 }
 
 /// Idle timeouts by flow state, after which GC expires a flow and releases its slot.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
-    #[serde(default = "default_syn", deserialize_with = "duration")]
+    #[serde(default = "default_syn", with = "crate::config::humantime_str")]
     pub syn: Duration,
-    #[serde(default = "default_established", deserialize_with = "duration")]
+    #[serde(default = "default_established", with = "crate::config::humantime_str")]
     pub established: Duration,
-    #[serde(default = "default_closing", deserialize_with = "duration")]
+    #[serde(default = "default_closing", with = "crate::config::humantime_str")]
     pub closing: Duration,
-    #[serde(default = "default_udp", deserialize_with = "duration")]
+    #[serde(default = "default_udp", with = "crate::config::humantime_str")]
     pub udp: Duration,
 }
 
@@ -65,7 +63,7 @@ impl Default for Timeouts {
 }
 
 /// Load-time datapath choices (the `CONFIG` global of the XDP object).
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Datapath {
     #[serde(default)]

@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[guard]`.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuardCfg {
     /// The peaks a change is judged against.
-    #[serde(default = "default_window", deserialize_with = "crate::config::duration")]
+    #[serde(default = "default_window", with = "crate::config::humantime_str")]
     pub window: Duration,
     /// `sluice config review` suggests `max_conns` = peak × this, and flags a limit below it.
     #[serde(default = "default_headroom")]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 /// The largest Maglev ring a service may ask for.
 pub const MAX_RING_SIZE: u32 = 1_000_003;
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub daemon: Daemon,
@@ -33,7 +33,7 @@ pub struct Config {
     pub cluster: Option<ClusterCfg>,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceCfg {
     pub name: String,
@@ -68,7 +68,7 @@ pub fn service_proto<'de, D: Deserializer<'de>>(d: D) -> Result<Proto, D::Error>
 }
 
 /// What happens when the chosen backend cannot take a new flow.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overflow {
     /// Try other backends first: `true` (up to the datapath's maximum), `false`, or a number.
@@ -78,7 +78,7 @@ pub struct Overflow {
     pub reject: Reject,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Spill {
     Enabled(bool),
@@ -102,7 +102,7 @@ impl Spill {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendCfg {
     pub address: IpAddr,
@@ -129,13 +129,13 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     pub kind: HealthKind,
-    #[serde(default = "default_interval", deserialize_with = "duration")]
+    #[serde(default = "default_interval", with = "crate::config::humantime_str")]
     pub interval: Duration,
-    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
+    #[serde(default = "default_health_timeout", with = "crate::config::humantime_str")]
     pub timeout: Duration,
     /// Port to check; the service port by default.
     #[serde(default)]
@@ -176,9 +176,19 @@ pub enum HealthKind {
 }
 
 /// Durations are written as strings: "500ms", "10s", "2h".
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("\"{s}\" is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")))
+pub(crate) mod humantime_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| serde::de::Error::custom(format!("\"{s}\" is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2h\"")))
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 }
 
 /// Parses a MAC address written "02:00:00:00:00:01".
@@ -269,6 +279,28 @@ fn one_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a config says survives being written and read back (every key written, defaults
+    /// included): the example config a user copies, and one with values off their defaults.
+    /// The step before the lab builds its daemons' configs from `Config` values (issue 29).
+    #[test]
+    fn a_config_written_reads_back_the_same() {
+        let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/sluice.example.toml")).expect("example");
+        // The example with its commented cluster and limits settings taken in, and a webhook.
+        let (head, rest) = example.split_at(example.find("# [cluster]").expect("cluster"));
+        let (cluster, alerts) = rest.split_at(rest.find("\n[alerts]").expect("alerts"));
+        let cluster: Vec<&str> =
+            cluster.lines().map(|l| l.strip_prefix("# ").filter(|k| k.starts_with('[') || k.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))).unwrap_or(l)).collect();
+        let webhook = "forecast_horizon = \"5m\"\nwebhooks = [{ url = \"https://am1.example:9093/api/v2/alerts\", timeout = \"3s\", retries = 5 }]";
+        let clustered = format!("{head}{}{}", cluster.join("\n"), alerts.replacen("forecast_horizon = \"5m\"", webhook, 1));
+        assert!(clustered.contains("\n[cluster.limits]\n") && clustered.contains("\nwebhooks = ["), "{clustered}");
+        for text in [example.as_str(), clustered.as_str(), GOOD] {
+            let (cfg, _) = parse(Path::new("t.toml"), text).expect("parses");
+            let written = toml::to_string(&cfg).expect("serializes");
+            let (back, _) = parse(Path::new("t.toml"), &written).unwrap_or_else(|e| panic!("{e}\n{written}"));
+            assert_eq!(back, cfg, "{written}");
+        }
+    }
 
     const GOOD: &str = r#"
 [daemon]
