@@ -221,7 +221,10 @@ impl Injector<'_> {
     fn config(&self) -> String {
         let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: self.limits[usize::from(n - 1)], weight: self.weights[usize::from(n - 1)] }).collect();
         // The faults lower limits and drain backends under load on purpose: the guard warns only.
-        self.lab.config_text(&conf, &ServiceOpts::default(), &format!("{}\n[guard]\nenforce = false\n", short_timeouts()))
+        self.lab.config_text(&conf, &ServiceOpts::default(), |c| {
+            c.flows.timeouts = short_timeouts();
+            c.guard.enforce = false;
+        })
     }
 
     fn sluice(&self, args: &[&str]) -> Result<String> {

@@ -250,7 +250,7 @@ pub fn run(cmd: &LabCmd) -> Result<(), Error> {
             cleanup_on_signal(PREFIX, DIR);
             let lab = Lab::up(spec(PREFIX, DIR, *backends, *clients, *mode)).map_err(lab_err)?;
             let conf: Vec<BackendConf> = (1..=*backends).map(|n| BackendConf { n, max_conns: *max_conns, weight: 1 }).collect();
-            lab.write_config(&lab.config_text(&conf, &crate::topo::ServiceOpts { v6: *ipv6, spill: false }, "[alerts]\nname = \"lab-lb\"\n")).map_err(lab_err)?;
+            lab.write_config(&lab.config_text(&conf, &crate::topo::ServiceOpts { v6: *ipv6, spill: false }, |c| c.alerts.name = Some("lab-lb".into()))).map_err(lab_err)?;
             lab.start_daemon().map_err(lab_err)?;
             banner!(
                 "Sluice lab is up: {backends} backends, {clients} clients, mode {mode:?}, VIP {}:80{}",

@@ -261,24 +261,25 @@ impl Cluster<'_> {
         };
         let pki = self.pki_dir();
         let (ca, cert, key) = (pki.join("sluice-lab-ca.pem"), pki.join(format!("n{k}.pem")), pki.join(format!("n{k}-key.pem")));
-        let tls = format!("{{ ca = \"{}\", cert = \"{}\", key = \"{}\" }}", ca.display(), cert.display(), key.display());
-        let limits =
-            self.limits.as_ref().map_or(String::new(), |(etcd, _)| format!("[cluster.limits]\netcd = [\"{etcd}\"]\nprefix = \"/sluice-lab\"\nlease_ttl = \"3s\"\ntls = {tls}\n"));
-        let text = lab
-            .config_text(
-                &conf,
-                &ServiceOpts { spill: self.spill, ..ServiceOpts::default() },
-                &format!(
-                    "[alerts]\nname = \"lab-n{k}\"\n\n[cluster]\nnode = \"n{k}\"\nbird_socket = \"{}\"\nannounce_dir = \"{}\"\npeer_listen = \"{}:{PEER_PORT}\"\npeers = [{}]\ntls = {tls}\n{limits}",
-                    dir.join("bird.ctl").display(),
-                    dir.display(),
-                    node_addr(k),
-                    (1..=self.max).filter(|p| *p != k).map(|p| format!("\"{}:{PEER_PORT}\"", node_addr(p))).collect::<Vec<_>>().join(", "),
-                ),
-            )
-            .replace(&lab.pin_dir().display().to_string(), &self.pin_dir(k).display().to_string())
-            .replace(&lab.socket().display().to_string(), &self.socket(k).display().to_string())
-            .replace(&lab.journal().display().to_string(), &dir.join("journal.jsonl").display().to_string());
+        let text = lab.config_text(&conf, &ServiceOpts { spill: self.spill, ..ServiceOpts::default() }, |c| {
+            use lb_userspace::config::{ClusterCfg, EtcdTls, LimitsCfg};
+            (c.daemon.pin_dir, c.daemon.control_socket, c.daemon.journal) = (self.pin_dir(k), self.socket(k), dir.join("journal.jsonl"));
+            c.alerts.name = Some(format!("lab-n{k}"));
+            c.cluster = Some(ClusterCfg {
+                bird_socket: dir.join("bird.ctl"),
+                announce_dir: dir.clone(),
+                peer_listen: Some(SocketAddr::new(node_addr(k).into(), PEER_PORT)),
+                peers: (1..=self.max).filter(|p| *p != k).map(|p| SocketAddr::new(node_addr(p).into(), PEER_PORT)).collect(),
+                tls: Some(lb_userspace::tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() }),
+                limits: self.limits.as_ref().map(|(etcd, _)| LimitsCfg {
+                    prefix: "/sluice-lab".into(),
+                    lease_ttl: Duration::from_secs(3),
+                    tls: Some(EtcdTls { ca: ca.clone(), cert: Some(cert.clone()), key: Some(key.clone()) }),
+                    ..LimitsCfg::new(vec![etcd.clone()])
+                }),
+                ..ClusterCfg::new(format!("n{k}"))
+            });
+        });
         std::fs::write(dir.join("sluice.toml"), text)?;
         std::fs::write(
             dir.join("bird.conf"),

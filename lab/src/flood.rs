@@ -238,7 +238,7 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<Report> {
         bail!("the flood needs a lab with {BACKENDS} backends and 2 clients");
     }
     let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: LIMIT, weight: 1 }).collect();
-    lab.write_config(&lab.config_text(&conf, &ServiceOpts::default(), &topo::short_timeouts()))?;
+    lab.write_config(&lab.config_text(&conf, &ServiceOpts::default(), |c| c.flows.timeouts = topo::short_timeouts()))?;
     lab.start_daemon()?;
     let syn_timeout = topo::SYN_TIMEOUT;
     let lb_mac = lab.run_in("lb", || link("lb0"))??.0;

@@ -101,7 +101,10 @@ pub fn run(lab: &Lab, opts: &Options) -> Result<bool> {
     std::fs::create_dir_all(&opts.report_dir).with_context(|| format!("creating {}", opts.report_dir.display()))?;
     let n = Narrator { t0: Instant::now(), text: Mutex::new(String::new()) };
     let mut checks: Vec<Check> = Vec::new();
-    let alerts = "[alerts]\nname = \"lab-lb\"\ninterval = \"1s\"\nfire_after = \"2s\"\nresolve_after = \"3s\"\n";
+    let alerts = |c: &mut lb_userspace::config::Config| {
+        c.alerts.name = Some("lab-lb".into());
+        (c.alerts.interval, c.alerts.fire_after, c.alerts.resolve_after) = (Duration::from_secs(1), Duration::from_secs(2), Duration::from_secs(3));
+    };
     let conf = |limit: u32| -> Vec<BackendConf> { (1..=BACKENDS).map(|n| BackendConf { n, max_conns: limit, weight: 1 }).collect() };
     lab.write_config(&lab.config_text(&conf(GOOD_LIMIT), &ServiceOpts::default(), alerts))?;
     n.say(format!("Sluice lab: {BACKENDS} backends, {} clients, service \"web\" {}:80, max_conns = {GOOD_LIMIT} per backend", lab.spec.clients, super::VIP4));

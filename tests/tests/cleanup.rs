@@ -45,7 +45,7 @@ fn child() -> ! {
     let out = l2.client.output("sh", &["-c", "sleep 1000 >/dev/null 2>&1 & echo $!"]);
     let escaped: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("the escaped sleep's pid");
     let lab = lab(1, 1, Mode::L2dsr);
-    lab.write_config(&lab.config_text(&[BackendConf { n: 1, max_conns: 10, weight: 1 }], &ServiceOpts::default(), "")).expect("config");
+    lab.write_config(&lab.config_text(&[BackendConf { n: 1, max_conns: 10, weight: 1 }], &ServiceOpts::default(), |_| ())).expect("config");
     lab.start_daemon().expect("the lab's daemon");
     println!("READY from_thread={} escaped={escaped}", from_thread.id());
     loop {

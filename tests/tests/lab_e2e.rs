@@ -27,7 +27,7 @@ fn conf(limits: &[(u32, u32)]) -> Vec<BackendConf> {
 }
 
 fn start(lab: &Lab, backends: &[BackendConf], opts: &ServiceOpts) {
-    lab.write_config(&lab.config_text(backends, opts, "")).expect("config");
+    lab.write_config(&lab.config_text(backends, opts, |_| ())).expect("config");
     lab.start_daemon().expect("daemon");
 }
 
@@ -179,7 +179,7 @@ fn limits_refuse_exactly_with_a_rst_and_spill_fills_others_first() {
 
     // With spill: the first 15 are all admitted (a full backend passes them on); the 16th is
     // refused.
-    lab.write_config(&lab.config_text(&conf(&[(5, 1), (5, 1), (5, 1)]), &ServiceOpts { spill: true, ..ServiceOpts::default() }, "")).expect("config");
+    lab.write_config(&lab.config_text(&conf(&[(5, 1), (5, 1), (5, 1)]), &ServiceOpts { spill: true, ..ServiceOpts::default() }, |_| ())).expect("config");
     let (ok, out) = ctl(&lab, &["config", "apply", lab.config_path().to_str().expect("utf-8")]);
     assert!(ok, "{out}");
     // A flow's spill search is bounded (MAX_PROBES ring positions): with two backends full, a

@@ -119,8 +119,7 @@ fn the_read_socket_reads_for_its_group_and_refuses_changes() {
     let backends: Vec<BackendConf> = (1..=2).map(|n| BackendConf { n, max_conns: 100, weight: 1 }).collect();
     let (sock, read) = (lab.socket(), lab.socket().with_file_name("sluice-read.sock"));
     let dir = sock.parent().expect("the lab's directory").to_owned();
-    let text = lab.config_text(&backends, &ServiceOpts::default(), "");
-    let text = text.replacen("[daemon]\n", &format!("[daemon]\nread_socket = \"{}\"\nread_socket_group = \"{}\"\n", read.display(), group.name), 1);
+    let text = lab.config_text(&backends, &ServiceOpts::default(), |c| (c.daemon.read_socket, c.daemon.read_socket_group) = (Some(read.clone()), Some(group.name.clone())));
     lab.write_config(&text).expect("config");
     // The sockets' directory private, as systemd's RuntimeDirectoryMode=0700 makes /run/sluice.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod the lab's directory");

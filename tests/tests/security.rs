@@ -60,7 +60,7 @@ fn state(lab: &Lab) -> Value {
 fn socket_pins_metrics_api_and_cli_are_locked_down() {
     let lab = lab(2, 1, Mode::L2dsr);
     let backends: Vec<BackendConf> = (1..=2).map(|n| BackendConf { n, max_conns: 100, weight: 1 }).collect();
-    lab.write_config(&lab.config_text(&backends, &ServiceOpts::default(), "")).expect("config");
+    lab.write_config(&lab.config_text(&backends, &ServiceOpts::default(), |_| ())).expect("config");
     lab.start_daemon().expect("daemon");
 
     // Files: the socket and the pins.

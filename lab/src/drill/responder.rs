@@ -434,23 +434,31 @@ fn investigate(cx: &mut Ctx<'_>, report: &UserReport, out: &mut Outcome) -> Resu
             format!("flows.timeouts.closing = {secs}s")
         }
         Fix::HealthPort(port) => {
+            // The checks' own port goes: they check the service's port again. In a health table
+            // (`[service.backend.health]`, as the lab writes it) or an inline `health = { … }`.
             cx.apply_edit(&config, &format!("health checks on port {port}"), |t| {
-                Ok(t.lines()
-                    .map(|l| {
-                        if l.trim_start().starts_with("health") {
-                            let parts: Vec<&str> = l.split(',').filter(|p| !p.trim().starts_with("port")).collect();
-                            let mut l = parts.join(",");
-                            if !l.trim_end().ends_with('}') {
-                                l.push_str(" }");
-                            }
-                            l
-                        } else {
-                            l.to_owned()
+                let mut table = "";
+                let mut out = String::new();
+                for l in t.lines() {
+                    let line = l.trim_start();
+                    if line.starts_with('[') {
+                        table = line;
+                    }
+                    if table == "[service.backend.health]" && line.starts_with("port") {
+                        continue;
+                    }
+                    if line.starts_with("health") && line.contains('{') {
+                        let mut kept = l.split(',').filter(|p| !p.trim().starts_with("port")).collect::<Vec<_>>().join(",");
+                        if !kept.trim_end().ends_with('}') {
+                            kept.push_str(" }");
                         }
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
-                    + "\n")
+                        out.push_str(&kept);
+                    } else {
+                        out.push_str(l);
+                    }
+                    out.push('\n');
+                }
+                Ok(out)
             })?;
             format!("health checks on the service's port {port}")
         }

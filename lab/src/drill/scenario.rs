@@ -141,12 +141,15 @@ pub fn find(name: &str) -> Option<&'static Scenario> {
 /// The config every scenario starts from.
 pub fn baseline(lab: &Lab) -> String {
     let conf: Vec<BackendConf> = (1..=BACKENDS).map(|n| BackendConf { n, max_conns: LIMIT, weight: 1 }).collect();
-    let extra = "[flows.timeouts]\nsyn = \"3s\"\nestablished = \"10s\"\nclosing = \"1s\"\nudp = \"10s\"\n\n\
-                 [alerts]\nname = \"lab-lb\"\ninterval = \"1s\"\nfire_after = \"2s\"\nresolve_after = \"3s\"\n\
-                 # The users keep ~77 % of max_conns open: near the limit only past the usual swings.\n\
-                 near_limit_ratio = 0.95\n";
-    let text = lab.config_text(&conf, &ServiceOpts::default(), extra);
-    text.replacen("capacity = 65536", &format!("capacity = {FLOW_CAPACITY}"), 1)
+    lab.config_text(&conf, &ServiceOpts::default(), |c| {
+        c.flows.capacity = FLOW_CAPACITY;
+        let s = Duration::from_secs;
+        c.flows.timeouts = lb_userspace::config::Timeouts { syn: s(3), established: s(10), closing: s(1), udp: s(10) };
+        c.alerts.name = Some("lab-lb".into());
+        (c.alerts.interval, c.alerts.fire_after, c.alerts.resolve_after) = (s(1), s(2), s(3));
+        // The users keep ~77 % of max_conns open: near the limit only past the usual swings.
+        c.alerts.near_limit_ratio = 0.95;
+    })
 }
 
 /// The fault as injected (revealed at the end).
@@ -268,7 +271,7 @@ impl Scenario {
                 Ok(Fault { what: format!("a SYN flood, {FLOOD_PPS} SYN/s from spoofed addresses 198.18.0.128–254"), backend: None, n: None, node: None })
             }
             Cause::HealthCheckWrong => {
-                change_config(lab, |t| t.replace("rise = 2, fall = 2 }", "rise = 2, fall = 2, port = 8080 }"))?;
+                change_config(lab, |t| t.replace("fall = 2\n", "fall = 2\nport = 8080\n"))?;
                 Ok(Fault { what: "a config change set the health checks' port to 8080, where nothing listens".into(), backend: None, n: None, node: None })
             }
             Cause::WeightWrong => {

@@ -86,6 +86,30 @@ pub struct EtcdTls {
     pub key: Option<PathBuf>,
 }
 
+impl ClusterCfg {
+    /// Node `node`, every other setting at its default.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            bird_socket: default_bird_socket(),
+            announce_dir: default_announce_dir(),
+            peers: Vec::new(),
+            peer_listen: None,
+            peer_key_file: None,
+            tls: None,
+            peer_max_connections: default_peer_max_connections(),
+            limits: None,
+        }
+    }
+}
+
+impl LimitsCfg {
+    /// Shares leased through the etcd cluster at `etcd`, every other setting at its default.
+    pub fn new(etcd: Vec<String>) -> Self {
+        Self { etcd, tls: None, username: None, password_file: None, prefix: default_etcd_prefix(), lease_ttl: default_lease_ttl(), nodes: None }
+    }
+}
+
 fn default_etcd_prefix() -> String {
     "/sluice".into()
 }

@@ -54,6 +54,29 @@ pub struct Daemon {
     pub read_socket_group: Option<String>,
 }
 
+impl Daemon {
+    /// On `interface`, every other setting at its default (what a file with only
+    /// `interface = "…"` says).
+    pub fn new(interface: impl Into<String>) -> Self {
+        Self {
+            interface: interface.into(),
+            control_socket: default_control_socket(),
+            metrics_listen: default_metrics_listen(),
+            pin_dir: default_pin_dir(),
+            xdp_mode: XdpMode::default(),
+            journal: default_journal(),
+            journal_max_bytes: default_journal_max(),
+            metrics_web_config: None,
+            metrics_max_connections: default_metrics_max_connections(),
+            control_max_connections: default_control_max_connections(),
+            http_header_timeout: default_http_header_timeout(),
+            http_request_timeout: default_http_request_timeout(),
+            read_socket: None,
+            read_socket_group: None,
+        }
+    }
+}
+
 fn default_metrics_max_connections() -> u32 {
     32
 }

@@ -276,6 +276,11 @@ fn one_line(s: &str) -> String {
     lines.join("; ")
 }
 
+/// `cfg` as a config file: every key written, defaults included (the lab's configs).
+pub fn to_toml(cfg: &Config) -> String {
+    toml::to_string(cfg).expect("a Config serializes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +301,7 @@ mod tests {
         assert!(clustered.contains("\n[cluster.limits]\n") && clustered.contains("\nwebhooks = ["), "{clustered}");
         for text in [example.as_str(), clustered.as_str(), GOOD] {
             let (cfg, _) = parse(Path::new("t.toml"), text).expect("parses");
-            let written = toml::to_string(&cfg).expect("serializes");
+            let written = to_toml(&cfg);
             let (back, _) = parse(Path::new("t.toml"), &written).unwrap_or_else(|e| panic!("{e}\n{written}"));
             assert_eq!(back, cfg, "{written}");
         }

@@ -199,7 +199,7 @@ fn start(lab: &Lab, lb: Lb, limit: u32) -> Result<()> {
         Lb::Direct => {}
         Lb::SluiceL2dsr | Lb::SluiceIpip => {
             vip_on_lo(false)?;
-            lab.write_config(&lab.config_text(&backends(limit), &ServiceOpts::default(), ""))?;
+            lab.write_config(&lab.config_text(&backends(limit), &ServiceOpts::default(), |_| ()))?;
             lab.start_daemon()?;
         }
         Lb::Haproxy => {
