@@ -9,6 +9,7 @@
 //! (`SluiceHealthChecksCannotRun`). Taking every backend out of the ring because this node's
 //! link went down would move flows to the wrong backend when it comes back.
 
+use crate::key::BackendKey;
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -103,20 +104,20 @@ async fn check_inner(target: SocketAddr, h: &Health) -> Result<String, (String, 
 /// The checks that run, by (service, backend), with the settings they run with.
 #[derive(Default)]
 pub struct Checks {
-    tasks: BTreeMap<(String, IpAddr), (Health, SocketAddr, JoinHandle<()>)>,
+    tasks: BTreeMap<BackendKey, (Health, SocketAddr, JoinHandle<()>)>,
 }
 
 impl Checks {
     /// Starts, restarts or stops checks so they match `cfg`. A backend starts healthy (it is in
     /// the ring until `fall` checks fail in a row) unless it is in `down` (from before a
     /// restart), then it needs `rise` good checks.
-    pub fn sync(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Transition>, down: &std::collections::BTreeSet<(String, IpAddr)>) {
+    pub fn sync(&mut self, cfg: &Config, tx: &mpsc::UnboundedSender<Transition>, down: &std::collections::BTreeSet<BackendKey>) {
         let mut wanted = BTreeMap::new();
         for s in &cfg.services {
             for b in &s.backends {
                 if let Some(h) = &b.health {
                     let target = SocketAddr::new(b.address, h.port.unwrap_or(s.port));
-                    wanted.insert((s.name.clone(), b.address), (h.clone(), target));
+                    wanted.insert(BackendKey::new(s.name.clone(), b.address), (h.clone(), target));
                 }
             }
         }
@@ -131,7 +132,7 @@ impl Checks {
             if self.tasks.contains_key(&k) {
                 continue;
             }
-            let task = tokio::spawn(run(k.0.clone(), k.1, target, h.clone(), !down.contains(&k), tx.clone()));
+            let task = tokio::spawn(run(k.service.clone(), k.address, target, h.clone(), !down.contains(&k), tx.clone()));
             self.tasks.insert(k, (h, target, task));
         }
     }

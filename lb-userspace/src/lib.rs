@@ -30,6 +30,7 @@ mod guard;
 mod health;
 mod history;
 pub mod journal;
+pub mod key;
 pub mod limits;
 mod listen;
 pub mod maglev;

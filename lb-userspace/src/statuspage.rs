@@ -10,6 +10,7 @@
 //! them (`unix_ms`), as `sluice top` does. Served behind `daemon.metrics_web_config` like
 //! `/metrics` (`metrics::serve`).
 
+use crate::key::BackendKey;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -226,7 +227,8 @@ pub fn collect(daemon: &Daemon) -> Result<Page, Error> {
             .map(|c| c.node.clone())
             .or_else(|| cfg.alerts.name.clone())
             .unwrap_or_else(|| nix::unistd::gethostname().map_or_else(|_| "sluice".into(), |h| h.to_string_lossy().into_owned()));
-        let checked: BTreeSet<(String, IpAddr)> = cfg.services.iter().flat_map(|s| s.backends.iter().filter(|b| b.health.is_some()).map(|b| (s.name.clone(), b.address))).collect();
+        let checked: BTreeSet<BackendKey> =
+            cfg.services.iter().flat_map(|s| s.backends.iter().filter(|b| b.health.is_some()).map(|b| BackendKey::new(s.name.clone(), b.address))).collect();
         let (near, path, refused) = (cfg.alerts.near_limit_ratio, st.journal().path().to_path_buf(), st.change_refused().map(str::to_owned));
         let ids: Vec<(String, u32)> = st.applied().services.values().map(|s| (s.name.clone(), s.id)).collect();
         let totals = ids.into_iter().map(|(n, id)| st.service_stats(id).map(|t| (n, t))).collect::<Result<BTreeMap<_, _>, _>>()?;
@@ -246,7 +248,7 @@ pub fn collect(daemon: &Daemon) -> Result<Page, Error> {
                 .backends
                 .into_iter()
                 .map(|b| {
-                    let health_checked = checked.contains(&(s.name.clone(), b.address));
+                    let health_checked = checked.contains(&BackendKey::new(s.name.clone(), b.address));
                     backend(b, health_checked)
                 })
                 .collect();

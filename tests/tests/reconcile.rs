@@ -154,7 +154,7 @@ fn an_apply_rewrites_only_the_services_it_changes() {
     // The same config with a backend of web0 down (health checks): web0 is rewritten.
     let before: Vec<_> = applied.services.values().cloned().collect();
     let down: IpAddr = "10.0.1.2".parse().expect("ip");
-    applied.down.insert(("web0".into(), down));
+    applied.down.insert(lb_userspace::key::BackendKey::new("web0", down));
     applied.apply(&mut x.tables(), &text(7), &mac_of, |t, id| t.conns(id).unwrap_or(0)).expect("apply");
     assert_eq!(same(&applied, &before), [false, true, true]);
     let id = applied.services["web0"].backends[&down].id;

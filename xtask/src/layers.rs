@@ -18,7 +18,7 @@ use syn::visit::{self, Visit};
 
 /// The layers, bottom first: a module may use its own layer and the ones below.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("base", &["error", "tls", "listen", "maglev", "shares", "history", "journal"]),
+    ("base", &["error", "key", "tls", "listen", "maglev", "shares", "history", "journal"]),
     ("config", &["config", "cfgfile", "webconfig", "openfiles"]),
     ("domain", &["guard", "alerts", "status"]),
     ("datapath", &["conns", "tables", "flowtab", "datapath", "stats", "neigh", "gc"]),

@@ -3,6 +3,7 @@
 //! through [`State::change`] (edit the running config, guard it, apply it, then its follow-up,
 //! all in one turn), so a change that fails changes nothing.
 
+use crate::key::BackendKey;
 use std::{
     collections::BTreeMap,
     net::IpAddr,
@@ -181,7 +182,7 @@ impl Daemon {
             let until_wall = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + ttl).to_string();
             tracing::warn!(service = %req.service, backend = %req.backend, "break-glass: max_conns = {} until {until_wall}", req.max_conns);
             s.journal.record("limit", format!("break-glass: service \"{}\" backend {} max_conns = {} until {until_wall}", req.service, req.backend, req.max_conns), vec![]);
-            let key = (req.service.clone(), req.backend);
+            let key = BackendKey::new(req.service.clone(), req.backend);
             let before = s.overrides.insert(key.clone(), Override { max_conns: req.max_conns, until: Instant::now() + ttl, until_wall });
             s.set_undo(Box::new(move |st: &mut State| {
                 match before {
@@ -209,7 +210,7 @@ impl Daemon {
         if t.kind != health::Kind::Verdict {
             // No verdict on the backend: said, alerted on, and the ring is left as it is.
             let mut st = self.lock();
-            let key = (t.service.clone(), t.address);
+            let key = BackendKey::new(t.service.clone(), t.address);
             let summary = if t.kind == health::Kind::LocalFailure {
                 tracing::error!(service = %t.service, backend = %t.address, "health checks cannot run from this node: {}; the backend keeps its place in the ring", t.detail);
                 st.health_local.insert(key, t.detail.clone());
@@ -225,7 +226,7 @@ impl Daemon {
         let word = if t.healthy { "healthy again: back in the ring" } else { "unhealthy: out of the ring (open connections continue)" };
         tracing::warn!(service = %t.service, backend = %t.address, "backend {word}; {}", t.detail);
         let changed = State::change(&self.state, |st| {
-            let key = (t.service.clone(), t.address);
+            let key = BackendKey::new(t.service.clone(), t.address);
             let was_down = st.applied.down.contains(&key);
             if t.healthy {
                 st.applied.down.remove(&key);
@@ -253,7 +254,7 @@ impl Daemon {
     }
 
     /// Lays the cluster-wide limits' `shares` over the config (`limits.rs`).
-    pub async fn set_shares(&self, shares: BTreeMap<(String, IpAddr), Share>) -> Result<(), Error> {
+    pub async fn set_shares(&self, shares: BTreeMap<BackendKey, Share>) -> Result<(), Error> {
         State::change(&self.state, move |st| {
             let old = st.applied.shares.replace(shares);
             st.set_undo(Box::new(move |st: &mut State| st.applied.shares = old));

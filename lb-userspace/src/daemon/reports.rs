@@ -29,7 +29,11 @@ impl Daemon {
             last_drift: st.last_drift.clone(),
             drift_corrected: st.corrections.values().sum(),
             alerts_firing: st.firing.clone(),
-            break_glass: st.overrides.iter().map(|((s, b), o)| BreakGlass { service: s.clone(), backend: *b, max_conns: o.max_conns, until: o.until_wall.clone() }).collect(),
+            break_glass: st
+                .overrides
+                .iter()
+                .map(|(k, o)| BreakGlass { service: k.service.clone(), backend: k.address, max_conns: o.max_conns, until: o.until_wall.clone() })
+                .collect(),
             outcomes,
             cluster: cluster.map(super::Cluster::status),
             peers: cluster.and_then(super::Cluster::peer_stats),

@@ -2,6 +2,7 @@
 //! record, the counters, the cluster limits' record. Here rather than in `alerts.rs`, so that
 //! the rules read only a sample and know nothing of the datapath or the daemon.
 
+use crate::key::BackendKey;
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
@@ -80,7 +81,7 @@ pub struct Inputs<'a> {
     pub not_announcing: Option<(String, Vec<String>, String)>,
     pub change_refused: Option<String>,
     pub services: &'a [crate::config::ServiceCfg],
-    pub health_local: &'a BTreeMap<(String, std::net::IpAddr), String>,
+    pub health_local: &'a BTreeMap<BackendKey, String>,
 }
 
 /// One sample of everything the rules look at.
@@ -114,6 +115,6 @@ pub fn sample(i: &Inputs<'_>) -> Sample {
         limits: i.limits.clone(),
         change_refused: i.change_refused.clone(),
         service_labels: i.services.iter().filter(|s| !s.labels.is_empty()).map(|s| (s.name.clone(), s.labels.clone())).collect(),
-        health_local: i.health_local.iter().map(|((s, a), d)| (s.clone(), a.to_string(), d.clone())).collect(),
+        health_local: i.health_local.iter().map(|(k, d)| (k.service.clone(), k.address.to_string(), d.clone())).collect(),
     }
 }

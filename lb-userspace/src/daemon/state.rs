@@ -3,6 +3,7 @@
 //! the getters below, under [`super::Daemon::lock`], and change the state only through
 //! [`super::Daemon`]'s methods.
 
+use crate::key::BackendKey;
 use std::{
     net::IpAddr,
     path::PathBuf,
@@ -42,11 +43,11 @@ pub struct Override {
 }
 
 /// The config with break-glass limits laid over it.
-fn effective(cfg: &Config, overrides: &std::collections::BTreeMap<(String, IpAddr), Override>) -> Config {
+fn effective(cfg: &Config, overrides: &std::collections::BTreeMap<BackendKey, Override>) -> Config {
     let mut c = cfg.clone();
     for s in &mut c.services {
         for b in &mut s.backends {
-            if let Some(o) = overrides.get(&(s.name.clone(), b.address)) {
+            if let Some(o) = overrides.get(&BackendKey::new(s.name.clone(), b.address)) {
                 b.max_conns = o.max_conns;
             }
         }
@@ -99,7 +100,7 @@ pub struct State {
     pub(super) sinks: crate::sinks::Sinks,
     pub(super) events: Option<crate::events::Events>,
     /// Break-glass limits (`sluice limit raise --ttl`): laid over the config until they expire.
-    pub(super) overrides: std::collections::BTreeMap<(String, IpAddr), Override>,
+    pub(super) overrides: std::collections::BTreeMap<BackendKey, Override>,
     pub(super) journal: crate::journal::Journal,
     /// Alerts firing now, as last notified.
     pub(super) firing: Vec<alerts::Notification>,
@@ -129,7 +130,7 @@ pub struct State {
     pub(super) change_refused: Option<String>,
     /// Backends whose health checks cannot run for a cause on this node, with that cause
     /// (`SluiceHealthChecksCannotRun` fires while any is): no verdict, the ring is left alone.
-    pub(super) health_local: std::collections::BTreeMap<(String, IpAddr), String>,
+    pub(super) health_local: std::collections::BTreeMap<BackendKey, String>,
     /// The listeners being served (control socket, `/metrics`, peer channel), with their counts.
     pub(super) listeners: Vec<Arc<crate::listen::Listener>>,
     /// `daemon.metrics_web_config`, read at start; taken when `/metrics` is served.
@@ -200,7 +201,7 @@ impl State {
         }
         st.checks.sync(&cfg, &st.health_tx, &st.applied.down);
         // A backend no longer checked (removed, or its health table gone) has no local failure.
-        st.health_local.retain(|(svc, addr), _| cfg.services.iter().any(|s| s.name == *svc && s.backends.iter().any(|b| b.address == *addr && b.health.is_some())));
+        st.health_local.retain(|k, _| cfg.services.iter().any(|s| s.name == k.service && s.backends.iter().any(|b| b.address == k.address && b.health.is_some())));
         if cfg.alerts != st.cfg.alerts {
             st.alerts = alerts::Engine::new(cfg.alerts.clone());
             st.sinks = crate::sinks::Sinks::start(alerts::Engine::all_webhooks(&cfg.alerts), cfg.alerts.command.clone());
@@ -307,7 +308,8 @@ impl State {
     pub(super) fn expire_overrides(&mut self) -> bool {
         let now = Instant::now();
         let before = self.overrides.len();
-        self.overrides.retain(|(svc, be), o| {
+        self.overrides.retain(|k, o| {
+            let (svc, be) = (&k.service, k.address);
             let keep = o.until > now;
             if !keep {
                 tracing::warn!(service = %svc, backend = %be, "break-glass limit max_conns = {} expired; back to the config's value", o.max_conns);

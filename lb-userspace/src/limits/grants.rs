@@ -1,7 +1,8 @@
 //! The allocator's side (grants written in one transaction, gone nodes' reservations) and
 //! this node's (a grant applied through the daemon's change path, the fence, the safe shares).
 
-use std::{collections::BTreeMap, net::IpAddr, time::Instant};
+use crate::key::BackendKey;
+use std::{collections::BTreeMap, time::Instant};
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
@@ -125,7 +126,7 @@ impl Node {
     }
 
     /// Lays `shares` over the config through the daemon's one change path.
-    pub(super) async fn set_shares(daemon: &Daemon, shares: BTreeMap<(String, IpAddr), Share>) -> Result<(), Error> {
+    pub(super) async fn set_shares(daemon: &Daemon, shares: BTreeMap<BackendKey, Share>) -> Result<(), Error> {
         daemon.set_shares(shares).await
     }
 
@@ -141,7 +142,7 @@ impl Node {
                         None => st.applied().backend(&s.name, b.address).map_or(0, |a| a.limit),
                     };
                     let room = self.room(reports, &k, limit, b.max_conns);
-                    out.insert((s.name.clone(), b.address), Share { limit, room, granted_under: b.max_conns });
+                    out.insert(BackendKey::new(s.name.clone(), b.address), Share { limit, room, granted_under: b.max_conns });
                 }
             }
             out
@@ -168,7 +169,7 @@ impl Node {
             let mut next = cur.clone();
             for s in &st.cfg().services {
                 for b in &s.backends {
-                    if let Some(sh) = next.get_mut(&(s.name.clone(), b.address)) {
+                    if let Some(sh) = next.get_mut(&BackendKey::new(s.name.clone(), b.address)) {
                         sh.room = self.room(reports, &shares::key(&s.name, b.address), sh.limit, b.max_conns);
                     }
                 }
@@ -185,7 +186,11 @@ impl Node {
     /// flows move to nodes that count them (the allocator stops reserving for it soon).
     pub(super) async fn fence(&mut self, daemon: &Daemon, why: &str) -> Result<(), Error> {
         let shares = daemon.read(|st| {
-            st.cfg().services.iter().flat_map(|s| s.backends.iter().map(|b| ((s.name.clone(), b.address), Share { limit: 0, room: false, granted_under: b.max_conns }))).collect()
+            st.cfg()
+                .services
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| (BackendKey::new(s.name.clone(), b.address), Share { limit: 0, room: false, granted_under: b.max_conns })))
+                .collect()
         });
         Self::set_shares(daemon, shares).await?;
         daemon.set_fenced(true, why).await;
@@ -216,7 +221,7 @@ pub(super) async fn safe_shares(daemon: &Daemon, nodes: u32) -> Result<Vec<Strin
                     let safe = safe_share(b, nodes);
                     let limit = now.min(safe);
                     details.push(format!("{}: {} (share was {now}, safe share {safe}, max_conns {})", shares::key(&s.name, b.address), limit, b.max_conns));
-                    out.insert((s.name.clone(), b.address), Share { limit, room: false, granted_under: b.max_conns });
+                    out.insert(BackendKey::new(s.name.clone(), b.address), Share { limit, room: false, granted_under: b.max_conns });
                 }
             }
             (out, details)

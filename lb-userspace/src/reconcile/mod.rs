@@ -12,6 +12,7 @@
 //! Everything that can be checked is checked before the first write, so a refused config
 //! changes nothing.
 
+use crate::key::BackendKey;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -105,13 +106,13 @@ pub struct Applied {
     /// address). A backend without one keeps the limit it has (after a restart, what the pinned
     /// map holds), or admits nothing if new: a node is granted capacity, never takes it.
     /// `None`: every limit is the backend's own.
-    pub shares: Option<BTreeMap<(String, IpAddr), Share>>,
+    pub shares: Option<BTreeMap<BackendKey, Share>>,
     /// Shared with the copy each apply starts from: an apply clones (and rewrites) only the
     /// services it changes.
     pub services: BTreeMap<String, Arc<AppliedService>>,
     /// Backends that failed their health checks: (service, address). They leave the ring as
     /// `down`; their open flows continue.
-    pub down: BTreeSet<(String, IpAddr)>,
+    pub down: BTreeSet<BackendKey>,
     /// Ring regions: start → size, and the capacity of `RINGS`.
     regions: BTreeMap<u32, u32>,
     ring_slots: u32,
@@ -246,7 +247,7 @@ impl Applied {
                 let address = ip_of(b);
                 let listed = c.backends.iter().find(|x| x.address == address);
                 if b.state == BACKEND_DOWN {
-                    me.down.insert((c.name.clone(), address));
+                    me.down.insert(BackendKey::new(c.name.clone(), address));
                 }
                 bs.insert(
                     address,

@@ -2,6 +2,7 @@
 //! regions, MACs, states, limits, the changes as the journal names them) without touching the
 //! datapath.
 
+use crate::key::BackendKey;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
@@ -21,7 +22,7 @@ impl Applied {
     /// `known`: the limit it enforces now, if it is applied already.
     fn limit_of(&self, service: &str, address: IpAddr, max_conns: u32, known: Option<u32>) -> (u32, u8) {
         let Some(shares) = &self.shares else { return (max_conns, AT_LIMIT_BACKEND) };
-        match shares.get(&(service.to_owned(), address)) {
+        match shares.get(&BackendKey::new(service, address)) {
             Some(sh) if sh.granted_under > max_conns => (0, AT_LIMIT_BACKEND),
             Some(sh) if sh.limit >= max_conns => (max_conns, AT_LIMIT_BACKEND),
             Some(sh) => (sh.limit, if sh.room { AT_LIMIT_SHARE } else { AT_LIMIT_BACKEND }),
@@ -36,7 +37,7 @@ impl Applied {
         if old.cfg != *c || old.backends.len() != c.backends.len() {
             return false;
         }
-        let down: BTreeSet<IpAddr> = self.down.iter().filter(|(s, _)| *s == c.name).map(|(_, a)| *a).collect();
+        let down: BTreeSet<IpAddr> = self.down.iter().filter(|k| k.service == c.name).map(|k| k.address).collect();
         let mut active = 0;
         let same = c.backends.iter().all(|bc| {
             let Some(b) = old.backends.get(&bc.address) else { return false };
@@ -195,7 +196,7 @@ impl Applied {
                 };
                 let state = if bc.drain {
                     BACKEND_DRAINING
-                } else if self.down.contains(&(c.name.clone(), bc.address)) {
+                } else if self.down.contains(&BackendKey::new(c.name.clone(), bc.address)) {
                     BACKEND_DOWN
                 } else {
                     BACKEND_ACTIVE

@@ -17,13 +17,14 @@
 //! is granted more, and capacity is revoked only for such a node, so an idle cluster's grants
 //! do not churn.
 
+use crate::key::BackendKey;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 /// A backend's key in reports and grants: `service/address`.
 pub fn key(service: &str, address: std::net::IpAddr) -> String {
-    format!("{service}/{address}")
+    BackendKey::new(service, address).to_string()
 }
 
 /// One backend in a node's report.
