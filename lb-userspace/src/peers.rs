@@ -239,15 +239,15 @@ impl To {
                 s.pending.push((key.clone(), pending));
                 s.pending.sort();
             }
-            if let Some(e) = error {
-                if s.peer_errors.get(&key) != Some(&e) {
+            match error {
+                Some(e) if s.peer_errors.get(&key) != Some(&e) => {
                     tracing::warn!("peer channel: {e} (kept for a minute and sent again)");
+                    s.peer_errors.insert(key, e.clone());
+                    s.last_error = Some(e);
                 }
-                s.peer_errors.insert(key, e.clone());
-                s.last_error = Some(e);
-            } else {
-                s.peer_errors.remove(&key);
-                if s.last_error.as_ref().is_some_and(|e| e.starts_with(&format!("peer {key}:"))) {
+                Some(_) => {}
+                None => {
+                    s.peer_errors.remove(&key);
                     s.last_error = s.peer_errors.values().next().cloned();
                 }
             }

@@ -147,7 +147,9 @@ impl State {
     /// the edited config file in place), all in the same turn. No two changes interleave, so none
     /// is applied to a stale copy and lost. An `edit` that fails changes nothing.
     pub(super) async fn change<E: From<Error>>(state: &Arc<super::lock::Timed<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
-        Self::change_with(state, |_, _| Ok(()), |st, ()| edit(st)).await
+        let turn = state.lock().expect("state lock").turn.clone();
+        let _turn = turn.lock().await;
+        Self::in_turn(state, edit).await
     }
 
     /// [`State::change`] with a `prepare` that runs in the change's turn but without the state
@@ -167,7 +169,13 @@ impl State {
             (st.cfg_path.clone(), st.cfg.clone())
         };
         let prepared = prepare(&path, &running)?;
-        let next = edit(&mut state.lock().expect("state lock"), prepared)?;
+        Self::in_turn(state, |st| edit(st, prepared)).await
+    }
+
+    /// A change, its turn taken: `edit` under the lock, the apply, the undo if it failed, the
+    /// follow-up.
+    async fn in_turn<E: From<Error>>(state: &Arc<super::lock::Timed<Self>>, edit: impl FnOnce(&mut Self) -> Result<Next, E>) -> Result<Vec<Change>, E> {
+        let next = edit(&mut state.lock().expect("state lock"))?;
         let changes = match Self::apply(state, next.cfg).await {
             Ok(c) => c,
             Err(e) => {
